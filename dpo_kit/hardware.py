@@ -1,0 +1,90 @@
+"""Choose precision and activation checkpointing from the hardware actually present.
+
+TRL's DPOConfig defaults to bf16 and gradient checkpointing everywhere. On a CPU without bf16 units
+that is ~27x slower than fp32 without checkpointing (35 s vs 1.3 s per step, measured on a 13M-param
+model), so the kit decides from what it finds and records the decision in the run's manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class HardwareChoice:
+    device: str  # "cuda", "mps" or "cpu"
+    device_name: str
+    device_count: int
+    bf16_supported: bool
+    bf16: bool
+    fp16: bool
+    gradient_checkpointing: bool
+    dtype: str  # weight dtype for loading: float32 / bfloat16 / float16
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU advertises native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_hardware(large_model: bool = False) -> HardwareChoice:
+    """Pick mixed precision and checkpointing for this machine.
+
+    - CUDA with bf16: bf16 autocast, checkpointing on (memory is the GPU's constraint).
+    - CUDA without bf16 (T4, V100): fp16 autocast, checkpointing on.
+    - CPU / MPS: fp32 and no checkpointing, since recomputation costs time and memory is plentiful.
+      bf16 is used on CPU only when the CPU has native bf16 units and the model is large.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return HardwareChoice(
+            device="cuda",
+            device_name=torch.cuda.get_device_name(0),
+            device_count=torch.cuda.device_count(),
+            bf16_supported=bf16,
+            bf16=bf16,
+            fp16=not bf16,
+            gradient_checkpointing=True,
+            dtype="bfloat16" if bf16 else "float16",
+            reason="GPU: mixed precision and activation checkpointing to save GPU memory",
+        )
+    native_bf16 = cpu_has_bf16()
+    use_bf16 = native_bf16 and large_model
+    device = "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    return HardwareChoice(
+        device=device,
+        device_name=platform.processor() or platform.machine(),
+        device_count=os.cpu_count() or 1,
+        bf16_supported=native_bf16,
+        bf16=use_bf16,
+        fp16=False,
+        gradient_checkpointing=False,
+        dtype="float32",
+        reason=(
+            "CPU without native bf16: fp32 and no activation checkpointing (bf16 emulation and recomputation"
+            " made a DPO step ~27x slower here)"
+            if not native_bf16
+            else "CPU with native bf16: fp32 for small models, bf16 only for large ones"
+        ),
+    )
+
+
+def resolve_dtype(requested: str, choice: HardwareChoice):
+    """torch dtype for `requested` ('auto' follows the hardware choice)."""
+    import torch
+
+    name = choice.dtype if requested == "auto" else requested
+    return getattr(torch, name)

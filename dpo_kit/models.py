@@ -1,0 +1,108 @@
+"""Loading models and tokenizers the same way for a hub id and for the local tiny model.
+
+Every stage goes through these functions, so a recipe naming a 7B hub model exercises exactly the
+calls the tiny CI run exercises: only the name_or_path string differs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dpo_kit.hardware import HardwareChoice, choose_hardware, resolve_dtype
+from dpo_kit.params import Params
+
+
+def model_source(params: Params, project_dir: str | Path = ".") -> str:
+    """The string handed to from_pretrained: a local directory (building the tiny model if asked) or a hub id."""
+    name = params.model.name_or_path
+    local = Path(project_dir) / name
+    if params.model.build_tiny_model:
+        from dpo_kit.tiny_model import ensure_tiny_model
+
+        # Seed 0, not run.seed: the tiny model lives at a shared path and must be the same for every run.
+        return str(ensure_tiny_model(local, seed=0))
+    if local.exists() or name.startswith((".", "/")):
+        if not local.exists():
+            raise FileNotFoundError(f"model.name_or_path: directory not found: {local}")
+        return str(local)
+    return name
+
+
+def hub_kwargs(params: Params) -> dict:
+    """Arguments shared by every from_pretrained call; the token is read from the environment only."""
+    kwargs = {"trust_remote_code": params.model.trust_remote_code}
+    if params.model.revision:
+        kwargs["revision"] = params.model.revision
+    if os.environ.get("HF_TOKEN"):
+        kwargs["token"] = os.environ["HF_TOKEN"]
+    return kwargs
+
+
+def load_tokenizer(source: str, params: Params):
+    """Tokenizer with a pad token (eos as fallback) and a chat template check."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs(params))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(params: Params, hardware: HardwareChoice):
+    """BitsAndBytesConfig for QLoRA, or None when quantization is off."""
+    bits = params.quantization.bits
+    if not bits:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=params.quantization.quant_type,
+        bnb_4bit_use_double_quant=params.quantization.double_quant,
+        bnb_4bit_compute_dtype=resolve_dtype(params.quantization.compute_dtype, hardware),
+    )
+
+
+def load_causal_lm(
+    source: str,
+    params: Params,
+    dtype: str | None = None,
+    quantized: bool = False,
+    hardware: HardwareChoice | None = None,
+):
+    """AutoModelForCausalLM.from_pretrained with the run's dtype; `quantized` applies params.quantization."""
+    from transformers import AutoModelForCausalLM
+
+    hardware = hardware or choose_hardware()
+    kwargs = hub_kwargs(params)
+    kwargs["dtype"] = resolve_dtype(dtype or params.model.dtype, hardware)
+    if params.model.attn_implementation:
+        kwargs["attn_implementation"] = params.model.attn_implementation
+    if quantized and params.quantization.bits:
+        kwargs["quantization_config"] = quantization_config(params, hardware)
+    if hardware.device == "cuda":
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+def lora_config(params: Params):
+    """peft LoraConfig from params.lora, or None for full fine-tuning."""
+    if not params.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=params.lora.r,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules=params.lora.target_modules,
+        bias=params.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def device_of(model):
+    return next(model.parameters()).device

@@ -1,0 +1,370 @@
+"""The typed schema of a run's params file, its loading, `--set` overrides and saving.
+
+One YAML file describes one run (alignment-handbook style), and every field carries help text
+(TRL-config style). Validation happens at load time, so a typo fails in `dpo-kit validate`
+instead of an hour into training. The `dpo` section is passed to TRL's `DPOConfig` and is checked
+against that dataclass's own fields and types, so it never drifts from the installed TRL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import difflib
+import functools
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+DATA_FORMATS = ("standard", "conversational", "hh-rlhf", "orca", "truthy", "columns")
+TINY_MODEL_PATH = "runs/_tiny-chat-model"
+
+# Keys of DPOConfig that the kit sets from other sections; setting them in `dpo` would fork the truth.
+DPO_KEYS_OWNED_ELSEWHERE = {
+    "output_dir": "run.output_dir and run.name",
+    "run_name": "run.name",
+    "seed": "run.seed",
+    "data_seed": "run.seed",
+    "report_to": "tracking.report_to",
+    "push_to_hub": "merge.push_to_hub",
+    "hub_model_id": "merge.hub_model_id",
+    "hub_token": "the HF_TOKEN environment variable (secrets never go in params)",
+}
+
+
+class ParamsError(ValueError):
+    """A params file or override is invalid; the message names the key and what would be valid."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunParams(Section):
+    name: str = Field(description="Run name; the run directory is <output_dir>/<name>. Use model-task-variant.")
+    seed: int = Field(42, description="Seed for the data split, LoRA init and training order.")
+    output_dir: str = Field("runs", description="Parent directory of run directories (relative to the project dir).")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_directory_name(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError("must be a non-empty directory name without '/' and not starting with '.'")
+        return value
+
+
+class ModelParams(Section):
+    name_or_path: str = Field(description="Hub model id or local directory loaded with from_pretrained.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    build_tiny_model: bool = Field(
+        False, description="Build dpo-kit's tiny offline chat model at name_or_path when that directory is missing."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust the repo.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype to load; 'auto' picks bf16 on bf16-capable GPUs, else fp16 on GPU, fp32 on CPU."
+    )
+    attn_implementation: str | None = Field(None, description="e.g. 'sdpa' or 'flash_attention_2'; None = default.")
+
+
+class ColumnMap(Section):
+    prompt: str = Field(description="Column holding the prompt.")
+    chosen: str = Field(description="Column holding the preferred response.")
+    rejected: str = Field(description="Column holding the dispreferred response.")
+    system: str | None = Field(None, description="Optional column holding a system message.")
+
+
+class DataParams(Section):
+    source: str = Field(
+        "bundled",
+        description="'bundled', a local .jsonl/.json/.parquet/.csv file, or a hub dataset id (needs a network).",
+    )
+    format: Literal["standard", "conversational", "hh-rlhf", "orca", "truthy", "columns"] = Field(
+        "conversational", description="Shape of the source rows; see dpo_kit.formats."
+    )
+    split: str = Field("train", description="Split of a hub dataset (or a split slice like 'train[:1000]').")
+    revision: str | None = Field(None, description="Hub revision of the dataset.")
+    columns: ColumnMap | None = Field(None, description="Column map; required when format is 'columns'.")
+    output_format: Literal["conversational", "standard"] = Field(
+        "conversational",
+        description="TRL format written to data/*.jsonl; 'standard' renders prompts with the chat template.",
+    )
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of kept pairs held out for evaluation.")
+    max_rows: int | None = Field(None, gt=0, description="Read at most this many source rows (None = all).")
+    deduplicate: bool = Field(True, description="Drop exact duplicate (prompt, chosen, rejected) pairs.")
+    max_length: int | None = Field(
+        None, gt=0, description="Token limit for prompt+response; None = dpo.max_length, the limit TRL trains with."
+    )
+
+    @model_validator(mode="after")
+    def _columns_match_format(self):
+        if self.format == "columns" and self.columns is None:
+            raise ValueError("data.columns is required when data.format is 'columns'")
+        if self.format != "columns" and self.columns is not None:
+            raise ValueError(f"data.columns is only used with data.format 'columns', not '{self.format}'")
+        suffix = Path(self.source).suffix.lower()
+        if suffix and suffix not in LOCAL_DATA_SUFFIXES and (self.source.startswith((".", "/")) or suffix in {".txt", ".tsv", ".xlsx"}):
+            raise ValueError(f"data.source '{self.source}': unsupported file type; use one of {LOCAL_DATA_SUFFIXES}")
+        return self
+
+
+class LoraParams(Section):
+    enabled: bool = Field(True, description="Train a LoRA adapter; False = full fine-tuning with a reference copy.")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear'. Add 'lm_head' to adapt the output layer."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+
+class QuantizationParams(Section):
+    bits: Literal[4, 8] | None = Field(None, description="Load the base in 4- or 8-bit with bitsandbytes (QLoRA).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Matmul dtype of 4-bit layers; 'auto' follows the hardware choice."
+    )
+
+
+class MergeParams(Section):
+    enabled: bool = Field(True, description="Merge the adapter into a full-precision reload of the base.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the reloaded base (never quantized); 'auto' = fp32 on CPU, fp16/bf16 on GPU."
+    )
+    verify_atol: float = Field(1e-4, gt=0.0, description="Max |logit difference| allowed between merged and adapter model (fp32).")
+    push_to_hub: bool = Field(False, description="Push the merged model; the token comes from HF_TOKEN only.")
+    hub_model_id: str | None = Field(None, description="Target repo id for push_to_hub.")
+    private: bool = Field(True, description="Create the hub repo as private.")
+
+    @model_validator(mode="after")
+    def _hub_id_when_pushing(self):
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("merge.hub_model_id is required when merge.push_to_hub is true")
+        return self
+
+
+class GenerateParams(Section):
+    num_prompts: int = Field(8, gt=0, description="How many held-out prompts to generate for.")
+    prompts: list[str] | None = Field(None, description="Explicit user prompts; None = held-out eval prompts.")
+    max_new_tokens: int = Field(64, gt=0, description="Tokens to generate per prompt.")
+    do_sample: bool = Field(True, description="Sample (True) or decode greedily (False).")
+    temperature: float = Field(0.7, gt=0.0, description="Sampling temperature.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate() call.")
+
+
+class EvaluateParams(Section):
+    judge: str = Field(
+        "rule",
+        description="'rule' (built-in judge for the bundled task) or a reward model id/path (AutoModelForSequenceClassification).",
+    )
+    max_pairs: int | None = Field(None, gt=0, description="Evaluate at most this many held-out pairs (None = all).")
+    batch_size: int = Field(8, gt=0, description="Pairs per forward pass.")
+
+
+class TrackingParams(Section):
+    report_to: list[Literal["none", "wandb", "tensorboard"]] = Field(
+        ["none"], description="Experiment trackers; wandb reads WANDB_API_KEY from the environment only."
+    )
+    project: str = Field("dpo-kit", description="Tracker project name.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_string_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class Params(Section):
+    run: RunParams
+    model: ModelParams
+    data: DataParams = Field(default_factory=DataParams)
+    lora: LoraParams = Field(default_factory=LoraParams)
+    quantization: QuantizationParams = Field(default_factory=QuantizationParams)
+    dpo: dict[str, Any] = Field(default_factory=dict, description="Any field of trl.DPOConfig.")
+    merge: MergeParams = Field(default_factory=MergeParams)
+    generate: GenerateParams = Field(default_factory=GenerateParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    @field_validator("dpo")
+    @classmethod
+    def _dpo_matches_trl(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return validate_dpo_section(value)
+
+    @model_validator(mode="after")
+    def _cross_section_checks(self):
+        if self.quantization.bits and not self.lora.enabled:
+            raise ValueError("quantization.bits needs lora.enabled: quantized weights cannot be fully fine-tuned")
+        if self.merge.push_to_hub and not self.merge.enabled and self.lora.enabled:
+            raise ValueError("merge.push_to_hub needs merge.enabled: only the merged model is pushed")
+        return self
+
+    @property
+    def max_length(self) -> int | None:
+        """The token limit the audit applies: data.max_length, else the one TRL will truncate at."""
+        if self.data.max_length is not None:
+            return self.data.max_length
+        return self.dpo.get("max_length", dpo_config_defaults()["max_length"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The `dpo` section against trl.DPOConfig
+
+
+@functools.cache
+def dpo_config_types() -> dict[str, Any]:
+    """Field name -> type hint of the installed trl.DPOConfig."""
+    from trl import DPOConfig
+
+    hints = typing.get_type_hints(DPOConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(DPOConfig) if f.init}
+
+
+@functools.cache
+def dpo_config_defaults() -> dict[str, Any]:
+    from trl import DPOConfig
+
+    defaults = {}
+    for f in dataclasses.fields(DPOConfig):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def validate_dpo_section(section: dict[str, Any]) -> dict[str, Any]:
+    types = dpo_config_types()
+    checked = {}
+    for key, value in section.items():
+        if key in DPO_KEYS_OWNED_ELSEWHERE:
+            raise ValueError(f"dpo.{key} is set by the kit from {DPO_KEYS_OWNED_ELSEWHERE[key]}; set it there")
+        if key not in types:
+            raise ValueError(f"unknown key 'dpo.{key}'{_did_you_mean(key, types, 'dpo.')}: not a field of trl.DPOConfig")
+        if key == "loss_type" and isinstance(value, str):
+            value = [value]  # TRL accepts both; a list keeps weighted multi-loss recipes uniform
+        try:
+            checked[key] = TypeAdapter(types[key]).validate_python(value)
+        except ValidationError as error:
+            raise ValueError(
+                f"dpo.{key}: expected {_type_name(types[key])} (the type of DPOConfig.{key}), got {value!r}"
+                f" ({error.errors()[0]['msg']})"
+            ) from None
+        # Enum-typed fields (lr_scheduler_type, optim, ...) are kept as plain values so they dump to YAML.
+        if isinstance(checked[key], enum.Enum):
+            checked[key] = checked[key].value
+    return checked
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and saving
+
+
+def _did_you_mean(key: str, candidates, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.4)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def _section_keys(section: str) -> list[str]:
+    field = Params.model_fields.get(section)
+    annotation = field.annotation if field else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
+
+
+def _describe(error: dict, source: str) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parts = [str(part) for part in error["loc"]]
+        parent = parts[0] if len(parts) > 1 else None
+        candidates = _section_keys(parent) if parent else list(Params.model_fields)
+        valid = ", ".join(candidates)
+        prefix = f"{parent}." if parent else ""
+        return f"{source}: unknown key '{location}'{_did_you_mean(parts[-1], candidates, prefix)} (valid keys: {valid})"
+    if kind == "missing":
+        return f"{source}: missing required key '{location}'"
+    if kind in ("value_error", "assertion_error"):
+        message = error["msg"].removeprefix("Value error, ")
+        # Messages that already start with their dotted key (the dpo checks) are not prefixed twice.
+        if location and not message.startswith(location + "."):
+            message = f"{location}: {message}"
+        return f"{source}: {message}"
+    return f"{source}: {location}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections (run, model, data, ...), got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError("\n".join(_describe(e, source) for e in error.errors())) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) to a raw params mapping."""
+    for override in overrides:
+        if "=" not in override or "." not in override.split("=", 1)[0]:
+            raise ParamsError(f"override '{override}': expected section.key=value, e.g. dpo.beta=0.2")
+        dotted, text = override.split("=", 1)
+        value = yaml.safe_load(text) if text.strip() else None
+        parts = dotted.strip().split(".")
+        if parts[0] not in Params.model_fields:
+            raise ParamsError(
+                f"override '{override}': unknown section '{parts[0]}'{_did_you_mean(parts[0], Params.model_fields)}"
+                f" (valid sections: {', '.join(Params.model_fields)})"
+            )
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"override '{override}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read, override and validate a params file. Errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    raw = apply_overrides(raw, overrides)
+    return parse_params(raw, source=str(path))
+
+
+def params_to_dict(params: Params) -> dict[str, Any]:
+    return params.model_dump(mode="json")
+
+
+def save_params(params: Params, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(params_to_dict(params), sort_keys=False))
+    return path
+
+
+def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
+    """Files named in params must exist; raise naming the key and the path."""
+    source = params.data.source
+    if source != "bundled" and (Path(source).suffix.lower() in LOCAL_DATA_SUFFIXES or source.startswith((".", "/"))):
+        path = Path(project_dir) / source
+        if not path.is_file():
+            raise ParamsError(f"data.source: file not found: {path}")
+    name = params.model.name_or_path
+    if name.startswith((".", "/")) or Path(project_dir, name).exists():
+        if not Path(project_dir, name).exists() and not params.model.build_tiny_model:
+            raise ParamsError(f"model.name_or_path: directory not found: {Path(project_dir) / name}")

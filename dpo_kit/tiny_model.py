@@ -1,0 +1,93 @@
+"""A tiny, deterministic chat model built offline, so the whole pipeline runs with no hub and no GPU.
+
+It is saved with `save_pretrained` and used only through `AutoModelForCausalLM.from_pretrained` /
+`AutoTokenizer.from_pretrained`: the tiny run exercises exactly the code path of a hub model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# ChatML, as Qwen2 / OpenHermes use it. A rendered assistant turn ends in <|im_end|>, which is also
+# the eos token, so TRL must not append a second eos (trl#1073, #2054, #4481): our tests check that.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+PAD_TOKEN, BOS_OF_TURN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+
+
+def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 1024):
+    """Byte-level BPE trained on the bundled corpus, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from dpo_kit.bundled import bundled_corpus
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, BOS_OF_TURN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Role names and template newlines are in the corpus so they get merged tokens of their own.
+    corpus = bundled_corpus(seed) + ["system\n", "user\n", "assistant\n"]
+    core.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, model_max_length=512
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(
+    output_dir: str | Path,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+) -> Path:
+    """Build the tiny Qwen2-shaped chat model and its tokenizer into `output_dir`; returns the path.
+
+    The same seed gives the same bytes on the same torch build: weights come from a seeded CPU
+    generator and the tokenizer from a deterministic BPE trainer.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    output_dir = Path(output_dir)
+    tokenizer = build_tiny_tokenizer(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def ensure_tiny_model(path: str | Path, seed: int = 0) -> Path:
+    """Build the tiny model at `path` unless a model is already saved there."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        build_tiny_model(path, seed=seed)
+    return path
