@@ -132,7 +132,6 @@ class QuantizationParams(Section):
 
 
 class MergeParams(Section):
-    enabled: bool = Field(True, description="Merge the adapter into a full-precision reload of the base.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype of the reloaded base (never quantized); 'auto' = fp32 on CPU, fp16/bf16 on GPU."
     )
@@ -200,8 +199,6 @@ class Params(Section):
     def _cross_section_checks(self):
         if self.quantization.bits and not self.lora.enabled:
             raise ValueError("quantization.bits needs lora.enabled: quantized weights cannot be fully fine-tuned")
-        if self.merge.push_to_hub and not self.merge.enabled and self.lora.enabled:
-            raise ValueError("merge.push_to_hub needs merge.enabled: only the merged model is pushed")
         return self
 
     @property
@@ -297,7 +294,7 @@ def _describe(error: dict, source: str) -> str:
     if kind in ("value_error", "assertion_error"):
         message = error["msg"].removeprefix("Value error, ")
         # Messages that already start with their dotted key (the dpo checks) are not prefixed twice.
-        if location and not message.startswith(location + "."):
+        if location and f"{location}." not in message:
             message = f"{location}: {message}"
         return f"{source}: {message}"
     return f"{source}: {location}: {error['msg']} (got {error.get('input')!r})"

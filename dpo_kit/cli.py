@@ -1,0 +1,73 @@
+"""The `dpo-kit` command: run, validate, tiny-model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dpo_kit.params import ParamsError
+
+
+def _run(args) -> int:
+    from dpo_kit.runner import RunError, parse_stages, run_pipeline
+
+    try:
+        run_dir = run_pipeline(
+            args.params, args.set, parse_stages(args.stages), overwrite=args.overwrite, progress=not args.quiet
+        )
+    except (RunError, ParamsError, FileNotFoundError) as error:
+        print(f"dpo-kit run: {error}", file=sys.stderr)
+        return 1
+    print(f"dpo-kit run: done; outputs in {run_dir}")
+    return 0
+
+
+def _validate(args) -> int:
+    from dpo_kit.params import check_local_files, load_params
+    from dpo_kit.stage import run_dir_for
+
+    try:
+        params = load_params(args.params, args.set)
+        check_local_files(params)
+    except ParamsError as error:
+        print(f"dpo-kit validate: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.params}: valid; run directory would be {run_dir_for(params, '.')}")
+    return 0
+
+
+def _tiny_model(args) -> int:
+    from dpo_kit.tiny_model import build_tiny_model
+
+    print(f"tiny model written to {build_tiny_model(args.directory, seed=args.seed)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpo-kit", description="DPO experiments as papermill notebooks over TRL.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="execute the stage notebooks into <run.output_dir>/<run.name>/")
+    run.add_argument("params", help="params YAML file, e.g. params/tiny.yaml")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
+    run.add_argument("--stages", help="comma-separated subset of format,train,merge,generate,evaluate")
+    run.add_argument("--overwrite", action="store_true", help="archive an existing run of this name and start again")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser("validate", help="check a params file without running anything")
+    validate.add_argument("params")
+    validate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    validate.set_defaults(handler=_validate)
+
+    tiny = commands.add_parser("tiny-model", help="build the deterministic tiny offline chat model")
+    tiny.add_argument("directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_tiny_model)
+
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Judges that score responses, and the win-rate of the DPO policy's responses over the reference's.
+
+Every judge has one method, `judge.score(prompts, responses) -> list[float]` (higher is better), so
+`win_rate` and the evaluation never need to know which judge `evaluate.judge` picked:
+
+- `RuleJudge` ('rule'): keyword rules written for the *bundled* task only, where the chosen reply is
+  polite, on topic and helpful and the rejected one is a curt dismissal (see dpo_kit.bundled). It needs
+  no model and no network, which the offline tiny run requires. Its scores mean nothing on other data.
+- `RewardModelJudge` (a hub id or local path): a sequence-classification reward model with a single
+  logit, scoring the prompt and response rendered with the reward model's own chat template.
+
+A prompt is what a TRL row holds: a list of chat messages (conversational format) or a string
+(standard format, already rendered with the policy's chat template).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Protocol, Sequence, Union
+
+Prompt = Union[str, list[dict]]
+
+
+class Judge(Protocol):
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule judge for the bundled task
+
+POLITE_PHRASES = (
+    "happy to help", "thank", "great question", "good question", "of course", "certainly", "glad",
+    "let me walk you", "hope this helps", "good luck", "let me know", "feel free", "right track", "keep going",
+)
+DISMISSIVE_PHRASES = (
+    "figure it out", "not my problem", "why would i know", "look it up", "whatever", "does not matter",
+    "boring question", "ask someone else", "don't care", "do not care", "go away", "no idea",
+)
+# Words that say nothing about the topic of a prompt; role names appear in rendered (string) prompts.
+STOPWORDS = frozenset(
+    "about after again also been before being could does doing done from have having into just more most "
+    "much need only other should some such than that their them then there these they this those very "
+    "what when where which while will with would your yours system user assistant".split()
+)
+EMPTY_SCORE = -5.0  # below anything a non-empty reply can score
+CURT_WORDS = 3  # replies this short are curt whatever they say ("No.", "Look it up.")
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The user's words in a prompt: the user messages, or a rendered prompt with its markup removed."""
+    if isinstance(prompt, str):
+        return re.sub(r"<[^<>]*>", " ", prompt)  # drop special tokens such as <|im_start|>
+    return "\n".join(message["content"] for message in prompt if message["role"] == "user")
+
+
+def topic_words(prompt: Prompt) -> set[str]:
+    return {word for word in _words(prompt_text(prompt)) if len(word) >= 4 and word not in STOPWORDS}
+
+
+class RuleJudge:
+    """Scores politeness and helpfulness with keyword rules; meaningful for the bundled task only.
+
+    score = +1 per kind of polite phrase (at most 3)        openers and closers of the chosen replies
+            +2 x fraction of the prompt's topic words used   on topic rather than generic
+            +0.5 x min(words / 20, 1)                        some substance, capped so rambling gains nothing
+            -2 per kind of dismissive phrase                 the rejected replies' dismissals
+            -1 when the reply has at most 3 words            curt ("No.")
+    An empty reply scores EMPTY_SCORE. Phrases count once however often they repeat, so a degenerate
+    model that loops "Happy to help!" does not climb without bound.
+    """
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return [self.score_one(prompt, response) for prompt, response in zip(prompts, responses)]
+
+    def score_one(self, prompt: Prompt, response: str) -> float:
+        words = _words(response)
+        if not words:
+            return EMPTY_SCORE
+        text = " ".join(words)  # normalised so phrases match across punctuation and case
+        polite = sum(phrase in text for phrase in POLITE_PHRASES)
+        dismissive = sum(phrase in text for phrase in DISMISSIVE_PHRASES)
+        topic = topic_words(prompt)
+        on_topic = len(topic & set(words)) / len(topic) if topic else 0.0
+        return (
+            min(polite, 3)
+            + 2.0 * on_topic
+            + 0.5 * min(len(words) / 20, 1.0)
+            - 2.0 * dismissive
+            - (1.0 if len(words) <= CURT_WORDS else 0.0)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward-model judge
+
+
+class RewardModelJudge:
+    """A reward model (AutoModelForSequenceClassification with one label) as a judge.
+
+    With a chat template the prompt and response are rendered as a conversation; without one (e.g. the
+    DeBERTa reward models) they are passed as a text pair, which is how those models were trained.
+    """
+
+    def __init__(self, name_or_path: str, trust_remote_code: bool = False, batch_size: int = 8, dtype=None):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        # The token only ever comes from the environment; trust_remote_code only from params.
+        kwargs = {"trust_remote_code": trust_remote_code}
+        if os.environ.get("HF_TOKEN"):
+            kwargs["token"] = os.environ["HF_TOKEN"]
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        if self.model.config.num_labels != 1:
+            raise ValueError(
+                f"evaluate.judge '{name_or_path}' has {self.model.config.num_labels} labels; a reward model has 1"
+            )
+        # Sequence classifiers read the logit at the last non-pad token, which needs the pad id.
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        self.batch_size = batch_size
+
+    def _encode(self, prompts: Sequence[Prompt], responses: Sequence[str]):
+        if self.tokenizer.chat_template is None:
+            return self.tokenizer(
+                [prompt_text(p) for p in prompts], list(responses), padding=True, truncation=True, return_tensors="pt"
+            )
+        texts = []
+        for prompt, response in zip(prompts, responses):
+            if isinstance(prompt, str):  # rendered with the policy's template; the best we can do is append
+                texts.append(prompt + response)
+            else:
+                conversation = prompt + [{"role": "assistant", "content": response}]
+                texts.append(self.tokenizer.apply_chat_template(conversation, tokenize=False))
+        # The template already wrote any BOS; adding special tokens again would double it.
+        return self.tokenizer(texts, padding=True, truncation=True, add_special_tokens=False, return_tensors="pt")
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        import torch
+
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            end = start + self.batch_size
+            inputs = self._encode(prompts[start:end], responses[start:end]).to(self.model.device)
+            with torch.no_grad():
+                scores.extend(self.model(**inputs).logits[:, 0].float().tolist())
+        return scores
+
+
+def make_judge(params, project_dir: str | Path = ".") -> Judge:
+    """The judge named by `evaluate.judge`: 'rule', a local reward-model directory or a hub id."""
+    name = params.evaluate.judge
+    if name == "rule":
+        return RuleJudge()
+    from dpo_kit.hardware import choose_hardware, resolve_dtype
+
+    local = Path(project_dir) / name
+    source = str(local) if local.exists() else name
+    return RewardModelJudge(
+        source,
+        trust_remote_code=params.model.trust_remote_code,
+        batch_size=params.evaluate.batch_size,
+        dtype=resolve_dtype(params.model.dtype, choose_hardware()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Win-rate
+
+
+def win_rate_from_scores(
+    policy_scores: Sequence[float], reference_scores: Sequence[float], tie_tolerance: float = 1e-6
+) -> dict:
+    """Wins, ties and losses of the policy; a tie counts half. Scores within tie_tolerance tie, because a
+    reward model can score one text a few ulps apart in differently padded batches."""
+    if len(policy_scores) != len(reference_scores):
+        raise ValueError(f"{len(policy_scores)} policy scores but {len(reference_scores)} reference scores")
+    if not policy_scores:
+        raise ValueError("no responses to compare")
+    differences = [p - r for p, r in zip(policy_scores, reference_scores)]
+    ties = sum(abs(d) <= tie_tolerance for d in differences)
+    wins = sum(d > tie_tolerance for d in differences)
+    n = len(differences)
+    return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n}
+
+
+def win_rate(
+    judge: Judge,
+    prompts: Sequence[Prompt],
+    policy_responses: Sequence[str],
+    reference_responses: Sequence[str],
+    tie_tolerance: float = 1e-6,
+) -> dict:
+    """Fraction of prompts where the judge prefers the policy's response (ties = 0.5), with the counts."""
+    return win_rate_from_scores(
+        judge.score(prompts, policy_responses), judge.score(prompts, reference_responses), tie_tolerance
+    )

@@ -1,0 +1,156 @@
+"""`dpo-kit run`: execute the stage notebooks with papermill into one run directory.
+
+The notebooks are the program; the runner only resolves the run, guards it against overwriting,
+injects four path parameters (never values, never secrets: papermill writes parameters into the
+output notebook in plain text, papermill#416) and records status and timings in manifest.json.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+from dpo_kit import manifest as mf
+from dpo_kit.params import check_local_files, load_params, save_params
+from dpo_kit.stage import run_dir_for
+
+STAGE_NOTEBOOKS = {
+    "format": "01_format_data.ipynb",
+    "train": "02_train_dpo.ipynb",
+    "merge": "03_merge.ipynb",
+    "generate": "04_generate.ipynb",
+    "evaluate": "05_evaluate.ipynb",
+}
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+
+
+class RunError(RuntimeError):
+    """The run cannot start or a stage failed; the message names the stage and the notebook to read."""
+
+
+def notebooks_dir(project_dir: Path) -> Path:
+    """The stage notebooks: the project's own copy if it has one, else the ones next to the package."""
+    for candidate in (project_dir / "notebooks", Path(__file__).resolve().parent.parent / "notebooks"):
+        if (candidate / STAGE_NOTEBOOKS["format"]).exists():
+            return candidate
+    raise RunError(f"stage notebooks not found under {project_dir / 'notebooks'}; run from a dpo-kit checkout")
+
+
+def parse_stages(text: str | None) -> list[str]:
+    if not text:
+        return list(mf.STAGES)
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in mf.STAGES]
+    if unknown:
+        raise RunError(f"unknown stage(s) {', '.join(unknown)}; valid stages: {','.join(mf.STAGES)}")
+    return [s for s in mf.STAGES if s in stages]  # always pipeline order
+
+
+def archive_run(run_dir: Path) -> Path:
+    """Move a run aside instead of deleting it: an earlier run is never lost."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    archived = run_dir.with_name(f"{run_dir.name}.archived-{stamp}")
+    shutil.move(str(run_dir), archived)
+    return archived
+
+
+def guard_existing_run(run_dir: Path, stages: list[str], overwrite: bool) -> str | None:
+    """Refuse to redo completed work; with `overwrite`, archive the old run first. Returns a note or None."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    if overwrite:
+        return f"archived the earlier run to {archive_run(run_dir)}"
+    manifest = mf.read_manifest(run_dir)
+    done = [s for s in stages if manifest.get("stages", {}).get(s, {}).get("status") == "completed"]
+    if manifest.get("status") == "completed" or done or not manifest:
+        what = f"stages {', '.join(done)} already completed" if done else "it already holds a run"
+        raise RunError(
+            f"run directory {run_dir} exists and {what}. An earlier run is never overwritten: choose a new"
+            " name (--set run.name=...), run only the missing stages (--stages ...), or pass --overwrite to"
+            " archive the old run and start again."
+        )
+    return "continuing an unfinished run"
+
+
+def find_secrets(run_dir: Path) -> list[str]:
+    """Files in the run that contain the value of a secret environment variable."""
+    secrets = [os.environ[name] for name in SECRET_ENV_VARS if len(os.environ.get(name, "")) >= 8]
+    if not secrets:
+        return []
+    leaks = []
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.suffix in {".ipynb", ".json", ".jsonl", ".yaml", ".bin", ".txt", ".md"}:
+            data = path.read_bytes()
+            leaks += [str(path) for secret in secrets if secret.encode() in data]
+    return leaks
+
+
+def run_pipeline(
+    params_path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    stages: list[str] | None = None,
+    overwrite: bool = False,
+    project_dir: str | Path = ".",
+    progress: bool = True,
+) -> Path:
+    """Run the stages in order into <run.output_dir>/<run.name>; returns the run directory."""
+    import papermill
+    from tqdm.auto import tqdm
+
+    from dpo_kit.hardware import choose_hardware
+
+    project = Path(project_dir).resolve()
+    params = load_params(params_path, overrides)
+    check_local_files(params, project)
+    stages = stages or list(mf.STAGES)
+    run_dir = run_dir_for(params, project)
+    note = guard_existing_run(run_dir, stages, overwrite)
+    if note:
+        print(f"dpo-kit: {note}")
+    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    params_file = run_dir / "params.yaml"
+    if not params_file.exists():
+        save_params(params, params_file)
+    if not mf.read_manifest(run_dir):
+        mf.write_manifest(run_dir, mf.new_manifest(params.run.name, params.run.seed, project, choose_hardware().to_dict()))
+    source_notebooks = notebooks_dir(project)
+
+    bar = tqdm(stages, desc="stages", unit="stage", disable=not progress, position=0)
+    for stage in bar:
+        bar.set_postfix_str(stage)
+        notebook = STAGE_NOTEBOOKS[stage]
+        executed = run_dir / "notebooks" / notebook
+        if executed.exists():  # a failed earlier attempt: keep its traceback
+            executed.rename(executed.with_name(f"{executed.stem}.failed-{int(time.time())}.ipynb"))
+        started = time.perf_counter()
+        try:
+            papermill.execute_notebook(
+                str(source_notebooks / notebook),
+                str(executed),
+                parameters={
+                    "params_path": str(params_file),
+                    "overrides": [],
+                    "project_dir": str(project),
+                    "run_dir": str(run_dir),
+                },
+                kernel_name="python3",
+                cwd=str(source_notebooks),
+                progress_bar={"desc": f"  {stage} cells", "leave": False, "position": 1} if progress else False,
+            )
+        except Exception as error:  # papermill raises PapermillExecutionError; kernel deaths raise others
+            reason = f"{getattr(error, 'ename', type(error).__name__)}: {getattr(error, 'evalue', error)}"
+            mf.update_stage(run_dir, stage, status="failed", error=reason, notebook=str(executed),
+                            wall_seconds=round(time.perf_counter() - started, 3))
+            mf.update_manifest(run_dir, status="failed", failed_stage=stage)
+            raise RunError(f"stage '{stage}' failed ({reason}); the traceback is in {executed}") from None
+        mf.update_stage(run_dir, stage, notebook=str(executed), wall_seconds=round(time.perf_counter() - started, 3))
+    bar.close()
+
+    leaks = find_secrets(run_dir)
+    if leaks:
+        mf.update_manifest(run_dir, status="failed", error="secret found in run files")
+        raise RunError(f"a secret from the environment was written into: {', '.join(sorted(set(leaks)))}")
+    return run_dir

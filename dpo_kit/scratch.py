@@ -1,0 +1,356 @@
+"""DPO written from scratch, small enough to read in one sitting and checked against TRL 1.x.
+
+Notation: x is a prompt, y_w the chosen and y_l the rejected response, pi the policy being trained,
+pi_ref the frozen reference model, sigma the logistic function. log pi(y|x) is the *sum* of the
+token log-probabilities of the response only; the prompt and the padding are masked out.
+
+The derivation in one paragraph. Bradley-Terry models a preference as
+    P(y_w > y_l | x) = sigma(r(x, y_w) - r(x, y_l)).
+RLHF maximises E[r] - beta * KL(pi || pi_ref), whose optimum is pi*(y|x) ∝ pi_ref(y|x) exp(r(x,y)/beta).
+Solving for r gives the *implicit reward*
+    r(x, y) = beta * log pi(y|x) / pi_ref(y|x)   (+ a term in x alone, which cancels in differences),
+and putting it into the Bradley-Terry likelihood gives the DPO loss
+    L = -log sigma(beta * h),   h = [log pi(y_w|x) - log pi(y_l|x)] - [log pi_ref(y_w|x) - log pi_ref(y_l|x)].
+At the start pi == pi_ref, so h = 0 and L = ln 2 ≈ 0.6931.
+
+Where TRL (1.16) and the papers disagree, the docstrings say which is followed and why:
+- sigmoid + label_smoothing: TRL's sigmoid ignores label_smoothing; here it is conservative DPO.
+- ipo: the formula is the paper's; `train_step` feeds it per-token *averaged* log-probs as TRL does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+# Only these losses have a noisy-label parameter; for ipo and hinge a non-zero value would be silently
+# meaningless (TRL ignores it), so it is refused instead.
+LOSS_TYPES_WITH_LABEL_SMOOTHING = ("sigmoid", "robust")
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-probabilities
+# --------------------------------------------------------------------------------------------------
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probabilities of the response tokens of each sequence: log pi(y|x), shape (batch,).
+
+        log pi(y|x) = sum_t  m_t * log softmax(logits_{t-1})[labels_t]      for t = 1..T-1
+
+    The logits at position t-1 predict the token at position t (the usual causal shift), so
+    `logits[:, :-1]` is scored against `labels[:, 1:]`. `loss_mask` is aligned with `labels`
+    (1 on response tokens, 0 on prompt and padding), hence `loss_mask[:, 1:]` is the weight m_t.
+
+    Args:
+        logits: (batch, seq, vocab) from a causal LM over prompt+response.
+        labels: (batch, seq) token ids, usually the model's input_ids.
+        loss_mask: (batch, seq) 1 for response tokens, 0 elsewhere.
+    """
+    shifted_logits = logits[:, :-1, :]
+    shifted_labels = labels[:, 1:]
+    shifted_mask = loss_mask[:, 1:].bool()
+    # Masked positions may hold any id (e.g. -100 or a pad id); point them at token 0 so gather is safe.
+    safe_labels = torch.where(shifted_mask, shifted_labels, torch.zeros_like(shifted_labels))
+    # log_softmax + gather is the cross-entropy without reduction; fp32 keeps the sums accurate.
+    token_logps = torch.log_softmax(shifted_logits.float(), dim=-1)
+    token_logps = token_logps.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    return torch.where(shifted_mask, token_logps, torch.zeros_like(token_logps)).sum(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------------
+
+
+def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)), detached: it is a diagnostic, not a target."""
+    return beta * (policy_logps - ref_logps).detach()
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float | torch.Tensor = 0.0,
+    preference_prob: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and implicit rewards, each of shape (batch,).
+
+    With h = (log pi(y_w) - log pi(y_l)) - (log pi_ref(y_w) - log pi_ref(y_l)) and eps = label_smoothing:
+
+    - "sigmoid" (DPO, Rafailov et al. 2023), with eps > 0 conservative DPO (Mitchell 2023):
+          (1 - eps) * -log sigma(beta h)  +  eps * -log sigma(-beta h)
+      i.e. the cross-entropy of the Bradley-Terry probability sigma(beta h) against a label that is
+      right with probability 1 - eps. TRL's sigmoid ignores label_smoothing (only robust/exo_pair/aot
+      read it); we follow the conservative-DPO definition because a silently ignored argument is a trap.
+    - "ipo" (Azar et al. 2023, eq. 17):  (h - 1/(2 beta))^2.
+      This function applies the formula to whatever log-probs it is given. The IPO paper writes h with
+      sequence log-probs; TRL divides each log-ratio by its response length (per-token average) before
+      squaring, and says the IPO authors confirmed their reported results use that. `train_step`
+      follows TRL (see `concatenated_logps(average=True)`) because with summed log-probs h grows with
+      length and the fixed target 1/(2 beta) means something different for every pair.
+    - "hinge" (SLiC, Zhao et al. 2023):  relu(1 - beta h).
+    - "robust" (Chowdhury et al. 2024), unbiased under labels flipped with probability eps < 1/2:
+          [(1 - eps) * -log sigma(beta h)  -  eps * -log sigma(-beta h)] / (1 - 2 eps)
+
+    Soft preference labels ("probabilistic DPO"): a per-pair probability p that y_w really is better
+    is the same thing as eps = 1 - p, so `preference_prob=p` is shorthand for `label_smoothing=1-p`.
+    Both accept a float or a (batch,) tensor.
+
+    Returns:
+        (losses, chosen_rewards, rejected_rewards); rewards are beta * (policy - ref) log-probs, detached.
+    """
+    if preference_prob is not None:
+        label_smoothing = 1 - preference_prob
+    eps = torch.as_tensor(label_smoothing, dtype=policy_chosen_logps.dtype, device=policy_chosen_logps.device)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type not in LOSS_TYPES_WITH_LABEL_SMOOTHING and bool((eps != 0).any()):
+        raise ValueError(f"label_smoothing / preference_prob has no meaning for the {loss_type!r} loss")
+    if loss_type == "robust" and bool(((eps < 0) | (eps >= 0.5)).any()):
+        raise ValueError("robust DPO needs 0 <= label_smoothing < 0.5 (it divides by 1 - 2*eps)")
+
+    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    # -log sigma(z) written with logsigmoid, which stays finite for large |z|.
+    nll_chosen_wins = -F.logsigmoid(beta * h)
+    nll_rejected_wins = -F.logsigmoid(-beta * h)
+
+    if loss_type == "sigmoid":
+        losses = (1 - eps) * nll_chosen_wins + eps * nll_rejected_wins
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:  # robust
+        losses = ((1 - eps) * nll_chosen_wins - eps * nll_rejected_wins) / (1 - 2 * eps)
+
+    chosen_rewards = implicit_rewards(policy_chosen_logps, ref_chosen_logps, beta)
+    rejected_rewards = implicit_rewards(policy_rejected_logps, ref_rejected_logps, beta)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def dpo_metrics(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+) -> dict[str, float]:
+    """Batch means under TRL's metric names, so from-scratch and TRL runs plot on the same axes.
+
+    rewards/accuracies is the share of pairs whose chosen reward beats the rejected one (strictly);
+    rewards/margins is mean(r_w - r_l); logps/* are the policy's summed response log-probs.
+    """
+    return {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "logps/chosen": policy_chosen_logps.detach().mean().item(),
+        "logps/rejected": policy_rejected_logps.detach().mean().item(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches: the same layout as TRL's DataCollatorForPreference
+# --------------------------------------------------------------------------------------------------
+
+
+def _common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
+    length = 0
+    for a, b in zip(ids, other_ids):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def tokenize_pair(row: dict, tokenizer) -> dict[str, list[int]]:
+    """Token ids of one preference row: {"prompt_ids", "chosen_ids", "rejected_ids"}.
+
+    Conversational rows (message lists) go through the chat template: the prompt with the generation
+    prompt, and prompt+response as a whole conversation, so the template closes the turn with its own
+    end token (no eos is appended, which would double it). The response is what follows the longest
+    shared prefix, because some templates render a prompt alone differently. Plain-text rows are
+    tokenized as text and get the eos appended, as TRL does.
+    """
+    if isinstance(row["prompt"], list):
+        def render(messages, **kwargs):
+            return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+
+        prompt_ids = render(row["prompt"], add_generation_prompt=True)
+        chosen_full = render(row["prompt"] + row["chosen"])
+        rejected_full = render(row["prompt"] + row["rejected"])
+    else:
+        eos = tokenizer.eos_token
+
+        def with_eos(text: str) -> str:
+            return text if text.endswith(eos) else text + eos
+
+        prompt_ids = tokenizer(text=row["prompt"])["input_ids"]
+        chosen_full = tokenizer(text=row["prompt"] + with_eos(row["chosen"]))["input_ids"]
+        rejected_full = tokenizer(text=row["prompt"] + with_eos(row["rejected"]))["input_ids"]
+    prompt_len = min(_common_prefix_length(prompt_ids, chosen_full), _common_prefix_length(prompt_ids, rejected_full))
+    return {
+        "prompt_ids": prompt_ids[:prompt_len],
+        "chosen_ids": chosen_full[prompt_len:],
+        "rejected_ids": rejected_full[prompt_len:],
+    }
+
+
+def collate_pairs(pairs: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stack B tokenized pairs into one batch of 2B rows: all chosen first, then all rejected.
+
+    Returns input_ids, attention_mask and completion_mask (1 on response tokens), right-padded.
+    Putting both halves in one batch lets a single forward pass score chosen and rejected, which is
+    what TRL does: half the kernel launches, and both halves see identical weights and dropout masks.
+    """
+    sequences, masks = [], []
+    for half in ("chosen_ids", "rejected_ids"):
+        for pair in pairs:
+            sequences.append(pair["prompt_ids"] + pair[half])
+            masks.append([0] * len(pair["prompt_ids"]) + [1] * len(pair[half]))
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (ids, mask) in enumerate(zip(sequences, masks)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        completion_mask[i, : len(ids)] = torch.tensor(mask)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def concatenated_logps(model, batch: dict[str, torch.Tensor], average: bool = False):
+    """(chosen_logps, rejected_logps) of a `collate_pairs` batch, from ONE forward pass.
+
+    With `average=True` each sum is divided by its number of response tokens (TRL's IPO convention).
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps = sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+    if average:
+        logps = logps / batch["completion_mask"].sum(dim=1).clamp(min=1)
+    return logps.chunk(2)
+
+
+def train_step(
+    policy,
+    reference,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float | torch.Tensor = 0.0,
+    preference_prob: float | torch.Tensor | None = None,
+    max_grad_norm: float | None = 1.0,
+) -> dict[str, float]:
+    """One DPO update of `policy` against the frozen `reference`; returns the step's metrics.
+
+    The loss is the batch mean of `dpo_loss` (as in TRL). Gradients are clipped to `max_grad_norm`
+    (the transformers Trainer's default is 1.0; None disables it). The gradients stay in `.grad`
+    after the step, so a test can compare them.
+    """
+    policy.train()
+    optimizer.zero_grad()
+    average = loss_type == "ipo"  # TRL's length normalisation for IPO, see dpo_loss
+    policy_chosen, policy_rejected = concatenated_logps(policy, batch)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = concatenated_logps(reference, batch)
+    if average:
+        chosen_len, rejected_len = batch["completion_mask"].sum(dim=1).clamp(min=1).chunk(2)
+        scored = (policy_chosen / chosen_len, policy_rejected / rejected_len,
+                  ref_chosen / chosen_len, ref_rejected / rejected_len)
+    else:
+        scored = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    losses, _, _ = dpo_loss(*scored, beta=beta, loss_type=loss_type,
+                            label_smoothing=label_smoothing, preference_prob=preference_prob)
+    loss = losses.mean()
+    loss.backward()
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm).item()
+    optimizer.step()
+
+    # Rewards are reported from summed log-probs for every loss type, as TRL logs them.
+    chosen_rewards = implicit_rewards(policy_chosen, ref_chosen, beta)
+    rejected_rewards = implicit_rewards(policy_rejected, ref_rejected, beta)
+    metrics = {"loss": loss.item(), **dpo_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)}
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
+    return metrics
+
+
+def freeze(model):
+    """Put a reference model in eval mode with no gradients; returns it."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def train_loop(
+    policy,
+    reference,
+    rows: list[dict],
+    tokenizer,
+    steps: int,
+    batch_size: int = 4,
+    learning_rate: float = 1e-3,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+) -> list[dict[str, float]]:
+    """Train for `steps` updates with AdamW at a constant learning rate; returns one metrics dict per step.
+
+    Rows are taken in order, `batch_size` at a time, wrapping around at the end: the same order as a
+    TRL run with `train_sampling_strategy="sequential"`, so the two loss curves can be compared.
+    AdamW uses the Trainer's defaults (betas 0.9/0.999, eps 1e-8, no weight decay).
+    """
+    freeze(reference)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=0.0)
+    pairs = [tokenize_pair(row, tokenizer) for row in rows]
+    batches_per_epoch = math.ceil(len(pairs) / batch_size)
+    history = []
+    for step in range(steps):
+        start = (step % batches_per_epoch) * batch_size
+        batch = collate_pairs(pairs[start : start + batch_size], tokenizer.pad_token_id)
+        metrics = train_step(policy, reference, batch, optimizer, beta=beta, loss_type=loss_type,
+                             label_smoothing=label_smoothing, max_grad_norm=max_grad_norm)
+        history.append({"step": step + 1, **metrics})
+    return history
+
+
+def history_from_trl(log_history: list[dict]) -> list[dict[str, float]]:
+    """The per-step entries of a TRL `trainer.state.log_history` (run with logging_steps=1)."""
+    return [entry for entry in log_history if "loss" in entry and "step" in entry]
+
+
+def beta_sweep(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    betas: list[float],
+) -> list[dict[str, float]]:
+    """For fixed log-probs, the sigmoid loss and reward margin at each beta.
+
+    The implicit reward is linear in beta (r = beta * log-ratio), so the same trained model shows a
+    beta-times larger margin; the loss -log sigma(beta h) falls faster in h as beta grows.
+    """
+    sweep = []
+    for beta in betas:
+        losses, chosen, rejected = dpo_loss(policy_chosen_logps, policy_rejected_logps,
+                                            ref_chosen_logps, ref_rejected_logps, beta=beta)
+        sweep.append({"beta": beta, "loss": losses.mean().item(), "rewards/margins": (chosen - rejected).mean().item()})
+    return sweep

@@ -1,0 +1,163 @@
+"""The train stage: TRL's DPOTrainer with a DPOConfig built from params and the hardware found.
+
+LoRA (peft) is the default, with the reference implicit: TRL disables the adapter to get reference
+log-probs, so no second model is loaded. QLoRA loads the base in 4/8-bit with bitsandbytes. With
+LoRA off, TRL loads a frozen reference copy from the same path (full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpo_kit.hardware import HardwareChoice
+from dpo_kit.params import Params
+
+# The metrics the train notebook plots; names are TRL's, unchanged.
+PLOTTED_METRICS = ("loss", "rewards/margins", "rewards/accuracies")
+
+
+def build_dpo_config(params: Params, run_dir: str | Path, hardware: HardwareChoice):
+    """DPOConfig from params.dpo, plus the keys the kit owns (paths, seed, tracking, precision).
+
+    Precision and checkpointing follow the hardware unless params.dpo sets them explicitly: TRL's
+    defaults (bf16 + checkpointing) are right for a GPU and ~27x too slow on a CPU without bf16.
+    """
+    from trl import DPOConfig
+
+    settings: dict[str, Any] = {
+        "bf16": hardware.bf16,
+        "fp16": hardware.fp16,
+        "gradient_checkpointing": hardware.gradient_checkpointing,
+        "save_safetensors": True,
+        "dataloader_num_workers": 0,
+    }
+    settings.update(params.dpo)  # explicit params win over the hardware choice
+    settings.update(
+        output_dir=str(Path(run_dir) / "checkpoints"),
+        run_name=params.run.name,
+        seed=params.run.seed,
+        data_seed=params.run.seed,
+        report_to=[r for r in params.tracking.report_to if r != "none"] or "none",
+    )
+    if "save_safetensors" not in {f for f in DPOConfig.__dataclass_fields__}:
+        settings.pop("save_safetensors")
+    return DPOConfig(**settings)
+
+
+def precision_record(config) -> dict[str, Any]:
+    """What the run actually trained with, for the manifest."""
+    return {
+        "bf16": bool(config.bf16),
+        "fp16": bool(config.fp16),
+        "gradient_checkpointing": bool(config.gradient_checkpointing),
+    }
+
+
+@dataclass
+class TrainResult:
+    log_history: list[dict[str, Any]]
+    final_metrics: dict[str, float]
+    model_dir: Path  # adapter/ for LoRA, merged/ for full fine-tuning
+    precision: dict[str, Any]
+    trainable_parameters: int
+    total_parameters: int
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "final_metrics": self.final_metrics,
+            "model_dir": str(self.model_dir),
+            "precision": self.precision,
+            "trainable_parameters": self.trainable_parameters,
+            "total_parameters": self.total_parameters,
+        }
+
+
+def _configure_tracking(params: Params) -> None:
+    # wandb reads its key from WANDB_API_KEY; we only name the project, never the key.
+    if "wandb" in params.tracking.report_to:
+        os.environ.setdefault("WANDB_PROJECT", params.tracking.project)
+
+
+def train_dpo(stage) -> TrainResult:
+    """Run DPO for `stage` (a dpo_kit.stage.Stage) and save checkpoints, the adapter and the log."""
+    from trl import DPOTrainer
+
+    from dpo_kit.data import load_split
+    from dpo_kit.models import load_causal_lm, load_tokenizer, lora_config, model_source
+
+    params, run_dir = stage.params, stage.run_dir
+    _configure_tracking(params)
+    source = model_source(params, stage.project_dir)
+    tokenizer = load_tokenizer(source, params)
+    config = build_dpo_config(params, run_dir, stage.hardware)
+    model = load_causal_lm(source, params, quantized=True, hardware=stage.hardware)
+    train_dataset = load_split(run_dir, "train")
+    eval_dataset = load_split(run_dir, "eval") if config.eval_strategy != "no" else None
+
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(params),
+    )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    if trainable == 0:
+        # A loss stuck at ln 2 with zero rewards is the symptom (trl#4023); fail before wasting the run.
+        raise RuntimeError("no trainable parameters: check lora.target_modules against the model's module names")
+    trainer.train()
+
+    model_dir = run_dir / ("adapter" if params.lora.enabled else "merged")
+    trainer.save_model(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    history = trainer.state.log_history
+    (run_dir / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+    return TrainResult(
+        log_history=history,
+        final_metrics=final_train_metrics(history),
+        model_dir=model_dir,
+        precision=precision_record(config),
+        trainable_parameters=trainable,
+        total_parameters=total,
+    )
+
+
+def final_train_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The last logged value of each training metric (TRL names), ignoring eval rows and the summary row."""
+    latest: dict[str, float] = {}
+    for row in history:
+        if "train_runtime" in row:
+            latest["train_runtime"] = row["train_runtime"]
+            continue
+        for key, value in row.items():
+            if not key.startswith("eval_") and isinstance(value, (int, float)):
+                latest[key] = value
+    return latest
+
+
+def plot_training_curves(history: list[dict[str, Any]], path: str | Path | None = None):
+    """Loss, rewards/margins and rewards/accuracies against step; saved to `path` when given."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(PLOTTED_METRICS), figsize=(4.2 * len(PLOTTED_METRICS), 3.2))
+    for axis, metric in zip(axes, PLOTTED_METRICS):
+        for prefix, style in (("", "-o"), ("eval_", "--s")):
+            rows = [row for row in history if prefix + metric in row]
+            if rows:
+                axis.plot([r["step"] for r in rows], [r[prefix + metric] for r in rows], style, ms=3,
+                          label="train" if not prefix else "eval")
+        axis.set_title(metric)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    axes[0].axhline(0.6931, color="grey", lw=0.8, ls=":", label="ln 2 (no learning)")
+    axes[0].legend()
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure
