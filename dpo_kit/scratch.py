@@ -94,8 +94,8 @@ def dpo_loss(
       This function applies the formula to whatever log-probs it is given. The IPO paper writes h with
       sequence log-probs; TRL divides each log-ratio by its response length (per-token average) before
       squaring, and says the IPO authors confirmed their reported results use that. `train_step`
-      follows TRL (see `concatenated_logps(average=True)`) because with summed log-probs h grows with
-      length and the fixed target 1/(2 beta) means something different for every pair.
+      follows TRL (it divides each log-prob by its response length) because with summed log-probs h
+      grows with length and the fixed target 1/(2 beta) would mean something different for every pair.
     - "hinge" (SLiC, Zhao et al. 2023):  relu(1 - beta h).
     - "robust" (Chowdhury et al. 2024), unbiased under labels flipped with probability eps < 1/2:
           [(1 - eps) * -log sigma(beta h)  -  eps * -log sigma(-beta h)] / (1 - 2 eps)
@@ -171,31 +171,33 @@ def _common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
     return length
 
 
+def _chat_ids(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **template_kwargs)["input_ids"]
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text=text)["input_ids"]
+
+
 def tokenize_pair(row: dict, tokenizer) -> dict[str, list[int]]:
-    """Token ids of one preference row: {"prompt_ids", "chosen_ids", "rejected_ids"}.
+    """Token ids of one preference row: {"prompt_ids", "chosen_ids", "rejected_ids"}, as TRL makes them.
 
     Conversational rows (message lists) go through the chat template: the prompt with the generation
-    prompt, and prompt+response as a whole conversation, so the template closes the turn with its own
-    end token (no eos is appended, which would double it). The response is what follows the longest
-    shared prefix, because some templates render a prompt alone differently. Plain-text rows are
-    tokenized as text and get the eos appended, as TRL does.
+    prompt, and prompt+response as one conversation, so the template closes the turn with its own end
+    token (appending eos as well would double it). The response is whatever follows the prefix shared
+    by the prompt and both full conversations, because some templates render a lone prompt
+    differently. Plain-text rows are tokenized as text and get the eos appended.
     """
-    if isinstance(row["prompt"], list):
-        def render(messages, **kwargs):
-            return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
-
-        prompt_ids = render(row["prompt"], add_generation_prompt=True)
-        chosen_full = render(row["prompt"] + row["chosen"])
-        rejected_full = render(row["prompt"] + row["rejected"])
+    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    if isinstance(prompt, list):
+        prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
+        chosen_full = _chat_ids(tokenizer, prompt + chosen)
+        rejected_full = _chat_ids(tokenizer, prompt + rejected)
     else:
         eos = tokenizer.eos_token
-
-        def with_eos(text: str) -> str:
-            return text if text.endswith(eos) else text + eos
-
-        prompt_ids = tokenizer(text=row["prompt"])["input_ids"]
-        chosen_full = tokenizer(text=row["prompt"] + with_eos(row["chosen"]))["input_ids"]
-        rejected_full = tokenizer(text=row["prompt"] + with_eos(row["rejected"]))["input_ids"]
+        prompt_ids = _text_ids(tokenizer, prompt)
+        chosen_full = _text_ids(tokenizer, prompt + chosen + ("" if chosen.endswith(eos) else eos))
+        rejected_full = _text_ids(tokenizer, prompt + rejected + ("" if rejected.endswith(eos) else eos))
     prompt_len = min(_common_prefix_length(prompt_ids, chosen_full), _common_prefix_length(prompt_ids, rejected_full))
     return {
         "prompt_ids": prompt_ids[:prompt_len],
@@ -232,16 +234,16 @@ def collate_pairs(pairs: list[dict[str, list[int]]], pad_token_id: int) -> dict[
 # --------------------------------------------------------------------------------------------------
 
 
-def concatenated_logps(model, batch: dict[str, torch.Tensor], average: bool = False):
-    """(chosen_logps, rejected_logps) of a `collate_pairs` batch, from ONE forward pass.
-
-    With `average=True` each sum is divided by its number of response tokens (TRL's IPO convention).
-    """
+def concatenated_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen_logps, rejected_logps), summed over response tokens, from ONE forward pass over the
+    2B rows of a `collate_pairs` (or TRL collator) batch."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logps = sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
-    if average:
-        logps = logps / batch["completion_mask"].sum(dim=1).clamp(min=1)
-    return logps.chunk(2)
+    return sequence_logps(logits, batch["input_ids"], batch["completion_mask"]).chunk(2)
+
+
+def response_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) response token counts, at least 1: the divisors of TRL's IPO averaging."""
+    return batch["completion_mask"].sum(dim=1).clamp(min=1).chunk(2)
 
 
 def train_step(
@@ -263,12 +265,11 @@ def train_step(
     """
     policy.train()
     optimizer.zero_grad()
-    average = loss_type == "ipo"  # TRL's length normalisation for IPO, see dpo_loss
     policy_chosen, policy_rejected = concatenated_logps(policy, batch)
     with torch.no_grad():
         ref_chosen, ref_rejected = concatenated_logps(reference, batch)
-    if average:
-        chosen_len, rejected_len = batch["completion_mask"].sum(dim=1).clamp(min=1).chunk(2)
+    if loss_type == "ipo":  # TRL's per-token averaging, see dpo_loss
+        chosen_len, rejected_len = response_lengths(batch)
         scored = (policy_chosen / chosen_len, policy_rejected / rejected_len,
                   ref_chosen / chosen_len, ref_rejected / rejected_len)
     else:

@@ -28,13 +28,17 @@ def build_dpo_config(params: Params, run_dir: str | Path, hardware: HardwareChoi
     """
     from trl import DPOConfig
 
+    fields = DPOConfig.__dataclass_fields__
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing; set whichever is current.
+    checkpointing_key = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     settings: dict[str, Any] = {
         "bf16": hardware.bf16,
         "fp16": hardware.fp16,
-        "gradient_checkpointing": hardware.gradient_checkpointing,
-        "save_safetensors": True,
+        checkpointing_key: hardware.gradient_checkpointing,
         "dataloader_num_workers": 0,
     }
+    if "gradient_checkpointing" in params.dpo:  # the old name in a params file still wins
+        settings.pop(checkpointing_key)
     settings.update(params.dpo)  # explicit params win over the hardware choice
     settings.update(
         output_dir=str(Path(run_dir) / "checkpoints"),
@@ -43,8 +47,6 @@ def build_dpo_config(params: Params, run_dir: str | Path, hardware: HardwareChoi
         data_seed=params.run.seed,
         report_to=[r for r in params.tracking.report_to if r != "none"] or "none",
     )
-    if "save_safetensors" not in {f for f in DPOConfig.__dataclass_fields__}:
-        settings.pop("save_safetensors")
     return DPOConfig(**settings)
 
 
@@ -53,7 +55,7 @@ def precision_record(config) -> dict[str, Any]:
     return {
         "bf16": bool(config.bf16),
         "fp16": bool(config.fp16),
-        "gradient_checkpointing": bool(config.gradient_checkpointing),
+        "gradient_checkpointing": bool(getattr(config, "activation_checkpointing", config.gradient_checkpointing)),
     }
 
 

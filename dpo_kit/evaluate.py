@@ -1,0 +1,286 @@
+"""Evaluation of a trained run against its reference (the base model), on held-out pairs and on generations.
+
+1. Implicit rewards on the held-out pairs (data/eval.jsonl), r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x))
+   with log pi(y|x) summed over response tokens, under TRL's metric names (rewards/*, logps/*). Pairs are
+   tokenized as TRL 1.16's DPOTrainer does (`tokenize_pair`) and batched by TRL's own collator, so the
+   figures agree with the eval metrics TRL logs for the same models and data (a test checks this).
+   TRL averages per batch; here everything is averaged per pair, which is the same for one batch.
+
+2. KL(pi || pi_ref) on the generation prompts (generations.jsonl). Estimator: along each continuation y the
+   policy generated, the exact KL between the two next-token distributions over the whole vocabulary,
+   summed over the generated tokens and averaged over prompts:
+
+       KL(x, y) = sum_t  KL( pi(. | x, y_<t) || pi_ref(. | x, y_<t) )
+
+   Were y sampled from pi itself (temperature 1, top_p 1), its mean over prompts would be an unbiased
+   estimate of the sequence-level KL with less variance than the sampled log-ratio log pi(y|x) - log pi_ref(y|x),
+   because each step sums the exact expectation instead of one sampled token; and it is never negative.
+   With a lower temperature, top_p or greedy decoding the prefixes follow the decoding distribution, so it
+   is the KL along the paths the policy actually takes. The distributions compared are untempered.
+
+3. Win-rate of the policy's generations over the reference's under `evaluate.judge` (dpo_kit.judges).
+
+Both language models are held in memory at once (as DPO training with a reference copy does), because
+the exact KL needs both distributions at every position; the judge is loaded only after they are freed.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from dpo_kit.generate import GENERATIONS_FILE, free_memory, prompt_token_ids, read_jsonl
+from dpo_kit.judges import make_judge, win_rate_from_scores
+from dpo_kit.models import device_of, load_causal_lm, load_tokenizer, model_source
+from dpo_kit.params import Params, dpo_config_defaults
+
+METRICS_FILE = "metrics.json"
+
+
+def tokenize_pair(tokenizer, row: dict) -> dict:
+    """prompt_ids / chosen_ids / rejected_ids of one TRL row, as `tokenize_fn` in TRL 1.16's DPOTrainer builds them.
+
+    Conversational: the prompt with the generation prompt, each response as part of the whole conversation.
+    Standard: eos is appended to each response unless present (TRL's `add_eos`). In both, the response starts
+    where the prompt and prompt+response first differ, since templates may render a lone prompt differently.
+    """
+    from trl.data_utils import common_prefix_length, is_conversational
+
+    prompt_ids = prompt_token_ids(tokenizer, row["prompt"])
+    if is_conversational(row):
+        full_ids = [
+            tokenizer.apply_chat_template(row["prompt"] + row[key], tokenize=True, return_dict=True)["input_ids"]
+            for key in ("chosen", "rejected")
+        ]
+    else:
+        eos = tokenizer.eos_token
+        full_ids = [
+            tokenizer(row["prompt"] + (row[key] if row[key].endswith(eos) else row[key] + eos))["input_ids"]
+            for key in ("chosen", "rejected")
+        ]
+    chosen_ids, rejected_ids = full_ids
+    prompt_length = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
+    return {
+        "prompt_ids": prompt_ids[:prompt_length],
+        "chosen_ids": chosen_ids[prompt_length:],
+        "rejected_ids": rejected_ids[prompt_length:],
+    }
+
+
+def held_out_examples(params: Params, run_dir: Path, tokenizer) -> tuple[list[dict], int]:
+    """Tokenized held-out pairs (up to evaluate.max_pairs) and how many TRL would drop.
+
+    TRL silently drops pairs whose prompt alone fills max_length under keep_start truncation; so do we,
+    and the count is reported instead of hidden.
+    """
+    rows = read_jsonl(run_dir / "data" / "eval.jsonl")[: params.evaluate.max_pairs]
+    if not rows:
+        raise ValueError(f"no held-out pairs in {run_dir / 'data' / 'eval.jsonl'}")
+    examples = [tokenize_pair(tokenizer, row) for row in rows]
+    max_length, truncation_mode = trl_truncation(params)
+    if max_length is not None and truncation_mode == "keep_start":
+        kept = [example for example in examples if len(example["prompt_ids"]) < max_length]
+        return kept, len(examples) - len(kept)
+    return examples, 0
+
+
+def trl_truncation(params: Params) -> tuple[int | None, str]:
+    defaults = dpo_config_defaults()
+    return (
+        params.dpo.get("max_length", defaults["max_length"]),
+        params.dpo.get("truncation_mode", defaults["truncation_mode"]),
+    )
+
+
+def _logits(model, input_ids, attention_mask):
+    device = device_of(model)
+    return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
+
+
+def pair_logps(models: dict, examples: list[dict], collator, batch_size: int) -> dict[str, list]:
+    """Summed response log-probs of chosen and rejected under each model, plus response lengths, per pair."""
+    import torch
+
+    from dpo_kit.scratch import sequence_logps
+
+    per_pair: dict[str, list] = {"chosen_tokens": [], "rejected_tokens": []}
+    for start in range(0, len(examples), batch_size):
+        batch = collator(examples[start : start + batch_size])  # chosen rows first, then rejected rows
+        # Counted over labels[:, 1:], the positions sequence_logps sums.
+        chosen_tokens, rejected_tokens = batch["completion_mask"][:, 1:].sum(-1).chunk(2)
+        per_pair["chosen_tokens"] += chosen_tokens.tolist()
+        per_pair["rejected_tokens"] += rejected_tokens.tolist()
+        for name, model in models.items():
+            with torch.no_grad():
+                logits = _logits(model, batch["input_ids"], batch["attention_mask"])
+                labels, mask = batch["input_ids"].to(logits.device), batch["completion_mask"].to(logits.device)
+                logps = sequence_logps(logits, labels, mask)
+            chosen, rejected = logps.cpu().chunk(2)
+            per_pair.setdefault(f"{name}_chosen_logps", []).extend(chosen.tolist())
+            per_pair.setdefault(f"{name}_rejected_logps", []).extend(rejected.tolist())
+    return per_pair
+
+
+def generation_kl(policy, reference, records: list[dict], pad_token_id: int, batch_size: int) -> list[float]:
+    """Per prompt: sum over the policy's generated tokens of the exact KL(pi || pi_ref) of the next-token
+    distributions (see the module docstring for the estimator)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.utils.rnn import pad_sequence
+
+    kls = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        sequences = [torch.tensor(r["prompt_token_ids"] + r["policy_token_ids"]) for r in chunk]
+        generated = [torch.tensor([0] * len(r["prompt_token_ids"]) + [1] * len(r["policy_token_ids"])) for r in chunk]
+        input_ids = pad_sequence(sequences, batch_first=True, padding_value=pad_token_id)
+        attention_mask = pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True)
+        # Aligned with the labels like sequence_logps' mask: logits at t-1 give the distribution of token t.
+        generated_mask = pad_sequence(generated, batch_first=True)[:, 1:]
+        with torch.no_grad():
+            policy_logps = _logits(policy, input_ids, attention_mask)[:, :-1].float().log_softmax(-1)
+            reference_logps = _logits(reference, input_ids, attention_mask)[:, :-1].float().log_softmax(-1)
+            reference_logps = reference_logps.to(policy_logps.device)
+            # kl_div(input, target) = p_target * (log p_target - input): KL(policy || reference) per position.
+            per_token = F.kl_div(reference_logps, policy_logps, log_target=True, reduction="none").sum(-1)
+            kls += (per_token.cpu() * generated_mask).sum(-1).tolist()
+    return kls
+
+
+def reward_metrics(per_pair: dict[str, list], beta: float) -> dict:
+    """TRL's rewards/* and logps/* (policy) metrics, the reference's logps and per-token means, per-pair rewards."""
+    import torch
+    import torch.nn.functional as F
+
+    logps = {key: torch.tensor(values, dtype=torch.float64) for key, values in per_pair.items()}
+    chosen_rewards = beta * (logps["policy_chosen_logps"] - logps["reference_chosen_logps"])
+    rejected_rewards = beta * (logps["policy_rejected_logps"] - logps["reference_rejected_logps"])
+    margins = chosen_rewards - rejected_rewards
+    per_pair.update(
+        chosen_rewards=chosen_rewards.tolist(), rejected_rewards=rejected_rewards.tolist(), reward_margins=margins.tolist()
+    )
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        # Strictly greater, as TRL counts it: a pair with zero margin is not accurate.
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean(),
+        "rewards/margins": margins.mean(),
+        # The DPO sigmoid loss (TRL's eval_loss when loss_type is sigmoid), whatever loss was trained.
+        "loss/sigmoid": -F.logsigmoid(margins).mean(),
+    }
+    for model, prefix in (("policy", ""), ("reference", "ref_")):
+        for side in ("chosen", "rejected"):
+            summed = logps[f"{model}_{side}_logps"]
+            metrics[f"{prefix}logps/{side}"] = summed.mean()
+            metrics[f"{prefix}logps_per_token/{side}"] = (summed / logps[f"{side}_tokens"].clamp(min=1)).mean()
+    return {key: value.item() for key, value in metrics.items()}
+
+
+def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = ".") -> dict:
+    """Evaluate <run_dir>/merged against the reference; write <run_dir>/metrics.json and return its content.
+
+    The result holds scalars under flat keys (TRL's names where TRL has one), plus `per_pair` and
+    `per_generation` dicts of per-item lists for plots. Without generations.jsonl the KL and win-rate
+    are skipped with a warning.
+    """
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    run_dir = Path(run_dir)
+    beta = params.dpo.get("beta", 0.1)
+    tokenizer = load_tokenizer(str(run_dir / "merged"), params)  # the one generate.py used
+    examples, dropped = held_out_examples(params, run_dir, tokenizer)
+    max_length, truncation_mode = trl_truncation(params)
+    collator = DataCollatorForPreference(
+        pad_token_id=tokenizer.pad_token_id, max_length=max_length, truncation_mode=truncation_mode
+    )
+    generations_path = run_dir / GENERATIONS_FILE
+    records = read_jsonl(generations_path) if generations_path.exists() else []
+    if not records:
+        warnings.warn(f"{generations_path} not found: run generate first for the KL and the win-rate")
+
+    models = {
+        "policy": load_causal_lm(str(run_dir / "merged"), params).eval(),
+        "reference": load_causal_lm(model_source(params, project_dir), params).eval(),
+    }
+    per_pair = pair_logps(models, examples, collator, params.evaluate.batch_size)
+    kls = generation_kl(
+        models["policy"], models["reference"], records, tokenizer.pad_token_id, params.evaluate.batch_size
+    )
+    del models
+    free_memory()
+
+    metrics = {"beta": beta, "num_pairs": len(examples), "num_pairs_dropped": dropped, **reward_metrics(per_pair, beta)}
+    per_generation = {}
+    if records:
+        metrics.update(generation_metrics(records, kls))
+        judge = make_judge(params, project_dir)
+        prompts = [r["prompt"] for r in records]
+        per_generation = {
+            "kl": kls,
+            "policy_score": judge.score(prompts, [r["policy"] for r in records]),
+            "reference_score": judge.score(prompts, [r["reference"] for r in records]),
+        }
+        outcome = win_rate_from_scores(per_generation["policy_score"], per_generation["reference_score"])
+        metrics["judge"] = params.evaluate.judge
+        metrics["win_rate"] = outcome.pop("win_rate")
+        metrics.update({f"win_rate/{key}": value for key, value in outcome.items()})
+        metrics["judge/policy_score"] = sum(per_generation["policy_score"]) / len(records)
+        metrics["judge/reference_score"] = sum(per_generation["reference_score"]) / len(records)
+    metrics.update(per_pair=per_pair, per_generation=per_generation)
+    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def generation_metrics(records: list[dict], kls: list[float]) -> dict:
+    generated_tokens = sum(len(r["policy_token_ids"]) for r in records)
+    return {
+        "num_generations": len(records),
+        "kl/sequence": sum(kls) / len(kls),
+        "kl/token": sum(kls) / max(generated_tokens, 1),
+        "generate/policy_tokens": generated_tokens / len(records),
+        "generate/reference_tokens": sum(len(r["reference_token_ids"]) for r in records) / len(records),
+    }
+
+
+def plot_evaluation(metrics: dict):
+    """Per-pair log-prob margins of policy vs reference, implicit reward margins, and the judge's verdicts.
+
+    Returns a matplotlib Figure (not a pyplot figure, so a notebook shows it once, where it is returned).
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    pairs = metrics["per_pair"]
+    figure = Figure(figsize=(13, 3.8), layout="constrained")
+    margins_axis, rewards_axis, judge_axis = figure.subplots(1, 3)
+
+    margins = {
+        label: np.subtract(pairs[f"{model}_chosen_logps"], pairs[f"{model}_rejected_logps"])
+        for label, model in (("reference (base)", "reference"), ("policy (DPO)", "policy"))
+    }
+    bins = np.histogram_bin_edges(np.concatenate(list(margins.values())), bins=20)
+    for label, values in margins.items():
+        margins_axis.hist(values, bins=bins, alpha=0.6, label=label)
+    margins_axis.set(title="log p(chosen) - log p(rejected)", xlabel="nats, per held-out pair", ylabel="pairs")
+    margins_axis.legend()
+
+    rewards_axis.hist(pairs["reward_margins"], bins=20, color="tab:green")
+    rewards_axis.axvline(0, color="black", linewidth=0.8)
+    rewards_axis.set(
+        title=f"implicit reward margin (accuracy {metrics['rewards/accuracies']:.0%})",
+        xlabel=f"beta={metrics['beta']} x (log-ratio chosen - log-ratio rejected)",
+        ylabel="pairs",
+    )
+
+    if "win_rate" in metrics:
+        counts = [metrics["win_rate/wins"], metrics["win_rate/ties"], metrics["win_rate/losses"]]
+        judge_axis.bar(["policy wins", "ties", "reference wins"], counts, color=["tab:orange", "tab:gray", "tab:blue"])
+        judge_axis.set(
+            title=f"win-rate {metrics['win_rate']:.0%} (judge: {metrics['judge']}), KL {metrics['kl/sequence']:.3g}",
+            ylabel="prompts",
+        )
+    else:
+        judge_axis.text(0.5, 0.5, "no generations.jsonl:\nrun generate first", ha="center", va="center")
+        judge_axis.set_axis_off()
+    return figure

@@ -1,0 +1,170 @@
+"""Side-by-side generations of the reference (base) model and the DPO policy on the same prompts.
+
+Both models start from the same token ids with the same sampling settings and the same seed, so what
+differs in the table comes from the weights. The generated token ids are saved as well: evaluate.py
+measures the KL of the policy to the reference along exactly these continuations.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+from dpo_kit.judges import Prompt
+from dpo_kit.models import device_of, load_causal_lm, load_tokenizer, model_source
+from dpo_kit.params import Params
+
+GENERATIONS_FILE = "generations.jsonl"
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    with open(path, "w") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def comparison_prompts(params: Params, run_dir: str | Path) -> list[Prompt]:
+    """params.generate.prompts as single user messages, else the first num_prompts held-out prompts."""
+    if params.generate.prompts:
+        return [[{"role": "user", "content": text}] for text in params.generate.prompts]
+    rows = read_jsonl(Path(run_dir) / "data" / "eval.jsonl")
+    return [row["prompt"] for row in rows[: params.generate.num_prompts]]
+
+
+def prompt_token_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """A prompt's token ids as TRL's DPOTrainer makes them, so the models generate from the context they
+    were trained on: the chat template with the generation prompt, or a rendered string tokenized as is."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
+
+
+def display_prompt(prompt: Prompt) -> str:
+    """The last user message, for tables; a standard-format prompt is shown as written."""
+    if isinstance(prompt, str):
+        return prompt
+    return [message["content"] for message in prompt if message["role"] == "user"][-1]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, list) else {eos}
+
+
+def _up_to_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    """Generated ids through the first eos; what follows is padding of finished rows in the batch."""
+    for position, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[: position + 1]
+    return ids
+
+
+def generate_continuations(source: str, params: Params, tokenizer, prompts_ids: list[list[int]]) -> list[list[int]]:
+    """Load the model at `source`, generate for every prompt (left-padded batches), return the new ids."""
+    import torch
+    from transformers import set_seed
+
+    settings = params.generate
+    model = load_causal_lm(source, params).eval()
+    # Sampling knobs only when sampling: transformers warns about temperature/top_p under greedy decoding.
+    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
+    eos_ids = _eos_ids(model, tokenizer)
+    # Re-seeding per model gives both models the same random stream: reproducible and a fair comparison.
+    set_seed(params.run.seed)
+    continuations = []
+    for start in range(0, len(prompts_ids), settings.batch_size):
+        batch = tokenizer.pad(
+            {"input_ids": prompts_ids[start : start + settings.batch_size]}, padding_side="left", return_tensors="pt"
+        ).to(device_of(model))
+        with torch.no_grad():
+            output = model.generate(
+                **batch,
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=settings.do_sample,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+        new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
+        continuations.extend(_up_to_eos(ids, eos_ids) for ids in new_tokens)
+    return continuations
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str | Path = ".") -> "pandas.DataFrame":
+    """Generate with the reference (base) and the DPO policy (<run_dir>/merged) on the same prompts.
+
+    Writes <run_dir>/generations.jsonl, one line per prompt with the prompt (messages and rendered text),
+    both responses, their token ids and token counts, and returns a DataFrame for a side-by-side table.
+    """
+    run_dir = Path(run_dir)
+    policy_source = str(run_dir / "merged")
+    reference_source = model_source(params, project_dir)
+    # The policy's saved tokenizer is the one it was trained with; both models get the same prompt ids.
+    tokenizer = load_tokenizer(policy_source, params)
+    prompts = comparison_prompts(params, run_dir)
+    prompts_ids = [prompt_token_ids(tokenizer, prompt) for prompt in prompts]
+
+    # One model in memory at a time: each is dropped when generate_continuations returns.
+    reference_ids = generate_continuations(reference_source, params, tokenizer, prompts_ids)
+    free_memory()
+    policy_ids = generate_continuations(policy_source, params, tokenizer, prompts_ids)
+    free_memory()
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    records = [
+        {
+            "prompt": prompt,
+            "prompt_text": tokenizer.decode(prompt_ids),
+            "reference": decode(reference),
+            "policy": decode(policy),
+            "prompt_tokens": len(prompt_ids),
+            "reference_tokens": len(reference),
+            "policy_tokens": len(policy),
+            "prompt_token_ids": prompt_ids,
+            "reference_token_ids": reference,
+            "policy_token_ids": policy,
+        }
+        for prompt, prompt_ids, reference, policy in zip(prompts, prompts_ids, reference_ids, policy_ids)
+    ]
+    write_jsonl(run_dir / GENERATIONS_FILE, records)
+    return comparisons_frame(records)
+
+
+def comparisons_frame(records: list[dict]) -> "pandas.DataFrame":
+    """The readable columns of generation records (e.g. `read_jsonl(run_dir / 'generations.jsonl')`)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(records)
+    frame.insert(0, "user_prompt", [display_prompt(prompt) for prompt in frame["prompt"]])
+    return frame[["user_prompt", "reference", "policy", "prompt_tokens", "reference_tokens", "policy_tokens"]]
+
+
+def side_by_side_table(frame: "pandas.DataFrame"):
+    """A Styler showing prompt, reference and policy side by side with wrapped text, for notebooks."""
+    return (
+        frame[["user_prompt", "reference", "policy"]]
+        .rename(columns={"user_prompt": "prompt", "reference": "reference (base)", "policy": "policy (DPO)"})
+        .style.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
+        .set_table_styles([{"selector": "th", "props": [("text-align", "left")]}])
+    )

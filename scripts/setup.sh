@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create .venv and install dpo-kit into it. Idempotent: a second call only checks.
+# torch is installed first and pinned, so that a CPU-only machine gets the CPU wheel and never pulls
+# the multi-GB CUDA packages a bare `torch` requirement resolves to; pyproject's range is then met.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+PYTHON=${PYTHON:-python3}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install -q --upgrade pip
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    python -m pip install -q "torch==${TORCH_VERSION}"
+  else
+    # PyTorch's CPU index; where it is unreachable (offline mirrors) pip falls back to the local CPU wheel.
+    PIP_RETRIES=0 python -m pip install -q --timeout 15 "torch==${TORCH_VERSION}" \
+      --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+if ! python -c "import dpo_kit, trl, peft, papermill, nbval" 2>/dev/null; then
+  python -m pip install -q -e ".[dev]"
+fi
+python - <<'PY'
+import torch
+cuda = [p for p in __import__("importlib.metadata").metadata.distributions() if (p.metadata["Name"] or "").startswith("nvidia-")]
+print(f"dpo-kit setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, nvidia wheels: {len(cuda)}")
+PY

@@ -1,0 +1,135 @@
+"""The params schema: every file in params/ loads, and bad input names the key and what is valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpo_kit.params import ParamsError, load_params, parse_params, save_params
+
+REPO = Path(__file__).resolve().parent.parent
+PARAMS_FILES = sorted((REPO / "params").glob("*.yaml"))
+KEYS_RELIED_ON = [
+    ("run", "name"), ("run", "output_dir"), ("run", "seed"), ("data", "source"), ("data", "format"),
+    ("data", "eval_fraction"), ("dpo", "beta"), ("dpo", "loss_type"), ("dpo", "max_steps"), ("tracking", "report_to"),
+]  # fmt: skip
+
+
+def test_params_dir_has_the_tiny_default_and_the_article_recipes():
+    names = {p.stem for p in PARAMS_FILES}
+    assert "tiny" in names
+    assert {"stablelm-2-1_6b-hh-rlhf-lora-8bit", "phi-2-truthy-dpo-full",
+            "openhermes-2.5-mistral-7b-orca-dpo-qlora-4bit", "qwen2.5-0.5b-instruct-ultrafeedback-lora"} <= names
+
+
+@pytest.mark.parametrize("path", PARAMS_FILES, ids=lambda p: p.name)
+def test_every_params_file_validates_and_builds_a_dpo_config(path, tmp_path):
+    from dpo_kit.hardware import choose_hardware
+    from dpo_kit.train import build_dpo_config
+
+    params = load_params(path)
+    assert params.run.name == path.stem, "params files are named after their run"
+    config = build_dpo_config(params, tmp_path, choose_hardware())  # TRL's own cross-field checks run here
+    assert config.beta == params.dpo.get("beta", 0.1)
+    for section, key in KEYS_RELIED_ON:
+        raw = yaml.safe_load(path.read_text())
+        value = params.dpo.get(key, getattr(config, key)) if section == "dpo" else getattr(getattr(params, section), key)
+        assert value is not None or key in raw.get(section, {}), f"{section}.{key} unresolved in {path.name}"
+
+
+def test_article_recipes_keep_their_hyper_parameters():
+    hermes = load_params(REPO / "params/openhermes-2.5-mistral-7b-orca-dpo-qlora-4bit.yaml")
+    assert (hermes.lora.r, hermes.lora.alpha, hermes.quantization.bits) == (16, 16, 4)
+    assert hermes.dpo["lr_scheduler_type"] == "cosine" and hermes.dpo["warmup_steps"] == 100
+    assert hermes.dpo["max_steps"] == 200 and hermes.data.format == "orca"
+    hh = load_params(REPO / "params/stablelm-2-1_6b-hh-rlhf-lora-8bit.yaml")
+    assert hh.quantization.bits == 8 and hh.lora.r == 64 and "lm_head" in hh.lora.target_modules
+    truthy = load_params(REPO / "params/phi-2-truthy-dpo-full.yaml")
+    assert truthy.model.name_or_path == "microsoft/phi-2" and truthy.data.format == "truthy"
+
+
+def raw_tiny() -> dict:
+    return yaml.safe_load((REPO / "params/tiny.yaml").read_text())
+
+
+def error_for(raw: dict) -> str:
+    with pytest.raises(ParamsError) as caught:
+        parse_params(raw, source="x.yaml")
+    return str(caught.value)
+
+
+def test_unknown_key_names_the_key_and_the_closest_valid_one():
+    raw = raw_tiny()
+    raw["lora"]["alpah"] = 8
+    message = error_for(raw)
+    assert "lora.alpah" in message and "did you mean 'lora.alpha'" in message
+
+
+def test_unknown_section_is_named():
+    raw = raw_tiny()
+    raw["trainig"] = {}
+    assert "'trainig'" in error_for(raw)
+
+
+def test_unknown_dpo_key_is_checked_against_trl():
+    raw = raw_tiny()
+    raw["dpo"]["bta"] = 0.2
+    message = error_for(raw)
+    assert "dpo.bta" in message and "dpo.beta" in message and "DPOConfig" in message
+
+
+def test_wrong_type_names_the_key_and_the_expected_type():
+    raw = raw_tiny()
+    raw["dpo"]["beta"] = "high"
+    message = error_for(raw)
+    assert "dpo.beta" in message and "float" in message
+    raw = raw_tiny()
+    raw["run"]["seed"] = "abc"
+    message = error_for(raw)
+    assert "run.seed" in message and "integer" in message
+
+
+def test_keys_owned_by_other_sections_and_secrets_are_refused():
+    raw = raw_tiny()
+    raw["dpo"]["hub_token"] = "hf_secret"
+    assert "HF_TOKEN" in error_for(raw)
+    raw = raw_tiny()
+    raw["dpo"]["output_dir"] = "/tmp/x"
+    assert "run.output_dir" in error_for(raw)
+
+
+def test_cross_section_check_runs_at_construction():
+    raw = raw_tiny()
+    raw["quantization"] = {"bits": 4}
+    raw["lora"]["enabled"] = False
+    assert "quantization.bits needs lora.enabled" in error_for(raw)
+
+
+def test_missing_params_file_names_the_path(tmp_path):
+    with pytest.raises(ParamsError, match="not found: .*nope.yaml"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_missing_data_file_names_the_path(tmp_path):
+    from dpo_kit.params import check_local_files
+
+    params = load_params(REPO / "params/tiny.yaml", ["data.source=./missing/pairs.jsonl"])
+    with pytest.raises(ParamsError, match="data.source: file not found: .*missing/pairs.jsonl"):
+        check_local_files(params, tmp_path)
+
+
+def test_overrides_set_any_key_with_yaml_typed_values():
+    params = load_params(REPO / "params/tiny.yaml", ["dpo.beta=0.25", "lora.enabled=false", "tracking.report_to=[wandb]",
+                                                     "dpo.loss_type=ipo", "data.columns=null"])
+    assert params.dpo["beta"] == 0.25 and params.lora.enabled is False
+    assert params.tracking.report_to == ["wandb"] and params.dpo["loss_type"] == ["ipo"]
+    with pytest.raises(ParamsError, match="expected section.key=value"):
+        load_params(REPO / "params/tiny.yaml", ["beta0.3"])
+
+
+def test_resolved_params_round_trip(tmp_path):
+    params = load_params(REPO / "params/tiny.yaml", ["dpo.beta=0.3"])
+    saved = save_params(params, tmp_path / "params.yaml")
+    assert load_params(saved) == params

@@ -1,0 +1,402 @@
+"""The from-scratch DPO (dpo_kit.scratch) against hand-computed numbers and against TRL 1.x itself.
+
+TRL is driven through its real data path (DPOTrainer tokenization + collator) on the tiny offline
+model, so "matches TRL" means: same batch, same log-probs, same losses, same gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dpo_kit import scratch
+
+LN2 = math.log(2)
+BATCH_SIZE = 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures: the tiny model, a perturbed copy of it (so policy != reference), and a TRL trainer factory
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from dpo_kit.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def perturbed_dir(tiny_dir, tmp_path_factory):
+    """The tiny model with seeded noise on every weight: a policy that already differs from its
+    reference, so that h != 0 and the loss variants actually disagree with one another."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    path = tmp_path_factory.mktemp("perturbed-model")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def rows():
+    from dpo_kit.bundled import bundled_preference_rows
+
+    return bundled_preference_rows(seed=0)[:8]
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def make_trainer(tiny_dir, tokenizer, rows, tmp_path_factory):
+    """DPOTrainer on a saved policy dir, with an explicit reference loaded from the tiny model dir."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    def make(policy_dir, loss_type="sigmoid", label_smoothing=0.0, beta=0.1, callbacks=None):
+        args = DPOConfig(
+            output_dir=str(tmp_path_factory.mktemp("trl-out")),
+            bf16=False,
+            gradient_checkpointing=False,
+            report_to="none",
+            max_steps=1,
+            per_device_train_batch_size=BATCH_SIZE,
+            train_sampling_strategy="sequential",  # the first batch is rows[:4], known in advance
+            logging_steps=1,
+            save_strategy="no",
+            disable_tqdm=True,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+            beta=beta,
+            optim="adamw_torch",
+            learning_rate=1e-3,
+            lr_scheduler_type="constant",
+        )
+        return DPOTrainer(
+            model=str(policy_dir),
+            ref_model=load(tiny_dir),
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trl_batch(make_trainer, perturbed_dir):
+    """The first training batch exactly as TRL's tokenizer + DataCollatorForPreference build it."""
+    trainer = make_trainer(perturbed_dir)
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def trl_per_token_logps(trainer, model, batch):
+    """TRL's own per-token log-probs: the fused LM head it patches onto its models."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        return model(**model_inputs, labels=labels, fused_lm_head=True, use_cache=False).log_probs
+
+
+# --------------------------------------------------------------------------------------------------
+# The formulas on hand-computed numbers
+# --------------------------------------------------------------------------------------------------
+
+# One pair with log pi(y_w)=-10, log pi(y_l)=-12, log pi_ref(y_w)=-11, log pi_ref(y_l)=-11:
+# h = (-10 + 12) - (-11 + 11) = 2, and with beta = 0.5, beta*h = 1.
+PAIR = [torch.tensor([v]) for v in (-10.0, -12.0, -11.0, -11.0)]
+NLL_WIN = 0.31326168751822286  # -log sigma(1) = log(1 + e^-1)
+NLL_LOSE = 1.3132616875182228  # -log sigma(-1) = log(1 + e)
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "beta", "eps", "expected"),
+    [
+        ("sigmoid", 0.5, 0.0, NLL_WIN),
+        ("sigmoid", 0.5, 0.1, 0.9 * NLL_WIN + 0.1 * NLL_LOSE),  # conservative DPO: 0.41326...
+        ("ipo", 0.5, 0.0, (2 - 1 / (2 * 0.5)) ** 2),  # (h - 1/(2 beta))^2 = 1
+        ("ipo", 0.25, 0.0, 0.0),  # the target margin 1/(2 beta) = 2 is met exactly
+        ("hinge", 0.5, 0.0, 0.0),  # relu(1 - 1)
+        ("hinge", 0.1, 0.0, 0.8),  # relu(1 - 0.2)
+        ("robust", 0.5, 0.0, NLL_WIN),
+        ("robust", 0.5, 0.1, (0.9 * NLL_WIN - 0.1 * NLL_LOSE) / 0.8),  # 0.18826...
+    ],
+)
+def test_dpo_loss_hand_computed(loss_type, beta, eps, expected):
+    losses, chosen_rewards, rejected_rewards = scratch.dpo_loss(
+        *PAIR, beta=beta, loss_type=loss_type, label_smoothing=eps
+    )
+    assert losses.shape == (1,)
+    assert losses.item() == pytest.approx(expected, abs=1e-6)
+    assert chosen_rewards.item() == pytest.approx(beta * 1.0)  # beta * (-10 - -11)
+    assert rejected_rewards.item() == pytest.approx(beta * -1.0)  # beta * (-12 - -11)
+
+
+def test_loss_is_ln2_and_rewards_zero_when_policy_equals_reference():
+    logps = torch.tensor([-30.0, -5.0, -12.5])
+    losses, chosen, rejected = scratch.dpo_loss(logps, logps - 3, logps, logps - 3, beta=0.1)
+    assert torch.allclose(losses, torch.full((3,), LN2))
+    assert torch.equal(chosen, torch.zeros(3)) and torch.equal(rejected, torch.zeros(3))
+
+
+def test_soft_labels_are_label_smoothing_one_minus_p():
+    generator = torch.Generator().manual_seed(0)
+    logps = [torch.randn(5, generator=generator) * 10 for _ in range(4)]
+    p = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.2])
+
+    soft, _, _ = scratch.dpo_loss(*logps, beta=0.3, preference_prob=p)
+    smoothed, _, _ = scratch.dpo_loss(*logps, beta=0.3, label_smoothing=1 - p)
+    plain, _, _ = scratch.dpo_loss(*logps, beta=0.3)
+    assert torch.allclose(soft, smoothed)
+    assert soft[0] == pytest.approx(plain[0].item())  # p = 1 is ordinary DPO
+    assert not torch.allclose(soft[1:], plain[1:])
+
+    # It is the cross-entropy of the Bradley-Terry probability sigma(beta h) against the soft label p.
+    h = (logps[0] - logps[1]) - (logps[2] - logps[3])
+    bt = torch.sigmoid(0.3 * h)
+    assert torch.allclose(soft, -(p * bt.log() + (1 - p) * (1 - bt).log()), atol=1e-5)
+
+
+def test_soft_label_loss_is_minimal_where_bradley_terry_equals_p():
+    p, beta = 0.8, 0.5
+    h = torch.linspace(-10, 10, 2001)  # step 0.01
+    zeros = torch.zeros_like(h)
+    losses, _, _ = scratch.dpo_loss(h, zeros, zeros, zeros, beta=beta, preference_prob=p)
+    best_h = h[losses.argmin()].item()
+    assert best_h == pytest.approx(math.log(p / (1 - p)) / beta, abs=0.01)  # sigma(beta h*) = p
+
+
+def test_label_smoothing_is_refused_where_it_has_no_meaning():
+    with pytest.raises(ValueError, match="no meaning"):
+        scratch.dpo_loss(*PAIR, loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="no meaning"):
+        scratch.dpo_loss(*PAIR, loss_type="hinge", preference_prob=0.9)
+    with pytest.raises(ValueError, match="0.5"):
+        scratch.dpo_loss(*PAIR, loss_type="robust", label_smoothing=torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="loss_type"):
+        scratch.dpo_loss(*PAIR, loss_type="kto_pair")
+
+
+def test_dpo_metrics_names_and_values():
+    chosen, rejected = torch.tensor([0.3, -0.1]), torch.tensor([0.1, 0.2])
+    metrics = scratch.dpo_metrics(chosen, rejected, torch.tensor([-10.0, -20.0]), torch.tensor([-5.0, -7.0]))
+    assert metrics == pytest.approx({
+        "rewards/chosen": 0.1,
+        "rewards/rejected": 0.15,
+        "rewards/accuracies": 0.5,
+        "rewards/margins": -0.05,
+        "logps/chosen": -15.0,
+        "logps/rejected": -6.0,
+    })
+
+
+# --------------------------------------------------------------------------------------------------
+# sequence_logps: shift and masking
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sequence_logps_by_hand():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=generator)
+    labels = torch.randint(0, 7, (2, 5), generator=generator)
+    loss_mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]])
+    log_probs = logits.log_softmax(-1)
+    expected = [
+        sum(log_probs[b, t - 1, labels[b, t]].item() for t in range(1, 5) if loss_mask[b, t])
+        for b in range(2)
+    ]
+    assert scratch.sequence_logps(logits, labels, loss_mask).tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_prompt_and_padding_do_not_change_sequence_logps():
+    generator = torch.Generator().manual_seed(1)
+    # Row: 3 prompt tokens, 3 response tokens, 2 padding tokens.
+    loss_mask = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0]])
+    logits = torch.randn(1, 8, 11, generator=generator)
+    labels = torch.randint(0, 11, (1, 8), generator=generator)
+    before = scratch.sequence_logps(logits, labels, loss_mask)
+
+    # Logits at t-1 predict token t: positions 0-1 predict prompt tokens, 5-7 predict padding or nothing.
+    scrambled = logits.clone()
+    scrambled[:, [0, 1, 5, 6, 7]] = torch.randn(1, 5, 11, generator=generator) * 50
+    relabelled = labels.clone()
+    relabelled[:, [1, 2, 6, 7]] = -100  # masked labels may hold anything, even ids that do not exist
+    assert torch.allclose(scratch.sequence_logps(scrambled, relabelled, loss_mask), before)
+
+    # ...while the logits that predict a response token do matter.
+    changed = logits.clone()
+    changed[:, 2] += torch.randn(11, generator=generator)
+    assert not torch.allclose(scratch.sequence_logps(changed, labels, loss_mask), before)
+
+
+# --------------------------------------------------------------------------------------------------
+# Against TRL
+# --------------------------------------------------------------------------------------------------
+
+
+def test_collate_pairs_builds_trls_batch(rows, tokenizer, trl_batch):
+    pairs = [scratch.tokenize_pair(row, tokenizer) for row in rows[:BATCH_SIZE]]
+    mine = scratch.collate_pairs(pairs, tokenizer.pad_token_id)
+    assert set(mine) == {"input_ids", "attention_mask", "completion_mask"} <= set(trl_batch)
+    for key, tensor in mine.items():
+        assert torch.equal(tensor, trl_batch[key]), key
+    # The ChatML turn already ends in eos: exactly one per response, i.e. no doubled eos.
+    for pair in pairs:
+        assert pair["chosen_ids"].count(tokenizer.eos_token_id) == 1
+        assert pair["rejected_ids"].count(tokenizer.eos_token_id) == 1
+
+
+def test_sequence_logps_equals_trls_logps(make_trainer, perturbed_dir, trl_batch):
+    trainer = make_trainer(perturbed_dir)
+    for model in (trainer.model, trainer.ref_model):
+        trl_logps = trl_per_token_logps(trainer, model, trl_batch).sum(dim=1)
+        with torch.no_grad():
+            logits = model(input_ids=trl_batch["input_ids"], attention_mask=trl_batch["attention_mask"]).logits
+        mine = scratch.sequence_logps(logits, trl_batch["input_ids"], trl_batch["completion_mask"])
+        assert mine.shape == (2 * BATCH_SIZE,)
+        assert torch.allclose(mine, trl_logps, rtol=1e-6, atol=1e-4)  # sums of ~50 fp32 terms of ~5 each
+
+    # And the batch means TRL logs under logps/chosen and logps/rejected.
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, trl_batch)
+    logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    with torch.no_grad():
+        chosen, rejected = scratch.concatenated_logps(load(perturbed_dir), trl_batch)
+    assert logged["logps/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-4)
+    assert logged["logps/rejected"] == pytest.approx(rejected.mean().item(), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "label_smoothing"),
+    [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.0), ("robust", 0.2), ("robust", 0.4)],
+)
+def test_losses_and_rewards_match_trl(make_trainer, tiny_dir, perturbed_dir, trl_batch, loss_type, label_smoothing):
+    beta = 0.1
+    trainer = make_trainer(perturbed_dir, loss_type=loss_type, label_smoothing=label_smoothing, beta=beta)
+    trainer.model.train()  # TRL files metrics under "train" only in training mode
+    with torch.no_grad():
+        policy_chosen, policy_rejected = scratch.concatenated_logps(load(perturbed_dir), trl_batch)
+        ref_chosen, ref_rejected = scratch.concatenated_logps(load(tiny_dir), trl_batch)
+    summed = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    if loss_type == "ipo":  # like with like: TRL's IPO sees per-token averaged log-probs
+        chosen_len, rejected_len = scratch.response_lengths(trl_batch)
+        scored = (policy_chosen / chosen_len, policy_rejected / rejected_len,
+                  ref_chosen / chosen_len, ref_rejected / rejected_len)
+    else:
+        scored = summed
+    losses, _, _ = scratch.dpo_loss(*scored, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    _, chosen_rewards, rejected_rewards = scratch.dpo_loss(*summed, beta=beta)
+    assert losses.std() > 1e-3  # the pairs differ, so a per-pair mix-up would show
+
+    # Pair by pair: TRL's loss on a one-pair batch (rows i and B+i of the concatenated batch).
+    for i in range(BATCH_SIZE):
+        one_pair = {key: value[[i, BATCH_SIZE + i]] for key, value in trl_batch.items()}
+        with torch.no_grad():
+            trl_loss = trainer.compute_loss(trainer.model, one_pair)
+        logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+        assert trl_loss.item() == pytest.approx(losses[i].item(), abs=1e-5)
+        assert logged["rewards/chosen"] == pytest.approx(chosen_rewards[i].item(), abs=1e-5)
+        assert logged["rewards/rejected"] == pytest.approx(rejected_rewards[i].item(), abs=1e-5)
+
+    # The whole batch: mean loss and every reward metric under TRL's names.
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, trl_batch)
+    logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    assert trl_loss.item() == pytest.approx(losses.mean().item(), abs=1e-5)
+    mine = scratch.dpo_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+        assert logged[name] == pytest.approx(mine[name], abs=1e-5), name
+
+
+def test_trl_sigmoid_ignores_label_smoothing_but_ours_is_conservative_dpo(make_trainer, perturbed_dir, trl_batch):
+    """Documents a disagreement: TRL 1.16 reads label_smoothing only in robust/exo_pair/aot."""
+    smoothed = make_trainer(perturbed_dir, loss_type="sigmoid", label_smoothing=0.2)
+    plain = make_trainer(perturbed_dir, loss_type="sigmoid")
+    with torch.no_grad():
+        trl_smoothed = smoothed.compute_loss(smoothed.model, trl_batch).item()
+        trl_plain = plain.compute_loss(plain.model, trl_batch).item()
+        logps = scratch.concatenated_logps(smoothed.model, trl_batch) + scratch.concatenated_logps(
+            smoothed.ref_model, trl_batch
+        )
+    ours_smoothed = scratch.dpo_loss(*logps, label_smoothing=0.2)[0].mean().item()
+    assert trl_smoothed == pytest.approx(trl_plain, abs=1e-7)
+    assert abs(ours_smoothed - trl_smoothed) > 1e-3
+
+
+@pytest.mark.parametrize(("loss_type", "start"), [("sigmoid", "reference"), ("ipo", "perturbed"), ("robust", "perturbed")])
+def test_one_step_gradients_and_weights_match_trl(make_trainer, tiny_dir, perturbed_dir, trl_batch, loss_type, start):
+    """Full fine-tuning, fp32 on CPU: TRL's first optimizer step vs `train_step` on the same batch."""
+    from transformers import TrainerCallback
+
+    class GrabGradients(TrainerCallback):
+        # Called after clipping, right before optimizer.step(): the gradients TRL actually applies.
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+    policy_dir = tiny_dir if start == "reference" else perturbed_dir
+    label_smoothing = 0.2 if loss_type == "robust" else 0.0
+    grab = GrabGradients()
+    trainer = make_trainer(policy_dir, loss_type=loss_type, label_smoothing=label_smoothing, callbacks=[grab])
+    trainer.train()
+    trl_log = scratch.history_from_trl(trainer.state.log_history)[0]
+
+    policy, reference = load(policy_dir), scratch.freeze(load(tiny_dir))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=trainer.args.learning_rate, weight_decay=0.0)
+    metrics = scratch.train_step(policy, reference, trl_batch, optimizer, beta=trainer.args.beta,
+                                 loss_type=loss_type, label_smoothing=label_smoothing,
+                                 max_grad_norm=trainer.args.max_grad_norm)
+
+    assert metrics["loss"] == pytest.approx(trl_log["loss"], abs=1e-5)
+    assert metrics["grad_norm"] == pytest.approx(trl_log["grad_norm"], rel=1e-5)
+    trl_params = dict(trainer.model.named_parameters())
+    for name, param in policy.named_parameters():
+        assert param.grad.abs().max() > 0, name  # every weight is trained: a frozen one would be a bug
+        assert torch.allclose(param.grad, grab.grads[name], atol=1e-5, rtol=0), name
+        assert torch.allclose(param.detach(), trl_params[name].detach(), atol=1e-5, rtol=0), name
+
+
+def test_loss_at_initialisation_is_ln2(tiny_dir, trl_batch):
+    policy, reference = load(tiny_dir), scratch.freeze(load(tiny_dir))
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+    metrics = scratch.train_step(policy, reference, trl_batch, optimizer)
+    assert metrics["loss"] == pytest.approx(LN2, abs=1e-6)
+    assert metrics["rewards/margins"] == 0.0
+    assert metrics["grad_norm"] > 0  # ln 2 here is the starting point, not a stuck run (trl#1627)
+
+
+def test_train_loop_learns_the_preferences(tiny_dir, tokenizer, rows):
+    policy, reference = load(tiny_dir), load(tiny_dir)
+    history = scratch.train_loop(policy, reference, rows, tokenizer, steps=8, batch_size=4, learning_rate=3e-3)
+    assert [entry["step"] for entry in history] == list(range(1, 9))
+    assert history[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+    assert history[-1]["loss"] < history[0]["loss"] - 0.05
+    assert history[-1]["rewards/margins"] > 0
+    assert all(not p.requires_grad for p in reference.parameters())
+
+
+def test_beta_sweep_margin_is_linear_in_beta():
+    logps = [torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -19.0]), torch.tensor([-11.0, -21.0]),
+             torch.tensor([-11.0, -20.0])]  # h = [2, 0]
+    sweep = scratch.beta_sweep(*logps, betas=[0.05, 0.1, 0.5])
+    assert [row["rewards/margins"] for row in sweep] == pytest.approx([0.05, 0.1, 0.5])  # beta * mean(h)
+    losses = [row["loss"] for row in sweep]
+    assert losses == sorted(losses, reverse=True)  # a larger beta rewards the same margin more
