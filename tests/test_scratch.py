@@ -289,13 +289,14 @@ def test_sequence_logps_equals_trls_logps(make_trainer, perturbed_dir, trl_batch
     ("loss_type", "label_smoothing"),
     [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.0), ("robust", 0.2), ("robust", 0.4)],
 )
-def test_losses_and_rewards_match_trl(make_trainer, tiny_dir, perturbed_dir, trl_batch, loss_type, label_smoothing):
+def test_losses_and_rewards_match_trl(make_trainer, perturbed_dir, trl_batch, loss_type, label_smoothing):
+    """The loss formulas, fed the very log-probs TRL computes (sequence_logps is checked on its own above:
+    sums of ~250 in fp32 carry ~1e-5 of rounding that would otherwise blur a formula check)."""
     beta = 0.1
     trainer = make_trainer(perturbed_dir, loss_type=loss_type, label_smoothing=label_smoothing, beta=beta)
     trainer.model.train()  # TRL files metrics under "train" only in training mode
-    with torch.no_grad():
-        policy_chosen, policy_rejected = scratch.concatenated_logps(load(perturbed_dir), trl_batch)
-        ref_chosen, ref_rejected = scratch.concatenated_logps(load(tiny_dir), trl_batch)
+    policy_chosen, policy_rejected = trl_per_token_logps(trainer, trainer.model, trl_batch).sum(dim=1).chunk(2)
+    ref_chosen, ref_rejected = trl_per_token_logps(trainer, trainer.ref_model, trl_batch).sum(dim=1).chunk(2)
     summed = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     if loss_type == "ipo":  # like with like: TRL's IPO sees per-token averaged log-probs
         chosen_len, rejected_len = scratch.response_lengths(trl_batch)
@@ -371,7 +372,12 @@ def test_one_step_gradients_and_weights_match_trl(make_trainer, tiny_dir, pertur
     for name, param in policy.named_parameters():
         assert param.grad.abs().max() > 0, name  # every weight is trained: a frozen one would be a bug
         assert torch.allclose(param.grad, grab.grads[name], atol=1e-5, rtol=0), name
-        assert torch.allclose(param.detach(), trl_params[name].detach(), atol=1e-5, rtol=0), name
+        # Adam's first step is lr * g / (|g| + 1e-8): where |g| is itself ~1e-8, fp32 noise in g moves the
+        # update by a sizeable fraction of lr, so weights are compared where the step is well-conditioned.
+        well_conditioned = param.grad.abs() > 1e-6
+        assert well_conditioned.float().mean() > 0.5, name
+        weight_gap = (param.detach() - trl_params[name].detach()).abs()
+        assert weight_gap[well_conditioned].max() < 1e-5, name
 
 
 def test_loss_at_initialisation_is_ln2(tiny_dir, trl_batch):

@@ -1,0 +1,56 @@
+"""The five stages' work as one plain Python process: the baseline that bench/pipeline.py compares with.
+
+It makes the same library calls as the notebooks, in the same order, with the same params, so
+the difference in time is the notebook machinery itself.
+
+    .venv/bin/python bench/plain_pipeline.py params/tiny.yaml --set run.name=plain
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from dpo_kit.data import prepare_data  # noqa: E402
+from dpo_kit.evaluate import evaluate_run  # noqa: E402
+from dpo_kit.generate import generate_comparisons  # noqa: E402
+from dpo_kit.merge import merge_adapter  # noqa: E402
+from dpo_kit.models import load_tokenizer, model_source  # noqa: E402
+from dpo_kit.stage import open_stage  # noqa: E402
+from dpo_kit.train import train_dpo  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("params")
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    opened = lambda name: open_stage(name, args.params, args.set, str(REPO))  # noqa: E731
+
+    stage = opened("format")
+    tokenizer = load_tokenizer(model_source(stage.params, stage.project_dir), stage.params)
+    report = prepare_data(stage.params, tokenizer, stage.run_dir, stage.project_dir)
+    stage.record(data=report.to_dict())
+    stage.complete()
+
+    stage = opened("train")
+    stage.complete(**train_dpo(stage).summary())
+
+    stage = opened("merge")
+    stage.complete(**merge_adapter(stage).to_dict())
+
+    stage = opened("generate")
+    generate_comparisons(stage.params, stage.run_dir, stage.project_dir)
+    stage.complete()
+
+    stage = opened("evaluate")
+    evaluate_run(stage.params, stage.run_dir, stage.project_dir)
+    stage.complete()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Per-format conversion of one source row into TRL's conversational preference format.
+
+Every format ends in the same shape, so the audit, the length check and the trainer see one kind of row:
+
+    {"prompt":   [{"role": "system", ...}?, {"role": "user", ...}, {"role": "assistant", ...}, ..., {"role": "user", ...}],
+     "chosen":   [{"role": "assistant", "content": ...}],
+     "rejected": [{"role": "assistant", "content": ...}]}
+
+Converters only reshape; they raise `DropRow` when a row has no usable shape (a missing column, a value
+that is not text, a transcript that cannot be split). Content checks (empty text, role order, identical
+responses) live in `dpo_kit.audit`, so every format gets the same ones.
+
+The 'standard' output format is rendered from this shape with the model tokenizer's own chat template
+(`render_standard`), never with hard-coded role markers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+from dpo_kit.audit import DropRow
+
+Message = dict[str, str]
+Row = dict[str, Any]
+
+HH_SPEAKER_ROLES = {"Human": "user", "Assistant": "assistant"}
+HH_ROLE_SPEAKERS = {role: speaker for speaker, role in HH_SPEAKER_ROLES.items()}
+# A turn marker is a blank line, the speaker and a colon. The capture group keeps the speaker in re.split.
+HH_TURN_MARKER = re.compile(r"\n\n(Human|Assistant):")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def _column(row: Row, column: str) -> Any:
+    if column not in row:
+        present = ", ".join(map(str, row)) or "none"
+        raise DropRow("missing_column", f"column '{column}' is missing (the row has: {present})")
+    return row[column]
+
+
+def _text(row: Row, column: str) -> str:
+    value = _column(row, column)
+    if not isinstance(value, str):
+        raise DropRow("non_string_value", f"column '{column}' should hold text, got {_describe(value)}")
+    return value
+
+
+def _optional_system(row: Row, column: str | None) -> str | None:
+    """The system text, or None when the column is absent, null or blank (all mean 'no system message')."""
+    if not column or row.get(column) is None:
+        return None
+    value = row[column]
+    if not isinstance(value, str):
+        raise DropRow("non_string_value", f"column '{column}' (system) should hold text, got {_describe(value)}")
+    return value if value.strip() else None
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _messages(value: Any, column: str) -> list[Message]:
+    """Validate a list of {role, content} messages; extra keys are dropped so every row has one schema."""
+    if not isinstance(value, list) or not value:
+        raise DropRow(
+            "malformed_messages", f"column '{column}' should be a non-empty list of {{role, content}} messages, got {_describe(value)}"
+        )
+    messages = []
+    for position, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DropRow(
+                "malformed_messages",
+                f"{column}[{position}] should be a {{role, content}} message, got {_describe(message)}",
+            )
+        for key in ("role", "content"):
+            if not isinstance(message[key], str):
+                raise DropRow("non_string_value", f"{column}[{position}].{key} should be text, got {_describe(message[key])}")
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def _drop_blank_system(prompt: list[Message]) -> list[Message]:
+    # A blank system message renders as an empty system block in most templates; no system message is what was meant.
+    return [m for m in prompt if not (m["role"] == "system" and not m["content"].strip())]
+
+
+def _pair(prompt: list[Message], chosen: str | Message, rejected: str | Message, system: str | None = None) -> Row:
+    if system is not None and not (prompt and prompt[0]["role"] == "system"):
+        prompt = [{"role": "system", "content": system}] + prompt
+    as_reply = lambda r: [r] if isinstance(r, dict) else [{"role": "assistant", "content": r}]  # noqa: E731
+    return {"prompt": _drop_blank_system(prompt), "chosen": as_reply(chosen), "rejected": as_reply(rejected)}
+
+
+def _text_pair(row: Row, prompt: str, chosen: str, rejected: str, system: str | None = None) -> Row:
+    """A row of plain texts: the prompt is the user's turn, the responses are assistant turns."""
+    user = {"role": "user", "content": _text(row, prompt)}
+    return _pair([user], _text(row, chosen), _text(row, rejected), _optional_system(row, system))
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+
+
+def from_standard(row: Row) -> Row:
+    """TRL standard rows: prompt, chosen and rejected strings (an optional `system` string is honoured)."""
+    return _text_pair(row, "prompt", "chosen", "rejected", system="system")
+
+
+def from_conversational(row: Row) -> Row:
+    """TRL conversational rows, explicit or with an implicit prompt (UltraFeedback-binarized style).
+
+    Explicit: `prompt` holds messages (or a string, taken as the user's turn) and chosen/rejected hold the
+    reply. Implicit: chosen and rejected hold whole conversations; the prompt is the messages they share,
+    and each must then differ in exactly one final message. A `prompt` column next to whole conversations
+    (UltraFeedback keeps the first user text there) is ignored, since the transcripts already contain it.
+    """
+    chosen = _messages(_column(row, "chosen"), "chosen")
+    rejected = _messages(_column(row, "rejected"), "rejected")
+    system = _optional_system(row, "system")
+    if len(chosen) > 1 or len(rejected) > 1:
+        prompt, chosen_reply, rejected_reply = _split_shared_prefix(chosen, rejected)
+        return _pair(prompt, chosen_reply, rejected_reply, system)
+    prompt = _column(row, "prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    return _pair(_messages(prompt, "prompt"), chosen[0], rejected[0], system)
+
+
+def _split_shared_prefix(chosen: list[Message], rejected: list[Message]) -> tuple[list[Message], Message, Message]:
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if chosen == rejected:
+        raise DropRow("identical_responses", "chosen and rejected are the same conversation")
+    if shared == 0:
+        raise DropRow("unsplittable_transcript", "chosen and rejected share no leading messages, so there is no prompt")
+    if len(chosen) != shared + 1 or len(rejected) != shared + 1:
+        raise DropRow(
+            "unsplittable_transcript",
+            f"chosen ({len(chosen)} messages) and rejected ({len(rejected)} messages) diverge at message {shared},"
+            " not only in their final message",
+        )
+    return chosen[:shared], chosen[shared], rejected[shared]
+
+
+def parse_hh_transcript(text: str, column: str = "transcript") -> list[Message]:
+    """Split an hh-rlhf transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") into messages.
+
+    A turn's content is everything after "Speaker: " up to the next turn marker, byte for byte (inner
+    and trailing whitespace included), so `rebuild_hh_transcript` gives back the original text. Only the
+    one space after the colon belongs to the marker; a turn without it could not be rebuilt exactly.
+    """
+    preamble, *parts = HH_TURN_MARKER.split(text)
+    if preamble:
+        raise DropRow(
+            "unsplittable_transcript",
+            f"{column} does not start with '\\n\\nHuman:' (it starts with {preamble[:40]!r})",
+        )
+    if not parts:
+        raise DropRow("unsplittable_transcript", f"{column} has no '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
+    messages = []
+    for speaker, body in zip(parts[::2], parts[1::2]):
+        if body and not body.startswith(" "):
+            raise DropRow(
+                "unsplittable_transcript",
+                f"{column}: turn {len(messages)} ('{speaker}:') is not followed by a space, so it would not rebuild exactly",
+            )
+        messages.append({"role": HH_SPEAKER_ROLES[speaker], "content": body[1:]})
+    return messages
+
+
+def from_hh_rlhf(row: Row) -> Row:
+    """Anthropic/hh-rlhf rows: `chosen` and `rejected` transcripts that differ only in the last Assistant turn."""
+    chosen = parse_hh_transcript(_text(row, "chosen"), "chosen")
+    rejected = parse_hh_transcript(_text(row, "rejected"), "rejected")
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if turns[-1]["role"] != "assistant":
+            raise DropRow("unsplittable_transcript", f"{name} does not end with an Assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise DropRow(
+            "unsplittable_transcript",
+            f"chosen ({len(chosen)} turns) and rejected ({len(rejected)} turns) differ before their last Assistant turn",
+        )
+    return _pair(chosen[:-1], chosen[-1], rejected[-1])
+
+
+def rebuild_hh_transcript(row: Row, response: str = "chosen") -> str:
+    """The hh-rlhf transcript of a formatted conversational row, ending in its `response` ('chosen' or 'rejected')."""
+    messages = row["prompt"] + row[response]
+    return "".join(f"\n\n{HH_ROLE_SPEAKERS[m['role']]}: {m['content']}" for m in messages)
+
+
+def from_orca(row: Row) -> Row:
+    """Intel/orca_dpo_pairs rows: system (often empty), question, chosen, rejected."""
+    return _text_pair(row, "question", "chosen", "rejected", system="system")
+
+
+def from_truthy(row: Row) -> Row:
+    """jondurbin/truthy-dpo-v0.1 rows: id, source, system, prompt, chosen, rejected."""
+    return _text_pair(row, "prompt", "chosen", "rejected", system="system")
+
+
+def from_columns(row: Row, columns) -> Row:
+    """Any dataset described by a `ColumnMap`: text columns, or message-list columns like 'conversational'."""
+    renamed = {
+        "prompt": _column(row, columns.prompt),
+        "chosen": _column(row, columns.chosen),
+        "rejected": _column(row, columns.rejected),
+    }
+    if columns.system:
+        renamed["system"] = row.get(columns.system)
+    if any(isinstance(renamed[key], list) for key in ("prompt", "chosen", "rejected")):
+        return from_conversational(renamed)
+    return from_standard(renamed)
+
+
+CONVERTERS: dict[str, Callable[[Row], Row]] = {
+    "standard": from_standard,
+    "conversational": from_conversational,
+    "hh-rlhf": from_hh_rlhf,
+    "orca": from_orca,
+    "truthy": from_truthy,
+}
+
+
+def converter(data_format: str, columns=None) -> Callable[[Row], Row]:
+    """The row converter for `data.format`; 'columns' needs `data.columns`."""
+    if data_format == "columns":
+        if columns is None:
+            raise ValueError("data.format 'columns' needs data.columns (prompt, chosen, rejected, optional system)")
+        return lambda row: from_columns(row, columns)
+    if data_format not in CONVERTERS:
+        raise ValueError(f"data.format '{data_format}' is unknown; valid formats: {', '.join([*CONVERTERS, 'columns'])}")
+    return CONVERTERS[data_format]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def render_standard(row: Row, tokenizer) -> Row:
+    """TRL standard row: the prompt rendered by the tokenizer's own chat template with the generation prompt,
+    the responses as plain text (TRL appends the eos token to them).
+
+    TRL tokenizes this prompt with special tokens on; `dpo_kit.audit` removes a BOS the template writes
+    itself when the tokenizer adds one too, so the sequence does not start with two.
+    """
+    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+    return {"prompt": prompt, "chosen": row["chosen"][0]["content"], "rejected": row["rejected"][0]["content"]}

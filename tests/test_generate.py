@@ -1,0 +1,118 @@
+"""Side-by-side generation on the tiny model: file contents, prompts, reproducibility, batching."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dpo_kit.bundled import bundled_preference_rows
+from dpo_kit.generate import GENERATIONS_FILE, generate_comparisons, read_jsonl, side_by_side_table
+from dpo_kit.params import parse_params
+from dpo_kit.tiny_model import build_tiny_model
+
+# Rows spread over topics; every fifth bundled row has a system message, so rows 0 and 50 exercise it.
+EVAL_ROWS = bundled_preference_rows()[::50]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def make_run_dir(path, base_dir, noise: float):
+    """A run directory with held-out pairs and merged/ = the base with seeded Gaussian noise on every weight."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (path / "data").mkdir(parents=True)
+    (path / "data" / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in EVAL_ROWS))
+    if noise == 0.0:
+        shutil.copytree(base_dir, path / "merged")
+        return path
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(noise * torch.randn(weight.shape, generator=generator))
+    model.save_pretrained(path / "merged")
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(path / "merged")
+    return path
+
+
+@pytest.fixture(scope="module")
+def perturbed_run(tiny_model_dir, tmp_path_factory):
+    return make_run_dir(tmp_path_factory.mktemp("run") / "perturbed", tiny_model_dir, noise=0.05)
+
+
+def make_params(model_dir, seed: int = 7, **generate):
+    settings = {"num_prompts": 4, "max_new_tokens": 12, "batch_size": 3, **generate}
+    return parse_params(
+        {"run": {"name": "gen", "seed": seed}, "model": {"name_or_path": str(model_dir)}, "generate": settings}
+    )
+
+
+def test_generations_file_holds_prompts_both_responses_and_token_counts(tiny_model_dir, perturbed_run):
+    from transformers import AutoTokenizer
+
+    params = make_params(tiny_model_dir)
+    frame = generate_comparisons(params, perturbed_run)
+    records = read_jsonl(perturbed_run / GENERATIONS_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    assert len(records) == len(frame) == 4  # num_prompts of the held-out prompts, in order
+    assert [r["prompt"] for r in records] == [row["prompt"] for row in EVAL_ROWS[:4]]
+    assert list(frame["user_prompt"]) == [row["prompt"][-1]["content"] for row in EVAL_ROWS[:4]]
+    for record in records:
+        expected_ids = tokenizer.apply_chat_template(record["prompt"], add_generation_prompt=True, tokenize=True)
+        assert record["prompt_token_ids"] == list(expected_ids)
+        assert record["prompt_text"].endswith("<|im_start|>assistant\n")
+        assert record["prompt_tokens"] == len(record["prompt_token_ids"])
+        for model in ("reference", "policy"):
+            ids = record[f"{model}_token_ids"]
+            assert record[f"{model}_tokens"] == len(ids)
+            assert 1 <= len(ids) <= params.generate.max_new_tokens
+            assert tokenizer.eos_token_id not in ids[:-1]  # cut at the first eos, no padding kept
+            assert record[model] == tokenizer.decode(ids, skip_special_tokens=True).strip()
+    assert any(r["policy"] != r["reference"] for r in records)  # the perturbed policy is a different model
+    assert "baking bread" in side_by_side_table(frame).to_html()
+
+
+def test_same_seed_reproduces_generations_and_another_seed_changes_them(tiny_model_dir, perturbed_run):
+    generate_comparisons(make_params(tiny_model_dir, seed=3), perturbed_run)
+    first = (perturbed_run / GENERATIONS_FILE).read_text()
+    generate_comparisons(make_params(tiny_model_dir, seed=3), perturbed_run)
+    assert (perturbed_run / GENERATIONS_FILE).read_text() == first
+    generate_comparisons(make_params(tiny_model_dir, seed=4), perturbed_run)
+    assert (perturbed_run / GENERATIONS_FILE).read_text() != first
+
+
+def test_identical_policy_and_reference_sample_identical_responses(tiny_model_dir, tmp_path):
+    run_dir = make_run_dir(tmp_path / "identical", tiny_model_dir, noise=0.0)
+    generate_comparisons(make_params(tiny_model_dir), run_dir)
+    for record in read_jsonl(run_dir / GENERATIONS_FILE):
+        assert record["policy_token_ids"] == record["reference_token_ids"]
+
+
+def test_left_padded_batches_generate_what_single_prompts_do(tiny_model_dir, perturbed_run):
+    # Greedy decoding is deterministic, so any difference would come from padding leaking into attention.
+    def greedy(batch_size):
+        generate_comparisons(make_params(tiny_model_dir, do_sample=False, batch_size=batch_size), perturbed_run)
+        return [r["policy_token_ids"] for r in read_jsonl(perturbed_run / GENERATIONS_FILE)]
+
+    batched = greedy(batch_size=4)
+    prompt_lengths = {len(r["prompt_token_ids"]) for r in read_jsonl(perturbed_run / GENERATIONS_FILE)}
+    assert len(prompt_lengths) > 1  # the batch really is padded
+    assert batched == greedy(batch_size=1)
+
+
+def test_explicit_prompts_become_user_messages(tiny_model_dir, perturbed_run):
+    params = make_params(tiny_model_dir, prompts=["How do I brew coffee?", "Tell me about meditation."])
+    frame = generate_comparisons(params, perturbed_run)
+    records = read_jsonl(perturbed_run / GENERATIONS_FILE)
+    assert [r["prompt"] for r in records] == [
+        [{"role": "user", "content": "How do I brew coffee?"}],
+        [{"role": "user", "content": "Tell me about meditation."}],
+    ]
+    assert list(frame["user_prompt"]) == ["How do I brew coffee?", "Tell me about meditation."]

@@ -1,0 +1,193 @@
+"""The rule judge on the bundled task, the reward-model judge on a locally built tiny model, win-rate arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_kit.bundled import bundled_preference_rows
+from dpo_kit.judges import (
+    EMPTY_SCORE,
+    RewardModelJudge,
+    RuleJudge,
+    make_judge,
+    prompt_text,
+    win_rate,
+    win_rate_from_scores,
+)
+from dpo_kit.params import parse_params
+
+PROMPT = [{"role": "user", "content": "Can you give me a few tips on baking bread?"}]
+
+
+def make_params(judge: str = "rule", batch_size: int = 8):
+    return parse_params(
+        {
+            "run": {"name": "judges"},
+            "model": {"name_or_path": "unused-model"},
+            "evaluate": {"judge": judge, "batch_size": batch_size},
+        }
+    )
+
+
+class LengthJudge:
+    """Scores a response by its length, so win/tie/loss outcomes are known in advance."""
+
+    def score(self, prompts, responses):
+        return [float(len(response)) for response in responses]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule judge
+
+
+def test_rule_judge_prefers_chosen_over_rejected_on_every_bundled_row():
+    rows = bundled_preference_rows()
+    prompts = [row["prompt"] for row in rows]
+    chosen = RuleJudge().score(prompts, [row["chosen"][0]["content"] for row in rows])
+    rejected = RuleJudge().score(prompts, [row["rejected"][0]["content"] for row in rows])
+    losing = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if c <= r]
+    assert not losing, f"rule judge does not prefer chosen on rows {losing[:5]}"
+
+
+def test_rule_judge_rewards_politeness_topic_and_penalises_dismissal_and_empty():
+    judge = RuleJudge()
+    polite_on_topic = "Happy to help! For baking bread, start with a simple recipe. Good luck!"
+    polite_off_topic = "Happy to help! For painting a room, start with a simple plan. Good luck!"
+    plain_on_topic = "For baking bread, start with a simple recipe and bake a loaf."
+    dismissive = "For baking bread, figure it out yourself, it is not my problem."
+    scores = dict(
+        zip(
+            ["polite_on_topic", "polite_off_topic", "plain_on_topic", "dismissive", "curt", "empty"],
+            judge.score([PROMPT] * 6, [polite_on_topic, polite_off_topic, plain_on_topic, dismissive, "No.", "  "]),
+        )
+    )
+    assert scores["polite_on_topic"] > scores["polite_off_topic"]
+    assert scores["polite_on_topic"] > scores["plain_on_topic"] > scores["dismissive"]
+    assert scores["empty"] == EMPTY_SCORE < scores["curt"] < 0
+
+
+def test_rule_judge_does_not_reward_repeating_a_polite_phrase():
+    once = "Happy to help with baking bread."
+    looped = " ".join([once] * 10)
+    assert RuleJudge().score_one(PROMPT, looped) - RuleJudge().score_one(PROMPT, once) <= 0.5  # the length term only
+
+
+def test_rule_judge_reads_rendered_standard_prompts_without_markup():
+    rendered = "<|im_start|>user\nCan you give me a few tips on baking bread?<|im_end|>\n<|im_start|>assistant\n"
+    assert "im_start" not in prompt_text(rendered)
+    reply = "Sure, for baking bread use good flour."
+    assert RuleJudge().score_one(rendered, reply) == RuleJudge().score_one(PROMPT, reply)
+
+
+def test_rule_judge_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        RuleJudge().score([PROMPT, PROMPT], ["Hello"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Win-rate
+
+
+def test_win_rate_counts_wins_ties_and_losses_with_ties_as_half():
+    outcome = win_rate(LengthJudge(), [PROMPT] * 4, ["aa", "b", "cc", "d"], ["a", "b", "ccc", "d"])
+    assert outcome == {"win_rate": 0.5, "wins": 1, "ties": 2, "losses": 1, "n": 4}
+    outcome = win_rate(LengthJudge(), [PROMPT] * 4, ["aa", "bb", "cc", "d"], ["a", "b", "c", "d"])
+    assert outcome == {"win_rate": 0.875, "wins": 3, "ties": 1, "losses": 0, "n": 4}
+
+
+def test_win_rate_treats_scores_within_tolerance_as_ties():
+    outcome = win_rate_from_scores([1.0, 2.0 + 1e-9, 3.0], [1.0 + 1e-9, 2.0, 2.0])
+    assert (outcome["wins"], outcome["ties"], outcome["losses"]) == (1, 2, 0)
+    assert outcome["win_rate"] == pytest.approx(2 / 3)
+
+
+def test_win_rate_refuses_empty_or_mismatched_inputs():
+    with pytest.raises(ValueError, match="no responses"):
+        win_rate_from_scores([], [])
+    with pytest.raises(ValueError, match="2 policy scores but 1"):
+        win_rate_from_scores([1.0, 2.0], [1.0])
+
+
+def test_rule_judge_win_rate_of_chosen_over_rejected_is_one():
+    rows = bundled_preference_rows()[:40]
+    outcome = win_rate(
+        make_judge(make_params("rule")),
+        [row["prompt"] for row in rows],
+        [row["chosen"][0]["content"] for row in rows],
+        [row["rejected"][0]["content"] for row in rows],
+    )
+    assert outcome == {"win_rate": 1.0, "wins": 40, "ties": 0, "losses": 0, "n": 40}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward-model judge on a tiny locally built Qwen2ForSequenceClassification (no downloads)
+
+
+def build_reward_model(path, num_labels: int = 1):
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    from dpo_kit.tiny_model import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    return build_reward_model(tmp_path_factory.mktemp("reward-model"))
+
+
+def test_reward_model_judge_scores_the_chat_templated_conversation(reward_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    judge = make_judge(make_params(str(reward_model_dir), batch_size=3))
+    assert isinstance(judge, RewardModelJudge)
+    rows = bundled_preference_rows()[:5]
+    prompts = [row["prompt"] for row in rows]
+    responses = [row["chosen"][0]["content"] for row in rows[:4]] + ["No."]  # uneven lengths: padding in play
+    scores = judge.score(prompts, responses)
+    assert len(scores) == 5 and all(isinstance(s, float) for s in scores)
+    assert len(set(scores)) == 5  # the model tells the responses apart
+
+    # Each score is the single logit of the unpadded rendered conversation: padding and batching change nothing.
+    tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
+    for prompt, response, score in zip(prompts, responses, scores):
+        ids = tokenizer.apply_chat_template(
+            prompt + [{"role": "assistant", "content": response}], tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        with torch.no_grad():
+            expected = model(**ids).logits[0, 0].item()
+        assert score == pytest.approx(expected, abs=1e-5)
+
+
+def test_reward_model_judge_scores_a_rendered_string_prompt_followed_by_the_response(reward_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rendered = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    score = RewardModelJudge(str(reward_model_dir)).score([rendered], ["Hello!"])[0]
+    tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
+    with torch.no_grad():
+        expected = model(**tokenizer(rendered + "Hello!", return_tensors="pt")).logits[0, 0].item()
+    assert score == pytest.approx(expected, abs=1e-5)
+
+
+def test_reward_model_judge_refuses_a_classifier_with_several_labels(tmp_path):
+    path = build_reward_model(tmp_path / "two-labels", num_labels=2)
+    with pytest.raises(ValueError, match="2 labels; a reward model has 1"):
+        RewardModelJudge(str(path))

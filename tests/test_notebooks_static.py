@@ -1,0 +1,46 @@
+"""Every committed notebook is thin: one parameters cell of commented literals, no functions, no outputs."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from dpo_kit.runner import STAGE_NOTEBOOKS
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_all_stage_notebooks_and_the_from_scratch_one_exist():
+    names = {p.name for p in NOTEBOOKS}
+    assert set(STAGE_NOTEBOOKS.values()) <= names
+    assert "00_dpo_from_scratch.ipynb" in names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_thin_and_committed_clean(path):
+    notebook = nbformat.read(path, as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    tagged = [cell for cell in code if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    for statement in ast.parse(tagged[0].source).body:
+        assert isinstance(statement, ast.Assign), f"only assignments in the parameters cell: {ast.unparse(statement)}"
+        ast.literal_eval(statement.value)  # raises unless the value is a literal
+    for line in tagged[0].source.splitlines():
+        assert "#" in line, f"every parameter carries a comment: {line!r}"
+    for cell in code:
+        assert not cell.get("outputs") and cell.get("execution_count") is None, "committed without outputs"
+        for node in ast.walk(ast.parse(cell.source)):
+            assert not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)), (
+                f"{path.name}: cells define no functions or classes; move logic into dpo_kit"
+            )
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name in STAGE_NOTEBOOKS.values()], ids=lambda p: p.name)
+def test_stage_notebooks_take_the_runner_parameters(path):
+    notebook = nbformat.read(path, as_version=4)
+    source = next(c.source for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    names = {node.targets[0].id for node in ast.parse(source).body}
+    assert names == {"params_path", "overrides", "project_dir", "run_dir"}

@@ -1,0 +1,114 @@
+"""The product, end to end: `dpo-kit run` executes all five notebooks on the tiny model (minutes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpo_kit.cli import main
+from dpo_kit.runner import RunError, run_pipeline
+
+pytestmark = pytest.mark.notebook
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "params" / "tiny.yaml"
+FAKE_TOKEN = "hf_this_secret_must_never_reach_a_file"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    """One complete tiny run with a (fake) HF_TOKEN in the environment of every kernel."""
+    runs = tmp_path_factory.mktemp("runs")
+    overrides = [f"run.output_dir={runs}", f"model.name_or_path={tiny_model_dir}"]
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HF_TOKEN", FAKE_TOKEN)
+    try:
+        run_dir = run_pipeline(TINY, overrides, project_dir=REPO, progress=False)
+    finally:
+        patch.undo()
+    return run_dir, overrides
+
+
+def test_run_directory_holds_every_output(tiny_run):
+    run_dir, _ = tiny_run
+    for name in ["params.yaml", "manifest.json", "data/train.jsonl", "data/eval.jsonl", "data/dropped.jsonl",
+                 "adapter/adapter_model.safetensors", "merged/model.safetensors", "merged/tokenizer_config.json",
+                 "generations.jsonl", "metrics.json", "training_curves.png", "token_lengths.png", "evaluation.png"]:
+        assert (run_dir / name).is_file(), name
+    executed = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
+    assert executed == ["01_format_data.ipynb", "02_train_dpo.ipynb", "03_merge.ipynb", "04_generate.ipynb",
+                        "05_evaluate.ipynb"]
+    assert not list((run_dir / "merged").glob("*.bin")), "weights are saved as safetensors only"
+
+
+def test_manifest_records_stages_hardware_versions_and_data(tiny_run):
+    run_dir, _ = tiny_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    for stage in ["format", "train", "merge", "generate", "evaluate"]:
+        entry = manifest["stages"][stage]
+        assert entry["status"] == "completed" and entry["seconds"] > 0 and entry["wall_seconds"] >= entry["seconds"]
+    assert manifest["stages"]["train"]["precision"] == {"bf16": False, "fp16": False, "gradient_checkpointing": False}
+    assert manifest["hardware"]["device"] == "cpu" and "reason" in manifest["hardware"]
+    assert manifest["packages"]["trl"] and manifest["packages"]["torch"]
+    assert manifest["seed"] == 42 and "commit" in manifest["git"]
+    assert len(manifest["data"]["fingerprint"]) == 64
+    assert manifest["data"]["rows_kept"] + manifest["data"]["rows_dropped"] == manifest["data"]["rows_read"]
+
+
+def test_dpo_learned_the_bundled_preference(tiny_run):
+    run_dir, _ = tiny_run
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in log if "loss" in row]
+    assert losses[-1] < losses[0] < 0.7, "loss starts near ln 2 and falls"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["rewards/accuracies"] > 0.8, "held-out pairs: the policy prefers the chosen reply"
+    assert metrics["rewards/margins"] > 0
+    assert metrics["kl"] >= 0
+
+
+def test_generations_compare_reference_and_policy(tiny_run):
+    run_dir, _ = tiny_run
+    rows = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    assert all("reference" in row and "policy" in row for row in rows)
+
+
+def test_no_secret_reaches_a_run_file(tiny_run):
+    run_dir, _ = tiny_run
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_rerunning_a_completed_run_refuses_and_overwrite_archives(tiny_run, capsys):
+    run_dir, overrides = tiny_run
+    with pytest.raises(RunError, match="never overwritten"):
+        run_pipeline(TINY, overrides, project_dir=REPO, progress=False)
+    assert main(["run", str(TINY), "--quiet", *[a for o in overrides for a in ("--set", o)]]) == 1
+    assert "never overwritten" in capsys.readouterr().err
+
+
+def test_a_failing_stage_names_itself_and_its_notebook(tmp_path, tiny_model_dir):
+    overrides = [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", "run.name=broken"]
+    with pytest.raises(RunError) as caught:  # merge before train: there is no adapter to merge
+        run_pipeline(TINY, overrides, stages=["merge"], project_dir=REPO, progress=False)
+    executed = tmp_path / "broken" / "notebooks" / "03_merge.ipynb"
+    assert "stage 'merge' failed" in str(caught.value) and str(executed) in str(caught.value)
+    assert "Traceback" in executed.read_text() or "FileNotFoundError" in executed.read_text()
+    manifest = json.loads((tmp_path / "broken" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["stages"]["merge"]["status"] == "failed"
+
+
+def test_a_notebook_runs_under_plain_papermill_with_p(tmp_path, tiny_model_dir):
+    """The README's plain-papermill invocation, for one stage."""
+    output = tmp_path / "01.ipynb"
+    command = [sys.executable, "-m", "papermill", str(REPO / "notebooks" / "01_format_data.ipynb"), str(output),
+               "-p", "params_path", str(TINY), "-p", "project_dir", str(REPO), "-p", "run_dir", str(tmp_path / "run"),
+               "-y", f"overrides: ['model.name_or_path={tiny_model_dir}']", "--no-progress-bar"]
+    subprocess.run(command, check=True, cwd=REPO, capture_output=True)
+    assert (tmp_path / "run" / "data" / "train.jsonl").exists()
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["format"]["status"] == "completed"

@@ -1,0 +1,58 @@
+"""The runner's guards, without executing notebooks: stage parsing, run protection, secret scanning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpo_kit.runner import RunError, find_secrets, guard_existing_run, parse_stages
+
+
+def test_stages_are_parsed_in_pipeline_order_and_unknown_ones_named():
+    assert parse_stages("evaluate,format") == ["format", "evaluate"]
+    assert parse_stages(None) == ["format", "train", "merge", "generate", "evaluate"]
+    with pytest.raises(RunError, match="unknown stage.*trian.*valid stages"):
+        parse_stages("format,trian")
+
+
+def write_manifest(run_dir, **stages):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    status = "completed" if len(stages) == 5 and set(stages.values()) == {"completed"} else "running"
+    manifest = {"status": status, "stages": {name: {"status": s} for name, s in stages.items()}}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_completed_stage_is_never_redone_without_asking(tmp_path):
+    run_dir = tmp_path / "run"
+    write_manifest(run_dir, format="completed", train="failed")
+    with pytest.raises(RunError, match="stages format already completed.*--overwrite"):
+        guard_existing_run(run_dir, ["format", "train"], overwrite=False)
+    # Finishing an interrupted run is allowed: only stages that did not complete run again.
+    assert "continuing" in guard_existing_run(run_dir, ["train", "merge"], overwrite=False)
+
+
+def test_overwrite_archives_instead_of_deleting(tmp_path):
+    run_dir = tmp_path / "run"
+    write_manifest(run_dir, **{s: "completed" for s in ["format", "train", "merge", "generate", "evaluate"]})
+    (run_dir / "metrics.json").write_text("{}")
+    note = guard_existing_run(run_dir, ["format"], overwrite=True)
+    archived = [p for p in tmp_path.iterdir() if p.name.startswith("run.archived-")]
+    assert len(archived) == 1 and (archived[0] / "metrics.json").exists()
+    assert not run_dir.exists() and str(archived[0]) in note
+
+
+def test_a_directory_without_manifest_is_not_taken_over(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="already holds a run"):
+        guard_existing_run(tmp_path / "run", ["format"], overwrite=False)
+
+
+def test_secret_values_from_the_environment_are_found_in_run_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijklmnop")
+    (tmp_path / "clean.json").write_text("{}")
+    assert find_secrets(tmp_path) == []
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "leak.ipynb").write_text('{"token": "hf_abcdefghijklmnop"}')
+    assert find_secrets(tmp_path) == [str(tmp_path / "notebooks" / "leak.ipynb")]

@@ -1,0 +1,100 @@
+"""Train and merge through the library (no kernels): LoRA, QLoRA 4-bit on CPU, and full fine-tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dpo_kit.stage import StageError, open_stage
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(REPO / "params" / "tiny.yaml")
+
+
+def formatted_run(tmp_path, tiny_model_dir, *extra):
+    """A run directory whose format stage is done; returns the overrides that name it."""
+    from dpo_kit.data import prepare_data
+    from dpo_kit.models import load_tokenizer
+
+    overrides = [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", "dpo.max_steps=3",
+                 "dpo.logging_steps=1", "dpo.save_steps=3", *extra]
+    stage = open_stage("format", TINY, overrides, str(REPO))
+    prepare_data(stage.params, load_tokenizer(str(tiny_model_dir), stage.params), stage.run_dir, stage.project_dir)
+    stage.complete()
+    return overrides
+
+
+def test_build_dpo_config_follows_hardware_unless_params_say_otherwise(tmp_path):
+    from dpo_kit.hardware import HardwareChoice
+    from dpo_kit.params import load_params
+    from dpo_kit.train import build_dpo_config, precision_record
+
+    gpu = HardwareChoice("cuda", "A100", 1, True, True, False, True, "bfloat16", "test")
+    params = load_params(TINY)
+    assert precision_record(build_dpo_config(params, tmp_path, gpu)) == {
+        "bf16": True, "fp16": False, "gradient_checkpointing": True}
+    params = load_params(TINY, ["dpo.gradient_checkpointing=false"])
+    assert precision_record(build_dpo_config(params, tmp_path, gpu))["gradient_checkpointing"] is False
+    config = build_dpo_config(load_params(TINY), tmp_path, gpu)
+    assert config.output_dir == str(tmp_path / "checkpoints") and config.seed == 42 and config.report_to == []
+
+
+def test_lora_train_then_merge_gives_equal_logits(tmp_path, tiny_model_dir):
+    from dpo_kit.merge import merge_adapter
+    from dpo_kit.train import train_dpo
+
+    overrides = formatted_run(tmp_path, tiny_model_dir)
+    stage = open_stage("train", TINY, overrides, str(REPO))
+    result = train_dpo(stage)
+    stage.complete(**result.summary())
+    assert 0 < result.trainable_parameters < result.total_parameters
+    assert (stage.run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert (stage.run_dir / "checkpoints" / "checkpoint-3").is_dir()
+    logged = [row for row in result.log_history if "loss" in row]
+    assert len(logged) == 3 and all(k in logged[0] for k in ("rewards/margins", "rewards/accuracies", "logps/chosen"))
+
+    stage = open_stage("merge", TINY, overrides, str(REPO))
+    merged = merge_adapter(stage)
+    assert merged.max_abs_logit_diff <= merged.tolerance and merged.max_abs_reload_diff <= merged.tolerance
+    assert (stage.run_dir / "merged" / "model.safetensors").exists()
+    assert (stage.run_dir / "merged" / "chat_template.jinja").exists()
+    config = json.loads((stage.run_dir / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+
+    with pytest.raises(StageError, match="already completed"):
+        open_stage("train", TINY, overrides, str(REPO))
+
+
+def test_qlora_4bit_trains_on_cpu_and_merges_into_an_unquantized_base(tmp_path, tiny_model_dir):
+    from dpo_kit.merge import merge_adapter
+    from dpo_kit.train import train_dpo
+
+    overrides = formatted_run(tmp_path, tiny_model_dir, "quantization.bits=4", "lora.target_modules=[q_proj,v_proj]")
+    stage = open_stage("train", TINY, overrides, str(REPO))
+    result = train_dpo(stage)
+    stage.complete(**result.summary())
+    assert all(abs(row["loss"]) < 10 for row in result.log_history if "loss" in row)
+    adapter_config = json.loads((stage.run_dir / "adapter" / "adapter_config.json").read_text())
+    assert set(adapter_config["target_modules"]) == {"q_proj", "v_proj"}
+    merged = merge_adapter(open_stage("merge", TINY, overrides, str(REPO)))
+    assert merged.dtype == "float32" and merged.max_abs_logit_diff <= merged.tolerance
+
+
+def test_full_fine_tuning_saves_a_standalone_model(tmp_path, tiny_model_dir):
+    from dpo_kit.train import train_dpo
+
+    overrides = formatted_run(tmp_path, tiny_model_dir, "lora.enabled=false")
+    stage = open_stage("train", TINY, overrides, str(REPO))
+    result = train_dpo(stage)
+    assert result.trainable_parameters == result.total_parameters
+    assert (stage.run_dir / "merged" / "model.safetensors").exists() and not (stage.run_dir / "adapter").exists()
+
+
+def test_params_that_differ_from_the_runs_first_stage_are_refused(tmp_path, tiny_model_dir):
+    from dpo_kit.params import ParamsError
+
+    overrides = formatted_run(tmp_path, tiny_model_dir)
+    with pytest.raises(ParamsError, match="dpo.beta: 0.1 -> 0.5"):
+        open_stage("train", TINY, [*overrides, "dpo.beta=0.5"], str(REPO))
