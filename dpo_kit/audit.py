@@ -176,6 +176,7 @@ class PairLengths:
     prompt_is_prefix: bool  # False: TRL's "tokenized prompt is not a prefix" warning applies
     double_bos: bool
     double_eos: bool
+    missing_bos: bool  # the tokenizer adds BOS to plain text, but this sequence starts without it
     mismatch: str | None = None  # the prompt tokens TRL leaves out when the prompt is not a prefix
 
     @property
@@ -208,7 +209,10 @@ def _token_ids(rows: list[dict], tokenizer, eos_token: str | None) -> tuple[list
             ids([r["prompt"] + r["chosen"] for r in rows]),
             ids([r["prompt"] + r["rejected"] for r in rows]),
         )
-    with_eos = lambda text: text if eos_token is None or text.endswith(eos_token) else text + eos_token  # noqa: E731
+
+    def with_eos(text: str) -> str:
+        return text if eos_token is None or text.endswith(eos_token) else text + eos_token
+
     return (
         tokenizer([r["prompt"] for r in rows])["input_ids"],
         tokenizer([r["prompt"] + with_eos(r["chosen"]) for r in rows])["input_ids"],
@@ -227,6 +231,7 @@ def _lengths(prompt_ids, chosen_ids, rejected_ids, traits: TokenizerTraits, toke
         prompt_is_prefix=is_prefix,
         double_bos=traits.bos_id is not None and prompt_ids[:2] == [traits.bos_id] * 2,
         double_eos=traits.eos_id is not None and any(ids.count(traits.eos_id) > 1 for ids in completions),
+        missing_bos=traits.adds_bos and prompt_ids[:1] != [traits.bos_id],
         mismatch=None if is_prefix else tokenizer.decode(prompt_ids[prompt_len:]),
     )
 
@@ -372,6 +377,7 @@ def template_checks(traits: TokenizerTraits, fixes: Counter, lengths: list[PairL
         "special_token_text_in_content": fixes["special_token_text_in_content"],
         "double_bos": sum(pair.double_bos for pair in lengths),
         "double_eos": sum(pair.double_eos for pair in lengths),
+        "missing_bos": sum(pair.missing_bos for pair in lengths),
         "prompt_not_prefix": len(mismatched),
         "prompt_not_prefix_example": mismatched[0].mismatch if mismatched else None,
     }
@@ -386,6 +392,11 @@ def template_checks(traits: TokenizerTraits, fixes: Counter, lengths: list[PairL
         warnings.append(f"{checks['double_bos']} pairs start with two BOS tokens")
     if checks["double_eos"]:
         warnings.append(f"{checks['double_eos']} pairs have more than one EOS token in a response")
+    if checks["missing_bos"]:
+        warnings.append(
+            f"{checks['missing_bos']} pairs start without BOS although the tokenizer adds it to plain text: the chat"
+            " template does not write BOS, and TRL tokenizes conversations without adding special tokens"
+        )
     if checks["special_token_text_in_content"]:
         warnings.append(
             f"{checks['special_token_text_in_content']} pairs contain special-token text (e.g. {traits.special_texts[:3]})"

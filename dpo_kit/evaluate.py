@@ -157,9 +157,9 @@ def reward_metrics(per_pair: dict[str, list], beta: float) -> dict:
     chosen_rewards = beta * (logps["policy_chosen_logps"] - logps["reference_chosen_logps"])
     rejected_rewards = beta * (logps["policy_rejected_logps"] - logps["reference_rejected_logps"])
     margins = chosen_rewards - rejected_rewards
-    per_pair.update(
-        chosen_rewards=chosen_rewards.tolist(), rejected_rewards=rejected_rewards.tolist(), reward_margins=margins.tolist()
-    )
+    per_pair["chosen_rewards"] = chosen_rewards.tolist()
+    per_pair["rejected_rewards"] = rejected_rewards.tolist()
+    per_pair["reward_margins"] = margins.tolist()
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
@@ -236,11 +236,18 @@ def generation_metrics(records: list[dict], kls: list[float]) -> dict:
     generated_tokens = sum(len(r["policy_token_ids"]) for r in records)
     return {
         "num_generations": len(records),
-        "kl/sequence": sum(kls) / len(kls),
+        "kl": sum(kls) / len(kls),  # nats per generation
         "kl/token": sum(kls) / max(generated_tokens, 1),
         "generate/policy_tokens": generated_tokens / len(records),
         "generate/reference_tokens": sum(len(r["reference_token_ids"]) for r in records) / len(records),
     }
+
+
+def scalar_metrics(metrics: dict):
+    """The scalars of an evaluation as a pandas Series: a readable table in a notebook, `.to_dict()` for JSON."""
+    import pandas as pd
+
+    return pd.Series({key: value for key, value in metrics.items() if not isinstance(value, dict)}, name="value")
 
 
 def plot_evaluation(metrics: dict):
@@ -276,10 +283,8 @@ def plot_evaluation(metrics: dict):
     if "win_rate" in metrics:
         counts = [metrics["win_rate/wins"], metrics["win_rate/ties"], metrics["win_rate/losses"]]
         judge_axis.bar(["policy wins", "ties", "reference wins"], counts, color=["tab:orange", "tab:gray", "tab:blue"])
-        judge_axis.set(
-            title=f"win-rate {metrics['win_rate']:.0%} (judge: {metrics['judge']}), KL {metrics['kl/sequence']:.3g}",
-            ylabel="prompts",
-        )
+        judge_axis.set(title=f"win-rate {metrics['win_rate']:.0%} (judge: {metrics['judge']})", ylabel="prompts")
+        judge_axis.set_xlabel(f"KL(policy || reference) = {metrics['kl']:.3g} nats per generation")
     else:
         judge_axis.text(0.5, 0.5, "no generations.jsonl:\nrun generate first", ha="center", va="center")
         judge_axis.set_axis_off()

@@ -89,10 +89,14 @@ def _drop_blank_system(prompt: list[Message]) -> list[Message]:
 
 
 def _pair(prompt: list[Message], chosen: str | Message, rejected: str | Message, system: str | None = None) -> Row:
+    # A system message already in the prompt wins over a system column.
     if system is not None and not (prompt and prompt[0]["role"] == "system"):
         prompt = [{"role": "system", "content": system}] + prompt
-    as_reply = lambda r: [r] if isinstance(r, dict) else [{"role": "assistant", "content": r}]  # noqa: E731
-    return {"prompt": _drop_blank_system(prompt), "chosen": as_reply(chosen), "rejected": as_reply(rejected)}
+    return {"prompt": _drop_blank_system(prompt), "chosen": [_reply(chosen)], "rejected": [_reply(rejected)]}
+
+
+def _reply(response: str | Message) -> Message:
+    return response if isinstance(response, dict) else {"role": "assistant", "content": response}
 
 
 def _text_pair(row: Row, prompt: str, chosen: str, rejected: str, system: str | None = None) -> Row:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import gc
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dpo_kit.judges import Prompt
 from dpo_kit.models import device_of, load_causal_lm, load_tokenizer, model_source
 from dpo_kit.params import Params
+
+if TYPE_CHECKING:
+    import pandas
 
 GENERATIONS_FILE = "generations.jsonl"
 
@@ -109,7 +113,7 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str | Path = ".") -> "pandas.DataFrame":
+def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str | Path = ".") -> pandas.DataFrame:
     """Generate with the reference (base) and the DPO policy (<run_dir>/merged) on the same prompts.
 
     Writes <run_dir>/generations.jsonl, one line per prompt with the prompt (messages and rendered text),
@@ -151,7 +155,7 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
     return comparisons_frame(records)
 
 
-def comparisons_frame(records: list[dict]) -> "pandas.DataFrame":
+def comparisons_frame(records: list[dict]) -> pandas.DataFrame:
     """The readable columns of generation records (e.g. `read_jsonl(run_dir / 'generations.jsonl')`)."""
     import pandas as pd
 
@@ -160,7 +164,7 @@ def comparisons_frame(records: list[dict]) -> "pandas.DataFrame":
     return frame[["user_prompt", "reference", "policy", "prompt_tokens", "reference_tokens", "policy_tokens"]]
 
 
-def side_by_side_table(frame: "pandas.DataFrame"):
+def side_by_side_table(frame: pandas.DataFrame):
     """A Styler showing prompt, reference and policy side by side with wrapped text, for notebooks."""
     return (
         frame[["user_prompt", "reference", "policy"]]

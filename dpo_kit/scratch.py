@@ -91,11 +91,11 @@ def dpo_loss(
       right with probability 1 - eps. TRL's sigmoid ignores label_smoothing (only robust/exo_pair/aot
       read it); we follow the conservative-DPO definition because a silently ignored argument is a trap.
     - "ipo" (Azar et al. 2023, eq. 17):  (h - 1/(2 beta))^2.
-      This function applies the formula to whatever log-probs it is given. The IPO paper writes h with
-      sequence log-probs; TRL divides each log-ratio by its response length (per-token average) before
-      squaring, and says the IPO authors confirmed their reported results use that. `train_step`
-      follows TRL (it divides each log-prob by its response length) because with summed log-probs h
-      grows with length and the fixed target 1/(2 beta) would mean something different for every pair.
+      Applied here to whatever log-probs are passed in. The paper writes h with sequence log-probs;
+      TRL first divides each log-prob by its response length (a per-token average), and its code says
+      the IPO authors confirmed their reported results used that. `train_step` follows TRL: with
+      summed log-probs h grows with length, so the fixed target 1/(2 beta) would mean something
+      different for every pair.
     - "hinge" (SLiC, Zhao et al. 2023):  relu(1 - beta h).
     - "robust" (Chowdhury et al. 2024), unbiased under labels flipped with probability eps < 1/2:
           [(1 - eps) * -log sigma(beta h)  -  eps * -log sigma(-beta h)] / (1 - 2 eps)
@@ -108,6 +108,8 @@ def dpo_loss(
         (losses, chosen_rewards, rejected_rewards); rewards are beta * (policy - ref) log-probs, detached.
     """
     if preference_prob is not None:
+        if isinstance(label_smoothing, torch.Tensor) or label_smoothing != 0:
+            raise ValueError("pass preference_prob or label_smoothing, not both: they are the same knob")
         label_smoothing = 1 - preference_prob
     eps = torch.as_tensor(label_smoothing, dtype=policy_chosen_logps.dtype, device=policy_chosen_logps.device)
     if loss_type not in LOSS_TYPES:
@@ -306,7 +308,7 @@ def train_loop(
     tokenizer,
     steps: int,
     batch_size: int = 4,
-    learning_rate: float = 1e-3,
+    learning_rate: float = 5e-6,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
@@ -316,7 +318,8 @@ def train_loop(
 
     Rows are taken in order, `batch_size` at a time, wrapping around at the end: the same order as a
     TRL run with `train_sampling_strategy="sequential"`, so the two loss curves can be compared.
-    AdamW uses the Trainer's defaults (betas 0.9/0.999, eps 1e-8, no weight decay).
+    AdamW uses the Trainer's defaults (betas 0.9/0.999, eps 1e-8, no weight decay). The default
+    learning rate suits a pretrained model; the randomly initialised tiny model needs ~1e-4.
     """
     freeze(reference)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=0.0)
@@ -355,3 +358,10 @@ def beta_sweep(
                                             ref_chosen_logps, ref_rejected_logps, beta=beta)
         sweep.append({"beta": beta, "loss": losses.mean().item(), "rewards/margins": (chosen - rejected).mean().item()})
     return sweep
+
+
+def history_gaps(history: list[dict], other: list[dict], metrics=("loss", "rewards/margins")) -> dict[str, float]:
+    """Largest per-step absolute difference between two runs, for each metric."""
+    if len(history) != len(other):
+        raise ValueError(f"the runs have {len(history)} and {len(other)} steps")
+    return {metric: max(abs(a[metric] - b[metric]) for a, b in zip(history, other)) for metric in metrics}

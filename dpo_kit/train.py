@@ -20,8 +20,8 @@ from dpo_kit.params import Params
 PLOTTED_METRICS = ("loss", "rewards/margins", "rewards/accuracies")
 
 
-def build_dpo_config(params: Params, run_dir: str | Path, hardware: HardwareChoice):
-    """DPOConfig from params.dpo, plus the keys the kit owns (paths, seed, tracking, precision).
+def dpo_config_kwargs(params: Params, run_dir: str | Path, hardware: HardwareChoice) -> dict[str, Any]:
+    """DPOConfig arguments: params.dpo plus the keys the kit owns (paths, seed, tracking, precision).
 
     Precision and checkpointing follow the hardware unless params.dpo sets them explicitly: TRL's
     defaults (bf16 + checkpointing) are right for a GPU and ~27x too slow on a CPU without bf16.
@@ -47,15 +47,23 @@ def build_dpo_config(params: Params, run_dir: str | Path, hardware: HardwareChoi
         data_seed=params.run.seed,
         report_to=[r for r in params.tracking.report_to if r != "none"] or "none",
     )
-    return DPOConfig(**settings)
+    return settings
+
+
+def build_dpo_config(params: Params, run_dir: str | Path, hardware: HardwareChoice):
+    from trl import DPOConfig
+
+    return DPOConfig(**dpo_config_kwargs(params, run_dir, hardware))
 
 
 def precision_record(config) -> dict[str, Any]:
-    """What the run actually trained with, for the manifest."""
+    """What the run actually trained with (a DPOConfig or its kwargs), for the manifest."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    checkpointing = get("activation_checkpointing", None)
     return {
-        "bf16": bool(config.bf16),
-        "fp16": bool(config.fp16),
-        "gradient_checkpointing": bool(getattr(config, "activation_checkpointing", config.gradient_checkpointing)),
+        "bf16": bool(get("bf16", False)),
+        "fp16": bool(get("fp16", False)),
+        "gradient_checkpointing": bool(get("gradient_checkpointing", False) if checkpointing is None else checkpointing),
     }
 
 

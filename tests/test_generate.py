@@ -65,9 +65,9 @@ def test_generations_file_holds_prompts_both_responses_and_token_counts(tiny_mod
     assert [r["prompt"] for r in records] == [row["prompt"] for row in EVAL_ROWS[:4]]
     assert list(frame["user_prompt"]) == [row["prompt"][-1]["content"] for row in EVAL_ROWS[:4]]
     for record in records:
-        expected_ids = tokenizer.apply_chat_template(record["prompt"], add_generation_prompt=True, tokenize=True)
-        assert record["prompt_token_ids"] == list(expected_ids)
-        assert record["prompt_text"].endswith("<|im_start|>assistant\n")
+        text = tokenizer.apply_chat_template(record["prompt"], add_generation_prompt=True, tokenize=False)
+        assert text.endswith("<|im_start|>assistant\n") and record["prompt_text"] == text
+        assert record["prompt_token_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
         assert record["prompt_tokens"] == len(record["prompt_token_ids"])
         for model in ("reference", "policy"):
             ids = record[f"{model}_token_ids"]

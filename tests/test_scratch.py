@@ -18,24 +18,17 @@ BATCH_SIZE = 4
 
 
 # --------------------------------------------------------------------------------------------------
-# Fixtures: the tiny model, a perturbed copy of it (so policy != reference), and a TRL trainer factory
+# Fixtures (tiny_model_dir is conftest's): a perturbed copy, so policy != reference, and TRL trainers
 # --------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    from dpo_kit.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="session")
-def perturbed_dir(tiny_dir, tmp_path_factory):
+def perturbed_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model with seeded noise on every weight: a policy that already differs from its
     reference, so that h != 0 and the loss variants actually disagree with one another."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in model.parameters():
@@ -46,10 +39,10 @@ def perturbed_dir(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tiny_dir):
+def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_dir)
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +59,7 @@ def load(path):
 
 
 @pytest.fixture(scope="session")
-def make_trainer(tiny_dir, tokenizer, rows, tmp_path_factory):
+def make_trainer(tiny_model_dir, tokenizer, rows, tmp_path_factory):
     """DPOTrainer on a saved policy dir, with an explicit reference loaded from the tiny model dir."""
     import datasets
     from trl import DPOConfig, DPOTrainer
@@ -92,7 +85,7 @@ def make_trainer(tiny_dir, tokenizer, rows, tmp_path_factory):
         )
         return DPOTrainer(
             model=str(policy_dir),
-            ref_model=load(tiny_dir),
+            ref_model=load(tiny_model_dir),
             args=args,
             train_dataset=datasets.Dataset.from_list(rows),
             processing_class=tokenizer,
@@ -109,7 +102,7 @@ def trl_batch(make_trainer, perturbed_dir):
     return next(iter(trainer.get_train_dataloader()))
 
 
-def trl_per_token_logps(trainer, model, batch):
+def trl_per_token_logps(model, batch):
     """TRL's own per-token log-probs: the fused LM head it patches onto its models."""
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -192,6 +185,8 @@ def test_label_smoothing_is_refused_where_it_has_no_meaning():
         scratch.dpo_loss(*PAIR, loss_type="hinge", preference_prob=0.9)
     with pytest.raises(ValueError, match="0.5"):
         scratch.dpo_loss(*PAIR, loss_type="robust", label_smoothing=torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="not both"):
+        scratch.dpo_loss(*PAIR, label_smoothing=0.1, preference_prob=0.9)
     with pytest.raises(ValueError, match="loss_type"):
         scratch.dpo_loss(*PAIR, loss_type="kto_pair")
 
@@ -268,7 +263,7 @@ def test_collate_pairs_builds_trls_batch(rows, tokenizer, trl_batch):
 def test_sequence_logps_equals_trls_logps(make_trainer, perturbed_dir, trl_batch):
     trainer = make_trainer(perturbed_dir)
     for model in (trainer.model, trainer.ref_model):
-        trl_logps = trl_per_token_logps(trainer, model, trl_batch).sum(dim=1)
+        trl_logps = trl_per_token_logps(model, trl_batch).sum(dim=1)
         with torch.no_grad():
             logits = model(input_ids=trl_batch["input_ids"], attention_mask=trl_batch["attention_mask"]).logits
         mine = scratch.sequence_logps(logits, trl_batch["input_ids"], trl_batch["completion_mask"])
@@ -295,8 +290,8 @@ def test_losses_and_rewards_match_trl(make_trainer, perturbed_dir, trl_batch, lo
     beta = 0.1
     trainer = make_trainer(perturbed_dir, loss_type=loss_type, label_smoothing=label_smoothing, beta=beta)
     trainer.model.train()  # TRL files metrics under "train" only in training mode
-    policy_chosen, policy_rejected = trl_per_token_logps(trainer, trainer.model, trl_batch).sum(dim=1).chunk(2)
-    ref_chosen, ref_rejected = trl_per_token_logps(trainer, trainer.ref_model, trl_batch).sum(dim=1).chunk(2)
+    policy_chosen, policy_rejected = trl_per_token_logps(trainer.model, trl_batch).sum(dim=1).chunk(2)
+    ref_chosen, ref_rejected = trl_per_token_logps(trainer.ref_model, trl_batch).sum(dim=1).chunk(2)
     summed = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     if loss_type == "ipo":  # like with like: TRL's IPO sees per-token averaged log-probs
         chosen_len, rejected_len = scratch.response_lengths(trl_batch)
@@ -344,7 +339,7 @@ def test_trl_sigmoid_ignores_label_smoothing_but_ours_is_conservative_dpo(make_t
 
 
 @pytest.mark.parametrize(("loss_type", "start"), [("sigmoid", "reference"), ("ipo", "perturbed"), ("robust", "perturbed")])
-def test_one_step_gradients_and_weights_match_trl(make_trainer, tiny_dir, perturbed_dir, trl_batch, loss_type, start):
+def test_one_step_gradients_and_weights_match_trl(make_trainer, tiny_model_dir, perturbed_dir, trl_batch, loss_type, start):
     """Full fine-tuning, fp32 on CPU: TRL's first optimizer step vs `train_step` on the same batch."""
     from transformers import TrainerCallback
 
@@ -353,14 +348,14 @@ def test_one_step_gradients_and_weights_match_trl(make_trainer, tiny_dir, pertur
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             self.grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
-    policy_dir = tiny_dir if start == "reference" else perturbed_dir
+    policy_dir = tiny_model_dir if start == "reference" else perturbed_dir
     label_smoothing = 0.2 if loss_type == "robust" else 0.0
     grab = GrabGradients()
     trainer = make_trainer(policy_dir, loss_type=loss_type, label_smoothing=label_smoothing, callbacks=[grab])
     trainer.train()
     trl_log = scratch.history_from_trl(trainer.state.log_history)[0]
 
-    policy, reference = load(policy_dir), scratch.freeze(load(tiny_dir))
+    policy, reference = load(policy_dir), scratch.freeze(load(tiny_model_dir))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=trainer.args.learning_rate, weight_decay=0.0)
     metrics = scratch.train_step(policy, reference, trl_batch, optimizer, beta=trainer.args.beta,
                                  loss_type=loss_type, label_smoothing=label_smoothing,
@@ -380,8 +375,8 @@ def test_one_step_gradients_and_weights_match_trl(make_trainer, tiny_dir, pertur
         assert weight_gap[well_conditioned].max() < 1e-5, name
 
 
-def test_loss_at_initialisation_is_ln2(tiny_dir, trl_batch):
-    policy, reference = load(tiny_dir), scratch.freeze(load(tiny_dir))
+def test_loss_at_initialisation_is_ln2(tiny_model_dir, trl_batch):
+    policy, reference = load(tiny_model_dir), scratch.freeze(load(tiny_model_dir))
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
     metrics = scratch.train_step(policy, reference, trl_batch, optimizer)
     assert metrics["loss"] == pytest.approx(LN2, abs=1e-6)
@@ -389,8 +384,8 @@ def test_loss_at_initialisation_is_ln2(tiny_dir, trl_batch):
     assert metrics["grad_norm"] > 0  # ln 2 here is the starting point, not a stuck run (trl#1627)
 
 
-def test_train_loop_learns_the_preferences(tiny_dir, tokenizer, rows):
-    policy, reference = load(tiny_dir), load(tiny_dir)
+def test_train_loop_learns_the_preferences(tiny_model_dir, tokenizer, rows):
+    policy, reference = load(tiny_model_dir), load(tiny_model_dir)
     history = scratch.train_loop(policy, reference, rows, tokenizer, steps=8, batch_size=4, learning_rate=3e-3)
     assert [entry["step"] for entry in history] == list(range(1, 9))
     assert history[0]["loss"] == pytest.approx(LN2, abs=1e-6)

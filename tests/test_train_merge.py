@@ -29,16 +29,19 @@ def formatted_run(tmp_path, tiny_model_dir, *extra):
 def test_build_dpo_config_follows_hardware_unless_params_say_otherwise(tmp_path):
     from dpo_kit.hardware import HardwareChoice
     from dpo_kit.params import load_params
-    from dpo_kit.train import build_dpo_config, precision_record
+    from dpo_kit.hardware import choose_hardware
+    from dpo_kit.train import build_dpo_config, dpo_config_kwargs, precision_record
 
+    # A GPU choice is checked on its kwargs: transformers refuses bf16 configs on a machine without bf16.
     gpu = HardwareChoice("cuda", "A100", 1, True, True, False, True, "bfloat16", "test")
-    params = load_params(TINY)
-    assert precision_record(build_dpo_config(params, tmp_path, gpu)) == {
+    assert precision_record(dpo_config_kwargs(load_params(TINY), tmp_path, gpu)) == {
         "bf16": True, "fp16": False, "gradient_checkpointing": True}
-    params = load_params(TINY, ["dpo.gradient_checkpointing=false"])
-    assert precision_record(build_dpo_config(params, tmp_path, gpu))["gradient_checkpointing"] is False
-    config = build_dpo_config(load_params(TINY), tmp_path, gpu)
-    assert config.output_dir == str(tmp_path / "checkpoints") and config.seed == 42 and config.report_to == []
+    explicit = load_params(TINY, ["dpo.gradient_checkpointing=false", "dpo.fp16=true"])
+    assert precision_record(dpo_config_kwargs(explicit, tmp_path, gpu)) == {
+        "bf16": True, "fp16": True, "gradient_checkpointing": False}
+    config = build_dpo_config(load_params(TINY), tmp_path, choose_hardware())
+    assert precision_record(config) == {"bf16": False, "fp16": False, "gradient_checkpointing": False}
+    assert config.output_dir == str(tmp_path / "checkpoints") and config.seed == 42
 
 
 def test_lora_train_then_merge_gives_equal_logits(tmp_path, tiny_model_dir):

@@ -1,0 +1,234 @@
+"""The format stage: read the source, convert it to TRL's format, audit it, split it and write it.
+
+Notebook 01 calls `prepare_data`, shows `dropped_summary_table` and `plot_token_lengths`, and the train
+stage reads the result back with `load_split`. Files written under `<run_dir>/data/`:
+
+- train.jsonl, eval.jsonl: prompt/chosen/rejected rows in TRL's conversational (default) or standard format
+- dropped.jsonl: one line per dropped row: source index, reason code, detail and the row as read
+- report.json: `DataReport.to_dict()`, the summary the manifest records
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpo_kit.audit import REASONS, audit_rows, raise_if_nothing_left
+from dpo_kit.formats import converter
+from dpo_kit.sources import describe_source, read_rows
+
+SPLITS = ("train", "eval")
+
+
+@dataclass
+class DataReport:
+    source: str
+    format: str
+    output_format: str
+    rows_read: int
+    rows_kept: int
+    rows_dropped: int
+    dropped_by_reason: dict[str, int]
+    n_train: int
+    n_eval: int
+    seed: int
+    eval_fraction: float
+    max_length: int | None
+    fingerprint: str  # sha256 of train.jsonl + eval.jsonl bytes
+    chat_template: dict  # BOS/EOS and prefix findings, see dpo_kit.audit.template_checks
+    files: dict[str, str]
+    # Token lengths as TRL computes them, for every pair that reached the length check (kept or too_long).
+    prompt_lengths: list[int] = field(repr=False)
+    prompt_chosen_lengths: list[int] = field(repr=False)
+    prompt_rejected_lengths: list[int] = field(repr=False)
+
+    @property
+    def sequence_lengths(self) -> list[int]:
+        """The longer of the two training sequences of each pair: what max_length is checked against."""
+        return [max(pair) for pair in zip(self.prompt_chosen_lengths, self.prompt_rejected_lengths)]
+
+    def token_length_stats(self) -> dict[str, dict[str, float]]:
+        return {
+            "prompt": _stats(self.prompt_lengths),
+            "prompt_chosen": _stats(self.prompt_chosen_lengths),
+            "prompt_rejected": _stats(self.prompt_rejected_lengths),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary for the manifest: everything but the per-pair length arrays."""
+        return {
+            "source": self.source,
+            "format": self.format,
+            "output_format": self.output_format,
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "rows_dropped": self.rows_dropped,
+            "dropped_by_reason": self.dropped_by_reason,
+            "n_train": self.n_train,
+            "n_eval": self.n_eval,
+            "seed": self.seed,
+            "eval_fraction": self.eval_fraction,
+            "max_length": self.max_length,
+            "fingerprint": self.fingerprint,
+            "token_lengths": self.token_length_stats(),
+            "chat_template": self.chat_template,
+            "files": self.files,
+        }
+
+
+def _stats(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+
+    def percentile(fraction: float) -> int:  # nearest-rank, so the value is a length that occurs
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+    return {
+        "count": len(ordered),
+        "min": ordered[0],
+        "mean": round(sum(ordered) / len(ordered), 1),
+        "p50": percentile(0.5),
+        "p95": percentile(0.95),
+        "max": ordered[-1],
+    }
+
+
+def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path = ".") -> DataReport:
+    """Read, convert, audit, split and write the run's data; returns the report the notebook displays.
+
+    Raises SourceError when the source cannot be read and NoPairsLeftError when every row is dropped
+    (dropped.jsonl is written first, so the reasons can be inspected).
+    """
+    data = params.data
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer of model.name_or_path '{params.model.name_or_path}' has no chat template; both output"
+            " formats render prompts with it. Use a chat/instruct model or set tokenizer.chat_template."
+        )
+    data_dir = Path(run_dir) / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: data_dir / f"{name}.jsonl" for name in (*SPLITS, "dropped")}
+    for stale in [*paths.values(), data_dir / "report.json"]:
+        stale.unlink(missing_ok=True)  # a failed rerun must not leave the last run's split looking current
+
+    rows = read_rows(data, project_dir)
+    result = audit_rows(
+        rows,
+        converter(data.format, data.columns),
+        tokenizer,
+        max_length=params.max_length,
+        output_format=data.output_format,
+        deduplicate=data.deduplicate,
+    )
+    _write_jsonl(paths["dropped"], (dropped.to_dict() for dropped in result.dropped))
+    raise_if_nothing_left(result, describe_source(data), str(paths["dropped"]))
+
+    train, eval_ = split_rows(result.kept, data.eval_fraction, params.run.seed)
+    _write_jsonl(paths["train"], train)
+    _write_jsonl(paths["eval"], eval_)
+    digest = hashlib.sha256(paths["train"].read_bytes() + paths["eval"].read_bytes()).hexdigest()
+
+    report = DataReport(
+        source=data.source,
+        format=data.format,
+        output_format=data.output_format,
+        rows_read=result.rows_read,
+        rows_kept=len(result.kept),
+        rows_dropped=len(result.dropped),
+        dropped_by_reason=result.dropped_by_reason,
+        n_train=len(train),
+        n_eval=len(eval_),
+        seed=params.run.seed,
+        eval_fraction=data.eval_fraction,
+        max_length=params.max_length,
+        fingerprint=digest,
+        chat_template=result.checks,
+        files={name: str(path) for name, path in {**paths, "report": data_dir / "report.json"}.items()},
+        prompt_lengths=[pair.prompt for pair in result.lengths],
+        prompt_chosen_lengths=[pair.prompt_chosen for pair in result.lengths],
+        prompt_rejected_lengths=[pair.prompt_rejected for pair in result.lengths],
+    )
+    (data_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def split_rows(kept: list[tuple[int, dict]], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded train/eval split; each split stays in source order so the files read naturally.
+
+    At least one pair is held out (and one trained on) whenever there are two or more.
+    """
+    order = list(range(len(kept)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(round(len(kept) * eval_fraction), 1), len(kept) - 1) if len(kept) > 1 else 0
+    held_out = set(order[:n_eval])
+    train = [row for position, (_, row) in enumerate(kept) if position not in held_out]
+    eval_ = [row for position, (_, row) in enumerate(kept) if position in held_out]
+    return train, eval_
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for row in rows:
+            # default=str: source rows may hold dates or other values JSON has no type for.
+            out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def load_split(run_dir: str | Path, split: str):
+    """The 'train' or 'eval' pairs written by prepare_data, as a datasets.Dataset for TRL's DPOTrainer."""
+    from datasets import Dataset
+
+    if split not in SPLITS:
+        raise ValueError(f"split '{split}' is unknown; valid splits: {', '.join(SPLITS)}")
+    path = Path(run_dir) / "data" / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the format stage (prepare_data / notebook 01) for this run first")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        return Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    return Dataset.from_list(rows)
+
+
+def plot_token_lengths(report: DataReport):
+    """Histograms of prompt and prompt+response token lengths, with the max_length TRL trains with."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 3.8), layout="constrained")
+    prompt_axes, pair_axes = figure.subplots(1, 2)
+    # Shared bin edges from 0 past the limit, so both panels compare directly and the limit is in view.
+    longest = max([*report.prompt_chosen_lengths, *report.prompt_rejected_lengths, report.max_length or 0, 1])
+    bins = [round(longest * step / 40, 2) for step in range(41)]
+    prompt_axes.hist(report.prompt_lengths, bins=bins, color="tab:blue")
+    prompt_axes.set_title("prompt")
+    pair_axes.hist(report.prompt_chosen_lengths, bins=bins, alpha=0.6, label="prompt + chosen", color="tab:green")
+    pair_axes.hist(report.prompt_rejected_lengths, bins=bins, alpha=0.6, label="prompt + rejected", color="tab:red")
+    pair_axes.set_title("prompt + response")
+    for axes in (prompt_axes, pair_axes):
+        axes.set_xlabel("tokens (as TRL tokenizes them)")
+        axes.set_ylabel("pairs")
+        if report.max_length is not None:
+            axes.axvline(report.max_length, color="black", linestyle="--", label=f"max_length = {report.max_length}")
+    pair_axes.legend()
+    over = report.dropped_by_reason.get("too_long", 0)
+    figure.suptitle(f"Token lengths of {len(report.prompt_lengths)} pairs ({over} dropped as too_long)")
+    return figure
+
+
+def dropped_summary_table(report: DataReport):
+    """A pandas DataFrame of drop reasons: count, share of rows read and what the reason means."""
+    import pandas as pd
+
+    records = [
+        {
+            "reason": reason,
+            "count": count,
+            "percent_of_read": round(100 * count / report.rows_read, 2) if report.rows_read else 0.0,
+            "meaning": REASONS[reason],
+        }
+        for reason, count in report.dropped_by_reason.items()
+    ]
+    return pd.DataFrame(records, columns=["reason", "count", "percent_of_read", "meaning"])

@@ -1,0 +1,245 @@
+"""The format stage end to end: sources, the seeded split, the files written and the notebook helpers."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dpo_kit.audit import NoPairsLeftError
+from dpo_kit.data import dropped_summary_table, load_split, plot_token_lengths, prepare_data, split_rows
+from dpo_kit.formats import rebuild_hh_transcript
+from dpo_kit.params import parse_params
+from dpo_kit.sources import SourceError, read_rows
+from dpo_kit.tiny_model import build_tiny_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+ORCA_ROWS = [
+    {"system": "", "question": f"What is {n} plus {n}?", "chosen": f"{n} plus {n} is {2 * n}.", "rejected": "No idea."}
+    for n in range(1, 6)
+] + [{"system": "You are a careful assistant.", "question": "Spell cat.", "chosen": "C-A-T.", "rejected": "K-A-T."}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def make_params(seed=42, **data):
+    # data.max_length is set so the tests never need TRL's DPOConfig defaults.
+    return parse_params(
+        {"run": {"name": "test-run", "seed": seed}, "model": {"name_or_path": "unused"}, "data": {"max_length": 256, **data}}
+    )
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# --- the bundled default, files and report --------------------------------------------------
+
+
+def test_bundled_run_writes_files_and_a_consistent_report(tokenizer, tmp_path):
+    report = prepare_data(make_params(), tokenizer, tmp_path)
+    data_dir = tmp_path / "data"
+    train, eval_ = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "eval.jsonl")
+    assert report.rows_read == 400 and report.rows_kept + report.rows_dropped == report.rows_read
+    assert (report.n_train, report.n_eval) == (len(train), len(eval_)) == (360, 40)
+    assert report.fingerprint == hashlib.sha256((data_dir / "train.jsonl").read_bytes() + (data_dir / "eval.jsonl").read_bytes()).hexdigest()
+    assert json.loads((data_dir / "report.json").read_text()) == json.loads(json.dumps(report.to_dict()))
+    assert "prompt_lengths" not in report.to_dict() and report.to_dict()["token_lengths"]["prompt"]["count"] == 400
+    assert len(report.prompt_lengths) == len(report.prompt_chosen_lengths) == 400
+    assert read_jsonl(data_dir / "dropped.jsonl") == []
+    assert set(train[0]) == {"prompt", "chosen", "rejected"} and train[0]["chosen"][0]["role"] == "assistant"
+
+
+def test_same_seed_same_split_and_another_seed_another(tokenizer, tmp_path):
+    first = prepare_data(make_params(seed=7), tokenizer, tmp_path / "a")
+    again = prepare_data(make_params(seed=7), tokenizer, tmp_path / "b")
+    other = prepare_data(make_params(seed=8), tokenizer, tmp_path / "c")
+    assert first.fingerprint == again.fingerprint
+    assert read_jsonl(tmp_path / "a/data/eval.jsonl") == read_jsonl(tmp_path / "b/data/eval.jsonl")
+    assert first.fingerprint != other.fingerprint
+    assert read_jsonl(tmp_path / "a/data/eval.jsonl") != read_jsonl(tmp_path / "c/data/eval.jsonl")
+
+
+def test_split_sizes_and_that_no_pair_is_lost_or_shared():
+    kept = [(i, {"id": i}) for i in range(10)]
+    train, eval_ = split_rows(kept, 0.2, seed=0)
+    assert (len(train), len(eval_)) == (8, 2)
+    assert sorted(r["id"] for r in train + eval_) == list(range(10))
+    assert split_rows(kept[:1], 0.2, seed=0) == ([{"id": 0}], [])
+    assert len(split_rows(kept[:2], 0.01, seed=0)[1]) == 1  # at least one held out
+
+
+def test_load_split_gives_trl_ready_datasets(tokenizer, tmp_path):
+    prepare_data(make_params(), tokenizer, tmp_path)
+    train = load_split(tmp_path, "train")
+    assert train.column_names == ["prompt", "chosen", "rejected"] and len(train) == 360
+    assert train[0] == read_jsonl(tmp_path / "data/train.jsonl")[0]
+    with pytest.raises(ValueError, match="valid splits: train, eval"):
+        load_split(tmp_path, "test")
+    with pytest.raises(FileNotFoundError, match="run the format stage"):
+        load_split(tmp_path / "elsewhere", "train")
+
+
+def test_standard_output_renders_prompts_with_the_chat_template(tokenizer, tmp_path):
+    prepare_data(make_params(output_format="standard"), tokenizer, tmp_path)
+    row = load_split(tmp_path, "train")[0]
+    original = next(r for r in read_rows(make_params().data) if r["chosen"][0]["content"] == row["chosen"])
+    assert row["prompt"] == tokenizer.apply_chat_template(original["prompt"], add_generation_prompt=True, tokenize=False)
+    assert isinstance(row["rejected"], str)
+
+
+# --- sources --------------------------------------------------------------------------------
+
+
+def write_source(rows, path: Path) -> Path:
+    frame = pd.DataFrame(rows)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+def test_local_files_resolve_against_the_project_dir(tokenizer, tmp_path, suffix):
+    (tmp_path / "data").mkdir()
+    write_source(ORCA_ROWS, tmp_path / "data" / f"orca{suffix}")
+    params = make_params(source=f"data/orca{suffix}", format="orca")
+    assert read_rows(params.data, project_dir=tmp_path) == ORCA_ROWS
+    report = prepare_data(params, tokenizer, tmp_path / "run", project_dir=tmp_path)
+    assert (report.rows_read, report.rows_kept) == (6, 6)
+
+
+def test_json_file_of_column_lists(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"prompt": ["a", "b"], "chosen": ["c", "d"], "rejected": ["e", "f"]}))
+    rows = read_rows(make_params(source=str(path), format="standard").data)
+    assert rows == [{"prompt": "a", "chosen": "c", "rejected": "e"}, {"prompt": "b", "chosen": "d", "rejected": "f"}]
+
+
+def test_max_rows_reads_only_the_first_rows(tmp_path):
+    write_source(ORCA_ROWS, tmp_path / "orca.parquet")
+    assert read_rows(make_params(source="orca.parquet", format="orca", max_rows=2).data, tmp_path) == ORCA_ROWS[:2]
+
+
+def test_missing_local_file_names_the_path(tmp_path):
+    with pytest.raises(SourceError, match="file not found: .*missing.jsonl"):
+        read_rows(make_params(source="missing.jsonl").data, tmp_path)
+
+
+def test_broken_jsonl_line_is_named(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{not json\n')
+    with pytest.raises(SourceError, match="bad.jsonl, line 2: not valid JSON"):
+        read_rows(make_params(source="bad.jsonl").data, tmp_path)
+
+
+def test_hub_dataset_offline_fails_with_a_clear_message(monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import time, so set it too
+    with pytest.raises(SourceError) as caught:
+        read_rows(make_params(source="Intel/orca_dpo_pairs", format="orca").data)
+    message = str(caught.value)
+    assert "'Intel/orca_dpo_pairs'" in message and "could not be reached" in message and "offline" in message
+    assert "local .jsonl/.json/.parquet/.csv file or 'bundled'" in message
+
+
+def test_hub_dataset_is_loaded_with_split_and_revision(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(source, split, revision):
+        calls.append((source, split, revision))
+        return datasets.Dataset.from_list(ORCA_ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    params = make_params(source="jondurbin/truthy-dpo-v0.1", format="truthy", split="train[:10]", revision="abc123", max_rows=3)
+    assert read_rows(params.data) == ORCA_ROWS[:3]
+    assert calls == [("jondurbin/truthy-dpo-v0.1", "train[:10]", "abc123")]
+
+
+def test_hub_errors_other_than_the_network_keep_their_cause(monkeypatch):
+    import datasets
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("Dataset 'nobody/nothing' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(SourceError, match="nobody/nothing.*doesn't exist.*Check the dataset id"):
+        read_rows(make_params(source="nobody/nothing").data)
+
+
+# --- drops end to end -----------------------------------------------------------------------
+
+
+def test_hh_rlhf_file_end_to_end_with_dropped_rows_written(tokenizer, tmp_path):
+    params = make_params(source=str(FIXTURES / "hh_rlhf_sample.jsonl"), format="hh-rlhf")
+    report = prepare_data(params, tokenizer, tmp_path)
+    assert (report.rows_read, report.rows_kept, report.rows_dropped) == (5, 2, 3)
+    assert report.dropped_by_reason == {"unsplittable_transcript": 1, "empty_response": 1, "duplicate": 1}
+    dropped = read_jsonl(tmp_path / "data/dropped.jsonl")
+    source = read_jsonl(FIXTURES / "hh_rlhf_sample.jsonl")
+    assert [(d["index"], d["reason"]) for d in dropped] == [(2, "unsplittable_transcript"), (3, "empty_response"), (4, "duplicate")]
+    assert all(d["row"] == source[d["index"]] and d["detail"] for d in dropped)
+    # The kept pairs, as written for TRL, still rebuild the exact source transcripts.
+    written = read_jsonl(tmp_path / "data/train.jsonl") + read_jsonl(tmp_path / "data/eval.jsonl")
+    assert sorted(rebuild_hh_transcript(row, "chosen") for row in written) == sorted(r["chosen"] for r in source[:2])
+    assert sorted(rebuild_hh_transcript(row, "rejected") for row in written) == sorted(r["rejected"] for r in source[:2])
+
+    table = dropped_summary_table(report)
+    assert list(table.columns) == ["reason", "count", "percent_of_read", "meaning"]
+    assert dict(zip(table["reason"], table["count"])) == report.dropped_by_reason
+    assert table["percent_of_read"].sum() == pytest.approx(60.0)
+
+
+def test_everything_dropped_raises_with_reasons_and_keeps_dropped_jsonl(tokenizer, tmp_path):
+    # Orca rows read as the standard format: every row lacks the prompt column that format needs.
+    write_source(ORCA_ROWS, tmp_path / "orca.jsonl")
+    params = make_params(source="orca.jsonl", format="standard")
+    (tmp_path / "run/data").mkdir(parents=True)
+    (tmp_path / "run/data/train.jsonl").write_text('{"stale": "from an earlier run"}\n')
+    with pytest.raises(NoPairsLeftError) as caught:
+        prepare_data(params, tokenizer, tmp_path / "run", project_dir=tmp_path)
+    assert "all 6 rows read from 'orca.jsonl' were dropped" in str(caught.value)
+    assert "missing_column: 6 rows" in str(caught.value) and "column 'prompt' is missing" in str(caught.value)
+    assert len(read_jsonl(tmp_path / "run/data/dropped.jsonl")) == 6
+    assert not (tmp_path / "run/data/train.jsonl").exists()
+
+
+def test_too_long_pairs_are_dropped_against_the_configured_limit(tokenizer, tmp_path):
+    report = prepare_data(make_params(max_length=50), tokenizer, tmp_path)
+    over = sum(length > 50 for length in report.sequence_lengths)
+    assert over > 0 and report.dropped_by_reason == {"too_long": over}
+    assert report.rows_kept == 400 - over and report.to_dict()["max_length"] == 50
+
+
+def test_a_tokenizer_without_chat_template_is_refused(tokenizer, tmp_path):
+    bare = build_tiny_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="'unused' has no chat template"):
+        prepare_data(make_params(), bare, tmp_path)
+
+
+# --- notebook helpers -----------------------------------------------------------------------
+
+
+def test_plot_shows_both_distributions_against_the_limit(tokenizer, tmp_path):
+    report = prepare_data(make_params(max_length=50), tokenizer, tmp_path)
+    figure = plot_token_lengths(report)
+    prompt_axes, pair_axes = figure.axes
+    for axes in (prompt_axes, pair_axes):
+        limit_lines = [line for line in axes.lines if list(line.get_xdata()) == [50, 50]]
+        assert len(limit_lines) == 1
+    assert sum(patch.get_height() for patch in prompt_axes.patches) == len(report.prompt_lengths)
+    assert "too_long" in figure._suptitle.get_text()

@@ -1,0 +1,224 @@
+"""Evaluation on the tiny model: TRL's metric values, identical vs perturbed policies, the KL estimator, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from dpo_kit.bundled import bundled_preference_rows
+from dpo_kit.evaluate import METRICS_FILE, evaluate_run, plot_evaluation, scalar_metrics, tokenize_pair
+from dpo_kit.generate import GENERATIONS_FILE, generate_comparisons, read_jsonl
+from dpo_kit.params import parse_params
+from dpo_kit.tiny_model import build_tiny_model
+
+# Eight rows over several topics; rows 0 and 235 carry a system message, so prompt lengths differ.
+EVAL_ROWS = bundled_preference_rows()[::47][:8]
+BETA = 0.2  # not TRL's default, so a test fails if beta is not read from params
+TRL_METRICS = [
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def make_run_dir(path, base_dir, noise: float, rows=EVAL_ROWS):
+    """A run directory with held-out pairs and merged/ = the base with seeded Gaussian noise on every weight."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (path / "data").mkdir(parents=True)
+    (path / "data" / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if noise == 0.0:
+        shutil.copytree(base_dir, path / "merged")
+        return path
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(noise * torch.randn(weight.shape, generator=generator))
+    model.save_pretrained(path / "merged")
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(path / "merged")
+    return path
+
+
+def make_params(model_dir, **dpo):
+    return parse_params(
+        {
+            "run": {"name": "eval", "seed": 7},
+            "model": {"name_or_path": str(model_dir)},
+            "dpo": {"beta": BETA, **dpo},
+            "generate": {"num_prompts": 5, "max_new_tokens": 12, "batch_size": 4},
+            "evaluate": {"judge": "rule", "batch_size": 3},  # 8 pairs in 3 batches, the last one short
+        }
+    )
+
+
+def generate_and_evaluate(run_dir, model_dir):
+    params = make_params(model_dir)
+    generate_comparisons(params, run_dir)
+    return evaluate_run(params, run_dir)
+
+
+@pytest.fixture(scope="module")
+def perturbed(tiny_model_dir, tmp_path_factory):
+    run_dir = make_run_dir(tmp_path_factory.mktemp("run") / "perturbed", tiny_model_dir, noise=0.05)
+    return run_dir, generate_and_evaluate(run_dir, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def identical(tiny_model_dir, tmp_path_factory):
+    run_dir = make_run_dir(tmp_path_factory.mktemp("run") / "identical", tiny_model_dir, noise=0.0)
+    return run_dir, generate_and_evaluate(run_dir, tiny_model_dir)
+
+
+def test_metrics_json_holds_trl_named_scalars_and_per_item_arrays(perturbed):
+    run_dir, metrics = perturbed
+    assert json.loads((run_dir / METRICS_FILE).read_text()) == metrics
+    expected_scalars = TRL_METRICS + [
+        "ref_logps/chosen", "ref_logps/rejected", "logps_per_token/chosen", "logps_per_token/rejected",
+        "ref_logps_per_token/chosen", "ref_logps_per_token/rejected", "loss/sigmoid", "beta", "num_pairs",
+        "num_pairs_dropped", "kl", "kl/token", "num_generations", "judge", "win_rate", "win_rate/wins",
+        "win_rate/ties", "win_rate/losses", "win_rate/n",
+    ]  # fmt: skip
+    assert set(expected_scalars) <= set(metrics)
+    assert (metrics["beta"], metrics["num_pairs"], metrics["num_pairs_dropped"]) == (BETA, 8, 0)
+    assert (metrics["num_generations"], metrics["win_rate/n"], metrics["judge"]) == (5, 5, "rule")
+    assert all(len(values) == 8 for values in metrics["per_pair"].values())
+    assert set(metrics["per_generation"]) == {"kl", "policy_score", "reference_score"}
+    assert all(len(values) == 5 for values in metrics["per_generation"].values())
+
+    scalars = scalar_metrics(metrics).to_dict()  # what the evaluate notebook shows and puts in the manifest
+    assert set(scalars) == set(metrics) - {"per_pair", "per_generation"}
+    assert json.loads(json.dumps(scalars)) == scalars
+
+
+def test_identical_policy_and_reference_give_zero_rewards_and_zero_kl(identical):
+    _, metrics = identical
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "kl/token"):
+        assert metrics[key] == pytest.approx(0.0, abs=1e-6), key
+    assert metrics["rewards/accuracies"] == 0.0  # TRL counts chosen > rejected strictly; all margins are 0
+    assert metrics["loss/sigmoid"] == pytest.approx(math.log(2))
+    assert metrics["logps/chosen"] == metrics["ref_logps/chosen"] < metrics["logps/rejected"] < 0
+    # Same weights and the same seed sample the same responses: every comparison is a tie.
+    assert (metrics["win_rate"], metrics["win_rate/ties"]) == (0.5, 5)
+
+
+def test_perturbed_policy_has_positive_kl_and_consistent_rewards(perturbed):
+    _, metrics = perturbed
+    pairs = metrics["per_pair"]
+    assert all(kl >= 0.0 for kl in metrics["per_generation"]["kl"])
+    assert metrics["kl"] == pytest.approx(sum(metrics["per_generation"]["kl"]) / 5)
+    assert metrics["kl"] > 0.1
+    for side in ("chosen", "rejected"):
+        assert pairs[f"{side}_rewards"] == pytest.approx(
+            [BETA * (p - r) for p, r in zip(pairs[f"policy_{side}_logps"], pairs[f"reference_{side}_logps"])]
+        )
+        assert metrics[f"logps_per_token/{side}"] == pytest.approx(
+            sum(l / n for l, n in zip(pairs[f"policy_{side}_logps"], pairs[f"{side}_tokens"])) / 8
+        )
+    margins = pairs["reward_margins"]
+    assert metrics["rewards/margins"] == pytest.approx(metrics["rewards/chosen"] - metrics["rewards/rejected"])
+    assert metrics["rewards/accuracies"] == sum(m > 0 for m in margins) / 8
+    assert any(m != 0 for m in margins)
+    assert metrics["win_rate/wins"] + metrics["win_rate/ties"] + metrics["win_rate/losses"] == 5
+
+
+def test_kl_is_the_exact_per_token_kl_summed_along_the_policy_continuation(perturbed, tiny_model_dir):
+    from torch.distributions import Categorical, kl_divergence
+    from transformers import AutoModelForCausalLM
+
+    run_dir, metrics = perturbed
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    records = read_jsonl(run_dir / GENERATIONS_FILE)
+    for record, kl in zip(records, metrics["per_generation"]["kl"]):
+        ids = torch.tensor([record["prompt_token_ids"] + record["policy_token_ids"]])
+        predicting_generated = slice(len(record["prompt_token_ids"]) - 1, -1)  # one unpadded sequence at a time
+        with torch.no_grad():
+            p = Categorical(logits=policy(ids).logits[0, predicting_generated])
+            q = Categorical(logits=reference(ids).logits[0, predicting_generated])
+        assert kl == pytest.approx(kl_divergence(p, q).sum().item(), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement with TRL's own DPOTrainer.evaluate on the same models and pairs
+
+
+def standard_rows(tokenizer, rows):
+    """TRL's standard format: the prompt rendered with the chat template, plain-text responses without eos."""
+    return [
+        {
+            "prompt": tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False),
+            "chosen": row["chosen"][0]["content"],
+            "rejected": row["rejected"][0]["content"],
+        }
+        for row in rows
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")  # raised inside TRL/transformers
+@pytest.mark.parametrize(
+    "data_format, max_length",
+    [("conversational", None), ("standard", None), ("conversational", 30)],
+    ids=["conversational", "standard", "max_length-drops-and-truncates"],
+)
+def test_metrics_agree_with_trl_dpo_trainer_evaluate(tiny_model_dir, tmp_path, data_format, max_length):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = EVAL_ROWS if data_format == "conversational" else standard_rows(tokenizer, EVAL_ROWS)
+    run_dir = make_run_dir(tmp_path / "run", tiny_model_dir, noise=0.05, rows=rows)
+    dpo = {"max_length": max_length} if max_length else {}
+    with pytest.warns(UserWarning, match="generations.jsonl"):  # none made here: KL and win-rate are skipped
+        metrics = evaluate_run(make_params(tiny_model_dir, **dpo), run_dir)
+    assert "kl" not in metrics and "win_rate" not in metrics
+
+    trainer = DPOTrainer(
+        model=str(run_dir / "merged"),
+        ref_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=DPOConfig(
+            output_dir=str(tmp_path / "trl"), report_to="none", bf16=False, use_cpu=True, beta=BETA,
+            per_device_eval_batch_size=len(rows), **dpo,  # one batch: TRL's per-batch mean is the per-pair mean
+        ),  # fmt: skip
+        train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    trl_examples = trainer.eval_dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
+    assert metrics["num_pairs"] == len(trl_examples) == len(rows) - metrics["num_pairs_dropped"]
+    if max_length:
+        assert metrics["num_pairs_dropped"] > 0  # the system-prompt rows; the others are truncated
+    kept = [tokenize_pair(tokenizer, row) for row in rows]
+    assert [e for e in kept if len(e["prompt_ids"]) < (max_length or 10**9)] == trl_examples
+
+    trl_metrics = trainer.evaluate()
+    for key in TRL_METRICS:
+        assert metrics[key] == pytest.approx(trl_metrics[f"eval_{key}"], rel=1e-4, abs=1e-5), key
+    assert metrics["loss/sigmoid"] == pytest.approx(trl_metrics["eval_loss"], rel=1e-4)
+
+
+def test_max_pairs_limits_the_held_out_pairs(tiny_model_dir, perturbed):
+    run_dir, _ = perturbed
+    params = make_params(tiny_model_dir)
+    params.evaluate.max_pairs = 3
+    metrics = evaluate_run(params, run_dir)
+    assert metrics["num_pairs"] == 3 and len(metrics["per_pair"]["reward_margins"]) == 3
+
+
+def test_plot_evaluation_draws_margins_rewards_and_verdicts(perturbed):
+    _, metrics = perturbed
+    figure = plot_evaluation(metrics)
+    assert len(figure.axes) == 3
+    assert "win-rate" in figure.axes[2].get_title()
+    assert sum(len(axis.patches) for axis in figure.axes[:2]) > 0  # histograms were drawn
+
+    without_generations = {k: v for k, v in metrics.items() if not k.startswith(("win_rate", "kl"))}
+    assert not plot_evaluation(without_generations).axes[2].axison
