@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dpo_kit.chat_templates import resolve_chat_template
 from dpo_kit.hardware import HardwareChoice, choose_hardware, resolve_dtype
 from dpo_kit.params import Params
 
@@ -40,12 +41,14 @@ def hub_kwargs(params: Params) -> dict:
 
 
 def load_tokenizer(source: str, params: Params):
-    """Tokenizer with a pad token (eos as fallback) and a chat template check."""
+    """Tokenizer with a pad token (eos as fallback) and params.model.chat_template applied when set."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs(params))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if params.model.chat_template:
+        tokenizer.chat_template = resolve_chat_template(params.model.chat_template)
     return tokenizer
 
 

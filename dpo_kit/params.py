@@ -9,8 +9,8 @@ against that dataclass's own fields and types, so it never drifts from the insta
 from __future__ import annotations
 
 import dataclasses
-import enum
 import difflib
+import enum
 import functools
 import typing
 from pathlib import Path
@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from dpo_kit.chat_templates import resolve_chat_template
 
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 DATA_FORMATS = ("standard", "conversational", "hh-rlhf", "orca", "truthy", "columns")
@@ -68,6 +70,19 @@ class ModelParams(Section):
         "auto", description="Weight dtype to load; 'auto' picks bf16 on bf16-capable GPUs, else fp16 on GPU, fp32 on CPU."
     )
     attn_implementation: str | None = Field(None, description="e.g. 'sdpa' or 'flash_attention_2'; None = default.")
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for a base model that has none: a preset (chatml, human-assistant,"
+        " instruct-output) or a Jinja string. Replaces the tokenizer's own; None keeps it.",
+    )
+
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_preset_or_jinja(cls, value: str | None) -> str | None:
+        if value is not None:
+            resolve_chat_template(value)  # raises, naming the presets
+        return value
 
 
 class ColumnMap(Section):

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpo_kit.chat_templates import CHAT_TEMPLATE_PRESETS
+
 # ChatML, as Qwen2 / OpenHermes use it. A rendered assistant turn ends in <|im_end|>, which is also
 # the eos token, so TRL must not append a second eos (trl#1073, #2054, #4481): our tests check that.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+CHATML_TEMPLATE = CHAT_TEMPLATE_PRESETS["chatml"]
 PAD_TOKEN, BOS_OF_TURN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 

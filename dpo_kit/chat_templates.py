@@ -1,0 +1,39 @@
+"""Chat templates the kit can put on a tokenizer: ChatML for the tiny model, and presets for base models."""
+
+from __future__ import annotations
+
+# Templates for base models that ship none. Each assistant turn ends in eos, so generation stops there and
+# TRL's conversational path (which adds no eos of its own) trains the model to stop.
+CHAT_TEMPLATE_PRESETS = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # Anthropic HH transcripts: the shape hh-rlhf is written in and base models were trained near.
+    "human-assistant": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] }}"
+        "{% elif message['role'] == 'user' %}{{ '\n\nHuman: ' + message['content'] }}"
+        "{% else %}{{ '\n\nAssistant: ' + message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
+    ),
+    # phi-2's documented QA format.
+    "instruct-output": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\n' }}"
+        "{% elif message['role'] == 'user' %}{{ 'Instruct: ' + message['content'] + '\n' }}"
+        "{% else %}{{ 'Output: ' + message['content'] + eos_token + '\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'Output:' }}{% endif %}"
+    ),
+}
+
+
+def resolve_chat_template(value: str) -> str:
+    if value in CHAT_TEMPLATE_PRESETS:
+        return CHAT_TEMPLATE_PRESETS[value]
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(
+        f"model.chat_template: '{value}' is neither a preset ({', '.join(CHAT_TEMPLATE_PRESETS)}) nor a Jinja template"
+    )

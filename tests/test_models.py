@@ -1,0 +1,45 @@
+"""Model and tokenizer loading shared by every stage: chat-template presets and hub arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpo_kit.formats import from_hh_rlhf
+from dpo_kit.models import hub_kwargs, load_tokenizer
+from dpo_kit.params import ParamsError, load_params
+
+TINY = Path(__file__).resolve().parent.parent / "params" / "tiny.yaml"
+
+
+def test_human_assistant_preset_renders_hh_rows_back_into_their_transcript(tiny_model_dir):
+    params = load_params(TINY, ["model.chat_template=human-assistant"])
+    tokenizer = load_tokenizer(str(tiny_model_dir), params)
+    transcript = "\n\nHuman: Is tea healthy?\n\nAssistant: In moderation, yes.\n\nHuman: How much?\n\nAssistant: Up to four cups a day."
+    row = from_hh_rlhf({"chosen": transcript, "rejected": transcript.replace("Up to four cups a day.", "Whatever.")})
+    prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
+    # Every assistant turn ends in eos (as ChatML's turns end in <|im_end|>); without them it is the transcript.
+    eos = tokenizer.eos_token
+    assert prompt.replace(eos, "") == transcript[: transcript.rindex("\n\nAssistant:") + len("\n\nAssistant:")]
+    assert full.replace(eos, "") == transcript and full.endswith(eos)
+    assert full.startswith(prompt)
+
+
+def test_instruct_output_preset_and_unknown_preset(tiny_model_dir):
+    params = load_params(TINY, ["model.chat_template=instruct-output"])
+    tokenizer = load_tokenizer(str(tiny_model_dir), params)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False, add_generation_prompt=True)
+    assert text == "Instruct: 2+2?\nOutput:"
+    with pytest.raises(ParamsError, match="model.chat_template.*chatml, human-assistant, instruct-output"):
+        load_params(TINY, ["model.chat_template=alpaca"])
+
+
+def test_remote_code_is_off_and_the_token_comes_from_the_environment_only(monkeypatch):
+    params = load_params(TINY)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert hub_kwargs(params) == {"trust_remote_code": False}
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    assert hub_kwargs(load_params(TINY, ["model.trust_remote_code=true"])) == {
+        "trust_remote_code": True, "token": "hf_from_env"}
