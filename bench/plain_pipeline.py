@@ -1,7 +1,7 @@
 """The five stages' work as one plain Python process: the baseline that bench/pipeline.py compares with.
 
 It makes the same library calls as the notebooks, in the same order, with the same params, so
-the difference in time is the notebook machinery itself.
+the difference in time is the notebook machinery itself. It saves the same plots, without display.
 
     .venv/bin/python bench/plain_pipeline.py params/tiny.yaml --set run.name=plain
 """
@@ -15,13 +15,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dpo_kit.data import prepare_data  # noqa: E402
-from dpo_kit.evaluate import evaluate_run  # noqa: E402
+from dpo_kit.data import plot_token_lengths, prepare_data  # noqa: E402
+from dpo_kit.evaluate import evaluate_run, plot_evaluation  # noqa: E402
 from dpo_kit.generate import generate_comparisons  # noqa: E402
 from dpo_kit.merge import merge_adapter  # noqa: E402
 from dpo_kit.models import load_tokenizer, model_source  # noqa: E402
 from dpo_kit.stage import open_stage  # noqa: E402
-from dpo_kit.train import train_dpo  # noqa: E402
+from dpo_kit.train import plot_training_curves, train_dpo  # noqa: E402
 
 
 def main() -> None:
@@ -34,11 +34,14 @@ def main() -> None:
     stage = opened("format")
     tokenizer = load_tokenizer(model_source(stage.params, stage.project_dir), stage.params)
     report = prepare_data(stage.params, tokenizer, stage.run_dir, stage.project_dir)
+    plot_token_lengths(report).savefig(stage.path("token_lengths.png"), dpi=110)
     stage.record(data=report.to_dict())
     stage.complete()
 
     stage = opened("train")
-    stage.complete(**train_dpo(stage).summary())
+    result = train_dpo(stage)
+    plot_training_curves(result.log_history, stage.path("training_curves.png"))
+    stage.complete(**result.summary())
 
     stage = opened("merge")
     stage.complete(**merge_adapter(stage).to_dict())
@@ -48,7 +51,8 @@ def main() -> None:
     stage.complete()
 
     stage = opened("evaluate")
-    evaluate_run(stage.params, stage.run_dir, stage.project_dir)
+    metrics = evaluate_run(stage.params, stage.run_dir, stage.project_dir)
+    plot_evaluation(metrics).savefig(stage.path("evaluation.png"), dpi=110)
     stage.complete()
 
 

@@ -11,6 +11,7 @@ say what happened to each row.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -184,13 +185,11 @@ class PairLengths:
         return max(self.prompt_chosen, self.prompt_rejected)
 
 
-def _common_prefix_length(ids: list[int], other: list[int]) -> int:
-    length = 0
-    for token, other_token in zip(ids, other):
-        if token != other_token:
-            break
-        length += 1
-    return length
+
+
+def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
+    """How many leading tokens two id lists share: where TRL starts the completion."""
+    return len(os.path.commonprefix([ids, other_ids]))
 
 
 def _token_ids(rows: list[dict], tokenizer, eos_token: str | None) -> tuple[list, list, list]:
@@ -221,7 +220,7 @@ def _token_ids(rows: list[dict], tokenizer, eos_token: str | None) -> tuple[list
 
 
 def _lengths(prompt_ids, chosen_ids, rejected_ids, traits: TokenizerTraits, tokenizer) -> PairLengths:
-    prompt_len = min(_common_prefix_length(prompt_ids, chosen_ids), _common_prefix_length(prompt_ids, rejected_ids))
+    prompt_len = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
     completions = (chosen_ids[prompt_len:], rejected_ids[prompt_len:])
     is_prefix = prompt_len == len(prompt_ids)
     return PairLengths(

@@ -13,7 +13,12 @@ def _run(args) -> int:
 
     try:
         run_dir = run_pipeline(
-            args.params, args.set, parse_stages(args.stages), overwrite=args.overwrite, progress=not args.quiet
+            args.params,
+            args.set,
+            parse_stages(args.stages),
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            isolate_stages=args.isolate_stages,
         )
     except (RunError, ParamsError, FileNotFoundError) as error:
         print(f"dpo-kit run: {error}", file=sys.stderr)
@@ -53,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--stages", help="comma-separated subset of format,train,merge,generate,evaluate")
     run.add_argument("--overwrite", action="store_true", help="archive an existing run of this name and start again")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--isolate-stages",
+        action="store_true",
+        help="one kernel per stage instead of one shared kernel: slower start, all memory freed between stages",
+    )
     run.set_defaults(handler=_run)
 
     validate = commands.add_parser("validate", help="check a params file without running anything")

@@ -25,6 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dpo_kit.audit import common_prefix_length
+
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 # Only these losses have a noisy-label parameter; for ipo and hinge a non-zero value would be silently
 # meaningless (TRL ignores it), so it is refused instead.
@@ -164,13 +166,6 @@ def dpo_metrics(
 # --------------------------------------------------------------------------------------------------
 
 
-def _common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
-    length = 0
-    for a, b in zip(ids, other_ids):
-        if a != b:
-            break
-        length += 1
-    return length
 
 
 def _chat_ids(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
@@ -200,7 +195,7 @@ def tokenize_pair(row: dict, tokenizer) -> dict[str, list[int]]:
         prompt_ids = _text_ids(tokenizer, prompt)
         chosen_full = _text_ids(tokenizer, prompt + chosen + ("" if chosen.endswith(eos) else eos))
         rejected_full = _text_ids(tokenizer, prompt + rejected + ("" if rejected.endswith(eos) else eos))
-    prompt_len = min(_common_prefix_length(prompt_ids, chosen_full), _common_prefix_length(prompt_ids, rejected_full))
+    prompt_len = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
     return {
         "prompt_ids": prompt_ids[:prompt_len],
         "chosen_ids": chosen_full[prompt_len:],

@@ -153,9 +153,11 @@ def final_train_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
 
 def plot_training_curves(history: list[dict[str, Any]], path: str | Path | None = None):
     """Loss, rewards/margins and rewards/accuracies against step; saved to `path` when given."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    figure, axes = plt.subplots(1, len(PLOTTED_METRICS), figsize=(4.2 * len(PLOTTED_METRICS), 3.2))
+    # A bare Figure (not pyplot): nothing global to close, and it shows inline once, as a cell's value.
+    figure = Figure(figsize=(4.2 * len(PLOTTED_METRICS), 3.2))
+    axes = figure.subplots(1, len(PLOTTED_METRICS))
     for axis, metric in zip(axes, PLOTTED_METRICS):
         for prefix, style in (("", "-o"), ("eval_", "--s")):
             rows = [row for row in history if prefix + metric in row]

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
-import torch
+from run_dirs import make_run_dir as make_shared_run_dir
 
 from dpo_kit.bundled import bundled_preference_rows
 from dpo_kit.generate import GENERATIONS_FILE, generate_comparisons, read_jsonl, side_by_side_table
@@ -23,22 +20,7 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def make_run_dir(path, base_dir, noise: float):
-    """A run directory with held-out pairs and merged/ = the base with seeded Gaussian noise on every weight."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    (path / "data").mkdir(parents=True)
-    (path / "data" / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in EVAL_ROWS))
-    if noise == 0.0:
-        shutil.copytree(base_dir, path / "merged")
-        return path
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for weight in model.parameters():
-            weight.add_(noise * torch.randn(weight.shape, generator=generator))
-    model.save_pretrained(path / "merged")
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(path / "merged")
-    return path
+    return make_shared_run_dir(path, base_dir, noise, EVAL_ROWS)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from dpo_kit.cli import main
@@ -42,6 +43,17 @@ def test_run_directory_holds_every_output(tiny_run):
     assert executed == ["01_format_data.ipynb", "02_train_dpo.ipynb", "03_merge.ipynb", "04_generate.ipynb",
                         "05_evaluate.ipynb"]
     assert not list((run_dir / "merged").glob("*.bin")), "weights are saved as safetensors only"
+
+
+def shows_an_image(path: Path) -> bool:
+    notebook = nbformat.read(path, as_version=4)
+    return any("image/png" in output.get("data", {}) for cell in notebook.cells for output in cell.get("outputs", []))
+
+
+def test_stage_notebooks_show_their_plots_inline(tiny_run):
+    run_dir, _ = tiny_run
+    for name in ["01_format_data", "02_train_dpo", "05_evaluate"]:
+        assert shows_an_image(run_dir / "notebooks" / f"{name}.ipynb"), name
 
 
 def test_manifest_records_stages_hardware_versions_and_data(tiny_run):
@@ -111,4 +123,5 @@ def test_a_notebook_runs_under_plain_papermill_with_p(tmp_path, tiny_model_dir):
                "-y", f"overrides: ['model.name_or_path={tiny_model_dir}']", "--no-progress-bar"]
     subprocess.run(command, check=True, cwd=REPO, capture_output=True)
     assert (tmp_path / "run" / "data" / "train.jsonl").exists()
+    assert shows_an_image(output)
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["format"]["status"] == "completed"

@@ -27,9 +27,8 @@ def formatted_run(tmp_path, tiny_model_dir, *extra):
 
 
 def test_build_dpo_config_follows_hardware_unless_params_say_otherwise(tmp_path):
-    from dpo_kit.hardware import HardwareChoice
+    from dpo_kit.hardware import HardwareChoice, choose_hardware
     from dpo_kit.params import load_params
-    from dpo_kit.hardware import choose_hardware
     from dpo_kit.train import build_dpo_config, dpo_config_kwargs, precision_record
 
     # A GPU choice is checked on its kwargs: transformers refuses bf16 configs on a machine without bf16.
