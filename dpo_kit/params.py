@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import enum
 import functools
+import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -315,9 +317,34 @@ def _describe(error: dict, source: str) -> str:
     return f"{source}: {location}: {error['msg']} (got {error.get('input')!r})"
 
 
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+# Shapes of Hugging Face user tokens and W&B API keys: refused even when they are not in the environment here.
+SECRET_PATTERNS = (re.compile(r"^hf_[A-Za-z0-9]{30,}$"), re.compile(r"^[0-9a-f]{40}$"))
+
+
+def find_secret_values(raw: Any, path: str = "") -> list[str]:
+    """Dotted keys whose value is a secret: one from the environment or shaped like a token."""
+    if isinstance(raw, dict):
+        return [key for k, v in raw.items() for key in find_secret_values(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(raw, list):
+        return [key for i, v in enumerate(raw) for key in find_secret_values(v, f"{path}[{i}]")]
+    if isinstance(raw, str):
+        known = {os.environ[name] for name in SECRET_ENV_VARS if len(os.environ.get(name, "")) >= 8}
+        if raw in known or any(pattern.match(raw) for pattern in SECRET_PATTERNS):
+            return [path]
+    return []
+
+
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections (run, model, data, ...), got {type(raw).__name__}")
+    secrets = find_secret_values(raw)
+    if secrets:
+        raise ParamsError(
+            f"{source}: {', '.join(secrets)} holds a secret (a token or API key). Secrets never go in params files,"
+            f" which are copied into the run and into executed notebooks: set {' / '.join(SECRET_ENV_VARS)} in the"
+            " environment instead."
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as error:

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from dpo_kit import manifest as mf
-from dpo_kit.params import check_local_files, load_params, save_params
+from dpo_kit.params import SECRET_ENV_VARS, check_local_files, load_params, save_params
 from dpo_kit.stage import run_dir_for
 
 STAGE_NOTEBOOKS = {
@@ -24,7 +24,6 @@ STAGE_NOTEBOOKS = {
     "generate": "04_generate.ipynb",
     "evaluate": "05_evaluate.ipynb",
 }
-SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 # Run between stages in the shared kernel: a fresh namespace, so no notebook can lean on another's variables
 # (each must still run alone), and no model or figure from an earlier stage is kept alive.
 RESET_NAMESPACE = (

@@ -133,3 +133,14 @@ def test_resolved_params_round_trip(tmp_path):
     params = load_params(REPO / "params/tiny.yaml", ["dpo.beta=0.3"])
     saved = save_params(params, tmp_path / "params.yaml")
     assert load_params(saved) == params
+
+
+def test_secrets_in_params_are_refused_naming_the_key(monkeypatch):
+    raw = raw_tiny()
+    raw["merge"]["hub_model_id"] = "hf_" + "a" * 34
+    message = error_for(raw)
+    assert "merge.hub_model_id holds a secret" in message and "HF_TOKEN" in message
+    monkeypatch.setenv("WANDB_API_KEY", "my-wandb-key-from-env")
+    raw = raw_tiny()
+    raw["tracking"]["project"] = "my-wandb-key-from-env"
+    assert "tracking.project holds a secret" in error_for(raw)
