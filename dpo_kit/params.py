@@ -390,9 +390,11 @@ def params_to_dict(params: Params) -> dict[str, Any]:
     return params.model_dump(mode="json")
 
 
-def save_params(params: Params, path: str | Path) -> Path:
+def save_params(params: Params | dict[str, Any], path: str | Path) -> Path:
+    """Write resolved params (a Params, or the dict of one) as YAML."""
     path = Path(path)
-    path.write_text(yaml.safe_dump(params_to_dict(params), sort_keys=False))
+    resolved = params_to_dict(params) if isinstance(params, Params) else params
+    path.write_text(yaml.safe_dump(resolved, sort_keys=False))
     return path
 
 

@@ -56,3 +56,16 @@ def test_secret_values_from_the_environment_are_found_in_run_files(tmp_path, mon
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "notebooks" / "leak.ipynb").write_text('{"token": "hf_abcdefghijklmnop"}')
     assert find_secrets(tmp_path) == [str(tmp_path / "notebooks" / "leak.ipynb")]
+
+
+def test_shared_kernel_reset_leaves_no_user_names_or_outputs(tmp_path):
+    from dpo_kit.runner import SharedKernel
+
+    kernel = SharedKernel(tmp_path)
+    try:
+        kernel.run_cell("stage = 'format'\nimport json\n40 + 2")
+        kernel.reset()
+        cell = kernel.run_cell("print(sorted(n for n in ('stage', 'json', '_name', 'sys') if n in dir()), len(Out))")
+        assert cell.outputs[0]["text"].strip() == "[] 0"
+    finally:
+        kernel.shutdown()
