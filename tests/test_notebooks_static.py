@@ -31,6 +31,8 @@ def test_notebook_is_thin_and_committed_clean(path):
         ast.literal_eval(statement.value)  # raises unless the value is a literal
     for line in tagged[0].source.splitlines():
         assert "#" in line, f"every parameter carries a comment: {line!r}"
+        # papermill's parameter inspection skips a line with a second '=', hiding it from --help-notebook.
+        assert line.count("=") == 1, f"no '=' in a parameter's value or comment: {line!r}"
     for cell in code:
         assert not cell.get("outputs") and cell.get("execution_count") is None, "committed without outputs"
         python = TransformerManager().transform_cell(cell.source)  # %magics become plain calls
