@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install dpo-kit into it. Idempotent: a second call only checks.
+# Create .venv and install dpo-kit into it. Idempotent: once pyproject.toml's dependencies are installed,
+# a second call only checks (a stamp named after pyproject.toml's hash records what was installed).
 # torch is installed first and pinned, so that a CPU-only machine gets the CPU wheel and never pulls
 # the multi-GB CUDA packages a bare `torch` requirement resolves to; pyproject's range is then met.
 set -euo pipefail
@@ -21,11 +22,17 @@ if ! python -c "import torch" 2>/dev/null; then
       --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-if ! python -c "import dpo_kit, trl, peft, papermill, nbval" 2>/dev/null; then
+stamp=".venv/.dpo-kit-installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
   python -m pip install -q -e ".[dev]"
+  rm -f .venv/.dpo-kit-installed-* && touch "$stamp"
 fi
 python - <<'PY'
+from importlib import metadata
+
 import torch
-cuda = [p for p in __import__("importlib.metadata").metadata.distributions() if (p.metadata["Name"] or "").startswith("nvidia-")]
-print(f"dpo-kit setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, nvidia wheels: {len(cuda)}")
+
+cuda_wheels = [d for d in metadata.distributions() if (d.metadata["Name"] or "").startswith("nvidia-")]
+print(f"dpo-kit setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()},"
+      f" nvidia wheels installed: {len(cuda_wheels)}")
 PY

@@ -24,3 +24,15 @@ def test_environment_yml_mirrors_pyproject():
     have = requirement_names(pip_section)
     have["torch"] = next(d for d in conda if d.startswith("pytorch")).replace("pytorch", "torch")
     assert have == wanted
+
+
+def test_a_machine_without_a_gpu_got_no_cuda_wheels():
+    """scripts/setup.sh pins torch before anything else; a bare `torch` requirement would pull GBs of CUDA."""
+    from importlib import metadata
+
+    import torch
+
+    if torch.cuda.is_available():
+        return  # on a GPU machine the CUDA wheels are wanted
+    cuda = sorted(d.metadata["Name"] for d in metadata.distributions() if (d.metadata["Name"] or "").startswith("nvidia-"))
+    assert cuda == [] and "+cpu" in torch.__version__
