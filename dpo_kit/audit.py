@@ -296,7 +296,9 @@ def audit_rows(
     `convert` maps a source row to the conversational shape (see dpo_kit.formats.converter). Kept rows are
     in `output_format` ('conversational' or 'standard'), in source order.
     """
-    from dpo_kit.formats import render_standard  # formats imports DropRow from this module
+    from dpo_kit.formats import (
+        render_standard,  # formats imports DropRow from this module
+    )
 
     traits = tokenizer_traits(tokenizer)
     result = AuditResult(rows_read=len(raw_rows))

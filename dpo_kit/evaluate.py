@@ -187,7 +187,7 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     run_dir = Path(run_dir)
-    beta = params.dpo.get("beta", 0.1)
+    beta = params.dpo.get("beta", dpo_config_defaults()["beta"])
     tokenizer = load_tokenizer(str(run_dir / "merged"), params)  # the one generate.py used
     examples, dropped = held_out_examples(params, run_dir, tokenizer)
     max_length, truncation_mode = trl_truncation(params)

@@ -3,6 +3,8 @@
 Merging into quantized weights is lossy or fails (trl#1324, peft#2321), so the base is always
 reloaded unquantized, whatever the training used. The merge is checked, not assumed: the merged
 model's logits must equal the adapter model's on a probe batch, and again after a save/reload.
+With full fine-tuning there is no adapter: trained/ is exported in merge.dtype, with the same checks
+against the fp32 trained weights.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ from pathlib import Path
 
 from dpo_kit.params import Params
 
-HALF_PRECISION_ATOL = 5e-2  # fp16/bf16 rounding alone moves logits by ~1e-2
+HALF_PRECISION_RTOL = 2e-2  # of the largest |logit|: fp16/bf16 rounding of merged weights alone moves logits
 
 
 @dataclass
 class MergeResult:
     merged_dir: str
     dtype: str
-    max_abs_logit_diff: float  # adapter model vs merged model, same probe batch
+    max_abs_logit_diff: float  # trained model (adapter on base, or full fp32) vs merged model, same probe batch
     max_abs_reload_diff: float  # merged model vs its saved-and-reloaded copy
     tolerance: float
     pushed_to: str | None
@@ -51,90 +53,83 @@ def probe_prompts(run_dir: Path, count: int = 4) -> list[str]:
     return prompts or ["How do I bake bread?", "What is DPO?"]
 
 
-def max_logit_diff(model_a, model_b, batch) -> float:
+def logits_of(model, batch):
     import torch
 
     with torch.no_grad():
-        a = model_a(**batch).logits.float()
-        b = model_b(**batch).logits.float()
-    mask = batch["attention_mask"].bool()
-    return float((a - b).abs()[mask].max())
+        return model(**batch.to(model.device)).logits.float()
+
+
+def tolerance_for(logits, dtype, params: Params) -> float:
+    """verify_atol in fp32; in half precision, relative to the logits' scale.
+
+    Merging rounds every merged weight to fp16/bf16, and across 32 layers of a 7B model that moves
+    large logits by more than any fixed absolute bound would allow, while still being a correct merge.
+    """
+    import torch
+
+    if dtype == torch.float32:
+        return params.merge.verify_atol
+    return max(params.merge.verify_atol, HALF_PRECISION_RTOL * float(logits.abs().max()))
+
+
+def max_masked_diff(a, b, batch) -> float:
+    return float((a - b).abs()[batch["attention_mask"].bool()].max())
 
 
 def merge_adapter(stage) -> MergeResult:
-    """Merge run_dir/adapter into the base, verify, save to run_dir/merged (safetensors), optionally push."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+    """Write run_dir/merged: the adapter merged into an unquantized base (LoRA), or the fully fine-tuned
+    model in merge.dtype. Either way the saved model's logits are checked against the trained model's."""
     from dpo_kit.models import load_causal_lm, load_tokenizer, model_source
 
     params: Params = stage.params
-    run_dir = stage.run_dir
-    merged_dir = run_dir / "merged"
-    if not params.lora.enabled:
-        return verify_full_model(stage)
-    adapter_dir = run_dir / "adapter"
-    if not adapter_dir.exists():
-        raise FileNotFoundError(f"no adapter at {adapter_dir}: run the train stage first (with lora.enabled)")
-    source = model_source(params, stage.project_dir)
-    tokenizer = load_tokenizer(str(adapter_dir), params)  # saved by train; carries the chat template
+    trained_dir = stage.run_dir / ("adapter" if params.lora.enabled else "trained")
+    if not trained_dir.exists():
+        raise FileNotFoundError(f"no trained model at {trained_dir}: run the train stage first")
+    tokenizer = load_tokenizer(str(trained_dir), params)  # saved by train; carries the chat template
     tokenizer.padding_side = "left"
-    dtype = params.merge.dtype
-    base = load_causal_lm(source, params, dtype=dtype, quantized=False, hardware=stage.hardware)
-    adapter_model = PeftModel.from_pretrained(base, str(adapter_dir))
-    adapter_model.eval()
-    batch = probe_batch(tokenizer, probe_prompts(run_dir)).to(adapter_model.device)
-    mask = batch["attention_mask"].bool()
-    # Adapter logits are taken before merging: merge_and_unload rewrites the base weights in place.
-    with torch.no_grad():
-        adapter_logits = adapter_model(**batch).logits.float()
-    merged = adapter_model.merge_and_unload()
-    merged.eval()
-    with torch.no_grad():
-        merged_logits = merged(**batch).logits.float()
-    merge_diff = float((adapter_logits - merged_logits).abs()[mask].max())
-    tolerance = params.merge.verify_atol if merged.dtype == torch.float32 else max(params.merge.verify_atol, HALF_PRECISION_ATOL)
-    if merge_diff > tolerance:
-        raise RuntimeError(f"merged logits differ from the adapter model's by {merge_diff:.2e} > {tolerance:.0e}")
+    batch = probe_batch(tokenizer, probe_prompts(stage.run_dir))
+    if params.lora.enabled:
+        from peft import PeftModel
 
-    merged.save_pretrained(merged_dir, safe_serialization=True)
+        base = load_causal_lm(model_source(params, stage.project_dir), params, dtype=params.merge.dtype,
+                              hardware=stage.hardware)  # never quantized, whatever training used
+        trained = PeftModel.from_pretrained(base, str(trained_dir)).eval()
+        # Taken before merging: merge_and_unload rewrites the base weights in place.
+        trained_logits = logits_of(trained, batch)
+        exported = trained.merge_and_unload().eval()
+    else:
+        trained_logits = logits_of(load_causal_lm(str(trained_dir), params, dtype="float32", hardware=stage.hardware), batch)
+        exported = load_causal_lm(str(trained_dir), params, dtype=params.merge.dtype, hardware=stage.hardware).eval()
+    return save_verified(stage, exported, tokenizer, trained_logits, batch)
+
+
+def save_verified(stage, model, tokenizer, trained_logits, batch) -> MergeResult:
+    """Compare, save as safetensors, reload and compare again; optionally push."""
+    from transformers import AutoModelForCausalLM
+
+    params, merged_dir = stage.params, stage.run_dir / "merged"
+    logits = logits_of(model, batch)
+    tolerance = tolerance_for(trained_logits, model.dtype, params)
+    merge_diff = max_masked_diff(trained_logits, logits, batch)
+    if merge_diff > tolerance:
+        raise RuntimeError(f"merged logits differ from the trained model's by {merge_diff:.2e} > {tolerance:.1e}")
+    model.save_pretrained(merged_dir, safe_serialization=True)
     tokenizer.padding_side = "right"
     tokenizer.save_pretrained(merged_dir)
-    reloaded = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=merged.dtype)
-    reload_diff = max_logit_diff(merged, reloaded.to(merged.device), batch)
+    reloaded = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=model.dtype).to(model.device)
+    reload_diff = max_masked_diff(logits, logits_of(reloaded, batch), batch)
     if reload_diff > tolerance:
-        raise RuntimeError(f"reloaded merged model differs by {reload_diff:.2e} > {tolerance:.0e}")
-
-    pushed_to = push_merged(params, merged, tokenizer) if params.merge.push_to_hub else None
+        raise RuntimeError(f"the reloaded merged model differs by {reload_diff:.2e} > {tolerance:.1e}")
+    pushed_to = push_merged(params, model, tokenizer) if params.merge.push_to_hub else None
     return MergeResult(
         merged_dir=str(merged_dir),
-        dtype=str(merged.dtype).removeprefix("torch."),
+        dtype=str(model.dtype).removeprefix("torch."),
         max_abs_logit_diff=merge_diff,
         max_abs_reload_diff=reload_diff,
         tolerance=tolerance,
         pushed_to=pushed_to,
     )
-
-
-def verify_full_model(stage) -> MergeResult:
-    """Full fine-tuning saved a standalone model to merged/ already: check it reloads to the same logits."""
-    from transformers import AutoModelForCausalLM
-
-    from dpo_kit.models import load_tokenizer
-
-    params, merged_dir = stage.params, stage.run_dir / "merged"
-    if not (merged_dir / "config.json").exists():
-        raise FileNotFoundError(f"no trained model at {merged_dir}: run the train stage first")
-    tokenizer = load_tokenizer(str(merged_dir), params)
-    tokenizer.padding_side = "left"
-    batch = probe_batch(tokenizer, probe_prompts(stage.run_dir))
-    model = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    again = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    reload_diff = max_logit_diff(model, again, batch)
-    pushed_to = push_merged(params, model, tokenizer) if params.merge.push_to_hub else None
-    return MergeResult(str(merged_dir), str(model.dtype).removeprefix("torch."), 0.0, reload_diff,
-                       params.merge.verify_atol, pushed_to)
 
 
 def push_merged(params: Params, model, tokenizer) -> str:

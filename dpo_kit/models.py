@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dpo_kit.chat_templates import resolve_chat_template
 from dpo_kit.hardware import HardwareChoice, choose_hardware, resolve_dtype
-from dpo_kit.params import Params
+from dpo_kit.params import Params, is_local_path
 
 
 def model_source(params: Params, project_dir: str | Path = ".") -> str:
@@ -23,10 +23,10 @@ def model_source(params: Params, project_dir: str | Path = ".") -> str:
 
         # Seed 0, not run.seed: the tiny model lives at a shared path and must be the same for every run.
         return str(ensure_tiny_model(local, seed=0))
-    if local.exists() or name.startswith((".", "/")):
-        if not local.exists():
-            raise FileNotFoundError(f"model.name_or_path: directory not found: {local}")
+    if local.exists():
         return str(local)
+    if is_local_path(name):
+        raise FileNotFoundError(f"model.name_or_path: directory not found: {local}")
     return name
 
 

@@ -19,13 +19,45 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dpo_kit.chat_templates import resolve_chat_template
 
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-DATA_FORMATS = ("standard", "conversational", "hh-rlhf", "orca", "truthy", "columns")
-TINY_MODEL_PATH = "runs/_tiny-chat-model"
+
+
+def is_local_path(name: str) -> bool:
+    """A data file or model directory on disk rather than a hub id.
+
+    Suffixes alone would misread hub ids such as 'jondurbin/truthy-dpo-v0.1' (suffix '.1'), so only the
+    data suffixes the kit reads, or an explicit ./ ../ / prefix, mark a local path.
+    """
+    return Path(name).suffix.lower() in LOCAL_DATA_SUFFIXES or name.startswith((".", "/"))
+
+
+def run_directory(project_dir: str | Path, output_dir: str, name: str) -> Path:
+    """<project_dir>/<run.output_dir>/<run.name>, absolute."""
+    return (Path(project_dir) / output_dir / name).resolve()
+
+
+def params_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every dotted key whose value differs between two params dicts."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += params_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return found
 
 # Keys of DPOConfig that the kit sets from other sections; setting them in `dpo` would fork the truth.
 DPO_KEYS_OWNED_ELSEWHERE = {
@@ -214,6 +246,12 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _cross_section_checks(self):
+        # A local file may be an export of the bundled task; a hub dataset never is.
+        if self.evaluate.judge == "rule" and self.data.source != "bundled" and not is_local_path(self.data.source):
+            raise ValueError(
+                "evaluate.judge 'rule' only scores the bundled task; name a reward model"
+                " (AutoModelForSequenceClassification id or path) for a hub dataset"
+            )
         if self.quantization.bits and not self.lora.enabled:
             raise ValueError("quantization.bits needs lora.enabled: quantized weights cannot be fully fine-tuned")
         return self
@@ -318,8 +356,9 @@ def _describe(error: dict, source: str) -> str:
 
 
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
-# Shapes of Hugging Face user tokens and W&B API keys: refused even when they are not in the environment here.
-SECRET_PATTERNS = (re.compile(r"^hf_[A-Za-z0-9]{30,}$"), re.compile(r"^[0-9a-f]{40}$"))
+# Hugging Face user tokens, refused even when none is in the environment here. (W&B keys are 40 hex digits,
+# like a commit hash that may pin a revision, so they are caught only by their value in the environment.)
+SECRET_PATTERNS = (re.compile(r"^hf_[A-Za-z0-9]{30,}$"),)
 
 
 def find_secret_values(raw: Any, path: str = "") -> list[str]:
@@ -401,11 +440,9 @@ def save_params(params: Params | dict[str, Any], path: str | Path) -> Path:
 def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
     """Files named in params must exist; raise naming the key and the path."""
     source = params.data.source
-    if source != "bundled" and (Path(source).suffix.lower() in LOCAL_DATA_SUFFIXES or source.startswith((".", "/"))):
-        path = Path(project_dir) / source
-        if not path.is_file():
-            raise ParamsError(f"data.source: file not found: {path}")
+    if source != "bundled" and is_local_path(source) and not (Path(project_dir) / source).is_file():
+        raise ParamsError(f"data.source: file not found: {Path(project_dir) / source}")
     name = params.model.name_or_path
-    if name.startswith((".", "/")) or Path(project_dir, name).exists():
-        if not Path(project_dir, name).exists() and not params.model.build_tiny_model:
-            raise ParamsError(f"model.name_or_path: directory not found: {Path(project_dir) / name}")
+    local_model = Path(project_dir) / name
+    if is_local_path(name) and not local_model.exists() and not params.model.build_tiny_model:
+        raise ParamsError(f"model.name_or_path: directory not found: {local_model}")

@@ -15,13 +15,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dpo_kit import manifest as mf
 from dpo_kit.params import (
     SECRET_ENV_VARS,
     ParamsError,
     check_local_files,
     load_params,
+    params_differences,
     params_to_dict,
+    run_directory,
     save_params,
 )
 
@@ -177,7 +181,8 @@ def find_secrets(run_dir: Path) -> list[str]:
         return []
     leaks = []
     for path in run_dir.rglob("*"):
-        if path.is_file() and path.suffix in {".ipynb", ".json", ".jsonl", ".yaml", ".bin", ".txt", ".md"}:
+        # Weight files of a 7B model are GBs and hold tensors only; everything else is read whole.
+        if path.is_file() and path.suffix != ".safetensors" and path.stat().st_size < 256 * 2**20:
             data = path.read_bytes()
             leaks += [str(path) for secret in secrets if secret.encode() in data]
     return leaks
@@ -208,25 +213,32 @@ def run_pipeline(
         )
         params, hardware = resolved["params"], resolved["hardware"]
         stages = stages or list(mf.STAGES)
-        run_dir = (project / params["run"]["output_dir"] / params["run"]["name"]).resolve()
+        run_dir = run_directory(project, params["run"]["output_dir"], params["run"]["name"])
         note = guard_existing_run(run_dir, stages, overwrite)
         if note:
             print(f"dpo-kit: {note}")
-        (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
         params_file = run_dir / "params.yaml"
-        if not params_file.exists():
-            save_params(params, params_file)
+        if params_file.exists():  # continuing a run: its stages must share one configuration
+            differences = params_differences(yaml.safe_load(params_file.read_text()) or {}, params)
+            if differences:
+                raise ParamsError(
+                    f"{params_file} differs from {params_path} + --set: {'; '.join(differences)}."
+                    " Stages of one run share one configuration; choose a new run.name for a different one."
+                )
+        (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+        save_params(params, params_file)
         if not mf.read_manifest(run_dir):
             mf.write_manifest(run_dir, mf.new_manifest(params["run"]["name"], params["run"]["seed"], project, hardware))
-        _execute_stages(stages, run_dir, params_file, project, source_notebooks, kernel, progress)
+        try:
+            _execute_stages(stages, run_dir, params_file, project, source_notebooks, kernel, progress)
+        finally:  # a failed run is scanned too: its notebooks hold tracebacks and outputs
+            leaks = find_secrets(run_dir)
+            if leaks:
+                mf.update_manifest(run_dir, status="failed", error="secret found in run files")
+                raise RunError(f"a secret from the environment was written into: {', '.join(sorted(set(leaks)))}")
     finally:
         if kernel is not None:
             kernel.shutdown()
-
-    leaks = find_secrets(run_dir)
-    if leaks:
-        mf.update_manifest(run_dir, status="failed", error="secret found in run files")
-        raise RunError(f"a secret from the environment was written into: {', '.join(sorted(set(leaks)))}")
     return run_dir
 
 

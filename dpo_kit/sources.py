@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dpo_kit.params import LOCAL_DATA_SUFFIXES, DataParams
+from dpo_kit.params import LOCAL_DATA_SUFFIXES, DataParams, is_local_path
 
 NETWORK_ERROR_NAMES = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError", "ConnectTimeout", "ReadTimeout"}
 
@@ -20,13 +20,8 @@ class SourceError(ValueError):
     """The data source cannot be read; the message names it and what would work instead."""
 
 
-def is_local_source(source: str) -> bool:
-    # Path suffixes alone would misread hub ids such as 'jondurbin/truthy-dpo-v0.1' (suffix '.1').
-    return Path(source).suffix.lower() in LOCAL_DATA_SUFFIXES or source.startswith((".", "/"))
-
-
 def describe_source(data: DataParams) -> str:
-    if data.source == "bundled" or is_local_source(data.source):
+    if data.source == "bundled" or is_local_path(data.source):
         return f"'{data.source}'"
     revision = f", revision {data.revision}" if data.revision else ""
     return f"hub dataset '{data.source}' (split {data.split}{revision})"
@@ -38,7 +33,7 @@ def read_rows(data: DataParams, project_dir: str | Path = ".") -> list[dict[str,
         from dpo_kit.bundled import bundled_preference_rows
 
         rows = bundled_preference_rows()
-    elif is_local_source(data.source):
+    elif is_local_path(data.source):
         rows = read_local_file(Path(project_dir) / data.source, data.max_rows)
     else:
         rows = read_hub_dataset(data.source, data.split, data.revision, data.max_rows)

@@ -15,7 +15,16 @@ from typing import Any
 import yaml
 
 from dpo_kit import manifest as mf
-from dpo_kit.params import Params, ParamsError, check_local_files, load_params, params_to_dict, save_params
+from dpo_kit.params import (
+    Params,
+    ParamsError,
+    check_local_files,
+    load_params,
+    params_differences,
+    params_to_dict,
+    run_directory,
+    save_params,
+)
 
 
 class StageError(RuntimeError):
@@ -49,19 +58,7 @@ class Stage:
 
 
 def run_dir_for(params: Params, project_dir: str | Path) -> Path:
-    return (Path(project_dir) / params.run.output_dir / params.run.name).resolve()
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    found = []
-    for key in keys:
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            found.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return found
+    return run_directory(project_dir, params.run.output_dir, params.run.name)
 
 
 def open_stage(
@@ -76,17 +73,19 @@ def open_stage(
 
     if name not in mf.STAGES:
         raise StageError(f"unknown stage '{name}'; valid stages: {', '.join(mf.STAGES)}")
+    # Relative paths resolve against the project, not the kernel's working directory, so the same
+    # defaults work in JupyterLab (cwd notebooks/) and under papermill started from the repo root.
     project = Path(project_dir).resolve()
-    params_file = Path(params_path) if Path(params_path).is_absolute() else Path.cwd() / params_path
+    params_file = project / params_path
     params = load_params(params_file, overrides)
     check_local_files(params, project)
-    run_path = Path(run_dir).resolve() if run_dir else run_dir_for(params, project)
+    run_path = (project / run_dir).resolve() if run_dir else run_dir_for(params, project)
     run_path.mkdir(parents=True, exist_ok=True)
 
     saved = run_path / "params.yaml"
     resolved = params_to_dict(params)
     if saved.exists():
-        differences = _differences(yaml.safe_load(saved.read_text()) or {}, resolved)
+        differences = params_differences(yaml.safe_load(saved.read_text()) or {}, resolved)
         if differences:
             raise ParamsError(
                 f"{saved} was written by an earlier stage of this run and differs from {params_file}"

@@ -2,7 +2,7 @@
 
 LoRA (peft) is the default, with the reference implicit: TRL disables the adapter to get reference
 log-probs, so no second model is loaded. QLoRA loads the base in 4/8-bit with bitsandbytes. With
-LoRA off, TRL loads a frozen reference copy from the same path (full fine-tuning).
+LoRA off (full fine-tuning), a frozen reference copy is loaded from the same source.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def precision_record(config) -> dict[str, Any]:
 class TrainResult:
     log_history: list[dict[str, Any]]
     final_metrics: dict[str, float]
-    model_dir: Path  # adapter/ for LoRA, merged/ for full fine-tuning
+    model_dir: Path  # adapter/ for LoRA, trained/ for full fine-tuning
     precision: dict[str, Any]
     trainable_parameters: int
     total_parameters: int
@@ -86,10 +86,12 @@ class TrainResult:
         }
 
 
-def _configure_tracking(params: Params) -> None:
-    # wandb reads its key from WANDB_API_KEY; we only name the project, never the key.
+def _configure_tracking(params: Params, run_dir: Path) -> None:
+    # wandb reads its key from WANDB_API_KEY; we only name the project (params are the truth) and keep
+    # its local files inside the run, where the runner's secret scan can see them.
     if "wandb" in params.tracking.report_to:
-        os.environ.setdefault("WANDB_PROJECT", params.tracking.project)
+        os.environ["WANDB_PROJECT"] = params.tracking.project
+        os.environ["WANDB_DIR"] = str(run_dir)
 
 
 def train_dpo(stage) -> TrainResult:
@@ -100,16 +102,22 @@ def train_dpo(stage) -> TrainResult:
     from dpo_kit.models import load_causal_lm, load_tokenizer, lora_config, model_source
 
     params, run_dir = stage.params, stage.run_dir
-    _configure_tracking(params)
+    _configure_tracking(params, run_dir)
     source = model_source(params, stage.project_dir)
     tokenizer = load_tokenizer(source, params)
     config = build_dpo_config(params, run_dir, stage.hardware)
-    model = load_causal_lm(source, params, quantized=True, hardware=stage.hardware)
+    # Full fine-tuning keeps fp32 master weights (bf16/fp16 stay autocast only): AdamW steps of ~1e-6 vanish
+    # in bf16 weights, and fp16 weights cannot be unscaled. LoRA's adapters are fp32 on any base dtype.
+    dtype = "float32" if not params.lora.enabled and params.model.dtype == "auto" else None
+    model = load_causal_lm(source, params, dtype=dtype, quantized=True, hardware=stage.hardware)
+    # Loaded here rather than by TRL, so it gets the same revision, trust_remote_code and dtype as the policy.
+    reference = None if params.lora.enabled else load_causal_lm(source, params, dtype=dtype, hardware=stage.hardware)
     train_dataset = load_split(run_dir, "train")
     eval_dataset = load_split(run_dir, "eval") if config.eval_strategy != "no" else None
 
     trainer = DPOTrainer(
         model=model,
+        ref_model=reference,
         args=config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -123,7 +131,7 @@ def train_dpo(stage) -> TrainResult:
         raise RuntimeError("no trainable parameters: check lora.target_modules against the model's module names")
     trainer.train()
 
-    model_dir = run_dir / ("adapter" if params.lora.enabled else "merged")
+    model_dir = run_dir / ("adapter" if params.lora.enabled else "trained")
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
     history = trainer.state.log_history

@@ -8,7 +8,13 @@ import pandas as pd
 import pytest
 
 from dpo_kit.audit import NoPairsLeftError
-from dpo_kit.data import dropped_summary_table, load_split, plot_token_lengths, prepare_data, split_rows
+from dpo_kit.data import (
+    dropped_summary_table,
+    load_split,
+    plot_token_lengths,
+    prepare_data,
+    split_rows,
+)
 from dpo_kit.formats import rebuild_hh_transcript
 from dpo_kit.params import parse_params
 from dpo_kit.sources import SourceError, read_rows
@@ -30,7 +36,8 @@ def tokenizer():
 def make_params(seed=42, **data):
     # data.max_length is set so the tests never need TRL's DPOConfig defaults.
     return parse_params(
-        {"run": {"name": "test-run", "seed": seed}, "model": {"name_or_path": "unused"}, "data": {"max_length": 256, **data}}
+        {"run": {"name": "test-run", "seed": seed}, "model": {"name_or_path": "unused"}, "data": {"max_length": 256, **data},
+         "evaluate": {"judge": "unused/reward-model"}}
     )
 
 

@@ -10,7 +10,13 @@ import torch
 from run_dirs import make_run_dir as make_shared_run_dir
 
 from dpo_kit.bundled import bundled_preference_rows
-from dpo_kit.evaluate import METRICS_FILE, evaluate_run, plot_evaluation, scalar_metrics, tokenize_pair
+from dpo_kit.evaluate import (
+    METRICS_FILE,
+    evaluate_run,
+    plot_evaluation,
+    scalar_metrics,
+    tokenize_pair,
+)
 from dpo_kit.generate import GENERATIONS_FILE, generate_comparisons, read_jsonl
 from dpo_kit.params import parse_params
 from dpo_kit.tiny_model import build_tiny_model

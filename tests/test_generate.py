@@ -6,7 +6,12 @@ import pytest
 from run_dirs import make_run_dir as make_shared_run_dir
 
 from dpo_kit.bundled import bundled_preference_rows
-from dpo_kit.generate import GENERATIONS_FILE, generate_comparisons, read_jsonl, side_by_side_table
+from dpo_kit.generate import (
+    GENERATIONS_FILE,
+    generate_comparisons,
+    read_jsonl,
+    side_by_side_table,
+)
 from dpo_kit.params import parse_params
 from dpo_kit.tiny_model import build_tiny_model
 

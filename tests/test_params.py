@@ -144,3 +144,12 @@ def test_secrets_in_params_are_refused_naming_the_key(monkeypatch):
     raw = raw_tiny()
     raw["tracking"]["project"] = "my-wandb-key-from-env"
     assert "tracking.project holds a secret" in error_for(raw)
+
+
+def test_rule_judge_is_only_for_the_bundled_task_and_commit_revisions_are_not_secrets():
+    raw = raw_tiny()
+    raw["data"]["source"] = "Intel/orca_dpo_pairs"
+    assert "evaluate.judge 'rule' only scores the bundled task" in error_for(raw)
+    raw = raw_tiny()
+    raw["model"]["revision"] = "0123456789abcdef0123456789abcdef01234567"
+    assert parse_params(raw).model.revision.startswith("0123")

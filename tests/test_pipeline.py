@@ -115,11 +115,21 @@ def test_a_failing_stage_names_itself_and_its_notebook(tmp_path, tiny_model_dir)
     assert manifest["status"] == "failed" and manifest["stages"]["merge"]["status"] == "failed"
 
 
+def test_continuing_a_run_with_other_params_is_refused(tmp_path, tiny_model_dir):
+    from dpo_kit.params import ParamsError
+
+    overrides = [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", "run.name=partial"]
+    run_pipeline(TINY, overrides, stages=["format"], project_dir=REPO, progress=False)
+    with pytest.raises(ParamsError, match="dpo.beta: 0.1 -> 0.5"):
+        run_pipeline(TINY, [*overrides, "dpo.beta=0.5"], stages=["train"], project_dir=REPO, progress=False)
+    assert not (tmp_path / "partial" / "adapter").exists()
+
+
 def test_a_notebook_runs_under_plain_papermill_with_p(tmp_path, tiny_model_dir):
-    """The README's plain-papermill invocation, for one stage."""
+    """The README's plain-papermill invocation, for one stage (an absolute run_dir keeps it out of the repo)."""
     output = tmp_path / "01.ipynb"
-    command = [sys.executable, "-m", "papermill", str(REPO / "notebooks" / "01_format_data.ipynb"), str(output),
-               "-p", "params_path", str(TINY), "-p", "project_dir", str(REPO), "-p", "run_dir", str(tmp_path / "run"),
+    command = [sys.executable, "-m", "papermill", "notebooks/01_format_data.ipynb", str(output),
+               "-p", "project_dir", ".", "-p", "run_dir", str(tmp_path / "run"),
                "-y", f"overrides: ['model.name_or_path={tiny_model_dir}']", "--no-progress-bar"]
     subprocess.run(command, check=True, cwd=REPO, capture_output=True)
     assert (tmp_path / "run" / "data" / "train.jsonl").exists()
