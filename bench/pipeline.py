@@ -6,12 +6,17 @@ notebook machinery (papermill, one kernel per stage, imports per kernel) differs
 times, peak memory of each process tree, their ratios, and per-stage time split into work done
 inside the notebook and overhead around it.
 
-    .venv/bin/python bench/pipeline.py            # targets: ratio <= 1.25, tiny end-to-end <= 60 s
+    .venv/bin/python bench/pipeline.py [--repeat 3]   # targets: ratio <= 1.25, tiny end-to-end <= 60 s
+
+The two sides alternate `--repeat` times and medians are reported: on a shared 2-core VM a single
+pair of runs varies by +-20%.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +59,9 @@ def run_measured(command: list[str]) -> tuple[float, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3, help="alternating runs of each side; medians reported")
+    repeat = parser.parse_args().repeat
     sys.path.insert(0, str(REPO))
     from dpo_kit.tiny_model import ensure_tiny_model
 
@@ -62,21 +70,26 @@ def main() -> None:
         model = ensure_tiny_model(scratch / "tiny-model")
         common = [f"run.output_dir={scratch}", f"model.name_or_path={model}"]
         sets = lambda name: [a for o in [*common, f"run.name={name}"] for a in ("--set", o)]  # noqa: E731
-
-        plain_seconds, plain_peak = run_measured([sys.executable, str(PLAIN_SCRIPT), "params/tiny.yaml", *sets("plain")])
-        kit_seconds, kit_peak = run_measured(
-            [str(Path(sys.executable).parent / "dpo-kit"), "run", "params/tiny.yaml", "--quiet", *sets("notebooks")]
-        )
-        notebook_manifest = json.loads((scratch / "notebooks" / "manifest.json").read_text())
-        plain_manifest = json.loads((scratch / "plain" / "manifest.json").read_text())
-        for name in ("plain", "notebooks"):
+        plain_runs, kit_runs = [], []
+        for attempt in range(repeat):
+            plain_runs.append(run_measured([sys.executable, str(PLAIN_SCRIPT), "params/tiny.yaml", *sets(f"plain-{attempt}")]))
+            kit_runs.append(run_measured(
+                [str(Path(sys.executable).parent / "dpo-kit"), "run", "params/tiny.yaml", "--quiet", *sets(f"notebooks-{attempt}")]
+            ))
+        plain_seconds, plain_peak = (statistics.median(values) for values in zip(*plain_runs))
+        kit_seconds, kit_peak = (statistics.median(values) for values in zip(*kit_runs))
+        print("wall times (s), plain:", [round(t, 1) for t, _ in plain_runs], " dpo-kit run:", [round(t, 1) for t, _ in kit_runs])
+        notebook_manifest = json.loads((scratch / "notebooks-0" / "manifest.json").read_text())
+        plain_manifest = json.loads((scratch / "plain-0" / "manifest.json").read_text())
+        for name in ("plain-0", "notebooks-0"):
             metrics = json.loads((scratch / name / "metrics.json").read_text())
-            print(f"{name:>9}: held-out rewards/accuracies {metrics.get('rewards/accuracies'):.3f}")
+            print(f"{name:>11}: held-out rewards/accuracies {metrics.get('rewards/accuracies'):.3f}")
 
-    print(f"\n{'':>24}{'plain script':>14}{'dpo-kit run':>14}{'ratio':>8}")
+    print(f"\nmedians of {repeat}")
+    print(f"{'':>24}{'plain script':>14}{'dpo-kit run':>14}{'ratio':>8}")
     print(f"{'wall time (s)':>24}{plain_seconds:>14.1f}{kit_seconds:>14.1f}{kit_seconds / plain_seconds:>8.2f}")
     print(f"{'peak memory (GiB)':>24}{plain_peak:>14.2f}{kit_peak:>14.2f}{kit_peak / plain_peak:>8.2f}")
-    print("\nper stage (s): work inside the stage | notebook wall time incl. kernel start + imports")
+    print("\nper stage (s), first run: work inside the stage | notebook wall time incl. cell round trips")
     for stage, entry in notebook_manifest["stages"].items():
         plain = plain_manifest["stages"][stage]["seconds"]
         print(f"{stage:>10}: plain {plain:6.1f} | notebook work {entry['seconds']:6.1f} | notebook wall {entry['wall_seconds']:6.1f}")
