@@ -108,7 +108,8 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"the tokenizer of model.name_or_path '{params.model.name_or_path}' has no chat template; both output"
-            " formats render prompts with it. Use a chat/instruct model or set tokenizer.chat_template."
+            " formats render prompts with it. Use a chat/instruct model, or set model.chat_template to a preset"
+            " (chatml, human-assistant, instruct-output) or a Jinja template."
         )
     data_dir = Path(run_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
