@@ -437,6 +437,21 @@ def save_params(params: Params | dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def save_or_check_params(resolved: dict[str, Any], path: str | Path, source: str) -> None:
+    """Write a run's params.yaml, or, when an earlier stage wrote it, refuse params that differ from it:
+    the stages of one run share one configuration."""
+    path = Path(path)
+    if not path.exists():
+        save_params(resolved, path)
+        return
+    differences = params_differences(yaml.safe_load(path.read_text()) or {}, resolved)
+    if differences:
+        raise ParamsError(
+            f"{path} was written when this run started and differs from {source}: {'; '.join(differences)}."
+            " Stages of one run share one configuration; choose a new run.name for a different one."
+        )
+
+
 def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
     """Files named in params must exist; raise naming the key and the path."""
     source = params.data.source

@@ -16,18 +16,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dpo_kit import manifest as mf
 from dpo_kit.params import (
     SECRET_ENV_VARS,
     ParamsError,
     check_local_files,
     load_params,
-    params_differences,
     params_to_dict,
     run_directory,
-    save_params,
+    save_or_check_params,
 )
 
 # nbformat validates notebooks with jsonschema, which compiles rfc3987_syntax's lark grammars when it
@@ -222,16 +219,9 @@ def run_pipeline(
         note = guard_existing_run(run_dir, stages, overwrite)
         if note:
             print(f"dpo-kit: {note}")
-        params_file = run_dir / "params.yaml"
-        if params_file.exists():  # continuing a run: its stages must share one configuration
-            differences = params_differences(yaml.safe_load(params_file.read_text()) or {}, params)
-            if differences:
-                raise ParamsError(
-                    f"{params_file} differs from {params_path} + --set: {'; '.join(differences)}."
-                    " Stages of one run share one configuration; choose a new run.name for a different one."
-                )
         (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-        save_params(params, params_file)
+        params_file = run_dir / "params.yaml"
+        save_or_check_params(params, params_file, f"{params_path} + --set")
         if not mf.read_manifest(run_dir):
             mf.write_manifest(run_dir, mf.new_manifest(params["run"]["name"], params["run"]["seed"], project, hardware))
         try:

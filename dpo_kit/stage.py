@@ -12,18 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dpo_kit import manifest as mf
 from dpo_kit.params import (
     Params,
-    ParamsError,
     check_local_files,
     load_params,
-    params_differences,
     params_to_dict,
     run_directory,
-    save_params,
+    save_or_check_params,
 )
 
 
@@ -82,18 +78,7 @@ def open_stage(
     run_path = (project / run_dir).resolve() if run_dir else run_dir_for(params, project)
     run_path.mkdir(parents=True, exist_ok=True)
 
-    saved = run_path / "params.yaml"
-    resolved = params_to_dict(params)
-    if saved.exists():
-        differences = params_differences(yaml.safe_load(saved.read_text()) or {}, resolved)
-        if differences:
-            raise ParamsError(
-                f"{saved} was written by an earlier stage of this run and differs from {params_file}"
-                f" (+ overrides): {'; '.join(differences)}. Stages of one run share one configuration;"
-                " choose a new run.name for a different one."
-            )
-    else:
-        save_params(params, saved)
+    save_or_check_params(params_to_dict(params), run_path / "params.yaml", f"{params_file} + overrides")
 
     hardware = choose_hardware()
     manifest = mf.read_manifest(run_path)
