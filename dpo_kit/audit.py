@@ -29,6 +29,7 @@ REASONS = {
     "duplicate": "an exact copy of an earlier (prompt, chosen, rejected) pair",
     "chat_template_error": "the model's chat template refused to render the conversation",
     "too_long": "prompt+response is longer than the max_length TRL trains with",
+    "score_gap_too_small": "the judge scored the best and worst sampled responses too closely to prefer one",
 }
 ROLES = ("system", "user", "assistant")
 

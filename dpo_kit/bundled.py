@@ -105,3 +105,33 @@ def bundled_corpus(seed: int = 0) -> list[str]:
         for key in ("prompt", "chosen", "rejected"):
             texts.extend(message["content"] for message in row[key])
     return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# Movie-review openings: the prompts of the controlled-sentiment experiment (DPO paper, section 6.1).
+# Each opening is neutral, so the model's continuation decides the review's sentiment.
+
+FILM_KINDS = [
+    "war drama", "romantic comedy", "horror film", "science fiction epic", "animated family film",
+    "courtroom thriller", "superhero movie", "period drama", "documentary", "heist movie",
+    "musical", "western", "spy thriller", "coming-of-age story", "disaster movie", "fantasy adventure",
+]
+REVIEW_OPENINGS = [
+    "The pacing of this movie was", "I went in expecting", "The lead actor", "By the second act,",
+    "The soundtrack", "Watching this film, I", "The dialogue in this film", "The cinematography",
+    "As the credits rolled, I", "The director's choice to", "Compared to the trailer,", "The ending of this film",
+    "My friends and I", "The special effects", "For a film of this length,", "The supporting cast",
+    "The script", "From the opening scene,", "The plot twist", "The villain",
+    "This is the kind of movie that", "The costumes and sets", "Honestly, the first hour", "The chemistry between the leads",
+]  # fmt: skip
+
+
+def movie_review_prompts(seed: int = 0) -> list[dict]:
+    """384 prompts (16 kinds of film x 24 openings), as single-user-message rows, in a seeded order."""
+    rows = [
+        {"prompt": [{"role": "user", "content": f"Continue this review of a {kind}: '{opening}'"}]}
+        for kind in FILM_KINDS
+        for opening in REVIEW_OPENINGS
+    ]
+    random.Random(seed).shuffle(rows)
+    return rows

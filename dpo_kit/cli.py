@@ -24,6 +24,13 @@ def _run(args) -> int:
         print(f"dpo-kit run: {error}", file=sys.stderr)
         return 1
     print(f"dpo-kit run: done; outputs in {run_dir}")
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        import json
+
+        from dpo_kit.evaluate import headline
+
+        print(f"dpo-kit run: {headline(json.loads(metrics.read_text()))}")
     return 0
 
 

@@ -5,6 +5,7 @@ stage reads the result back with `load_split`. Files written under `<run_dir>/da
 
 - train.jsonl, eval.jsonl: prompt/chosen/rejected rows in TRL's conversational (default) or standard format
 - dropped.jsonl: one line per dropped row: source index, reason code, detail and the row as read
+- samples.jsonl (data.source 'generate'): per prompt, every sampled response and its judge score
 - report.json: `DataReport.to_dict()`, the summary the manifest records
 """
 
@@ -114,13 +115,21 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
     data_dir = Path(run_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: data_dir / f"{name}.jsonl" for name in (*SPLITS, "dropped")}
-    for stale in [*paths.values(), data_dir / "report.json"]:
+    for stale in [*paths.values(), data_dir / "report.json", data_dir / "samples.jsonl"]:
         stale.unlink(missing_ok=True)  # a failed rerun must not leave the last run's split looking current
 
-    rows = read_rows(data, project_dir)
+    if data.source == "generate":
+        from dpo_kit.on_policy import ranked_pair, sample_scored_rows
+
+        rows = sample_scored_rows(params, tokenizer, project_dir)
+        _write_jsonl(data_dir / "samples.jsonl", rows)  # every sample and its score, kept or not
+        convert = ranked_pair(data.generate.min_score_gap)
+    else:
+        rows = read_rows(data, project_dir)
+        convert = converter(data.format, data.columns)
     result = audit_rows(
         rows,
-        converter(data.format, data.columns),
+        convert,
         tokenizer,
         max_length=params.max_length,
         output_format=data.output_format,

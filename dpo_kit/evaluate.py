@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 
 from dpo_kit.generate import GENERATIONS_FILE, free_memory, prompt_token_ids, read_jsonl
-from dpo_kit.judges import make_judge, win_rate_from_scores
+from dpo_kit.judges import make_judge, win_outcomes, win_rate_from_scores
 from dpo_kit.models import device_of, load_causal_lm, load_tokenizer, model_source
 from dpo_kit.params import Params, dpo_config_defaults
 
@@ -214,22 +214,68 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
     per_generation = {}
     if records:
         metrics.update(generation_metrics(records, kls))
-        judge = make_judge(params, project_dir)
-        prompts = [r["prompt"] for r in records]
-        per_generation = {
-            "kl": kls,
-            "policy_score": judge.score(prompts, [r["policy"] for r in records]),
-            "reference_score": judge.score(prompts, [r["reference"] for r in records]),
-        }
-        outcome = win_rate_from_scores(per_generation["policy_score"], per_generation["reference_score"])
+        policy_scores, reference_scores = judge_scores(params, records, project_dir)
+        per_generation = {"kl": kls, "policy_score": policy_scores, "reference_score": reference_scores}
+        outcome = win_rate_from_scores(policy_scores, reference_scores)
         metrics["judge"] = params.evaluate.judge
         metrics["win_rate"] = outcome.pop("win_rate")
         metrics.update({f"win_rate/{key}": value for key, value in outcome.items()})
-        metrics["judge/policy_score"] = sum(per_generation["policy_score"]) / len(records)
-        metrics["judge/reference_score"] = sum(per_generation["reference_score"]) / len(records)
+        low, high = bootstrap_interval(win_outcomes(policy_scores, reference_scores), params.evaluate.confidence, params.run.seed)
+        metrics.update({"win_rate/ci_low": low, "win_rate/ci_high": high, "win_rate/ci_level": params.evaluate.confidence})
+        metrics["judge/policy_score"] = sum(policy_scores) / len(records)
+        metrics["judge/reference_score"] = sum(reference_scores) / len(records)
+        for model in ("reference", "policy"):
+            texts = [r[model] for r in records]
+            metrics[f"text/{model}_words"] = sum(len(t.split()) for t in texts) / len(texts)
+            metrics[f"text/{model}_distinct_2"] = distinct_n(texts, 2)
+            metrics[f"text/{model}_repeated_3grams"] = sum(repeated_ngram_share(t, 3) for t in texts) / len(texts)
     metrics.update(per_pair=per_pair, per_generation=per_generation)
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def judge_scores(params: Params, records: list[dict], project_dir: str | Path) -> tuple[list[float], list[float]]:
+    """The judge's scores of policy and reference generations: those the generate stage stored, else scored now."""
+    if all("policy_score" in r and "reference_score" in r for r in records):
+        return [r["policy_score"] for r in records], [r["reference_score"] for r in records]
+    judge = make_judge(params, project_dir)
+    prompts = [r["prompt"] for r in records]
+    return judge.score(prompts, [r["policy"] for r in records]), judge.score(prompts, [r["reference"] for r in records])
+
+
+def bootstrap_interval(values: list[float], level: float = 0.95, seed: int = 0, resamples: int = 10_000) -> tuple[float, float]:
+    """Seeded percentile-bootstrap interval of the mean over prompts. Unlike mean +- 1.96 se it stays inside
+    [0, 1] near a win-rate of 1. When every outcome is equal it collapses to that point: no prompt disagreed,
+    which says nothing about prompts not tried, so read it with the number of prompts."""
+    import numpy as np
+
+    samples = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = samples[rng.integers(0, len(samples), size=(resamples, len(samples)))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def _tokens(text: str) -> list[str]:
+    return text.lower().split()
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Distinct n-grams over all n-grams in the texts (Li et al. 2016): low when outputs repeat phrases."""
+    grams = [tuple(words[i : i + n]) for words in map(_tokens, texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeated_ngram_share(text: str, n: int = 3) -> float:
+    """Share of a text's n-grams that already occurred earlier in the same text: 0 for fresh prose, near 1 for
+    a loop such as "particularly impressive, particularly impressive, ..."."""
+    words = _tokens(text)
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    seen, repeats = set(), 0
+    for gram in grams:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / len(grams) if grams else 0.0
 
 
 def generation_metrics(records: list[dict], kls: list[float]) -> dict:
@@ -241,6 +287,36 @@ def generation_metrics(records: list[dict], kls: list[float]) -> dict:
         "generate/policy_tokens": generated_tokens / len(records),
         "generate/reference_tokens": sum(len(r["reference_token_ids"]) for r in records) / len(records),
     }
+
+
+def before_after_table(metrics: dict):
+    """Reference (before DPO) against policy (after) on the held-out generations: judged reward, length and
+    repetition side by side, so a reward bought with repetition shows next to the reward itself."""
+    import pandas as pd
+
+    rows = {
+        f"judged reward ({metrics['judge']})": ("judge/reference_score", "judge/policy_score"),
+        "words per response": ("text/reference_words", "text/policy_words"),
+        "distinct-2 (higher = more varied)": ("text/reference_distinct_2", "text/policy_distinct_2"),
+        "repeated 3-grams (share)": ("text/reference_repeated_3grams", "text/policy_repeated_3grams"),
+    }
+    return pd.DataFrame(
+        {label: {"reference (before)": metrics[before], "policy (after DPO)": metrics[after]} for label, (before, after) in rows.items()}
+    ).T
+
+
+def headline(metrics: dict) -> str:
+    """One line with the numbers a reader looks for first."""
+    parts = [f"held-out implicit-reward accuracy {metrics['rewards/accuracies']:.2f} on {metrics['num_pairs']} pairs"]
+    if "win_rate" in metrics:
+        parts = [
+            f"judged reward {metrics['judge/reference_score']:.2f} -> {metrics['judge/policy_score']:.2f}",
+            f"win-rate {metrics['win_rate']:.2f} [{metrics['win_rate/ci_low']:.2f}, {metrics['win_rate/ci_high']:.2f}]"
+            f" over {metrics['win_rate/n']} held-out prompts",
+            f"KL(policy || reference) {metrics['kl']:.2f} nats",
+            *parts,
+        ]
+    return "; ".join(parts)
 
 
 def scalar_metrics(metrics: dict):
@@ -259,8 +335,8 @@ def plot_evaluation(metrics: dict):
     from matplotlib.figure import Figure
 
     pairs = metrics["per_pair"]
-    figure = Figure(figsize=(13, 3.8), layout="constrained")
-    margins_axis, rewards_axis, judge_axis = figure.subplots(1, 3)
+    figure = Figure(figsize=(17, 3.8), layout="constrained")
+    margins_axis, rewards_axis, scores_axis, judge_axis = figure.subplots(1, 4)
 
     margins = {
         label: np.subtract(pairs[f"{model}_chosen_logps"], pairs[f"{model}_rejected_logps"])
@@ -280,10 +356,23 @@ def plot_evaluation(metrics: dict):
         ylabel="pairs",
     )
 
+    scores = metrics.get("per_generation", {})
+    if scores:
+        bins = np.histogram_bin_edges(np.concatenate([scores["reference_score"], scores["policy_score"]]), bins=20)
+        scores_axis.hist(scores["reference_score"], bins=bins, alpha=0.6, label="reference (base)")
+        scores_axis.hist(scores["policy_score"], bins=bins, alpha=0.6, label="policy (DPO)")
+        scores_axis.set(title=f"judge scores of held-out generations ({metrics['judge']})", xlabel="score", ylabel="prompts")
+        scores_axis.legend()
+    else:
+        scores_axis.set_axis_off()
+
     if "win_rate" in metrics:
         counts = [metrics["win_rate/wins"], metrics["win_rate/ties"], metrics["win_rate/losses"]]
         judge_axis.bar(["policy wins", "ties", "reference wins"], counts, color=["tab:orange", "tab:gray", "tab:blue"])
-        judge_axis.set(title=f"win-rate {metrics['win_rate']:.0%} (judge: {metrics['judge']})", ylabel="prompts")
+        judge_axis.set(
+            title=f"win-rate {metrics['win_rate']:.0%} [{metrics['win_rate/ci_low']:.0%}, {metrics['win_rate/ci_high']:.0%}]",
+            ylabel="prompts",
+        )
         judge_axis.set_xlabel(f"KL(policy || reference) = {metrics['kl']:.3g} nats per generation")
     else:
         judge_axis.text(0.5, 0.5, "no generations.jsonl:\nrun generate first", ha="center", va="center")

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dpo_kit.judges import Prompt
+from dpo_kit.judges import Prompt, make_judge
 from dpo_kit.models import device_of, load_causal_lm, load_tokenizer, model_source
 from dpo_kit.params import Params
 
@@ -75,34 +75,74 @@ def _up_to_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
     return ids
 
 
-def generate_continuations(source: str, params: Params, tokenizer, prompts_ids: list[list[int]]) -> list[list[int]]:
-    """Load the model at `source`, generate for every prompt (left-padded batches), return the new ids."""
+def sample_continuations(
+    model,
+    tokenizer,
+    prompts_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    num_samples: int = 1,
+    seed: int = 0,
+    description: str | None = None,
+) -> list[list[list[int]]]:
+    """`num_samples` continuations (new token ids, through the first eos) per prompt, in left-padded batches.
+
+    Seeded here, so two models given the same seed draw from the same random stream: reproducible, and a
+    fair comparison. A progress bar over sequences is shown when `description` is given.
+    """
     import torch
+    from tqdm.auto import tqdm
     from transformers import set_seed
 
+    # Sampling knobs only when sampling: transformers warns about temperature/top_p under greedy decoding.
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    eos_ids = _eos_ids(model, tokenizer)
+    # Each prompt repeated num_samples times, so a batch holds whole sequences, not whole prompts.
+    flat = [ids for ids in prompts_ids for _ in range(num_samples)]
+    set_seed(seed)
+    continuations: list[list[int]] = []
+    with tqdm(total=len(flat), desc=description, unit="seq", disable=description is None) as bar:
+        for start in range(0, len(flat), batch_size):
+            batch = tokenizer.pad(
+                {"input_ids": flat[start : start + batch_size]}, padding_side="left", return_tensors="pt"
+            ).to(device_of(model))
+            with torch.no_grad():
+                output = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **sampling,
+                )
+            new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
+            continuations.extend(_up_to_eos(ids, eos_ids) for ids in new_tokens)
+            bar.update(len(new_tokens))
+    return [continuations[i : i + num_samples] for i in range(0, len(continuations), num_samples)]
+
+
+def generate_continuations(
+    source: str, params: Params, tokenizer, prompts_ids: list[list[int]], description: str | None = None
+) -> list[list[int]]:
+    """Load the model at `source` and generate one continuation per prompt with the `generate` settings."""
     settings = params.generate
     model = load_causal_lm(source, params).eval()
-    # Sampling knobs only when sampling: transformers warns about temperature/top_p under greedy decoding.
-    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
-    eos_ids = _eos_ids(model, tokenizer)
-    # Re-seeding per model gives both models the same random stream: reproducible and a fair comparison.
-    set_seed(params.run.seed)
-    continuations = []
-    for start in range(0, len(prompts_ids), settings.batch_size):
-        batch = tokenizer.pad(
-            {"input_ids": prompts_ids[start : start + settings.batch_size]}, padding_side="left", return_tensors="pt"
-        ).to(device_of(model))
-        with torch.no_grad():
-            output = model.generate(
-                **batch,
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=settings.do_sample,
-                pad_token_id=tokenizer.pad_token_id,
-                **sampling,
-            )
-        new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
-        continuations.extend(_up_to_eos(ids, eos_ids) for ids in new_tokens)
-    return continuations
+    samples = sample_continuations(
+        model,
+        tokenizer,
+        prompts_ids,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        batch_size=settings.batch_size,
+        seed=params.run.seed,
+        description=description,
+    )
+    return [one for (one,) in samples]
 
 
 def free_memory() -> None:
@@ -128,20 +168,31 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
     prompts_ids = [prompt_token_ids(tokenizer, prompt) for prompt in prompts]
 
     # One model in memory at a time: each is dropped when generate_continuations returns.
-    reference_ids = generate_continuations(reference_source, params, tokenizer, prompts_ids)
+    reference_ids = generate_continuations(reference_source, params, tokenizer, prompts_ids, "reference")
     free_memory()
-    policy_ids = generate_continuations(policy_source, params, tokenizer, prompts_ids)
+    policy_ids = generate_continuations(policy_source, params, tokenizer, prompts_ids, "policy (DPO)")
     free_memory()
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
+    references = [decode(ids) for ids in reference_ids]
+    policies = [decode(ids) for ids in policy_ids]
+    # Scored here, once, so the table shows the judge's verdicts; the evaluate stage reads these scores.
+    judge = make_judge(params, project_dir)
+    reference_scores = judge.score(prompts, references)
+    policy_scores = judge.score(prompts, policies)
+    del judge
+    free_memory()
+
     records = [
         {
             "prompt": prompt,
             "prompt_text": tokenizer.decode(prompt_ids),
-            "reference": decode(reference),
-            "policy": decode(policy),
+            "reference": reference_text,
+            "policy": policy_text,
+            "reference_score": reference_score,
+            "policy_score": policy_score,
             "prompt_tokens": len(prompt_ids),
             "reference_tokens": len(reference),
             "policy_tokens": len(policy),
@@ -149,7 +200,10 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
             "reference_token_ids": reference,
             "policy_token_ids": policy,
         }
-        for prompt, prompt_ids, reference, policy in zip(prompts, prompts_ids, reference_ids, policy_ids)
+        for prompt, prompt_ids, reference, policy, reference_text, policy_text, reference_score, policy_score in zip(
+            prompts, prompts_ids, reference_ids, policy_ids, references, policies, reference_scores, policy_scores,
+            strict=True,
+        )
     ]
     write_jsonl(run_dir / GENERATIONS_FILE, records)
     return comparisons_frame(records)
@@ -161,14 +215,18 @@ def comparisons_frame(records: list[dict]) -> pandas.DataFrame:
 
     frame = pd.DataFrame(records)
     frame.insert(0, "user_prompt", [display_prompt(prompt) for prompt in frame["prompt"]])
-    return frame[["user_prompt", "reference", "policy", "prompt_tokens", "reference_tokens", "policy_tokens"]]
+    columns = ["user_prompt", "reference", "policy", "prompt_tokens", "reference_tokens", "policy_tokens"]
+    return frame[columns + [c for c in ("reference_score", "policy_score") if c in frame]]
 
 
 def side_by_side_table(frame: pandas.DataFrame):
-    """A Styler showing prompt, reference and policy side by side with wrapped text, for notebooks."""
+    """A Styler showing prompt, reference and policy side by side with wrapped text and the judge's scores."""
+    shown = ["user_prompt", "reference", "reference_score", "policy", "policy_score"]
     return (
-        frame[["user_prompt", "reference", "policy"]]
-        .rename(columns={"user_prompt": "prompt", "reference": "reference (base)", "policy": "policy (DPO)"})
-        .style.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
+        frame[[c for c in shown if c in frame]]
+        .rename(columns={"user_prompt": "prompt", "reference": "reference (base)", "policy": "policy (DPO)",
+                         "reference_score": "judge: reference", "policy_score": "judge: policy"})
+        .style.format(precision=2)
+        .set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
         .set_table_styles([{"selector": "th", "props": [("text-align", "left")]}])
     )

@@ -6,6 +6,8 @@ Every judge has one method, `judge.score(prompts, responses) -> list[float]` (hi
 - `RuleJudge` ('rule'): keyword rules written for the *bundled* task only, where the chosen reply is
   polite, on topic and helpful and the rejected one is a curt dismissal (see dpo_kit.bundled). It needs
   no model and no network, which the offline tiny run requires. Its scores mean nothing on other data.
+- `SentimentJudge` ('sentiment'): the VADER compound score of the response, in [-1, 1], offline. It stands
+  in for the sentiment classifier of the DPO paper's controlled-sentiment task (section 6.1).
 - `RewardModelJudge` (a hub id or local path): a sequence-classification reward model with a single
   logit, scoring the prompt and response rendered with the reward model's own chat template.
 
@@ -99,6 +101,37 @@ class RuleJudge:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sentiment judge
+
+
+class SentimentJudge:
+    """Positive sentiment of the response, as VADER's compound score in [-1, 1] (vaderSentiment, offline).
+
+    VADER is a lexicon and rule model: no weights, no network, and each score can be explained word by word.
+    Its blind spot is the one a policy would exploit: "Great!" alone scores 0.66, more than most real reviews.
+    So a response of fewer than `min_words` words scores -1, the bottom of the scale: an empty or one-word
+    answer can never beat a real continuation. Repetition ("particularly impressive" over and over) still
+    scores high here; the evaluation reports distinct-2 and repeated n-grams beside the score for that reason.
+    """
+
+    def __init__(self, min_words: int = 8):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.min_words = min_words
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return [self.score_one(response) for response in responses]
+
+    def score_one(self, response: str) -> float:
+        if len(_words(response)) < self.min_words:
+            return -1.0
+        return self.analyzer.polarity_scores(response)["compound"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Reward-model judge
 
 
@@ -160,11 +193,13 @@ class RewardModelJudge:
         return scores
 
 
-def make_judge(params, project_dir: str | Path = ".") -> Judge:
-    """The judge named by `evaluate.judge`: 'rule', a local reward-model directory or a hub id."""
-    name = params.evaluate.judge
+def make_judge(params, project_dir: str | Path = ".", name: str | None = None) -> Judge:
+    """The judge `name` (default `evaluate.judge`): 'rule', 'sentiment', a local reward-model directory or a hub id."""
+    name = name or params.evaluate.judge
     if name == "rule":
         return RuleJudge()
+    if name == "sentiment":
+        return SentimentJudge()
     from dpo_kit.hardware import choose_hardware, resolve_dtype
 
     local = Path(project_dir) / name
@@ -186,15 +221,20 @@ def win_rate_from_scores(
 ) -> dict:
     """Wins, ties and losses of the policy; a tie counts half. Scores within tie_tolerance tie, because a
     reward model can score one text a few ulps apart in differently padded batches."""
+    outcomes = win_outcomes(policy_scores, reference_scores, tie_tolerance)
+    if not outcomes:
+        raise ValueError("no responses to compare")
+    wins, ties, n = outcomes.count(1.0), outcomes.count(0.5), len(outcomes)
+    return {"win_rate": sum(outcomes) / n, "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n}
+
+
+def win_outcomes(
+    policy_scores: Sequence[float], reference_scores: Sequence[float], tie_tolerance: float = 1e-6
+) -> list[float]:
+    """Per prompt: 1 when the policy wins, 0.5 for a tie, 0 when the reference wins; their mean is the win-rate."""
     if len(policy_scores) != len(reference_scores):
         raise ValueError(f"{len(policy_scores)} policy scores but {len(reference_scores)} reference scores")
-    if not policy_scores:
-        raise ValueError("no responses to compare")
-    differences = [p - r for p, r in zip(policy_scores, reference_scores)]
-    ties = sum(abs(d) <= tie_tolerance for d in differences)
-    wins = sum(d > tie_tolerance for d in differences)
-    n = len(differences)
-    return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n}
+    return [0.5 if abs(p - r) <= tie_tolerance else float(p > r) for p, r in zip(policy_scores, reference_scores)]
 
 
 def win_rate(

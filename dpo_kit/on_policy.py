@@ -1,0 +1,133 @@
+"""The 'generate' data source: preference pairs sampled from a model and ranked by a judge (on-policy).
+
+As in the DPO paper's controlled-sentiment experiment, the pairs come from the model being trained: for
+each prompt, `num_samples` responses are sampled from the sampler (the reference model, unless
+`data.generate.sampler` names another), the judge scores them, and the best becomes `chosen`, the worst
+`rejected`. A prompt whose best and worst scores are closer than `min_score_gap` carries no clear
+preference and is dropped, with its samples and scores, to dropped.jsonl (reason `score_gap_too_small`).
+
+Naming a previous run's merged policy as the sampler gives round 2 of iterative DPO: pairs sampled from
+the round-one policy, trained against the same reference.
+
+The source yields one raw row per prompt: {"prompt", "samples", "scores"}. `ranked_pair` converts such a
+row into a TRL pair, so ranking happens inside the audit, which keeps or drops every row with a reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dpo_kit.audit import DropRow
+from dpo_kit.params import Params, is_local_path
+
+PROMPT_SETS = ("movie-reviews",)
+
+
+def prompt_rows(params: Params, project_dir: str | Path = ".") -> list[dict]:
+    """The prompts of `data.generate.prompts`, at most `data.max_rows`, each as {"prompt": ...} as read."""
+    from dpo_kit.bundled import movie_review_prompts
+    from dpo_kit.sources import read_local_file
+
+    settings = params.data.generate
+    if settings.prompts == "movie-reviews":
+        rows = movie_review_prompts()
+    else:
+        rows = read_local_file(Path(project_dir) / settings.prompts, params.data.max_rows)
+    return rows[: params.data.max_rows] if params.data.max_rows else rows
+
+
+def as_messages(row: dict) -> list[dict]:
+    """A prompt row's chat messages; a plain string is the user's turn. Raises DropRow for anything else."""
+    if "prompt" not in row:
+        raise DropRow("missing_column", f"no 'prompt' column (columns: {', '.join(map(str, row))})")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise DropRow("empty_prompt", "the prompt is empty or whitespace only")
+        return [{"role": "user", "content": prompt}]
+    if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt)):
+        raise DropRow("malformed_messages", f"prompt is neither text nor a list of {{role, content}} messages: {prompt!r:.80}")
+    return prompt
+
+
+def sampler_source(params: Params, project_dir: str | Path = ".") -> str:
+    """The model that samples: data.generate.sampler (a local directory or hub id), else the run's own model."""
+    from dpo_kit.models import model_source
+
+    sampler = params.data.generate.sampler
+    if sampler is None:
+        return model_source(params, project_dir)
+    local = Path(project_dir) / sampler
+    if local.exists():
+        return str(local)
+    if is_local_path(sampler):
+        raise FileNotFoundError(f"data.generate.sampler: directory not found: {local}")
+    return sampler
+
+
+def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".") -> list[dict]:
+    """One row per prompt: the prompt as read, `num_samples` sampled responses and the judge's score of each.
+
+    A prompt that is not usable is passed through unsampled, so the audit drops it with its reason.
+    """
+    from dpo_kit.generate import free_memory, prompt_token_ids, sample_continuations
+    from dpo_kit.judges import make_judge
+    from dpo_kit.models import load_causal_lm
+
+    settings = params.data.generate
+    rows = prompt_rows(params, project_dir)
+    usable: dict[int, list[dict]] = {}
+    for index, row in enumerate(rows):
+        try:
+            usable[index] = as_messages(row)
+        except DropRow:
+            continue  # ranked_pair raises the same DropRow inside the audit, which records it
+    model = load_causal_lm(sampler_source(params, project_dir), params).eval()
+    samples_ids = sample_continuations(
+        model,
+        tokenizer,
+        [prompt_token_ids(tokenizer, messages) for messages in usable.values()],
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=True,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        batch_size=settings.batch_size,
+        num_samples=settings.num_samples,
+        seed=params.run.seed,
+        description=f"sampling {settings.num_samples} responses per prompt",
+    )
+    del model
+    free_memory()
+
+    judge = make_judge(params, project_dir, name=settings.judge)
+    scored = list(rows)
+    for (index, messages), ids in zip(usable.items(), samples_ids, strict=True):
+        texts = [tokenizer.decode(one, skip_special_tokens=True).strip() for one in ids]
+        scores = judge.score([messages] * len(texts), texts)
+        scored[index] = {"prompt": messages, "samples": texts, "scores": scores}
+    return scored
+
+
+def ranked_pair(min_score_gap: float):
+    """A converter (see dpo_kit.formats) from a scored row to a TRL pair: best sample chosen, worst rejected."""
+
+    def convert(row: dict) -> dict:
+        messages = as_messages(row)
+        samples, scores = row.get("samples"), row.get("scores")
+        if not samples or not scores or len(samples) != len(scores):
+            raise DropRow("missing_column", "no scored samples for this prompt")
+        best = max(range(len(scores)), key=scores.__getitem__)
+        worst = min(range(len(scores)), key=scores.__getitem__)
+        gap = scores[best] - scores[worst]
+        if gap < min_score_gap:
+            raise DropRow(
+                "score_gap_too_small",
+                f"best - worst score = {gap:.3f} < data.generate.min_score_gap {min_score_gap}",
+            )
+        return {
+            "prompt": messages,
+            "chosen": [{"role": "assistant", "content": samples[best]}],
+            "rejected": [{"role": "assistant", "content": samples[worst]}],
+        }
+
+    return convert

@@ -1,0 +1,140 @@
+"""The 'generate' data source: sampled pairs, ranking, drops with reasons, and determinism under a seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dpo_kit.audit import DropRow
+from dpo_kit.bundled import movie_review_prompts
+from dpo_kit.on_policy import ranked_pair, sample_scored_rows
+from dpo_kit.params import ParamsError, load_params
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "params" / "tiny.yaml"
+
+
+def generate_params(tiny_model_dir, prompts_file, *extra):
+    return load_params(TINY, [
+        f"model.name_or_path={tiny_model_dir}", "model.build_tiny_model=false", "data.source=generate",
+        f"data.generate={{prompts: {prompts_file}, judge: rule, num_samples: 3, max_new_tokens: 12, batch_size: 4,"
+        " min_score_gap: 0.0}", *extra,
+    ])  # fmt: skip
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    rows = [
+        {"prompt": "Can you give me a few tips on baking bread?"},
+        {"prompt": [{"role": "user", "content": "What is the first step in learning Python?"}]},
+        {"prompt": "   "},  # empty: dropped as empty_prompt
+        {"question": "no prompt column"},  # dropped as missing_column
+        {"prompt": "Explain composting at home to a complete beginner."},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_bundled_movie_review_prompts_are_several_hundred_distinct_openings():
+    prompts = movie_review_prompts()
+    texts = [row["prompt"][0]["content"] for row in prompts]
+    assert len(texts) == len(set(texts)) == 384
+    assert all(text.startswith("Continue this review of a") for text in texts)
+    assert movie_review_prompts(seed=0) == prompts and movie_review_prompts(seed=1) != prompts
+
+
+def test_ranked_pair_takes_the_best_as_chosen_and_the_worst_as_rejected():
+    row = {"prompt": "Review it.", "samples": ["meh", "loved it", "hated it"], "scores": [0.1, 0.9, -0.8]}
+    pair = ranked_pair(0.5)(row)
+    assert pair == {
+        "prompt": [{"role": "user", "content": "Review it."}],
+        "chosen": [{"role": "assistant", "content": "loved it"}],
+        "rejected": [{"role": "assistant", "content": "hated it"}],
+    }
+
+
+def test_ranked_pair_drops_a_prompt_whose_scores_are_too_close():
+    row = {"prompt": "Review it.", "samples": ["fine", "okay"], "scores": [0.30, 0.25]}
+    with pytest.raises(DropRow) as drop:
+        ranked_pair(0.1)(row)
+    assert drop.value.reason == "score_gap_too_small" and "0.050 < data.generate.min_score_gap 0.1" in drop.value.detail
+
+
+def test_sampling_is_deterministic_under_a_seed(tiny_model_dir, prompts_file):
+    from dpo_kit.models import load_tokenizer
+
+    params = generate_params(tiny_model_dir, prompts_file)
+    tokenizer = load_tokenizer(str(tiny_model_dir), params)
+    first = sample_scored_rows(params, tokenizer, REPO)
+    again = sample_scored_rows(params, tokenizer, REPO)
+    other_seed = sample_scored_rows(generate_params(tiny_model_dir, prompts_file, "run.seed=7"), tokenizer, REPO)
+    assert first == again
+    assert [row.get("samples") for row in first] != [row.get("samples") for row in other_seed]
+    usable = [row for row in first if "samples" in row]
+    assert len(usable) == 3 and all(len(row["samples"]) == len(row["scores"]) == 3 for row in usable)
+
+
+def test_format_stage_keeps_or_drops_every_prompt_with_its_reason(tiny_model_dir, prompts_file, tmp_path):
+    from dpo_kit.data import prepare_data
+    from dpo_kit.models import load_tokenizer
+
+    params = generate_params(tiny_model_dir, prompts_file, "data.generate.min_score_gap=1000")
+    tokenizer = load_tokenizer(str(tiny_model_dir), params)
+    with pytest.raises(ValueError, match="score_gap_too_small"):  # nothing can clear a gap of 1000
+        prepare_data(params, tokenizer, tmp_path / "run", REPO)
+    dropped = [json.loads(line) for line in (tmp_path / "run" / "data" / "dropped.jsonl").read_text().splitlines()]
+    assert [(d["index"], d["reason"]) for d in dropped] == [
+        (0, "score_gap_too_small"), (1, "score_gap_too_small"), (2, "empty_prompt"), (3, "missing_column"),
+        (4, "score_gap_too_small"),
+    ]  # fmt: skip
+    assert len(dropped[0]["row"]["samples"]) == 3, "a dropped prompt keeps its samples and scores"
+
+    params = generate_params(tiny_model_dir, prompts_file, "data.eval_fraction=0.4")
+    report = prepare_data(params, tokenizer, tmp_path / "run2", REPO)
+    assert report.rows_read == 5 and report.rows_kept + report.rows_dropped == 5
+    assert report.dropped_by_reason.get("empty_prompt") == 1 and report.dropped_by_reason.get("missing_column") == 1
+    samples = (tmp_path / "run2" / "data" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 5, "every prompt's samples and scores are written, kept or not"
+
+
+def test_generate_source_needs_its_section_and_a_matching_judge(tiny_model_dir):
+    with pytest.raises(ParamsError, match="data.generate is required when data.source is 'generate'"):
+        load_params(TINY, ["data.source=generate"])
+    with pytest.raises(ParamsError, match="data.generate is only used with data.source 'generate'"):
+        load_params(TINY, ["data.generate={judge: sentiment}"])
+    with pytest.raises(ParamsError, match="data.generate.judge 'rule' only scores the bundled politeness task"):
+        load_params(REPO / "params/smollm2-135m-sentiment.yaml", ["data.generate.judge=rule"])
+    with pytest.raises(ParamsError, match=r"data.generate.num_samples.*greater than or equal to 2"):
+        load_params(REPO / "params/smollm2-135m-sentiment.yaml", ["data.generate.num_samples=1"])
+
+
+def test_a_named_sampler_that_is_missing_is_an_error_not_a_substitute(tiny_model_dir, prompts_file):
+    from dpo_kit.params import check_local_files
+
+    params = generate_params(tiny_model_dir, prompts_file, "data.generate.sampler=./runs/round-1/merged")
+    with pytest.raises(ParamsError, match="data.generate.sampler: directory not found"):
+        check_local_files(params, REPO)
+
+
+def test_round_two_samples_from_the_named_policy(tiny_model_dir, prompts_file, tmp_path):
+    """Iterative DPO: a sampler directory other than the reference gives other samples from the same seed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_kit.models import load_tokenizer
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for weight in policy.parameters():
+            weight.mul_(1.5)
+    policy.save_pretrained(tmp_path / "round-1")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "round-1")
+    params = generate_params(tiny_model_dir, prompts_file)
+    round_two = generate_params(tiny_model_dir, prompts_file, f"data.generate.sampler={tmp_path / 'round-1'}")
+    tokenizer = load_tokenizer(str(tiny_model_dir), params)
+    first = sample_scored_rows(params, tokenizer, REPO)
+    second = sample_scored_rows(round_two, tokenizer, REPO)
+    assert [row.get("samples") for row in first] != [row.get("samples") for row in second]
