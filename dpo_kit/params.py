@@ -314,7 +314,7 @@ class Params(Section):
         for key, judge in judges:
             if judge == "rule" and not rule_task:
                 raise ValueError(
-                    f"{key} 'rule' only scores the bundled politeness task; use 'sentiment' for the movie-review"
+                    f"{key} 'rule' only scores the bundled task (polite against dismissive replies); use 'sentiment' for the movie-review"
                     " prompts or name a reward model (AutoModelForSequenceClassification id or path)"
                 )
         if self.quantization.bits and not self.lora.enabled:

@@ -237,6 +237,23 @@ def run_pipeline(
     return run_dir
 
 
+class ProgressRelay:
+    """A file for papermill's stderr_file: shows the newest progress line a stage prints (tqdm bars of
+    sampling, tokenizing and training) after the stage's name on the runner's bar, so a stage that spends
+    minutes in one cell still shows where it is. Nothing is written to the terminal but the bar itself."""
+
+    def __init__(self, bar, stage: str, width: int = 90) -> None:
+        self.bar, self.stage, self.width = bar, stage, width
+
+    def write(self, text: str) -> None:
+        lines = [line.strip() for line in text.replace("\r", "\n").split("\n") if line.strip()]
+        if lines:
+            self.bar.set_postfix_str(f"{self.stage}: {lines[-1][: self.width]}")
+
+    def flush(self) -> None:
+        pass
+
+
 def _execute_stages(stages, run_dir, params_file, project, source_notebooks, kernel, progress) -> None:
     import papermill
     from tqdm.auto import tqdm
@@ -262,6 +279,7 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
                 kernel_name="python3",
                 cwd=str(source_notebooks),
                 progress_bar={"desc": f"  {stage} cells", "leave": False, "position": 1} if progress else False,
+                stderr_file=ProgressRelay(bar, stage) if progress else None,
                 **({"km": kernel.manager} if kernel else {}),
             )
         except Exception as error:  # papermill raises PapermillExecutionError; kernel deaths raise others

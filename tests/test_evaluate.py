@@ -204,15 +204,18 @@ def test_max_pairs_limits_the_held_out_pairs(tiny_model_dir, perturbed):
     assert metrics["num_pairs"] == 3 and len(metrics["per_pair"]["reward_margins"]) == 3
 
 
-def test_plot_evaluation_draws_margins_rewards_and_verdicts(perturbed):
+def test_plot_evaluation_draws_margins_rewards_scores_and_verdicts(perturbed):
     _, metrics = perturbed
     figure = plot_evaluation(metrics)
-    assert len(figure.axes) == 3
-    assert "win-rate" in figure.axes[2].get_title()
+    assert len(figure.axes) == 4
+    assert "judge scores" in figure.axes[2].get_title() and len(figure.axes[2].patches) > 0
+    assert "win-rate" in figure.axes[3].get_title()
     assert sum(len(axis.patches) for axis in figure.axes[:2]) > 0  # histograms were drawn
 
     without_generations = {k: v for k, v in metrics.items() if not k.startswith(("win_rate", "kl"))}
-    assert not plot_evaluation(without_generations).axes[2].axison
+    without_generations["per_generation"] = {}
+    figure = plot_evaluation(without_generations)
+    assert not figure.axes[2].axison and not figure.axes[3].axison
 
 
 # ---------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_generate_source_needs_its_section_and_a_matching_judge(tiny_model_dir):
         load_params(TINY, ["data.source=generate"])
     with pytest.raises(ParamsError, match="data.generate is only used with data.source 'generate'"):
         load_params(TINY, ["data.generate={judge: sentiment}"])
-    with pytest.raises(ParamsError, match="data.generate.judge 'rule' only scores the bundled politeness task"):
+    with pytest.raises(ParamsError, match="data.generate.judge 'rule' only scores the bundled task"):
         load_params(REPO / "params/smollm2-135m-sentiment.yaml", ["data.generate.judge=rule"])
     with pytest.raises(ParamsError, match=r"data.generate.num_samples.*greater than or equal to 2"):
         load_params(REPO / "params/smollm2-135m-sentiment.yaml", ["data.generate.num_samples=1"])
