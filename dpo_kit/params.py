@@ -119,7 +119,6 @@ class ModelParams(Section):
         " instruct-output) or a Jinja string. Replaces the tokenizer's own; None keeps it.",
     )
 
-
     @model_validator(mode="after")
     def _gguf_is_not_built(self):
         if self.gguf_file and self.build_tiny_model:
@@ -205,7 +204,9 @@ class DataParams(Section):
                 else f"data.generate is only used with data.source 'generate', not '{self.source}'"
             )
         if self.source == "generate" and self.format != "conversational":
-            raise ValueError("data.format must be 'conversational' with data.source 'generate' (pairs are chat messages)")
+            raise ValueError(
+                f"data.format '{self.format}': data.source 'generate' makes chat-message pairs; use 'conversational'"
+            )
         if self.format == "columns" and self.columns is None:
             raise ValueError("data.columns is required when data.format is 'columns'")
         if self.format != "columns" and self.columns is not None:
@@ -240,7 +241,12 @@ class MergeParams(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype of the reloaded base (never quantized); 'auto' = fp32 on CPU, fp16/bf16 on GPU."
     )
-    verify_atol: float = Field(1e-4, gt=0.0, description="Max |logit difference| allowed between merged and adapter model; a bound relative to the logits' scale applies where larger (2e-5 in fp32, 2e-2 in fp16/bf16).")
+    verify_atol: float = Field(
+        1e-4,
+        gt=0.0,
+        description="Max |logit difference| allowed between merged and adapter model; a bound relative to the"
+        " logits' scale applies where larger (2e-5 of the largest |logit| in fp32, 2e-2 in fp16/bf16).",
+    )
     push_to_hub: bool = Field(False, description="Push the merged model; the token comes from HF_TOKEN only.")
     hub_model_id: str | None = Field(None, description="Target repo id for push_to_hub.")
     private: bool = Field(True, description="Create the hub repo as private.")
@@ -304,18 +310,22 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _cross_section_checks(self):
-        # A local file may be an export of the bundled task; a hub dataset never is.
-        rule_task = self.data.source == "bundled" or is_local_path(self.data.source)
-        if self.data.generate is not None:
-            rule_task = self.data.generate.prompts != "movie-reviews"
-        judges = [("evaluate.judge", self.evaluate.judge)]
-        if self.data.generate is not None:
-            judges.append(("data.generate.judge", self.data.generate.judge))
-        for key, judge in judges:
+        # A local file may be an export of the bundled task, or hold its prompts; a hub dataset never is, and
+        # the movie-review prompts are the sentiment task.
+        generate = self.data.generate
+        if generate is not None:
+            rule_task = generate.prompts != "movie-reviews"
+        else:
+            rule_task = self.data.source == "bundled" or is_local_path(self.data.source)
+        judges = {"evaluate.judge": self.evaluate.judge}
+        if generate is not None:
+            judges["data.generate.judge"] = generate.judge
+        for key, judge in judges.items():
             if judge == "rule" and not rule_task:
                 raise ValueError(
-                    f"{key} 'rule' only scores the bundled task (polite against dismissive replies); use 'sentiment' for the movie-review"
-                    " prompts or name a reward model (AutoModelForSequenceClassification id or path)"
+                    f"{key} 'rule' only scores the bundled task (polite against dismissive replies); use"
+                    " 'sentiment' for the movie-review prompts or name a reward model"
+                    " (AutoModelForSequenceClassification id or path)"
                 )
         if self.quantization.bits and not self.lora.enabled:
             raise ValueError("quantization.bits needs lora.enabled: quantized weights cannot be fully fine-tuned")
