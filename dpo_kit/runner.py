@@ -238,9 +238,9 @@ def run_pipeline(
 
 
 class ProgressRelay:
-    """A file for papermill's stderr_file: shows the newest progress line a stage prints (tqdm bars of
-    sampling, tokenizing and training) after the stage's name on the runner's bar, so a stage that spends
-    minutes in one cell still shows where it is. Nothing is written to the terminal but the bar itself."""
+    """A file for papermill's stdout_file and stderr_file: shows the newest line a stage prints (tqdm bars of
+    sampling and tokenizing, the train stage's step lines) after the stage's name on the runner's bar, so a
+    stage that spends minutes in one cell still shows where it is. Nothing else reaches the terminal."""
 
     def __init__(self, bar, stage: str, width: int = 90) -> None:
         self.bar, self.stage, self.width = bar, stage, width
@@ -279,6 +279,7 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
                 kernel_name="python3",
                 cwd=str(source_notebooks),
                 progress_bar={"desc": f"  {stage} cells", "leave": False, "position": 1} if progress else False,
+                stdout_file=ProgressRelay(bar, stage) if progress else None,
                 stderr_file=ProgressRelay(bar, stage) if progress else None,
                 **({"km": kernel.manager} if kernel else {}),
             )

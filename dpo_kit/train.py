@@ -94,6 +94,20 @@ def _configure_tracking(params: Params, run_dir: Path) -> None:
         os.environ["WANDB_DIR"] = str(run_dir)
 
 
+def log_line_callback():
+    """A TrainerCallback that prints one plain line per logging step: in a notebook the Trainer shows an HTML
+    progress table, which neither a log file nor `dpo-kit run`'s progress bar can show."""
+    from transformers import TrainerCallback
+
+    class LogLine(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                shown = ", ".join(f"{key} {logs[key]:.3g}" for key in PLOTTED_METRICS if key in logs)
+                print(f"step {state.global_step}/{state.max_steps}: {shown}", flush=True)
+
+    return LogLine()
+
+
 def train_dpo(stage) -> TrainResult:
     """Run DPO for `stage` (a dpo_kit.stage.Stage) and save checkpoints, the adapter and the log."""
     from trl import DPOTrainer
@@ -124,6 +138,7 @@ def train_dpo(stage) -> TrainResult:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=lora_config(params),
+        callbacks=[log_line_callback()],
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())

@@ -69,3 +69,17 @@ def test_shared_kernel_reset_leaves_no_user_names_or_outputs(tmp_path):
         assert cell.outputs[0]["text"].strip() == "[] 0"
     finally:
         kernel.shutdown()
+
+
+def test_progress_relay_shows_the_newest_line_a_stage_prints():
+    from tqdm import tqdm
+
+    from dpo_kit.runner import ProgressRelay
+
+    bar = tqdm(total=1, disable=True)
+    relay = ProgressRelay(bar, "train", width=20)
+    relay.write("sampling:  10%|#  | 64/576\rsampling:  22%|##  | 128/576\r")
+    assert bar.postfix == "train: sampling:  22%|##  |"
+    relay.write("\n\n")  # blank output keeps the last line
+    relay.write("step 4/20: loss 0.61\n")
+    assert bar.postfix == "train: step 4/20: loss 0.61"
