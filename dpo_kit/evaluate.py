@@ -220,15 +220,11 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
         metrics["judge"] = params.evaluate.judge
         metrics["win_rate"] = outcome.pop("win_rate")
         metrics.update({f"win_rate/{key}": value for key, value in outcome.items()})
-        low, high = bootstrap_interval(win_outcomes(policy_scores, reference_scores), params.evaluate.confidence, params.run.seed)
-        metrics.update({"win_rate/ci_low": low, "win_rate/ci_high": high, "win_rate/ci_level": params.evaluate.confidence})
+        level = params.evaluate.confidence
+        low, high = bootstrap_interval(win_outcomes(policy_scores, reference_scores), level, params.run.seed)
+        metrics.update({"win_rate/ci_low": low, "win_rate/ci_high": high, "win_rate/ci_level": level})
         metrics["judge/policy_score"] = sum(policy_scores) / len(records)
         metrics["judge/reference_score"] = sum(reference_scores) / len(records)
-        for model in ("reference", "policy"):
-            texts = [r[model] for r in records]
-            metrics[f"text/{model}_words"] = sum(len(t.split()) for t in texts) / len(texts)
-            metrics[f"text/{model}_distinct_2"] = distinct_n(texts, 2)
-            metrics[f"text/{model}_repeated_3grams"] = sum(repeated_ngram_share(t, 3) for t in texts) / len(texts)
     metrics.update(per_pair=per_pair, per_generation=per_generation)
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -240,10 +236,13 @@ def judge_scores(params: Params, records: list[dict], project_dir: str | Path) -
         return [r["policy_score"] for r in records], [r["reference_score"] for r in records]
     judge = make_judge(params, project_dir)
     prompts = [r["prompt"] for r in records]
-    return judge.score(prompts, [r["policy"] for r in records]), judge.score(prompts, [r["reference"] for r in records])
+    policy = judge.score(prompts, [r["policy"] for r in records])
+    return policy, judge.score(prompts, [r["reference"] for r in records])
 
 
-def bootstrap_interval(values: list[float], level: float = 0.95, seed: int = 0, resamples: int = 10_000) -> tuple[float, float]:
+def bootstrap_interval(
+    values: list[float], level: float = 0.95, seed: int = 0, resamples: int = 10_000
+) -> tuple[float, float]:
     """Seeded percentile-bootstrap interval of the mean over prompts. Unlike mean +- 1.96 se it stays inside
     [0, 1] near a win-rate of 1. When every outcome is equal it collapses to that point: no prompt disagreed,
     which says nothing about prompts not tried, so read it with the number of prompts."""
@@ -279,14 +278,21 @@ def repeated_ngram_share(text: str, n: int = 3) -> float:
 
 
 def generation_metrics(records: list[dict], kls: list[float]) -> dict:
+    """KL, lengths and repetition of the generations: what a reward can be bought with shows next to it."""
     generated_tokens = sum(len(r["policy_token_ids"]) for r in records)
-    return {
+    metrics = {
         "num_generations": len(records),
         "kl": sum(kls) / len(kls),  # nats per generation
         "kl/token": sum(kls) / max(generated_tokens, 1),
         "generate/policy_tokens": generated_tokens / len(records),
         "generate/reference_tokens": sum(len(r["reference_token_ids"]) for r in records) / len(records),
     }
+    for model in ("reference", "policy"):
+        texts = [r[model] for r in records]
+        metrics[f"text/{model}_words"] = sum(len(_tokens(t)) for t in texts) / len(texts)
+        metrics[f"text/{model}_distinct_2"] = distinct_n(texts, 2)
+        metrics[f"text/{model}_repeated_3grams"] = sum(repeated_ngram_share(t, 3) for t in texts) / len(texts)
+    return metrics
 
 
 def before_after_table(metrics: dict):
@@ -301,7 +307,7 @@ def before_after_table(metrics: dict):
         "repeated 3-grams (share)": ("text/reference_repeated_3grams", "text/policy_repeated_3grams"),
     }
     return pd.DataFrame(
-        {label: {"reference (before)": metrics[before], "policy (after DPO)": metrics[after]} for label, (before, after) in rows.items()}
+        {label: {"reference (before)": metrics[old], "policy (after DPO)": metrics[new]} for label, (old, new) in rows.items()}
     ).T
 
 
