@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs of each side; medians reported")
     repeat = parser.parse_args().repeat
     sys.path.insert(0, str(REPO))
-    from dpo_kit.tiny_model import ensure_tiny_model
+    from dpo_kit.models.tiny import ensure_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="dpo-kit-bench-") as scratch:
         scratch = Path(scratch)

@@ -15,13 +15,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dpo_kit.data import plot_token_lengths, prepare_data  # noqa: E402
-from dpo_kit.evaluate import evaluate_run, plot_evaluation  # noqa: E402
-from dpo_kit.generate import generate_comparisons  # noqa: E402
-from dpo_kit.merge import merge_adapter  # noqa: E402
-from dpo_kit.models import load_tokenizer, model_source  # noqa: E402
-from dpo_kit.stage import open_stage  # noqa: E402
-from dpo_kit.train import plot_training_curves, train_dpo  # noqa: E402
+from dpo_kit.data.pipeline import plot_token_lengths, prepare_data  # noqa: E402
+from dpo_kit.evaluation.evaluate import evaluate_run, plot_evaluation  # noqa: E402
+from dpo_kit.evaluation.generate import generate_comparisons  # noqa: E402
+from dpo_kit.models.loading import load_tokenizer, model_source  # noqa: E402
+from dpo_kit.run.stage import open_stage  # noqa: E402
+from dpo_kit.training.merge import merge_adapter  # noqa: E402
+from dpo_kit.training.train import plot_training_curves, train_dpo  # noqa: E402
 
 
 def main() -> None:

@@ -1,8 +1,15 @@
 """dpo-kit: a Jupyter-first experiment kit for Direct Preference Optimization on TRL 1.x.
 
-Modules follow the pipeline stages: data (format), train, merge, generate, evaluate; plus
-params (the schema), runner (papermill), tiny_model and bundled (offline defaults) and scratch
-(DPO from scratch). Heavy libraries are imported inside functions so `import dpo_kit` stays fast.
+Sub-packages follow the pipeline stages, and every import points down this order (tests/test_layout.py):
+
+    run         the runner (papermill), the stage helpers the notebooks open, the `dpo-kit` command
+    training    train (TRL's DPOTrainer), merge            evaluation  generate, evaluate
+    scratch     DPO from scratch (loss) and its figures (plots)
+    data        the format stage: sources, formats, drops, audit, on_policy, pipeline
+    models      loading, sampling, gguf, tiny               judges      rule, sentiment, reward-model judges
+    the floor   params (the schema), hardware, manifest, chat_templates, bundled: no other kit imports
+
+Heavy libraries are imported inside functions so `import dpo_kit` (and each sub-package) stays fast.
 """
 
 __version__ = "0.1.0"

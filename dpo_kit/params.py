@@ -177,7 +177,7 @@ class DataParams(Section):
         " file, or a hub dataset id (needs a network).",
     )
     format: Literal["standard", "conversational", "hh-rlhf", "orca", "truthy", "columns"] = Field(
-        "conversational", description="Shape of the source rows; see dpo_kit.formats."
+        "conversational", description="Shape of the source rows; see dpo_kit.data.formats."
     )
     split: str = Field("train", description="Split of a hub dataset (or a split slice like 'train[:1000]').")
     revision: str | None = Field(None, description="Hub revision of the dataset.")

@@ -20,6 +20,6 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from dpo_kit.tiny_model import build_tiny_model
+    from dpo_kit.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

@@ -2,9 +2,7 @@
 
 import pytest
 
-from dpo_kit.audit import (
-    REASONS,
-    DropRow,
+from dpo_kit.data.audit import (
     NoPairsLeftError,
     audit_rows,
     measure_pairs,
@@ -12,8 +10,9 @@ from dpo_kit.audit import (
     strip_special_text,
     tokenizer_traits,
 )
-from dpo_kit.formats import converter
-from dpo_kit.tiny_model import build_tiny_tokenizer
+from dpo_kit.data.drops import REASONS, DropRow
+from dpo_kit.data.formats import converter
+from dpo_kit.models.tiny import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import pytest
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
-from dpo_kit.audit import audit_rows, measure_pairs, tokenizer_traits
-from dpo_kit.formats import converter
-from dpo_kit.tiny_model import CHATML_TEMPLATE, build_tiny_tokenizer
+from dpo_kit.data.audit import audit_rows, measure_pairs, tokenizer_traits
+from dpo_kit.data.formats import converter
+from dpo_kit.models.tiny import CHATML_TEMPLATE, build_tiny_tokenizer
 
 LLAMA3_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"

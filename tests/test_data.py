@@ -7,18 +7,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dpo_kit.audit import NoPairsLeftError
-from dpo_kit.data import (
+from dpo_kit.data.audit import NoPairsLeftError
+from dpo_kit.data.formats import rebuild_hh_transcript
+from dpo_kit.data.pipeline import (
     dropped_summary_table,
     load_split,
     plot_token_lengths,
     prepare_data,
     split_rows,
 )
-from dpo_kit.formats import rebuild_hh_transcript
+from dpo_kit.data.sources import SourceError, read_rows
+from dpo_kit.models.tiny import build_tiny_tokenizer
 from dpo_kit.params import parse_params
-from dpo_kit.sources import SourceError, read_rows
-from dpo_kit.tiny_model import build_tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

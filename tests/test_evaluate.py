@@ -10,16 +10,16 @@ import torch
 from run_dirs import make_run_dir as make_shared_run_dir
 
 from dpo_kit.bundled import bundled_preference_rows
-from dpo_kit.evaluate import (
+from dpo_kit.evaluation.evaluate import (
     METRICS_FILE,
     evaluate_run,
     plot_evaluation,
     scalar_metrics,
     tokenize_pair,
 )
-from dpo_kit.generate import GENERATIONS_FILE, generate_comparisons, read_jsonl
+from dpo_kit.evaluation.generate import GENERATIONS_FILE, generate_comparisons, read_jsonl
+from dpo_kit.models.tiny import build_tiny_model
 from dpo_kit.params import parse_params
-from dpo_kit.tiny_model import build_tiny_model
 
 # Eight rows over several topics; rows 0 and 235 carry a system message, so prompt lengths differ.
 EVAL_ROWS = bundled_preference_rows()[::47][:8]
@@ -236,7 +236,7 @@ class FixedDistribution(torch.nn.Module):
 
 
 def test_generation_kl_matches_a_hand_computed_case():
-    from dpo_kit.evaluate import generation_kl
+    from dpo_kit.evaluation.evaluate import generation_kl
 
     policy, reference = FixedDistribution([0.5, 0.5]), FixedDistribution([0.9, 0.1])
     records = [
@@ -250,7 +250,7 @@ def test_generation_kl_matches_a_hand_computed_case():
 
 
 def test_repetition_measures_on_hand_counted_texts():
-    from dpo_kit.evaluate import distinct_n, repeated_ngram_share
+    from dpo_kit.evaluation.evaluate import distinct_n, repeated_ngram_share
 
     loop = "particularly impressive particularly impressive particularly impressive"
     assert distinct_n([loop], 2) == pytest.approx(2 / 5)  # bigrams: (p,i) (i,p) (p,i) (i,p) (p,i)
@@ -262,7 +262,7 @@ def test_repetition_measures_on_hand_counted_texts():
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
-    from dpo_kit.evaluate import bootstrap_interval
+    from dpo_kit.evaluation.evaluate import bootstrap_interval
 
     outcomes = [1.0] * 28 + [0.5] * 2 + [0.0] * 2
     low, high = bootstrap_interval(outcomes, 0.95, seed=3)
@@ -278,7 +278,7 @@ def test_metrics_report_win_rate_interval_length_and_repetition(perturbed):
         assert 0.0 <= metrics[f"text/{model}_distinct_2"] <= 1.0
         assert 0.0 <= metrics[f"text/{model}_repeated_3grams"] <= 1.0
         assert metrics[f"text/{model}_words"] > 0
-    from dpo_kit.evaluate import before_after_table, headline
+    from dpo_kit.evaluation.evaluate import before_after_table, headline
 
     table = before_after_table(metrics)
     assert list(table.columns) == ["reference (before)", "policy (after DPO)"]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dpo_kit.audit import DropRow
-from dpo_kit.formats import (
+from dpo_kit.data.drops import DropRow
+from dpo_kit.data.formats import (
     converter,
     from_conversational,
     from_hh_rlhf,
@@ -14,8 +14,8 @@ from dpo_kit.formats import (
     rebuild_hh_transcript,
     render_standard,
 )
+from dpo_kit.models.tiny import build_tiny_tokenizer
 from dpo_kit.params import ColumnMap
-from dpo_kit.tiny_model import build_tiny_tokenizer
 
 
 def user(text):

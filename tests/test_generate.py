@@ -6,14 +6,14 @@ import pytest
 from run_dirs import make_run_dir as make_shared_run_dir
 
 from dpo_kit.bundled import bundled_preference_rows
-from dpo_kit.generate import (
+from dpo_kit.evaluation.generate import (
     GENERATIONS_FILE,
     generate_comparisons,
     read_jsonl,
     side_by_side_table,
 )
+from dpo_kit.models.tiny import build_tiny_model
 from dpo_kit.params import parse_params
-from dpo_kit.tiny_model import build_tiny_model
 
 # Rows spread over topics; every fifth bundled row has a system message, so rows 0 and 50 exercise it.
 EVAL_ROWS = bundled_preference_rows()[::50]

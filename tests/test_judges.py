@@ -127,7 +127,7 @@ def test_rule_judge_win_rate_of_chosen_over_rejected_is_one():
 def build_reward_model(path, num_labels: int = 1):
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
-    from dpo_kit.tiny_model import build_tiny_tokenizer
+    from dpo_kit.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     config = Qwen2Config(

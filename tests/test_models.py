@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_kit.formats import from_hh_rlhf
-from dpo_kit.models import hub_kwargs, load_tokenizer
+from dpo_kit.data.formats import from_hh_rlhf
+from dpo_kit.models.loading import hub_kwargs, load_tokenizer
 from dpo_kit.params import ParamsError, load_params
 
 TINY = Path(__file__).resolve().parent.parent / "params" / "tiny.yaml"

@@ -9,7 +9,7 @@ import nbformat
 import pytest
 from IPython.core.inputtransformer2 import TransformerManager
 
-from dpo_kit.runner import STAGE_NOTEBOOKS
+from dpo_kit.run.runner import STAGE_NOTEBOOKS
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 

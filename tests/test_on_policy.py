@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dpo_kit.audit import DropRow
 from dpo_kit.bundled import movie_review_prompts
-from dpo_kit.on_policy import ranked_pair, sample_scored_rows
+from dpo_kit.data.drops import DropRow
+from dpo_kit.data.on_policy import ranked_pair, sample_scored_rows
 from dpo_kit.params import ParamsError, load_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def test_ranked_pair_drops_a_prompt_whose_scores_are_too_close():
 
 
 def test_sampling_is_deterministic_under_a_seed(tiny_model_dir, prompts_file):
-    from dpo_kit.models import load_tokenizer
+    from dpo_kit.models.loading import load_tokenizer
 
     params = generate_params(tiny_model_dir, prompts_file)
     tokenizer = load_tokenizer(str(tiny_model_dir), params)
@@ -78,8 +78,8 @@ def test_sampling_is_deterministic_under_a_seed(tiny_model_dir, prompts_file):
 
 
 def test_format_stage_keeps_or_drops_every_prompt_with_its_reason(tiny_model_dir, prompts_file, tmp_path):
-    from dpo_kit.data import prepare_data
-    from dpo_kit.models import load_tokenizer
+    from dpo_kit.data.pipeline import prepare_data
+    from dpo_kit.models.loading import load_tokenizer
 
     params = generate_params(tiny_model_dir, prompts_file, "data.generate.min_score_gap=1000")
     tokenizer = load_tokenizer(str(tiny_model_dir), params)
@@ -124,7 +124,7 @@ def test_round_two_samples_from_the_named_policy(tiny_model_dir, prompts_file, t
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpo_kit.models import load_tokenizer
+    from dpo_kit.models.loading import load_tokenizer
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():

@@ -27,7 +27,7 @@ def test_params_dir_has_the_tiny_default_and_the_article_recipes():
 @pytest.mark.parametrize("path", PARAMS_FILES, ids=lambda p: p.name)
 def test_every_params_file_validates_and_builds_a_dpo_config(path, tmp_path):
     from dpo_kit.hardware import choose_hardware
-    from dpo_kit.train import build_dpo_config
+    from dpo_kit.training.train import build_dpo_config
 
     params = load_params(path)
     assert params.run.name == path.stem, "params files are named after their run"

@@ -10,8 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from dpo_kit.cli import main
-from dpo_kit.runner import RunError, run_pipeline
+from dpo_kit.run.cli import main
+from dpo_kit.run.runner import RunError, run_pipeline
 
 pytestmark = pytest.mark.notebook
 REPO = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ RECIPE = REPO / "params" / "smollm2-135m-sentiment.yaml"
 @pytest.fixture(scope="module")
 def converted():
     """The converted SmolLM2 checkpoint, in the kit's shared cache: the demo and this tier convert it once."""
-    from dpo_kit.models import converted_gguf_model
+    from dpo_kit.models.loading import converted_gguf_model
 
     return converted_gguf_model(load_params(RECIPE), REPO)
 
@@ -48,7 +48,7 @@ def test_the_converted_checkpoint_is_the_gguf_model(converted):
 
 @pytest.fixture(scope="module")
 def sentiment_run(tmp_path_factory):
-    from dpo_kit.runner import run_pipeline
+    from dpo_kit.run.runner import run_pipeline
 
     runs = tmp_path_factory.mktemp("runs")
     run_dir = run_pipeline(RECIPE, [f"run.output_dir={runs}"], project_dir=REPO, progress=False)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dpo_kit.runner import RunError, find_secrets, guard_existing_run, parse_stages
+from dpo_kit.run.runner import RunError, find_secrets, guard_existing_run, parse_stages
 
 
 def test_stages_are_parsed_in_pipeline_order_and_unknown_ones_named():
@@ -59,7 +59,7 @@ def test_secret_values_from_the_environment_are_found_in_run_files(tmp_path, mon
 
 
 def test_shared_kernel_reset_leaves_no_user_names_or_outputs(tmp_path):
-    from dpo_kit.runner import SharedKernel
+    from dpo_kit.run.runner import SharedKernel
 
     kernel = SharedKernel(tmp_path)
     try:
@@ -74,7 +74,7 @@ def test_shared_kernel_reset_leaves_no_user_names_or_outputs(tmp_path):
 def test_progress_relay_shows_the_newest_line_a_stage_prints():
     from tqdm import tqdm
 
-    from dpo_kit.runner import ProgressRelay
+    from dpo_kit.run.runner import ProgressRelay
 
     bar = tqdm(total=1, disable=True)
     relay = ProgressRelay(bar, "train", width=20)

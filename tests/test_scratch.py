@@ -1,4 +1,4 @@
-"""The from-scratch DPO (dpo_kit.scratch) against hand-computed numbers and against TRL 1.x itself.
+"""The from-scratch DPO (dpo_kit.scratch.loss) against hand-computed numbers and against TRL 1.x itself.
 
 TRL is driven through its real data path (DPOTrainer tokenization + collator) on the tiny offline
 model, so "matches TRL" means: same batch, same log-probs, same losses, same gradients.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from dpo_kit import scratch
+from dpo_kit.scratch import loss as scratch
 
 LN2 = math.log(2)
 BATCH_SIZE = 4

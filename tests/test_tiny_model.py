@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo_kit.cli import main
-from dpo_kit.tiny_model import build_tiny_model
+from dpo_kit.models.tiny import build_tiny_model
+from dpo_kit.run.cli import main
 
 
 def test_same_seed_gives_the_same_bytes_and_another_seed_does_not(tmp_path, tiny_model_dir):

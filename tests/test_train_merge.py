@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_kit.stage import StageError, open_stage
+from dpo_kit.run.stage import StageError, open_stage
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "params" / "tiny.yaml")
@@ -15,8 +15,8 @@ TINY = str(REPO / "params" / "tiny.yaml")
 
 def formatted_run(tmp_path, tiny_model_dir, *extra):
     """A run directory whose format stage is done; returns the overrides that name it."""
-    from dpo_kit.data import prepare_data
-    from dpo_kit.models import load_tokenizer
+    from dpo_kit.data.pipeline import prepare_data
+    from dpo_kit.models.loading import load_tokenizer
 
     overrides = [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", "dpo.max_steps=3",
                  "dpo.logging_steps=1", "dpo.save_steps=3", *extra]
@@ -29,7 +29,7 @@ def formatted_run(tmp_path, tiny_model_dir, *extra):
 def test_build_dpo_config_follows_hardware_unless_params_say_otherwise(tmp_path):
     from dpo_kit.hardware import HardwareChoice, choose_hardware
     from dpo_kit.params import load_params
-    from dpo_kit.train import build_dpo_config, dpo_config_kwargs, precision_record
+    from dpo_kit.training.train import build_dpo_config, dpo_config_kwargs, precision_record
 
     # A GPU choice is checked on its kwargs: transformers refuses bf16 configs on a machine without bf16.
     gpu = HardwareChoice("cuda", "A100", 1, True, True, False, True, "bfloat16", "test")
@@ -44,8 +44,8 @@ def test_build_dpo_config_follows_hardware_unless_params_say_otherwise(tmp_path)
 
 
 def test_lora_train_then_merge_gives_equal_logits(tmp_path, tiny_model_dir):
-    from dpo_kit.merge import merge_adapter
-    from dpo_kit.train import train_dpo
+    from dpo_kit.training.merge import merge_adapter
+    from dpo_kit.training.train import train_dpo
 
     overrides = formatted_run(tmp_path, tiny_model_dir)
     stage = open_stage("train", TINY, overrides, str(REPO))
@@ -70,8 +70,8 @@ def test_lora_train_then_merge_gives_equal_logits(tmp_path, tiny_model_dir):
 
 
 def test_qlora_4bit_trains_on_cpu_and_merges_into_an_unquantized_base(tmp_path, tiny_model_dir):
-    from dpo_kit.merge import merge_adapter
-    from dpo_kit.train import train_dpo
+    from dpo_kit.training.merge import merge_adapter
+    from dpo_kit.training.train import train_dpo
 
     overrides = formatted_run(tmp_path, tiny_model_dir, "quantization.bits=4", "lora.target_modules=[q_proj,v_proj]")
     stage = open_stage("train", TINY, overrides, str(REPO))
@@ -90,8 +90,8 @@ def test_qlora_4bit_trains_on_cpu_and_merges_into_an_unquantized_base(tmp_path, 
 
 
 def test_full_fine_tuning_trains_every_weight_and_exports_in_the_merge_dtype(tmp_path, tiny_model_dir):
-    from dpo_kit.merge import merge_adapter
-    from dpo_kit.train import train_dpo
+    from dpo_kit.training.merge import merge_adapter
+    from dpo_kit.training.train import train_dpo
 
     overrides = formatted_run(tmp_path, tiny_model_dir, "lora.enabled=false", "merge.dtype=bfloat16")
     stage = open_stage("train", TINY, overrides, str(REPO))

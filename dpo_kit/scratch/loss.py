@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dpo_kit.audit import common_prefix_length
+from dpo_kit.data.audit import common_prefix_length
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 # Only these losses have a noisy-label parameter; for ipo and hinge a non-zero value would be silently

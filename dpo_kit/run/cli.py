@@ -9,7 +9,7 @@ from dpo_kit.params import ParamsError
 
 
 def _run(args) -> int:
-    from dpo_kit.runner import RunError, parse_stages, run_pipeline
+    from dpo_kit.run.runner import RunError, parse_stages, run_pipeline
 
     try:
         run_dir = run_pipeline(
@@ -28,7 +28,7 @@ def _run(args) -> int:
     if metrics.is_file():
         import json
 
-        from dpo_kit.evaluate import headline
+        from dpo_kit.evaluation.evaluate import headline
 
         print(f"dpo-kit run: {headline(json.loads(metrics.read_text()))}")
     return 0
@@ -36,7 +36,7 @@ def _run(args) -> int:
 
 def _validate(args) -> int:
     from dpo_kit.params import check_local_files, load_params
-    from dpo_kit.stage import run_dir_for
+    from dpo_kit.run.stage import run_dir_for
 
     try:
         params = load_params(args.params, args.set)
@@ -49,7 +49,7 @@ def _validate(args) -> int:
 
 
 def _tiny_model(args) -> int:
-    from dpo_kit.tiny_model import build_tiny_model
+    from dpo_kit.models.tiny import build_tiny_model
 
     print(f"tiny model written to {build_tiny_model(args.directory, seed=args.seed)}")
     return 0

@@ -99,7 +99,7 @@ class SharedKernel:
         from nbclient.exceptions import CellExecutionError
 
         code = (
-            "import json\nfrom dpo_kit.runner import resolve_run\n"
+            "import json\nfrom dpo_kit.run.runner import resolve_run\n"
             f"print(json.dumps(resolve_run({str(params_path)!r}, {list(overrides)!r}, {str(project)!r})))"
         )
         try:
@@ -134,7 +134,7 @@ def resolve_run(params_path: str | Path, overrides: list[str], project_dir: str 
 
 def notebooks_dir(project_dir: Path) -> Path:
     """The stage notebooks: the project's own copy if it has one, else the ones next to the package."""
-    for candidate in (project_dir / "notebooks", Path(__file__).resolve().parent.parent / "notebooks"):
+    for candidate in (project_dir / "notebooks", Path(__file__).resolve().parents[2] / "notebooks"):
         if (candidate / STAGE_NOTEBOOKS["format"]).exists():
             return candidate
     raise RunError(f"stage notebooks not found under {project_dir / 'notebooks'}; run from a dpo-kit checkout")

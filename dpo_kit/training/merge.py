@@ -81,7 +81,7 @@ def max_masked_diff(a, b, batch) -> float:
 def merge_adapter(stage) -> MergeResult:
     """Write run_dir/merged: the adapter merged into an unquantized base (LoRA), or the fully fine-tuned
     model in merge.dtype. Either way the saved model's logits are checked against the trained model's."""
-    from dpo_kit.models import load_causal_lm, load_tokenizer, model_source
+    from dpo_kit.models.loading import load_causal_lm, load_tokenizer, model_source
 
     params: Params = stage.params
     trained_dir = stage.run_dir / ("adapter" if params.lora.enabled else "trained")

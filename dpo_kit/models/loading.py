@@ -6,12 +6,13 @@ calls the tiny CI run exercises: only the name_or_path string differs.
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
 from dpo_kit.chat_templates import resolve_chat_template
-from dpo_kit.gguf import OFFLINE_GGUF_MODELS
 from dpo_kit.hardware import HardwareChoice, choose_hardware, resolve_dtype
+from dpo_kit.models.gguf import OFFLINE_GGUF_MODELS
 from dpo_kit.params import Params, is_local_path
 
 
@@ -21,7 +22,7 @@ def uses_gguf(params: Params) -> bool:
 
 def converted_gguf_model(params: Params, project_dir: str | Path = "."):
     """The GGUF that params name, located and converted to a safetensors checkpoint (once; then cached)."""
-    from dpo_kit.gguf import converted_gguf, locate_gguf
+    from dpo_kit.models.gguf import converted_gguf, locate_gguf
 
     hub = {key: value for key, value in hub_kwargs(params).items() if key in ("revision", "token")}
     return converted_gguf(locate_gguf(params.model.name_or_path, params.model.gguf_file, project_dir, **hub))
@@ -35,7 +36,7 @@ def model_source(params: Params, project_dir: str | Path = ".") -> str:
     if uses_gguf(params):
         return str(converted_gguf_model(params, project_dir).directory)
     if params.model.build_tiny_model:
-        from dpo_kit.tiny_model import ensure_tiny_model
+        from dpo_kit.models.tiny import ensure_tiny_model
 
         # Seed 0, not run.seed: the tiny model lives at a shared path and must be the same for every run.
         return str(ensure_tiny_model(local, seed=0))
@@ -133,3 +134,11 @@ def lora_config(params: Params):
 
 def device_of(model):
     return next(model.parameters()).device
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

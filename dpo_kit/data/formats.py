@@ -8,7 +8,7 @@ Every format ends in the same shape, so the audit, the length check and the trai
 
 Converters only reshape; they raise `DropRow` when a row has no usable shape (a missing column, a value
 that is not text, a transcript that cannot be split). Content checks (empty text, role order, identical
-responses) live in `dpo_kit.audit`, so every format gets the same ones.
+responses) live in `dpo_kit.data.audit`, so every format gets the same ones.
 
 The 'standard' output format is rendered from this shape with the model tokenizer's own chat template
 (`render_standard`), never with hard-coded role markers.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from dpo_kit.audit import DropRow
+from dpo_kit.data.drops import DropRow
 
 Message = dict[str, str]
 Row = dict[str, Any]
@@ -250,7 +250,7 @@ def render_standard(row: Row, tokenizer) -> Row:
     """TRL standard row: the prompt rendered by the tokenizer's own chat template with the generation prompt,
     the responses as plain text (TRL appends the eos token to them).
 
-    TRL tokenizes this prompt with special tokens on; `dpo_kit.audit` removes a BOS the template writes
+    TRL tokenizes this prompt with special tokens on; `dpo_kit.data.audit` removes a BOS the template writes
     itself when the tokenizer adds one too, so the sequence does not start with two.
     """
     prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)

@@ -30,9 +30,10 @@ import json
 import warnings
 from pathlib import Path
 
-from dpo_kit.generate import GENERATIONS_FILE, free_memory, prompt_token_ids, read_jsonl
+from dpo_kit.evaluation.generate import GENERATIONS_FILE, read_jsonl
 from dpo_kit.judges import make_judge, win_outcomes, win_rate_from_scores
-from dpo_kit.models import device_of, load_causal_lm, load_tokenizer, model_source
+from dpo_kit.models.loading import device_of, free_memory, load_causal_lm, load_tokenizer, model_source
+from dpo_kit.models.sampling import prompt_token_ids
 from dpo_kit.params import Params, dpo_config_defaults
 
 METRICS_FILE = "metrics.json"
@@ -102,7 +103,7 @@ def pair_logps(models: dict, examples: list[dict], collator, batch_size: int) ->
     """Summed response log-probs of chosen and rejected under each model, plus response lengths, per pair."""
     import torch
 
-    from dpo_kit.scratch import sequence_logps
+    from dpo_kit.scratch.loss import sequence_logps
 
     per_pair: dict[str, list] = {"chosen_tokens": [], "rejected_tokens": []}
     for start in range(0, len(examples), batch_size):

@@ -1,7 +1,7 @@
 """Figures for notebooks/00_dpo_from_scratch: training curves side by side, and what beta does.
 
 Kept out of the notebook so its cells stay free of function definitions. matplotlib is imported
-inside the functions so `import dpo_kit.scratch_plots` costs nothing until a figure is drawn.
+inside the functions so `import dpo_kit.scratch.plots` costs nothing until a figure is drawn.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_kit import scratch
+from dpo_kit.scratch.loss import dpo_loss
 
 
 def plot_training_curves(
@@ -58,7 +58,7 @@ def plot_beta_effect(
     h = torch.linspace(-half_width, half_width, 400)
     zeros = torch.zeros_like(h)
     for beta in betas:
-        losses, _, _ = scratch.dpo_loss(h, zeros, zeros, zeros, beta=beta)
+        losses, _, _ = dpo_loss(h, zeros, zeros, zeros, beta=beta)
         right.plot(h.tolist(), losses.tolist(), label=f"beta = {beta}")
     right.axvline(mean_log_ratio, color="gray", linestyle=":", label=f"trained h = {mean_log_ratio:.1f}")
     right.set(title="sigmoid DPO loss  -log sigma(beta h)", xlabel="h = log-ratio gain over the reference (nats)")

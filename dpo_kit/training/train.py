@@ -109,11 +109,11 @@ def log_line_callback():
 
 
 def train_dpo(stage) -> TrainResult:
-    """Run DPO for `stage` (a dpo_kit.stage.Stage) and save checkpoints, the adapter and the log."""
+    """Run DPO for `stage` (a dpo_kit.run.stage.Stage) and save checkpoints, the adapter and the log."""
     from trl import DPOTrainer
 
-    from dpo_kit.data import load_split
-    from dpo_kit.models import load_causal_lm, load_tokenizer, lora_config, model_source
+    from dpo_kit.data.pipeline import load_split
+    from dpo_kit.models.loading import load_causal_lm, load_tokenizer, lora_config, model_source
 
     params, run_dir = stage.params, stage.run_dir
     _configure_tracking(params, run_dir)

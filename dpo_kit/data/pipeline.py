@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo_kit.audit import REASONS, audit_rows, raise_if_nothing_left
-from dpo_kit.formats import converter
-from dpo_kit.sources import describe_source, read_rows
+from dpo_kit.data.audit import audit_rows, raise_if_nothing_left
+from dpo_kit.data.drops import REASONS
+from dpo_kit.data.formats import converter
+from dpo_kit.data.sources import describe_source, read_rows
 
 SPLITS = ("train", "eval")
 
@@ -40,7 +41,7 @@ class DataReport:
     eval_fraction: float
     max_length: int | None
     fingerprint: str  # sha256 of train.jsonl + eval.jsonl bytes
-    chat_template: dict  # BOS/EOS and prefix findings, see dpo_kit.audit.template_checks
+    chat_template: dict  # BOS/EOS and prefix findings, see dpo_kit.data.audit.template_checks
     files: dict[str, str]
     # Token lengths as TRL computes them, for every pair that reached the length check (kept or too_long).
     prompt_lengths: list[int] = field(repr=False)
@@ -119,7 +120,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         stale.unlink(missing_ok=True)  # a failed rerun must not leave the last run's split looking current
 
     if data.source == "generate":
-        from dpo_kit.on_policy import ranked_pair, sample_scored_rows
+        from dpo_kit.data.on_policy import ranked_pair, sample_scored_rows
 
         rows = sample_scored_rows(params, tokenizer, project_dir)
         _write_jsonl(data_dir / "samples.jsonl", rows)  # every sample and its score, kept or not

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpo_kit.audit import DropRow
+from dpo_kit.data.drops import DropRow
 from dpo_kit.params import Params, is_local_path
 
 PROMPT_SETS = ("movie-reviews",)
@@ -26,7 +26,7 @@ PROMPT_SETS = ("movie-reviews",)
 def prompt_rows(params: Params, project_dir: str | Path = ".") -> list[dict]:
     """The prompts of `data.generate.prompts`, at most `data.max_rows`, each as {"prompt": ...} as read."""
     from dpo_kit.bundled import movie_review_prompts
-    from dpo_kit.sources import read_local_file
+    from dpo_kit.data.sources import read_local_file
 
     settings = params.data.generate
     if settings.prompts == "movie-reviews":
@@ -52,7 +52,7 @@ def as_messages(row: dict) -> list[dict]:
 
 def sampler_source(params: Params, project_dir: str | Path = ".") -> str:
     """The model that samples: data.generate.sampler (a local directory or hub id), else the run's own model."""
-    from dpo_kit.models import model_source
+    from dpo_kit.models.loading import model_source
 
     sampler = params.data.generate.sampler
     if sampler is None:
@@ -70,9 +70,9 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
 
     A prompt that is not usable is passed through unsampled, so the audit drops it with its reason.
     """
-    from dpo_kit.generate import free_memory, prompt_token_ids, sample_continuations
     from dpo_kit.judges import make_judge
-    from dpo_kit.models import load_causal_lm
+    from dpo_kit.models.loading import free_memory, load_causal_lm
+    from dpo_kit.models.sampling import prompt_token_ids, sample_continuations
 
     settings = params.data.generate
     rows = prompt_rows(params, project_dir)
@@ -109,7 +109,7 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
 
 
 def ranked_pair(min_score_gap: float):
-    """A converter (see dpo_kit.formats) from a scored row to a TRL pair: best sample chosen, worst rejected."""
+    """A converter (see dpo_kit.data.formats) from a scored row to a TRL pair: best sample chosen, worst rejected."""
 
     def convert(row: dict) -> dict:
         messages = as_messages(row)

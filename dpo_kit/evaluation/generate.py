@@ -2,18 +2,19 @@
 
 Both models start from the same token ids with the same sampling settings and the same seed, so what
 differs in the table comes from the weights. The generated token ids are saved as well: evaluate.py
-measures the KL of the policy to the reference along exactly these continuations.
+measures the KL of the policy to the reference along exactly these continuations. The sampling itself is
+`dpo_kit.models.sampling`, shared with the on-policy data source.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dpo_kit.judges import Prompt, make_judge
-from dpo_kit.models import device_of, load_causal_lm, load_tokenizer, model_source
+from dpo_kit.models.loading import free_memory, load_causal_lm, load_tokenizer, model_source
+from dpo_kit.models.sampling import prompt_token_ids, sample_continuations
 from dpo_kit.params import Params
 
 if TYPE_CHECKING:
@@ -43,85 +44,11 @@ def comparison_prompts(params: Params, run_dir: str | Path) -> list[Prompt]:
     return [row["prompt"] for row in rows[: params.generate.num_prompts]]
 
 
-def prompt_token_ids(tokenizer, prompt: Prompt) -> list[int]:
-    """A prompt's token ids as TRL's DPOTrainer makes them, so the models generate from the context they
-    were trained on: the chat template with the generation prompt, or a rendered string tokenized as is."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
-        "input_ids"
-    ]
-
-
 def display_prompt(prompt: Prompt) -> str:
     """The last user message, for tables; a standard-format prompt is shown as written."""
     if isinstance(prompt, str):
         return prompt
     return [message["content"] for message in prompt if message["role"] == "user"][-1]
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return set(eos) if isinstance(eos, list) else {eos}
-
-
-def _up_to_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
-    """Generated ids through the first eos; what follows is padding of finished rows in the batch."""
-    for position, token in enumerate(ids):
-        if token in eos_ids:
-            return ids[: position + 1]
-    return ids
-
-
-def sample_continuations(
-    model,
-    tokenizer,
-    prompts_ids: list[list[int]],
-    *,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 8,
-    num_samples: int = 1,
-    seed: int = 0,
-    description: str | None = None,
-) -> list[list[list[int]]]:
-    """`num_samples` continuations (new token ids, through the first eos) per prompt, in left-padded batches.
-
-    Seeded here, so two models given the same seed draw from the same random stream: reproducible, and a
-    fair comparison. A progress bar over sequences is shown when `description` is given.
-    """
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import set_seed
-
-    # Sampling knobs only when sampling: transformers warns about temperature/top_p under greedy decoding.
-    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    eos_ids = _eos_ids(model, tokenizer)
-    # Each prompt repeated num_samples times, so a batch holds whole sequences, not whole prompts.
-    flat = [ids for ids in prompts_ids for _ in range(num_samples)]
-    set_seed(seed)
-    continuations: list[list[int]] = []
-    with tqdm(total=len(flat), desc=description, unit="seq", disable=description is None) as bar:
-        for start in range(0, len(flat), batch_size):
-            batch = tokenizer.pad(
-                {"input_ids": flat[start : start + batch_size]}, padding_side="left", return_tensors="pt"
-            ).to(device_of(model))
-            with torch.no_grad():
-                output = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=do_sample,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **sampling,
-                )
-            new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
-            continuations.extend(_up_to_eos(ids, eos_ids) for ids in new_tokens)
-            bar.update(len(new_tokens))
-    return [continuations[i : i + num_samples] for i in range(0, len(continuations), num_samples)]
 
 
 def generate_continuations(
@@ -143,14 +70,6 @@ def generate_continuations(
         description=description,
     )
     return [one for (one,) in samples]
-
-
-def free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str | Path = ".") -> pandas.DataFrame:

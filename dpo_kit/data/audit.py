@@ -5,7 +5,8 @@ rest; it tokenizes prompt and prompt+response separately, so a template that ren
 shifts the completion start; and a chat template that writes BOS/EOS itself can double them. The audit
 tokenizes every pair exactly as TRL 1.x `DPOTrainer._prepare_dataset` does, drops what TRL would damage,
 and reports the template traps it finds, so the notebook, `manifest.json` and `data/dropped.jsonl` all
-say what happened to each row.
+say what happened to each row. The reason codes and `DropRow`, which the converters raise too, are in
+`dpo_kit.data.drops`.
 """
 
 from __future__ import annotations
@@ -16,48 +17,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-# Stable reason codes: they are keys in manifests and dropped.jsonl, so rename none of them.
-REASONS = {
-    "missing_column": "a column the data format needs is absent",
-    "non_string_value": "a value that should be text is None, a number or another non-string",
-    "malformed_messages": "a message column is not a list of {role, content} messages",
-    "unsplittable_transcript": "chosen and rejected do not split into a shared prompt and one final reply each",
-    "empty_prompt": "the prompt, or one of its messages, is empty or whitespace only",
-    "empty_response": "chosen or rejected is empty or whitespace only",
-    "roles_not_alternating": "roles are not [system,] user, assistant, ..., user followed by one assistant reply",
-    "identical_responses": "chosen and rejected are the same text (ignoring surrounding whitespace)",
-    "duplicate": "an exact copy of an earlier (prompt, chosen, rejected) pair",
-    "chat_template_error": "the model's chat template refused to render the conversation",
-    "too_long": "prompt+response is longer than the max_length TRL trains with",
-    "score_gap_too_small": "the judge scored the best and worst sampled responses too closely to prefer one",
-}
+from dpo_kit.data.drops import REASONS, DropRow, DroppedRow
+from dpo_kit.data.formats import render_standard
+
 ROLES = ("system", "user", "assistant")
-
-
-class DropRow(Exception):
-    """Raised by converters and checks: this row is dropped for `reason` (a key of REASONS)."""
-
-    def __init__(self, reason: str, detail: str):
-        if reason not in REASONS:
-            raise ValueError(f"unknown drop reason '{reason}'; valid reasons: {', '.join(REASONS)}")
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 class NoPairsLeftError(ValueError):
     """Every row was dropped; the message gives the top reasons with counts and an example each."""
-
-
-@dataclass
-class DroppedRow:
-    index: int  # position of the row in the source, counting from 0
-    reason: str
-    detail: str
-    row: Any  # the source row as read, unchanged
-
-    def to_dict(self) -> dict:
-        return {"index": self.index, "reason": self.reason, "detail": self.detail, "row": self.row}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,13 +261,9 @@ def audit_rows(
 ) -> AuditResult:
     """Convert, check, fix, de-duplicate and length-check every row; each ends up kept or dropped with a reason.
 
-    `convert` maps a source row to the conversational shape (see dpo_kit.formats.converter). Kept rows are
-    in `output_format` ('conversational' or 'standard'), in source order.
+    `convert` maps a source row to the conversational shape (see dpo_kit.data.formats.converter). Kept rows
+    are in `output_format` ('conversational' or 'standard'), in source order.
     """
-    from dpo_kit.formats import (
-        render_standard,  # formats imports DropRow from this module
-    )
-
     traits = tokenizer_traits(tokenizer)
     result = AuditResult(rows_read=len(raw_rows))
     fixes: Counter = Counter()

@@ -1,0 +1,48 @@
+"""Why a row is dropped: the stable reason codes, the exception that drops a row, and the record kept of it.
+
+Imports nothing of the kit, so every producer of drops can use it: the converters (`formats`), the
+on-policy ranking (`on_policy`) and the audit (`audit`), which records each drop in `data/dropped.jsonl`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Stable reason codes: they are keys in manifests and dropped.jsonl, so rename none of them.
+REASONS = {
+    "missing_column": "a column the data format needs is absent",
+    "non_string_value": "a value that should be text is None, a number or another non-string",
+    "malformed_messages": "a message column is not a list of {role, content} messages",
+    "unsplittable_transcript": "chosen and rejected do not split into a shared prompt and one final reply each",
+    "empty_prompt": "the prompt, or one of its messages, is empty or whitespace only",
+    "empty_response": "chosen or rejected is empty or whitespace only",
+    "roles_not_alternating": "roles are not [system,] user, assistant, ..., user followed by one assistant reply",
+    "identical_responses": "chosen and rejected are the same text (ignoring surrounding whitespace)",
+    "duplicate": "an exact copy of an earlier (prompt, chosen, rejected) pair",
+    "chat_template_error": "the model's chat template refused to render the conversation",
+    "too_long": "prompt+response is longer than the max_length TRL trains with",
+    "score_gap_too_small": "the judge scored the best and worst sampled responses too closely to prefer one",
+}
+
+
+class DropRow(Exception):
+    """Raised by converters and checks: this row is dropped for `reason` (a key of REASONS)."""
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown drop reason '{reason}'; valid reasons: {', '.join(REASONS)}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class DroppedRow:
+    index: int  # position of the row in the source, counting from 0
+    reason: str
+    detail: str
+    row: Any  # the source row as read, unchanged
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "reason": self.reason, "detail": self.detail, "row": self.row}

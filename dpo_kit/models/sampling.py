@@ -1,0 +1,85 @@
+"""Sampling continuations from a causal LM, the same way for on-policy pairs and for the evaluation.
+
+The format stage (`data.source: generate`) samples several responses per prompt from the reference model,
+and the generate stage samples the reference and the DPO policy side by side; both go through
+`sample_continuations`, seeded, from the prompt ids TRL's DPOTrainer would build (`prompt_token_ids`).
+A prompt is a list of chat messages (conversational format) or an already rendered string (standard).
+"""
+
+from __future__ import annotations
+
+from dpo_kit.models.loading import device_of
+
+
+def prompt_token_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """A prompt's token ids as TRL's DPOTrainer makes them, so the models generate from the context they
+    were trained on: the chat template with the generation prompt, or a rendered string tokenized as is."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, list) else {eos}
+
+
+def _up_to_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    """Generated ids through the first eos; what follows is padding of finished rows in the batch."""
+    for position, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[: position + 1]
+    return ids
+
+
+def sample_continuations(
+    model,
+    tokenizer,
+    prompts_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    num_samples: int = 1,
+    seed: int = 0,
+    description: str | None = None,
+) -> list[list[list[int]]]:
+    """`num_samples` continuations (new token ids, through the first eos) per prompt, in left-padded batches.
+
+    Seeded here, so two models given the same seed draw from the same random stream: reproducible, and a
+    fair comparison. A progress bar over sequences is shown when `description` is given.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    # Sampling knobs only when sampling: transformers warns about temperature/top_p under greedy decoding.
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    eos_ids = _eos_ids(model, tokenizer)
+    # Each prompt repeated num_samples times, so a batch holds whole sequences, not whole prompts.
+    flat = [ids for ids in prompts_ids for _ in range(num_samples)]
+    set_seed(seed)
+    continuations: list[list[int]] = []
+    with tqdm(total=len(flat), desc=description, unit="seq", disable=description is None) as bar:
+        for start in range(0, len(flat), batch_size):
+            batch = tokenizer.pad(
+                {"input_ids": flat[start : start + batch_size]}, padding_side="left", return_tensors="pt"
+            ).to(device_of(model))
+            with torch.no_grad():
+                output = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **sampling,
+                )
+            new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
+            continuations.extend(_up_to_eos(ids, eos_ids) for ids in new_tokens)
+            bar.update(len(new_tokens))
+    return [continuations[i : i + num_samples] for i in range(0, len(continuations), num_samples)]
