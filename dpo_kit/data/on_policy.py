@@ -20,9 +20,6 @@ from pathlib import Path
 from dpo_kit.data.drops import DropRow
 from dpo_kit.params import Params, is_local_path
 
-PROMPT_SETS = ("movie-reviews",)
-
-
 def prompt_rows(params: Params, project_dir: str | Path = ".") -> list[dict]:
     """The prompts of `data.generate.prompts`, at most `data.max_rows`, each as {"prompt": ...} as read."""
     from dpo_kit.bundled import movie_review_prompts
