@@ -37,3 +37,26 @@ def resolve_chat_template(value: str) -> str:
     raise ValueError(
         f"model.chat_template: '{value}' is neither a preset ({', '.join(CHAT_TEMPLATE_PRESETS)}) nor a Jinja template"
     )
+
+
+def ends_with_prefill(messages) -> bool:
+    """True when a conversation ends with an assistant message: a prefill, which the response continues.
+
+    Rendered with `continue_final_message=True` (no new assistant turn), as in the DPO paper's
+    controlled-sentiment task, where the model continues the opening of a review.
+    """
+    return isinstance(messages, list) and bool(messages) and messages[-1].get("role") == "assistant"
+
+
+def render_prompt(tokenizer, messages: list[dict], tokenize: bool = False):
+    """A chat prompt rendered by the tokenizer's template, as the model will continue it: with the
+    generation prompt, or continuing a final assistant prefill."""
+    prefill = ends_with_prefill(messages)
+    kwargs = {"return_dict": True} if tokenize else {}
+    return tokenizer.apply_chat_template(
+        messages,
+        add_generation_prompt=not prefill,
+        continue_final_message=prefill,
+        tokenize=tokenize,
+        **kwargs,
+    )

@@ -98,17 +98,36 @@ def test_unsplittable_transcript(tokenizer):
     [
         ([user("Hi"), user("Hello?")], "assistant", "prompt roles are user, user"),
         ([assistant("I start"), user("Hi")], "assistant", "prompt roles are assistant, user"),
-        ([user("Hi"), assistant("Hello")], "assistant", "ending with user"),
         ([user("Hi"), {"role": "system", "content": "late system"}], "assistant", "prompt roles are user, system"),
         ([{"role": "gpt", "content": "Hi"}], "assistant", "unknown role 'gpt'"),
         ([user("Hi")], "user", "should be one assistant message"),
     ],
-    ids=["user-user", "starts-with-assistant", "ends-with-assistant", "system-not-first", "unknown-role", "user-reply"],
+    ids=["user-user", "starts-with-assistant", "system-not-first", "unknown-role", "user-reply"],
 )
 def test_roles_not_alternating(tokenizer, prompt, response_role, expected):
     row = {"prompt": prompt, "chosen": [{"role": response_role, "content": "A"}], "rejected": [assistant("B")]}
     dropped = only_drop([row], tokenizer)
     assert dropped.reason == "roles_not_alternating" and expected in dropped.detail
+
+
+def prefilled(chosen=" a delight from start to finish.", rejected=" a slog I could not sit through."):
+    """A prompt ending with the opening of the assistant's reply, which the responses continue."""
+    prompt = [user("Write a short review of a western."), assistant("The pacing of this movie was")]
+    return {"prompt": prompt, "chosen": [assistant(chosen)], "rejected": [assistant(rejected)]}
+
+
+def test_a_prefill_in_conversational_output_is_dropped_with_the_setting_that_renders_it(tokenizer):
+    dropped = only_drop([prefilled()], tokenizer)
+    assert dropped.reason == "prefill_needs_standard_format" and "data.output_format: standard" in dropped.detail
+
+
+def test_a_prefill_in_standard_output_is_continued_not_closed(tokenizer):
+    [(_, row)] = audit([prefilled()], tokenizer, output_format="standard").kept
+    # The reply continues the opening: no end of turn and no new assistant turn between them.
+    assert row["prompt"].endswith("<|im_start|>assistant\nThe pacing of this movie was")
+    assert row["chosen"] == " a delight from start to finish."
+    [lengths] = measure_pairs([row], tokenizer)
+    assert lengths.prompt_is_prefix and lengths.prompt == len(tokenizer(row["prompt"])["input_ids"])
 
 
 def test_hh_rlhf_roles_not_alternating(tokenizer):

@@ -138,3 +138,43 @@ def test_round_two_samples_from_the_named_policy(tiny_model_dir, prompts_file, t
     first = sample_scored_rows(params, tokenizer, REPO)
     second = sample_scored_rows(round_two, tokenizer, REPO)
     assert [row.get("samples") for row in first] != [row.get("samples") for row in second]
+
+
+def test_a_prefilled_prompt_is_sampled_and_trained_as_one_continued_reply(tiny_model_dir, tmp_path):
+    """A prompt ending with an assistant message (the opening of the reply) is continued, not answered:
+    the sampler and TRL's standard format see the same context, and the responses keep their joining space."""
+    from dpo_kit.chat_templates import render_prompt
+    from dpo_kit.data.pipeline import prepare_data
+    from dpo_kit.models.loading import load_tokenizer
+    from dpo_kit.models.sampling import prompt_token_ids
+
+    opening = [{"role": "user", "content": "Review the film."}, {"role": "assistant", "content": "The pacing was"}]
+    path = tmp_path / "prefills.jsonl"
+    path.write_text("".join(json.dumps({"prompt": opening}) + "\n" for _ in range(2)))
+    params = generate_params(tiny_model_dir, path, "data.output_format=standard", "data.deduplicate=false")
+    tokenizer = load_tokenizer(str(tiny_model_dir), params)
+    report = prepare_data(params, tokenizer, tmp_path / "run", REPO)
+    assert report.rows_kept + report.rows_dropped == 2
+
+    rendered = render_prompt(tokenizer, opening)
+    assert rendered.endswith("assistant\nThe pacing was"), "the opening is continued, not closed"
+    assert tokenizer(rendered)["input_ids"] == prompt_token_ids(tokenizer, opening), "sampled from this context"
+    samples = [json.loads(line) for line in (tmp_path / "run" / "data" / "samples.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for split in ("train", "eval") for line in
+             (tmp_path / "run" / "data" / f"{split}.jsonl").read_text().splitlines()]  # fmt: skip
+    for pair in pairs:
+        assert pair["prompt"] == rendered
+        assert pair["chosen"] in samples[0]["samples"] + samples[1]["samples"]
+    # Whatever the tiny model sampled is kept as decoded: only trailing whitespace goes.
+    assert all(text == text.rstrip() for row in samples for text in row["samples"])
+
+
+def test_a_continuation_keeps_its_leading_space_and_a_new_turn_is_stripped():
+    from dpo_kit.data.on_policy import response_text
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    ids = tokenizer(" great fun \n")["input_ids"]
+    prefill = [{"role": "user", "content": "Review it."}, {"role": "assistant", "content": "It was"}]
+    assert response_text(tokenizer, ids, prefill) == " great fun"
+    assert response_text(tokenizer, ids, prefill[:1]) == "great fun"

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from dpo_kit.chat_templates import ends_with_prefill
 from dpo_kit.data.drops import REASONS, DropRow, DroppedRow
 from dpo_kit.data.formats import render_standard
 
@@ -53,11 +54,12 @@ def _check_roles(row: dict) -> None:
             raise DropRow("roles_not_alternating", f"unknown role '{role}' in the prompt (valid: {', '.join(ROLES)})")
     turns = roles[1:] if roles[0] == "system" else roles
     expected = ["user", "assistant"] * len(turns)
-    if not turns or turns != expected[: len(turns)] or turns[-1] != "user":
+    # Ending with assistant is a prefill: the response continues that message (see ends_with_prefill).
+    if not turns or turns != expected[: len(turns)]:
         raise DropRow(
             "roles_not_alternating",
             f"prompt roles are {', '.join(roles)}; expected an optional system message, then user and assistant"
-            " alternating, ending with user",
+            " alternating, ending with user (or with an assistant prefill that the response continues)",
         )
     for name in ("chosen", "rejected"):
         if len(row[name]) != 1 or row[name][0]["role"] != "assistant":
@@ -282,6 +284,12 @@ def audit_rows(
             fixes["special_token_text_in_content"] += has_special_text(row, traits)
             if output_format == "standard":
                 row = _render_standard(row, tokenizer, traits, fixes, render_standard)
+            elif ends_with_prefill(row["prompt"]):
+                raise DropRow(
+                    "prefill_needs_standard_format",
+                    "the prompt ends with an assistant message to continue; TRL's conversational format would open"
+                    " a new assistant turn after it. Set data.output_format: standard",
+                )
         except DropRow as problem:
             result.drop(index, raw, problem)
             continue

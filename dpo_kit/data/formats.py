@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+from dpo_kit.chat_templates import render_prompt
 from dpo_kit.data.drops import DropRow
 
 Message = dict[str, str]
@@ -247,11 +248,11 @@ def converter(data_format: str, columns=None) -> Callable[[Row], Row]:
 
 
 def render_standard(row: Row, tokenizer) -> Row:
-    """TRL standard row: the prompt rendered by the tokenizer's own chat template with the generation prompt,
-    the responses as plain text (TRL appends the eos token to them).
+    """TRL standard row: the prompt rendered by the tokenizer's own chat template with the generation prompt
+    (or continuing a final assistant prefill), the responses as plain text (TRL appends the eos token to them).
 
     TRL tokenizes this prompt with special tokens on; `dpo_kit.data.audit` removes a BOS the template writes
     itself when the tokenizer adds one too, so the sequence does not start with two.
     """
-    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+    prompt = render_prompt(tokenizer, row["prompt"])
     return {"prompt": prompt, "chosen": row["chosen"][0]["content"], "rejected": row["rejected"][0]["content"]}

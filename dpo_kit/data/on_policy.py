@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpo_kit.chat_templates import ends_with_prefill
 from dpo_kit.data.drops import DropRow
 from dpo_kit.params import Params, is_local_path
 
@@ -99,10 +100,17 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
     judge = make_judge(params, project_dir, name=settings.judge)
     scored = list(rows)
     for (index, messages), ids in zip(usable.items(), samples_ids, strict=True):
-        texts = [tokenizer.decode(one, skip_special_tokens=True).strip() for one in ids]
+        texts = [response_text(tokenizer, one, messages) for one in ids]
         scores = judge.score([messages] * len(texts), texts)
         scored[index] = {"prompt": messages, "samples": texts, "scores": scores}
     return scored
+
+
+def response_text(tokenizer, ids: list[int], messages: list[dict]) -> str:
+    """A sampled response as text. A continued prefill keeps its leading space ("was" + " great"), since the
+    pair's prompt and response are joined as text; a new assistant turn is stripped."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text.rstrip() if ends_with_prefill(messages) else text.strip()
 
 
 def ranked_pair(min_score_gap: float):

@@ -8,17 +8,17 @@ A prompt is a list of chat messages (conversational format) or an already render
 
 from __future__ import annotations
 
+from dpo_kit.chat_templates import render_prompt
 from dpo_kit.models.loading import device_of
 
 
 def prompt_token_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     """A prompt's token ids as TRL's DPOTrainer makes them, so the models generate from the context they
-    were trained on: the chat template with the generation prompt, or a rendered string tokenized as is."""
+    were trained on: the chat template with the generation prompt (or continuing an assistant prefill), or a
+    rendered string tokenized as is."""
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
-        "input_ids"
-    ]
+    return render_prompt(tokenizer, prompt, tokenize=True)["input_ids"]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
