@@ -126,12 +126,30 @@ REVIEW_OPENINGS = [
 ]  # fmt: skip
 
 
-def movie_review_prompts(seed: int = 0) -> list[dict]:
-    """384 prompts (16 kinds of film x 24 openings), as single-user-message rows, in a seeded order."""
-    rows = [
-        {"prompt": [{"role": "user", "content": f"Continue this review of a {kind}: '{opening}'"}]}
-        for kind in FILM_KINDS
-        for opening in REVIEW_OPENINGS
-    ]
+def movie_review_prompts(seed: int = 0, prefill: bool = False) -> list[dict]:
+    """384 prompts (16 kinds of film x 24 openings), as chat-message rows, in a seeded order.
+
+    Without `prefill` the user asks the model to continue a quoted opening, and the reply is a new turn.
+    With it, as in the DPO paper (which continues IMDb prefixes), the user asks for a review and the
+    assistant's reply already starts with the opening: the model continues it, so its very first tokens
+    decide the sentiment. A short system message replaces SmolLM2's default one, which is longer than the
+    rest of the prompt.
+    """
+    if prefill:
+        rows = [
+            {"prompt": [
+                {"role": "system", "content": "You write short film reviews."},
+                {"role": "user", "content": f"Review a {kind}."},
+                {"role": "assistant", "content": opening},
+            ]}
+            for kind in FILM_KINDS
+            for opening in REVIEW_OPENINGS
+        ]  # fmt: skip
+    else:
+        rows = [
+            {"prompt": [{"role": "user", "content": f"Continue this review of a {kind}: '{opening}'"}]}
+            for kind in FILM_KINDS
+            for opening in REVIEW_OPENINGS
+        ]
     random.Random(seed).shuffle(rows)
     return rows

@@ -142,13 +142,20 @@ class ColumnMap(Section):
     system: str | None = Field(None, description="Optional column holding a system message.")
 
 
+# data.generate.prompts values that name bundled prompt sets rather than files (see dpo_kit.bundled).
+BUNDLED_PROMPT_SETS = ("movie-reviews", "movie-review-openings")
+
+
 class OnPolicyParams(Section):
     """data.generate: preference pairs sampled from a model and ranked by a judge (data.source 'generate')."""
 
     prompts: str = Field(
         "movie-reviews",
-        description="Prompts to sample from: 'movie-reviews' (bundled review openings, the DPO paper's controlled"
-        " sentiment task) or a local .jsonl/.json/.parquet/.csv file with a 'prompt' column (text or chat messages).",
+        description="Prompts to sample from: 'movie-reviews' (bundled review openings to continue in a new reply),"
+        " 'movie-review-openings' (the same openings as the start of the reply, which the model continues, as in the"
+        " DPO paper's controlled-sentiment task; needs data.output_format 'standard') or a local"
+        " .jsonl/.json/.parquet/.csv file with a 'prompt' column (text or chat messages; a final assistant message"
+        " is a prefill that the responses continue).",
     )
     sampler: str | None = Field(
         None,
@@ -314,7 +321,7 @@ class Params(Section):
         # the movie-review prompts are the sentiment task.
         generate = self.data.generate
         if generate is not None:
-            rule_task = generate.prompts != "movie-reviews"
+            rule_task = generate.prompts not in BUNDLED_PROMPT_SETS
         else:
             rule_task = self.data.source == "bundled" or is_local_path(self.data.source)
         judges = {"evaluate.judge": self.evaluate.judge}
@@ -327,6 +334,12 @@ class Params(Section):
                     " 'sentiment' for the movie-review prompts or name a reward model"
                     " (AutoModelForSequenceClassification id or path)"
                 )
+        if generate is not None and generate.prompts == "movie-review-openings" and self.data.output_format != "standard":
+            raise ValueError(
+                "data.generate.prompts 'movie-review-openings' end with the opening of the reply, which TRL's"
+                " conversational format cannot continue (it opens a new assistant turn); set data.output_format:"
+                " standard, or use data.generate.prompts 'movie-reviews'"
+            )
         if self.quantization.bits and not self.lora.enabled:
             raise ValueError("quantization.bits needs lora.enabled: quantized weights cannot be fully fine-tuned")
         return self
@@ -533,7 +546,7 @@ def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
     if source not in ("bundled", "generate") and is_local_path(source) and not (Path(project_dir) / source).is_file():
         raise ParamsError(f"data.source: file not found: {Path(project_dir) / source}")
     generate = params.data.generate
-    if generate is not None and generate.prompts != "movie-reviews" and not (Path(project_dir) / generate.prompts).is_file():
+    if generate is not None and generate.prompts not in BUNDLED_PROMPT_SETS and not (Path(project_dir) / generate.prompts).is_file():
         raise ParamsError(f"data.generate.prompts: file not found: {Path(project_dir) / generate.prompts}")
     if generate is not None and generate.sampler and is_local_path(generate.sampler):
         if not (Path(project_dir) / generate.sampler).exists():

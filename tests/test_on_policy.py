@@ -46,6 +46,22 @@ def test_bundled_movie_review_prompts_are_several_hundred_distinct_openings():
     assert movie_review_prompts(seed=0) == prompts and movie_review_prompts(seed=1) != prompts
 
 
+def test_bundled_review_openings_are_the_same_openings_as_the_start_of_the_reply():
+    openings = movie_review_prompts(prefill=True)
+    assert len(openings) == 384
+    assert [row["prompt"][-1]["role"] for row in openings] == ["assistant"] * 384
+    quoted = {row["prompt"][0]["content"] for row in movie_review_prompts()}
+    as_reply = {f"Continue this review of a {row['prompt'][1]['content'][len('Review a '):-1]}:"
+                f" '{row['prompt'][-1]['content']}'" for row in openings}  # fmt: skip
+    assert as_reply == quoted
+
+
+def test_review_openings_need_the_standard_format():
+    with pytest.raises(ParamsError, match="data.generate.prompts 'movie-review-openings'.*data.output_format: standard"):
+        load_params(REPO / "params/smollm2-135m-sentiment.yaml", ["data.generate.prompts=movie-review-openings",
+                                                                   "data.output_format=conversational"])  # fmt: skip
+
+
 def test_ranked_pair_takes_the_best_as_chosen_and_the_worst_as_rejected():
     row = {"prompt": "Review it.", "samples": ["meh", "loved it", "hated it"], "scores": [0.1, 0.9, -0.8]}
     pair = ranked_pair(0.5)(row)

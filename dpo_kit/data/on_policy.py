@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dpo_kit.chat_templates import ends_with_prefill
 from dpo_kit.data.drops import DropRow
-from dpo_kit.params import Params, is_local_path
+from dpo_kit.params import BUNDLED_PROMPT_SETS, Params, is_local_path
 
 def prompt_rows(params: Params, project_dir: str | Path = ".") -> list[dict]:
     """The prompts of `data.generate.prompts`, at most `data.max_rows`, each as {"prompt": ...} as read."""
@@ -27,8 +27,8 @@ def prompt_rows(params: Params, project_dir: str | Path = ".") -> list[dict]:
     from dpo_kit.data.sources import read_local_file
 
     settings = params.data.generate
-    if settings.prompts == "movie-reviews":
-        rows = movie_review_prompts()
+    if settings.prompts in BUNDLED_PROMPT_SETS:
+        rows = movie_review_prompts(prefill=settings.prompts == "movie-review-openings")
     else:
         rows = read_local_file(Path(project_dir) / settings.prompts, params.data.max_rows)
     return rows[: params.data.max_rows] if params.data.max_rows else rows

@@ -45,10 +45,12 @@ def comparison_prompts(params: Params, run_dir: str | Path) -> list[Prompt]:
 
 
 def display_prompt(prompt: Prompt) -> str:
-    """The last user message, for tables; a standard-format prompt is shown as written."""
+    """The last user message, for tables, followed by an assistant prefill the responses continue; a
+    standard-format prompt is shown as written."""
     if isinstance(prompt, str):
         return prompt
-    return [message["content"] for message in prompt if message["role"] == "user"][-1]
+    user = [message["content"] for message in prompt if message["role"] == "user"][-1]
+    return f"{user} → {prompt[-1]['content']}…" if prompt[-1]["role"] == "assistant" else user
 
 
 def generate_continuations(
