@@ -41,6 +41,9 @@ def test_build_dpo_config_follows_hardware_unless_params_say_otherwise(tmp_path)
     config = build_dpo_config(load_params(TINY), tmp_path, choose_hardware())
     assert precision_record(config) == {"bf16": False, "fp16": False, "gradient_checkpointing": False}
     assert config.output_dir == str(tmp_path / "checkpoints") and config.seed == 42
+    # Pinned memory only where a GPU reads the batches: on a CPU torch would warn that it is unused.
+    assert config.dataloader_pin_memory is False
+    assert dpo_config_kwargs(load_params(TINY), tmp_path, gpu)["dataloader_pin_memory"] is True
 
 
 def test_lora_train_then_merge_gives_equal_logits(tmp_path, tiny_model_dir):

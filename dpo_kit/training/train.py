@@ -36,6 +36,8 @@ def dpo_config_kwargs(params: Params, run_dir: str | Path, hardware: HardwareCho
         "fp16": hardware.fp16,
         checkpointing_key: hardware.gradient_checkpointing,
         "dataloader_num_workers": 0,
+        # Pinned host memory only speeds copies to a GPU; elsewhere torch warns that it is unused.
+        "dataloader_pin_memory": hardware.device == "cuda",
     }
     if "gradient_checkpointing" in params.dpo:  # the old name in a params file still wins
         settings.pop(checkpointing_key)
