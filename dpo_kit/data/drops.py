@@ -17,7 +17,8 @@ REASONS = {
     "unsplittable_transcript": "chosen and rejected do not split into a shared prompt and one final reply each",
     "empty_prompt": "the prompt, or one of its messages, is empty or whitespace only",
     "empty_response": "chosen or rejected is empty or whitespace only",
-    "roles_not_alternating": "roles are not [system,] user, assistant, ..., user followed by one assistant reply",
+    "roles_not_alternating": "roles are not [system,] user, assistant, ... alternating (ending with user, or with"
+    " an assistant prefill), followed by one assistant reply",
     "prefill_needs_standard_format": "the prompt ends with an assistant prefill, which TRL's conversational"
     " format cannot express (it opens a new assistant turn); data.output_format: standard renders it",
     "identical_responses": "chosen and rejected are the same text (ignoring surrounding whitespace)",
