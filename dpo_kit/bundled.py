@@ -126,6 +126,16 @@ REVIEW_OPENINGS = [
 ]  # fmt: skip
 
 
+def _review_prompt(kind: str, opening: str, prefill: bool) -> list[dict]:
+    if prefill:
+        return [
+            {"role": "system", "content": "You write short film reviews."},
+            {"role": "user", "content": f"Review a {kind}."},
+            {"role": "assistant", "content": opening},
+        ]
+    return [{"role": "user", "content": f"Continue this review of a {kind}: '{opening}'"}]
+
+
 def movie_review_prompts(seed: int = 0, prefill: bool = False) -> list[dict]:
     """384 prompts (16 kinds of film x 24 openings), as chat-message rows, in a seeded order.
 
@@ -135,21 +145,6 @@ def movie_review_prompts(seed: int = 0, prefill: bool = False) -> list[dict]:
     decide the sentiment. A short system message replaces SmolLM2's default one, which is longer than the
     rest of the prompt.
     """
-    if prefill:
-        rows = [
-            {"prompt": [
-                {"role": "system", "content": "You write short film reviews."},
-                {"role": "user", "content": f"Review a {kind}."},
-                {"role": "assistant", "content": opening},
-            ]}
-            for kind in FILM_KINDS
-            for opening in REVIEW_OPENINGS
-        ]  # fmt: skip
-    else:
-        rows = [
-            {"prompt": [{"role": "user", "content": f"Continue this review of a {kind}: '{opening}'"}]}
-            for kind in FILM_KINDS
-            for opening in REVIEW_OPENINGS
-        ]
+    rows = [{"prompt": _review_prompt(kind, opening, prefill)} for kind in FILM_KINDS for opening in REVIEW_OPENINGS]
     random.Random(seed).shuffle(rows)
     return rows
