@@ -47,4 +47,4 @@ def test_stage_notebooks_take_the_runner_parameters(path):
     notebook = nbformat.read(path, as_version=4)
     source = next(c.source for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
     names = {node.targets[0].id for node in ast.parse(source).body}
-    assert names == {"params_path", "overrides", "project_dir", "run_dir"}
+    assert names == {"params_path", "overrides", "project_dir", "run_dir", "on_rerun"}

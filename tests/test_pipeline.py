@@ -50,6 +50,19 @@ def shows_an_image(path: Path) -> bool:
     return any("image/png" in output.get("data", {}) for cell in notebook.cells for output in cell.get("outputs", []))
 
 
+def test_every_file_of_a_run_belongs_to_a_stage_or_to_the_run(tiny_run):
+    """A stage run again moves its outputs aside by STAGE_OUTPUTS: a file missing there would be left behind."""
+    from dpo_kit.run.stage import RUN_FILES, STAGE_OUTPUTS
+
+    run_dir, _ = tiny_run
+    owned = {path for paths in STAGE_OUTPUTS.values() for path in paths}
+    for path in run_dir.iterdir():
+        if path.name == "notebooks":
+            assert {f"notebooks/{p.name}" for p in path.iterdir()} <= owned
+        else:
+            assert path.name in owned | set(RUN_FILES), f"{path.name}: add it to STAGE_OUTPUTS"
+
+
 def test_stage_notebooks_show_their_plots_inline(tiny_run):
     run_dir, _ = tiny_run
     for name in ["01_format_data", "02_train_dpo", "05_evaluate"]:

@@ -6,7 +6,8 @@ stage reads the result back with `load_split`. Files written under `<run_dir>/da
 - train.jsonl, eval.jsonl: prompt/chosen/rejected rows in TRL's conversational (default) or standard format
 - dropped.jsonl: one line per dropped row: source index, reason code, detail and the row as read
 - samples.jsonl (data.source 'generate'): per prompt, every sampled response and its judge score
-- report.json: `DataReport.to_dict()`, the summary the manifest records
+- report.json: `DataReport.to_dict()`, the summary the manifest records, plus the per-pair token lengths
+  (`load_data_report` reads the report back)
 """
 
 from __future__ import annotations
@@ -164,8 +165,24 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         prompt_chosen_lengths=[pair.prompt_chosen for pair in result.lengths],
         prompt_rejected_lengths=[pair.prompt_rejected for pair in result.lengths],
     )
-    (data_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    stored = {**report.to_dict(), PAIR_LENGTHS: {key: getattr(report, key) for key in LENGTH_FIELDS}}
+    (data_dir / "report.json").write_text(json.dumps(stored, indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+PAIR_LENGTHS = "pair_token_lengths"
+LENGTH_FIELDS = ("prompt_lengths", "prompt_chosen_lengths", "prompt_rejected_lengths")
+
+
+def load_data_report(run_dir: str | Path) -> DataReport:
+    """The DataReport that `prepare_data` returned for this run, read back from data/report.json."""
+    path = Path(run_dir) / "data" / "report.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the format stage has not completed in {run_dir}")
+    stored = json.loads(path.read_text())
+    lengths = stored[PAIR_LENGTHS]
+    fields = {name for name in DataReport.__dataclass_fields__ if name not in LENGTH_FIELDS}
+    return DataReport(**{key: stored[key] for key in fields}, **{key: lengths[key] for key in LENGTH_FIELDS})
 
 
 def split_rows(kept: list[tuple[int, dict]], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

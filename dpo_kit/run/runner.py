@@ -2,7 +2,9 @@
 
 The notebooks are the program; the runner only resolves the run, guards it against overwriting,
 injects four path parameters (never values, never secrets: papermill writes parameters into the
-output notebook in plain text, papermill#416) and records status and timings in manifest.json.
+output notebook in plain text, papermill#416) and on_rerun="refuse", and records status and timings in
+manifest.json. A batch run is explicit where a notebook is forgiving: it refuses to redo a completed stage
+(or, with --overwrite, archives the whole run), where a notebook run again shows its stored result.
 """
 
 from __future__ import annotations
@@ -275,6 +277,7 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
                     "overrides": [],
                     "project_dir": str(project),
                     "run_dir": str(run_dir),
+                    "on_rerun": "refuse",
                 },
                 kernel_name="python3",
                 cwd=str(source_notebooks),

@@ -1,26 +1,70 @@
 """What every stage notebook does first and last: resolve the run, guard it, and record the result.
 
-A notebook's parameters cell holds four literals (params_path, overrides, project_dir, run_dir);
-`open_stage` turns them into a `Stage`. It refuses to redo a stage that already completed in that
-run directory, so an earlier result is never overwritten, and it refuses params that differ from
-the ones the run started with, so the stages of one run always share one configuration.
+A notebook's parameters cell holds five literals (params_path, overrides, project_dir, run_dir, on_rerun);
+`open_stage` turns them into a `Stage`. People run notebooks again, with the same params (Run All a second
+time) or with one changed (β in 02), so a stage that finds its own earlier result does one of three things:
+
+- on_rerun="show" (the notebooks' default): the stage completed with the same params, so its stored result is
+  shown and nothing is recomputed;
+- on_rerun="recompute": the stored result is moved to <run_dir>/previous/ and the stage runs again;
+- on_rerun="refuse" (what `dpo-kit run` passes): a completed stage raises, as a batch run should.
+
+When the params changed, "show" and "recompute" both move the stage's old output and that of every later
+stage (made from it) to <run_dir>/previous/<time>-<stage>/ with their manifest entries and params: nothing
+is destroyed. A stage never reads an earlier stage's output that other params made: 03 refuses to merge an
+adapter trained with another β than the one it was given. Each stage's manifest entry names the parameter
+set that produced it (<run_dir>/param_sets/<id>.yaml).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from dpo_kit import manifest as mf
 from dpo_kit.params import (
     Params,
     check_local_files,
     load_params,
+    params_differences,
     params_to_dict,
     run_directory,
     save_or_check_params,
+    save_params,
 )
+
+ON_RERUN = ("show", "recompute", "refuse")
+# The params each stage's output depends on, beyond those of the stages before it (a stage depends on all of
+# its predecessors' too). run.name and run.output_dir only name the place. tests/test_stage_rerun.py checks
+# that every key of Params is listed here, so a new section cannot slip past the check.
+STAGE_INPUTS = {
+    "format": ("run.seed", "model", "data", "dpo.max_length"),
+    "train": ("dpo", "lora", "quantization", "tracking"),
+    "merge": ("merge",),
+    "generate": ("generate",),
+    "evaluate": ("evaluate",),
+}
+PLACE_ONLY_KEYS = ("run.name", "run.output_dir")
+# What each stage writes into the run directory (the executed notebook is the runner's copy); moved aside
+# together when the stage runs again. tests/test_stage_rerun.py checks that a finished run holds nothing else.
+STAGE_OUTPUTS = {
+    "format": ("data", "token_lengths.png", "notebooks/01_format_data.ipynb"),
+    "train": ("checkpoints", "adapter", "trained", "train_log.jsonl", "training_curves.png", "wandb",
+              "notebooks/02_train_dpo.ipynb"),
+    "merge": ("merged", "notebooks/03_merge.ipynb"),
+    "generate": ("generations.jsonl", "notebooks/04_generate.ipynb"),
+    "evaluate": ("metrics.json", "evaluation.png", "notebooks/05_evaluate.ipynb"),
+}  # fmt: skip
+RUN_FILES = ("manifest.json", "params.yaml", "param_sets", "previous", "notebooks")
+PARAM_SETS = "param_sets"
+PREVIOUS = "previous"
 
 
 class StageError(RuntimeError):
@@ -34,17 +78,31 @@ class Stage:
     run_dir: Path
     project_dir: Path
     hardware: Any
+    reused: bool = False  # True: the stage completed earlier with these params; show its stored result
     timer: mf.StageTimer = field(default_factory=mf.StageTimer)
 
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)
 
     def record(self, **fields: Any) -> None:
-        """Add run-level facts (e.g. the data fingerprint) to manifest.json."""
-        mf.update_manifest(self.run_dir, **fields)
+        """Add run-level facts (e.g. the data fingerprint) to manifest.json; a shown stored result adds nothing."""
+        if not self.reused:
+            mf.update_manifest(self.run_dir, **fields)
+
+    stored: Any = field(default=None, repr=False)  # the stored result, read back when `reused`
+
+    def stored_result(self) -> Any:
+        """What the stage's compute function returned when it ran, read back from the files it wrote."""
+        if not self.reused:
+            raise StageError(f"stage '{self.name}' has no stored result to show in {self.run_dir}; compute it")
+        return self.stored
 
     def complete(self, **summary: Any) -> dict[str, Any]:
-        """Mark the stage completed in manifest.json with its wall time and a JSON-able summary."""
+        """Mark the stage completed in manifest.json with its wall time and a JSON-able summary.
+
+        For a shown stored result the manifest stays as it was: the entry returned is the stored one."""
+        if self.reused:
+            return mf.read_manifest(self.run_dir)["stages"][self.name]
         manifest = mf.update_stage(
             self.run_dir, self.name, status="completed", finished=mf.now_iso(), seconds=self.timer.seconds, **summary
         )
@@ -53,8 +111,188 @@ class Stage:
         return manifest["stages"][self.name]
 
 
+def _load_data_report(stage: Stage):
+    from dpo_kit.data.pipeline import load_data_report
+
+    return load_data_report(stage.run_dir)
+
+
+def _load_train_result(stage: Stage):
+    from dpo_kit.training.train import load_train_result
+
+    return load_train_result(stage.run_dir, _stored_entry(stage))
+
+
+def _load_merge_result(stage: Stage):
+    from dpo_kit.training.merge import MergeResult
+
+    entry = _stored_entry(stage)
+    return MergeResult(**{key: entry[key] for key in MergeResult.__dataclass_fields__})
+
+
+def _load_comparisons(stage: Stage):
+    from dpo_kit.evaluation.generate import GENERATIONS_FILE, comparisons_frame, read_jsonl
+
+    return comparisons_frame(read_jsonl(stage.path(GENERATIONS_FILE)))
+
+
+def _load_metrics(stage: Stage):
+    from dpo_kit.evaluation.evaluate import METRICS_FILE
+
+    return json.loads(stage.path(METRICS_FILE).read_text())
+
+
+def _stored_entry(stage: Stage) -> dict[str, Any]:
+    return mf.read_manifest(stage.run_dir)["stages"][stage.name]
+
+
+STORED_RESULT_LOADERS = {
+    "format": _load_data_report,
+    "train": _load_train_result,
+    "merge": _load_merge_result,
+    "generate": _load_comparisons,
+    "evaluate": _load_metrics,
+}
+
+
 def run_dir_for(params: Params, project_dir: str | Path) -> Path:
     return run_directory(project_dir, params.run.output_dir, params.run.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter sets
+
+
+def _lookup(resolved: dict, dotted: str) -> Any:
+    value: Any = resolved
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def stage_inputs(stage: str) -> list[str]:
+    """The params keys that `stage`'s output depends on: its own and those of every stage before it."""
+    return [key for name in mf.STAGES[: mf.STAGES.index(stage) + 1] for key in STAGE_INPUTS[name]]
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def params_fingerprint(resolved: dict, stage: str) -> str:
+    """sha256 (16 hex digits) of the params that `stage`'s output depends on: equal means reusable."""
+    return _digest({key: _lookup(resolved, key) for key in stage_inputs(stage)})
+
+
+def params_set_id(resolved: dict) -> str:
+    """sha256 (12 hex digits) of a whole resolved params dict: the name of its file under param_sets/."""
+    return _digest(resolved)[:12]
+
+
+def stage_differences(old: dict, new: dict, stage: str) -> list[str]:
+    """'key: old -> new' for the params that `stage` depends on."""
+    keys = stage_inputs(stage)
+    return [d for d in params_differences(old, new) if any(d == k or d.startswith((f"{k}:", f"{k}.")) for k in keys)]
+
+
+def _entry_params(run_dir: Path, entry: dict[str, Any]) -> dict:
+    """The params a stage entry was made with: its parameter set, or params.yaml for runs older than param sets."""
+    path = run_dir / entry["params_file"] if entry.get("params_file") else run_dir / "params.yaml"
+    return yaml.safe_load(path.read_text()) or {} if path.exists() else {}
+
+
+def _entry_fingerprint(run_dir: Path, stage: str, entry: dict[str, Any]) -> str:
+    return entry.get("params_fingerprint") or params_fingerprint(_entry_params(run_dir, entry), stage)
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving earlier results aside
+
+
+def move_stages_aside(run_dir: Path, stages: list[str], reason: str) -> Path:
+    """Move the outputs of `stages` to <run_dir>/previous/<time>-<first stage>/, with a manifest of their own.
+
+    The folder reads on its own: manifest.json holds the moved stages' entries (and why they were moved),
+    params.yaml the params that made the first of them. The run's manifest lists it under `previous`."""
+    manifest = mf.read_manifest(run_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = run_dir / PREVIOUS / f"{stamp}-{stages[0]}"
+    suffix = 1
+    while target.exists():  # two moves within one second
+        suffix += 1
+        target = run_dir / PREVIOUS / f"{stamp}-{stages[0]}-{suffix}"
+    target.mkdir(parents=True)
+    moved = []
+    for stage in stages:
+        for relative in STAGE_OUTPUTS[stage]:
+            source = run_dir / relative
+            if source.exists():
+                (target / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(source), target / relative)
+                moved.append(relative)
+    entries = {s: manifest.get("stages", {})[s] for s in stages if s in manifest.get("stages", {})}
+    first = next(iter(entries.values()), {})
+    if _entry_params(run_dir, first):
+        save_params(_entry_params(run_dir, first), target / "params.yaml")
+    archived = {**manifest, "stages": entries, "moved_from": str(run_dir), "moved": mf.now_iso(), "reason": reason,
+                "files": moved}  # fmt: skip
+    archived.pop(PREVIOUS, None)
+    mf.write_manifest(target, archived)
+    for stage in entries:
+        manifest["stages"].pop(stage)
+    manifest.setdefault(PREVIOUS, []).append(
+        {"path": str(target.relative_to(run_dir)), "stages": list(entries), "reason": reason, "moved": mf.now_iso()}
+    )
+    if manifest.get("status") == "completed":
+        manifest["status"] = "running"
+        manifest.pop("finished", None)
+    mf.write_manifest(run_dir, manifest)
+    return target
+
+
+def _check_earlier_stages(run_dir: Path, name: str, resolved: dict, manifest: dict, notebook_hint: str) -> None:
+    """Refuse to build on an earlier stage's output that other params made."""
+    for earlier in mf.STAGES[: mf.STAGES.index(name)]:
+        entry = manifest.get("stages", {}).get(earlier)
+        if not entry or _entry_fingerprint(run_dir, earlier, entry) == params_fingerprint(resolved, earlier):
+            continue
+        differences = stage_differences(_entry_params(run_dir, entry), resolved, earlier) or ["(params not recorded)"]
+        raise StageError(
+            f"stage '{earlier}' in {run_dir} was made with other params than this '{name}' stage was given"
+            f" ({'; '.join(differences)}; left: the {earlier} stage's, right: this notebook's). A stage never"
+            f" builds on another parameter set's output: give this notebook the same params as the {earlier}"
+            f" stage, or run the {earlier} stage again with these params first{notebook_hint}."
+        )
+
+
+def _save_parameter_set(run_dir: Path, resolved: dict) -> Path:
+    """Keep `resolved` as param_sets/<id>.yaml (once); returns that path relative to the run."""
+    relative = Path(PARAM_SETS) / f"{params_set_id(resolved)}.yaml"
+    if not (run_dir / relative).exists():
+        (run_dir / PARAM_SETS).mkdir(exist_ok=True)
+        save_params(resolved, run_dir / relative)
+    return relative
+
+
+def _name_parameter_sets(run_dir: Path, manifest: dict) -> dict:
+    """Stage entries written before parameter sets were kept point at params.yaml: name its set in them, so
+    replacing params.yaml later cannot change what they say they were made with."""
+    unnamed = [s for s, entry in manifest.get("stages", {}).items() if not entry.get("params_file")]
+    if not unnamed or not (run_dir / "params.yaml").exists():
+        return manifest
+    resolved = yaml.safe_load((run_dir / "params.yaml").read_text()) or {}
+    relative = _save_parameter_set(run_dir, resolved)
+    for stage in unnamed:
+        manifest = mf.update_stage(
+            run_dir, stage, params_id=relative.stem, params_file=str(relative),
+            params_fingerprint=params_fingerprint(resolved, stage),
+        )
+    return manifest
+
+
+def _later_stages_present(manifest: dict, name: str) -> list[str]:
+    later = mf.STAGES[mf.STAGES.index(name) + 1:]
+    return [s for s in later if s in manifest.get("stages", {})]
 
 
 def open_stage(
@@ -63,12 +301,19 @@ def open_stage(
     overrides: list[str] | tuple[str, ...] = (),
     project_dir: str = ".",
     run_dir: str = "",
+    on_rerun: str = "refuse",
 ) -> Stage:
-    """Load params, resolve and guard the run directory, and mark the stage running in the manifest."""
+    """Load params, resolve and guard the run directory, and mark the stage running in the manifest.
+
+    Returns a Stage with `reused` True when the stage already completed here with the same params and
+    `on_rerun` is "show": the notebook then shows `stage.stored_result()` instead of computing. The
+    notebooks pass "show"; code that calls this directly gets the batch behaviour unless it asks."""
     from dpo_kit.hardware import choose_hardware
 
     if name not in mf.STAGES:
         raise StageError(f"unknown stage '{name}'; valid stages: {', '.join(mf.STAGES)}")
+    if on_rerun not in ON_RERUN:
+        raise StageError(f"on_rerun: {on_rerun!r} is not one of {', '.join(map(repr, ON_RERUN))}")
     # Relative paths resolve against the project, not the kernel's working directory, so the same
     # defaults work in JupyterLab (cwd notebooks/) and under papermill started from the repo root.
     project = Path(project_dir).resolve()
@@ -77,20 +322,64 @@ def open_stage(
     check_local_files(params, project)
     run_path = (project / run_dir).resolve() if run_dir else run_dir_for(params, project)
     run_path.mkdir(parents=True, exist_ok=True)
-
-    save_or_check_params(params_to_dict(params), run_path / "params.yaml", f"{params_file} + overrides")
+    resolved = params_to_dict(params)
+    source = f"{params_file} + overrides"
+    if on_rerun == "refuse":
+        save_or_check_params(resolved, run_path / "params.yaml", source)
 
     hardware = choose_hardware()
     manifest = mf.read_manifest(run_path)
     if not manifest:
         manifest = mf.new_manifest(params.run.name, params.run.seed, project, hardware.to_dict())
         mf.write_manifest(run_path, manifest)
+    manifest = _name_parameter_sets(run_path, manifest)
+    _check_earlier_stages(run_path, name, resolved, manifest, "" if on_rerun == "refuse" else " (its notebook)")
+
     previous = manifest.get("stages", {}).get(name, {})
-    if previous.get("status") == "completed":
+    same_params = bool(previous) and _entry_fingerprint(run_path, name, previous) == params_fingerprint(resolved, name)
+    if previous.get("status") == "completed" and on_rerun == "refuse":
         raise StageError(
             f"stage '{name}' of run '{params.run.name}' already completed in {run_path} at {previous.get('finished')};"
             " an earlier result is never overwritten. Choose a new run.name (e.g. overrides=['run.name=...'])."
         )
-    mf.update_stage(run_path, name, status="running", started=mf.now_iso())
+    unreadable = None
+    if previous.get("status") == "completed" and same_params and on_rerun == "show":
+        stage = Stage(name=name, params=params, run_dir=run_path, project_dir=project, hardware=hardware, reused=True)
+        try:
+            stage.stored = STORED_RESULT_LOADERS[name](stage)
+        except (OSError, KeyError, TypeError, ValueError) as error:  # e.g. written by an older dpo-kit
+            unreadable = f"its stored result could not be read ({type(error).__name__}: {error})"
+        else:
+            print(
+                f"stage '{name}' already completed in {run_path} at {previous.get('finished')} with these params:"
+                " showing its stored result, nothing is recomputed. Set on_rerun = \"recompute\" to compute it"
+                f" again (the stored result is then moved to {run_path / PREVIOUS})."
+            )
+            return stage
+
+    # From here on the stage computes. Whatever an earlier attempt or another parameter set left of this
+    # stage, and everything later stages made from it, moves aside first: it is kept, never mixed in.
+    if unreadable:
+        reason = f"{unreadable}: computed again with the same params"
+    elif previous.get("status") == "completed" and same_params:
+        reason = "on_rerun='recompute': computed again with the same params"
+    elif previous and not same_params:
+        old = _entry_params(run_path, previous)
+        reason = f"params changed: {'; '.join(stage_differences(old, resolved, name)) or 'not recorded before'}"
+    else:
+        reason = f"made from an earlier '{name}' stage"
+    stale = ([name] if previous and (not same_params or previous.get("status") == "completed") else [])
+    stale += _later_stages_present(manifest, name)
+    if stale:
+        target = move_stages_aside(run_path, stale, reason)
+        print(f"moved the earlier output of stage(s) {', '.join(stale)} to {target} ({reason})")
+
+    set_file = _save_parameter_set(run_path, resolved)
+    if on_rerun != "refuse":
+        save_params(resolved, run_path / "params.yaml")  # the params of the newest stage; earlier sets stay
+    mf.update_stage(
+        run_path, name, status="running", started=mf.now_iso(), params_id=set_file.stem, params_file=str(set_file),
+        params_fingerprint=params_fingerprint(resolved, name),
+    )
     mf.update_manifest(run_path, status="running")
     return Stage(name=name, params=params, run_dir=run_path, project_dir=project, hardware=hardware)

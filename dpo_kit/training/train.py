@@ -164,6 +164,21 @@ def train_dpo(stage) -> TrainResult:
     )
 
 
+def load_train_result(run_dir: str | Path, summary: dict[str, Any]) -> TrainResult:
+    """The TrainResult of a completed train stage: its log from train_log.jsonl, the rest from its manifest
+    entry (`summary`, what `TrainResult.summary()` recorded)."""
+    log_path = Path(run_dir) / "train_log.jsonl"
+    history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    return TrainResult(
+        log_history=history,
+        final_metrics=final_train_metrics(history),
+        model_dir=Path(summary["model_dir"]),
+        precision=summary["precision"],
+        trainable_parameters=summary["trainable_parameters"],
+        total_parameters=summary["total_parameters"],
+    )
+
+
 def final_train_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
     """The last logged value of each training metric (TRL names), ignoring eval rows and the summary row."""
     latest: dict[str, float] = {}

@@ -1,0 +1,175 @@
+"""Running a stage notebook again: same params show the stored result, changed params move the earlier
+result aside (never destroy it), and a later stage never builds on another parameter set's output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from dpo_kit import manifest as mf
+from dpo_kit.params import load_params, params_to_dict
+from dpo_kit.run.stage import (
+    PLACE_ONLY_KEYS,
+    STAGE_INPUTS,
+    StageError,
+    open_stage,
+    params_fingerprint,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "params" / "tiny.yaml"
+
+
+def leaves(tree: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key, value in tree.items():
+        found += leaves(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [f"{prefix}{key}"]
+    return found
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "params").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_params_key_belongs_to_a_stage(path):
+    listed = [key for keys in STAGE_INPUTS.values() for key in keys] + list(PLACE_ONLY_KEYS)
+    for key in leaves(params_to_dict(load_params(path))):
+        assert any(key == k or key.startswith(f"{k}.") for k in listed), f"{key}: add it to STAGE_INPUTS"
+
+
+def test_a_stage_fingerprint_follows_the_params_it_and_earlier_stages_depend_on():
+    base = params_to_dict(load_params(TINY))
+    def changed(override: str) -> set[str]:
+        other = params_to_dict(load_params(TINY, [override]))
+        return {s for s in mf.STAGES if params_fingerprint(other, s) != params_fingerprint(base, s)}
+
+    assert changed("dpo.beta=0.5") == {"train", "merge", "generate", "evaluate"}
+    assert changed("dpo.max_length=128") == set(mf.STAGES)  # the audit drops pairs above it
+    assert changed("data.eval_fraction=0.2") == set(mf.STAGES)
+    assert changed("generate.max_new_tokens=8") == {"generate", "evaluate"}
+    assert changed("evaluate.judge=length") == {"evaluate"}
+    assert changed("run.name=elsewhere") == set()  # it names the place, not the content
+
+
+def open_format(run_dir: Path, tiny_model_dir: Path, *extra: str, on_rerun: str = "show"):
+    """The format notebook's code, in process: open the stage, compute or show, complete."""
+    from dpo_kit.data.pipeline import prepare_data
+    from dpo_kit.models.loading import load_tokenizer, model_source
+
+    stage = open_stage("format", str(TINY), [f"model.name_or_path={tiny_model_dir}", *extra], str(REPO),
+                       str(run_dir), on_rerun)
+    if stage.reused:
+        report = stage.stored_result()
+    else:
+        tokenizer = load_tokenizer(model_source(stage.params, stage.project_dir), stage.params)
+        report = prepare_data(stage.params, tokenizer, stage.run_dir, stage.project_dir)
+    stage.complete(rows_kept=report.rows_kept)
+    return stage, report
+
+
+def test_same_params_show_the_stored_result_and_recompute_moves_it_aside(tmp_path, tiny_model_dir, capsys):
+    run_dir = tmp_path / "run"
+    _, first = open_format(run_dir, tiny_model_dir)
+    entry = mf.read_manifest(run_dir)["stages"]["format"]
+    data_time = (run_dir / "data" / "train.jsonl").stat().st_mtime_ns
+
+    stage, shown = open_format(run_dir, tiny_model_dir)
+    assert stage.reused and "showing its stored result" in capsys.readouterr().out
+    assert shown == first, "the stored report reads back whole, token lengths included"
+    assert mf.read_manifest(run_dir)["stages"]["format"] == entry
+    assert (run_dir / "data" / "train.jsonl").stat().st_mtime_ns == data_time
+
+    stage, _ = open_format(run_dir, tiny_model_dir, on_rerun="recompute")
+    assert not stage.reused
+    manifest = mf.read_manifest(run_dir)
+    [moved] = manifest["previous"]
+    assert moved["stages"] == ["format"] and "recompute" in moved["reason"]
+    assert (run_dir / moved["path"] / "data" / "train.jsonl").stat().st_mtime_ns == data_time
+    assert json.loads((run_dir / moved["path"] / "manifest.json").read_text())["stages"]["format"] == entry
+    assert manifest["stages"]["format"]["finished"] >= entry["finished"]
+
+
+def test_changed_params_move_the_earlier_result_aside_and_the_manifest_tells_them_apart(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    _, first = open_format(run_dir, tiny_model_dir)
+    _, second = open_format(run_dir, tiny_model_dir, "data.eval_fraction=0.2")
+    assert (first.n_eval, second.n_eval) == (40, 80)
+    manifest = mf.read_manifest(run_dir)
+    [moved] = manifest["previous"]
+    assert moved["reason"] == "params changed: data.eval_fraction: 0.1 -> 0.2"
+    archived = json.loads((run_dir / moved["path"] / "manifest.json").read_text())["stages"]["format"]
+    current = manifest["stages"]["format"]
+    assert archived["params_id"] != current["params_id"]
+    for entry, fraction, directory in ((archived, 0.1, run_dir / moved["path"]), (current, 0.2, run_dir)):
+        assert load_params(run_dir / entry["params_file"]).data.eval_fraction == fraction
+        assert len((directory / "data" / "eval.jsonl").read_text().splitlines()) == int(400 * fraction)
+
+
+def test_an_unreadable_stored_result_is_computed_again_and_kept(tmp_path, tiny_model_dir, capsys):
+    run_dir = tmp_path / "run"
+    open_format(run_dir, tiny_model_dir)
+    report = run_dir / "data" / "report.json"
+    report.write_text(json.dumps({k: v for k, v in json.loads(report.read_text()).items() if k != "pair_token_lengths"}))
+    stage, _ = open_format(run_dir, tiny_model_dir)
+    assert not stage.reused
+    [moved] = mf.read_manifest(run_dir)["previous"]
+    assert "could not be read (KeyError" in moved["reason"]
+    assert (run_dir / moved["path"] / "data" / "report.json").exists()
+
+
+def test_refuse_keeps_the_batch_behaviour(tmp_path, tiny_model_dir):
+    from dpo_kit.params import ParamsError
+
+    run_dir = tmp_path / "run"
+    open_format(run_dir, tiny_model_dir, on_rerun="refuse")
+    with pytest.raises(StageError, match="never overwritten"):
+        open_format(run_dir, tiny_model_dir, on_rerun="refuse")
+    with pytest.raises(ParamsError, match="data.eval_fraction: 0.1 -> 0.2"):
+        open_format(run_dir, tiny_model_dir, "data.eval_fraction=0.2", on_rerun="refuse")
+    with pytest.raises(StageError, match="on_rerun: 'again' is not one of 'show', 'recompute', 'refuse'"):
+        open_format(run_dir, tiny_model_dir, on_rerun="again")
+    assert "previous" not in mf.read_manifest(run_dir)
+
+
+@pytest.mark.notebook
+def test_rerunning_02_with_another_beta_keeps_both_results_and_03_refuses_the_mix(tmp_path, tiny_model_dir):
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "notebooks", project / "notebooks")
+    shutil.copytree(REPO / "params", project / "params")
+    model = [f"model.name_or_path={tiny_model_dir}", "dpo.max_steps=10"]
+
+    def run(notebook: str, overrides: list[str]) -> Path:
+        output = tmp_path / f"{notebook}-{len(list(tmp_path.glob('*.ipynb')))}.ipynb"
+        papermill.execute_notebook(str(project / "notebooks" / notebook), str(output), kernel_name="python3",
+                                   parameters={"overrides": overrides}, cwd=str(project / "notebooks"),
+                                   progress_bar=False)
+        return output
+
+    run("01_format_data.ipynb", model)
+    run("02_train_dpo.ipynb", model)
+    run_dir = project / "runs" / "tiny-notebooks"
+    first_log = (run_dir / "train_log.jsonl").read_text()
+    second = run("02_train_dpo.ipynb", [*model, "dpo.beta=0.5"])
+    assert "moved the earlier output of stage(s) train" in second.read_text()
+
+    manifest = mf.read_manifest(run_dir)
+    [moved] = manifest["previous"]
+    assert moved["stages"] == ["train"] and moved["reason"] == "params changed: dpo.beta: 0.1 -> 0.5"
+    kept = run_dir / moved["path"]
+    assert (kept / "adapter" / "adapter_model.safetensors").exists() and (run_dir / "adapter").exists()
+    assert (kept / "train_log.jsonl").read_text() == first_log != (run_dir / "train_log.jsonl").read_text()
+    assert load_params(kept / "params.yaml").dpo["beta"] == 0.1
+    assert load_params(run_dir / manifest["stages"]["train"]["params_file"]).dpo["beta"] == 0.5
+    # the format stage was made with β 0.1 and is reused under β 0.5: its data does not depend on β
+    assert manifest["stages"]["format"]["params_id"] != manifest["stages"]["train"]["params_id"]
+
+    with pytest.raises(PapermillExecutionError, match="dpo.beta: 0.5 -> 0.1"):
+        run("03_merge.ipynb", model)  # the notebook's own β (0.1) against the adapter's (0.5)
+    assert not (run_dir / "merged").exists()
+    run("03_merge.ipynb", [*model, "dpo.beta=0.5"])
+    assert mf.read_manifest(run_dir)["stages"]["merge"]["status"] == "completed"
