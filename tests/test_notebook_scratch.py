@@ -60,6 +60,22 @@ def test_defaults_are_the_documented_ones():
     assert values["model_dir"] == "" and values["run_dir"] == ""  # standalone defaults: the tiny offline model
 
 
+def test_running_again_with_other_settings_moves_the_earlier_outputs_aside(tmp_path):
+    from dpo_kit.scratch.outputs import keep_earlier_outputs
+
+    out = tmp_path / "from-scratch"
+    assert keep_earlier_outputs(out, {"beta": 0.1}) == ""
+    (out / "curves.json").write_text("beta 0.1")
+    assert keep_earlier_outputs(out, {"beta": 0.1}) == "", "same settings: the notebook rewrites the same files"
+    assert (out / "curves.json").read_text() == "beta 0.1"
+    note = keep_earlier_outputs(out, {"beta": 0.5})
+    [kept] = (out / "previous").iterdir()
+    assert "other beta" in note and str(kept) in note
+    assert (kept / "curves.json").read_text() == "beta 0.1" and json.loads((kept / "settings.json").read_text()) == {"beta": 0.1}
+    assert sorted(p.name for p in out.iterdir()) == ["previous", "settings.json"]
+    assert json.loads((out / "settings.json").read_text()) == {"beta": 0.5}
+
+
 @pytest.mark.notebook
 def test_notebook_runs_and_trl_matches_the_scratch_loop(tmp_path, tiny_model_dir):
     import papermill
