@@ -109,8 +109,12 @@ def test_a_raising_cell_and_a_changed_output_fail_naming_notebook_and_cell(tmp_p
 def test_the_whole_notebook_tier_runs_twice_in_one_checkout(tmp_path):
     """Run All a second time: every stage shows its stored result instead of refusing or recomputing."""
     project = copy_project(tmp_path / "project")
+    copied = {p for p in project.rglob("*") if p.is_file()}
     first = nbval(project, "notebooks/")
     assert first.returncode == 0, first.stdout[-3000:]
+    written = {p for p in project.rglob("*") if p.is_file()} - copied
+    outside = sorted(str(p.relative_to(project)) for p in written if p.relative_to(project).parts[0] != "runs")
+    assert not outside, "the notebooks write only under the git-ignored runs/"
     run_dir = project / "runs" / "tiny-notebooks"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     second = nbval(project, "notebooks/")
