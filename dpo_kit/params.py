@@ -32,6 +32,9 @@ from pydantic import (
 from dpo_kit.chat_templates import resolve_chat_template
 
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# The only directory name at which `model.build_tiny_model` builds the kit's random tiny model: a model the
+# user names is loaded or the run fails, never replaced by a random one built in its place.
+TINY_MODEL_DIRNAME = "_tiny-chat-model"
 
 
 def is_local_path(name: str) -> bool:
@@ -106,7 +109,10 @@ class ModelParams(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     build_tiny_model: bool = Field(
-        False, description="Build dpo-kit's tiny offline chat model at name_or_path when that directory is missing."
+        False,
+        description=f"Build dpo-kit's random tiny offline chat model when name_or_path is the kit's tiny-model"
+        f" directory (a path ending in {TINY_MODEL_DIRNAME}) and it is missing. Nowhere else: any other name is"
+        " loaded as named (a local directory or a hub id), or the run fails saying why.",
     )
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust the repo.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -118,6 +124,11 @@ class ModelParams(Section):
         description="Chat template for a base model that has none: a preset (chatml, human-assistant,"
         " instruct-output) or a Jinja string. Replaces the tokenizer's own; None keeps it.",
     )
+
+    @property
+    def builds_tiny_model(self) -> bool:
+        """True when a missing name_or_path is to be built as the kit's tiny model (see build_tiny_model)."""
+        return self.build_tiny_model and Path(self.name_or_path).name == TINY_MODEL_DIRNAME
 
     @model_validator(mode="after")
     def _gguf_is_not_built(self):
@@ -553,5 +564,5 @@ def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
             raise ParamsError(f"data.generate.sampler: directory not found: {Path(project_dir) / generate.sampler}")
     name = params.model.name_or_path
     local_model = Path(project_dir) / name
-    if is_local_path(name) and not local_model.exists() and not params.model.build_tiny_model:
+    if is_local_path(name) and not local_model.exists() and not params.model.builds_tiny_model:
         raise ParamsError(f"model.name_or_path: directory not found: {local_model}")

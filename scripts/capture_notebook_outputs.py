@@ -4,9 +4,8 @@ Run it after changing such a cell or what it prints, and commit the result:
 
     .venv/bin/python scripts/capture_notebook_outputs.py
 
-Every notebook in notebooks/ with a checked cell runs, in order, in a fresh copy of notebooks/ and params/
-(so nothing stored under the checkout's runs/ is shown instead of computed), with its own defaults, as
-nbval runs it. The copy written to tests/notebook_outputs/<notebook> keeps the outputs of the checked
+Every notebook in notebooks/ runs, in order, in a fresh copy of notebooks/ and params/ (so nothing stored
+under the checkout's runs/ is shown instead of computed), with its own defaults, as nbval runs it. The copy written to tests/notebook_outputs/<notebook> keeps the outputs of the checked
 cells only, images left out (nbval does not compare them); nbval compares the rest through
 tests/notebook_outputs/sanitize.cfg.
 """
@@ -26,10 +25,16 @@ sys.path.insert(0, str(REPO))
 from tests.nbval_expected import CHECK_MARKER, EXPECTED_OUTPUTS, NOTEBOOKS, is_checked  # noqa: E402
 
 
-def capture(notebook: Path, project: Path) -> Path:
-    executed = nbformat.read(project / "notebooks" / notebook.name, as_version=4)
+def execute(path: Path, project: Path):
+    """Run a notebook of the temporary project in its folder, as nbval does; returns it with outputs."""
+    executed = nbformat.read(path, as_version=4)
     NotebookClient(executed, timeout=1800, kernel_name="python3",
                    resources={"metadata": {"path": str(project / "notebooks")}}).execute()
+    return executed
+
+
+def capture(notebook: Path, project: Path) -> Path:
+    executed = execute(project / "notebooks" / notebook.name, project)
     expected = nbformat.read(notebook, as_version=4)
     for cell, ran in zip(expected.cells, executed.cells, strict=True):
         if cell.cell_type == "code" and is_checked(cell.source):
@@ -53,8 +58,12 @@ def main() -> int:
         project = Path(directory)
         shutil.copytree(NOTEBOOKS, project / "notebooks")
         shutil.copytree(REPO / "params", project / "params")
-        for notebook in notebooks:
-            print(f"{notebook.name}: captured {CHECK_MARKER} outputs into {capture(notebook, project)}")
+        # Every notebook runs, in order, as in the notebook tier: a later stage needs the earlier ones' run.
+        for notebook in sorted(NOTEBOOKS.glob("*.ipynb")):
+            if notebook in notebooks:
+                print(f"{notebook.name}: captured {CHECK_MARKER} outputs into {capture(notebook, project)}")
+            else:
+                execute(project / "notebooks" / notebook.name, project)
     return 0
 
 

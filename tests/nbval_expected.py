@@ -3,7 +3,7 @@
 Committed notebooks carry no outputs, and nbval checks a `# NBVAL_CHECK_OUTPUT` cell against the output
 stored in the notebook it runs. The expected outputs therefore live in tests/notebook_outputs/<notebook>,
 captured from a run by `python scripts/capture_notebook_outputs.py`. The root conftest.py calls
-`give_expected_outputs` before the cells run: each checked cell of notebooks/ gets its expected output from
+`give_expected_outputs` once the items are selected, before the cells run: each checked cell of notebooks/ gets its expected output from
 there, and a checked cell without one, or whose source differs from the captured copy's, stops the session
 with the command that refreshes them.
 """
@@ -41,8 +41,8 @@ def give_expected_outputs(items) -> None:
     """Set the stored output of every checked nbval cell of notebooks/ from its captured copy."""
     expected: dict[Path, list] = {}
     for item in nbval_cells(items):
-        notebook = Path(str(item.fspath))
-        if notebook.parent != NOTEBOOKS or not is_checked(item.cell.source):
+        notebook = Path(str(item.fspath)).resolve()
+        if notebook.parent != NOTEBOOKS.resolve() or not is_checked(item.cell.source):
             continue  # a notebook elsewhere (e.g. a test's copy) keeps its own stored outputs
         if notebook not in expected:
             expected[notebook] = _expected_cells(notebook)

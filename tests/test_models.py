@@ -43,3 +43,41 @@ def test_remote_code_is_off_and_the_token_comes_from_the_environment_only(monkey
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
     assert hub_kwargs(load_params(TINY, ["model.trust_remote_code=true"])) == {
         "trust_remote_code": True, "token": "hf_from_env"}
+
+
+# No silent substitution: a named model is loaded or the run fails; the random tiny model is built only at the
+# kit's own tiny-model path, whatever build_tiny_model says.
+
+def test_a_hub_id_on_the_tiny_params_is_not_replaced_by_a_random_model(tmp_path):
+    from dpo_kit.models.loading import model_source
+
+    params = load_params(TINY, ["model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct"])  # tiny.yaml: build_tiny_model true
+    assert params.model.build_tiny_model and not params.model.builds_tiny_model
+    assert model_source(params, tmp_path) == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert list(tmp_path.iterdir()) == [], "nothing was built in the named model's place"
+
+
+def test_the_tiny_model_is_built_only_at_the_kits_tiny_model_path(tmp_path):
+    from dpo_kit.models.loading import model_source
+    from dpo_kit.params import check_local_files
+
+    params = load_params(TINY, [f"model.name_or_path={tmp_path}/runs/_tiny-chat-model"])
+    assert Path(model_source(params, tmp_path), "config.json").exists()
+    named = load_params(TINY, [f"model.name_or_path={tmp_path}/my-model"])
+    with pytest.raises(ParamsError, match="model.name_or_path: directory not found: .*my-model"):
+        check_local_files(named, tmp_path)
+    with pytest.raises(FileNotFoundError, match="my-model"):
+        model_source(named, tmp_path)
+    assert not (tmp_path / "my-model").exists()
+
+
+def test_an_unreachable_hub_id_fails_naming_the_id_and_why(monkeypatch):
+    from dpo_kit.models.loading import ModelNotAvailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    params = load_params(TINY, ["model.name_or_path=dpo-kit-tests/no-such-model"])
+    with pytest.raises(ModelNotAvailableError) as caught:
+        load_tokenizer("dpo-kit-tests/no-such-model", params)
+    message = str(caught.value)
+    assert "'dpo-kit-tests/no-such-model'" in message and "HF_HUB_OFFLINE is set" in message
+    assert "not in the Hugging Face cache" in message and "hf download dpo-kit-tests/no-such-model" in message

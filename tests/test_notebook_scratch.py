@@ -74,6 +74,9 @@ def test_running_again_with_other_settings_moves_the_earlier_outputs_aside(tmp_p
     assert (kept / "curves.json").read_text() == "beta 0.1" and json.loads((kept / "settings.json").read_text()) == {"beta": 0.1}
     assert sorted(p.name for p in out.iterdir()) == ["previous", "settings.json"]
     assert json.loads((out / "settings.json").read_text()) == {"beta": 0.5}
+    (out / "someone-elses-run").mkdir()  # a shared folder: only the notebook's own files move
+    keep_earlier_outputs(out, {"beta": 0.05})
+    assert (out / "someone-elses-run").is_dir()
 
 
 @pytest.mark.notebook

@@ -28,9 +28,15 @@ def nbval(project: Path, *paths: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=900)
 
 
-def copy_project(destination: Path) -> Path:
+def copy_project(destination: Path, with_checks: bool = False) -> Path:
+    """notebooks/ and params/ in a new project; `with_checks` adds the nbval glue and the expected outputs."""
     shutil.copytree(REPO / "notebooks", destination / "notebooks")
     shutil.copytree(REPO / "params", destination / "params")
+    if with_checks:
+        for name in ("conftest.py", "pyproject.toml", "tests/nbval_expected.py"):
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / name, destination / name)
+        shutil.copytree(EXPECTED_OUTPUTS, destination / "tests" / "notebook_outputs")
     return destination
 
 
@@ -107,13 +113,15 @@ def test_a_raising_cell_and_a_changed_output_fail_naming_notebook_and_cell(tmp_p
 
 @pytest.mark.notebook
 def test_the_whole_notebook_tier_runs_twice_in_one_checkout(tmp_path):
-    """Run All a second time: every stage shows its stored result instead of refusing or recomputing."""
-    project = copy_project(tmp_path / "project")
+    """Run All a second time: every stage shows its stored result instead of refusing or recomputing, and the
+    checked cells print what they printed the first time."""
+    project = copy_project(tmp_path / "project", with_checks=True)
     copied = {p for p in project.rglob("*") if p.is_file()}
     first = nbval(project, "notebooks/")
     assert first.returncode == 0, first.stdout[-3000:]
     written = {p for p in project.rglob("*") if p.is_file()} - copied
-    outside = sorted(str(p.relative_to(project)) for p in written if p.relative_to(project).parts[0] != "runs")
+    outside = sorted(str(p.relative_to(project)) for p in written
+                     if p.relative_to(project).parts[0] != "runs" and "__pycache__" not in p.parts)  # pytest's own
     assert not outside, "the notebooks write only under the git-ignored runs/"
     run_dir = project / "runs" / "tiny-notebooks"
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -127,7 +135,7 @@ def test_the_whole_notebook_tier_runs_twice_in_one_checkout(tmp_path):
 @pytest.fixture(scope="module")
 def notebook_tier_ran(request) -> Path:
     """The checkout's notebook tier ran in this session (its cells come first), or run it now."""
-    ran = any(type(item).__name__ == "IPyNbCell" and Path(str(item.fspath)).parent == NOTEBOOKS
+    ran = any(type(item).__name__ == "IPyNbCell" and Path(str(item.fspath)).resolve().parent == NOTEBOOKS.resolve()
               for item in request.session.items)
     if not ran:
         done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "notebooks/"],

@@ -148,3 +148,20 @@ def test_a_notebook_runs_under_plain_papermill_with_p(tmp_path, tiny_model_dir):
     assert (tmp_path / "run" / "data" / "train.jsonl").exists()
     assert shows_an_image(output)
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["format"]["status"] == "completed"
+
+
+def test_a_named_hub_model_offline_fails_clearly_and_nothing_is_built_in_its_place(tmp_path):
+    """The issue's reproduction: tiny.yaml (build_tiny_model: true) with a hub id, and no network."""
+    overrides = [f"run.output_dir={tmp_path / 'runs'}", "model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct"]
+    with pytest.raises(RunError) as caught:
+        run_pipeline(TINY, overrides, stages=["format"], project_dir=tmp_path, progress=False)
+    message = str(caught.value)
+    assert "stage 'format' failed (ModelNotAvailableError: model.name_or_path 'Qwen/Qwen2.5-0.5B-Instruct'" in message
+    assert "HF_HUB_OFFLINE is set" in message
+    assert not (tmp_path / "Qwen").exists() and not (REPO / "Qwen").exists()
+
+
+def test_isolated_stages_each_get_a_kernel_of_their_own(tmp_path, tiny_model_dir):
+    overrides = [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", "run.name=isolated"]
+    run_dir = run_pipeline(TINY, overrides, stages=["format"], project_dir=REPO, progress=False, isolate_stages=True)
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"]["format"]["status"] == "completed"

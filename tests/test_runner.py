@@ -83,3 +83,26 @@ def test_progress_relay_shows_the_newest_line_a_stage_prints():
     relay.write("\n\n")  # blank output keeps the last line
     relay.write("step 4/20: loss 0.61\n")
     assert bar.postfix == "train: step 4/20: loss 0.61"
+
+
+def test_the_runners_kernel_starts_without_the_unencrypted_tcp_warning(tmp_path, capfd):
+    """ipykernel warns on stderr (the terminal of `dpo-kit run`) unless the kernel's sockets get Curve keys."""
+    from jupyter_client.manager import KernelManager
+
+    from dpo_kit.run.runner import SharedKernel
+
+    plain = KernelManager(kernel_name="python3")  # what a kernel manager does by default: the warning shows
+    plain.start_kernel(cwd=str(tmp_path))
+    client = plain.client()
+    client.start_channels()
+    client.wait_for_ready(timeout=60)
+    client.stop_channels()
+    plain.shutdown_kernel(now=True)
+    assert "running over TCP without encryption" in capfd.readouterr().err
+
+    kernel = SharedKernel(tmp_path)
+    try:
+        assert kernel.run_cell("print(6 * 7)").outputs[0]["text"].strip() == "42"
+    finally:
+        kernel.shutdown()
+    assert "without encryption" not in capfd.readouterr().err

@@ -35,7 +35,7 @@ def model_source(params: Params, project_dir: str | Path = ".") -> str:
     local = Path(project_dir) / name
     if uses_gguf(params):
         return str(converted_gguf_model(params, project_dir).directory)
-    if params.model.build_tiny_model:
+    if params.model.builds_tiny_model:  # only at the kit's own tiny-model path, never in place of a named model
         from dpo_kit.models.tiny import ensure_tiny_model
 
         # Seed 0, not run.seed: the tiny model lives at a shared path and must be the same for every run.
@@ -55,6 +55,37 @@ def model_record(params: Params, project_dir: str | Path = ".") -> dict:
     return record
 
 
+class ModelNotAvailableError(OSError):
+    """The model that params name is not on disk, and the hub (or its local cache) could not provide it."""
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def from_pretrained(loader, source: str, **kwargs):
+    """`loader.from_pretrained(source)`; a hub id that cannot be loaded raises ModelNotAvailableError, which names
+    the id, says whether the hub was offline or unreachable, and what to do instead."""
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as error:
+        if Path(source).exists():
+            raise  # a local model that fails to load: transformers' own message is the right one
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        why = (
+            "HF_HUB_OFFLINE is set, so the hub was not asked" if hub_offline()
+            else "the hub could not be reached (no network?) or does not hold it"
+        )
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotAvailableError(
+            f"model.name_or_path '{source}' is not a local directory, so it was loaded as a hub id, and {why};"
+            f" it is not in the Hugging Face cache ({HF_HUB_CACHE}) either. transformers said: {detail}"
+            f" Download it where there is a network (`hf download {source}`) into that cache, or set"
+            " model.name_or_path to a local directory, or to a GGUF file with model.gguf_file."
+        ) from error
+
+
 def hub_kwargs(params: Params) -> dict:
     """Arguments shared by every from_pretrained call; the token is read from the environment only."""
     kwargs = {"trust_remote_code": params.model.trust_remote_code}
@@ -69,7 +100,7 @@ def load_tokenizer(source: str, params: Params):
     """Tokenizer with a pad token (eos as fallback) and params.model.chat_template applied when set."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs(params))
+    tokenizer = from_pretrained(AutoTokenizer, source, **hub_kwargs(params))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if params.model.chat_template:
@@ -113,7 +144,7 @@ def load_causal_lm(
         kwargs["quantization_config"] = quantization_config(params, hardware)
     if hardware.device == "cuda":
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    return from_pretrained(AutoModelForCausalLM, source, **kwargs)
 
 
 def lora_config(params: Params):

@@ -80,8 +80,13 @@ class SharedKernel:
                     self._client.start_channels = lambda *args, **kwargs: None  # already connected
                 return self._client
 
+        import zmq
+
         self._run_sync = run_sync
-        self.manager = OneClientKernelManager(kernel_name="python3")
+        # CurveZMQ keys for the kernel's sockets where pyzmq has Curve and the kernelspec declares it (ipykernel
+        # 7 does): ipykernel otherwise opens every run with "Kernel is running over TCP without encryption".
+        encryption = "auto" if zmq.has("curve") else "disabled"
+        self.manager = OneClientKernelManager(kernel_name="python3", transport_encryption=encryption)
         run_sync(self.manager.start_kernel)(cwd=str(cwd))
 
     def run_cell(self, code: str):
@@ -268,6 +273,7 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
         if executed.exists():  # a failed earlier attempt: keep its traceback
             executed.rename(executed.with_name(f"{executed.stem}.failed-{int(time.time())}.ipynb"))
         started = time.perf_counter()
+        stage_kernel = kernel or SharedKernel(source_notebooks)  # isolated stages: a fresh kernel each
         try:
             papermill.execute_notebook(
                 str(source_notebooks / notebook),
@@ -284,7 +290,7 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
                 progress_bar={"desc": f"  {stage} cells", "leave": False, "position": 1} if progress else False,
                 stdout_file=ProgressRelay(bar, stage) if progress else None,
                 stderr_file=ProgressRelay(bar, stage) if progress else None,
-                **({"km": kernel.manager} if kernel else {}),
+                km=stage_kernel.manager,
             )
         except Exception as error:  # papermill raises PapermillExecutionError; kernel deaths raise others
             reason = f"{getattr(error, 'ename', type(error).__name__)}: {getattr(error, 'evalue', error)}"
@@ -292,6 +298,9 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
                             wall_seconds=round(time.perf_counter() - started, 3))
             mf.update_manifest(run_dir, status="failed", failed_stage=stage)
             raise RunError(f"stage '{stage}' failed ({reason}); the traceback is in {executed}") from None
+        finally:
+            if kernel is None:
+                stage_kernel.shutdown()
         if kernel is not None:
             kernel.reset()
         mf.update_stage(run_dir, stage, notebook=str(executed), wall_seconds=round(time.perf_counter() - started, 3))

@@ -127,6 +127,8 @@ def _load_merge_result(stage: Stage):
     from dpo_kit.training.merge import MergeResult
 
     entry = _stored_entry(stage)
+    if not Path(entry["merged_dir"]).is_dir():
+        raise FileNotFoundError(f"the merged model {entry['merged_dir']} is gone")
     return MergeResult(**{key: entry[key] for key in MergeResult.__dataclass_fields__})
 
 
@@ -366,10 +368,11 @@ def open_stage(
     elif previous and not same_params:
         old = _entry_params(run_path, previous)
         reason = f"params changed: {'; '.join(stage_differences(old, resolved, name)) or 'not recorded before'}"
+    elif previous:
+        reason = f"an unfinished earlier attempt (status {previous.get('status')!r}), started {previous.get('started')}"
     else:
         reason = f"made from an earlier '{name}' stage"
-    stale = ([name] if previous and (not same_params or previous.get("status") == "completed") else [])
-    stale += _later_stages_present(manifest, name)
+    stale = ([name] if previous else []) + _later_stages_present(manifest, name)
     if stale:
         target = move_stages_aside(run_path, stale, reason)
         print(f"moved the earlier output of stage(s) {', '.join(stale)} to {target} ({reason})")

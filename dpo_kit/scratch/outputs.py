@@ -14,6 +14,8 @@ from typing import Any
 
 SETTINGS_FILE = "settings.json"
 PREVIOUS = "previous"
+# What notebook 00 writes: only these move, so a shared folder's other files stay where they are.
+OUTPUTS = ("curves.json", "scratch_vs_trl.png", "beta_effect.png", "trl", SETTINGS_FILE)
 
 
 def keep_earlier_outputs(out_dir: str | Path, settings: dict[str, Any]) -> str:
@@ -23,7 +25,7 @@ def keep_earlier_outputs(out_dir: str | Path, settings: dict[str, Any]) -> str:
     settings = json.loads(json.dumps(settings, default=str))  # as it will read back
     path = out_dir / SETTINGS_FILE
     earlier = json.loads(path.read_text()) if path.exists() else None
-    outputs = [p for p in out_dir.iterdir() if p.name != PREVIOUS]
+    outputs = [out_dir / name for name in OUTPUTS if (out_dir / name).exists()]
     note = ""
     if outputs and earlier != settings:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

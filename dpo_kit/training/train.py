@@ -168,6 +168,8 @@ def load_train_result(run_dir: str | Path, summary: dict[str, Any]) -> TrainResu
     """The TrainResult of a completed train stage: its log from train_log.jsonl, the rest from its manifest
     entry (`summary`, what `TrainResult.summary()` recorded)."""
     log_path = Path(run_dir) / "train_log.jsonl"
+    if not Path(summary["model_dir"]).is_dir():
+        raise FileNotFoundError(f"the trained weights {summary['model_dir']} are gone")
     history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     return TrainResult(
         log_history=history,
