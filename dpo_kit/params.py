@@ -194,7 +194,9 @@ class DataParams(Section):
         description="'bundled', 'generate' (on-policy pairs, see data.generate), a local .jsonl/.json/.parquet/.csv"
         " file, or a hub dataset id (needs a network).",
     )
-    format: Literal["standard", "conversational", "hh-rlhf", "orca", "truthy", "columns"] = Field(
+    format: Literal[
+        "standard", "conversational", "hh-rlhf", "orca", "truthy", "sharegpt", "messages", "columns"
+    ] = Field(
         "conversational", description="Shape of the source rows; see dpo_kit.data.formats."
     )
     split: str = Field("train", description="Split of a hub dataset (or a split slice like 'train[:1000]').")

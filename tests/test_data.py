@@ -254,3 +254,37 @@ def test_plot_shows_both_distributions_against_the_limit(tokenizer, tmp_path):
         assert len(limit_lines) == 1
     assert sum(patch.get_height() for patch in prompt_axes.patches) == len(report.prompt_lengths)
     assert "too_long" in figure._suptitle.get_text()
+
+
+def test_sharegpt_file_end_to_end_keeps_text_and_turns_and_records_every_drop(tokenizer, tmp_path):
+    source = read_jsonl(FIXTURES / "sharegpt_preference.jsonl")
+    report = prepare_data(make_params(source=str(FIXTURES / "sharegpt_preference.jsonl"), format="sharegpt"), tokenizer, tmp_path)
+    assert (report.rows_read, report.rows_kept, report.rows_dropped) == (7, 3, 4)
+    dropped = {d["index"]: d for d in read_jsonl(tmp_path / "data/dropped.jsonl")}
+    assert {i: d["reason"] for i, d in dropped.items()} == {
+        3: "malformed_messages", 4: "malformed_messages", 5: "missing_column", 6: "non_string_value"}
+    assert "'function_call'" in dropped[3]["detail"] and "'human', 'gpt', 'system'" in dropped[3]["detail"]
+    assert "column 'conversations' is missing" in dropped[5]["detail"]
+    assert all(d["row"] == source[i] for i, d in dropped.items())
+    split = read_jsonl(tmp_path / "data/train.jsonl") + read_jsonl(tmp_path / "data/eval.jsonl")
+    written = {row["prompt"][-1]["content"]: row for row in split}
+    assert written["Name a prime number."]["prompt"][0] == {"role": "system", "content": "You are a terse assistant."}
+    multi = written["Now one about snow."]
+    assert [m["role"] for m in multi["prompt"]] == ["user", "assistant", "user"]  # the whole conversation
+    assert multi["prompt"][1]["content"] == "Soft rain on the roof\n\nthe gutters hum  "  # byte for byte
+    assert multi["chosen"] == [{"role": "assistant", "content": "White hush on the field\n\n  footprints fill by dawn"}]
+    assert written["Is tea healthy?"]["prompt"][0] == {"role": "system", "content": "Answer in one sentence."}
+
+
+def test_messages_file_end_to_end(tokenizer, tmp_path):
+    report = prepare_data(make_params(source=str(FIXTURES / "messages_preference.jsonl"), format="messages"), tokenizer, tmp_path)
+    assert (report.rows_read, report.rows_kept, report.rows_dropped) == (5, 3, 2)
+    dropped = {d["index"]: d for d in read_jsonl(tmp_path / "data/dropped.jsonl")}
+    assert {i: d["reason"] for i, d in dropped.items()} == {3: "malformed_messages", 4: "malformed_messages"}
+    assert "should hold one reply, got 2 messages" in dropped[3]["detail"]
+    split = read_jsonl(tmp_path / "data/train.jsonl") + read_jsonl(tmp_path / "data/eval.jsonl")
+    written = {row["prompt"][-1]["content"]: row for row in split}
+    assert written["2 + 2?"]["prompt"][0] == {"role": "system", "content": "Be brief."}
+    assert written["Again,\n\nlouder."]["prompt"][1] == {"role": "assistant", "content": "Hi!  "}
+    assert written["Again,\n\nlouder."]["chosen"] == [{"role": "assistant", "content": "HI!\n"}]
+    assert written["Capital of France?"]["rejected"] == [{"role": "assistant", "content": "Lyon."}]

@@ -290,5 +290,7 @@ def test_columns_map_names_the_missing_mapped_column():
 
 
 def test_unknown_format_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid formats: standard, conversational, hh-rlhf, orca, truthy, columns"):
-        converter("sharegpt")
+    with pytest.raises(
+        ValueError, match="valid formats: standard, conversational, hh-rlhf, orca, truthy, sharegpt, messages, columns"
+    ):
+        converter("alpaca")

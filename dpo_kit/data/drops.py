@@ -13,7 +13,8 @@ from typing import Any
 REASONS = {
     "missing_column": "a column the data format needs is absent",
     "non_string_value": "a value that should be text is None, a number or another non-string",
-    "malformed_messages": "a message column is not a list of {role, content} messages",
+    "malformed_messages": "a message column is not a list of {role, content} messages (ShareGPT: {from, value}"
+    " turns from human, gpt or system)",
     "unsplittable_transcript": "chosen and rejected do not split into a shared prompt and one final reply each",
     "empty_prompt": "the prompt, or one of its messages, is empty or whitespace only",
     "empty_response": "chosen or rejected is empty or whitespace only",

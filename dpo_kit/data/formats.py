@@ -209,6 +209,60 @@ def from_truthy(row: Row) -> Row:
     return _text_pair(row, "prompt", "chosen", "rejected", system="system")
 
 
+# ShareGPT turns as LLaMA-Factory writes them; "observation" and "function_call" (tool turns) have no place in
+# a chat template's user/assistant alternation, so such rows are dropped, naming the value found.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def _sharegpt_turn(turn: Any, where: str) -> Message:
+    if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+        raise DropRow("malformed_messages", f"{where} should be a {{from, value}} turn, got {_describe(turn)}")
+    if turn["from"] not in SHAREGPT_ROLES:
+        raise DropRow(
+            "malformed_messages",
+            f"{where}.from is {turn['from']!r}; ShareGPT turns come from {', '.join(map(repr, SHAREGPT_ROLES))}",
+        )
+    if not isinstance(turn["value"], str):
+        raise DropRow("non_string_value", f"{where}.value should be text, got {_describe(turn['value'])}")
+    return {"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]}
+
+
+def from_sharegpt(row: Row) -> Row:
+    """ShareGPT-style preference rows (LLaMA-Factory, many hub datasets): `conversations`, a list of
+    {"from": "human"|"gpt"|"system", "value": ...} turns, and `chosen` / `rejected`, each one {"from": "gpt", ...}
+    turn. The whole conversation is the prompt; a `system` column is used when no system turn leads it."""
+    conversations = _column(row, "conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise DropRow(
+            "malformed_messages", f"column 'conversations' should be a non-empty list of turns, got {_describe(conversations)}"
+        )
+    prompt = [_sharegpt_turn(turn, f"conversations[{position}]") for position, turn in enumerate(conversations)]
+    replies = []
+    for name in ("chosen", "rejected"):
+        reply = _sharegpt_turn(_column(row, name), name)
+        if reply["role"] != "assistant":
+            raise DropRow("malformed_messages", f"{name} should be a turn from 'gpt', got one from {row[name]['from']!r}")
+        replies.append(reply)
+    return _pair(prompt, *replies, _optional_system(row, "system"))
+
+
+def _one_reply(value: Any, column: str) -> Message:
+    """A reply given as text, as one {role, content} message, or as a list holding exactly one."""
+    if isinstance(value, str):
+        return {"role": "assistant", "content": value}
+    messages = _messages(value if isinstance(value, list) else [value], column)
+    if len(messages) != 1:
+        raise DropRow("malformed_messages", f"column '{column}' should hold one reply, got {len(messages)} messages")
+    return messages[0]
+
+
+def from_messages(row: Row) -> Row:
+    """OpenAI-style rows: `messages`, the conversation so far as {role, content} messages (system included), and
+    `chosen` / `rejected`, each the assistant reply (a message, a one-message list, or text)."""
+    prompt = _messages(_column(row, "messages"), "messages")
+    return _pair(prompt, _one_reply(_column(row, "chosen"), "chosen"), _one_reply(_column(row, "rejected"), "rejected"))
+
+
 def from_columns(row: Row, columns) -> Row:
     """Any dataset described by a `ColumnMap`: text columns, or message-list columns like 'conversational'."""
     renamed = {
@@ -229,6 +283,8 @@ CONVERTERS: dict[str, Callable[[Row], Row]] = {
     "hh-rlhf": from_hh_rlhf,
     "orca": from_orca,
     "truthy": from_truthy,
+    "sharegpt": from_sharegpt,
+    "messages": from_messages,
 }
 
 
