@@ -98,6 +98,18 @@ def update_stage(run_dir: str | Path, stage: str, **fields: Any) -> dict[str, An
     return manifest
 
 
+def new_previous_dir(parent: str | Path, label: str = "") -> Path:
+    """Create and return <parent>/previous/<time>[-label], a fresh folder for earlier outputs moved aside
+    (a -2, -3, ... suffix when two moves fall within one second)."""
+    stem = datetime.now().strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else "")
+    target, suffix = Path(parent) / "previous" / stem, 1
+    while target.exists():
+        suffix += 1
+        target = Path(parent) / "previous" / f"{stem}-{suffix}"
+    target.mkdir(parents=True)
+    return target
+
+
 class StageTimer:
     """Wall time of a stage, measured from inside its notebook."""
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -217,13 +216,7 @@ def move_stages_aside(run_dir: Path, stages: list[str], reason: str) -> Path:
     The folder reads on its own: manifest.json holds the moved stages' entries (and why they were moved),
     params.yaml the params that made the first of them. The run's manifest lists it under `previous`."""
     manifest = mf.read_manifest(run_dir)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    target = run_dir / PREVIOUS / f"{stamp}-{stages[0]}"
-    suffix = 1
-    while target.exists():  # two moves within one second
-        suffix += 1
-        target = run_dir / PREVIOUS / f"{stamp}-{stages[0]}-{suffix}"
-    target.mkdir(parents=True)
+    target = mf.new_previous_dir(run_dir, stages[0])
     moved = []
     for stage in stages:
         for relative in STAGE_OUTPUTS[stage]:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from dpo_kit.manifest import new_previous_dir
+
 SETTINGS_FILE = "settings.json"
-PREVIOUS = "previous"
 # What notebook 00 writes: only these move, so a shared folder's other files stay where they are.
 OUTPUTS = ("curves.json", "scratch_vs_trl.png", "beta_effect.png", "trl", SETTINGS_FILE)
 
@@ -28,12 +28,7 @@ def keep_earlier_outputs(out_dir: str | Path, settings: dict[str, Any]) -> str:
     outputs = [out_dir / name for name in OUTPUTS if (out_dir / name).exists()]
     note = ""
     if outputs and earlier != settings:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        target, suffix = out_dir / PREVIOUS / stamp, 1
-        while target.exists():  # two runs within one second
-            suffix += 1
-            target = out_dir / PREVIOUS / f"{stamp}-{suffix}"
-        target.mkdir(parents=True)
+        target = new_previous_dir(out_dir)
         for output in outputs:
             shutil.move(str(output), target / output.name)
         changed = sorted(k for k in set(settings) | set(earlier or {}) if settings.get(k) != (earlier or {}).get(k))
