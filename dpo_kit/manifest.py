@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -52,6 +54,26 @@ def git_state(directory: str | Path) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+class OutputNotWritable(OSError):
+    """A run's output cannot be written (read-only, not a folder, disk full): the message names the path."""
+
+
+def ensure_writable_dir(directory: str | Path) -> Path:
+    """Create `directory` if needed and prove a file can be written there; OutputNotWritable names the path."""
+    directory = Path(directory)
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise OutputNotWritable(
+            f"cannot write to the run directory {directory}: {error.strerror or error} ({type(error).__name__});"
+            " choose another run.output_dir or free that path. Nothing in it was changed."
+        ) from error
+    return directory
+
+
 def manifest_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / "manifest.json"
 
@@ -71,6 +93,7 @@ def write_manifest(run_dir: str | Path, manifest: dict[str, Any]) -> None:
 def new_manifest(run_name: str, seed: int, project_dir: str | Path, hardware: dict) -> dict[str, Any]:
     return {
         "run": run_name,
+        "run_id": uuid.uuid4().hex,  # ties the run's checkpoints to it: resume refuses another run's
         "status": "created",
         "created": now_iso(),
         "seed": seed,
@@ -96,6 +119,51 @@ def update_stage(run_dir: str | Path, stage: str, **fields: Any) -> dict[str, An
     entry.update(fields)
     write_manifest(run_dir, manifest)
     return manifest
+
+
+def run_id(manifest: dict[str, Any]) -> str:
+    """The run's id; runs made before ids were kept are named by their name and creation time."""
+    return manifest.get("run_id") or f"{manifest.get('run')}@{manifest.get('created')}"
+
+
+def this_process() -> dict[str, Any]:
+    """Who is running a stage, recorded in its entry so that the next start can tell a live run from a dead one."""
+    import psutil
+
+    return {"pid": os.getpid(), "host": socket.gethostname(), "pid_started": psutil.Process().create_time()}
+
+
+def process_alive(entry: dict[str, Any]) -> bool | None:
+    """Whether the process recorded in a stage entry still runs: None when it ran on another host (unknown)."""
+    import psutil
+
+    if "pid" not in entry or entry.get("host") != socket.gethostname():
+        return None
+    try:
+        # The start time guards against a new process that got the same pid.
+        return psutil.Process(entry["pid"]).create_time() == entry.get("pid_started")
+    except psutil.Error:
+        return False
+
+
+UNFINISHED = ("running", "interrupted", "failed")
+
+
+def mark_dead_stages_interrupted(run_dir: str | Path) -> list[str]:
+    """Record as `interrupted` every stage entry still `running` whose process is gone (kill -9, a dead kernel, a
+    lost machine noticed on this host): the next start finds it so, not as running or failed. Returns them."""
+    manifest = read_manifest(run_dir)
+    dead = [s for s, e in manifest.get("stages", {}).items() if e.get("status") == "running" and process_alive(e) is False]
+    for stage in dead:
+        entry = manifest["stages"][stage]
+        entry.update(
+            status="interrupted", interrupted=now_iso(),
+            reason=f"process {entry['pid']} on {entry['host']} ended without finishing the stage (killed, or out of memory)",
+        )  # fmt: skip
+    if dead:
+        manifest["status"] = "interrupted"
+        write_manifest(run_dir, manifest)
+    return dead
 
 
 def new_previous_dir(parent: str | Path, label: str = "") -> Path:

@@ -9,8 +9,11 @@ from dpo_kit.params import ParamsError
 
 
 def _run(args) -> int:
-    from dpo_kit.run.runner import RunError, parse_stages, run_pipeline
+    from dpo_kit.run.runner import RunError, RunInterrupted, parse_stages, run_pipeline
 
+    if args.resume and args.overwrite:
+        print("dpo-kit run: --resume continues a run and --overwrite archives it; choose one", file=sys.stderr)
+        return 2
     try:
         run_dir = run_pipeline(
             args.params,
@@ -19,7 +22,11 @@ def _run(args) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
             isolate_stages=args.isolate_stages,
+            resume=args.resume,
         )
+    except RunInterrupted as error:
+        print(f"dpo-kit run: {error}", file=sys.stderr)
+        return error.exit_code
     except (RunError, ParamsError, FileNotFoundError) as error:
         print(f"dpo-kit run: {error}", file=sys.stderr)
         return 1
@@ -64,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
     run.add_argument("--stages", help="comma-separated subset of format,train,merge,generate,evaluate")
     run.add_argument("--overwrite", action="store_true", help="archive an existing run of this name and start again")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted run: skip completed stages, continue training from its newest verified checkpoint",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument(
         "--isolate-stages",

@@ -9,10 +9,13 @@ manifest.json. A batch run is explicit where a notebook is forgiving: it refuses
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -120,14 +123,43 @@ class SharedKernel:
         stdout = "".join(o.text for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
         return json.loads(stdout.strip().splitlines()[-1])  # libraries may print above it
 
+    def abandon_cell(self) -> None:
+        """Cancel the cell execution a signal cut short: left pending, it would end in a DeadKernelError that
+        asyncio prints as "Task exception was never retrieved" once the kernel is stopped."""
+        import asyncio
+
+        from jupyter_core.utils import ensure_event_loop
+
+        loop = ensure_event_loop()
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
     def shutdown(self) -> None:
+        """Stop the kernel at once (it may be mid-stage); a second call does nothing."""
         if self.manager._client is not None:
             self.manager._client.stop_channels()
-        self._run_sync(self.manager.shutdown_kernel)(now=True)
+            self.manager._client = None
+        if self._run_sync(self.manager.is_alive)():
+            self._run_sync(self.manager.shutdown_kernel)(now=True)
 
 
 class RunError(RuntimeError):
     """The run cannot start or a stage failed; the message names the stage and the notebook to read."""
+
+
+class RunInterrupted(RunError):
+    """A stage was interrupted (a signal, or its kernel died); recorded so, and `--resume` continues it."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the runner is, so that it records the stage and stops its kernel before exiting."""
 
 
 def resolve_run(params_path: str | Path, overrides: list[str], project_dir: str | Path) -> dict[str, Any]:
@@ -165,22 +197,34 @@ def archive_run(run_dir: Path) -> Path:
     return archived
 
 
-def guard_existing_run(run_dir: Path, stages: list[str], overwrite: bool) -> str | None:
-    """Refuse to redo completed work; with `overwrite`, archive the old run first. Returns a note or None."""
+def completed_stages(run_dir: Path, stages: list[str]) -> list[str]:
+    manifest = mf.read_manifest(run_dir)
+    return [s for s in stages if manifest.get("stages", {}).get(s, {}).get("status") == "completed"]
+
+
+def guard_existing_run(run_dir: Path, stages: list[str], overwrite: bool, resume: bool = False) -> str | None:
+    """Refuse to redo completed work; with `overwrite`, archive the old run first; with `resume`, skip the
+    completed stages and continue the others. Returns a note or None."""
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return None
     if overwrite:
         return f"archived the earlier run to {archive_run(run_dir)}"
     manifest = mf.read_manifest(run_dir)
-    done = [s for s in stages if manifest.get("stages", {}).get(s, {}).get("status") == "completed"]
-    if manifest.get("status") == "completed" or done or not manifest:
-        what = f"stages {', '.join(done)} already completed" if done else "it already holds a run"
+    if not manifest:
+        raise RunError(f"run directory {run_dir} exists and already holds files but no dpo-kit run (no manifest.json):"
+                       " it is not taken over. Choose a new name (--set run.name=...) or another run.output_dir.")
+    done = completed_stages(run_dir, stages)
+    if resume:
+        return (f"resuming {run_dir}: completed stages are skipped ({', '.join(done) or 'none'}), an unfinished"
+                " train stage continues from its newest verified checkpoint")  # fmt: skip
+    if manifest.get("status") == "completed" or done:
+        what = f"stages {', '.join(done)} already completed" if done else "it already holds a completed run"
         raise RunError(
             f"run directory {run_dir} exists and {what}. An earlier run is never overwritten: choose a new"
-            " name (--set run.name=...), run only the missing stages (--stages ...), or pass --overwrite to"
-            " archive the old run and start again."
+            " name (--set run.name=...), finish an interrupted run with --resume, run only the missing stages"
+            " (--stages ...), or pass --overwrite to archive the old run and start again."
         )
-    return "continuing an unfinished run"
+    return "continuing an unfinished run; its unfinished stages start over (--resume continues training from a checkpoint)"
 
 
 def find_secrets(run_dir: Path) -> list[str]:
@@ -205,11 +249,14 @@ def run_pipeline(
     project_dir: str | Path = ".",
     progress: bool = True,
     isolate_stages: bool = False,
+    resume: bool = False,
 ) -> Path:
     """Run the stages in order into <run.output_dir>/<run.name>; returns the run directory.
 
     By default the stages share one kernel (namespace reset in between); `isolate_stages` gives each
     its own kernel, which costs the imports again but returns all memory to the OS between stages.
+    `resume` finishes an unfinished run: completed stages are skipped, an interrupted train stage continues
+    from its newest verified checkpoint, and the params must equal the run's.
     """
     project = Path(project_dir).resolve()
     source_notebooks = notebooks_dir(project)
@@ -223,16 +270,24 @@ def run_pipeline(
         params, hardware = resolved["params"], resolved["hardware"]
         stages = stages or list(mf.STAGES)
         run_dir = run_directory(project, params["run"]["output_dir"], params["run"]["name"])
-        note = guard_existing_run(run_dir, stages, overwrite)
+        note = guard_existing_run(run_dir, stages, overwrite, resume)
         if note:
             print(f"dpo-kit: {note}")
-        (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+        try:
+            mf.ensure_writable_dir(run_dir / "notebooks")
+        except mf.OutputNotWritable as error:
+            raise RunError(str(error)) from None
         params_file = run_dir / "params.yaml"
         save_or_check_params(params, params_file, f"{params_path} + --set")
         if not mf.read_manifest(run_dir):
             mf.write_manifest(run_dir, mf.new_manifest(params["run"]["name"], params["run"]["seed"], project, hardware))
+        mf.mark_dead_stages_interrupted(run_dir)
+        if resume:
+            skipped = completed_stages(run_dir, stages)
+            stages = [s for s in stages if s not in skipped]
         try:
-            _execute_stages(stages, run_dir, params_file, project, source_notebooks, kernel, progress)
+            _execute_stages(stages, run_dir, params_file, project, source_notebooks, kernel, progress,
+                            "resume" if resume else "refuse")
         finally:  # a failed run is scanned too: its notebooks hold tracebacks and outputs
             leaks = find_secrets(run_dir)
             if leaks:
@@ -242,6 +297,22 @@ def run_pipeline(
         if kernel is not None:
             kernel.shutdown()
     return run_dir
+
+
+@contextlib.contextmanager
+def terminate_as_exception():
+    """SIGTERM raises Terminated in the runner while stages run, so the stage is recorded and its kernel stopped."""
+    def on_sigterm(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class ProgressRelay:
@@ -261,8 +332,9 @@ class ProgressRelay:
         pass
 
 
-def _execute_stages(stages, run_dir, params_file, project, source_notebooks, kernel, progress) -> None:
+def _execute_stages(stages, run_dir, params_file, project, source_notebooks, kernel, progress, on_rerun) -> None:
     import papermill
+    from nbclient.exceptions import DeadKernelError
     from tqdm.auto import tqdm
 
     bar = tqdm(stages, desc="stages", unit="stage", disable=not progress, position=0)
@@ -270,28 +342,45 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
         bar.set_postfix_str(stage)
         notebook = STAGE_NOTEBOOKS[stage]
         executed = run_dir / "notebooks" / notebook
-        if executed.exists():  # a failed earlier attempt: keep its traceback
-            executed.rename(executed.with_name(f"{executed.stem}.failed-{int(time.time())}.ipynb"))
+        if executed.exists():  # an earlier attempt that failed or was interrupted: keep its traceback
+            ended = mf.read_manifest(run_dir).get("stages", {}).get(stage, {}).get("status", "failed")
+            executed.rename(executed.with_name(f"{executed.stem}.{ended}-{int(time.time())}.ipynb"))
         started = time.perf_counter()
         stage_kernel = kernel or SharedKernel(source_notebooks)  # isolated stages: a fresh kernel each
         try:
-            papermill.execute_notebook(
-                str(source_notebooks / notebook),
-                str(executed),
-                parameters={
-                    "params_path": str(params_file),
-                    "overrides": [],
-                    "project_dir": str(project),
-                    "run_dir": str(run_dir),
-                    "on_rerun": "refuse",
-                },
-                kernel_name="python3",
-                cwd=str(source_notebooks),
-                progress_bar={"desc": f"  {stage} cells", "leave": False, "position": 1} if progress else False,
-                stdout_file=ProgressRelay(bar, stage) if progress else None,
-                stderr_file=ProgressRelay(bar, stage) if progress else None,
-                km=stage_kernel.manager,
-            )
+            with terminate_as_exception():  # set per stage: nbclient resets SIGTERM after each cell it runs itself
+                papermill.execute_notebook(
+                    str(source_notebooks / notebook),
+                    str(executed),
+                    parameters={
+                        "params_path": str(params_file),
+                        "overrides": [],
+                        "project_dir": str(project),
+                        "run_dir": str(run_dir),
+                        "on_rerun": on_rerun,
+                    },
+                    kernel_name="python3",
+                    cwd=str(source_notebooks),
+                    progress_bar={"desc": f"  {stage} cells", "leave": False, "position": 1} if progress else False,
+                    stdout_file=ProgressRelay(bar, stage) if progress else None,
+                    stderr_file=ProgressRelay(bar, stage) if progress else None,
+                    km=stage_kernel.manager,
+                )
+        except (KeyboardInterrupt, Terminated, DeadKernelError) as error:
+            # Stop the kernel first (it may still be training), then record: nothing writes the manifest after us.
+            stage_kernel.abandon_cell()
+            stage_kernel.shutdown()
+            signal_name = {KeyboardInterrupt: "SIGINT", Terminated: "SIGTERM"}.get(type(error))
+            reason = signal_name or "the kernel died (killed, or out of memory)"
+            mf.update_stage(run_dir, stage, status="interrupted", interrupted=mf.now_iso(), reason=reason,
+                            notebook=str(executed), wall_seconds=round(time.perf_counter() - started, 3))
+            mf.update_manifest(run_dir, status="interrupted", interrupted_stage=stage)
+            raise RunInterrupted(
+                f"stage '{stage}' interrupted ({reason}); recorded in {run_dir / 'manifest.json'}. Continue with"
+                f" `dpo-kit run {params_file} --resume`: completed stages are skipped and training continues from"
+                " its newest checkpoint.",
+                exit_code=143 if signal_name == "SIGTERM" else 130,
+            ) from None
         except Exception as error:  # papermill raises PapermillExecutionError; kernel deaths raise others
             reason = f"{getattr(error, 'ename', type(error).__name__)}: {getattr(error, 'evalue', error)}"
             mf.update_stage(run_dir, stage, status="failed", error=reason, notebook=str(executed),

@@ -7,7 +7,14 @@ time) or with one changed (β in 02), so a stage that finds its own earlier resu
 - on_rerun="show" (the notebooks' default): the stage completed with the same params, so its stored result is
   shown and nothing is recomputed;
 - on_rerun="recompute": the stored result is moved to <run_dir>/previous/ and the stage runs again;
-- on_rerun="refuse" (what `dpo-kit run` passes): a completed stage raises, as a batch run should.
+- on_rerun="refuse" (what `dpo-kit run` passes): a completed stage raises, as a batch run should;
+- on_rerun="resume" (what `dpo-kit run --resume` passes): as "refuse", but an unfinished train stage continues.
+
+A train stage that did not finish (interrupted by SIGINT or SIGTERM, failed, or found running in a process that
+is gone) continues from its newest verified checkpoint under "show" and "resume", through the Trainer's
+resume_from_checkpoint (dpo_kit.training.checkpoints says which checkpoints are trusted). Under "refuse" and
+"recompute", and for the other stages, which keep no checkpoints, the unfinished attempt moves aside and the
+stage computes from the start.
 
 When the params changed, "show" and "recompute" both move the stage's old output and that of every later
 stage (made from it) to <run_dir>/previous/<time>-<stage>/ with their manifest entries and params: nothing
@@ -39,7 +46,8 @@ from dpo_kit.params import (
     save_params,
 )
 
-ON_RERUN = ("show", "recompute", "refuse")
+ON_RERUN = ("show", "recompute", "refuse", "resume")
+RESUMES = ("show", "resume")  # the on_rerun values under which an unfinished train stage continues
 # The params each stage's output depends on, beyond those of the stages before it (a stage depends on all of
 # its predecessors' too). run.name and run.output_dir only name the place. tests/test_stage_rerun.py checks
 # that every key of Params is listed here, so a new section cannot slip past the check.
@@ -78,6 +86,7 @@ class Stage:
     project_dir: Path
     hardware: Any
     reused: bool = False  # True: the stage completed earlier with these params; show its stored result
+    resume_from: Path | None = None  # train: the verified checkpoint an unfinished attempt continues from
     timer: mf.StageTimer = field(default_factory=mf.StageTimer)
 
     def path(self, *parts: str) -> Path:
@@ -316,10 +325,13 @@ def open_stage(
     params = load_params(params_file, overrides)
     check_local_files(params, project)
     run_path = (project / run_dir).resolve() if run_dir else run_dir_for(params, project)
-    run_path.mkdir(parents=True, exist_ok=True)
+    try:
+        mf.ensure_writable_dir(run_path)
+    except mf.OutputNotWritable as error:
+        raise StageError(str(error)) from None
     resolved = params_to_dict(params)
     source = f"{params_file} + overrides"
-    if on_rerun == "refuse":
+    if on_rerun in ("refuse", "resume"):
         save_or_check_params(resolved, run_path / "params.yaml", source)
 
     hardware = choose_hardware()
@@ -328,11 +340,15 @@ def open_stage(
         manifest = mf.new_manifest(params.run.name, params.run.seed, project, hardware.to_dict())
         mf.write_manifest(run_path, manifest)
     manifest = _name_parameter_sets(run_path, manifest)
-    _check_earlier_stages(run_path, name, resolved, manifest, "" if on_rerun == "refuse" else " (its notebook)")
+    batch = on_rerun in ("refuse", "resume")
+    _check_earlier_stages(run_path, name, resolved, manifest, "" if batch else " (its notebook)")
+    if mf.mark_dead_stages_interrupted(run_path):
+        manifest = mf.read_manifest(run_path)
 
     previous = manifest.get("stages", {}).get(name, {})
+    _refuse_if_running_elsewhere(run_path, name, previous)
     same_params = bool(previous) and _entry_fingerprint(run_path, name, previous) == params_fingerprint(resolved, name)
-    if previous.get("status") == "completed" and on_rerun == "refuse":
+    if previous.get("status") == "completed" and batch:
         raise StageError(
             f"stage '{name}' of run '{params.run.name}' already completed in {run_path} at {previous.get('finished')};"
             " an earlier result is never overwritten. Choose a new run.name (e.g. overrides=['run.name=...'])."
@@ -351,6 +367,11 @@ def open_stage(
                 f" again (the stored result is then moved to {run_path / PREVIOUS})."
             )
             return stage
+
+    if name == "train" and previous.get("status") in mf.UNFINISHED and same_params and on_rerun in RESUMES:
+        resumed = _resume_train(run_path, resolved, previous, project, params, hardware)
+        if resumed is not None:
+            return resumed
 
     # From here on the stage computes. Whatever an earlier attempt or another parameter set left of this
     # stage, and everything later stages made from it, moves aside first: it is kept, never mixed in.
@@ -375,7 +396,62 @@ def open_stage(
         save_params(resolved, run_path / "params.yaml")  # the params of the newest stage; earlier sets stay
     mf.update_stage(
         run_path, name, status="running", started=mf.now_iso(), params_id=set_file.stem, params_file=str(set_file),
-        params_fingerprint=params_fingerprint(resolved, name),
+        params_fingerprint=params_fingerprint(resolved, name), **mf.this_process(),
     )
     mf.update_manifest(run_path, status="running")
     return Stage(name=name, params=params, run_dir=run_path, project_dir=project, hardware=hardware)
+
+
+def _refuse_if_running_elsewhere(run_dir: Path, name: str, entry: dict[str, Any]) -> None:
+    """Two processes never write one stage: a stage still running in another live process is refused."""
+    import os
+
+    if entry.get("status") == "running" and mf.process_alive(entry) and entry.get("pid") != os.getpid():
+        raise StageError(
+            f"stage '{name}' in {run_dir} is running in process {entry['pid']} on this host (started"
+            f" {entry.get('started')}). Wait for it to finish, or stop it; a notebook kernel whose cell failed"
+            " holds the stage until it is shut down or restarted."
+        )
+
+
+def _resume_train(run_dir: Path, resolved: dict, previous: dict, project: Path, params: Params, hardware) -> Stage | None:
+    """Continue an unfinished train stage from its newest verified checkpoint; None when it has none."""
+    from dpo_kit.training.checkpoints import (
+        CheckpointRefused,
+        RunIdentity,
+        find_resume_point,
+        recorded_checkpoints,
+    )
+
+    manifest = mf.read_manifest(run_dir)
+    identity = RunIdentity(
+        run_id=mf.run_id(manifest),
+        params_fingerprint=params_fingerprint(resolved, "train"),
+        data_fingerprint=manifest.get("data", {}).get("fingerprint", ""),
+    )
+    try:
+        point = find_resume_point(run_dir / "checkpoints", identity, recorded_checkpoints(previous))
+    except CheckpointRefused as error:
+        raise StageError(
+            f"cannot resume stage 'train' in {run_dir}: {error}. Set on_rerun = \"recompute\" (or run without"
+            " --resume) to move the earlier attempt aside and train from the start."
+        ) from None
+    for note in point.skipped:
+        print(f"not resuming from {note}")
+    if point.checkpoint is None:
+        return None
+    # The entry starts over as a running attempt; how the earlier attempt ended is kept under `attempts`.
+    ended = ("status", "started", "interrupted", "reason", "error", "pid", "host", "pid_started", "wall_seconds")
+    manifest["stages"]["train"] = {
+        **{key: value for key, value in previous.items() if key not in ended and key != "attempts"},
+        "attempts": [*previous.get("attempts", []), {key: previous[key] for key in ended if key in previous}],
+        "status": "running", "started": mf.now_iso(), "resumed_from": point.checkpoint.name, **mf.this_process(),
+    }  # fmt: skip
+    manifest["status"] = "running"
+    mf.write_manifest(run_dir, manifest)
+    print(
+        f"stage 'train' did not finish earlier ({previous.get('status')}, {previous.get('reason') or previous.get('error')}):"
+        f" resuming from {point.checkpoint} (step {point.step})"
+    )
+    return Stage(name="train", params=params, run_dir=run_dir, project_dir=project, hardware=hardware,
+                 resume_from=point.checkpoint)

@@ -7,14 +7,20 @@ LoRA off (full fine-tuning), a frozen reference copy is loaded from the same sou
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dpo_kit.hardware import HardwareChoice
 from dpo_kit.params import Params
+from dpo_kit.training.checkpoints import RECORD_FILE
 
 # The metrics the train notebook plots; names are TRL's, unchanged.
 PLOTTED_METRICS = ("loss", "rewards/margins", "rewards/accuracies")
@@ -110,12 +116,77 @@ def log_line_callback():
     return LogLine()
 
 
+@contextlib.contextmanager
+def recording_interruptions(run_dir: Path):
+    """Record the train stage as `interrupted` in the manifest on SIGINT (Ctrl-C, a notebook's interrupt) or
+    SIGTERM (preemption, `kill`), then let the signal do what it would have done; `failed` on an error. The
+    checkpoints saved so far stay, and the next start resumes from the newest."""
+    from dpo_kit import manifest as mf
+
+    def mark(signal_name: str) -> None:
+        mf.update_stage(run_dir, "train", status="interrupted", interrupted=mf.now_iso(), reason=signal_name)
+        mf.update_manifest(run_dir, status="interrupted")
+
+    def on_sigterm(signum, frame):
+        mark("SIGTERM")
+        signal.signal(signal.SIGTERM, previous)
+        os.kill(os.getpid(), signal.SIGTERM)  # what SIGTERM does here without us (by default: end the process)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        mark("SIGINT")
+        raise
+    except Exception as error:
+        # Failed, not interrupted: recorded here too, so a notebook's kernel does not hold the stage as running.
+        mf.update_stage(run_dir, "train", status="failed", error=f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+# What an operating system says when a file cannot be written; torch.save says it in a RuntimeError.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class CheckpointWriteError(OSError):
+    """Training could not write its checkpoint or weights: the message names the path and what is intact."""
+
+
+@contextlib.contextmanager
+def clear_write_errors(checkpoints_dir: Path):
+    """Turn a failed write (full disk, quota, read-only) into an error that names the folder, the space left and
+    the checkpoints still intact, instead of a traceback from deep inside torch.save or safetensors."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        is_write = (isinstance(error, OSError) and error.errno in WRITE_ERRNOS) or (
+            isinstance(error, RuntimeError) and "write" in str(error).lower()
+        )
+        if not is_write:
+            raise
+        try:
+            free = f"{shutil.disk_usage(checkpoints_dir.parent).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        intact = [p.parent.name for p in checkpoints_dir.glob(f"checkpoint-*/{RECORD_FILE}")]
+        raise CheckpointWriteError(
+            f"could not write under {checkpoints_dir.parent} ({free} on that filesystem): {error}. Checkpoints"
+            f" recorded before are intact: {', '.join(sorted(intact, key=lambda name: int(name.split('-')[1]))) or 'none yet'}."
+            " Free space (or fix the path), then resume: `dpo-kit run PARAMS --resume`, or run the notebook again."
+        ) from error
+
+
 def train_dpo(stage) -> TrainResult:
     """Run DPO for `stage` (a dpo_kit.run.stage.Stage) and save checkpoints, the adapter and the log."""
     from trl import DPOTrainer
 
     from dpo_kit.data.pipeline import load_split
     from dpo_kit.models.loading import load_causal_lm, load_tokenizer, lora_config, model_source
+    from dpo_kit.training.checkpoints import RunIdentity, checkpoint_recorder
 
     params, run_dir = stage.params, stage.run_dir
     _configure_tracking(params, run_dir)
@@ -140,18 +211,21 @@ def train_dpo(stage) -> TrainResult:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=lora_config(params),
-        callbacks=[log_line_callback()],
+        callbacks=[log_line_callback(), checkpoint_recorder(run_dir, RunIdentity.of_run(run_dir))],
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     if trainable == 0:
         # A loss stuck at ln 2 with zero rewards is the symptom (trl#4023); fail before wasting the run.
         raise RuntimeError("no trainable parameters: check lora.target_modules against the model's module names")
-    trainer.train()
 
     model_dir = run_dir / ("adapter" if params.lora.enabled else "trained")
-    trainer.save_model(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
+    with recording_interruptions(run_dir), clear_write_errors(Path(config.output_dir)):
+        # On resume the Trainer restores the weights, optimizer, scheduler, RNG states and step from the
+        # checkpoint, and skips the batches already seen, so the rest of the run is the uninterrupted one's.
+        trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
+        trainer.save_model(str(model_dir))
+        tokenizer.save_pretrained(str(model_dir))
     history = trainer.state.log_history
     (run_dir / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
     return TrainResult(
