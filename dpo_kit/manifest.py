@@ -140,8 +140,10 @@ def process_alive(entry: dict[str, Any]) -> bool | None:
     if "pid" not in entry or entry.get("host") != socket.gethostname():
         return None
     try:
-        # The start time guards against a new process that got the same pid.
-        return psutil.Process(entry["pid"]).create_time() == entry.get("pid_started")
+        # The start time guards against a new process that got the same pid. A zombie has ended: it only waits
+        # for its parent (gone too, after a kill -9) to collect its exit status.
+        process = psutil.Process(entry["pid"])
+        return process.create_time() == entry.get("pid_started") and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 

@@ -26,10 +26,13 @@ def write_manifest(run_dir, **stages):
 def test_a_completed_stage_is_never_redone_without_asking(tmp_path):
     run_dir = tmp_path / "run"
     write_manifest(run_dir, format="completed", train="failed")
-    with pytest.raises(RunError, match="stages format already completed.*--overwrite"):
+    with pytest.raises(RunError, match="stages format already completed.*--resume.*--overwrite"):
         guard_existing_run(run_dir, ["format", "train"], overwrite=False)
     # Finishing an interrupted run is allowed: only stages that did not complete run again.
     assert "continuing" in guard_existing_run(run_dir, ["train", "merge"], overwrite=False)
+    # --resume skips the completed stages instead of refusing them.
+    note = guard_existing_run(run_dir, ["format", "train"], overwrite=False, resume=True)
+    assert "completed stages are skipped (format)" in note
 
 
 def test_overwrite_archives_instead_of_deleting(tmp_path):
@@ -45,8 +48,9 @@ def test_overwrite_archives_instead_of_deleting(tmp_path):
 def test_a_directory_without_manifest_is_not_taken_over(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    with pytest.raises(RunError, match="already holds a run"):
-        guard_existing_run(tmp_path / "run", ["format"], overwrite=False)
+    for resume in (False, True):
+        with pytest.raises(RunError, match="already holds files but no dpo-kit run"):
+            guard_existing_run(tmp_path / "run", ["format"], overwrite=False, resume=resume)
 
 
 def test_secret_values_from_the_environment_are_found_in_run_files(tmp_path, monkeypatch):

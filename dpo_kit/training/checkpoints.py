@@ -94,7 +94,7 @@ def checkpoint_recorder(run_dir: Path, identity: RunIdentity):
     return RecordCheckpoint()
 
 
-def _step(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
     match = CHECKPOINT_NAME.match(path.name)
     return int(match.group(1)) if match else -1
 
@@ -129,7 +129,7 @@ class ResumePoint:
 
     @property
     def step(self) -> int:
-        return _step(self.checkpoint) if self.checkpoint else 0
+        return checkpoint_step(self.checkpoint) if self.checkpoint else 0
 
 
 def find_resume_point(checkpoints_dir: Path, identity: RunIdentity, recorded: dict[str, str]) -> ResumePoint:
@@ -138,7 +138,7 @@ def find_resume_point(checkpoints_dir: Path, identity: RunIdentity, recorded: di
     A newer folder without a record (the save the process died in) is skipped and named. A recorded
     checkpoint that fails verification raises: its params, data or files differ, and silently going back
     to an older one would hide that."""
-    folders = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if _step(p) >= 0), key=_step, reverse=True)
+    folders = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0), key=checkpoint_step, reverse=True)
     skipped = []
     for folder in folders:
         if folder.name not in recorded:

@@ -20,7 +20,7 @@ from typing import Any
 
 from dpo_kit.hardware import HardwareChoice
 from dpo_kit.params import Params
-from dpo_kit.training.checkpoints import RECORD_FILE
+from dpo_kit.training.checkpoints import RECORD_FILE, checkpoint_step
 
 # The metrics the train notebook plots; names are TRL's, unchanged.
 PLOTTED_METRICS = ("loss", "rewards/margins", "rewards/accuracies")
@@ -148,8 +148,17 @@ def recording_interruptions(run_dir: Path):
             signal.signal(signal.SIGTERM, previous)
 
 
-# What an operating system says when a file cannot be written; torch.save says it in a RuntimeError.
+# What an operating system says when a file cannot be written (full disk, quota, size limit, read-only).
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+# torch.save reports a short write from its zip writer as a RuntimeError, e.g. "[enforce fail at
+# inline_container.cc:672] . unexpected pos 119616 vs 119504", without the errno.
+TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed")
+
+
+def is_write_failure(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in WRITE_ERRNOS
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in TORCH_WRITE_FAILURES)
 
 
 class CheckpointWriteError(OSError):
@@ -163,19 +172,19 @@ def clear_write_errors(checkpoints_dir: Path):
     try:
         yield
     except (OSError, RuntimeError) as error:
-        is_write = (isinstance(error, OSError) and error.errno in WRITE_ERRNOS) or (
-            isinstance(error, RuntimeError) and "write" in str(error).lower()
-        )
-        if not is_write:
+        if not is_write_failure(error):
             raise
         try:
             free = f"{shutil.disk_usage(checkpoints_dir.parent).free / 2**20:.0f} MiB free"
         except OSError:
             free = "free space unknown"
-        intact = [p.parent.name for p in checkpoints_dir.glob(f"checkpoint-*/{RECORD_FILE}")]
+        steps = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0), key=checkpoint_step)
+        intact = [p.name for p in steps if (p / RECORD_FILE).is_file()]
+        # The newest checkpoint without its record is the save that failed; else it was the final weights.
+        failed = next((p for p in reversed(steps) if not (p / RECORD_FILE).is_file()), checkpoints_dir.parent)
         raise CheckpointWriteError(
-            f"could not write under {checkpoints_dir.parent} ({free} on that filesystem): {error}. Checkpoints"
-            f" recorded before are intact: {', '.join(sorted(intact, key=lambda name: int(name.split('-')[1]))) or 'none yet'}."
+            f"could not write {failed} ({free} on that filesystem): {error}. Checkpoints"
+            f" recorded before are intact: {', '.join(intact) or 'none yet'}."
             " Free space (or fix the path), then resume: `dpo-kit run PARAMS --resume`, or run the notebook again."
         ) from error
 

@@ -1,0 +1,198 @@
+"""Which checkpoints a resume may load (unit tier: files and a manifest, no training)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dpo_kit import manifest as mf
+from dpo_kit.training.checkpoints import (
+    RECORD_FILE,
+    CheckpointRefused,
+    RunIdentity,
+    find_resume_point,
+    record_checkpoint,
+    recorded_checkpoints,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "params" / "tiny.yaml"
+
+
+def make_run(run_dir: Path, steps=(2, 4)) -> RunIdentity:
+    """A run whose train stage saved and recorded a checkpoint at each of `steps`."""
+    run_dir.mkdir(parents=True)
+    manifest = {"run_id": "run-1", "data": {"fingerprint": "data-1"},
+                "stages": {"train": {"status": "interrupted", "params_fingerprint": "params-1"}}}  # fmt: skip
+    mf.write_manifest(run_dir, manifest)
+    identity = RunIdentity.of_run(run_dir)
+    for step in steps:
+        checkpoint = run_dir / "checkpoints" / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"weights %d" % step)
+        (checkpoint / "optimizer.pt").write_bytes(b"optimizer %d" % step)
+        record_checkpoint(run_dir, checkpoint, identity, step)
+    return identity
+
+
+def resume_point(run_dir: Path, identity: RunIdentity):
+    entry = mf.read_manifest(run_dir)["stages"]["train"]
+    return find_resume_point(run_dir / "checkpoints", identity, recorded_checkpoints(entry))
+
+
+def test_the_newest_recorded_checkpoint_is_resumed(tmp_path):
+    identity = make_run(tmp_path / "run")
+    point = resume_point(tmp_path / "run", identity)
+    assert point.checkpoint.name == "checkpoint-4" and point.step == 4 and point.skipped == []
+    entry = mf.read_manifest(tmp_path / "run")["stages"]["train"]
+    assert list(entry["checkpoints"]) == ["checkpoint-2", "checkpoint-4"] and entry["last_checkpoint"] == "checkpoint-4"
+
+
+def test_a_checkpoint_the_run_did_not_record_is_skipped_and_named(tmp_path):
+    identity = make_run(tmp_path / "run")
+    # The save the process died in: files but no record.
+    cut_short = tmp_path / "run" / "checkpoints" / "checkpoint-6"
+    cut_short.mkdir()
+    (cut_short / "optimizer.pt").write_bytes(b"half")
+    # A checkpoint copied in from elsewhere, with a record naming the same run, params and data: the record
+    # is not in this run's manifest, so it is not trusted.
+    assert make_run(tmp_path / "other", steps=(8,)) == identity
+    shutil.copytree(tmp_path / "other" / "checkpoints" / "checkpoint-8", tmp_path / "run" / "checkpoints" / "checkpoint-8")
+    point = resume_point(tmp_path / "run", identity)
+    assert point.checkpoint.name == "checkpoint-4"
+    assert [note.split(" ")[0] for note in point.skipped] == ["checkpoint-8", "checkpoint-6"]
+    assert all("not recorded by the run" in note for note in point.skipped)
+
+
+@pytest.mark.parametrize("change", ["edit", "plant", "remove"])
+def test_a_checkpoint_changed_after_the_save_is_refused(tmp_path, change):
+    identity = make_run(tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    if change == "edit":
+        (checkpoint / "optimizer.pt").write_bytes(b"a pickle someone else wrote")
+    elif change == "plant":
+        (checkpoint / "rng_state.pth").write_bytes(b"planted")
+    else:
+        (checkpoint / "adapter_model.safetensors").unlink()
+    name = {"edit": "optimizer.pt", "plant": "rng_state.pth", "remove": "adapter_model.safetensors"}[change]
+    with pytest.raises(CheckpointRefused, match=rf"checkpoint-4: {name} differ"):
+        resume_point(tmp_path / "run", identity)
+
+
+def test_an_edited_record_is_refused(tmp_path):
+    identity = make_run(tmp_path / "run")
+    record = tmp_path / "run" / "checkpoints" / "checkpoint-4" / RECORD_FILE
+    record.write_text(record.read_text().replace("params-1", "params-2"))  # forged to match other params
+    with pytest.raises(CheckpointRefused, match="changed after the run wrote it"):
+        resume_point(tmp_path / "run", identity)
+
+
+@pytest.mark.parametrize("key", ["params_fingerprint", "data_fingerprint", "run_id"])
+def test_a_checkpoint_of_other_params_or_data_is_refused(tmp_path, key):
+    identity = make_run(tmp_path / "run")
+    other = RunIdentity(**{**identity.__dict__, key: "something else"})
+    with pytest.raises(CheckpointRefused, match=rf"checkpoint-4 was written with {key} .* this run has 'something else'"):
+        resume_point(tmp_path / "run", other)
+
+
+def test_the_record_lists_every_file_with_its_sha256(tmp_path):
+    make_run(tmp_path / "run", steps=(2,))
+    record = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-2" / RECORD_FILE).read_text())
+    assert sorted(record["files"]) == ["adapter_model.safetensors", "optimizer.pt"]
+    assert all(len(digest) == 64 for digest in record["files"].values())
+    assert record["step"] == 2 and record["run_id"] == "run-1"
+
+
+# ---------------------------------------------------------------------------------------------
+# open_stage: which on_rerun values resume, and what a refused checkpoint says
+
+
+def interrupted_train_run(run_dir: Path, overrides: list[str]) -> None:
+    """A run directory whose train stage, made with `overrides`, was interrupted after recording checkpoint-4."""
+    from dpo_kit.params import load_params, params_to_dict
+    from dpo_kit.run.stage import params_fingerprint
+
+    resolved = params_to_dict(load_params(TINY, overrides))
+    run_dir.mkdir(parents=True)
+    manifest = mf.new_manifest("tiny", 42, REPO, {})
+    manifest["stages"]["train"] = {"status": "interrupted", "reason": "SIGTERM",
+                                   "params_fingerprint": params_fingerprint(resolved, "train")}  # fmt: skip
+    mf.write_manifest(run_dir, manifest)
+    checkpoint = run_dir / "checkpoints" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "optimizer.pt").write_bytes(b"optimizer")
+    record_checkpoint(run_dir, checkpoint, RunIdentity.of_run(run_dir), 4)
+
+
+@pytest.mark.parametrize("on_rerun", ["show", "resume"])
+def test_an_interrupted_train_stage_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, on_rerun):
+    from dpo_kit.run.stage import open_stage
+
+    overrides = [f"model.name_or_path={tiny_model_dir}"]
+    interrupted_train_run(tmp_path / "run", overrides)
+    stage = open_stage("train", str(TINY), overrides, str(REPO), str(tmp_path / "run"), on_rerun)
+    assert stage.resume_from == tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    entry = mf.read_manifest(tmp_path / "run")["stages"]["train"]
+    assert entry["status"] == "running" and entry["resumed_from"] == "checkpoint-4"
+    assert entry["attempts"] == [{"status": "interrupted", "reason": "SIGTERM"}]
+
+
+@pytest.mark.parametrize("on_rerun", ["refuse", "recompute"])
+def test_refuse_and_recompute_start_over_and_keep_the_attempt(tmp_path, tiny_model_dir, on_rerun):
+    from dpo_kit.run.stage import open_stage
+
+    overrides = [f"model.name_or_path={tiny_model_dir}"]
+    interrupted_train_run(tmp_path / "run", overrides)
+    stage = open_stage("train", str(TINY), overrides, str(REPO), str(tmp_path / "run"), on_rerun)
+    assert stage.resume_from is None and not (tmp_path / "run" / "checkpoints").exists()
+    kept = list((tmp_path / "run" / "previous").glob("*-train/checkpoints/checkpoint-4/optimizer.pt"))
+    assert len(kept) == 1
+
+
+def test_a_tampered_checkpoint_stops_the_stage_with_what_to_do(tmp_path, tiny_model_dir):
+    from dpo_kit.run.stage import StageError, open_stage
+
+    overrides = [f"model.name_or_path={tiny_model_dir}"]
+    interrupted_train_run(tmp_path / "run", overrides)
+    (tmp_path / "run" / "checkpoints" / "checkpoint-4" / "optimizer.pt").write_bytes(b"planted pickle")
+    with pytest.raises(StageError, match=r"cannot resume stage 'train'.*optimizer.pt differ.*recompute"):
+        open_stage("train", str(TINY), overrides, str(REPO), str(tmp_path / "run"), "resume")
+
+
+def test_a_stage_running_in_a_live_process_is_not_taken_over(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    from dpo_kit.run.stage import StageError, open_stage
+
+    overrides = [f"model.name_or_path={tiny_model_dir}"]
+    interrupted_train_run(tmp_path / "run", overrides)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import psutil
+
+        owner = {"pid": other.pid, "host": mf.this_process()["host"], "pid_started": psutil.Process(other.pid).create_time()}
+        mf.update_stage(tmp_path / "run", "train", status="running", **owner)
+        with pytest.raises(StageError, match=rf"running in process {other.pid}"):
+            open_stage("train", str(TINY), overrides, str(REPO), str(tmp_path / "run"), "resume")
+    finally:
+        other.kill()
+        other.wait()
+    # The same process gone: the next start records the stage as interrupted, and resumes it.
+    stage = open_stage("train", str(TINY), overrides, str(REPO), str(tmp_path / "run"), "resume")
+    attempt = mf.read_manifest(tmp_path / "run")["stages"]["train"]["attempts"][-1]
+    assert stage.resume_from is not None and attempt["status"] == "interrupted"
+    assert f"process {other.pid}" in attempt["reason"] and "ended without finishing" in attempt["reason"]
+
+
+def test_an_output_directory_that_cannot_be_written_is_named(tmp_path, tiny_model_dir):
+    from dpo_kit.run.stage import StageError, open_stage
+
+    (tmp_path / "a-file").write_text("not a folder")
+    overrides = [f"model.name_or_path={tiny_model_dir}", f"run.output_dir={tmp_path / 'a-file' / 'runs'}"]
+    with pytest.raises(StageError, match=rf"cannot write to the run directory {tmp_path / 'a-file' / 'runs'}"):
+        open_stage("format", str(TINY), overrides, str(REPO), "", "refuse")
+    assert (tmp_path / "a-file").read_text() == "not a folder"

@@ -1,0 +1,181 @@
+"""Resume after a crash, for real: `dpo-kit run` is killed mid-training and `--resume` finishes the same run.
+
+The tiny model trains in fp32 on CPU with a checkpoint every 4 steps and a logged loss every step. A resumed
+run must equal an uninterrupted one within 1e-5: adapter weights, and the loss of every step after the resume
+point (which holds only if the data order and the RNG states are restored too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from dpo_kit import manifest as mf
+from dpo_kit.run.cli import main
+from dpo_kit.run.runner import run_pipeline
+
+pytestmark = pytest.mark.notebook
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "params" / "tiny.yaml"
+STAGES = ["format", "train"]
+
+
+def overrides(runs: Path, model: Path, name: str) -> list[str]:
+    return [f"run.output_dir={runs}", f"model.name_or_path={model}", f"run.name={name}", "dpo.max_steps=60",
+            "dpo.save_steps=4", "dpo.logging_steps=1"]  # fmt: skip
+
+
+def cli_args(settings: list[str], *extra: str) -> list[str]:
+    return ["run", str(TINY), *[a for s in settings for a in ("--set", s)], "--stages", ",".join(STAGES), "--quiet", *extra]
+
+
+def start_and_wait_for_a_checkpoint(settings: list[str], run_dir: Path) -> tuple[subprocess.Popen, dict]:
+    """Start `dpo-kit run` in its own process group; return once its train stage has recorded a checkpoint."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dpo_kit.run.cli", *cli_args(settings)], cwd=REPO, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"dpo-kit run ended before a checkpoint:\n{process.stdout.read()}"
+        try:
+            entry = mf.read_manifest(run_dir).get("stages", {}).get("train", {})
+        except json.JSONDecodeError:  # never half-written (atomic replace), but be safe while polling
+            entry = {}
+        if entry.get("checkpoints"):
+            return process, entry
+        time.sleep(0.02)
+    process.kill()
+    raise AssertionError("no checkpoint recorded within 300 s")
+
+
+def ended(pid: int) -> bool:
+    """The process is gone, or a zombie (ended; its killed parent will never collect it)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def assert_same_training(resumed: Path, whole: Path, resume_step: int) -> None:
+    ours, theirs = load_file(resumed / "adapter" / "adapter_model.safetensors"), load_file(
+        whole / "adapter" / "adapter_model.safetensors"
+    )
+    assert ours.keys() == theirs.keys() and ours
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
+    ours, theirs = losses(resumed), losses(whole)
+    assert sorted(ours) == sorted(theirs) == list(range(1, 61))
+    after = [step for step in ours if step > resume_step]
+    assert after and max(abs(ours[s] - theirs[s]) for s in after) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    return run_pipeline(TINY, overrides(runs, tiny_model_dir, "whole"), STAGES, project_dir=REPO, progress=False)
+
+
+def test_kill_9_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, uninterrupted):
+    settings = overrides(tmp_path, tiny_model_dir, "killed")
+    run_dir = tmp_path / "killed"
+    process, entry = start_and_wait_for_a_checkpoint(settings, run_dir)
+    # kill -9 both the runner and the kernel that trains (its own session): nothing can record anything.
+    os.kill(entry["pid"], signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    killed_at = mf.read_manifest(run_dir)
+    assert killed_at["stages"]["train"]["status"] == "running" and ended(entry["pid"])
+    format_entry = killed_at["stages"]["format"]
+
+    # A plain re-run refuses to redo the completed format stage and points at --resume.
+    assert main(cli_args(settings)) == 1
+    assert main(cli_args(settings, "--resume")) == 0
+
+    manifest = mf.read_manifest(run_dir)
+    train = manifest["stages"]["train"]
+    assert manifest["stages"]["format"] == format_entry, "a completed stage is never redone"
+    assert train["status"] == "completed"
+    (attempt,) = train["attempts"]
+    assert attempt["status"] == "interrupted" and f"process {entry['pid']}" in attempt["reason"]
+    resume_step = int(train["resumed_from"].split("-")[1])
+    assert 4 <= resume_step < 60 and train["resumed_from"] in killed_at["stages"]["train"]["checkpoints"]
+    assert_same_training(run_dir, uninterrupted, resume_step)
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_record_interrupted_and_resume(tmp_path, tiny_model_dir, uninterrupted, signum, exit_code):
+    settings = overrides(tmp_path, tiny_model_dir, "signalled")
+    run_dir = tmp_path / "signalled"
+    process, entry = start_and_wait_for_a_checkpoint(settings, run_dir)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == exit_code, output
+    assert "--resume" in output and "Task exception was never retrieved" not in output, output
+    train = mf.read_manifest(run_dir)["stages"]["train"]
+    assert train["status"] == "interrupted" and train["reason"] == signal.Signals(signum).name
+    assert ended(entry["pid"]), "the kernel that trained is stopped with the runner"
+
+    assert main(cli_args(settings, "--resume")) == 0
+    train = mf.read_manifest(run_dir)["stages"]["train"]
+    assert train["status"] == "completed" and train["attempts"][0]["reason"] == signal.Signals(signum).name
+    assert_same_training(run_dir, uninterrupted, int(train["resumed_from"].split("-")[1]))
+
+
+def test_a_failed_checkpoint_write_names_the_path_and_keeps_earlier_checkpoints(tmp_path, tiny_model_dir, uninterrupted):
+    """The file system refuses writes after checkpoint-4 (RLIMIT_FSIZE: the OS fails the write with EFBIG, the same
+    short write that a full disk gives with ENOSPC). The error names the folder and the intact checkpoint, and a
+    resume once writes work again finishes the run."""
+    settings = overrides(tmp_path, tiny_model_dir, "full")
+    run_dir = tmp_path / "full"
+    run_pipeline(TINY, settings, ["format"], project_dir=REPO, progress=False)
+    script = textwrap.dedent(f"""
+        import resource, signal
+        import dpo_kit.training.checkpoints as checkpoints
+        from dpo_kit.run.stage import open_stage
+        from dpo_kit.training.train import train_dpo
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG
+        record = checkpoints.record_checkpoint
+
+        def record_then_fill_the_disk(*args, **kwargs):
+            digest = record(*args, **kwargs)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # optimizer.pt is ~180 kB
+            return digest
+
+        checkpoints.record_checkpoint = record_then_fill_the_disk
+        stage = open_stage("train", {str(TINY)!r}, {settings!r}, {str(REPO)!r}, {str(run_dir)!r}, "refuse")
+        train_dpo(stage)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("dpo_kit.training.train.CheckpointWriteError")]
+    assert f"could not write {run_dir / 'checkpoints' / 'checkpoint-8'} (" in error, error
+    assert "intact: checkpoint-4." in error and "--resume" in error, error
+    train = mf.read_manifest(run_dir)["stages"]["train"]
+    assert train["status"] == "failed" and list(train["checkpoints"]) == ["checkpoint-4"]
+    assert mf.read_manifest(run_dir)["stages"]["format"]["status"] == "completed"
+
+    assert main(cli_args(settings, "--resume")) == 0
+    train = mf.read_manifest(run_dir)["stages"]["train"]
+    assert train["status"] == "completed" and train["resumed_from"] == "checkpoint-4"
+    assert_same_training(run_dir, uninterrupted, 4)
