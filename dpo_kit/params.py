@@ -311,6 +311,46 @@ class TrackingParams(Section):
         return [value] if isinstance(value, str) else value
 
 
+SHIPPED_ACCELERATE_CONFIGS = ("ddp", "zero2", "zero3", "fsdp2")  # dpo_kit/training/accelerate_configs/<name>.yaml
+
+
+class LaunchParams(Section):
+    """How the train stage runs: in the notebook's own process (the default), or under `accelerate launch`."""
+
+    num_processes: int = Field(
+        1, ge=1, description="Training processes over all machines (one per GPU; on CPU, DDP with gloo). 1 = in process."
+    )
+    num_machines: int = Field(1, ge=1, description="Machines taking part; each runs the same command with its rank.")
+    machine_rank: int = Field(0, ge=0, description="This machine's rank, 0 on the main one. Place only: not fingerprinted.")
+    main_process_ip: str | None = Field(
+        None, description="Address of machine 0, reachable from every machine; required when num_machines > 1."
+    )
+    main_process_port: int = Field(29500, gt=0, lt=65536, description="Port on machine 0 for the rendezvous.")
+    config_file: str | None = Field(
+        None,
+        description=f"accelerate config: one shipped with the kit ({', '.join(SHIPPED_ACCELERATE_CONFIGS)}) or a"
+        " path to your own YAML (from `accelerate config`). None = plain DDP when num_processes > 1.",
+    )
+
+    @model_validator(mode="after")
+    def _machines(self):
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"launch.machine_rank {self.machine_rank} must be below launch.num_machines {self.num_machines}")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("launch.main_process_ip is required when launch.num_machines > 1 (the address of machine 0)")
+        if self.num_processes % self.num_machines:
+            raise ValueError(
+                f"launch.num_processes {self.num_processes} (all machines) must be a multiple of launch.num_machines"
+                f" {self.num_machines}: every machine runs the same number of processes"
+            )
+        return self
+
+    @property
+    def launched(self) -> bool:
+        """Whether the train stage runs under `accelerate launch` rather than in the notebook's process."""
+        return self.num_processes > 1 or self.num_machines > 1 or self.config_file is not None
+
+
 class Params(Section):
     run: RunParams
     model: ModelParams
@@ -322,6 +362,7 @@ class Params(Section):
     generate: GenerateParams = Field(default_factory=GenerateParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
+    launch: LaunchParams = Field(default_factory=LaunchParams)
 
     @field_validator("dpo")
     @classmethod

@@ -142,7 +142,9 @@ def load_causal_lm(
         kwargs["attn_implementation"] = params.model.attn_implementation
     if quantized and params.quantization.bits:
         kwargs["quantization_config"] = quantization_config(params, hardware)
-    if hardware.device == "cuda":
+    # Under DeepSpeed or FSDP (set by accelerate launch) the strategy places the shards: no device_map there.
+    sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("DEEPSPEED", "FSDP"))
+    if hardware.device == "cuda" and not sharded:
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     return from_pretrained(AutoModelForCausalLM, source, **kwargs)
 

@@ -53,18 +53,21 @@ RESUMES = ("show", "resume")  # the on_rerun values under which an unfinished tr
 # that every key of Params is listed here, so a new section cannot slip past the check.
 STAGE_INPUTS = {
     "format": ("run.seed", "model", "data", "dpo.max_length"),
-    "train": ("dpo", "lora", "quantization", "tracking"),
+    "train": ("dpo", "lora", "quantization", "tracking", "launch.num_processes", "launch.num_machines",
+              "launch.config_file"),
     "merge": ("merge",),
     "generate": ("generate",),
     "evaluate": ("evaluate",),
 }
-PLACE_ONLY_KEYS = ("run.name", "run.output_dir")
+# Where a run happens, not what it computes: the same run on other machines or ports is the same run.
+PLACE_ONLY_KEYS = ("run.name", "run.output_dir", "launch.machine_rank", "launch.main_process_ip",
+                   "launch.main_process_port")
 # What each stage writes into the run directory (the executed notebook is the runner's copy); moved aside
 # together when the stage runs again. tests/test_stage_rerun.py checks that a finished run holds nothing else.
 STAGE_OUTPUTS = {
     "format": ("data", "token_lengths.png", "notebooks/01_format_data.ipynb"),
     "train": ("checkpoints", "adapter", "trained", "train_log.jsonl", "training_curves.png", "wandb",
-              "notebooks/02_train_dpo.ipynb"),
+              "train_result.json", "notebooks/02_train_dpo.ipynb"),
     "merge": ("merged", "notebooks/03_merge.ipynb"),
     "generate": ("generations.jsonl", "notebooks/04_generate.ipynb"),
     "evaluate": ("metrics.json", "evaluation.png", "notebooks/05_evaluate.ipynb"),

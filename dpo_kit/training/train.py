@@ -34,6 +34,8 @@ def dpo_config_kwargs(params: Params, run_dir: str | Path, hardware: HardwareCho
     """
     from trl import DPOConfig
 
+    from dpo_kit.training.launch import in_launched_worker, sharding_strategy
+
     fields = DPOConfig.__dataclass_fields__
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing; set whichever is current.
     checkpointing_key = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
@@ -45,6 +47,16 @@ def dpo_config_kwargs(params: Params, run_dir: str | Path, hardware: HardwareCho
         # Pinned host memory only speeds copies to a GPU; elsewhere torch warns that it is unused.
         "dataloader_pin_memory": hardware.device == "cuda",
     }
+    if in_launched_worker():
+        # One line per logged step stands in for the bar, whose carriage returns garble lines piped from workers.
+        settings["disable_tqdm"] = True
+        if hardware.device == "cpu":
+            settings["use_cpu"] = True  # makes accelerate's state choose DDP over gloo on a CPU
+        # LoRA and full fine-tuning use every trainable weight in each forward: DDP's search for unused ones only
+        # costs a graph traversal per step (and torch warns about it).
+        settings["ddp_find_unused_parameters"] = False
+        if sharding_strategy() == "fsdp":
+            settings[checkpointing_key] = False  # FSDP checkpoints activations itself (fsdp_activation_checkpointing)
     if "gradient_checkpointing" in params.dpo:  # the old name in a params file still wins
         settings.pop(checkpointing_key)
     settings.update(params.dpo)  # explicit params win over the hardware choice
@@ -83,6 +95,7 @@ class TrainResult:
     precision: dict[str, Any]
     trainable_parameters: int
     total_parameters: int
+    launch: dict[str, Any] | None = None  # processes and strategy, when trained under accelerate launch
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -91,6 +104,7 @@ class TrainResult:
             "precision": self.precision,
             "trainable_parameters": self.trainable_parameters,
             "total_parameters": self.total_parameters,
+            **({"launch": self.launch} if self.launch else {}),
         }
 
 
@@ -190,10 +204,25 @@ def clear_write_errors(checkpoints_dir: Path):
 
 
 def train_dpo(stage) -> TrainResult:
-    """Run DPO for `stage` (a dpo_kit.run.stage.Stage) and save checkpoints, the adapter and the log."""
+    """Run DPO for `stage` (a dpo_kit.run.stage.Stage) and save checkpoints, the adapter and the log: in this
+    process, or under `accelerate launch` when params.launch asks for more processes or a config file."""
+    from dpo_kit.training.launch import in_launched_worker, run_launched
+
+    with recording_interruptions(stage.run_dir):
+        if stage.params.launch.launched and not in_launched_worker():
+            handed_back = run_launched(stage)
+            result = load_train_result(stage.run_dir, handed_back)
+            result.launch = handed_back["launch"]
+            return result
+        return train_in_this_process(stage)
+
+
+def train_in_this_process(stage) -> TrainResult:
+    """Train in this process: the whole run, or one worker's share of a launched one."""
     from trl import DPOTrainer
 
     from dpo_kit.data.pipeline import load_split
+    from dpo_kit.training.launch import in_launched_worker
     from dpo_kit.models.loading import load_causal_lm, load_tokenizer, lora_config, model_source
     from dpo_kit.training.checkpoints import RunIdentity, checkpoint_recorder
 
@@ -222,6 +251,10 @@ def train_dpo(stage) -> TrainResult:
         peft_config=lora_config(params),
         callbacks=[log_line_callback(), checkpoint_recorder(run_dir, RunIdentity.of_run(run_dir))],
     )
+    if in_launched_worker():
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # without a bar the Trainer prints each log dict; LogLine says it
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     if trainable == 0:
@@ -229,14 +262,21 @@ def train_dpo(stage) -> TrainResult:
         raise RuntimeError("no trainable parameters: check lora.target_modules against the model's module names")
 
     model_dir = run_dir / ("adapter" if params.lora.enabled else "trained")
-    with recording_interruptions(run_dir), clear_write_errors(Path(config.output_dir)):
+    main_process = trainer.is_world_process_zero()
+    processes = f"process {trainer.args.process_index} of {trainer.args.world_size}"
+    with clear_write_errors(Path(config.output_dir)):
         # On resume the Trainer restores the weights, optimizer, scheduler, RNG states and step from the
         # checkpoint, and skips the batches already seen, so the rest of the run is the uninterrupted one's.
         trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
-        trainer.save_model(str(model_dir))
-        tokenizer.save_pretrained(str(model_dir))
+        trainer.save_model(str(model_dir))  # every process takes part (ZeRO-3/FSDP gather); the main one writes
+        if main_process:
+            tokenizer.save_pretrained(str(model_dir))
     history = trainer.state.log_history
-    (run_dir / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+    if main_process:
+        (run_dir / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+    if trainer.args.world_size > 1:
+        print(f"{processes}: trained {trainer.state.global_step} steps" + (f", saved {model_dir}" if main_process else ""),
+              flush=True)  # fmt: skip
     return TrainResult(
         log_history=history,
         final_metrics=final_train_metrics(history),
@@ -244,7 +284,10 @@ def train_dpo(stage) -> TrainResult:
         precision=precision_record(config),
         trainable_parameters=trainable,
         total_parameters=total,
-    )
+        launch={"process_index": trainer.args.process_index, "world_size": trainer.args.world_size,
+                "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]}
+        if in_launched_worker() else None,
+    )  # fmt: skip
 
 
 def load_train_result(run_dir: str | Path, summary: dict[str, Any]) -> TrainResult:

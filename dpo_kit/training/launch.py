@@ -1,0 +1,196 @@
+"""The train stage under `accelerate launch`: DDP, DeepSpeed ZeRO-2/3 or FSDP2, from the same params file.
+
+With `launch.num_processes` > 1 (or a `launch.config_file`), the notebook does not train in its own kernel:
+it starts `accelerate launch ... -m dpo_kit.training.worker`, prints the workers' lines as they come, and
+reads the result back from the run directory. GPUs are then never forked from a kernel, and an interrupt in
+the notebook stops the whole process group. Nothing changes for a run without `launch`.
+
+Before starting, the combination is checked, and the ones that cannot work are refused with a message that
+says what to change: ZeRO/FSDP without GPUs, DeepSpeed not installed, more processes than GPUs, QLoRA under
+ZeRO-3/FSDP. TRL 1.x itself wraps a full fine-tuning reference model for ZeRO-3 and FSDP and runs
+`precompute_ref_log_probs` through a DeepSpeed engine (the traps of trl#1117 and #1497); the kit's part is to
+load the models without a device_map under both, so that ZeRO-3 and FSDP can place the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from dpo_kit.params import SHIPPED_ACCELERATE_CONFIGS, Params
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "accelerate_configs"
+WORKER_ENV = "DPO_KIT_LAUNCHED"  # set in the workers: train there, never launch again
+RESULT_FILE = "train_result.json"  # what the main worker hands back to the notebook
+
+
+class LaunchError(RuntimeError):
+    """The launch cannot start or a worker failed: the message says which and what to change."""
+
+
+def in_launched_worker() -> bool:
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+def sharding_strategy() -> str | None:
+    """'deepspeed' or 'fsdp' inside a worker that accelerate launched with one, else None."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    return None
+
+
+def resolve_config_file(params: Params, project_dir: str | Path) -> Path | None:
+    """The accelerate config the params name: a shipped one by name, or a file relative to the project."""
+    name = params.launch.config_file
+    if name is None:
+        return None
+    if name in SHIPPED_ACCELERATE_CONFIGS:
+        return CONFIGS_DIR / f"{name}.yaml"
+    path = Path(project_dir) / name
+    if not path.is_file():
+        raise LaunchError(
+            f"launch.config_file: {path} not found; name one shipped with dpo-kit"
+            f" ({', '.join(SHIPPED_ACCELERATE_CONFIGS)}) or a YAML file written by `accelerate config`"
+        )
+    return path
+
+
+def read_config(path: Path):
+    """The config as accelerate's own parser reads it (unknown keys are refused there)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    return load_config_from_file(str(path))
+
+
+def check_launch(params: Params, hardware, project_dir: str | Path) -> dict[str, Any]:
+    """Refuse the combinations that cannot work, before any process starts; returns what will be launched."""
+    launch = params.launch
+    config_path = resolve_config_file(params, project_dir)
+    kind = "DDP"
+    if config_path is not None:
+        distributed_type = str(read_config(config_path).distributed_type).rsplit(".", 1)[-1]
+        kind = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP"}.get(distributed_type, "DDP")
+        if kind == "DeepSpeed":
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise LaunchError(
+                    f"launch.config_file {launch.config_file} uses DeepSpeed, which is not installed: `pip install"
+                    " deepspeed` on every machine, or use ddp or fsdp2"
+                )
+        if kind != "DDP" and hardware.device != "cuda":
+            raise LaunchError(
+                f"launch.config_file {launch.config_file} shards the model over GPUs ({kind}), and this machine has"
+                " none. On CPU, leave launch.config_file empty: launch.num_processes > 1 then runs DDP over gloo."
+            )
+        if kind != "DDP" and params.quantization.bits:
+            raise LaunchError(
+                f"quantization.bits {params.quantization.bits} (QLoRA) under {kind} is refused: sharding 4/8-bit"
+                " weights needs bnb_4bit_quant_storage matched to the shard dtype, which dpo-kit does not set."
+                " Use launch.config_file ddp (each GPU holds the quantized base), or turn quantization off."
+            )
+    if hardware.device == "cuda":
+        import torch
+
+        per_machine = launch.num_processes // launch.num_machines
+        if per_machine > torch.cuda.device_count():
+            raise LaunchError(
+                f"launch.num_processes {launch.num_processes} over {launch.num_machines} machine(s) is"
+                f" {per_machine} per machine, but this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    return {"kind": kind, "config_file": str(config_path) if config_path else None,
+            "num_processes": launch.num_processes, "num_machines": launch.num_machines}  # fmt: skip
+
+
+def launch_command(stage, config_path: Path | None) -> list[str]:
+    """`python -m accelerate.commands.launch ...` for this stage: every value explicit, so accelerate warns of
+    no defaults, and params (not a config file left on the machine) decide the shape of the launch."""
+    launch, hardware = stage.params.launch, stage.hardware
+    precision = "bf16" if hardware.bf16 else "fp16" if hardware.fp16 else "no"
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_path is not None:
+        command += ["--config_file", str(config_path)]
+    elif launch.num_processes > 1 or launch.num_machines > 1:
+        command += ["--multi_gpu"]  # torch.distributed.run; on a CPU the workers choose gloo (DPOConfig use_cpu)
+    command += [
+        "--num_processes", str(launch.num_processes), "--num_machines", str(launch.num_machines),
+        "--machine_rank", str(launch.machine_rank), "--main_process_port", str(launch.main_process_port),
+        "--mixed_precision", precision, "--dynamo_backend", "no",
+    ]  # fmt: skip
+    if launch.main_process_ip:
+        command += ["--main_process_ip", launch.main_process_ip]
+    command += ["--module", "dpo_kit.training.worker", str(stage.run_dir), str(stage.project_dir)]
+    if stage.resume_from is not None:
+        command += ["--resume-from", str(stage.resume_from)]
+    return command
+
+
+def worker_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env[WORKER_ENV] = "1"
+    env["PYTHONUNBUFFERED"] = "1"  # lines reach the notebook as they are printed
+    env.setdefault("OMP_NUM_THREADS", "1")  # accelerate sets it anyway; said here so it does not warn
+    return env
+
+
+def run_launched(stage) -> dict[str, Any]:
+    """Start the launcher, show its output line by line, and return what the main worker wrote back."""
+    launched = check_launch(stage.params, stage.hardware, stage.project_dir)
+    config_path = Path(launched["config_file"]) if launched["config_file"] else None
+    command = launch_command(stage, config_path)
+    result_path = stage.run_dir / RESULT_FILE
+    result_path.unlink(missing_ok=True)
+    print(f"launching {launched['kind']} training: {launched['num_processes']} process(es) on"
+          f" {launched['num_machines']} machine(s)", flush=True)  # fmt: skip
+    tail: deque[str] = deque(maxlen=30)
+    process = subprocess.Popen(
+        command, cwd=stage.project_dir, env=worker_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, bufsize=1, start_new_session=True,  # its own process group: an interrupt stops every worker
+        preexec_fn=_end_with_parent if sys.platform.startswith("linux") else None,
+    )  # fmt: skip
+    try:
+        for line in process.stdout:
+            tail.append(line.rstrip("\n"))
+            print(line, end="", flush=True)
+        returncode = process.wait()
+    except BaseException:  # KeyboardInterrupt, SIGTERM turned into an exception: stop the workers, then re-raise
+        stop_process_group(process)
+        raise
+    if returncode != 0:
+        raise LaunchError(
+            f"accelerate launch exited with {returncode}; its last lines:\n" + "\n".join(tail)
+        )
+    if not result_path.is_file():
+        raise LaunchError(f"the launched training ended without writing {result_path}")
+    handed_back = json.loads(result_path.read_text())
+    seen = {k: v for k, v in handed_back.get("launch", {}).items() if k != "process_index"}  # world size, DDP type
+    return {**handed_back, "launch": {**launched, **seen, "command": command}}
+
+
+def _end_with_parent() -> None:
+    """In the launcher, before it starts: SIGTERM it when the process that launched it dies (a kernel killed by
+    `dpo-kit run` on Ctrl-C, or by kill -9), so that no worker trains on unseen; it forwards SIGTERM to them."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the launcher and its workers (torch.distributed.run forwards it), SIGKILL after `grace` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass

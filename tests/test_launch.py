@@ -1,0 +1,179 @@
+"""The train stage under `accelerate launch` (issue 9 §2): configs parsed by accelerate, refusals, and a real
+2-process DDP run over gloo that matches the single-process run."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import nbformat
+import pytest
+from safetensors.torch import load_file
+
+from dpo_kit.hardware import HardwareChoice, choose_hardware
+from dpo_kit.params import SHIPPED_ACCELERATE_CONFIGS, ParamsError, load_params
+from dpo_kit.training.launch import CONFIGS_DIR, LaunchError, check_launch, launch_command, read_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "params" / "tiny.yaml"
+
+
+def gpu_hardware() -> HardwareChoice:
+    """A CUDA machine as choose_hardware describes one: the checks below run before any GPU is touched."""
+    return HardwareChoice(device="cuda", device_name="a test GPU", device_count=1, bf16_supported=True, bf16=True,
+                          fp16=False, gradient_checkpointing=True, dtype="bfloat16", reason="a test GPU")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SHIPPED_ACCELERATE_CONFIGS)
+def test_every_shipped_config_is_read_by_accelerates_own_parser(name):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    path = CONFIGS_DIR / f"{name}.yaml"
+    config = read_config(path)  # accelerate's ClusterConfig; unknown keys raise there
+    expected = {"ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "FSDP"}[name]
+    assert str(config.distributed_type).endswith(expected)
+    # And as `accelerate launch --config_file` reads it: the config's sections become the launch arguments.
+    args = launch_command_parser().parse_args(["--config_file", str(path), "--num_processes", "2", "train.py"])
+    _validate_launch_command(args)
+    if name.startswith("zero"):
+        assert args.use_deepspeed and args.zero_stage == int(name[-1])
+    if name == "fsdp2":
+        assert args.use_fsdp and str(args.fsdp_version) == "2" and args.fsdp_activation_checkpointing
+    if name == "zero3":
+        assert args.zero3_save_16bit_model in (True, "true")
+
+
+def test_the_configs_ship_inside_the_package():
+    shipped = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    assert shipped == sorted(SHIPPED_ACCELERATE_CONFIGS)
+    assert "accelerate_configs/*.yaml" in (REPO / "pyproject.toml").read_text()  # package data: in the wheel too
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["launch.machine_rank=2"], "launch.machine_rank 2 must be below launch.num_machines 1"),
+        (["launch.num_machines=2", "launch.num_processes=2"], "launch.main_process_ip is required"),
+    ],
+)
+def test_launch_params_are_checked_at_load(overrides, message):
+    with pytest.raises(ParamsError, match=message):
+        load_params(TINY, overrides)
+
+
+def test_processes_must_split_evenly_over_machines():
+    with pytest.raises(ParamsError, match="launch.num_processes 3 .* multiple of launch.num_machines 2"):
+        load_params(TINY, ["launch.num_processes=3", "launch.num_machines=2", "launch.main_process_ip=10.0.0.1"])
+
+
+def test_without_launch_params_nothing_is_launched():
+    assert not load_params(TINY).launch.launched
+    assert load_params(TINY, ["launch.num_processes=2"]).launch.launched
+    assert load_params(TINY, ["launch.config_file=ddp"]).launch.launched
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3", "fsdp2"])
+def test_sharding_without_a_gpu_is_refused(config, monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())  # as if deepspeed were installed
+    params = load_params(TINY, [f"launch.config_file={config}", "launch.num_processes=2"])
+    cpu = choose_hardware()
+    assert cpu.device == "cpu"
+    with pytest.raises(LaunchError, match=rf"{config} shards the model over GPUs .* this machine has none.*DDP over gloo"):
+        check_launch(params, cpu, REPO)
+
+
+def test_deepspeed_configs_say_how_to_install_deepspeed(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    params = load_params(TINY, ["launch.config_file=zero3", "launch.num_processes=2"])
+    with pytest.raises(LaunchError, match="zero3 uses DeepSpeed, which is not installed: `pip install deepspeed`"):
+        check_launch(params, gpu_hardware(), REPO)
+
+
+def test_qlora_under_zero3_or_fsdp_is_refused_with_the_alternative(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    for config in ("zero3", "fsdp2"):
+        params = load_params(TINY, [f"launch.config_file={config}", "launch.num_processes=2", "quantization.bits=4"])
+        with pytest.raises(LaunchError, match=r"quantization.bits 4 \(QLoRA\) under .* Use launch.config_file ddp"):
+            check_launch(params, gpu_hardware(), REPO)
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    params = load_params(TINY, ["launch.num_processes=8", "launch.config_file=ddp"])
+    with pytest.raises(LaunchError, match="8 over 1 machine.* 8 per machine, but this machine has 2 GPU"):
+        check_launch(params, gpu_hardware(), REPO)
+    assert check_launch(load_params(TINY, ["launch.num_processes=2", "launch.config_file=ddp"]), gpu_hardware(), REPO)[
+        "kind"
+    ] == "DDP"
+
+
+def test_an_unknown_config_file_names_the_path_and_the_shipped_ones():
+    params = load_params(TINY, ["launch.config_file=configs/mine.yaml"])
+    with pytest.raises(LaunchError, match=r"configs/mine.yaml not found; name one shipped with dpo-kit \(ddp, zero2"):
+        check_launch(params, choose_hardware(), REPO)
+
+
+def test_the_launch_command_carries_every_value_from_params(tmp_path):
+    from dpo_kit.training.worker import WorkerStage
+
+    params = load_params(TINY, ["launch.num_processes=16", "launch.num_machines=2", "launch.machine_rank=1",
+                                "launch.main_process_ip=10.0.0.1", "launch.main_process_port=29555"])  # fmt: skip
+    stage = WorkerStage(params=params, run_dir=tmp_path, project_dir=REPO, hardware=gpu_hardware(), resume_from=None)
+    command = launch_command(stage, CONFIGS_DIR / "zero3.yaml")
+    text = " ".join(command)
+    for part in ("--config_file", "zero3.yaml", "--num_processes 16", "--num_machines 2", "--machine_rank 1",
+                 "--main_process_ip 10.0.0.1", "--main_process_port 29555", "--mixed_precision bf16",
+                 f"--module dpo_kit.training.worker {tmp_path} {REPO}"):  # fmt: skip
+        assert part in text, part
+    assert "--multi_gpu" not in command  # the config file says the strategy
+    stage.resume_from = tmp_path / "checkpoints" / "checkpoint-8"
+    assert launch_command(stage, None)[-2:] == ["--resume-from", str(stage.resume_from)]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+@pytest.mark.notebook
+def test_two_process_ddp_on_cpu_matches_one_process(tmp_path, tiny_model_dir):
+    """Same global batch (1 x 8 against 2 x 4), same seed: the loss of every step within 1e-4 (TRL's invariant
+    tests use that tolerance), the adapter too, and the adapter written once, by the main process."""
+    from dpo_kit import manifest as mf
+    from dpo_kit.run.runner import run_pipeline
+
+    common = [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", "dpo.max_steps=12",
+              "dpo.logging_steps=1", "dpo.save_steps=6"]  # fmt: skip
+    one = run_pipeline(TINY, [*common, "run.name=one"], ["format", "train"], project_dir=REPO, progress=False)
+    two = run_pipeline(
+        TINY,
+        [*common, "run.name=two", "launch.num_processes=2", "dpo.per_device_train_batch_size=4",
+         f"launch.main_process_port={free_port()}"],
+        ["format", "train"], project_dir=REPO, progress=False,
+    )  # fmt: skip
+    launch = mf.read_manifest(two)["stages"]["train"]["launch"]
+    assert launch["world_size"] == 2 and launch["distributed_type"] == "MULTI_CPU" and launch["kind"] == "DDP"
+    assert "launch" not in mf.read_manifest(one)["stages"]["train"], "a run without launch params is unchanged"
+
+    ours, theirs = losses(two), losses(one)
+    assert sorted(ours) == sorted(theirs) == list(range(1, 13))
+    assert max(abs(ours[step] - theirs[step]) for step in ours) <= 1e-4
+    a, b = load_file(two / "adapter" / "adapter_model.safetensors"), load_file(one / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+
+    # The workers' lines reach the executed notebook: both processes trained, only process 0 saved.
+    notebook = nbformat.read(two / "notebooks" / "02_train_dpo.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []) if o.output_type == "stream")
+    assert "launching DDP training: 2 process(es) on 1 machine(s)" in text
+    assert "process 1 of 2: trained 12 steps\n" in text
+    assert text.count(", saved ") == 1 and f"process 0 of 2: trained 12 steps, saved {two / 'adapter'}" in text
+    assert "step 12/12: loss" in text and "{'loss'" not in text  # one line per step, not the Trainer's log dicts
+    checkpoints = mf.read_manifest(two)["stages"]["train"]["checkpoints"]
+    assert list(checkpoints) == ["checkpoint-6", "checkpoint-12"], "checkpoints recorded once, by the main process"
