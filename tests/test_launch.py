@@ -177,3 +177,41 @@ def test_two_process_ddp_on_cpu_matches_one_process(tmp_path, tiny_model_dir):
     assert "step 12/12: loss" in text and "{'loss'" not in text  # one line per step, not the Trainer's log dicts
     checkpoints = mf.read_manifest(two)["stages"]["train"]["checkpoints"]
     assert list(checkpoints) == ["checkpoint-6", "checkpoint-12"], "checkpoints recorded once, by the main process"
+
+
+@pytest.mark.notebook
+def test_two_machines_on_one_host_match_one_process(tmp_path, tiny_model_dir):
+    """Multi-node as it is run: machine 0 runs `dpo-kit run` with launch.num_machines 2, machine 1 runs `dpo-kit
+    join` on the same run directory. Here both "machines" are this host (127.0.0.1), one process each."""
+    import subprocess
+    import sys
+    import time
+
+    from dpo_kit import manifest as mf
+    from dpo_kit.run.cli import main
+    from dpo_kit.run.runner import run_pipeline
+
+    common = [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", "dpo.max_steps=6",
+              "dpo.logging_steps=1", "dpo.save_steps=3"]  # fmt: skip
+    one = run_pipeline(TINY, [*common, "run.name=one"], ["format", "train"], project_dir=REPO, progress=False)
+    machines = [*common, "run.name=two-machines", "launch.num_processes=2", "launch.num_machines=2",
+                "launch.main_process_ip=127.0.0.1", f"launch.main_process_port={free_port()}",
+                "dpo.per_device_train_batch_size=4"]  # fmt: skip
+    run_dir = tmp_path / "two-machines"
+    assert main(["join", str(run_dir), "--machine-rank", "1", "--project-dir", str(REPO)]) == 1  # nothing to join yet
+    machine_0 = subprocess.Popen(
+        [sys.executable, "-m", "dpo_kit.run.cli", "run", str(TINY), *[a for s in machines for a in ("--set", s)],
+         "--stages", "format,train", "--quiet"], cwd=REPO,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while mf.read_manifest(run_dir).get("stages", {}).get("train", {}).get("status") != "running":
+        assert machine_0.poll() is None and time.monotonic() < deadline, "machine 0 never opened the train stage"
+        time.sleep(0.2)
+    assert main(["join", str(run_dir), "--machine-rank", "2", "--project-dir", str(REPO)]) == 1  # only rank 1 exists
+    assert main(["join", str(run_dir), "--machine-rank", "1", "--project-dir", str(REPO)]) == 0
+    assert machine_0.wait(timeout=300) == 0
+
+    launch = mf.read_manifest(run_dir)["stages"]["train"]["launch"]
+    assert launch["world_size"] == 2 and launch["num_machines"] == 2
+    ours, theirs = losses(run_dir), losses(one)
+    assert sorted(ours) == list(range(1, 7)) and max(abs(ours[s] - theirs[s]) for s in ours) <= 1e-4

@@ -55,6 +55,20 @@ def _validate(args) -> int:
     return 0
 
 
+def _join(args) -> int:
+    import subprocess
+
+    from dpo_kit.training.launch import LaunchError, join_command, worker_environment
+
+    try:
+        command = join_command(args.run_dir, args.project_dir, args.machine_rank)
+    except (LaunchError, ParamsError, FileNotFoundError) as error:
+        print(f"dpo-kit join: {error}", file=sys.stderr)
+        return 1
+    print(f"dpo-kit join: {' '.join(command)}", flush=True)
+    return subprocess.run(command, cwd=args.project_dir, env=worker_environment()).returncode
+
+
 def _tiny_model(args) -> int:
     from dpo_kit.models.tiny import build_tiny_model
 
@@ -88,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     validate.add_argument("params")
     validate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     validate.set_defaults(handler=_validate)
+
+    join = commands.add_parser(
+        "join", help="on machine N > 0 of a multi-machine run: join the train stage that machine 0 started"
+    )
+    join.add_argument("run_dir", help="the run directory, on storage shared with machine 0")
+    join.add_argument("--machine-rank", type=int, required=True, help="this machine's rank, 1 to num_machines - 1")
+    join.add_argument("--project-dir", default=".", help="the project the run's relative paths resolve from")
+    join.set_defaults(handler=_join)
 
     tiny = commands.add_parser("tiny-model", help="build the deterministic tiny offline chat model")
     tiny.add_argument("directory")

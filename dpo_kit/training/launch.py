@@ -194,3 +194,32 @@ def stop_process_group(process: subprocess.Popen, grace: float = 30.0) -> None:
         process.wait()
     except ProcessLookupError:
         pass
+
+
+def join_command(run_dir: str | Path, project_dir: str | Path, machine_rank: int) -> list[str]:
+    """The launch command for machine `machine_rank` of a multi-machine train stage that machine 0 has started
+    (`dpo-kit run` there opened the stage): the same params set, checkpoint and address, this machine's rank."""
+    from dpo_kit import manifest as mf
+    from dpo_kit.hardware import choose_hardware
+    from dpo_kit.params import load_params
+    from dpo_kit.training.worker import WorkerStage
+
+    run_dir, project_dir = Path(run_dir).resolve(), Path(project_dir).resolve()
+    entry = mf.read_manifest(run_dir).get("stages", {}).get("train", {})
+    if entry.get("status") != "running":
+        raise LaunchError(
+            f"no train stage is running in {run_dir} (status {entry.get('status')!r}): start it on machine 0 with"
+            " `dpo-kit run` first; the other machines join the stage that machine 0 opened"
+        )
+    params = load_params(run_dir / entry["params_file"])
+    if not 0 < machine_rank < params.launch.num_machines:
+        raise LaunchError(
+            f"--machine-rank {machine_rank}: machines 1 to {params.launch.num_machines - 1} join this run"
+            f" (launch.num_machines is {params.launch.num_machines}; machine 0 is the one that ran `dpo-kit run`)"
+        )
+    params.launch.machine_rank = machine_rank
+    resume_from = run_dir / "checkpoints" / entry["resumed_from"] if entry.get("resumed_from") else None
+    stage = WorkerStage(params=params, run_dir=run_dir, project_dir=project_dir, hardware=choose_hardware(),
+                        resume_from=resume_from)  # fmt: skip
+    check_launch(params, stage.hardware, project_dir)
+    return launch_command(stage, resolve_config_file(params, project_dir))
