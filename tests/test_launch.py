@@ -175,6 +175,7 @@ def test_two_process_ddp_on_cpu_matches_one_process(tmp_path, tiny_model_dir):
     assert "process 1 of 2: trained 12 steps\n" in text
     assert text.count(", saved ") == 1 and f"process 0 of 2: trained 12 steps, saved {two / 'adapter'}" in text
     assert "step 12/12: loss" in text and "{'loss'" not in text  # one line per step, not the Trainer's log dicts
+    assert "find_unused_parameters=True" not in text and "is_gradient_checkpointing" not in text  # no warnings
     checkpoints = mf.read_manifest(two)["stages"]["train"]["checkpoints"]
     assert list(checkpoints) == ["checkpoint-6", "checkpoint-12"], "checkpoints recorded once, by the main process"
 

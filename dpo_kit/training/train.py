@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import shutil
 import signal
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +219,22 @@ def train_dpo(stage) -> TrainResult:
         return train_in_this_process(stage)
 
 
+def _without_the_deprecated_alias_warning(function):
+    """transformers 5 renamed `is_gradient_checkpointing` to `is_activation_checkpointing` and warns on the old
+    name; peft 0.21 (PeftModel.__init__) and TRL 1.16 (disable_gradient_checkpointing, every DPO step) still
+    read the old one, so a notebook showed the FutureWarning again and again. The kit reads neither name; this
+    hides that one message, from those calls, while training, until peft and TRL move to the new name."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_without_the_deprecated_alias_warning
 def train_in_this_process(stage) -> TrainResult:
     """Train in this process: the whole run, or one worker's share of a launched one."""
     from trl import DPOTrainer
