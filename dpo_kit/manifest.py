@@ -130,7 +130,8 @@ def this_process() -> dict[str, Any]:
     """Who is running a stage, recorded in its entry so that the next start can tell a live run from a dead one."""
     import psutil
 
-    return {"pid": os.getpid(), "host": socket.gethostname(), "pid_started": psutil.Process().create_time()}
+    return {"pid": os.getpid(), "host": socket.gethostname(), "pid_started": psutil.Process().create_time(),
+            "heartbeat": now_iso()}
 
 
 def process_alive(entry: dict[str, Any]) -> bool | None:
@@ -149,19 +150,45 @@ def process_alive(entry: dict[str, Any]) -> bool | None:
 
 
 UNFINISHED = ("running", "interrupted", "failed")
+# A stage running on another host cannot be asked whether its process lives; its heartbeat (written when the
+# stage opens and at least every HEARTBEAT_SECONDS while training) says so instead. Silent this long: gone.
+HEARTBEAT_SECONDS = 30
+STALE_AFTER_SECONDS = 600
+
+
+def seconds_since_heartbeat(entry: dict[str, Any]) -> float | None:
+    stamp = entry.get("heartbeat") or entry.get("started")
+    if not stamp:
+        return None
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(stamp)).total_seconds()
+
+
+def running_state(entry: dict[str, Any]) -> str:
+    """For a `running` entry: 'alive' (its process runs, or another host's heartbeat is fresh), or 'gone'."""
+    alive = process_alive(entry)
+    if alive is None:  # another host, or an entry from before processes were recorded
+        silent = seconds_since_heartbeat(entry)
+        alive = silent is not None and silent < STALE_AFTER_SECONDS if "pid" in entry else False
+    return "alive" if alive else "gone"
 
 
 def mark_dead_stages_interrupted(run_dir: str | Path) -> list[str]:
     """Record as `interrupted` every stage entry still `running` whose process is gone (kill -9, a dead kernel, a
-    lost machine noticed on this host): the next start finds it so, not as running or failed. Returns them."""
+    lost machine: on this host by its pid, on another by a heartbeat silent for STALE_AFTER_SECONDS): the next
+    start finds it so, not as running or failed. Returns them."""
     manifest = read_manifest(run_dir)
-    dead = [s for s, e in manifest.get("stages", {}).items() if e.get("status") == "running" and process_alive(e) is False]
+    running = {s: e for s, e in manifest.get("stages", {}).items() if e.get("status") == "running"}
+    dead = [s for s, e in running.items() if running_state(e) == "gone"]
     for stage in dead:
         entry = manifest["stages"][stage]
-        entry.update(
-            status="interrupted", interrupted=now_iso(),
-            reason=f"process {entry['pid']} on {entry['host']} ended without finishing the stage (killed, or out of memory)",
-        )  # fmt: skip
+        if "pid" not in entry:
+            why = "an attempt recorded without its process (an older dpo-kit) never finished"
+        elif process_alive(entry) is False:
+            why = f"process {entry['pid']} on {entry['host']} ended without finishing the stage (killed, or out of memory)"
+        else:
+            why = (f"no heartbeat from process {entry['pid']} on {entry['host']} since"
+                   f" {entry.get('heartbeat') or entry.get('started')}: that machine or process is gone")  # fmt: skip
+        entry.update(status="interrupted", interrupted=now_iso(), reason=why)
     if dead:
         manifest["status"] = "interrupted"
         write_manifest(run_dir, manifest)

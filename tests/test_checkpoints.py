@@ -196,3 +196,26 @@ def test_an_output_directory_that_cannot_be_written_is_named(tmp_path, tiny_mode
     with pytest.raises(StageError, match=rf"cannot write to the run directory {tmp_path / 'a-file' / 'runs'}"):
         open_stage("format", str(TINY), overrides, str(REPO), "", "refuse")
     assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_a_stage_running_on_another_host_is_judged_by_its_heartbeat(tmp_path, tiny_model_dir):
+    from datetime import datetime, timedelta, timezone
+
+    from dpo_kit.run.stage import StageError, open_stage
+
+    overrides = [f"model.name_or_path={tiny_model_dir}"]
+    interrupted_train_run(tmp_path / "run", overrides)
+
+    def running_elsewhere(minutes_ago: float) -> None:
+        beat = (datetime.now(timezone.utc) - timedelta(minutes=minutes_ago)).isoformat(timespec="seconds")
+        mf.update_stage(tmp_path / "run", "train", status="running", pid=4242, host="another-machine",
+                        pid_started=1.0, heartbeat=beat)  # fmt: skip
+
+    running_elsewhere(minutes_ago=1)  # a live machine: refused, and told when it would count as gone
+    with pytest.raises(StageError, match="running in process 4242 on host another-machine .* 10 minutes old"):
+        open_stage("train", str(TINY), overrides, str(REPO), str(tmp_path / "run"), "resume")
+    running_elsewhere(minutes_ago=11)  # silent for longer than STALE_AFTER_SECONDS: that machine is gone
+    stage = open_stage("train", str(TINY), overrides, str(REPO), str(tmp_path / "run"), "resume")
+    attempt = mf.read_manifest(tmp_path / "run")["stages"]["train"]["attempts"][-1]
+    assert stage.resume_from is not None and attempt["status"] == "interrupted"
+    assert attempt["reason"].startswith("no heartbeat from process 4242 on another-machine since")

@@ -409,12 +409,19 @@ def _refuse_if_running_elsewhere(run_dir: Path, name: str, entry: dict[str, Any]
     """Two processes never write one stage: a stage still running in another live process is refused."""
     import os
 
-    if entry.get("status") == "running" and mf.process_alive(entry) and entry.get("pid") != os.getpid():
+    if entry.get("status") != "running" or mf.running_state(entry) != "alive" or entry.get("pid") == os.getpid():
+        return
+    if mf.process_alive(entry):
         raise StageError(
             f"stage '{name}' in {run_dir} is running in process {entry['pid']} on this host (started"
             f" {entry.get('started')}). Wait for it to finish, or stop it; a notebook kernel whose cell failed"
             " holds the stage until it is shut down or restarted."
         )
+    raise StageError(
+        f"stage '{name}' in {run_dir} is running in process {entry['pid']} on host {entry['host']} (last heartbeat"
+        f" {entry.get('heartbeat') or entry.get('started')}); this host cannot see that process. If that machine is"
+        f" gone, the stage counts as interrupted once its heartbeat is {mf.STALE_AFTER_SECONDS // 60} minutes old."
+    )
 
 
 def _resume_train(run_dir: Path, resolved: dict, previous: dict, project: Path, params: Params, hardware) -> Stage | None:

@@ -132,6 +132,26 @@ def log_line_callback():
     return LogLine()
 
 
+def heartbeat_callback(run_dir: Path):
+    """A TrainerCallback that refreshes the train stage's heartbeat in the manifest (at most every
+    HEARTBEAT_SECONDS), so that a run resumed on another machine can tell a lost machine from a live one."""
+    import time
+
+    from transformers import TrainerCallback
+
+    from dpo_kit import manifest as mf
+
+    class Heartbeat(TrainerCallback):
+        last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and time.monotonic() - self.last >= mf.HEARTBEAT_SECONDS:
+                self.last = time.monotonic()
+                mf.update_stage(run_dir, "train", heartbeat=mf.now_iso())
+
+    return Heartbeat()
+
+
 @contextlib.contextmanager
 def recording_interruptions(run_dir: Path):
     """Record the train stage as `interrupted` in the manifest on SIGINT (Ctrl-C, a notebook's interrupt) or
@@ -267,7 +287,8 @@ def train_in_this_process(stage) -> TrainResult:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=lora_config(params),
-        callbacks=[log_line_callback(), checkpoint_recorder(run_dir, RunIdentity.of_run(run_dir))],
+        callbacks=[log_line_callback(), checkpoint_recorder(run_dir, RunIdentity.of_run(run_dir)),
+                   heartbeat_callback(run_dir)],
     )
     if in_launched_worker():
         from transformers import PrinterCallback
