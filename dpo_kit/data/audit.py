@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dpo_kit.chat_templates import ends_with_prefill
-from dpo_kit.data.drops import REASONS, DropRow, DroppedRow
+from dpo_kit.data.drops import REASONS, DroppedRow, DropRow
 from dpo_kit.data.formats import render_standard
 
 ROLES = ("system", "user", "assistant")
@@ -228,7 +228,7 @@ def measure_pairs(rows: list[dict], tokenizer, traits: TokenizerTraits | None = 
 
 def _measure_batch(batch: list[dict], tokenizer, traits: TokenizerTraits) -> list[PairLengths]:
     ids = _token_ids(batch, tokenizer, traits.eos_token)
-    return [_lengths(prompt, chosen, rejected, traits, tokenizer) for prompt, chosen, rejected in zip(*ids)]
+    return [_lengths(prompt, chosen, rejected, traits, tokenizer) for prompt, chosen, rejected in zip(*ids, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------

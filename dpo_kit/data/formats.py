@@ -168,7 +168,7 @@ def parse_hh_transcript(text: str, column: str = "transcript") -> list[Message]:
     if not parts:
         raise DropRow("unsplittable_transcript", f"{column} has no '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
     messages = []
-    for speaker, body in zip(parts[::2], parts[1::2]):
+    for speaker, body in zip(parts[::2], parts[1::2], strict=False):
         if body and not body.startswith(" "):
             raise DropRow(
                 "unsplittable_transcript",

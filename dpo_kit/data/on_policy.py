@@ -21,6 +21,7 @@ from dpo_kit.chat_templates import ends_with_prefill
 from dpo_kit.data.drops import DropRow
 from dpo_kit.params import BUNDLED_PROMPT_SETS, Params, is_local_path
 
+
 def prompt_rows(params: Params, project_dir: str | Path = ".") -> list[dict]:
     """The prompts of `data.generate.prompts`, at most `data.max_rows`, each as {"prompt": ...} as read."""
     from dpo_kit.bundled import movie_review_prompts

@@ -52,7 +52,7 @@ class DataReport:
     @property
     def sequence_lengths(self) -> list[int]:
         """The longer of the two training sequences of each pair: what max_length is checked against."""
-        return [max(pair) for pair in zip(self.prompt_chosen_lengths, self.prompt_rejected_lengths)]
+        return [max(pair) for pair in zip(self.prompt_chosen_lengths, self.prompt_rejected_lengths, strict=True)]
 
     def token_length_stats(self) -> dict[str, dict[str, float]]:
         return {

@@ -92,7 +92,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     if isinstance(content, dict) and content and all(isinstance(column, list) for column in content.values()):
         lengths = {len(column) for column in content.values()}
         if len(lengths) == 1:
-            return [dict(zip(content, values)) for values in zip(*content.values())]
+            return [dict(zip(content, values, strict=True)) for values in zip(*content.values(), strict=True)]
     raise SourceError(f"{path}: expected a list of row objects, or an object of equal-length column lists")
 
 

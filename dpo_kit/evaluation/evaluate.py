@@ -198,7 +198,7 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
     generations_path = run_dir / GENERATIONS_FILE
     records = read_jsonl(generations_path) if generations_path.exists() else []
     if not records:
-        warnings.warn(f"{generations_path} not found: run generate first for the KL and the win-rate")
+        warnings.warn(f"{generations_path} not found: run generate first for the KL and the win-rate", stacklevel=2)
 
     models = {
         "policy": load_causal_lm(str(run_dir / "merged"), params).eval(),

@@ -80,7 +80,7 @@ class RuleJudge:
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return [self.score_one(prompt, response) for prompt, response in zip(prompts, responses)]
+        return [self.score_one(prompt, response) for prompt, response in zip(prompts, responses, strict=True)]
 
     def score_one(self, prompt: Prompt, response: str) -> float:
         words = _words(response)
@@ -170,7 +170,7 @@ class RewardModelJudge:
                 [prompt_text(p) for p in prompts], list(responses), padding=True, truncation=True, return_tensors="pt"
             )
         texts = []
-        for prompt, response in zip(prompts, responses):
+        for prompt, response in zip(prompts, responses, strict=True):
             if isinstance(prompt, str):  # rendered with the policy's template; the best we can do is append
                 texts.append(prompt + response)
             else:
@@ -234,7 +234,7 @@ def win_outcomes(
     """Per prompt: 1 when the policy wins, 0.5 for a tie, 0 when the reference wins; their mean is the win-rate."""
     if len(policy_scores) != len(reference_scores):
         raise ValueError(f"{len(policy_scores)} policy scores but {len(reference_scores)} reference scores")
-    return [0.5 if abs(p - r) <= tie_tolerance else float(p > r) for p, r in zip(policy_scores, reference_scores)]
+    return [0.5 if abs(p - r) <= tie_tolerance else float(p > r) for p, r in zip(policy_scores, reference_scores, strict=True)]
 
 
 def win_rate(

@@ -219,7 +219,7 @@ def collate_pairs(pairs: list[dict[str, list[int]]], pad_token_id: int) -> dict[
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (ids, mask) in enumerate(zip(sequences, masks)):
+    for i, (ids, mask) in enumerate(zip(sequences, masks, strict=True)):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention_mask[i, : len(ids)] = 1
         completion_mask[i, : len(ids)] = torch.tensor(mask)
@@ -359,4 +359,4 @@ def history_gaps(history: list[dict], other: list[dict], metrics=("loss", "rewar
     """Largest per-step absolute difference between two runs, for each metric."""
     if len(history) != len(other):
         raise ValueError(f"the runs have {len(history)} and {len(other)} steps")
-    return {metric: max(abs(a[metric] - b[metric]) for a, b in zip(history, other)) for metric in metrics}
+    return {metric: max(abs(a[metric] - b[metric]) for a, b in zip(history, other, strict=True)) for metric in metrics}

@@ -23,8 +23,8 @@ def plot_training_curves(
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for (label, history), style in zip(histories.items(), ("-o", "--x", ":s", "-.^")):
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for (label, history), style in zip(histories.items(), ("-o", "--x", ":s", "-.^"), strict=False):
             ax.plot([entry["step"] for entry in history], [entry[metric] for entry in history],
                     style, markersize=3, label=label)
         ax.set(title=metric, xlabel="optimizer step")

@@ -260,9 +260,9 @@ def train_in_this_process(stage) -> TrainResult:
     from trl import DPOTrainer
 
     from dpo_kit.data.pipeline import load_split
-    from dpo_kit.training.launch import in_launched_worker
     from dpo_kit.models.loading import load_causal_lm, load_tokenizer, lora_config, model_source
     from dpo_kit.training.checkpoints import RunIdentity, checkpoint_recorder
+    from dpo_kit.training.launch import in_launched_worker
 
     params, run_dir = stage.params, stage.run_dir
     _configure_tracking(params, run_dir)
@@ -366,7 +366,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | Path | None 
     # A bare Figure (not pyplot): nothing global to close, and it shows inline once, as a cell's value.
     figure = Figure(figsize=(4.2 * len(PLOTTED_METRICS), 3.2))
     axes = figure.subplots(1, len(PLOTTED_METRICS))
-    for axis, metric in zip(axes, PLOTTED_METRICS):
+    for axis, metric in zip(axes, PLOTTED_METRICS, strict=True):
         for prefix, style in (("", "-o"), ("eval_", "--s")):
             rows = [row for row in history if prefix + metric in row]
             if rows:

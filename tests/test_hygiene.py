@@ -1,0 +1,50 @@
+"""What the pre-commit hooks enforce, enforced again in CI: clean notebooks and a lint-clean package."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def hook(hook_id: str) -> dict:
+    config = yaml.safe_load((REPO / ".pre-commit-config.yaml").read_text())
+    return next(h for repo in config["repos"] for h in repo["hooks"] if h["id"] == hook_id)
+
+
+def test_the_pre_commit_config_is_valid():
+    done = subprocess.run([BIN / "pre-commit", "validate-config", ".pre-commit-config.yaml"], cwd=REPO,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_committed_notebooks_pass_the_nbstripout_hook():
+    entry = hook("nbstripout")["entry"].split()
+    notebooks = sorted(str(p) for p in (REPO / "notebooks").glob("*.ipynb"))
+    done = subprocess.run([BIN / entry[0], *entry[1:], "--verify", *notebooks], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_nbstripout_hook_catches_a_notebook_with_outputs(tmp_path):
+    import nbformat
+
+    dirty = tmp_path / "dirty.ipynb"
+    shutil.copy(REPO / "notebooks" / "03_merge.ipynb", dirty)
+    notebook = nbformat.read(dirty, as_version=4)
+    code = next(cell for cell in notebook.cells if cell.cell_type == "code")
+    code.execution_count = 3
+    code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="left behind\n")]
+    nbformat.write(notebook, dirty)
+    entry = hook("nbstripout")["entry"].split()
+    assert subprocess.run([BIN / entry[0], *entry[1:], "--verify", str(dirty)], capture_output=True).returncode == 1
+
+
+def test_the_package_passes_the_ruff_hook():
+    done = subprocess.run([BIN / "ruff", "check", "dpo_kit"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
