@@ -48,3 +48,15 @@ def test_the_nbstripout_hook_catches_a_notebook_with_outputs(tmp_path):
 def test_the_package_passes_the_ruff_hook():
     done = subprocess.run([BIN / "ruff", "check", "dpo_kit"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+def test_every_notebook_opens_with_what_it_does_how_long_and_what_it_needs():
+    import nbformat
+
+    for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        notebook = nbformat.read(path, as_version=4)
+        first = next(cell for cell in notebook.cells if cell.cell_type == "markdown").source
+        assert first.startswith("# "), f"{path.name}: the first markdown cell opens with a title"
+        needs = next((line for line in first.splitlines() if line.startswith("**Time and needs:**")), "")
+        assert "CPU" in needs and "GPU" in needs and "network" in needs, f"{path.name}: say time on a CPU and needs"
+        assert any(ch.isdigit() for ch in needs) or "minute" in needs, f"{path.name}: say how long"
