@@ -173,3 +173,27 @@ def test_rerunning_02_with_another_beta_keeps_both_results_and_03_refuses_the_mi
     assert not (run_dir / "merged").exists()
     run("03_merge.ipynb", [*model, "dpo.beta=0.5"])
     assert mf.read_manifest(run_dir)["stages"]["merge"]["status"] == "completed"
+
+
+def test_launch_params_left_at_their_defaults_keep_fingerprints_of_earlier_runs():
+    """Runs recorded before the launch section keep their fingerprints: a single-process run is the same run."""
+    import hashlib
+    import json
+
+    from dpo_kit.run.stage import stage_inputs
+
+    base = params_to_dict(load_params(TINY))
+    before_launch = {key: base_value(base, key) for key in stage_inputs("train") if not key.startswith("launch.")}
+    digest = hashlib.sha256(json.dumps(before_launch, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert params_fingerprint(base, "train") == digest
+    launched = params_to_dict(load_params(TINY, ["launch.num_processes=2"]))
+    assert params_fingerprint(launched, "train") != digest  # two processes: another run (other batch shards)
+    placed = params_to_dict(load_params(TINY, ["launch.main_process_port=29999"]))
+    assert params_fingerprint(placed, "train") == digest  # where it runs is not what it computes
+
+
+def base_value(resolved: dict, dotted: str):
+    value = resolved
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value

@@ -192,9 +192,15 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Inputs added after runs were recorded, with the value every earlier run had: left at it, they stay out of the
+# fingerprint, so a run made before them still shows its stored result instead of counting as changed.
+INPUTS_ADDED_LATER = {"launch.num_processes": 1, "launch.num_machines": 1, "launch.config_file": None}
+
+
 def params_fingerprint(resolved: dict, stage: str) -> str:
     """sha256 (16 hex digits) of the params that `stage`'s output depends on: equal means reusable."""
-    return _digest({key: _lookup(resolved, key) for key in stage_inputs(stage)})
+    values = {key: _lookup(resolved, key) for key in stage_inputs(stage)}
+    return _digest({k: v for k, v in values.items() if k not in INPUTS_ADDED_LATER or v != INPUTS_ADDED_LATER[k]})
 
 
 def params_set_id(resolved: dict) -> str:
