@@ -69,6 +69,19 @@ def test_stage_notebooks_show_their_plots_inline(tiny_run):
         assert shows_an_image(run_dir / "notebooks" / f"{name}.ipynb"), name
 
 
+def test_executed_notebooks_show_no_warning(tiny_run):
+    """What a reader of the executed notebooks sees: no Python warning and no kernel security notice. Each one
+    the stack printed here was fixed at its source (pin_memory, the deprecated checkpointing alias, TCP)."""
+    run_dir, _ = tiny_run
+    for path in sorted((run_dir / "notebooks").glob("*.ipynb")):
+        notebook = nbformat.read(path, as_version=4)
+        for cell in notebook.cells:
+            for output in cell.get("outputs", []):
+                text = output.get("text", "") if output.get("output_type") == "stream" else ""
+                flagged = [line for line in text.splitlines() if "Warning:" in line or "without encryption" in line]
+                assert not flagged, f"{path.name}: {flagged}"
+
+
 def test_manifest_records_stages_hardware_versions_and_data(tiny_run):
     run_dir, _ = tiny_run
     manifest = json.loads((run_dir / "manifest.json").read_text())

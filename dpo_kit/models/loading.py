@@ -6,8 +6,10 @@ calls the tiny CI run exercises: only the name_or_path string differs.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import warnings
 from pathlib import Path
 
 from dpo_kit.chat_templates import resolve_chat_template
@@ -175,3 +177,15 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def deprecated_checkpointing_alias_quiet():
+    """transformers 5 renamed `is_gradient_checkpointing` to `is_activation_checkpointing` and warns on the old
+    name; peft 0.21 (PeftModel.__init__, so also PeftModel.from_pretrained) and TRL 1.16
+    (disable_gradient_checkpointing, every DPO step) still read the old one, and a notebook showed the
+    FutureWarning again and again. The kit reads neither name. This hides that one message, around those calls,
+    until peft and TRL move to the new name; every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

@@ -81,7 +81,12 @@ def max_masked_diff(a, b, batch) -> float:
 def merge_adapter(stage) -> MergeResult:
     """Write run_dir/merged: the adapter merged into an unquantized base (LoRA), or the fully fine-tuned
     model in merge.dtype. Either way the saved model's logits are checked against the trained model's."""
-    from dpo_kit.models.loading import load_causal_lm, load_tokenizer, model_source
+    from dpo_kit.models.loading import (
+        deprecated_checkpointing_alias_quiet,
+        load_causal_lm,
+        load_tokenizer,
+        model_source,
+    )
 
     params: Params = stage.params
     trained_dir = stage.run_dir / ("adapter" if params.lora.enabled else "trained")
@@ -95,7 +100,8 @@ def merge_adapter(stage) -> MergeResult:
 
         base = load_causal_lm(model_source(params, stage.project_dir), params, dtype=params.merge.dtype,
                               hardware=stage.hardware)  # never quantized, whatever training used
-        trained = PeftModel.from_pretrained(base, str(trained_dir)).eval()
+        with deprecated_checkpointing_alias_quiet():
+            trained = PeftModel.from_pretrained(base, str(trained_dir)).eval()
         # Taken before merging: merge_and_unload rewrites the base weights in place.
         trained_logits = logits_of(trained, batch)
         exported = trained.merge_and_unload().eval()

@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,15 +239,13 @@ def train_dpo(stage) -> TrainResult:
 
 
 def _without_the_deprecated_alias_warning(function):
-    """transformers 5 renamed `is_gradient_checkpointing` to `is_activation_checkpointing` and warns on the old
-    name; peft 0.21 (PeftModel.__init__) and TRL 1.16 (disable_gradient_checkpointing, every DPO step) still
-    read the old one, so a notebook showed the FutureWarning again and again. The kit reads neither name; this
-    hides that one message, from those calls, while training, until peft and TRL move to the new name."""
+    """Training runs inside models.loading.deprecated_checkpointing_alias_quiet (peft and TRL read the old name)."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet
+
+        with deprecated_checkpointing_alias_quiet():
             return function(*args, **kwargs)
 
     return wrapper
