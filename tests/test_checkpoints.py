@@ -219,3 +219,28 @@ def test_a_stage_running_on_another_host_is_judged_by_its_heartbeat(tmp_path, ti
     attempt = mf.read_manifest(tmp_path / "run")["stages"]["train"]["attempts"][-1]
     assert stage.resume_from is not None and attempt["status"] == "interrupted"
     assert attempt["reason"].startswith("no heartbeat from process 4242 on another-machine since")
+
+
+def test_a_full_disk_while_saving_is_named_with_what_is_intact(tmp_path):
+    """A real ENOSPC: /dev/full refuses every write as a full disk does."""
+    from dpo_kit.training.train import CheckpointWriteError, clear_write_errors
+
+    identity = make_run(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "checkpoint-6").mkdir()  # the save that fails
+    with pytest.raises(CheckpointWriteError) as raised:
+        with clear_write_errors(tmp_path / "run" / "checkpoints"):
+            with open("/dev/full", "wb") as disk:
+                disk.write(b"optimizer state")
+                disk.flush()
+    message = str(raised.value)
+    assert message.startswith(f"could not write {tmp_path / 'run' / 'checkpoints' / 'checkpoint-6'} (")
+    assert "No space left on device" in message and "intact: checkpoint-2, checkpoint-4." in message
+    assert resume_point(tmp_path / "run", identity).checkpoint.name == "checkpoint-4"
+
+
+def test_other_errors_pass_through_unchanged(tmp_path):
+    from dpo_kit.training.train import clear_write_errors
+
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        with clear_write_errors(tmp_path / "checkpoints"):
+            raise RuntimeError("CUDA out of memory")
