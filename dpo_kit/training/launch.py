@@ -111,8 +111,8 @@ def check_launch(params: Params, hardware, project_dir: str | Path) -> dict[str,
 
 
 def launch_command(stage, config_path: Path | None) -> list[str]:
-    """`python -m accelerate.commands.launch ...` for this stage: every value explicit, so accelerate warns of
-    no defaults, and params (not a config file left on the machine) decide the shape of the launch."""
+    """`python -m accelerate.commands.launch ...` for this stage: every value explicit, so accelerate warns of no
+    missing value, and params (not a config file left on the machine) decide the shape of the launch."""
     launch, hardware = stage.params.launch, stage.hardware
     precision = "bf16" if hardware.bf16 else "fp16" if hardware.fp16 else "no"
     command = [sys.executable, "-m", "accelerate.commands.launch"]
