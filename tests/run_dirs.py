@@ -25,3 +25,9 @@ def make_run_dir(path, base_dir, noise: float, rows):
     model.save_pretrained(path / "merged")
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(path / "merged")
     return path
+
+
+def logged_losses(run_dir) -> dict[int, float]:
+    """The training loss of every logged step, from a run's train_log.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}

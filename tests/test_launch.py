@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 
 import nbformat
 import pytest
+from run_dirs import logged_losses
 from safetensors.torch import load_file
 
 from dpo_kit.hardware import HardwareChoice, choose_hardware
@@ -137,11 +137,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
-
-
 @pytest.mark.notebook
 def test_two_process_ddp_on_cpu_matches_one_process(tmp_path, tiny_model_dir):
     """Same global batch (1 x 8 against 2 x 4), same seed: the loss of every step within 1e-4 (TRL's invariant
@@ -162,7 +157,7 @@ def test_two_process_ddp_on_cpu_matches_one_process(tmp_path, tiny_model_dir):
     assert launch["world_size"] == 2 and launch["distributed_type"] == "MULTI_CPU" and launch["kind"] == "DDP"
     assert "launch" not in mf.read_manifest(one)["stages"]["train"], "a run without launch params is unchanged"
 
-    ours, theirs = losses(two), losses(one)
+    ours, theirs = logged_losses(two), logged_losses(one)
     assert sorted(ours) == sorted(theirs) == list(range(1, 13))
     assert max(abs(ours[step] - theirs[step]) for step in ours) <= 1e-4
     a, b = load_file(two / "adapter" / "adapter_model.safetensors"), load_file(one / "adapter" / "adapter_model.safetensors")
@@ -214,5 +209,5 @@ def test_two_machines_on_one_host_match_one_process(tmp_path, tiny_model_dir):
 
     launch = mf.read_manifest(run_dir)["stages"]["train"]["launch"]
     assert launch["world_size"] == 2 and launch["num_machines"] == 2
-    ours, theirs = losses(run_dir), losses(one)
+    ours, theirs = logged_losses(run_dir), logged_losses(one)
     assert sorted(ours) == list(range(1, 7)) and max(abs(ours[s] - theirs[s]) for s in ours) <= 1e-4

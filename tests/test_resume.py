@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from run_dirs import logged_losses
 from safetensors.torch import load_file
 
 from dpo_kit import manifest as mf
@@ -72,18 +73,13 @@ def ended(pid: int) -> bool:
     return False
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
-
-
 def assert_same_training(resumed: Path, whole: Path, resume_step: int) -> None:
     ours, theirs = load_file(resumed / "adapter" / "adapter_model.safetensors"), load_file(
         whole / "adapter" / "adapter_model.safetensors"
     )
     assert ours.keys() == theirs.keys() and ours
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
-    ours, theirs = losses(resumed), losses(whole)
+    ours, theirs = logged_losses(resumed), logged_losses(whole)
     assert sorted(ours) == sorted(theirs) == list(range(1, 61))
     after = [step for step in ours if step > resume_step]
     assert after and max(abs(ours[s] - theirs[s]) for s in after) <= 1e-5
