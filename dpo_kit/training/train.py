@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_kit.hardware import HardwareChoice
+from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet
 from dpo_kit.params import Params
 from dpo_kit.training.checkpoints import RECORD_FILE, checkpoint_step
 
@@ -238,20 +238,8 @@ def train_dpo(stage) -> TrainResult:
         return train_in_this_process(stage)
 
 
-def _without_the_deprecated_alias_warning(function):
-    """Training runs inside models.loading.deprecated_checkpointing_alias_quiet (peft and TRL read the old name)."""
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet
-
-        with deprecated_checkpointing_alias_quiet():
-            return function(*args, **kwargs)
-
-    return wrapper
-
-
-@_without_the_deprecated_alias_warning
+# peft and TRL read transformers' deprecated checkpointing alias while training (see the context manager).
+@deprecated_checkpointing_alias_quiet()
 def train_in_this_process(stage) -> TrainResult:
     """Train in this process: the whole run, or one worker's share of a launched one."""
     from trl import DPOTrainer
