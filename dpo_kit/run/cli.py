@@ -1,4 +1,4 @@
-"""The `dpo-kit` command: run, validate, tiny-model."""
+"""The `dpo-kit` command: run, sweep, validate, join, tiny-model."""
 
 from __future__ import annotations
 
@@ -39,6 +39,32 @@ def _run(args) -> int:
 
         print(f"dpo-kit run: {headline(json.loads(metrics.read_text()))}")
     return 0
+
+
+def _sweep(args) -> int:
+    from dpo_kit.run.runner import RunInterrupted
+    from dpo_kit.run.sweep import SweepError, run_sweep, summary
+
+    try:
+        sweep_dir = run_sweep(
+            args.params, grid=args.grid, ranges=args.range, overrides=args.set, name=args.name, sampler=args.sampler,
+            samples=args.samples, storage=args.storage, objective=args.objective, direction=args.direction,
+            progress=not args.quiet,
+        )
+    except RunInterrupted as error:
+        print(f"dpo-kit sweep: {error}\ndpo-kit sweep: run the same command again to continue the sweep",
+              file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("dpo-kit sweep: interrupted; run the same command again to continue the sweep", file=sys.stderr)
+        return 130
+    except (SweepError, ParamsError, FileNotFoundError) as error:
+        print(f"dpo-kit sweep: {error}", file=sys.stderr)
+        return 1
+    table, failed = summary(sweep_dir, args.storage)
+    print(table)
+    print(f"dpo-kit sweep: outputs in {sweep_dir}")
+    return 1 if failed else 0
 
 
 def _validate(args) -> int:
@@ -97,6 +123,28 @@ def main(argv: list[str] | None = None) -> int:
         help="one kernel per stage instead of one shared kernel: slower start, all memory freed between stages",
     )
     run.set_defaults(handler=_run)
+
+    sweep = commands.add_parser(
+        "sweep", help="one run per point of a grid or search space (Optuna), under <run.output_dir>/<sweep name>/"
+    )
+    sweep.add_argument("params", help="the base params YAML file")
+    sweep.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                       help="values to try, e.g. dpo.beta=0.05,0.1,0.5; several --grid give their product")
+    sweep.add_argument("--range", action="append", default=[], metavar="SECTION.KEY=LOW:HIGH[:log]",
+                       help="a numeric range for random or TPE search, e.g. dpo.learning_rate=1e-5:1e-3:log")
+    sweep.add_argument("--samples", type=int, help="trials to run with --sampler random or tpe")
+    sweep.add_argument("--sampler", choices=("grid", "random", "tpe"),
+                       help="grid (the default for --grid alone), random, or tpe (the default with --range)")
+    sweep.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a key in every trial")
+    sweep.add_argument("--name", help="the sweep's directory name (default <run.name>-sweep)")
+    sweep.add_argument("--storage", help="Optuna storage shared by workers: postgresql://USER@HOST/DB,"
+                       " mysql://USER@HOST/DB, sqlite:///PATH.db or journal:PATH (default: SQLite in the sweep)")
+    sweep.add_argument("--objective", default="rewards/accuracies",
+                       help="the metrics.json key Optuna optimizes (default: held-out implicit-reward accuracy)")
+    sweep.add_argument("--direction", default="maximize", choices=("maximize", "minimize"))
+    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
+    sweep.set_defaults(handler=_sweep)
 
     validate = commands.add_parser("validate", help="check a params file without running anything")
     validate.add_argument("params")

@@ -250,6 +250,8 @@ def run_pipeline(
     progress: bool = True,
     isolate_stages: bool = False,
     resume: bool = False,
+    kernel: SharedKernel | None = None,
+    bar_position: int = 0,
 ) -> Path:
     """Run the stages in order into <run.output_dir>/<run.name>; returns the run directory.
 
@@ -257,10 +259,14 @@ def run_pipeline(
     its own kernel, which costs the imports again but returns all memory to the OS between stages.
     `resume` finishes an unfinished run: completed stages are skipped, an interrupted train stage continues
     from its newest verified checkpoint, and the params must equal the run's.
+    A `kernel` passed in (a sweep runs its trials in one) is used for every stage and left running.
+    `bar_position` puts the progress bars below those of a caller (the sweep's bar over trials).
     """
     project = Path(project_dir).resolve()
     source_notebooks = notebooks_dir(project)
-    kernel = None if isolate_stages else SharedKernel(source_notebooks)
+    own_kernel = kernel is None and not isolate_stages
+    if own_kernel:
+        kernel = SharedKernel(source_notebooks)
     try:
         resolved = (
             kernel.resolve_run(Path(params_path).resolve(), list(overrides), project)
@@ -287,14 +293,14 @@ def run_pipeline(
             stages = [s for s in stages if s not in skipped]
         try:
             _execute_stages(stages, run_dir, params_file, project, source_notebooks, kernel, progress,
-                            "resume" if resume else "refuse")
+                            "resume" if resume else "refuse", bar_position)
         finally:  # a failed run is scanned too: its notebooks hold tracebacks and outputs
             leaks = find_secrets(run_dir)
             if leaks:
                 mf.update_manifest(run_dir, status="failed", error="secret found in run files")
                 raise RunError(f"a secret from the environment was written into: {', '.join(sorted(set(leaks)))}")
     finally:
-        if kernel is not None:
+        if own_kernel:
             kernel.shutdown()
     return run_dir
 
@@ -332,12 +338,14 @@ class ProgressRelay:
         pass
 
 
-def _execute_stages(stages, run_dir, params_file, project, source_notebooks, kernel, progress, on_rerun) -> None:
+def _execute_stages(stages, run_dir, params_file, project, source_notebooks, kernel, progress, on_rerun,
+                    bar_position: int = 0) -> None:
     import papermill
     from nbclient.exceptions import DeadKernelError
     from tqdm.auto import tqdm
 
-    bar = tqdm(stages, desc="stages", unit="stage", disable=not progress, position=0)
+    bar = tqdm(stages, desc="stages", unit="stage", disable=not progress, position=bar_position,
+               leave=bar_position == 0)
     for stage in bar:
         bar.set_postfix_str(stage)
         notebook = STAGE_NOTEBOOKS[stage]
@@ -361,7 +369,8 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
                     },
                     kernel_name="python3",
                     cwd=str(source_notebooks),
-                    progress_bar={"desc": f"  {stage} cells", "leave": False, "position": 1} if progress else False,
+                    progress_bar={"desc": f"  {stage} cells", "leave": False, "position": bar_position + 1}
+                    if progress else False,
                     stdout_file=ProgressRelay(bar, stage) if progress else None,
                     stderr_file=ProgressRelay(bar, stage) if progress else None,
                     km=stage_kernel.manager,

@@ -303,6 +303,51 @@ def _name_parameter_sets(run_dir: Path, manifest: dict) -> dict:
     return manifest
 
 
+PROCESS_KEYS = ("pid", "host", "pid_started", "heartbeat")
+
+
+def has_completed_format(run_dir: Path, resolved: dict) -> bool:
+    """Whether `run_dir` holds a completed format stage made with the data params of `resolved`."""
+    entry = mf.read_manifest(run_dir).get("stages", {}).get("format")
+    return bool(entry) and entry.get("status") == "completed" and (
+        _entry_fingerprint(run_dir, "format", entry) == params_fingerprint(resolved, "format"))
+
+
+def adopt_format_stage(run_dir: Path, source_run_dir: Path, resolved: dict, project: Path, hardware: dict) -> dict:
+    """Start the new run `run_dir` from the format stage that `source_run_dir` completed with the same data params.
+
+    A sweep's trials that differ only in later params (beta, the learning rate) need the same pairs: their files
+    are copied, not formatted again (with data.source: generate that is minutes of sampling), and the entry says
+    where they came from and their fingerprint. Returns the new run's format entry."""
+    if not has_completed_format(source_run_dir, resolved):
+        raise StageError(f"{source_run_dir} holds no completed format stage made with these data params")
+    if mf.read_manifest(run_dir):
+        raise StageError(f"{run_dir} already holds a run: a format stage is only adopted by a new run")
+    source = mf.read_manifest(source_run_dir)
+    for relative in STAGE_OUTPUTS["format"]:
+        origin, target = source_run_dir / relative, run_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if origin.is_dir():
+            shutil.copytree(origin, target)
+        elif origin.exists():
+            shutil.copy2(origin, target)
+    manifest = mf.new_manifest(resolved["run"]["name"], resolved["run"]["seed"], project, hardware)
+    data = json.loads(json.dumps(source.get("data", {})))
+    data["files"] = {k: str(run_dir / Path(v).relative_to(source_run_dir)) if Path(v).is_relative_to(source_run_dir)
+                     else v for k, v in data.get("files", {}).items()}  # fmt: skip
+    manifest.update(data=data, **({"model": source["model"]} if "model" in source else {}))
+    entry = {k: v for k, v in source["stages"]["format"].items() if k not in PROCESS_KEYS}
+    mf.write_manifest(run_dir, manifest)
+    set_file = _save_parameter_set(run_dir, resolved)
+    save_params(resolved, run_dir / "params.yaml")
+    entry.update(
+        params_id=set_file.stem, params_file=str(set_file), params_fingerprint=params_fingerprint(resolved, "format"),
+        notebook=str(run_dir / STAGE_OUTPUTS["format"][-1]), reused_from=str(source_run_dir),
+        data_fingerprint=data.get("fingerprint"),
+    )
+    return mf.update_stage(run_dir, "format", **entry)["stages"]["format"]
+
+
 def _later_stages_present(manifest: dict, name: str) -> list[str]:
     later = mf.STAGES[mf.STAGES.index(name) + 1:]
     return [s for s in later if s in manifest.get("stages", {})]

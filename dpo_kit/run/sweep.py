@@ -1,0 +1,539 @@
+"""`dpo-kit sweep`: one normal run per point of a search space, driven by Optuna.
+
+Optuna is the engine: its GridSampler walks a grid, its random and TPE samplers search ranges, and its
+study storage (SQLite in the sweep directory by default, or a shared PostgreSQL / MySQL URL, or a journal
+file on NFS) is what lets a killed sweep continue and several workers share one sweep. The kit adds only
+what Optuna cannot know:
+
+- each trial is a run directory <output_dir>/<sweep>/<trial name>, named by its params, executed by the runner
+  with `resume` (completed stages skipped, an interrupted train stage continued from its checkpoint);
+- a claim file per trial name, taken with O_EXCL, so two workers never run one point: GridSampler hands a
+  point that is still running to a second worker once every point has started (its docs say so);
+- a trial whose worker process died on this host (kill -9, a closed laptop) is failed and re-queued through
+  Optuna's RetryHeartbeatStaleTrialCallback at the next start; on other hosts Optuna's heartbeat does the same;
+- trials whose data params are equal share one format stage (copied from the first, recorded as reused).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpo_kit import manifest as mf
+from dpo_kit.params import ParamsError, load_params, params_to_dict, run_directory
+from dpo_kit.run.stage import PLACE_ONLY_KEYS, adopt_format_stage, has_completed_format, params_fingerprint
+
+SWEEP_FILE = "sweep.json"
+CLAIMS = ".claims"
+SAMPLERS = ("grid", "random", "tpe")
+DEFAULT_OBJECTIVE = "rewards/accuracies"  # held-out implicit-reward accuracy, from the evaluate stage
+HEARTBEAT_SECONDS = 60  # Optuna's heartbeat: a trial silent for GRACE_SECONDS on another host is failed and retried
+GRACE_SECONDS = 600
+OWNED_KEYS = ("run.name", "run.output_dir") + PLACE_ONLY_KEYS  # the sweep names and places its trials
+
+
+class SweepError(RuntimeError):
+    pass
+
+
+class TrialFailed(SweepError):
+    """A trial's run failed (its stage error is recorded on the trial); the sweep goes on with the others."""
+
+
+def _scalar(text: str) -> Any:
+    """A grid value as YAML reads it, with '1e-5' a float (PyYAML reads exponents without a dot as strings)."""
+    value = yaml.safe_load(text) if text.strip() else None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def yaml_text(value: Any) -> str:
+    """`value` written so that an override (parsed as YAML) reads it back equal: 1e-05 -> '1.0e-05'."""
+    return yaml.safe_dump(value, default_flow_style=True).split("\n")[0]
+
+
+@dataclass
+class SearchSpace:
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # key -> the values to try
+    ranges: dict[str, list[Any]] = field(default_factory=dict)  # key -> [low, high, "log" | "linear"]
+
+    @classmethod
+    def parse(cls, grid: list[str], ranges: list[str]) -> SearchSpace:
+        space = cls()
+        for item in grid:
+            key, values = _split(item, "--grid", "dpo.beta=0.05,0.1,0.5")
+            space.grid[key] = [_scalar(v) for v in values.split(",")]
+            if len(set(map(repr, space.grid[key]))) != len(space.grid[key]):
+                raise SweepError(f"--grid {item}: a value appears twice")
+        for item in ranges:
+            key, text = _split(item, "--range", "dpo.learning_rate=1e-5:1e-3:log")
+            parts = text.split(":")
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("log", "linear")):
+                raise SweepError(f"--range {item}: expected KEY=LOW:HIGH or KEY=LOW:HIGH:log, e.g. "
+                                 "dpo.learning_rate=1e-5:1e-3:log")
+            low, high = _scalar(parts[0]), _scalar(parts[1])
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
+                raise SweepError(f"--range {item}: LOW and HIGH must be numbers with LOW < HIGH")
+            if key in space.grid:
+                raise SweepError(f"{key} is given both as --grid and as --range; give it once")
+            space.ranges[key] = [low, high, parts[2] if len(parts) == 3 else "linear"]
+        for key in [*space.grid, *space.ranges]:
+            if key in OWNED_KEYS:
+                raise SweepError(f"{key} cannot be swept: the sweep names and places its trials itself")
+        if not space.grid and not space.ranges:
+            raise SweepError("nothing to sweep: give --grid KEY=V1,V2,... and/or --range KEY=LOW:HIGH[:log]")
+        return space
+
+    def grid_size(self) -> int:
+        size = 1
+        for values in self.grid.values():
+            size *= len(values)
+        return size
+
+
+
+def _split(item: str, flag: str, example: str) -> tuple[str, str]:
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise SweepError(f"{flag} {item!r}: expected SECTION.KEY=..., e.g. {flag} {example}")
+    key, values = item.split("=", 1)
+    return key.strip(), values
+
+
+def trial_name(values: dict[str, Any]) -> str:
+    """The run directory of a point: 'beta=0.1,loss_type=ipo' (the last part of each key, unless two collide)."""
+    last = [k.split(".")[-1] for k in values]
+    names = [short if last.count(short) == 1 else key for key, short in zip(values, last, strict=True)]
+    text = ",".join(f"{name}={yaml_text(value)}" for name, value in zip(names, values.values(), strict=True))
+    return text.replace("/", "_").lstrip(".") or "trial"
+
+
+def trial_overrides(values: dict[str, Any]) -> list[str]:
+    return [f"{key}={yaml_text(value)}" for key, value in values.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep's own record and its storage
+
+
+@dataclass
+class SweepSpec:
+    """What makes a sweep: written to <sweep>/sweep.json and compared when the same sweep is started again."""
+
+    params: str
+    overrides: list[str]
+    space: dict[str, Any]
+    sampler: str
+    samples: int | None
+    objective: str
+    direction: str
+    seed: int
+
+
+def storage_url(sweep_dir: Path, storage: str | None) -> str:
+    return storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+
+
+def redacted(url: str) -> str:
+    """A storage URL for the record: a password (better kept in the environment, e.g. PGPASSWORD) is hidden."""
+    if "://" not in url or url.startswith(("sqlite", "journal")):
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def open_storage(url: str):
+    """An Optuna storage: an RDB URL (heartbeat on, stale trials retried), or journal:PATH (a file, for NFS)."""
+    import warnings
+
+    import optuna
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if url.startswith("journal:"):
+        path = url.removeprefix("journal:").removeprefix("//")
+        return JournalStorage(JournalFileBackend(path))
+    try:
+        with warnings.catch_warnings():
+            # Heartbeats are marked experimental since Optuna 2.8 and are how it finds dead workers; we rely on them
+            # knowingly, so only that notice is muted, only here.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                              heartbeat_stale_trial_callback=retry_callback())
+    except (optuna.exceptions.StorageInternalError, ImportError, ValueError) as error:
+        raise SweepError(f"--storage {redacted(url)}: cannot open it ({error}). Valid: sqlite:///PATH.db,"
+                         " postgresql://USER@HOST/DB, mysql://USER@HOST/DB, or journal:PATH") from None
+
+
+def retry_callback():
+    """Optuna's re-queue of a dead trial: same params and grid point, a new trial number, no retry limit."""
+    import warnings
+
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=None)
+
+
+def make_sampler(spec: SweepSpec):
+    import optuna
+
+    if spec.sampler == "grid":
+        return optuna.samplers.GridSampler(spec.space["grid"], seed=spec.seed)
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    return optuna.samplers.TPESampler(seed=spec.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims: one worker per trial name
+
+
+def _claim_path(sweep_dir: Path, name: str) -> Path:
+    return sweep_dir / CLAIMS / f"{name}.json"
+
+
+def take_claim(sweep_dir: Path, name: str, trial_number: int, holder_running=lambda record: None) -> bool:
+    """Claim the trial `name` for this process; False when a live process holds it.
+
+    O_EXCL makes the claim atomic. A claim whose process is gone (on this host) or whose trial is no longer
+    running (`holder_running` asks the study) is taken over: renamed aside first, which only one taker wins."""
+    path = _claim_path(sweep_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"trial": trial_number, **mf.this_process()}
+    for _ in range(3):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            alive = mf.process_alive(holder) if holder.get("pid") else False
+            if alive is None:  # another host: ask the study whether its trial still runs
+                alive = holder_running(holder)
+            if alive:
+                return False
+            try:
+                path.rename(path.with_name(f"{path.name}.stale-{os.getpid()}-{time.time_ns()}"))
+            except FileNotFoundError:
+                pass  # another worker moved it first; try again
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(record, handle)
+        return True
+    return False
+
+
+def release_claim(sweep_dir: Path, name: str) -> None:
+    path = _claim_path(sweep_dir, name)
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Recovering trials that a dead worker left
+
+
+def recover_interrupted_trials(study) -> list[int]:
+    """Fail the trials whose worker on this host is gone, and queue each interrupted trial again (once).
+
+    Optuna's heartbeat finds dead workers too, but only after its grace period; here the worker's pid tells at
+    once. The retry is Optuna's own RetryFailedTrialCallback: same params, same grid point, a new trial number."""
+    import copy
+
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    to_retry = []
+    for trial in trials:
+        worker = trial.user_attrs.get("worker", {})
+        if trial.state == TrialState.RUNNING and worker and mf.process_alive(worker) is False:
+            try:
+                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+                storage.set_trial_user_attr(trial._trial_id, "interrupted", "its worker process ended (killed?)")
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker got there first
+            to_retry.append(trial.number)
+        elif trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted") and trial.number not in retried:
+            to_retry.append(trial.number)
+    for number in to_retry:
+        retry_callback()(study, copy.deepcopy(study.trials[number]))
+    return to_retry
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial
+
+
+def read_objective(run_dir: Path, key: str) -> float:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise SweepError(f"{path} not found: the evaluate stage writes the objective {key!r}")
+    metrics = json.loads(path.read_text())
+    value = metrics.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise SweepError(f"objective {key!r} is not a number in {path}; valid: {', '.join(numeric)}")
+    return float(value)
+
+
+def share_format_stage(sweep_dir: Path, run_dir: Path, resolved: dict, project: Path, hardware: dict,
+                       trial_number: int, holder_running=lambda record: None,
+                       wait_seconds: float = 1.0) -> tuple[Path | None, str | None]:
+    """Give a new trial the format stage of a sibling made with equal data params; else claim the formatting.
+
+    Returns (the sibling copied from, None) or (None, the claim this trial now holds and must release). While
+    another live trial holds the claim for these data params, this one waits and then copies its pairs, so two
+    workers never sample the same pairs twice; a holder that fails or dies frees the claim for the next."""
+    if mf.read_manifest(run_dir):
+        return None, None  # a trial continued: its own format stage stands
+    claim = f"format-{params_fingerprint(resolved, 'format')}"
+    while True:
+        for sibling in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p != run_dir):
+            if (sibling / "manifest.json").is_file() and has_completed_format(sibling, resolved):
+                adopt_format_stage(run_dir, sibling, resolved, project, hardware)
+                return sibling, None
+        if take_claim(sweep_dir, claim, trial_number, holder_running):
+            return None, claim
+        time.sleep(wait_seconds)
+
+
+@dataclass
+class Sweep:
+    spec: SweepSpec
+    sweep_dir: Path
+    project: Path
+    progress: bool = True
+    study: Any = None
+    kernel: Any = None
+    bar: Any = None
+
+    def objective(self, trial) -> float:
+        from dpo_kit.run.runner import RunError, RunInterrupted, SharedKernel, notebooks_dir, resolve_run, run_pipeline
+
+        values = self.suggest(trial)
+        name = trial_name(values)
+        trial.set_user_attr("run_dir", name)
+        trial.set_user_attr("worker", mf.this_process())
+        if self.bar is not None:
+            self.bar.set_postfix_str(name)
+        if not take_claim(self.sweep_dir, name, trial.number, self.holder_running):
+            import optuna
+
+            trial.set_user_attr("duplicate", "the same point runs in another worker")
+            raise optuna.TrialPruned(f"{name} runs in another worker")
+        format_claim = None
+        try:
+            overrides = [*self.spec.overrides, *trial_overrides(values), f"run.name={name}",
+                         f"run.output_dir={self.output_dir()}"]
+            run_dir = self.sweep_dir / name
+            resolved = resolve_run(self.spec.params, overrides, self.project)
+            shared, format_claim = share_format_stage(self.sweep_dir, run_dir, resolved["params"], self.project,
+                                                      resolved["hardware"], trial.number, self.holder_running)
+            if shared is not None:
+                trial.set_user_attr("format_reused_from", shared.name)
+            if self.kernel is None:
+                self.kernel = SharedKernel(notebooks_dir(self.project))
+            try:
+                run_pipeline(self.spec.params, overrides, project_dir=self.project, progress=self.progress,
+                             resume=True, kernel=self.kernel, bar_position=1)
+            except BaseException as error:
+                self.kernel.shutdown()  # its namespace may hold a half-run stage: the next trial gets a fresh one
+                self.kernel = None
+                if isinstance(error, (RunInterrupted, KeyboardInterrupt)):
+                    trial.set_user_attr("interrupted", str(error) or type(error).__name__)
+                    raise
+                if isinstance(error, (RunError, ParamsError)):
+                    trial.set_user_attr("error", str(error))
+                    raise TrialFailed(f"trial {trial.number} ({name}): {error}") from None
+                raise
+            try:
+                return read_objective(run_dir, self.spec.objective)
+            except SweepError as error:
+                trial.set_user_attr("error", str(error))
+                raise
+        finally:
+            release_claim(self.sweep_dir, name)
+            if format_claim:
+                release_claim(self.sweep_dir, format_claim)
+
+    def suggest(self, trial) -> dict[str, Any]:
+        values = {}
+        for key, choices in self.spec.space["grid"].items():
+            values[key] = trial.suggest_categorical(key, choices)
+        for key, (low, high, scale) in self.spec.space["ranges"].items():
+            if isinstance(low, int) and isinstance(high, int):
+                values[key] = trial.suggest_int(key, low, high, log=scale == "log")
+            else:
+                values[key] = trial.suggest_float(key, float(low), float(high), log=scale == "log")
+        return values
+
+    def holder_running(self, holder: dict) -> bool:
+        """A claim from another host: alive while its trial still runs in the study (Optuna's heartbeat ends it)."""
+        from optuna.trial import TrialState
+
+        number = holder.get("trial")
+        trials = self.study.get_trials(deepcopy=False) if self.study is not None else []
+        return isinstance(number, int) and number < len(trials) and trials[number].state == TrialState.RUNNING
+
+    def output_dir(self) -> str:
+        return str(self.sweep_dir)
+
+
+def check_spec(sweep_dir: Path, spec: SweepSpec) -> None:
+    """The same sweep started again must be the same sweep: a changed search space or base params is refused."""
+    path = sweep_dir / SWEEP_FILE
+    if not path.is_file():
+        return
+    recorded = json.loads(path.read_text())
+    changed = [k for k, v in asdict(spec).items() if recorded.get("spec", {}).get(k) != json.loads(json.dumps(v))]
+    if changed:
+        raise SweepError(
+            f"sweep {sweep_dir} was started with other settings ({', '.join(changed)} differ from {path}). A sweep"
+            " is never mixed with another: give this one a new --name, or repeat the recorded command."
+        )
+
+
+def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
+    """Load the params at every grid value (and both ends of every range) before any trial runs."""
+    probes = [[*spec.overrides, f"{k}={yaml_text(v)}"] for k, values in space.grid.items() for v in values]
+    probes += [[*spec.overrides, f"{k}={yaml_text(v)}"] for k, (lo, hi, _) in space.ranges.items() for v in (lo, hi)]
+    for overrides in probes:
+        try:
+            load_params(project / spec.params if not Path(spec.params).is_absolute() else spec.params, overrides)
+        except ParamsError as error:
+            raise SweepError(f"{error} (from the sweep's {overrides[-1]})") from None
+
+
+def run_sweep(
+    params_path: str | Path,
+    grid: list[str] = (),
+    ranges: list[str] = (),
+    overrides: list[str] = (),
+    name: str | None = None,
+    sampler: str | None = None,
+    samples: int | None = None,
+    storage: str | None = None,
+    objective: str = DEFAULT_OBJECTIVE,
+    direction: str = "maximize",
+    project_dir: str | Path = ".",
+    progress: bool = True,
+) -> Path:
+    """Run (or continue) a sweep; returns its directory. Finished trials are never run again."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+    from tqdm.auto import tqdm
+
+    project = Path(project_dir).resolve()
+    space = SearchSpace.parse(list(grid), list(ranges))
+    sampler = sampler or ("grid" if not space.ranges and samples is None else "tpe")
+    if sampler not in SAMPLERS:
+        raise SweepError(f"--sampler {sampler}: valid samplers are {', '.join(SAMPLERS)}")
+    if sampler == "grid" and space.ranges:
+        raise SweepError("a grid sweep takes --grid only; search --range with --sampler random or tpe and --samples N")
+    if sampler != "grid" and not samples:
+        raise SweepError(f"--sampler {sampler} needs --samples N, the number of trials to run")
+    if direction not in ("maximize", "minimize"):
+        raise SweepError(f"--direction {direction}: valid are maximize, minimize")
+    base = load_params(params_path, list(overrides))
+    spec = SweepSpec(params=str(Path(params_path).resolve()), overrides=list(overrides), space=asdict(space),
+                     sampler=sampler, samples=samples if sampler != "grid" else None, objective=objective,
+                     direction=direction, seed=base.run.seed)
+    validate_points(spec, space, project)
+    sweep_name = name or f"{base.run.name}-sweep"
+    sweep_dir = run_directory(project, base.run.output_dir, sweep_name)
+    try:
+        mf.ensure_writable_dir(sweep_dir)
+    except mf.OutputNotWritable as error:
+        raise SweepError(str(error)) from None
+    check_spec(sweep_dir, spec)
+    url = storage_url(sweep_dir, storage)
+    record = {"spec": asdict(spec), "name": sweep_name, "storage": redacted(url), "created": mf.now_iso(),
+              "command": " ".join(["dpo-kit", *sys.argv[1:]]) if sys.argv else None,
+              "base_params": params_to_dict(base)}
+    if not (sweep_dir / SWEEP_FILE).is_file():
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    study = optuna.create_study(study_name=sweep_name, storage=open_storage(url), sampler=make_sampler(spec),
+                                direction=direction, load_if_exists=True)
+    retried = recover_interrupted_trials(study)
+    if retried:
+        print(f"dpo-kit sweep: trial(s) {', '.join(map(str, retried))} were interrupted; each runs again and"
+              " continues its run directory (completed stages kept, training from its newest checkpoint)")
+    total = space.grid_size() if sampler == "grid" else samples
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    sweep = Sweep(spec=spec, sweep_dir=sweep_dir, project=project, progress=progress, study=study)
+    callbacks = [] if sampler == "grid" else [MaxTrialsCallback(samples, states=(TrialState.COMPLETE,))]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar and the summary say what its INFO lines say
+    with tqdm(total=total, initial=min(done, total), desc=f"sweep {sweep_name}", unit="trial",
+              disable=not progress, position=0) as bar:
+        sweep.bar = bar
+
+        def advance(study, trial):
+            if trial.state == TrialState.COMPLETE:
+                bar.update(1)
+
+        # GridSampler stops the study once every point has finished; MaxTrialsCallback stops the others.
+        finished = study.sampler.is_exhausted(study) if sampler == "grid" else done >= total
+        try:
+            if not finished:
+                study.optimize(sweep.objective, callbacks=[*callbacks, advance], catch=(SweepError,))
+        finally:
+            if sweep.kernel is not None:
+                sweep.kernel.shutdown()
+    return sweep_dir
+
+
+def trial_rows(sweep_dir: Path, storage: str | None = None) -> list[dict[str, Any]]:
+    """One row per trial of the sweep, newest attempt of each run directory last."""
+    import optuna
+
+    recorded = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    study = optuna.load_study(study_name=recorded["name"], storage=open_storage(storage_url(sweep_dir, storage)))
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        rows.append({
+            "trial": trial.number, "state": trial.state.name, "run_dir": trial.user_attrs.get("run_dir"),
+            **trial.params, "objective": trial.value,
+            "format_reused_from": trial.user_attrs.get("format_reused_from"),
+            "retry_of": trial.system_attrs.get("failed_trial"),
+            "note": trial.user_attrs.get("error") or trial.user_attrs.get("interrupted")
+            or trial.user_attrs.get("duplicate"),
+        })
+    return rows
+
+
+def summary(sweep_dir: Path, storage: str | None = None) -> tuple[str, bool]:
+    """A plain table of the trials, and whether a point ended failed (with no later completed attempt)."""
+    rows = trial_rows(sweep_dir, storage)
+    objective = json.loads((sweep_dir / SWEEP_FILE).read_text())["spec"]["objective"]
+    columns = [c for c in rows[0] if any(r.get(c) is not None for r in rows)] if rows else []
+    cells = [[objective if c == "objective" else c for c in columns]]
+    cells += [["" if r.get(c) is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns]
+              for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
+    completed = {r["run_dir"] for r in rows if r["state"] == "COMPLETE"}
+    failed = any(r["state"] == "FAIL" and r["run_dir"] not in completed for r in rows)
+    return "\n".join(lines), failed
