@@ -268,9 +268,9 @@ def recover_interrupted_trials(study) -> list[int]:
     for trial in trials:
         worker = trial.user_attrs.get("worker", {})
         if trial.state == TrialState.RUNNING and worker and mf.process_alive(worker) is False:
-            try:
-                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            try:  # the note first: a finished trial takes no more attributes
                 storage.set_trial_user_attr(trial._trial_id, "interrupted", "its worker process ended (killed?)")
+                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker got there first
             to_retry.append(trial.number)
@@ -475,6 +475,7 @@ def run_sweep(
     if not (sweep_dir / SWEEP_FILE).is_file():
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar and the summary say what its INFO lines say
     study = optuna.create_study(study_name=sweep_name, storage=open_storage(url), sampler=make_sampler(spec),
                                 direction=direction, load_if_exists=True)
     retried = recover_interrupted_trials(study)
@@ -485,7 +486,6 @@ def run_sweep(
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     sweep = Sweep(spec=spec, sweep_dir=sweep_dir, project=project, progress=progress, study=study)
     callbacks = [] if sampler == "grid" else [MaxTrialsCallback(samples, states=(TrialState.COMPLETE,))]
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar and the summary say what its INFO lines say
     with tqdm(total=total, initial=min(done, total), desc=f"sweep {sweep_name}", unit="trial",
               disable=not progress, position=0) as bar:
         sweep.bar = bar
@@ -495,7 +495,9 @@ def run_sweep(
                 bar.update(1)
 
         # GridSampler stops the study once every point has finished; MaxTrialsCallback stops the others.
-        finished = study.sampler.is_exhausted(study) if sampler == "grid" else done >= total
+        # A retried trial waits in the queue even when every point has been tried once: it still runs.
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        finished = not waiting and (study.sampler.is_exhausted(study) if sampler == "grid" else done >= total)
         try:
             if not finished:
                 study.optimize(sweep.objective, callbacks=[*callbacks, advance], catch=(SweepError,))

@@ -1,0 +1,263 @@
+"""`dpo-kit sweep`: Optuna walks the points, each trial is a normal run, nothing runs twice.
+
+Unit tests first (seconds): parsing the search space, trial names, claims, the recorded spec, and the recovery of
+trials whose worker died. Then sweeps of the tiny model (the notebook tier): a grid whose trials share one format
+stage, a sweep killed with kill -9 and started again, and two workers on one study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpo_kit import manifest as mf
+from dpo_kit.run.sweep import (
+    SearchSpace,
+    SweepError,
+    SweepSpec,
+    check_spec,
+    recover_interrupted_trials,
+    release_claim,
+    run_sweep,
+    take_claim,
+    trial_name,
+    trial_overrides,
+    trial_rows,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "params" / "tiny.yaml"
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit
+
+
+def test_grid_values_parse_as_the_params_file_would_read_them():
+    space = SearchSpace.parse(["dpo.beta=0.05,1e-1", "dpo.loss_type=sigmoid,ipo"], [])
+    assert space.grid == {"dpo.beta": [0.05, 0.1], "dpo.loss_type": ["sigmoid", "ipo"]}
+    assert space.grid_size() == 4
+    space = SearchSpace.parse([], ["dpo.learning_rate=1e-5:1e-3:log", "lora.r=4:32"])
+    assert space.ranges == {"dpo.learning_rate": [1e-5, 1e-3, "log"], "lora.r": [4, 32, "linear"]}
+    # The override a trial gets reads back as the same number (PyYAML reads '1e-05' as a string).
+    assert trial_overrides({"dpo.learning_rate": 1e-5}) == ["dpo.learning_rate=1.0e-05"]
+
+
+@pytest.mark.parametrize(
+    ("grid", "ranges", "message"),
+    [
+        (["beta=0.1"], [], "expected SECTION.KEY"),
+        (["dpo.beta=0.1,0.1"], [], "appears twice"),
+        (["run.name=a,b"], [], "cannot be swept"),
+        (["run.output_dir=a,b"], [], "cannot be swept"),
+        ([], ["dpo.learning_rate=1e-3:1e-5"], "LOW < HIGH"),
+        ([], ["dpo.learning_rate=1e-5:1e-3:cubic"], "LOW:HIGH:log"),
+        (["dpo.beta=0.1,0.2"], ["dpo.beta=0.1:0.2"], "both as --grid and as --range"),
+        ([], [], "nothing to sweep"),
+    ],
+)
+def test_a_bad_search_space_is_refused_with_what_would_be_valid(grid, ranges, message):
+    with pytest.raises(SweepError, match=message):
+        SearchSpace.parse(grid, ranges)
+
+
+def test_bad_keys_and_values_are_refused_before_any_trial_runs(tmp_path):
+    common = {"overrides": [f"run.output_dir={tmp_path}"], "project_dir": REPO, "progress": False}
+    with pytest.raises(SweepError, match="did you mean 'dpo.beta'"):
+        run_sweep(TINY, grid=["dpo.betta=0.1,0.2"], **common)
+    with pytest.raises(SweepError, match="dpo.beta.*expected float.*dpo.beta=x"):
+        run_sweep(TINY, grid=["dpo.beta=0.1,x"], **common)
+    with pytest.raises(SweepError, match="needs --samples"):
+        run_sweep(TINY, ranges=["dpo.beta=0.1:0.5"], **common)
+    assert not any(tmp_path.iterdir()), "nothing is written for a refused sweep"
+
+
+def test_trial_names_are_readable_and_distinct():
+    assert trial_name({"dpo.beta": 0.1, "dpo.loss_type": "ipo"}) == "beta=0.1,loss_type=ipo"
+    # Two keys ending alike keep their sections, so the names stay distinct.
+    assert trial_name({"lora.dropout": 0.1, "dpo.dropout": 0.0}) == "lora.dropout=0.1,dpo.dropout=0.0"
+    assert trial_name({"dpo.learning_rate": 1e-5}) == "learning_rate=1.0e-05"
+
+
+def test_a_claim_held_by_a_live_process_is_refused_and_a_dead_ones_is_taken_over(tmp_path):
+    assert take_claim(tmp_path, "beta=0.1", 0)
+    assert not take_claim(tmp_path, "beta=0.1", 1), "this (live) process holds it"
+    release_claim(tmp_path, "beta=0.1")
+    assert take_claim(tmp_path, "beta=0.1", 2)
+
+    claim = tmp_path / ".claims" / "beta=0.5.json"
+    claim.write_text(json.dumps({"trial": 0, **mf.this_process(), "pid": dead_pid()}))
+    assert take_claim(tmp_path, "beta=0.5", 3)
+    assert json.loads(claim.read_text())["trial"] == 3
+    # A claim from another host is alive while the study says its trial runs.
+    claim.write_text(json.dumps({"trial": 0, "pid": 1, "host": "elsewhere"}))
+    assert not take_claim(tmp_path, "beta=0.5", 4, holder_running=lambda holder: True)
+    assert take_claim(tmp_path, "beta=0.5", 5, holder_running=lambda holder: False)
+
+
+def test_a_sweep_started_again_with_other_settings_is_refused(tmp_path):
+    spec = SweepSpec(params="p.yaml", overrides=[], space={"grid": {"dpo.beta": [0.1]}, "ranges": {}},
+                     sampler="grid", samples=None, objective="rewards/accuracies", direction="maximize", seed=0)
+    check_spec(tmp_path, spec)  # a new sweep
+    (tmp_path / "sweep.json").write_text(json.dumps({"spec": spec.__dict__}))
+    check_spec(tmp_path, spec)  # the same sweep again
+    other = SweepSpec(**{**spec.__dict__, "space": {"grid": {"dpo.beta": [0.1, 0.5]}, "ranges": {}}})
+    with pytest.raises(SweepError, match="space differ.*new --name"):
+        check_spec(tmp_path, other)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() here
+def test_a_trial_whose_worker_died_is_failed_and_queued_again_once(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from dpo_kit.run.sweep import open_storage
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"), study_name="s",
+                                sampler=optuna.samplers.GridSampler({"dpo.beta": [0.1, 0.5]}))
+    done = study.ask()
+    done.suggest_categorical("dpo.beta", [0.1, 0.5])
+    study.tell(done, 1.0)
+    orphan = study.ask()
+    beta = orphan.suggest_categorical("dpo.beta", [0.1, 0.5])
+    orphan.set_user_attr("worker", {**mf.this_process(), "pid": dead_pid()})
+    alive = study.ask()
+    alive.suggest_categorical("dpo.beta", [0.1, 0.5])
+    alive.set_user_attr("worker", mf.this_process())
+
+    assert recover_interrupted_trials(study) == [orphan.number]
+    trials = study.get_trials()
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert trials[alive.number].state == TrialState.RUNNING, "a trial whose worker lives is left alone"
+    (waiting,) = [t for t in trials if t.state == TrialState.WAITING]
+    assert waiting.params == {"dpo.beta": beta} and waiting.system_attrs["failed_trial"] == orphan.number
+    assert recover_interrupted_trials(study) == [], "queued once, not at every start"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps of the tiny model
+
+
+def sweep_args(runs: Path, model: Path, *extra: str, steps: int = 6) -> list[str]:
+    settings = [f"run.output_dir={runs}", f"model.name_or_path={model}", f"dpo.max_steps={steps}",
+                "dpo.save_steps=4", "dpo.logging_steps=1", "generate.num_prompts=4"]  # fmt: skip
+    return ["sweep", str(TINY), *[a for s in settings for a in ("--set", s)], "--quiet", *extra]
+
+
+def stage_runs(run_dir: Path) -> dict[str, int]:
+    """How many times each stage notebook was executed in `run_dir` (earlier attempts are kept, renamed)."""
+    notebooks = list((run_dir / "notebooks").glob("*.ipynb"))
+    return {stage: sum(n.name.startswith(prefix) for n in notebooks)
+            for stage, prefix in [("format", "01_"), ("train", "02_"), ("evaluate", "05_")]}  # fmt: skip
+
+
+@pytest.mark.notebook
+def test_a_grid_sweep_runs_each_point_once_and_shares_the_format_stage(tmp_path, tiny_model_dir, capsys):
+    from dpo_kit.run.cli import main
+
+    args = sweep_args(tmp_path, tiny_model_dir, "--grid", "dpo.beta=0.1,0.5", "--grid", "dpo.loss_type=sigmoid,ipo")
+    assert main(args) == 0
+    sweep_dir = tmp_path / "tiny-sweep"
+    names = {f"beta={b},loss_type={t}" for b in (0.1, 0.5) for t in ("sigmoid", "ipo")}
+    assert {p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")} == names
+    formats = {}
+    for name in names:
+        manifest = mf.read_manifest(sweep_dir / name)
+        assert manifest["status"] == "completed"
+        assert json.loads((sweep_dir / name / "metrics.json").read_text())["rewards/accuracies"] is not None
+        formats[name] = manifest["stages"]["format"]
+        params = (sweep_dir / name / "params.yaml").read_text()
+        assert f"beta: {name.split(',')[0].split('=')[1]}" in params
+    formatted = [n for n, entry in formats.items() if "reused_from" not in entry]
+    assert len(formatted) == 1, "the data is formatted once"
+    fingerprint = mf.read_manifest(sweep_dir / formatted[0])["data"]["fingerprint"]
+    for name, entry in formats.items():
+        if name != formatted[0]:
+            assert entry["reused_from"] == str(sweep_dir / formatted[0]) and entry["data_fingerprint"] == fingerprint
+            assert (sweep_dir / name / "data" / "train.jsonl").read_bytes() == (
+                sweep_dir / formatted[0] / "data" / "train.jsonl").read_bytes()
+    rows = trial_rows(sweep_dir)
+    assert sorted(r["run_dir"] for r in rows) == sorted(names) and {r["state"] for r in rows} == {"COMPLETE"}
+    out = capsys.readouterr().out
+    assert "rewards/accuracies" in out and "beta=0.5,loss_type=ipo" in out
+
+    # The same command again finds every point done: no trial runs, nothing is rewritten.
+    before = {n: mf.read_manifest(sweep_dir / n) for n in names}
+    assert main(args) == 0
+    assert {n: mf.read_manifest(sweep_dir / n) for n in names} == before
+    assert len(trial_rows(sweep_dir)) == 4
+
+
+@pytest.mark.notebook
+def test_a_killed_sweep_started_again_keeps_finished_trials_and_resumes_the_interrupted_one(tmp_path, tiny_model_dir):
+    args = sweep_args(tmp_path, tiny_model_dir, "--grid", "dpo.beta=0.1,0.5", steps=40)
+    sweep_dir = tmp_path / "tiny-sweep"
+    process = subprocess.Popen([sys.executable, "-m", "dpo_kit.run.cli", *args], cwd=REPO, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, finished, training = time.monotonic() + 600, None, None
+    while time.monotonic() < deadline and not (finished and training):
+        assert process.poll() is None, f"the sweep ended before it was killed:\n{process.stdout.read()}"
+        finished = training = None  # as of this look: one point done while the other trains
+        for run_dir in [p for p in sweep_dir.glob("beta=*") if (p / "manifest.json").is_file()]:
+            try:
+                manifest = mf.read_manifest(run_dir)
+            except json.JSONDecodeError:
+                continue
+            if manifest.get("status") == "completed":
+                finished = run_dir
+            elif manifest.get("stages", {}).get("train", {}).get("checkpoints"):
+                training = run_dir
+        time.sleep(0.05)
+    assert finished and training, "no point finished while the other trained"
+    os.killpg(process.pid, signal.SIGKILL)  # the sweep and the kernel that trains: nothing records anything
+    process.wait(timeout=60)
+    finished_before = mf.read_manifest(finished)
+
+    from dpo_kit.run.cli import main
+
+    assert main(args) == 0
+    assert mf.read_manifest(finished) == finished_before, "a finished trial is never run again"
+    resumed = mf.read_manifest(training)
+    assert resumed["status"] == "completed"
+    assert resumed["stages"]["train"]["resumed_from"].startswith("checkpoint-")
+    assert resumed["stages"]["train"]["attempts"][0]["status"] == "interrupted"
+    assert stage_runs(training)["format"] == 1, "the interrupted trial kept its completed stages"
+    rows = {(r["run_dir"], r["state"]) for r in trial_rows(tmp_path / "tiny-sweep")}
+    assert (training.name, "FAIL") in rows and (training.name, "COMPLETE") in rows
+    assert (finished.name, "COMPLETE") in rows and len(rows) == 3
+
+
+@pytest.mark.notebook
+def test_two_workers_on_one_study_split_the_points_and_run_none_twice(tmp_path, tiny_model_dir):
+    args = sweep_args(tmp_path, tiny_model_dir, "--grid", "dpo.beta=0.05,0.1,0.2,0.5")
+    workers = [subprocess.Popen([sys.executable, "-m", "dpo_kit.run.cli", *args], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=900)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    sweep_dir = tmp_path / "tiny-sweep"
+    names = {f"beta={b}" for b in ("0.05", "0.1", "0.2", "0.5")}
+    for name in names:
+        run_dir = sweep_dir / name
+        assert mf.read_manifest(run_dir)["status"] == "completed"
+        assert stage_runs(run_dir) == {"format": 1, "train": 1, "evaluate": 1}, f"{name} ran a stage twice"
+        assert not (run_dir / "previous").exists()
+    assert sum("reused_from" not in mf.read_manifest(sweep_dir / n)["stages"]["format"] for n in names) == 1
+    rows = trial_rows(sweep_dir)
+    completed = [r for r in rows if r["state"] == "COMPLETE"]
+    assert {r["run_dir"] for r in completed} == names
+    assert all(r["state"] in ("COMPLETE", "PRUNED") for r in rows), rows
+    workers_seen = {json.loads((sweep_dir / n / "manifest.json").read_text())["stages"]["train"]["pid"] for n in names}
+    assert len(workers_seen) >= 2, "both workers trained"
