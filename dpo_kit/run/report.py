@@ -44,11 +44,31 @@ def move_earlier_report_aside(directory: Path) -> Path | None:
 
 # nbconvert's lab template, less the scripts it loads from a CDN (require.js, MathJax, mermaid): the report has
 # no widgets, formulas or diagrams, its figures are inline PNGs and its styles inline CSS, so it reads offline.
+# Each figure gets an alt text (its section's heading), which the lab template has no place for.
 OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 {%- block html_head_js -%}{%- endblock html_head_js -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block data_png scoped -%}
+<div class="jp-RenderedImage jp-OutputArea-output {{ extra_class }}">
+<img src="data:image/png;base64,{{ output.data['image/png'] | escape_html }}"
+ alt="{{ ((output | get_metadata('alt', 'image/png')) or 'a figure of the report') | escape_html }}">
+</div>
+{%- endblock data_png -%}
 """
+
+
+def describe_figures(notebook) -> None:
+    """Give each PNG output an alt text: the heading of the section it is in."""
+    heading = "a figure of the report"
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            titles = [line.lstrip("#").strip() for line in cell.source.splitlines() if line.startswith("#")]
+            heading = titles[-1] if titles else heading
+            continue
+        for output in cell.get("outputs", []):
+            if "image/png" in output.get("data", {}):
+                output.setdefault("metadata", {}).setdefault("image/png", {}).setdefault("alt", f"figure: {heading}")
 
 
 def export_html(notebook_path: Path, html_path: Path) -> Path:
@@ -64,7 +84,9 @@ def export_html(notebook_path: Path, html_path: Path) -> Path:
         exclude_input_prompt=True,
         exclude_output_prompt=True,
     )
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook_path, as_version=4))
+    notebook = nbformat.read(notebook_path, as_version=4)
+    describe_figures(notebook)
+    body, _ = exporter.from_notebook_node(notebook)
     html_path.write_text(body, encoding="utf-8")
     return html_path
 
