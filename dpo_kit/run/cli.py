@@ -102,6 +102,21 @@ def _tiny_model(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from dpo_kit.evaluation.report import ReportError
+    from dpo_kit.run.report import run_report
+
+    try:
+        written = run_report(args.runs, args.output_dir, progress=not args.quiet)
+    except ReportError as error:
+        print(f"dpo-kit report: {error}", file=sys.stderr)
+        return 1
+    if "previous" in written:
+        print(f"dpo-kit report: moved the earlier report to {written['previous']}")
+    print(f"dpo-kit report: {written['notebook']}\ndpo-kit report: {written['html']} (static HTML, to share)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpo-kit", description="DPO experiments as papermill notebooks over TRL.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=_tiny_model)
+
+    report = commands.add_parser(
+        "report", help="compare runs: execute notebook 06 into a sweep directory (or --output-dir) and export HTML"
+    )
+    report.add_argument("runs", nargs="+", help="a sweep directory, a directory of runs, or run directories")
+    report.add_argument("--output-dir", help="where the report goes (needed for several directories); default: the one given")
+    report.add_argument("--quiet", action="store_true", help="no progress bar")
+    report.set_defaults(handler=_report)
 
     args = parser.parse_args(argv)
     return args.handler(args)

@@ -1,0 +1,538 @@
+"""The comparison report (notebook 06, `dpo-kit report`): several runs of one experiment side by side.
+
+Reads only what the runs wrote (manifest.json, params.yaml, metrics.json, train_log.jsonl, data/samples.jsonl);
+loads no model. Its centre is the DPO paper's figure 2 in miniature: the judged reward of each run's policy
+against its KL to the reference, one point per run, labelled by beta and loss type, with two reference curves:
+
+- best-of-N from the reference: sample N responses, keep the one the judge scores best. Its KL to the reference
+  is at most log N - (N-1)/N nats (Stiennon et al. 2020; Beirami et al. 2024 show it is an upper bound, exact
+  when no two samples tie). Its expected reward is estimated without new sampling from the k judged reference
+  samples per prompt that the format stage keeps in data/samples.jsonl (data.source 'generate'): for N <= k the
+  mean, over all N-subsets of the k samples, of the best score, which is an unbiased estimate of E[max of N
+  draws]. N > k cannot be estimated from k samples and is reported as missing with the k needed
+  (data.generate.num_samples); runs with another data source have no samples and no baseline.
+- preferred-FT (TRL's loss_type "sft": supervised fine-tuning on the chosen answers), which is just another run
+  (`--set dpo.loss_type=sft`); it is labelled as such.
+
+Run directories are found one level deep: a path holding manifest.json is a run; any other directory is
+searched for sub-directories holding one (a sweep directory holds one run per trial). A run without
+metrics.json is listed as incomplete, with the reason, and left out of every table and figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METRICS_FILE = "metrics.json"  # as dpo_kit.evaluation.evaluate writes it (not imported: that pulls in TRL)
+BEST_OF_N = (1, 2, 4, 8, 16)
+# Params that only name where a run happens: equal runs differ in them, so the params table leaves them out.
+PLACE_ONLY_KEYS = ("run.name", "run.output_dir", "launch.machine_rank", "launch.main_process_ip",
+                   "launch.main_process_port")  # fmt: skip
+TRAINING_CURVES = ("loss", "rewards/margins", "rewards/accuracies")
+
+
+class ReportError(ValueError):
+    """The report's input is not usable; the message names the path and what would be valid."""
+
+
+@dataclass
+class RunRecord:
+    """One run as the report reads it; `incomplete` says why it is left out (None: it is compared)."""
+
+    name: str
+    path: Path
+    params: dict[str, Any] = field(default_factory=dict, repr=False)
+    metrics: dict[str, Any] = field(default_factory=dict, repr=False)
+    log_history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+    incomplete: str | None = None
+
+    @property
+    def beta(self) -> float | None:
+        return self.metrics.get("beta", lookup(self.params, "dpo.beta"))
+
+    @property
+    def loss_type(self) -> str:
+        value = lookup(self.params, "dpo.loss_type")
+        if isinstance(value, list):
+            return "+".join(map(str, value))
+        return str(value) if value is not None else "sigmoid"
+
+    @property
+    def label(self) -> str:
+        """β and loss type; preferred-FT (loss_type sft, no β in its loss) is named so."""
+        if self.loss_type == "sft":
+            return "preferred-FT (sft)"
+        return f"β={self.beta:g} {self.loss_type}" if self.beta is not None else self.loss_type
+
+
+@dataclass
+class Comparison:
+    """The runs found: those compared (complete) and those left out (incomplete, with the reason)."""
+
+    runs: list[RunRecord]
+    incomplete: list[RunRecord]
+    searched: list[Path]
+
+    def summary(self) -> str:
+        names = ", ".join(run.name for run in self.runs)
+        left_out = f"; {len(self.incomplete)} incomplete, left out (see below)" if self.incomplete else ""
+        runs = f"{len(self.runs)} run{'s' if len(self.runs) != 1 else ''}"
+        return f"comparing {runs} from {', '.join(map(str, self.searched))}: {names}{left_out}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading runs
+
+
+def lookup(params: dict, dotted: str) -> Any:
+    value: Any = params
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def find_run_dirs(paths: list[str | Path] | str | Path, project_dir: str | Path = ".") -> tuple[list[Path], list[Path]]:
+    """Run directories under `paths` (relative ones resolve from `project_dir`), and the resolved paths searched.
+
+    A path holding manifest.json is a run; any other directory is searched one level deep for runs (a sweep
+    directory). Runs archived by `--overwrite` (<name>.archived-<time>) are earlier runs, not compared.
+    Raises ReportError for a path that does not exist or holds no run."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise ReportError("no runs given: pass a sweep directory or one or more run directories (made by dpo-kit run)")
+    found, searched = [], []
+    for given in paths:
+        path = Path(project_dir) / given if not Path(given).is_absolute() else Path(given)
+        searched.append(path)
+        if not path.exists():
+            raise ReportError(f"{path}: no such directory; pass a sweep directory or run directories (each holding"
+                              " the manifest.json that dpo-kit run writes)")  # fmt: skip
+        if (path / "manifest.json").is_file():
+            found.append(path)
+            continue
+        if not path.is_dir():
+            raise ReportError(f"{path}: not a directory; pass a sweep directory or run directories")
+        runs = sorted(child for child in path.iterdir()
+                      if (child / "manifest.json").is_file() and ".archived-" not in child.name)  # fmt: skip
+        if not runs:
+            raise ReportError(
+                f"{path}: no runs in it: neither it nor any directory directly under it holds a manifest.json. Pass a"
+                " sweep directory (one run directory per trial), a directory of runs such as runs/, or run directories"
+                " made by dpo-kit run."
+            )
+        found += runs
+    return list(dict.fromkeys(found)), searched
+
+
+def read_run(path: Path) -> RunRecord:
+    """A run's files; `incomplete` names what is missing (metrics.json, unreadable files) and the run's status."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    record = RunRecord(name=path.name, path=path, manifest=manifest)  # the directory: what the reader sees and passes
+    params_file = path / "params.yaml"
+    if params_file.is_file():
+        record.params = yaml.safe_load(params_file.read_text()) or {}
+    log = path / "train_log.jsonl"
+    if log.is_file():
+        record.log_history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    metrics = path / METRICS_FILE
+    if not metrics.is_file():
+        stages = manifest.get("stages", {})
+        done = [stage for stage, entry in stages.items() if entry.get("status") == "completed"]
+        unfinished = {stage: entry.get("status") for stage, entry in stages.items() if entry.get("status") != "completed"}
+        state = ", ".join(f"{stage} {status}" for stage, status in unfinished.items()) or "evaluate never started"
+        record.incomplete = (f"no {METRICS_FILE} (run status {manifest.get('status', 'unknown')}; completed stages:"
+                             f" {', '.join(done) or 'none'}; {state})")  # fmt: skip
+        return record
+    try:
+        record.metrics = json.loads(metrics.read_text())
+    except json.JSONDecodeError as error:
+        record.incomplete = f"{metrics} is not valid JSON ({error})"
+        return record
+    if not record.params:
+        record.incomplete = f"no params.yaml in {path}: its params cannot be compared"
+    return record
+
+
+def load_runs(paths: list[str | Path] | str | Path, project_dir: str | Path = ".") -> Comparison:
+    """Find and read the runs; raises ReportError when fewer than one run is complete or the judges differ."""
+    run_dirs, searched = find_run_dirs(paths, project_dir)
+    records = [read_run(path) for path in run_dirs]
+    complete = [run for run in records if run.incomplete is None]
+    incomplete = [run for run in records if run.incomplete is not None]
+    if not complete:
+        reasons = "; ".join(f"{run.path}: {run.incomplete}" for run in incomplete)
+        raise ReportError(f"no complete run to compare (each needs the metrics.json of the evaluate stage): {reasons}."
+                          " Finish them with `dpo-kit run <run dir>/params.yaml --resume`.")  # fmt: skip
+    judges = {run.name: run.metrics.get("judge") for run in complete if run.metrics.get("judge")}
+    if len(set(judges.values())) > 1:
+        named = ", ".join(f"{name}: {judge}" for name, judge in judges.items())
+        raise ReportError(f"the runs were judged by different judges ({named}); their rewards are not on one scale."
+                          " Report runs with the same evaluate.judge together.")  # fmt: skip
+    return Comparison(runs=complete, incomplete=incomplete, searched=searched)
+
+
+def incomplete_table(comparison: Comparison):
+    """The runs left out and why, each reason in full (a Styler: pandas would cut a long cell at 50 characters)."""
+    import pandas as pd
+
+    table = pd.DataFrame(
+        [{"run": run.name, "directory": str(run.path), "left out because": run.incomplete} for run in comparison.incomplete],
+        columns=["run", "directory", "left out because"],
+    )
+    return table.style.hide(axis="index")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
+    """{'dpo': {'beta': 0.1}} -> {'dpo.beta': 0.1}; a one-item list reads as its item (loss_type [sigmoid])."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value[0] if isinstance(value, list) and len(value) == 1 else value
+    return flat
+
+
+def differing_params(runs: list[RunRecord]) -> list[str]:
+    """Dotted params keys whose value is not the same in every run (place-only keys such as run.name aside)."""
+    flats = [flatten(run.params) for run in runs]
+    keys = sorted({key for flat in flats for key in flat} - set(PLACE_ONLY_KEYS))
+    return [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True, default=str) for flat in flats}) > 1]
+
+
+HEADLINE_METRICS = {
+    "judged reward": "judge/policy_score",
+    "KL (nats)": "kl",
+    "win-rate": "win_rate",
+    "win-rate CI low": "win_rate/ci_low",
+    "win-rate CI high": "win_rate/ci_high",
+    "implicit-reward accuracy": "rewards/accuracies",
+    "reward margin": "rewards/margins",
+}
+
+
+def params_table(runs: list[RunRecord]):
+    """One row per run: the params that differ between the runs, then its headline metrics."""
+    import pandas as pd
+
+    keys = differing_params(runs)
+    rows = {}
+    for run in runs:
+        flat = flatten(run.params)
+        row = {key: flat.get(key) for key in keys}
+        row.update({label: run.metrics.get(key) for label, key in HEADLINE_METRICS.items()})
+        rows[run.name] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "run"
+    return table
+
+
+def frontier_points(runs: list[RunRecord]):
+    """Per run: label, β, loss type, KL to the reference and judged reward (with its standard error over prompts)."""
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        metrics = run.metrics
+        if "kl" not in metrics or "judge/policy_score" not in metrics:
+            continue  # evaluated without generations: no KL, no judged reward
+        scores = metrics.get("per_generation", {}).get("policy_score") or []
+        rows.append({
+            "run": run.name, "label": run.label, "beta": run.beta, "loss_type": run.loss_type,
+            "kl": metrics["kl"], "reward": metrics["judge/policy_score"], "reward_sem": standard_error(scores),
+            "reference_reward": metrics.get("judge/reference_score"), "prompts": metrics.get("num_generations"),
+        })  # fmt: skip
+    return pd.DataFrame(rows, columns=["run", "label", "beta", "loss_type", "kl", "reward", "reward_sem",
+                                       "reference_reward", "prompts"])  # fmt: skip
+
+
+def standard_error(values: list[float]) -> float:
+    if len(values) < 2:
+        return float("nan")
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def win_rate_table(runs: list[RunRecord]):
+    """Win-rate of each policy over the reference with its bootstrap interval, wins/ties/losses and prompts."""
+    import pandas as pd
+
+    rows = {}
+    for run in runs:
+        m = run.metrics
+        if "win_rate" in m:
+            rows[run.name] = {"label": run.label, "win-rate": m["win_rate"], "CI low": m.get("win_rate/ci_low"),
+                              "CI high": m.get("win_rate/ci_high"), "CI level": m.get("win_rate/ci_level"),
+                              "wins": m.get("win_rate/wins"), "ties": m.get("win_rate/ties"),
+                              "losses": m.get("win_rate/losses"), "prompts": m.get("win_rate/n")}  # fmt: skip
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "run"
+    return table
+
+
+OVEROPTIMIZATION = {
+    "judged reward": "judge/{}_score",
+    "words per response": "text/{}_words",
+    "distinct-2": "text/{}_distinct_2",
+    "repeated 3-grams": "text/{}_repeated_3grams",
+}
+
+
+def overoptimization_table(runs: list[RunRecord]):
+    """Judged reward next to length and repetition, per run and for the reference (the first run's generations):
+    a reward bought with longer or repetitive answers shows here as rising words or repeated 3-grams, falling
+    distinct-2."""
+    import pandas as pd
+
+    rows = {}
+    with_text = [run for run in runs if "text/policy_words" in run.metrics]
+    if with_text:
+        first = with_text[0].metrics
+        rows[f"reference ({with_text[0].name}'s generations)"] = {
+            "label": "reference", "KL (nats)": 0.0, **{k: first.get(v.format("reference")) for k, v in OVEROPTIMIZATION.items()}
+        }
+    for run in with_text:
+        rows[run.name] = {"label": run.label, "KL (nats)": run.metrics.get("kl"),
+                          **{k: run.metrics.get(v.format("policy")) for k, v in OVEROPTIMIZATION.items()}}  # fmt: skip
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "run"
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Best-of-N from the reference
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-N || reference) in nats, log N - (N-1)/N: 0 for N = 1 (an upper bound, exact without ties)."""
+    if n < 1:
+        raise ValueError(f"N must be at least 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def expected_best_of_n(scores: list[float], n: int) -> float:
+    """Unbiased estimate of E[max of N draws] from k >= N i.i.d. scores: the mean over all N-subsets of the k of
+    their best score. Sorted ascending, the i-th score (1-based) is the best of C(i-1, N-1) of the C(k, N) subsets."""
+    k = len(scores)
+    if not 1 <= n <= k:
+        raise ValueError(f"best-of-{n} needs at least {n} samples per prompt, got {k}")
+    ordered = sorted(scores)
+    return sum(math.comb(i - 1, n - 1) * score for i, score in enumerate(ordered, start=1)) / math.comb(k, n)
+
+
+@dataclass
+class BestOfN:
+    """The best-of-N curve of one run's reference samples, or why there is none (`table` empty, `note` says)."""
+
+    run: str
+    table: Any  # pandas DataFrame: N, kl, reward, prompts, samples per prompt
+    note: str
+
+
+def best_of_n_baseline(run: RunRecord, ns: tuple[int, ...] = BEST_OF_N) -> BestOfN:
+    """Best-of-N of the reference from the run's data/samples.jsonl, on the prompts it was evaluated on (those of
+    generations.jsonl) where they are among the sampled ones, else on every sampled prompt. `note` says which
+    prompts, which N are missing and how the samples' decoding differs from the evaluation's."""
+    import pandas as pd
+
+    columns = ["N", "kl", "reward", "prompts", "samples per prompt"]
+    empty = pd.DataFrame(columns=columns)
+    samples_file = run.path / "data" / "samples.jsonl"
+    settings = lookup(run.params, "data.generate") or {}
+    if not samples_file.is_file():
+        return BestOfN(run.name, empty, f"{run.name}: no data/samples.jsonl (data.source is"
+                       f" '{lookup(run.params, 'data.source')}', not 'generate'): no reference samples for best-of-N")
+    if settings.get("sampler"):
+        return BestOfN(run.name, empty, f"{run.name}: its samples come from data.generate.sampler {settings['sampler']},"
+                       " not the reference: no best-of-N baseline of the reference")  # fmt: skip
+    evaluated_by = run.metrics.get("judge")
+    if evaluated_by and settings.get("judge") and settings["judge"] != evaluated_by:
+        return BestOfN(run.name, empty, f"{run.name}: its samples were scored by {settings['judge']}, its generations"
+                       f" by {evaluated_by}: not one scale, so no best-of-N baseline")  # fmt: skip
+    rows = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if row.get("scores")]
+    evaluated = {json.dumps(p, sort_keys=True) for p in _generation_prompts(run)}
+    held_out = [row for row in rows if json.dumps(row.get("prompt"), sort_keys=True) in evaluated]
+    where = "the held-out prompts the runs were evaluated on" if held_out else "every sampled prompt (train and held-out)"
+    rows = held_out or rows
+    if not rows:
+        return BestOfN(run.name, empty, f"{run.name}: data/samples.jsonl holds no scored samples")
+    k = min(len(row["scores"]) for row in rows)
+    table = pd.DataFrame([
+        {"N": n, "kl": best_of_n_kl(n), "prompts": len(rows), "samples per prompt": k,
+         "reward": sum(expected_best_of_n(row["scores"], n) for row in rows) / len(rows)}
+        for n in ns if n <= k
+    ], columns=columns)  # fmt: skip
+    notes = [f"best-of-N of the reference from {k} judged samples per prompt (data/samples.jsonl of {run.name}),"
+             f" on {len(rows)} prompts: {where}"]  # fmt: skip
+    missing = [n for n in ns if n > k]
+    if missing:
+        notes.append(f"N = {', '.join(map(str, missing))} not estimated: it needs at least {max(missing)} samples per"
+                     f" prompt (data.generate.num_samples: {max(missing)}); this run has {k}")  # fmt: skip
+    evaluation = run.params.get("generate") or {}
+    decoding = {key: (settings.get(key), evaluation.get(key)) for key in ("temperature", "top_p", "max_new_tokens")}
+    differ = {key: pair for key, pair in decoding.items() if pair[0] != pair[1] and None not in pair}
+    if differ:
+        notes.append("its samples were drawn with " + ", ".join(f"{k} {a}" for k, (a, _) in differ.items())
+                     + ", the evaluated generations with " + ", ".join(f"{k} {b}" for k, (_, b) in differ.items())
+                     + ": best-of-1 is the reference at the samples' settings, not at the evaluation's")
+    return BestOfN(run.name, table, "; ".join(notes))
+
+
+def _generation_prompts(run: RunRecord) -> list[Any]:
+    path = run.path / "generations.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def best_of_n_baselines(runs: list[RunRecord], ns: tuple[int, ...] = BEST_OF_N) -> tuple[list[BestOfN], list[str]]:
+    """One best-of-N curve per distinct set of reference samples (runs of one sweep share theirs), and the notes of
+    the runs that have none."""
+    curves, notes, seen = [], [], set()
+    for run in runs:
+        fingerprint = (run.manifest.get("data") or {}).get("fingerprint")
+        samples = run.path / "data" / "samples.jsonl"
+        key = fingerprint or (samples.read_bytes() if samples.is_file() else run.name)
+        baseline = best_of_n_baseline(run, ns)
+        if baseline.table.empty:
+            notes.append(baseline.note)
+        elif key not in seen:
+            seen.add(key)
+            curves.append(baseline)
+    return curves, notes
+
+
+def best_of_n_table(curves: list[BestOfN]):
+    import pandas as pd
+
+    if not curves:
+        return pd.DataFrame(columns=["samples of", "N", "kl", "reward", "prompts", "samples per prompt"])
+    return pd.concat([curve.table.assign(**{"samples of": curve.run}) for curve in curves], ignore_index=True)[
+        ["samples of", "N", "kl", "reward", "prompts", "samples per prompt"]
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (bare matplotlib Figures: nothing global, each shown once where a cell returns it)
+
+
+def plot_frontier(runs: list[RunRecord], curves: list[BestOfN] | None = None):
+    """Judged reward against KL(policy || reference), one point per run labelled by β and loss type, the reference
+    at KL 0 and the best-of-N curves of the reference: the DPO paper's figure 2 in miniature."""
+    from matplotlib.figure import Figure
+
+    points = frontier_points(runs)
+    figure = Figure(figsize=(8, 5.5), layout="constrained")
+    axis = figure.subplots()
+    markers = {}
+    for loss_type, group in points.groupby("loss_type", sort=True):
+        marker = "s" if loss_type == "sft" else "o^Dvp"[len(markers) % 5]
+        markers[loss_type] = marker
+        name = "preferred-FT (sft)" if loss_type == "sft" else f"DPO, loss {loss_type}"
+        axis.errorbar(group["kl"], group["reward"], yerr=group["reward_sem"].fillna(0), fmt=marker, ms=7, capsize=3,
+                      label=name)  # fmt: skip
+        for _, point in group.iterrows():
+            axis.annotate(point["label"], (point["kl"], point["reward"]), textcoords="offset points", xytext=(6, 6),
+                          fontsize=8)  # fmt: skip
+    # The reference's own generations, at KL 0: one star per distinct value (runs of one sweep share theirs;
+    # runs with other held-out prompts or decoding settings have their own).
+    references = points.dropna(subset=["reference_reward"]).groupby("reference_reward", sort=True)["run"].apply(list)
+    for index, (reward, names) in enumerate(references.items()):
+        axis.plot([0.0], [reward], "*", color="black", ms=12,
+                  label="reference (its evaluated generations)" if index == 0 else None)  # fmt: skip
+        if len(references) > 1:
+            axis.annotate(f"reference of {', '.join(names)}", (0.0, reward), textcoords="offset points",
+                          xytext=(6, -10), fontsize=7)  # fmt: skip
+    for curve in curves or []:
+        table = curve.table
+        axis.plot(table["kl"], table["reward"], "--", marker=".", color="gray",
+                  label=f"best-of-N of the reference ({curve.run}'s samples)")  # fmt: skip
+        for _, row in table.iterrows():
+            axis.annotate(f"N={int(row['N'])}", (row["kl"], row["reward"]), textcoords="offset points",
+                          xytext=(4, -11), fontsize=7, color="gray")  # fmt: skip
+    judge = next((run.metrics.get("judge") for run in runs if run.metrics.get("judge")), "judge")
+    axis.set(xlabel="KL(policy || reference), nats per response", ylabel=f"judged reward ({judge}), mean over prompts",
+             title="Reward against KL to the reference")  # fmt: skip
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+    return figure
+
+
+def plot_win_rates(runs: list[RunRecord]):
+    """Each run's win-rate over the reference with its bootstrap interval; 0.5 is a draw."""
+    from matplotlib.figure import Figure
+
+    table = win_rate_table(runs)
+    figure = Figure(figsize=(7, 0.5 * max(len(table), 2) + 1.2), layout="constrained")
+    axis = figure.subplots()
+    if table.empty:
+        axis.text(0.5, 0.5, "no win-rates: the runs were evaluated without generations", ha="center", va="center")
+        axis.set_axis_off()
+        return figure
+    positions = range(len(table))
+    low = (table["win-rate"] - table["CI low"]).clip(lower=0)
+    high = (table["CI high"] - table["win-rate"]).clip(lower=0)
+    axis.errorbar(table["win-rate"], list(positions), xerr=[low, high], fmt="o", capsize=4)
+    axis.set_yticks(list(positions), [f"{run}  ({label})" for run, label in zip(table.index, table["label"], strict=True)])
+    axis.axvline(0.5, color="gray", lw=0.8, ls=":")
+    level = table["CI level"].dropna()
+    axis.set(xlim=(-0.02, 1.02), xlabel="win-rate over the reference" + (f" ({level.iloc[0]:.0%} interval)" if len(level) else ""),
+             title="Win-rate of each policy over the reference")  # fmt: skip
+    axis.invert_yaxis()
+    axis.grid(alpha=0.3, axis="x")
+    return figure
+
+
+def plot_overoptimization(runs: list[RunRecord]):
+    """Length and repetition of each run's generations against its KL, the reference at KL 0."""
+    from matplotlib.figure import Figure
+
+    table = overoptimization_table(runs)
+    panels = [key for key in OVEROPTIMIZATION if key != "judged reward"]
+    figure = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
+    for axis, key in zip(figure.subplots(1, len(panels)), panels, strict=True):
+        for position, (_, row) in enumerate(table.iterrows()):
+            is_reference = position == 0  # overoptimization_table puts the reference first
+            axis.plot(row["KL (nats)"], row[key], "*" if is_reference else "o", color="black" if is_reference else None,
+                      ms=10 if is_reference else 6)  # fmt: skip
+            axis.annotate("reference" if is_reference else row["label"], (row["KL (nats)"], row[key]),
+                          textcoords="offset points", xytext=(5, 4), fontsize=7)  # fmt: skip
+        axis.set(title=key, xlabel="KL (nats per response)")
+        axis.grid(alpha=0.3)
+    return figure
+
+
+def plot_training_curves(runs: list[RunRecord], metrics: tuple[str, ...] = TRAINING_CURVES):
+    """TRL's logged training metrics against step, one line per run (evaluation rows, when logged, dashed)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.4 * len(metrics), 3.4), layout="constrained")
+    axes = figure.subplots(1, len(metrics))
+    for index, run in enumerate(runs):
+        color = f"C{index % 10}"
+        for axis, metric in zip(axes, metrics, strict=True):
+            for prefix, style in (("", "-"), ("eval_", "--")):
+                rows = [row for row in run.log_history if prefix + metric in row and "step" in row]
+                if rows:
+                    axis.plot([r["step"] for r in rows], [r[prefix + metric] for r in rows], style, color=color,
+                              label=f"{run.name} ({run.label})" + (" eval" if prefix else ""))  # fmt: skip
+    for axis, metric in zip(axes, metrics, strict=True):
+        axis.set(title=metric, xlabel="step")
+        axis.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(fontsize=7)
+    return figure

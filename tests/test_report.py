@@ -1,0 +1,255 @@
+"""The comparison report: its tables and frontier from hand-made runs, and `dpo-kit report` over real tiny runs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from dpo_kit.evaluation.report import (
+    ReportError,
+    RunRecord,
+    best_of_n_baseline,
+    best_of_n_kl,
+    differing_params,
+    expected_best_of_n,
+    frontier_points,
+    load_runs,
+    params_table,
+    plot_frontier,
+)
+from dpo_kit.run.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "params" / "tiny.yaml"
+
+
+def metrics(kl: float, reward: float, judge: str = "rule", **extra) -> dict:
+    return {"beta": extra.pop("beta", 0.1), "judge": judge, "kl": kl, "judge/policy_score": reward,
+            "judge/reference_score": 0.2, "win_rate": 0.6, "win_rate/ci_low": 0.3, "win_rate/ci_high": 0.9,
+            "win_rate/ci_level": 0.95, "win_rate/n": 8, "rewards/accuracies": 0.75, "rewards/margins": 0.4,
+            "num_generations": 8, "per_generation": {"policy_score": [reward - 0.1, reward + 0.1]}, **extra}  # fmt: skip
+
+
+def params(name: str, beta: float, loss_type: str = "sigmoid") -> dict:
+    return {"run": {"name": name, "seed": 42, "output_dir": "runs"}, "model": {"name_or_path": "tiny"},
+            "dpo": {"beta": beta, "loss_type": [loss_type], "learning_rate": 0.005}}  # fmt: skip
+
+
+def write_run(path: Path, run_params: dict | None, run_metrics: dict | None, status: str = "completed") -> Path:
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps({"run": path.name, "status": status, "stages": {}}))
+    if run_params is not None:
+        (path / "params.yaml").write_text(yaml.safe_dump(run_params))
+    if run_metrics is not None:
+        (path / "metrics.json").write_text(json.dumps(run_metrics))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Best-of-N
+
+
+def test_best_of_n_kl_is_log_n_minus_n_minus_1_over_n():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    values = [best_of_n_kl(n) for n in (1, 2, 4, 8, 16)]
+    assert values == sorted(values) and all(v >= 0 for v in values)
+    with pytest.raises(ValueError, match="at least 1"):
+        best_of_n_kl(0)
+
+
+def test_expected_best_of_n_is_the_mean_best_over_all_subsets_of_the_samples():
+    scores = [0.3, -1.0, 0.9, 0.3, 0.5]
+    for n in range(1, len(scores) + 1):
+        subsets = list(itertools.combinations(scores, n))
+        assert expected_best_of_n(scores, n) == pytest.approx(sum(map(max, subsets)) / len(subsets))
+    assert expected_best_of_n(scores, 1) == pytest.approx(sum(scores) / len(scores))
+    assert expected_best_of_n(scores, len(scores)) == max(scores)
+    with pytest.raises(ValueError, match="best-of-6 needs at least 6 samples per prompt, got 5"):
+        expected_best_of_n(scores, 6)
+
+
+def test_best_of_n_uses_the_evaluated_prompts_and_says_which_n_it_cannot_estimate(tmp_path):
+    run_params = params("a", 0.1)
+    run_params["data"] = {"source": "generate", "generate": {"judge": "rule", "sampler": None, "temperature": 1.0}}
+    run_params["generate"] = {"temperature": 0.7}
+    run = write_run(tmp_path / "a", run_params, metrics(1.0, 0.5))
+    held_out, trained = [{"role": "user", "content": "held out"}], [{"role": "user", "content": "trained on"}]
+    (run / "data").mkdir()
+    (run / "data" / "samples.jsonl").write_text(
+        json.dumps({"prompt": held_out, "samples": ["a", "b", "c", "d"], "scores": [0.0, 1.0, 2.0, 3.0]}) + "\n"
+        + json.dumps({"prompt": trained, "samples": ["a", "b", "c", "d"], "scores": [9.0, 9.0, 9.0, 9.0]}) + "\n"
+    )  # fmt: skip
+    (run / "generations.jsonl").write_text(json.dumps({"prompt": held_out}) + "\n")
+    baseline = best_of_n_baseline(load_runs([run]).runs[0])
+    assert baseline.table["N"].tolist() == [1, 2, 4]
+    assert baseline.table["reward"].tolist() == pytest.approx([1.5, expected_best_of_n([0, 1, 2, 3], 2), 3.0])
+    assert baseline.table["kl"].tolist() == pytest.approx([best_of_n_kl(1), best_of_n_kl(2), best_of_n_kl(4)])
+    assert "on 1 prompts: the held-out prompts" in baseline.note
+    assert "N = 8, 16 not estimated: it needs at least 16 samples per prompt (data.generate.num_samples: 16)" in baseline.note
+    assert "temperature 1.0" in baseline.note and "temperature 0.7" in baseline.note
+
+    run_params["data"]["generate"]["judge"] = "sentiment"
+    (run / "params.yaml").write_text(yaml.safe_dump(run_params))
+    other_judge = best_of_n_baseline(load_runs([run]).runs[0])
+    assert other_judge.table.empty and "scored by sentiment" in other_judge.note
+    no_samples = best_of_n_baseline(RunRecord("b", tmp_path / "b", params("b", 0.1), metrics(1.0, 0.5)))
+    assert no_samples.table.empty and "no data/samples.jsonl" in no_samples.note
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and the frontier from hand-made runs
+
+
+def test_the_params_table_shows_only_what_differs_with_the_metrics():
+    runs = [RunRecord("a", Path("a"), params("a", 0.1), metrics(2.0, 0.5)),
+            RunRecord("b", Path("b"), params("b", 0.5), metrics(0.5, 0.3)),
+            RunRecord("c", Path("c"), params("c", 0.1, "sft"), metrics(4.0, 0.4))]  # fmt: skip
+    assert differing_params(runs) == ["dpo.beta", "dpo.loss_type"]  # run.name differs too, but only names the place
+    table = params_table(runs)
+    assert table.loc[:, "dpo.beta"].to_dict() == {"a": 0.1, "b": 0.5, "c": 0.1}
+    assert table.loc[:, "dpo.loss_type"].to_dict() == {"a": "sigmoid", "b": "sigmoid", "c": "sft"}
+    assert table.loc["b", "judged reward"] == 0.3 and table.loc["c", "KL (nats)"] == 4.0
+    assert table.loc["a", "win-rate CI low"] == 0.3
+
+
+def test_frontier_points_are_labelled_by_beta_and_loss_type_and_preferred_ft_is_named():
+    runs = [RunRecord("a", Path("a"), params("a", 0.1), metrics(2.0, 0.5)),
+            RunRecord("c", Path("c"), params("c", 0.1, "sft"), metrics(4.0, 0.4)),
+            RunRecord("no-generations", Path("n"), params("n", 0.2), {"beta": 0.2, "rewards/accuracies": 0.5})]  # fmt: skip
+    points = frontier_points(runs)
+    assert points["label"].tolist() == ["β=0.1 sigmoid", "preferred-FT (sft)"]  # no KL, no point
+    assert points["kl"].tolist() == [2.0, 4.0] and points["reward"].tolist() == [0.5, 0.4]
+    assert points["reward_sem"].tolist() == pytest.approx([0.1, 0.1])
+    figure = plot_frontier(runs)
+    axis = figure.axes[0]
+    assert "KL" in axis.get_xlabel() and "judged reward (rule)" in axis.get_ylabel()
+    assert {text.get_text() for text in axis.texts} == {"β=0.1 sigmoid", "preferred-FT (sft)"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input_is_named_with_what_would_be_valid(tmp_path):
+    with pytest.raises(ReportError, match=f"{tmp_path / 'nowhere'}: no such directory"):
+        load_runs([tmp_path / "nowhere"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match=f"{tmp_path / 'empty'}: no runs in it.*sweep directory"):
+        load_runs([tmp_path / "empty"])
+    write_run(tmp_path / "sweep" / "failed", params("failed", 0.1), None, status="failed")
+    with pytest.raises(ReportError, match="no complete run to compare.*failed: no metrics.json \\(run status failed"):
+        load_runs([tmp_path / "sweep"])
+    write_run(tmp_path / "judges" / "a", params("a", 0.1), metrics(1.0, 0.5, judge="rule"))
+    write_run(tmp_path / "judges" / "b", params("b", 0.1), metrics(1.0, 0.5, judge="sentiment"))
+    with pytest.raises(ReportError, match="different judges \\(a: rule, b: sentiment\\)"):
+        load_runs([tmp_path / "judges"])
+
+
+def test_runs_are_found_one_level_deep_and_incomplete_ones_are_listed_not_dropped(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_run(sweep / "trial-0", params("trial-0", 0.1), metrics(1.0, 0.5))
+    write_run(sweep / "trial-1", params("trial-1", 0.5), None, status="interrupted")
+    write_run(sweep / "trial-0.archived-20260101-000000", params("trial-0", 0.1), metrics(1.0, 0.5))
+    write_run(sweep / "deeper" / "trial-2", params("trial-2", 0.1), metrics(1.0, 0.5))  # two levels down: not a trial
+    (sweep / "sweep.json").write_text("{}")
+    comparison = load_runs(["sweep"], project_dir=tmp_path)  # relative paths resolve from the project
+    assert [run.name for run in comparison.runs] == ["trial-0"]
+    assert [run.name for run in comparison.incomplete] == ["trial-1"]
+    assert "no metrics.json (run status interrupted" in comparison.incomplete[0].incomplete
+    both = load_runs([sweep / "trial-0", sweep / "deeper" / "trial-2"])  # or run directories, one by one
+    assert [run.name for run in both.runs] == ["trial-0", "trial-2"]
+
+
+def test_the_cli_names_bad_input_and_asks_where_several_runs_report_to(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nowhere")]) == 1
+    assert f"dpo-kit report: {tmp_path / 'nowhere'}: no such directory" in capsys.readouterr().err
+    write_run(tmp_path / "a", params("a", 0.1), metrics(1.0, 0.5))
+    write_run(tmp_path / "b", params("b", 0.5), metrics(1.0, 0.5))
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert "--output-dir DIR" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# `dpo-kit report` over real tiny runs
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_model_dir):
+    """Two tiny runs (β 0.1 and 0.5) on pairs sampled from the model, 16 judged samples per prompt, and a failed one."""
+    from dpo_kit.bundled import bundled_preference_rows
+    from dpo_kit.run.runner import run_pipeline
+
+    root = tmp_path_factory.mktemp("report")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": row["prompt"]}) + "\n" for row in bundled_preference_rows()[:32]))
+    sweep_dir = root / "sweep"
+    common = [f"run.output_dir={sweep_dir}", f"model.name_or_path={tiny_model_dir}", "model.build_tiny_model=false",
+              "dpo.max_steps=6", "data.source=generate", "data.eval_fraction=0.25", "generate.max_new_tokens=12",
+              f"data.generate={{prompts: {prompts}, judge: rule, num_samples: 16, max_new_tokens: 12, min_score_gap: 0.0}}"]  # fmt: skip
+    for name, beta in (("beta-0.1", 0.1), ("beta-0.5", 0.5)):
+        run_pipeline(TINY, [*common, f"run.name={name}", f"dpo.beta={beta}"], project_dir=REPO, progress=False)
+    write_run(sweep_dir / "beta-1.0", params("beta-1.0", 1.0), None, status="failed")
+    (sweep_dir / "sweep.json").write_text("{}")
+    return sweep_dir
+
+
+def outputs(notebook_path: Path) -> list[dict]:
+    notebook = nbformat.read(notebook_path, as_version=4)
+    return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+
+
+def cell_outputs(notebook_path: Path, fragment: str) -> list[dict]:
+    notebook = nbformat.read(notebook_path, as_version=4)
+    return [output for cell in notebook.cells if fragment in cell.source for output in cell.outputs]
+
+
+@pytest.mark.notebook
+def test_dpo_kit_report_executes_notebook_06_into_the_sweep_with_the_frontier_and_html(sweep, capsys):
+    assert main(["report", str(sweep), "--quiet"]) == 0
+    assert f"{sweep / '06_compare_runs.html'}" in capsys.readouterr().out
+    executed = sweep / "06_compare_runs.ipynb"
+    assert (sweep / "frontier.png").read_bytes().startswith(b"\x89PNG")
+    frontier = cell_outputs(executed, "plot_frontier(")
+    assert any("image/png" in output.get("data", {}) for output in frontier), "the frontier is a figure"
+
+    shown = next(o["data"]["text/html"] for o in cell_outputs(executed, "params_table(comparison.runs)") if "data" in o)
+    assert "<th>dpo.beta</th>" in shown and "<th>beta-0.1</th>" in shown and "<th>beta-0.5</th>" in shown
+    table = params_table(load_runs([sweep]).runs)  # what the notebook showed, as a frame
+    assert table["dpo.beta"].to_dict() == {"beta-0.1": 0.1, "beta-0.5": 0.5}
+
+    printed = "".join(o.get("text", "") for o in outputs(executed) if o["output_type"] == "stream")
+    assert "comparing 2 runs" in printed and "1 incomplete, left out" in printed
+    assert "best-of-N of the reference from 16 judged samples per prompt" in printed
+    left_out = "".join(o.get("data", {}).get("text/html", "") for o in cell_outputs(executed, "incomplete_table("))
+    assert "beta-1.0" in left_out and "no metrics.json (run status failed" in left_out
+    best_of_n = next(o["data"]["text/plain"] for o in cell_outputs(executed, "best_of_n_table(") if "data" in o)
+    assert [line.split()[2] for line in best_of_n.splitlines()[1:]] == ["1", "2", "4", "8", "16"]
+
+    assert not [o for o in outputs(executed) if o["output_type"] == "error" or o.get("name") == "stderr"]
+    html = (sweep / "06_compare_runs.html").read_text()
+    assert html.count("data:image/png;base64") >= 4 and "dpo.beta" in html
+    assert "<script src=" not in html, "the HTML reads offline: no script from a CDN"
+    assert 'alt="figure: Reward against KL to the reference"' in html
+
+
+@pytest.mark.notebook
+def test_a_second_report_moves_the_first_aside(sweep, capsys):
+    if not (sweep / "06_compare_runs.ipynb").exists():
+        assert main(["report", str(sweep), "--quiet"]) == 0
+    first = (sweep / "06_compare_runs.ipynb").read_bytes()
+    assert main(["report", str(sweep), "--quiet"]) == 0
+    assert "moved the earlier report to" in capsys.readouterr().out
+    (previous,) = (sweep / "previous").iterdir()
+    assert previous.name.endswith("-report")
+    assert sorted(p.name for p in previous.iterdir()) == ["06_compare_runs.html", "06_compare_runs.ipynb", "frontier.png"]
+    assert (previous / "06_compare_runs.ipynb").read_bytes() == first
+    assert (sweep / "06_compare_runs.ipynb").is_file() and (sweep / "frontier.png").is_file()
+    assert [run.name for run in load_runs([sweep]).runs] == ["beta-0.1", "beta-0.5"]  # previous/ is not a run
