@@ -275,3 +275,30 @@ def test_a_damaged_cache_file_is_recomputed_never_used(tmp_path, tiny_model_dir,
         assert state == "hit" and all(torch.equal(a, first[name]) for a, name in zip(stored, COLUMNS, strict=True)), (
             "the recomputed entry replaces the damaged one, with the values of the first computation")
     assert_same_metrics(again, fresh, tolerance=0.0)
+
+
+def test_two_processes_share_the_cache_written_by_the_main_one(tmp_path, tiny_model_dir, cache):
+    """Under `accelerate launch` (DDP over gloo), the main process reads and writes; the others get its answer.
+    TRL's own precompute fails there for an in-memory dataset (each process names its cache file at random)."""
+    import socket
+
+    from run_dirs import logged_losses
+
+    from dpo_kit import manifest as mf
+    from dpo_kit.run.runner import run_pipeline
+
+    def run(name):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        overrides = [f"run.output_dir={tmp_path}", f"run.name={name}", f"model.name_or_path={tiny_model_dir}",
+                     "dpo.max_steps=2", "dpo.logging_steps=1", "dpo.save_steps=2", "dpo.precompute_ref_log_probs=true",
+                     "launch.num_processes=2", "dpo.per_device_train_batch_size=4", f"launch.main_process_port={port}"]
+        run_dir = run_pipeline(TINY, overrides, ["format", "train"], project_dir=REPO, progress=False)  # fmt: skip
+        return run_dir, mf.read_manifest(run_dir)["stages"]["train"]["ref_logps_cache"]["splits"]["train"]
+
+    first_dir, first = run("first")
+    second_dir, second = run("second")
+    assert (first["status"], second["status"]) == ("miss", "hit") and first["key"] == second["key"]
+    assert [p.name for p in cache.iterdir()] == [f"{first['key']}.safetensors"], "one entry, no temporary file left"
+    assert logged_losses(first_dir) == logged_losses(second_dir)

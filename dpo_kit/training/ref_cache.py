@@ -328,29 +328,50 @@ def _trainer_class(base: type) -> type:  # noqa: C901 - one class, kept together
                 record["data_sha256"] = fields["data_sha256"]
                 self.ref_logps_cache["key_fields"] = {k: v for k, v in fields.items() if k not in ("data_sha256", "rows")}
             self.ref_logps_cache["splits"][name] = record
-            if values is not None:
-                chosen, rejected = values
-                columns = Dataset.from_dict(
-                    {COLUMNS[0]: chosen.tolist(), COLUMNS[1]: rejected.tolist()},
-                    features=Features({column: Value("float32") for column in COLUMNS}),
-                )
-                return concatenate_datasets([dataset, columns], axis=1)
+            if values is None:
+                values = self._compute_ref_logps(dataset, name, batch_size)
+                if key is not None:
+                    record["status"] = "miss" if status == "miss" else f"recomputed ({status})"
+                if key is not None and self.accelerator.is_main_process:
+                    try:
+                        store.save(key, fields, *values)
+                    except OSError as error:  # a full disk or read-only cache: the next run recomputes, nothing more
+                        record["status"] += f", not stored ({type(error).__name__}: {error})"
+            chosen, rejected = values
+            columns = Dataset.from_dict(
+                {COLUMNS[0]: chosen.tolist(), COLUMNS[1]: rejected.tolist()},
+                features=Features({column: Value("float32") for column in COLUMNS}),
+            )
+            return concatenate_datasets([dataset, columns], axis=1)  # what TRL's _precompute_ref_logps returns
 
-            computed = super()._precompute_ref_logps(dataset, name, batch_size)
-            if key is None:
-                return computed
-            record["status"] = "miss" if status == "miss" else f"recomputed ({status})"
-            if self.accelerator.is_main_process:
-                import numpy as np
-                import torch
+        def _compute_ref_logps(self, dataset, name: str, batch_size: int):
+            """TRL's precompute pass (DPOTrainer._precompute_ref_logps of TRL 1.16) without its datasets cache file:
+            for an in-memory dataset that file gets a random name in each process, so under `accelerate launch` the
+            other processes look for a file that only the main process wrote. Every process gets all the values."""
+            import torch
+            from accelerate.utils import tqdm
+            from torch.utils.data import DataLoader
+            from trl.models import prepare_deepspeed
 
-                table = computed.with_format("numpy", columns=list(COLUMNS))[:]
-                chosen, rejected = (torch.from_numpy(np.asarray(table[column], dtype=np.float32)) for column in COLUMNS)
-                try:
-                    store.save(key, fields, chosen, rejected)
-                except OSError as error:  # a full disk or read-only cache costs the next run a recompute, nothing more
-                    record["status"] += f", not stored ({type(error).__name__}: {error})"
-            return computed
+            loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator,
+                                num_workers=self.args.dataloader_num_workers,
+                                pin_memory=self.args.dataloader_pin_memory, shuffle=False)  # fmt: skip
+            loader = self.accelerator.prepare(loader)
+            if self.ref_model is None and self.is_deepspeed_enabled:  # as TRL: one inference engine, reused
+                if self._precompute_engine is None:
+                    self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+                model = self._precompute_engine
+            else:
+                model = self.ref_model or self.model
+            chosen, rejected = [], []
+            for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset",
+                              disable=bool(os.environ.get("TQDM_DISABLE", ""))):  # fmt: skip
+                pair = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+                chosen.append(pair[0].float().cpu())
+                rejected.append(pair[1].float().cpu())
+            if not chosen:
+                return torch.zeros(0), torch.zeros(0)
+            return torch.cat(chosen), torch.cat(rejected)
 
     _CLASSES[base] = CachedRefLogpsDPOTrainer
     return CachedRefLogpsDPOTrainer
