@@ -5,7 +5,8 @@ LoRA, includes the randomly initialised adapter, and lives in a temporary direct
 A sweep over beta or the learning rate uses the same reference on the same pairs every time, so the kit keeps
 them in `$DPO_KIT_CACHE/ref-logps/<key>.safetensors` (default ~/.cache/dpo-kit) and hands them to TRL
 through TRL's own precompute path: the `ref_chosen_logps` / `ref_rejected_logps` columns that
-`DPOTrainer._precompute_ref_logps` returns and `_compute_loss` reads. On a hit the reference never runs.
+`DPOTrainer._precompute_ref_logps` returns and `_compute_loss` reads. On a hit the reference never runs; on
+a miss TRL's per-batch `compute_ref_log_probs` runs as in TRL's pass, without TRL's datasets cache file.
 
 The key is the sha256 of every input the numbers depend on (`key_fields`): the reference weights as loaded
 (names, dtypes and bytes of the base model's state dict, LoRA adapters excluded, quantization state
