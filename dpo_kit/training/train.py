@@ -97,6 +97,7 @@ class TrainResult:
     trainable_parameters: int
     total_parameters: int
     launch: dict[str, Any] | None = None  # processes and strategy, when trained under accelerate launch
+    ref_logps_cache: dict[str, Any] | None = None  # the cache of reference log-probs: key and hit/miss per split
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -106,6 +107,7 @@ class TrainResult:
             "trainable_parameters": self.trainable_parameters,
             "total_parameters": self.total_parameters,
             **({"launch": self.launch} if self.launch else {}),
+            **({"ref_logps_cache": self.ref_logps_cache} if self.ref_logps_cache else {}),
         }
 
 
@@ -242,12 +244,11 @@ def train_dpo(stage) -> TrainResult:
 @deprecated_checkpointing_alias_quiet()
 def train_in_this_process(stage) -> TrainResult:
     """Train in this process: the whole run, or one worker's share of a launched one."""
-    from trl import DPOTrainer
-
     from dpo_kit.data.pipeline import load_split
-    from dpo_kit.models.loading import load_causal_lm, load_tokenizer, lora_config, model_source
+    from dpo_kit.models.loading import load_causal_lm, load_tokenizer, lora_config, model_record, model_source
     from dpo_kit.training.checkpoints import RunIdentity, checkpoint_recorder
     from dpo_kit.training.launch import in_launched_worker
+    from dpo_kit.training.ref_cache import RefLogpsStore, cached_dpo_trainer_class
 
     params, run_dir = stage.params, stage.run_dir
     _configure_tracking(params, run_dir)
@@ -264,7 +265,12 @@ def train_in_this_process(stage) -> TrainResult:
     train_dataset = load_split(run_dir, "train")
     eval_dataset = load_split(run_dir, "eval") if config.eval_strategy != "no" else None
 
-    trainer = DPOTrainer(
+    # With precompute_ref_log_probs, the reference log-probs come from the on-disk cache when an earlier run
+    # computed them for the same reference, data and settings (training/ref_cache.py); else TRL computes them.
+    store = RefLogpsStore() if config.precompute_ref_log_probs else None
+    trainer = cached_dpo_trainer_class()(
+        ref_logps_store=store,
+        model_record=model_record(params, stage.project_dir) if store is not None else None,
         model=model,
         ref_model=reference,
         args=config,
@@ -311,6 +317,7 @@ def train_in_this_process(stage) -> TrainResult:
         launch={"process_index": trainer.args.process_index, "world_size": trainer.args.world_size,
                 "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]}
         if in_launched_worker() else None,
+        ref_logps_cache=trainer.ref_logps_cache or None,
     )  # fmt: skip
 
 
@@ -328,6 +335,7 @@ def load_train_result(run_dir: str | Path, summary: dict[str, Any]) -> TrainResu
         precision=summary["precision"],
         trainable_parameters=summary["trainable_parameters"],
         total_parameters=summary["total_parameters"],
+        ref_logps_cache=summary.get("ref_logps_cache"),
     )
 
 
