@@ -396,6 +396,13 @@ class Params(Section):
             )
         if self.quantization.bits and not self.lora.enabled:
             raise ValueError("quantization.bits needs lora.enabled: quantized weights cannot be fully fine-tuned")
+        steps, every = self.dpo.get("max_steps", -1), self.dpo.get("logging_steps", dpo_config_defaults()["logging_steps"])
+        # logging_steps below 1 is a share of the run (TRL's convention), which always logs.
+        if isinstance(steps, int) and steps > 0 and isinstance(every, (int, float)) and every >= 1 and every > steps:
+            raise ValueError(
+                f"dpo.logging_steps {every:g} > dpo.max_steps {steps}: no training step would be logged, so the run"
+                f" would have no loss or reward curve; set dpo.logging_steps to at most {steps}"
+            )
         return self
 
     @property

@@ -153,3 +153,11 @@ def test_rule_judge_is_only_for_the_bundled_task_and_commit_revisions_are_not_se
     raw = raw_tiny()
     raw["model"]["revision"] = "0123456789abcdef0123456789abcdef01234567"
     assert parse_params(raw).model.revision.startswith("0123")
+
+
+def test_a_run_that_would_log_no_step_is_refused_with_the_limit():
+    tiny = REPO / "params" / "tiny.yaml"  # logging_steps 5
+    with pytest.raises(ParamsError, match="dpo.logging_steps 5 > dpo.max_steps 4.*at most 4"):
+        load_params(tiny, ["dpo.max_steps=4"])
+    assert load_params(tiny, ["dpo.max_steps=5"]).dpo["max_steps"] == 5
+    assert load_params(tiny, ["dpo.max_steps=4", "dpo.logging_steps=0.5"]).dpo["logging_steps"] == 0.5  # a share

@@ -261,3 +261,17 @@ def test_two_workers_on_one_study_split_the_points_and_run_none_twice(tmp_path, 
     assert all(r["state"] in ("COMPLETE", "PRUNED") for r in rows), rows
     workers_seen = {json.loads((sweep_dir / n / "manifest.json").read_text())["stages"]["train"]["pid"] for n in names}
     assert len(workers_seen) >= 2, "both workers trained"
+
+
+@pytest.mark.notebook
+def test_a_random_search_stops_at_its_budget_even_when_every_trial_fails(tmp_path, tiny_model_dir, capsys):
+    from dpo_kit.run.cli import main
+
+    args = sweep_args(tmp_path, tiny_model_dir, "--range", "dpo.beta=0.05:0.5:log", "--sampler", "random",
+                      "--samples", "2", "--objective", "no/such/metric")
+    assert main(args) == 1
+    rows = trial_rows(tmp_path / "tiny-sweep")
+    assert [r["state"] for r in rows] == ["FAIL", "FAIL"], "a failed trial counts against --samples"
+    assert all(0.05 <= r["dpo.beta"] <= 0.5 for r in rows)
+    assert "'no/such/metric' is not a number" in rows[0]["note"] and "rewards/accuracies" in rows[0]["note"]
+    assert "FAIL" in capsys.readouterr().out

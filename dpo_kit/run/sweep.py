@@ -483,15 +483,16 @@ def run_sweep(
         print(f"dpo-kit sweep: trial(s) {', '.join(map(str, retried))} were interrupted; each runs again and"
               " continues its run directory (completed stages kept, training from its newest checkpoint)")
     total = space.grid_size() if sampler == "grid" else samples
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))
     sweep = Sweep(spec=spec, sweep_dir=sweep_dir, project=project, progress=progress, study=study)
-    callbacks = [] if sampler == "grid" else [MaxTrialsCallback(samples, states=(TrialState.COMPLETE,))]
+    # A failed trial uses up a sample too: otherwise params that fail every trial would sample forever.
+    callbacks = [] if sampler == "grid" else [MaxTrialsCallback(samples, states=(TrialState.COMPLETE, TrialState.FAIL))]
     with tqdm(total=total, initial=min(done, total), desc=f"sweep {sweep_name}", unit="trial",
               disable=not progress, position=0) as bar:
         sweep.bar = bar
 
         def advance(study, trial):
-            if trial.state == TrialState.COMPLETE:
+            if trial.state in (TrialState.COMPLETE, TrialState.FAIL) and bar.n < total:
                 bar.update(1)
 
         # GridSampler stops the study once every point has finished; MaxTrialsCallback stops the others.
