@@ -117,6 +117,11 @@ def test_a_sweep_started_again_with_other_settings_is_refused(tmp_path):
     other = SweepSpec(**{**spec.__dict__, "space": {"grid": {"dpo.beta": [0.1, 0.5]}, "ranges": {}}})
     with pytest.raises(SweepError, match="space differ.*new --name"):
         check_spec(tmp_path, other)
+    # The params file edited since: named, key by key.
+    (tmp_path / "sweep.json").write_text(json.dumps({"spec": spec.__dict__, "base_params": {"dpo": {"beta": 0.1}}}))
+    check_spec(tmp_path, spec, {"dpo": {"beta": 0.1}})
+    with pytest.raises(SweepError, match=r"the params file's dpo.beta: 0.1 -> 0.2"):
+        check_spec(tmp_path, spec, {"dpo": {"beta": 0.2}})
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() here

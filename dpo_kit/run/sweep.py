@@ -400,13 +400,18 @@ class Sweep:
         return str(self.sweep_dir)
 
 
-def check_spec(sweep_dir: Path, spec: SweepSpec) -> None:
+def check_spec(sweep_dir: Path, spec: SweepSpec, base_params: dict | None = None) -> None:
     """The same sweep started again must be the same sweep: a changed search space or base params is refused."""
+    from dpo_kit.params import params_differences
+
     path = sweep_dir / SWEEP_FILE
     if not path.is_file():
         return
     recorded = json.loads(path.read_text())
     changed = [k for k, v in asdict(spec).items() if recorded.get("spec", {}).get(k) != json.loads(json.dumps(v))]
+    if base_params is not None and "base_params" in recorded:
+        edited = params_differences(recorded["base_params"], json.loads(json.dumps(base_params)))
+        changed += [f"the params file's {d}" for d in edited]
     if changed:
         raise SweepError(
             f"sweep {sweep_dir} was started with other settings ({', '.join(changed)} differ from {path}). A sweep"
@@ -467,7 +472,7 @@ def run_sweep(
         mf.ensure_writable_dir(sweep_dir)
     except mf.OutputNotWritable as error:
         raise SweepError(str(error)) from None
-    check_spec(sweep_dir, spec)
+    check_spec(sweep_dir, spec, params_to_dict(base))
     url = storage_url(sweep_dir, storage)
     record = {"spec": asdict(spec), "name": sweep_name, "storage": redacted(url), "created": mf.now_iso(),
               "command": " ".join(["dpo-kit", *sys.argv[1:]]) if sys.argv else None,
