@@ -286,6 +286,13 @@ class GenerateParams(Section):
     temperature: float = Field(0.7, gt=0.0, description="Sampling temperature.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     batch_size: int = Field(8, gt=0, description="Prompts per generate() call.")
+    best_of_n: int = Field(
+        0,
+        ge=0,
+        description="Also draw this many responses per prompt from the reference, with these settings, and judge"
+        " them (reference_samples.jsonl): the comparison report's best-of-N baseline for N = 1, 2, 4, ... up to it,"
+        " on exactly the evaluated prompts. 0 = none.",
+    )
 
 
 class EvaluateParams(Section):

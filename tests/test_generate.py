@@ -8,6 +8,7 @@ from run_dirs import make_run_dir as make_shared_run_dir
 from dpo_kit.bundled import bundled_preference_rows
 from dpo_kit.evaluation.generate import (
     GENERATIONS_FILE,
+    REFERENCE_SAMPLES_FILE,
     generate_comparisons,
     read_jsonl,
     side_by_side_table,
@@ -73,6 +74,28 @@ def test_same_seed_reproduces_generations_and_another_seed_changes_them(tiny_mod
     assert (perturbed_run / GENERATIONS_FILE).read_text() == first
     generate_comparisons(make_params(tiny_model_dir, seed=4), perturbed_run)
     assert (perturbed_run / GENERATIONS_FILE).read_text() != first
+
+
+def test_best_of_n_draws_judged_reference_responses_and_leaves_the_side_by_side_ones_alone(tiny_model_dir, tmp_path):
+    from dpo_kit.judges import make_judge
+
+    run_dir = make_run_dir(tmp_path / "best-of-n", tiny_model_dir, noise=0.05)
+    generate_comparisons(make_params(tiny_model_dir), run_dir)
+    without = (run_dir / GENERATIONS_FILE).read_text()
+    assert not (run_dir / REFERENCE_SAMPLES_FILE).exists()
+
+    params = make_params(tiny_model_dir, best_of_n=3)
+    generate_comparisons(params, run_dir)
+    assert (run_dir / GENERATIONS_FILE).read_text() == without  # drawn after, from their own seed
+    rows = read_jsonl(run_dir / REFERENCE_SAMPLES_FILE)
+    generations = read_jsonl(run_dir / GENERATIONS_FILE)
+    assert [row["prompt"] for row in rows] == [g["prompt"] for g in generations]  # exactly the evaluated prompts
+    judge = make_judge(params)
+    for row in rows:
+        assert row["judge"] == "rule" and len(row["samples"]) == len(row["scores"]) == len(row["tokens"]) == 3
+        assert row["scores"] == pytest.approx(judge.score([row["prompt"]] * 3, row["samples"]))
+        assert all(1 <= n <= params.generate.max_new_tokens for n in row["tokens"])
+    assert len({text for row in rows for text in row["samples"]}) > len(rows)  # sampled, not one response repeated
 
 
 def test_identical_policy_and_reference_sample_identical_responses(tiny_model_dir, tmp_path):

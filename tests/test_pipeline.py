@@ -151,6 +151,27 @@ def test_continuing_a_run_with_other_params_is_refused(tmp_path, tiny_model_dir)
     assert not (tmp_path / "partial" / "adapter").exists()
 
 
+def test_a_new_run_reuses_the_pairs_of_a_run_with_the_same_data_params(tiny_run, tmp_path):
+    source, overrides = tiny_run
+    elsewhere = [*overrides, f"run.output_dir={tmp_path}"]
+    run_dir = run_pipeline(TINY, [*elsewhere, "run.name=beta-0.5", "dpo.beta=0.5"], stages=["format"],
+                           project_dir=REPO, progress=False, reuse_format=source)  # fmt: skip
+    entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["format"]
+    data = json.loads((source / "manifest.json").read_text())["data"]
+    assert entry["status"] == "completed" and entry["reused_from"] == str(source)
+    assert entry["data_fingerprint"] == data["fingerprint"]
+    for split in ("train", "eval"):
+        assert (run_dir / "data" / f"{split}.jsonl").read_bytes() == (source / "data" / f"{split}.jsonl").read_bytes()
+
+    with pytest.raises(RunError, match=r"--reuse-format .*data.max_rows: \S+ -> 40.*leave --reuse-format out"):
+        run_pipeline(TINY, [*elsewhere, "run.name=fewer", "data.max_rows=40"], stages=["format"], project_dir=REPO,
+                     progress=False, reuse_format=source)  # fmt: skip
+    assert not (tmp_path / "fewer" / "data").exists()
+    with pytest.raises(RunError, match="--reuse-format starts a new run.*already holds one"):
+        run_pipeline(TINY, [*elsewhere, "run.name=beta-0.5", "dpo.beta=0.5"], stages=["format"], project_dir=REPO,
+                     progress=False, reuse_format=source)  # fmt: skip
+
+
 def test_a_notebook_runs_under_plain_papermill_with_p(tmp_path, tiny_model_dir):
     """The README's plain-papermill invocation, for one stage (an absolute run_dir keeps it out of the repo)."""
     output = tmp_path / "01.ipynb"

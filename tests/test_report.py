@@ -15,6 +15,7 @@ from dpo_kit.evaluation.report import (
     ReportError,
     RunRecord,
     best_of_n_baseline,
+    best_of_n_baselines,
     best_of_n_kl,
     differing_params,
     expected_best_of_n,
@@ -93,7 +94,8 @@ def test_best_of_n_uses_the_evaluated_prompts_and_says_which_n_it_cannot_estimat
     assert baseline.table["reward"].tolist() == pytest.approx([1.5, expected_best_of_n([0, 1, 2, 3], 2), 3.0])
     assert baseline.table["kl"].tolist() == pytest.approx([best_of_n_kl(1), best_of_n_kl(2), best_of_n_kl(4)])
     assert "on 1 prompts: the held-out prompts" in baseline.note
-    assert "N = 8, 16 not estimated: it needs at least 16 samples per prompt (data.generate.num_samples: 16)" in baseline.note
+    assert ("N = 8, 16 not estimated: it needs at least 16 samples per prompt (generate.best_of_n, or"
+            " data.generate.num_samples: 16)") in baseline.note
     assert "temperature 1.0" in baseline.note and "temperature 0.7" in baseline.note
 
     run_params["data"]["generate"]["judge"] = "sentiment"
@@ -102,6 +104,32 @@ def test_best_of_n_uses_the_evaluated_prompts_and_says_which_n_it_cannot_estimat
     assert other_judge.table.empty and "scored by sentiment" in other_judge.note
     no_samples = best_of_n_baseline(RunRecord("b", tmp_path / "b", params("b", 0.1), metrics(1.0, 0.5)))
     assert no_samples.table.empty and "no data/samples.jsonl" in no_samples.note
+
+
+def test_reference_samples_drawn_for_best_of_n_replace_the_format_stages_samples(tmp_path):
+    prompt = [{"role": "user", "content": "held out"}]
+    drawn, formatted = (write_run(tmp_path / name, params(name, 0.1), metrics(1.0, 0.5)) for name in ("a", "b"))
+    scores = [float(i) for i in range(16)]
+    (drawn / "reference_samples.jsonl").write_text(
+        json.dumps({"prompt": prompt, "judge": "rule", "samples": ["x"] * 16, "scores": scores}) + "\n")
+    (formatted / "data").mkdir()
+    (formatted / "data" / "samples.jsonl").write_text(
+        json.dumps({"prompt": prompt, "samples": ["y"] * 4, "scores": [0.0, 0.0, 0.0, 9.0]}) + "\n")
+    runs = load_runs([drawn, formatted]).runs
+
+    own = best_of_n_baseline(runs[0])
+    assert own.table["N"].tolist() == [1, 2, 4, 8, 16]
+    assert own.table["reward"].tolist() == pytest.approx([expected_best_of_n(scores, n) for n in (1, 2, 4, 8, 16)])
+    assert own.table["reward"].iloc[-1] == 15.0 and "16 judged responses per prompt" in own.note
+    curves, notes = best_of_n_baselines(runs)
+    assert [curve.run for curve in curves] == ["a"]  # b's format-stage samples are left out, and the notes say so
+    assert any("samples of the other runs are not used" in note for note in notes)
+    assert [c.run for c in best_of_n_baselines(runs[1:])[0]] == ["b"]  # alone, b's samples give the curve
+
+    (drawn / "reference_samples.jsonl").write_text(
+        json.dumps({"prompt": prompt, "judge": "sentiment", "samples": ["x"] * 4, "scores": scores[:4]}) + "\n")
+    other_judge = best_of_n_baseline(load_runs([drawn]).runs[0])  # evaluated by "rule": another scale
+    assert other_judge.table.empty and "scored by sentiment" in other_judge.note
 
 
 # ---------------------------------------------------------------------------------------------

@@ -192,6 +192,18 @@ def test_launch_params_left_at_their_defaults_keep_fingerprints_of_earlier_runs(
     assert params_fingerprint(placed, "train") == digest  # where it runs is not what it computes
 
 
+def test_generate_best_of_n_left_at_zero_keeps_fingerprints_of_earlier_runs():
+    """generate.best_of_n came later: at 0 the generate stage is that of runs made before it; at 16 it is another."""
+    base = params_to_dict(load_params(TINY))
+    before = json.loads(json.dumps(base))
+    del before["generate"]["best_of_n"]  # what a run recorded before the key holds
+    assert params_fingerprint(base, "generate") == params_fingerprint(before, "generate")
+    assert params_fingerprint(base, "evaluate") == params_fingerprint(before, "evaluate")  # later stages too
+    drawn = params_to_dict(load_params(TINY, ["generate.best_of_n=16"]))
+    assert params_fingerprint(drawn, "generate") != params_fingerprint(base, "generate")
+    assert params_fingerprint(drawn, "train") == params_fingerprint(base, "train")  # earlier stages unaffected
+
+
 def base_value(resolved: dict, dotted: str):
     value = resolved
     for part in dotted.split("."):

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import pandas
 
 GENERATIONS_FILE = "generations.jsonl"
+# generate.best_of_n responses per prompt from the reference, judged: the report's best-of-N baseline.
+REFERENCE_SAMPLES_FILE = "reference_samples.jsonl"
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -54,24 +56,37 @@ def display_prompt(prompt: Prompt) -> str:
 
 
 def generate_continuations(
-    source: str, params: Params, tokenizer, prompts_ids: list[list[int]], description: str | None = None
-) -> list[list[int]]:
-    """Load the model at `source` and generate one continuation per prompt with the `generate` settings."""
+    source: str,
+    params: Params,
+    tokenizer,
+    prompts_ids: list[list[int]],
+    description: str | None = None,
+    best_of_n: int = 0,
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Load the model at `source` and generate one continuation per prompt with the `generate` settings; with
+    `best_of_n`, also that many more per prompt from the same model (else an empty list)."""
     settings = params.generate
     model = load_causal_lm(source, params).eval()
-    samples = sample_continuations(
-        model,
-        tokenizer,
-        prompts_ids,
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=settings.do_sample,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        batch_size=settings.batch_size,
-        seed=params.run.seed,
-        description=description,
-    )
-    return [one for (one,) in samples]
+
+    def sample(num_samples: int, what: str | None, seed: int) -> list[list[list[int]]]:
+        return sample_continuations(
+            model,
+            tokenizer,
+            prompts_ids,
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=settings.do_sample,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            batch_size=settings.batch_size,
+            num_samples=num_samples,
+            seed=seed,
+            description=what,
+        )
+
+    continuations = [one for (one,) in sample(1, description, params.run.seed)]
+    # Drawn after, from their own seed, so the side-by-side responses are the same with and without them.
+    extra = sample(best_of_n, description and f"{description}, best-of-{best_of_n}", params.run.seed + 1) if best_of_n else []
+    return continuations, extra
 
 
 def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str | Path = ".") -> pandas.DataFrame:
@@ -79,6 +94,8 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
 
     Writes <run_dir>/generations.jsonl, one line per prompt with the prompt (messages and rendered text),
     both responses, their token ids and token counts, and returns a DataFrame for a side-by-side table.
+    With generate.best_of_n, also <run_dir>/reference_samples.jsonl: that many more judged reference responses
+    per prompt.
     """
     run_dir = Path(run_dir)
     policy_source = str(run_dir / "merged")
@@ -89,9 +106,12 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
     prompts_ids = [prompt_token_ids(tokenizer, prompt) for prompt in prompts]
 
     # One model in memory at a time: each is dropped when generate_continuations returns.
-    reference_ids = generate_continuations(reference_source, params, tokenizer, prompts_ids, "reference")
+    best_of_n = params.generate.best_of_n
+    reference_ids, reference_samples_ids = generate_continuations(
+        reference_source, params, tokenizer, prompts_ids, "reference", best_of_n
+    )
     free_memory()
-    policy_ids = generate_continuations(policy_source, params, tokenizer, prompts_ids, "policy (DPO)")
+    policy_ids, _ = generate_continuations(policy_source, params, tokenizer, prompts_ids, "policy (DPO)")
     free_memory()
 
     def decode(ids: list[int]) -> str:
@@ -103,6 +123,14 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
     judge = make_judge(params, project_dir)
     reference_scores = judge.score(prompts, references)
     policy_scores = judge.score(prompts, policies)
+    if best_of_n:
+        samples = [[decode(ids) for ids in per_prompt] for per_prompt in reference_samples_ids]
+        scores = judge.score([p for p in prompts for _ in range(best_of_n)], [t for texts in samples for t in texts])
+        write_jsonl(run_dir / REFERENCE_SAMPLES_FILE, [
+            {"prompt": prompt, "judge": params.evaluate.judge, "samples": texts,
+             "scores": scores[i * best_of_n : (i + 1) * best_of_n], "tokens": [len(ids) for ids in per_prompt]}
+            for i, (prompt, texts, per_prompt) in enumerate(zip(prompts, samples, reference_samples_ids, strict=True))
+        ])  # fmt: skip
     del judge
     free_memory()
 

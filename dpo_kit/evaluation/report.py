@@ -1,6 +1,7 @@
 """The comparison report (notebook 06, `dpo-kit report`): several runs of one experiment side by side.
 
-Reads only what the runs wrote (manifest.json, params.yaml, metrics.json, train_log.jsonl, data/samples.jsonl);
+Reads only what the runs wrote (manifest.json, params.yaml, metrics.json, train_log.jsonl, data/samples.jsonl,
+reference_samples.jsonl);
 loads no model. Its centre is the DPO paper's figure 2 in miniature: the judged reward of each run's policy
 against its KL to the reference, one point per run, labelled by beta and loss type, with two reference curves:
 
@@ -9,8 +10,10 @@ against its KL to the reference, one point per run, labelled by beta and loss ty
   when no two samples tie). Its expected reward is estimated without new sampling from the k judged reference
   samples per prompt that the format stage keeps in data/samples.jsonl (data.source 'generate'): for N <= k the
   mean, over all N-subsets of the k samples, of the best score, which is an unbiased estimate of E[max of N
-  draws]. N > k cannot be estimated from k samples and is reported as missing with the k needed
-  (data.generate.num_samples); runs with another data source have no samples and no baseline.
+  draws]. N > k cannot be estimated from k samples and is reported as missing with the k needed. Better still,
+  generate.best_of_n draws N responses per prompt from the reference in the generate stage, with the
+  evaluation's own decoding settings on exactly the evaluated prompts (reference_samples.jsonl); where a run has
+  them they replace the format stage's samples. Runs with neither have no baseline.
 - preferred-FT (TRL's loss_type "sft": supervised fine-tuning on the chosen answers), which is just another run
   (`--set dpo.loss_type=sft`); it is labelled as such.
 
@@ -341,13 +344,63 @@ class BestOfN:
     note: str
 
 
-def best_of_n_baseline(run: RunRecord, ns: tuple[int, ...] = BEST_OF_N) -> BestOfN:
-    """Best-of-N of the reference from the run's data/samples.jsonl, on the prompts it was evaluated on (those of
-    generations.jsonl) where they are among the sampled ones, else on every sampled prompt. `note` says which
-    prompts, which N are missing and how the samples' decoding differs from the evaluation's."""
+BEST_OF_N_COLUMNS = ["N", "kl", "reward", "prompts", "samples per prompt"]
+
+
+def _best_of_n_table(rows: list[dict], ns: tuple[int, ...]):
+    """The expected best score of N draws, for each N up to the fewest samples of a prompt, averaged over prompts."""
     import pandas as pd
 
-    columns = ["N", "kl", "reward", "prompts", "samples per prompt"]
+    k = min(len(row["scores"]) for row in rows)
+    return pd.DataFrame([
+        {"N": n, "kl": best_of_n_kl(n), "prompts": len(rows), "samples per prompt": k,
+         "reward": sum(expected_best_of_n(row["scores"], n) for row in rows) / len(rows)}
+        for n in ns if n <= k
+    ], columns=BEST_OF_N_COLUMNS)  # fmt: skip
+
+
+def _missing_n_note(ns: tuple[int, ...], k: int, setting: str) -> list[str]:
+    missing = [n for n in ns if n > k]
+    return [f"N = {', '.join(map(str, missing))} not estimated: it needs at least {max(missing)} samples per prompt"
+            f" ({setting}: {max(missing)}); this run has {k}"] if missing else []  # fmt: skip
+
+
+def reference_samples_baseline(run: RunRecord, ns: tuple[int, ...] = BEST_OF_N) -> BestOfN | None:
+    """Best-of-N from the run's reference_samples.jsonl (generate.best_of_n): responses of the reference drawn with
+    the evaluation's own decoding settings on exactly the evaluated prompts. None when the run has no such file."""
+    import pandas as pd
+
+    path = run.path / "reference_samples.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if row.get("scores")]
+    if not rows:
+        return BestOfN(run.name, pd.DataFrame(columns=BEST_OF_N_COLUMNS), f"{run.name}: {path.name} holds no scored samples")
+    judges = {row.get("judge") for row in rows}
+    evaluated_by = run.metrics.get("judge")
+    if evaluated_by and judges != {evaluated_by}:
+        return BestOfN(run.name, pd.DataFrame(columns=BEST_OF_N_COLUMNS), f"{run.name}: {path.name} was scored by"
+                       f" {', '.join(map(str, sorted(judges, key=str)))}, its generations by {evaluated_by}: not one"
+                       " scale, so no best-of-N baseline")  # fmt: skip
+    table = _best_of_n_table(rows, ns)
+    k = int(table["samples per prompt"].iloc[0]) if len(table) else min(len(row["scores"]) for row in rows)
+    notes = [f"best-of-N of the reference from {k} judged responses per prompt ({path.name} of {run.name}), drawn"
+             f" with the evaluation's decoding settings on the {len(rows)} evaluated prompts"]  # fmt: skip
+    return BestOfN(run.name, table, "; ".join(notes + _missing_n_note(ns, k, "generate.best_of_n")))
+
+
+def best_of_n_baseline(run: RunRecord, ns: tuple[int, ...] = BEST_OF_N) -> BestOfN:
+    """Best-of-N of the reference: from the run's reference_samples.jsonl where it has one (generate.best_of_n),
+    else from its data/samples.jsonl, on the prompts it was evaluated on (those of generations.jsonl) where they
+    are among the sampled ones, else on every sampled prompt. `note` says which samples and prompts, which N are
+    missing and how the samples' decoding differs from the evaluation's."""
+    import pandas as pd
+
+    drawn_for_it = reference_samples_baseline(run, ns)
+    if drawn_for_it is not None:
+        return drawn_for_it
+    columns = BEST_OF_N_COLUMNS
     empty = pd.DataFrame(columns=columns)
     samples_file = run.path / "data" / "samples.jsonl"
     settings = lookup(run.params, "data.generate") or {}
@@ -370,17 +423,10 @@ def best_of_n_baseline(run: RunRecord, ns: tuple[int, ...] = BEST_OF_N) -> BestO
     if not rows:
         return BestOfN(run.name, empty, f"{run.name}: data/samples.jsonl holds no scored samples")
     k = min(len(row["scores"]) for row in rows)
-    table = pd.DataFrame([
-        {"N": n, "kl": best_of_n_kl(n), "prompts": len(rows), "samples per prompt": k,
-         "reward": sum(expected_best_of_n(row["scores"], n) for row in rows) / len(rows)}
-        for n in ns if n <= k
-    ], columns=columns)  # fmt: skip
+    table = _best_of_n_table(rows, ns)
     notes = [f"best-of-N of the reference from {k} judged samples per prompt (data/samples.jsonl of {run.name}),"
              f" on {len(rows)} prompts: {where}"]  # fmt: skip
-    missing = [n for n in ns if n > k]
-    if missing:
-        notes.append(f"N = {', '.join(map(str, missing))} not estimated: it needs at least {max(missing)} samples per"
-                     f" prompt (data.generate.num_samples: {max(missing)}); this run has {k}")  # fmt: skip
+    notes += _missing_n_note(ns, k, "generate.best_of_n, or data.generate.num_samples")
     evaluation = run.params.get("generate") or {}
     decoding = {key: (settings.get(key), evaluation.get(key)) for key in ("temperature", "top_p", "max_new_tokens")}
     differ = {key: pair for key, pair in decoding.items() if pair[0] != pair[1] and None not in pair}
@@ -400,18 +446,27 @@ def _generation_prompts(run: RunRecord) -> list[Any]:
 
 def best_of_n_baselines(runs: list[RunRecord], ns: tuple[int, ...] = BEST_OF_N) -> tuple[list[BestOfN], list[str]]:
     """One best-of-N curve per distinct set of reference samples (runs of one sweep share theirs), and the notes of
-    the runs that have none."""
+    the runs that have none. Responses drawn for the purpose (reference_samples.jsonl, at the evaluation's own
+    settings and prompts) stand in for the format stage's samples wherever a run has them."""
     curves, notes, seen = [], [], set()
+    drawn = [run for run in runs if (run.path / "reference_samples.jsonl").is_file()]
     for run in runs:
+        if drawn and not (run.path / "reference_samples.jsonl").is_file():
+            continue
+        own = run.path / "reference_samples.jsonl"
         fingerprint = (run.manifest.get("data") or {}).get("fingerprint")
         samples = run.path / "data" / "samples.jsonl"
-        key = fingerprint or (samples.read_bytes() if samples.is_file() else run.name)
+        key = own.read_bytes() if own.is_file() else fingerprint or (
+            samples.read_bytes() if samples.is_file() else run.name)
         baseline = best_of_n_baseline(run, ns)
         if baseline.table.empty:
             notes.append(baseline.note)
         elif key not in seen:
             seen.add(key)
             curves.append(baseline)
+    if drawn and len(drawn) < len(runs):
+        notes.append(f"best-of-N from the reference responses drawn for it by {', '.join(r.name for r in drawn)}"
+                     " (generate.best_of_n); the format stage's samples of the other runs are not used")  # fmt: skip
     return curves, notes
 
 

@@ -23,6 +23,7 @@ def _run(args) -> int:
             progress=not args.quiet,
             isolate_stages=args.isolate_stages,
             resume=args.resume,
+            reuse_format=args.reuse_format,
         )
     except RunInterrupted as error:
         print(f"dpo-kit run: {error}", file=sys.stderr)
@@ -132,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         help="finish an interrupted run: skip completed stages, continue training from its newest verified checkpoint",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--reuse-format",
+        metavar="RUN_DIR",
+        help="start from the pairs of an earlier run made with the same data params (copied, recorded in the"
+        " manifest) instead of formatting them again",
+    )
     run.add_argument(
         "--isolate-stages",
         action="store_true",

@@ -31,6 +31,7 @@ from dpo_kit.params import (
     run_directory,
     save_or_check_params,
 )
+from dpo_kit.run.stage import adopt_format_stage, format_stage_differences
 
 # nbformat validates notebooks with jsonschema, which compiles rfc3987_syntax's lark grammars when it
 # is importable (~1.3 s of every `dpo-kit run`) for IRI formats that the notebook schema never uses.
@@ -252,6 +253,7 @@ def run_pipeline(
     resume: bool = False,
     kernel: SharedKernel | None = None,
     bar_position: int = 0,
+    reuse_format: str | Path | None = None,
 ) -> Path:
     """Run the stages in order into <run.output_dir>/<run.name>; returns the run directory.
 
@@ -261,6 +263,8 @@ def run_pipeline(
     from its newest verified checkpoint, and the params must equal the run's.
     A `kernel` passed in (a sweep runs its trials in one) is used for every stage and left running.
     `bar_position` puts the progress bars below those of a caller (the sweep's bar over trials).
+    `reuse_format` starts a new run from the format stage of an earlier run made with the same data params: its
+    pairs are copied, not formatted again, and the new run's manifest records where they came from.
     """
     project = Path(project_dir).resolve()
     source_notebooks = notebooks_dir(project)
@@ -276,9 +280,24 @@ def run_pipeline(
         params, hardware = resolved["params"], resolved["hardware"]
         stages = stages or list(mf.STAGES)
         run_dir = run_directory(project, params["run"]["output_dir"], params["run"]["name"])
+        if reuse_format and mf.read_manifest(run_dir) and not overwrite:
+            raise RunError(f"--reuse-format starts a new run, and {run_dir} already holds one: choose a new name"
+                           " (--set run.name=...), or pass --overwrite to archive the old run")  # fmt: skip
         note = guard_existing_run(run_dir, stages, overwrite, resume)
         if note:
             print(f"dpo-kit: {note}")
+        if reuse_format:
+            source = Path(reuse_format).resolve()
+            if not (source / "manifest.json").is_file():
+                raise RunError(f"--reuse-format {reuse_format}: not a run directory (no manifest.json)")
+            differences = format_stage_differences(source, params)
+            if differences:
+                raise RunError(f"--reuse-format {reuse_format}: its pairs cannot stand for this run's: "
+                               f"{'; '.join(differences)}. Give a run formatted with these data params, or leave"
+                               " --reuse-format out to format anew")  # fmt: skip
+            adopt_format_stage(run_dir, source, params, project, hardware)
+            stages = [s for s in stages if s != "format"]
+            print(f"dpo-kit: the pairs of {source} are copied into {run_dir}; the format stage is not run again")
         try:
             mf.ensure_writable_dir(run_dir / "notebooks")
         except mf.OutputNotWritable as error:

@@ -69,7 +69,7 @@ STAGE_OUTPUTS = {
     "train": ("checkpoints", "adapter", "trained", "train_log.jsonl", "training_curves.png", "wandb",
               "train_result.json", "notebooks/02_train_dpo.ipynb"),
     "merge": ("merged", "notebooks/03_merge.ipynb"),
-    "generate": ("generations.jsonl", "notebooks/04_generate.ipynb"),
+    "generate": ("generations.jsonl", "reference_samples.jsonl", "notebooks/04_generate.ipynb"),
     "evaluate": ("metrics.json", "evaluation.png", "notebooks/05_evaluate.ipynb"),
 }  # fmt: skip
 RUN_FILES = ("manifest.json", "params.yaml", "param_sets", "previous", "notebooks")
@@ -194,13 +194,22 @@ def _digest(value: Any) -> str:
 
 # Inputs added after runs were recorded, with the value every earlier run had: left at it, they stay out of the
 # fingerprint, so a run made before them still shows its stored result instead of counting as changed.
-INPUTS_ADDED_LATER = {"launch.num_processes": 1, "launch.num_machines": 1, "launch.config_file": None}
+# A key inside an input section (generate.best_of_n in the section generate) is left out of that section's value.
+INPUTS_ADDED_LATER = {"launch.num_processes": 1, "launch.num_machines": 1, "launch.config_file": None,
+                      "generate.best_of_n": 0}
 
 
 def params_fingerprint(resolved: dict, stage: str) -> str:
     """sha256 (16 hex digits) of the params that `stage`'s output depends on: equal means reusable."""
     values = {key: _lookup(resolved, key) for key in stage_inputs(stage)}
-    return _digest({k: v for k, v in values.items() if k not in INPUTS_ADDED_LATER or v != INPUTS_ADDED_LATER[k]})
+    for dotted, default in INPUTS_ADDED_LATER.items():
+        section, _, key = dotted.rpartition(".")
+        if dotted in values:
+            if values[dotted] == default:
+                del values[dotted]
+        elif isinstance(values.get(section), dict) and values[section].get(key, default) == default:
+            values[section] = {k: v for k, v in values[section].items() if k != key}
+    return _digest(values)
 
 
 def params_set_id(resolved: dict) -> str:
@@ -311,6 +320,17 @@ def has_completed_format(run_dir: Path, resolved: dict) -> bool:
     entry = mf.read_manifest(run_dir).get("stages", {}).get("format")
     return bool(entry) and entry.get("status") == "completed" and (
         _entry_fingerprint(run_dir, "format", entry) == params_fingerprint(resolved, "format"))
+
+
+def format_stage_differences(run_dir: Path, resolved: dict) -> list[str]:
+    """Why `run_dir`'s format stage cannot stand for one made with `resolved`: its status, or the data params that
+    differ ('key: old -> new'); empty when it can (has_completed_format)."""
+    entry = mf.read_manifest(run_dir).get("stages", {}).get("format")
+    if not entry or entry.get("status") != "completed":
+        return [f"its format stage is {entry.get('status') if entry else 'absent'}, not completed"]
+    if _entry_fingerprint(run_dir, "format", entry) == params_fingerprint(resolved, "format"):
+        return []
+    return stage_differences(_entry_params(run_dir, entry), resolved, "format") or ["its data params differ"]
 
 
 def adopt_format_stage(run_dir: Path, source_run_dir: Path, resolved: dict, project: Path, hardware: dict) -> dict:
