@@ -1,18 +1,21 @@
 """Benchmark: train throughput of the kit's train stage against bare TRL, and the FLOP/s of its train step.
 
-Three sides train the same model with LoRA on the same pairs, with the same batch size, learning rate, max_length
+Four sides train the same model with LoRA on the same pairs, with the same batch size, learning rate, max_length
 and LoRA settings, alternated --repeat times in this one process (medians printed):
 
 - kit:          the kit's train stage (`train_dpo`, as `dpo-kit run` calls it) in a fresh run directory that
                 starts from the prepared pairs, as every trial of a sweep after the first does: the reference
                 log-probs come from the on-disk cache (dpo.precompute_ref_log_probs), warmed once beforehand;
+- kit bf16:     the same with dpo.bf16=true (bf16 autocast, still no checkpointing): what a params file can ask
+                for where the CPU multiplies in bf16 natively (the kit's own CPU choice is fp32);
 - TRL defaults: `DPOTrainer` with `DPOConfig` left at its defaults apart from the task (bf16 autocast and
-                gradient checkpointing, which TRL turns on everywhere);
-- TRL tuned:    the same with the settings the kit chooses for this hardware (on a CPU: fp32, no checkpointing,
-                no pinned memory); the reference forward still runs in every step.
+                gradient checkpointing, which TRL turns on everywhere), plus `use_cpu=True` on a machine without a
+                GPU, where the bf16 default otherwise refuses to start;
+- TRL tuned:    TRL defaults with the settings the kit chooses for this hardware instead (on a CPU: fp32, no
+                checkpointing, no pinned memory); the reference forward still runs in every step.
 
 Throughput is steady state: pairs per second over the steps after the first (one timer, the same TrainerCallback
-for all three sides), so model loading, tokenization and the cache read are left out. The FLOP/s of the kit's
+for every side), so model loading, tokenization and the cache read are left out. The FLOP/s of the kit's
 step counts matrix-multiply FLOPs from parameters x tokens: 2 per weight and token for the forward, 2 for the
 backward through frozen weights (LoRA: input gradients only) or 4 with full fine-tuning, and 2 for a reference
 forward where one runs; tokens are the pairs' real (unpadded) tokens. The peak is this machine's fp32 matmul
@@ -43,6 +46,7 @@ sys.path.insert(0, str(REPO))
 TARGET_OVER_DEFAULTS = 20.0
 TARGET_OVER_TUNED = 1.3
 TARGET_PEAK_SHARE = 0.70
+BF16 = ("dpo.bf16=true",)  # the kit with bf16 autocast asked for in params (its CPU default is fp32)
 
 
 class StepTimes:
@@ -131,21 +135,21 @@ def prepare_pairs(args, scratch: Path) -> Path:
     return stage.run_dir
 
 
-def kit_side(args, pairs: Path, scratch: Path, index: int, times: StepTimes) -> float:
-    """Seconds per step of the kit's train stage in a new run that starts from `pairs`."""
+def kit_side(args, pairs: Path, scratch: Path, name: str, times: StepTimes, extra: tuple[str, ...] = ()) -> float:
+    """Seconds per step of the kit's train stage in a new run `name` that starts from `pairs`."""
     from dpo_kit.run.runner import resolve_run
     from dpo_kit.run.stage import adopt_format_stage, open_stage
     from dpo_kit.training.train import train_dpo
 
-    overrides = [*args.set, *args.train_set, f"run.output_dir={scratch}", f"run.name=kit-{index}"]
+    overrides = [*args.set, *args.train_set, *extra, f"run.output_dir={scratch}", f"run.name={name}"]
     resolved = resolve_run(args.params, overrides, REPO)
-    run_dir = scratch / f"kit-{index}"
+    run_dir = scratch / name
     adopt_format_stage(run_dir, pairs, resolved["params"], REPO, resolved["hardware"])
     stage = open_stage("train", args.params, overrides, str(REPO), str(run_dir))
     result = train_dpo(stage)
     stage.complete(**result.summary())
     cache = {split: record["status"] for split, record in (result.ref_logps_cache or {}).get("splits", {}).items()}
-    SETTINGS["kit"] = f"{result.precision}, reference log-probs from the cache: {cache}"
+    SETTINGS["kit bf16" if extra else "kit"] = f"{result.precision}, reference log-probs from the cache: {cache}"
     return times.seconds_per_step()
 
 
@@ -165,6 +169,10 @@ def trl_side(args, pairs: Path, scratch: Path, tuned: bool, steps: int, times: S
                                              "per_device_train_batch_size", "max_length") if key in params.dpo}  # fmt: skip
     settings = dict(output_dir=str(scratch / "trl"), max_steps=steps, logging_steps=steps, save_strategy="no",
                     report_to="none", seed=params.run.seed, **task)  # fmt: skip
+    import torch
+
+    if not torch.cuda.is_available():
+        settings["use_cpu"] = True  # without it TRL's bf16 default refuses to start on a CPU ("doesn't support bf16/gpu")
     if tuned:  # what the kit sets for this hardware, nothing else
         from dpo_kit.hardware import choose_hardware
 
@@ -194,12 +202,12 @@ def model_dir(params) -> Path:
     return Path(model_source(params, str(REPO)))
 
 
-def profile_kit_step(args, pairs: Path, scratch: Path, top: int = 6) -> list[tuple[str, float]]:
+def profile_kit_step(args, pairs: Path, scratch: Path, times: StepTimes, top: int = 6) -> list[tuple[str, float]]:
     """The operators that take the most self CPU time over a short kit run: (name, share of the total)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        kit_side(args, pairs, scratch, 999, StepTimes())
+        kit_side(args, pairs, scratch, "kit-profiled", times)
     events = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
@@ -242,12 +250,14 @@ def main() -> None:
 
         print("warming the reference log-prob cache (not timed) ...", flush=True)
         started = time.perf_counter()
-        kit_side(args, pairs, scratch, -1, times)
+        kit_side(args, pairs, scratch, "kit-warm-up", times)
         cold = time.perf_counter() - started
+        kit_side(args, pairs, scratch, "kit-bf16-warm-up", times, BF16)  # bf16 autocast: another cache key
 
-        sides: dict[str, list[float]] = {"kit": [], "TRL tuned": [], "TRL defaults": []}
+        sides: dict[str, list[float]] = {"kit": [], "kit bf16": [], "TRL tuned": [], "TRL defaults": []}
         for repeat in range(args.repeat):
-            sides["kit"].append(kit_side(args, pairs, scratch, repeat, times))
+            sides["kit"].append(kit_side(args, pairs, scratch, f"kit-{repeat}", times))
+            sides["kit bf16"].append(kit_side(args, pairs, scratch, f"kit-bf16-{repeat}", times, BF16))
             sides["TRL tuned"].append(trl_side(args, pairs, scratch, True, args.steps, times))
             sides["TRL defaults"].append(trl_side(args, pairs, scratch, False, args.default_steps, times))
             print(f"repeat {repeat + 1}: " + ", ".join(f"{name} {values[-1]:.2f} s/step" for name, values in sides.items()),
@@ -263,7 +273,7 @@ def main() -> None:
         kit_flops = batch * tokens * weights * (2 + backward)  # the cache stands in for the reference forward
         peak = matmul_peak()
         achieved = kit_flops / per_step["kit"]
-        hotspots = profile_kit_step(args, pairs, scratch)
+        hotspots = profile_kit_step(args, pairs, scratch, times)
 
     pairs_per_second = {name: batch / seconds for name, seconds in per_step.items()}
     over_defaults = per_step["TRL defaults"] / per_step["kit"]
@@ -278,6 +288,13 @@ def main() -> None:
     print(f"kit over TRL defaults: {over_defaults:5.1f}x  target >= {TARGET_OVER_DEFAULTS:g}x:"
           f" {met(over_defaults >= TARGET_OVER_DEFAULTS)}")
     print(f"kit over TRL tuned:    {over_tuned:5.2f}x  target >= {TARGET_OVER_TUNED:g}x: {met(over_tuned >= TARGET_OVER_TUNED)}")
+    bf16_gain = per_step["kit"] / per_step["kit bf16"]
+    print(f"the kit with dpo.bf16=true: {bf16_gain:.2f}x its own CPU default (fp32), "
+          f"{per_step['TRL defaults'] / per_step['kit bf16']:.2f}x TRL defaults")  # fmt: skip
+    if over_defaults < TARGET_OVER_DEFAULTS and bf16_gain > 1:
+        print("  TRL's defaults are not slow here: this CPU multiplies in bf16 natively (avx512_bf16/AMX) and, at"
+              " this model size, bf16 autocast outweighs recomputing activations; the kit's CPU choice (fp32, from"
+              " a model too small for bf16 to pay) costs the difference")  # fmt: skip
     print(f"FLOP/s of the kit's step: {achieved / 1e9:.1f} GFLOP/s ({weights / 1e6:.1f}M matmul weights x {tokens:.0f}"
           f" real tokens per pair x {2 + backward}) against an fp32 matmul peak of {peak / 1e9:.1f} GFLOP/s:"
           f" {share:.0%}  target >= {TARGET_PEAK_SHARE:.0%}: {met(share >= TARGET_PEAK_SHARE)}")  # fmt: skip

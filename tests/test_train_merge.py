@@ -44,6 +44,12 @@ def test_build_dpo_config_follows_hardware_unless_params_say_otherwise(tmp_path)
     # Pinned memory only where a GPU reads the batches: on a CPU torch would warn that it is unused.
     assert config.dataloader_pin_memory is False
     assert dpo_config_kwargs(load_params(TINY), tmp_path, gpu)["dataloader_pin_memory"] is True
+    # bf16 asked for on a CPU (one with native bf16 trains a real model faster so): transformers refuses it without
+    # use_cpu, so the kit sets that on a CPU.
+    cpu = HardwareChoice("cpu", "x86_64", 2, True, False, False, False, "float32", "test")
+    asked = build_dpo_config(load_params(TINY, ["dpo.bf16=true"]), tmp_path, cpu)
+    assert precision_record(asked)["bf16"] is True and asked.use_cpu is True
+    assert "use_cpu" not in dpo_config_kwargs(load_params(TINY), tmp_path, gpu)
 
 
 def test_lora_train_then_merge_gives_equal_logits(tmp_path, tiny_model_dir):

@@ -48,11 +48,14 @@ def dpo_config_kwargs(params: Params, run_dir: str | Path, hardware: HardwareCho
         # Pinned host memory only speeds copies to a GPU; elsewhere torch warns that it is unused.
         "dataloader_pin_memory": hardware.device == "cuda",
     }
+    if hardware.device == "cpu":
+        # Without it transformers refuses bf16 on a machine without a GPU ("doesn't support bf16/gpu"), even where
+        # params ask for it on a CPU that multiplies in bf16 natively; launched, it makes accelerate choose DDP
+        # over gloo.
+        settings["use_cpu"] = True
     if in_launched_worker():
         # One line per logged step stands in for the bar, whose carriage returns garble lines piped from workers.
         settings["disable_tqdm"] = True
-        if hardware.device == "cpu":
-            settings["use_cpu"] = True  # makes accelerate's state choose DDP over gloo on a CPU
         # LoRA and full fine-tuning use every trainable weight in each forward: DDP's search for unused ones only
         # costs a graph traversal per step (and torch warns about it).
         settings["ddp_find_unused_parameters"] = False
