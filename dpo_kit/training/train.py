@@ -31,7 +31,7 @@ def dpo_config_kwargs(params: Params, run_dir: str | Path, hardware: HardwareCho
     """DPOConfig arguments: params.dpo plus the keys the kit owns (paths, seed, tracking, precision).
 
     Precision and checkpointing follow the hardware unless params.dpo sets them explicitly: TRL's
-    defaults (bf16 + checkpointing) are right for a GPU and ~27x too slow on a CPU without bf16.
+    defaults (bf16 + checkpointing) are right for a GPU and were ~27x too slow for a small model on a CPU.
     """
     from trl import DPOConfig
 
