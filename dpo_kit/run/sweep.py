@@ -16,6 +16,7 @@ what Optuna cannot know:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -153,6 +154,26 @@ def redacted(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+@contextlib.contextmanager
+def storage_lock(url: str):
+    """Workers on one machine open an RDB storage one at a time. RDBStorage creates its tables and records its
+    schema version when it opens a new database, and two processes doing that at once fail ("table studies
+    already exists"): two workers started together on a fresh sweep did. The lock is a file in this machine's
+    temporary directory, so workers on other machines are not serialized: on a fresh shared database, start one
+    worker first and the others once it runs."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"dpo-kit-optuna-{hashlib.sha256(url.encode()).hexdigest()[:16]}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def open_storage(url: str):
     """An Optuna storage: an RDB URL (heartbeat on, stale trials retried), or journal:PATH (a file, for NFS)."""
     import warnings
@@ -165,7 +186,7 @@ def open_storage(url: str):
         path = url.removeprefix("journal:").removeprefix("//")
         return JournalStorage(JournalFileBackend(path))
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), storage_lock(url):
             # Heartbeats are marked experimental since Optuna 2.8 and are how it finds dead workers; we rely on them
             # knowingly, so only that notice is muted, only here.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
