@@ -451,9 +451,9 @@ def best_of_n_baselines(runs: list[RunRecord], ns: tuple[int, ...] = BEST_OF_N) 
     curves, notes, seen = [], [], set()
     drawn = [run for run in runs if (run.path / "reference_samples.jsonl").is_file()]
     for run in runs:
-        if drawn and not (run.path / "reference_samples.jsonl").is_file():
-            continue
         own = run.path / "reference_samples.jsonl"
+        if drawn and not own.is_file():
+            continue
         fingerprint = (run.manifest.get("data") or {}).get("fingerprint")
         samples = run.path / "data" / "samples.jsonl"
         key = own.read_bytes() if own.is_file() else fingerprint or (
