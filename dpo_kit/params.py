@@ -307,10 +307,12 @@ class EvaluateParams(Section):
 
 
 class TrackingParams(Section):
-    report_to: list[Literal["none", "wandb", "tensorboard"]] = Field(
-        ["none"], description="Experiment trackers; wandb reads WANDB_API_KEY from the environment only."
+    report_to: list[Literal["none", "wandb", "trackio", "tensorboard"]] = Field(
+        ["none"],
+        description="Experiment trackers for the training curves and the evaluate stage's summary, writing under"
+        " <run>/tracking/. wandb reads WANDB_API_KEY from the environment only; WANDB_MODE=offline keeps it local.",
     )
-    project: str = Field("dpo-kit", description="Tracker project name.")
+    project: str = Field("dpo-kit", description="Tracker project name (wandb and trackio).")
 
     @field_validator("report_to", mode="before")
     @classmethod

@@ -35,6 +35,7 @@ from dpo_kit.judges import make_judge, win_outcomes, win_rate_from_scores
 from dpo_kit.models.loading import device_of, free_memory, load_causal_lm, load_tokenizer, model_source
 from dpo_kit.models.sampling import prompt_token_ids
 from dpo_kit.params import Params, dpo_config_defaults
+from dpo_kit.tracking import log_summary, record_summary
 
 METRICS_FILE = "metrics.json"
 
@@ -228,6 +229,7 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
         metrics["judge/reference_score"] = sum(reference_scores) / len(records)
     metrics.update(per_pair=per_pair, per_generation=per_generation)
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    record_summary(run_dir, log_summary(params, run_dir, metrics))  # the trackers get the headline numbers too
     return metrics
 
 

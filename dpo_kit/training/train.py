@@ -21,6 +21,7 @@ from typing import Any
 from dpo_kit.hardware import HardwareChoice
 from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet
 from dpo_kit.params import Params
+from dpo_kit.tracking import configure_trackers, finish_trackers, trackers
 from dpo_kit.training.checkpoints import RECORD_FILE, checkpoint_step
 
 # The metrics the train notebook plots; names are TRL's, unchanged.
@@ -69,7 +70,8 @@ def dpo_config_kwargs(params: Params, run_dir: str | Path, hardware: HardwareCho
         run_name=params.run.name,
         seed=params.run.seed,
         data_seed=params.run.seed,
-        report_to=[r for r in params.tracking.report_to if r != "none"] or "none",
+        report_to=trackers(params) or "none",
+        project=params.tracking.project,  # trackio's project (wandb's comes from WANDB_PROJECT)
     )
     return settings
 
@@ -112,14 +114,6 @@ class TrainResult:
             **({"launch": self.launch} if self.launch else {}),
             **({"ref_logps_cache": self.ref_logps_cache} if self.ref_logps_cache else {}),
         }
-
-
-def _configure_tracking(params: Params, run_dir: Path) -> None:
-    # wandb reads its key from WANDB_API_KEY; we only name the project (params are the truth) and keep
-    # its local files inside the run, where the runner's secret scan can see them.
-    if "wandb" in params.tracking.report_to:
-        os.environ["WANDB_PROJECT"] = params.tracking.project
-        os.environ["WANDB_DIR"] = str(run_dir)
 
 
 def log_line_callback():
@@ -254,7 +248,7 @@ def train_in_this_process(stage) -> TrainResult:
     from dpo_kit.training.ref_cache import RefLogpsStore, cached_dpo_trainer_class
 
     params, run_dir = stage.params, stage.run_dir
-    _configure_tracking(params, run_dir)
+    tracking = configure_trackers(params, run_dir)
     source = model_source(params, stage.project_dir)
     tokenizer = load_tokenizer(source, params)
     config = build_dpo_config(params, run_dir, stage.hardware)
@@ -307,6 +301,10 @@ def train_in_this_process(stage) -> TrainResult:
     history = trainer.state.log_history
     if main_process:
         (run_dir / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+        if tracking:
+            from dpo_kit import manifest as mf
+
+            mf.update_manifest(run_dir, tracking=finish_trackers(tracking))
     if trainer.args.world_size > 1:
         print(f"{processes}: trained {trainer.state.global_step} steps" + (f", saved {model_dir}" if main_process else ""),
               flush=True)  # fmt: skip

@@ -1,0 +1,165 @@
+"""Experiment trackers (`tracking.report_to`): Weights & Biases, trackio and TensorBoard, each writing inside the run.
+
+The Trainer's own callbacks log the training curves under TRL's metric names; this module only points them at
+the run directory, so that a run's tracker files sit next to its manifest (and inside the runner's secret scan),
+and adds what the callbacks do not log: the evaluate stage's summary (win-rate, KL, implicit-reward accuracy).
+
+Where each tracker writes, under <run>/tracking/:
+- wandb/: wandb's run folder. Online it also streams to wandb.ai (WANDB_API_KEY from the environment); with
+  WANDB_MODE=offline it stays local, for `wandb sync` later. The wandb run id is the kit's run id, so the
+  evaluate stage (and a resumed train stage) add to the same wandb run.
+- trackio/: trackio's local SQLite store (TRACKIO_DIR); `TRACKIO_DIR=<run>/tracking/trackio trackio show`.
+- tensorboard/: event files; `tensorboard --logdir <run>/tracking/tensorboard`.
+
+Secrets are never passed here: wandb reads WANDB_API_KEY itself, and the kit writes no environment value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+TRACKING_DIR = "tracking"
+TRACKERS = ("wandb", "trackio", "tensorboard")
+
+# The evaluate stage's headline numbers, as the tracker shows them; the keys are metrics.json's (TRL's names
+# where TRL has one), under eval/ like the Trainer's evaluation metrics.
+SUMMARY_METRICS = (
+    "rewards/accuracies", "rewards/margins", "win_rate", "win_rate/ci_low", "win_rate/ci_high", "kl",
+    "judge/policy_score", "judge/reference_score", "text/policy_distinct_2", "text/policy_repeated_3grams",
+)  # fmt: skip
+
+
+def trackers(params) -> list[str]:
+    return [name for name in params.tracking.report_to if name != "none"]
+
+
+def tracker_dir(run_dir: str | Path, tracker: str) -> Path:
+    return Path(run_dir) / TRACKING_DIR / tracker
+
+
+def _run_id(run_dir: Path) -> str:
+    from dpo_kit import manifest as mf
+
+    return mf.read_manifest(run_dir)["run_id"]
+
+
+def configure_trackers(params, run_dir: str | Path) -> dict[str, Any]:
+    """Point the Trainer's tracker callbacks at <run>/tracking/ (through the environment variables each one
+    reads) and return where each writes, for the manifest. Called in the process that trains (and in every
+    launched worker), before the Trainer is built; params are the truth, so these override the environment."""
+    run_dir = Path(run_dir)
+    record: dict[str, Any] = {}
+    for name in trackers(params):
+        folder = tracker_dir(run_dir, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        if name == "wandb":
+            # WANDB_DIR is the folder wandb makes its wandb/ folder in; the id and resume=allow make the train
+            # stage, its resumption and the evaluate stage one wandb run.
+            os.environ.update(WANDB_PROJECT=params.tracking.project, WANDB_DIR=str(folder.parent),
+                              WANDB_RUN_ID=_run_id(run_dir), WANDB_RESUME="allow")  # fmt: skip
+            record[name] = {"project": params.tracking.project, "run_id": os.environ["WANDB_RUN_ID"],
+                            "mode": os.environ.get("WANDB_MODE", "online"), "dir": str(folder)}  # fmt: skip
+        elif name == "trackio":
+            os.environ["TRACKIO_DIR"] = str(folder)
+            record[name] = {"project": params.tracking.project, "run": params.run.name, "dir": str(folder)}
+        elif name == "tensorboard":
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder)
+            record[name] = {"log_dir": str(folder)}
+    return record
+
+
+def summary_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {f"eval/{key}": float(metrics[key]) for key in SUMMARY_METRICS if isinstance(metrics.get(key), (int, float))}
+
+
+def log_summary(params, run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Send the evaluate stage's summary metrics to each tracker of the run, into the same tracker run as the
+    training curves, at the last training step. Returns what was sent where (for the manifest)."""
+    run_dir = Path(run_dir)
+    names = trackers(params)
+    summary = summary_metrics(metrics)
+    if not names or not summary:
+        return {}
+    step = _last_train_step(run_dir)
+    sent: dict[str, Any] = {}
+    for name in names:
+        folder = tracker_dir(run_dir, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        if name == "wandb":
+            sent[name] = _wandb_summary(params, run_dir, folder, summary)
+        elif name == "trackio":
+            sent[name] = _trackio_summary(params, folder, summary, step)
+        elif name == "tensorboard":
+            sent[name] = _tensorboard_summary(folder, summary, step)
+    return sent
+
+
+def _last_train_step(run_dir: Path) -> int:
+    log = run_dir / "train_log.jsonl"
+    if not log.exists():
+        return 0
+    return max((json.loads(line).get("step", 0) for line in log.read_text().splitlines() if line.strip()), default=0)
+
+
+def _wandb_summary(params, run_dir: Path, folder: Path, summary: dict[str, float]) -> dict[str, Any]:
+    import wandb
+
+    # The train stage's wandb run, resumed: the summary sits beside its curves. wandb reads the key itself.
+    run = wandb.init(project=params.tracking.project, id=_run_id(run_dir), resume="allow", dir=str(folder.parent),
+                     name=params.run.name)  # fmt: skip
+    try:
+        run.summary.update(summary)
+        return {"run_id": run.id, "url": None if run.offline else run.url, "metrics": sorted(summary)}
+    finally:
+        run.finish()
+
+
+def _trackio_summary(params, folder: Path, summary: dict[str, float], step: int) -> dict[str, Any]:
+    import trackio
+
+    os.environ["TRACKIO_DIR"] = str(folder)  # read when trackio opens its store
+    trackio.init(project=params.tracking.project, name=params.run.name, resume="allow")
+    try:
+        # trackio numbers its own steps (one per logging call of the Trainer); the Trainer's step rides along
+        # under the name its callback uses.
+        trackio.log({**summary, "train/global_step": step})
+    finally:
+        trackio.finish()
+    return {"project": params.tracking.project, "run": params.run.name, "step": step, "metrics": sorted(summary)}
+
+
+def _tensorboard_summary(folder: Path, summary: dict[str, float], step: int) -> dict[str, Any]:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(folder)) as writer:
+        for key, value in summary.items():
+            writer.add_scalar(key, value, global_step=step)
+    return {"log_dir": str(folder), "step": step, "metrics": sorted(summary)}
+
+
+def finish_trackers(record: dict[str, Any]) -> dict[str, Any]:
+    """After training: add the wandb run's URL to `record` and close the run. The Trainer's callback leaves it
+    open, and in the runner's shared kernel the next stage (or run) would otherwise log into it."""
+    if "wandb" in record:
+        import wandb
+
+        if wandb.run is not None:
+            # Offline there is no URL (and asking makes wandb warn): `wandb sync <dir>` uploads the run later.
+            record["wandb"].update(name=wandb.run.name, url=None if wandb.run.offline else wandb.run.url)
+            wandb.finish()
+    return record
+
+
+def record_summary(run_dir: str | Path, sent: dict[str, Any]) -> None:
+    """Add what log_summary sent to the manifest's `tracking` entry, beside what the train stage recorded."""
+    if not sent:
+        return
+    from dpo_kit import manifest as mf
+
+    tracking = mf.read_manifest(run_dir).get("tracking", {})
+    for name, entry in sent.items():
+        tracking.setdefault(name, {})["summary"] = entry
+    mf.update_manifest(run_dir, tracking=tracking)

@@ -1,0 +1,157 @@
+"""Experiment trackers, offline: one tiny run reports to wandb (offline mode), trackio (its local store) and
+TensorBoard (event files) at once, and each tracker's own files are read back for TRL's metric names, the
+evaluate stage's summary, and the absence of every secret in the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import struct
+from pathlib import Path
+
+import pytest
+
+from dpo_kit.params import load_params
+from dpo_kit.run.runner import find_secrets, run_pipeline
+from dpo_kit.tracking import configure_trackers, summary_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "params" / "tiny.yaml"
+# Canaries, one per secret the kit knows; long enough for the runner's scan (8+ characters).
+CANARIES = {"HF_TOKEN": "hf_canaryTrackerToken0123456789", "WANDB_API_KEY": "canary0wandb1key2never3in4a5file6789abcd"}
+# TRL's metric names as the Trainer's callbacks send them (prefixed train/), and the evaluate stage's summary.
+TRAIN_METRICS = {"train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen"}
+SUMMARY = {"eval/win_rate", "eval/kl", "eval/rewards/accuracies"}
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory, tiny_model_dir):
+    runs = tmp_path_factory.mktemp("runs")
+    overrides = [f"run.output_dir={runs}", f"model.name_or_path={tiny_model_dir}", "run.name=tracked",
+                 "tracking.report_to=[wandb,trackio,tensorboard]", "tracking.project=dpo-kit-tests"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in CANARIES.items():
+            patch.setenv(name, value)
+        patch.setenv("WANDB_MODE", "offline")
+        run_dir = run_pipeline(TINY, overrides, project_dir=REPO, progress=False)
+    return run_dir
+
+
+def wandb_records(path: Path):
+    """The protobuf records of a .wandb file. wandb 0.31 has no Python reader (its Go core writes the file): the
+    container is LevelDB's log format, 32 KiB blocks of chunks with a 7-byte header (crc, length, type), after
+    a 7-byte file header (':W&B', magic, version)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a wandb transaction log"
+    position, pending, block = 7, b"", 32768
+    while position + 7 <= len(data):
+        left = block - position % block
+        if left < 7:  # a block's tail too short for a header is padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        position += 7
+        pending += data[position : position + length]
+        position += length
+        if kind in (1, 4):  # FULL, or LAST of a FIRST/MIDDLE/LAST chain
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def wandb_keys(tracking_dir: Path) -> tuple[set[str], set[str]]:
+    history, summary = set(), set()
+    for path in tracking_dir.glob("wandb/offline-run-*/run-*.wandb"):
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                history |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+            elif kind == "summary":
+                summary |= {item.key or "/".join(item.nested_key) for item in record.summary.update}
+    return history, summary
+
+
+@pytest.mark.notebook
+def test_wandb_offline_files_hold_trl_metric_names_and_the_summary_in_one_run(tracked_run):
+    history, summary = wandb_keys(tracked_run / "tracking")
+    assert TRAIN_METRICS <= history, f"missing from wandb's history: {TRAIN_METRICS - history}"
+    assert SUMMARY <= summary, f"missing from wandb's summary: {SUMMARY - summary}"
+    # The evaluate stage resumed the train stage's wandb run (its id is the kit's run id), not a new one.
+    manifest = json.loads((tracked_run / "manifest.json").read_text())
+    ids = {path.name.rsplit("-", 1)[-1] for path in (tracked_run / "tracking" / "wandb").glob("offline-run-*")}
+    assert ids == {manifest["run_id"]}
+    entry = manifest["tracking"]["wandb"]
+    assert entry["run_id"] == manifest["run_id"] and entry["mode"] == "offline" and entry["name"] == "tracked"
+    assert entry["summary"]["run_id"] == manifest["run_id"] and set(entry["summary"]["metrics"]) >= SUMMARY
+
+
+@pytest.mark.notebook
+def test_trackio_store_holds_trl_metric_names_and_the_summary(tracked_run):
+    store = tracked_run / "tracking" / "trackio" / "dpo-kit-tests.db"
+    with sqlite3.connect(store) as db:
+        rows = db.execute("select run_name, metrics from metrics").fetchall()
+    assert {name for name, _ in rows} == {"tracked"}
+    logged = [json.loads(metrics) for _, metrics in rows]
+    keys = set().union(*logged)
+    assert TRAIN_METRICS <= keys and SUMMARY <= keys
+    summary_row = next(row for row in logged if "eval/win_rate" in row)
+    metrics = json.loads((tracked_run / "metrics.json").read_text())
+    assert summary_row["eval/win_rate"] == pytest.approx(metrics["win_rate"])
+    assert summary_row["train/global_step"] == max(row.get("train/global_step", 0) for row in logged)
+    entry = json.loads((tracked_run / "manifest.json").read_text())["tracking"]["trackio"]
+    assert entry["project"] == "dpo-kit-tests" and entry["run"] == "tracked" and entry["dir"] == str(store.parent)
+
+
+@pytest.mark.notebook
+def test_tensorboard_event_files_hold_trl_metric_names_and_the_summary(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    values: dict[str, float] = {}
+    for events in (tracked_run / "tracking" / "tensorboard").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+        values.update({tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]})
+    assert TRAIN_METRICS <= tags and SUMMARY <= tags
+    metrics = json.loads((tracked_run / "metrics.json").read_text())
+    assert values["eval/kl"] == pytest.approx(metrics["kl"], rel=1e-6)
+    manifest = json.loads((tracked_run / "manifest.json").read_text())
+    assert manifest["tracking"]["tensorboard"]["log_dir"] == str(tracked_run / "tracking" / "tensorboard")
+
+
+@pytest.mark.notebook
+def test_no_secret_reaches_any_tracker_file_and_the_runner_scan_reads_them(tracked_run):
+    files = [path for path in (tracked_run / "tracking").rglob("*") if path.is_file()]
+    assert len(files) >= 5, files  # all three trackers wrote
+    for path in files:
+        data = path.read_bytes()
+        for name, canary in CANARIES.items():
+            assert canary.encode() not in data, f"{name} leaked into {path}"
+    # The runner's scan covers those files: a canary planted in wandb's folder is found there.
+    planted = next(tracked_run.glob("tracking/wandb/offline-run-*/logs")) / "planted.log"
+    planted.write_text(f"key={CANARIES['WANDB_API_KEY']}\n")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("WANDB_API_KEY", CANARIES["WANDB_API_KEY"])
+            assert find_secrets(tracked_run) == [str(planted)]
+    finally:
+        planted.unlink()
+
+
+def test_without_trackers_nothing_is_configured_and_the_summary_keeps_only_numbers(tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    assert configure_trackers(load_params(TINY), tmp_path) == {}
+    assert not (tmp_path / "tracking").exists() and "TENSORBOARD_LOGGING_DIR" not in os.environ
+    summary = summary_metrics({"win_rate": 0.75, "kl": 1.5, "judge": "rule", "rewards/accuracies": 1, "beta": 0.1})
+    assert summary == {"eval/win_rate": 0.75, "eval/kl": 1.5, "eval/rewards/accuracies": 1.0}
+
+
+def test_report_to_names_the_trackers_it_accepts():
+    with pytest.raises(ValueError, match="tracking.report_to") as error:
+        load_params(TINY, ["tracking.report_to=[mlflow]"])
+    assert all(name in str(error.value) for name in ("wandb", "trackio", "tensorboard"))
