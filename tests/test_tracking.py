@@ -155,3 +155,12 @@ def test_report_to_names_the_trackers_it_accepts():
     with pytest.raises(ValueError, match="tracking.report_to") as error:
         load_params(TINY, ["tracking.report_to=[mlflow]"])
     assert all(name in str(error.value) for name in ("wandb", "trackio", "tensorboard"))
+
+
+@pytest.mark.notebook
+def test_tracker_files_belong_to_the_train_stage_so_a_rerun_moves_them_aside(tracked_run):
+    from dpo_kit.run.stage import RUN_FILES, STAGE_OUTPUTS
+
+    owned = {path for paths in STAGE_OUTPUTS.values() for path in paths} | set(RUN_FILES)
+    assert {path.name for path in tracked_run.iterdir()} <= owned
+    assert "tracking" in STAGE_OUTPUTS["train"]
