@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.nbval_expected import give_expected_outputs, nbval_cells
+from tests.notebook_warnings import warning_lines
 
 collect_ignore_glob = ["tests/notebook_outputs/*.ipynb"]  # expected outputs, not notebooks to run
 
@@ -36,3 +37,15 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     give_expected_outputs(nbval_cells(session.items))  # only the cells that will run
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A notebook cell that printed a warning fails, naming the lines: nbval checks only that a cell runs (and
+    the outputs of checked cells), and a reader opening the notebook sees what it printed."""
+    result = yield
+    if type(item).__name__ == "IPyNbCell":
+        lines = warning_lines(getattr(item, "test_outputs", None))
+        if lines:
+            pytest.fail(f"{item.name} printed warnings a reader would see:\n  " + "\n  ".join(lines), pytrace=False)
+    return result

@@ -13,3 +13,12 @@ Heavy libraries are imported inside functions so `import dpo_kit` (and each sub-
 """
 
 __version__ = "0.1.0"
+
+# Before any library is imported: library notices the kit answers (library_notices.py), and in a kernel the kit
+# started for a batch run, text progress bars (progress.py).
+from dpo_kit.library_notices import answer_library_notices  # noqa: E402
+from dpo_kit.progress import text_progress_bars_requested, use_text_progress_bars  # noqa: E402
+
+answer_library_notices()
+if text_progress_bars_requested():
+    use_text_progress_bars()
