@@ -1,0 +1,76 @@
+"""What a notebook reader sees besides results: progress bars of the right kind, and no library notice that the
+kit can answer (the notebook tier itself fails a cell that prints a warning: see conftest.py)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from dpo_kit.library_notices import BITSANDBYTES_HUB_KERNEL, DropMessage
+from dpo_kit.progress import BATCH_KERNEL_ENV
+from tests.notebook_warnings import warning_lines
+
+REPO = Path(__file__).resolve().parent.parent
+BNB_NOTICE = BITSANDBYTES_HUB_KERNEL[1]
+
+
+def python(code: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **env}, timeout=300)  # fmt: skip
+
+
+def test_importing_the_kit_first_answers_bitsandbytes_hub_kernel_notice_and_only_it():
+    done = python("import bitsandbytes.backends.cpu.ops as o, peft; print(bool(o.has_avx512bf16()))")
+    assert done.returncode == 0, done.stderr
+    # Without the kit, bitsandbytes prints the notice on every CPU with AVX512-BF16 (like this one, and CI's).
+    assert (BNB_NOTICE in done.stderr) == (done.stdout.strip() == "True"), done.stderr
+    done = python("import dpo_kit, peft, logging; logging.getLogger('bitsandbytes.backends.cpu.ops').warning('other')")
+    assert done.returncode == 0 and BNB_NOTICE not in done.stderr, done.stderr
+    assert "other" in done.stderr  # the logger's other warnings still show
+    drop = DropMessage(BNB_NOTICE)
+    record = logging.LogRecord("bitsandbytes.backends.cpu.ops", logging.WARNING, "", 0, BNB_NOTICE + ": %s", ("x",), None)
+    assert not drop.filter(record)
+
+
+def test_the_kits_batch_kernels_draw_text_bars_and_an_interactive_kernel_widgets(tmp_path):
+    from nbclient import NotebookClient
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    from dpo_kit.run.runner import SharedKernel
+
+    # Widgets or not: the bar tqdm.auto hands out, and the one datasets built its bar on (at its import, after
+    # the kit's).
+    probe = ("import sys, dpo_kit, datasets.utils.tqdm, tqdm.notebook\n"
+             "widget = sys.modules['tqdm.notebook'].tqdm\n"
+             "print(issubclass(sys.modules['tqdm.auto'].tqdm, widget), issubclass(sys.modules['datasets.utils.tqdm'].tqdm, widget))")
+    kernel = SharedKernel(tmp_path)
+    try:
+        batch = kernel.run_cell(probe).outputs
+    finally:
+        kernel.shutdown()
+    assert "".join(o.get("text", "") for o in batch).split() == ["False", "False"], batch
+    notebook = new_notebook(cells=[new_code_cell(probe)])  # a kernel as JupyterLab starts one
+    NotebookClient(notebook, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    interactive = notebook.cells[0].outputs
+    assert "".join(o.get("text", "") for o in interactive).split() == ["True", "True"], interactive
+    assert not warning_lines(interactive), "no TqdmWarning: ipywidgets is installed"
+
+
+def test_text_bars_are_redrawn_at_most_once_a_second_in_batch():
+    done = python("import dpo_kit, tqdm.auto; print(tqdm.auto.tqdm(range(1)).mininterval)", **BATCH_KERNEL_ENV)
+    assert done.stdout.strip().splitlines()[-1] == "1.0", done.stdout + done.stderr
+
+
+def test_warning_lines_catch_python_and_logging_warnings_and_nothing_else():
+    outputs = [
+        {"output_type": "stream", "name": "stderr",
+         "text": "x.py:3: FutureWarning: old name\n  warnings.warn(\n\x1b[34mwandb\x1b[0m: \x1b[33mWARNING\x1b[0m no URL\n"},
+        {"output_type": "stream", "name": "stderr", "text": "Failed to load CPU kernel\r 50%|#####     | 1/2\n"},
+        {"output_type": "execute_result", "data": {"text/plain": "{'warnings': [], 'dropped': 0}"}},
+        {"output_type": "stream", "name": "stdout", "text": "step 5/40: loss 0.53, warmup done\n"},
+    ]  # fmt: skip
+    assert warning_lines(outputs) == ["x.py:3: FutureWarning: old name", "wandb: WARNING no URL", "Failed to load CPU kernel"]
