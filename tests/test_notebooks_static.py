@@ -42,6 +42,18 @@ def test_notebook_is_thin_and_committed_clean(path):
             )
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_first_code_cell_installs_the_kit_in_colab_only(path):
+    """Imports, then one `if "google.colab" in sys.modules:` holding everything else, before the parameters cell:
+    outside Colab (JupyterLab, papermill, `dpo-kit run`) it does nothing (tests/test_colab_and_wheel.py runs it)."""
+    code = [cell for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
+    body = ast.parse(code[0].source).body
+    assert all(isinstance(statement, (ast.Import, ast.ImportFrom)) for statement in body[:-1]), path.name
+    assert isinstance(body[-1], ast.If) and not body[-1].orelse, f"{path.name}: the Colab cell ends in one guarded if"
+    assert ast.unparse(body[-1].test) == "'google.colab' in sys.modules", f"{path.name}: first code cell is unguarded"
+    assert "parameters" in code[1].metadata.get("tags", []), f"{path.name}: the parameters cell follows the Colab cell"
+
+
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name in STAGE_NOTEBOOKS.values()], ids=lambda p: p.name)
 def test_stage_notebooks_take_the_runner_parameters(path):
     notebook = nbformat.read(path, as_version=4)

@@ -1,4 +1,4 @@
-"""The `dpo-kit` command: run, sweep, validate, join, tiny-model."""
+"""The `dpo-kit` command: run, sweep, validate, join, tiny-model, report, init."""
 
 from __future__ import annotations
 
@@ -118,6 +118,19 @@ def _report(args) -> int:
     return 0
 
 
+def _init(args) -> int:
+    from dpo_kit.run.init_project import InitError, init_project
+
+    try:
+        project = init_project(args.directory)
+    except InitError as error:
+        print(f"dpo-kit init: {error}", file=sys.stderr)
+        return 1
+    print(f"dpo-kit init: {project}/notebooks and {project}/params written\n"
+          f"dpo-kit init: next, cd {project} && dpo-kit run params/tiny.yaml (or open notebooks/ in Jupyter)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpo-kit", description="DPO experiments as papermill notebooks over TRL.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--output-dir", help="where the report goes (needed for several directories); default: the one given")
     report.add_argument("--quiet", action="store_true", help="no progress bar")
     report.set_defaults(handler=_report)
+
+    init = commands.add_parser(
+        "init", help="copy the kit's notebooks and params into a new project folder, to edit and run from there"
+    )
+    init.add_argument("directory", help="the project folder to create; an existing one must be empty")
+    init.set_defaults(handler=_init)
 
     args = parser.parse_args(argv)
     return args.handler(args)

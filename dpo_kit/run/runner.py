@@ -173,11 +173,16 @@ def resolve_run(params_path: str | Path, overrides: list[str], project_dir: str 
 
 
 def notebooks_dir(project_dir: Path) -> Path:
-    """The stage notebooks: the project's own copy if it has one, else the ones next to the package."""
-    for candidate in (project_dir / "notebooks", Path(__file__).resolve().parents[2] / "notebooks"):
+    """The stage notebooks: the project's own copy if it has one, else the kit's: the copy packaged in an
+    installed wheel, or the checkout's notebooks/ (a checkout or an editable install)."""
+    from dpo_kit.run.init_project import kit_dirs
+
+    for candidate in (project_dir / "notebooks", *kit_dirs("notebooks")):
         if (candidate / STAGE_NOTEBOOKS["format"]).exists():
             return candidate
-    raise RunError(f"stage notebooks not found under {project_dir / 'notebooks'}; run from a dpo-kit checkout")
+    raise RunError(f"stage notebooks not found under {project_dir / 'notebooks'} nor in the installed kit"
+                   f" ({' or '.join(str(c) for c in kit_dirs('notebooks'))}); make a project with `dpo-kit init DIR`"
+                   " or run from a dpo-kit checkout")
 
 
 def parse_stages(text: str | None) -> list[str]:
