@@ -68,7 +68,8 @@ def make_trainer(tiny_model_dir, tokenizer, rows, tmp_path_factory):
         args = DPOConfig(
             output_dir=str(tmp_path_factory.mktemp("trl-out")),
             bf16=False,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,  # transformers 5's name; the old one warns
+            dataloader_pin_memory=False,  # pinning only helps copies to a GPU; on a CPU torch warns it is unused
             report_to="none",
             max_steps=1,
             per_device_train_batch_size=BATCH_SIZE,

@@ -31,6 +31,7 @@ from dpo_kit.params import (
     run_directory,
     save_or_check_params,
 )
+from dpo_kit.progress import BATCH_KERNEL_ENV
 from dpo_kit.run.stage import adopt_format_stage, format_stage_differences
 
 # nbformat validates notebooks with jsonschema, which compiles rfc3987_syntax's lark grammars when it
@@ -91,7 +92,8 @@ class SharedKernel:
         # 7 does): ipykernel otherwise opens every run with "Kernel is running over TCP without encryption".
         encryption = "auto" if zmq.has("curve") else "disabled"
         self.manager = OneClientKernelManager(kernel_name="python3", transport_encryption=encryption)
-        run_sync(self.manager.start_kernel)(cwd=str(cwd))
+        # Batch kernels draw text progress bars (dpo_kit/progress.py): nobody renders widgets here.
+        run_sync(self.manager.start_kernel)(cwd=str(cwd), env={**os.environ, **BATCH_KERNEL_ENV})
 
     def run_cell(self, code: str):
         """Execute one cell in the kernel; returns the executed cell (outputs included)."""
