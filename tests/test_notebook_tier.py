@@ -33,7 +33,7 @@ def copy_project(destination: Path, with_checks: bool = False) -> Path:
     shutil.copytree(REPO / "notebooks", destination / "notebooks")
     shutil.copytree(REPO / "params", destination / "params")
     if with_checks:
-        for name in ("conftest.py", "pyproject.toml", "tests/nbval_expected.py"):
+        for name in ("conftest.py", "pyproject.toml", "tests/nbval_expected.py", "tests/notebook_warnings.py"):
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / name, destination / name)
         shutil.copytree(EXPECTED_OUTPUTS, destination / "tests" / "notebook_outputs")
