@@ -71,8 +71,9 @@ def dpo_config_kwargs(params: Params, run_dir: str | Path, hardware: HardwareCho
         seed=params.run.seed,
         data_seed=params.run.seed,
         report_to=trackers(params) or "none",
-        project=params.tracking.project,  # trackio's project (wandb's comes from WANDB_PROJECT)
     )
+    if "project" in fields:  # trackio's project (wandb's comes from WANDB_PROJECT); TrainingArguments has it since 5.x
+        settings["project"] = params.tracking.project
     return settings
 
 
