@@ -110,3 +110,19 @@ def test_the_runners_kernel_starts_without_the_unencrypted_tcp_warning(tmp_path,
     finally:
         kernel.shutdown()
     assert "without encryption" not in capfd.readouterr().err
+
+
+def test_resuming_says_a_train_stage_continues_only_where_one_was_interrupted(tmp_path):
+    from dpo_kit import manifest as mf
+    from dpo_kit.run.runner import guard_existing_run
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"stages": {"format": {"status": "completed"}}}')
+    note = guard_existing_run(run_dir, list(mf.STAGES), overwrite=False, resume=True)
+    assert note.endswith("completed stages are skipped (format), the other stages run"), note
+    (run_dir / "manifest.json").write_text(
+        '{"stages": {"format": {"status": "completed"}, "train": {"status": "interrupted"}}}'
+    )
+    note = guard_existing_run(run_dir, list(mf.STAGES), overwrite=False, resume=True)
+    assert note.endswith("an unfinished train stage continues from its newest verified checkpoint"), note

@@ -223,8 +223,12 @@ def guard_existing_run(run_dir: Path, stages: list[str], overwrite: bool, resume
                        " it is not taken over. Choose a new name (--set run.name=...) or another run.output_dir.")
     done = completed_stages(run_dir, stages)
     if resume:
-        return (f"resuming {run_dir}: completed stages are skipped ({', '.join(done) or 'none'}), an unfinished"
-                " train stage continues from its newest verified checkpoint")  # fmt: skip
+        train = manifest.get("stages", {}).get("train", {}).get("status")
+        # Only a train stage that started and did not finish has a checkpoint to continue from (a sweep's trial
+        # that adopted a format stage resumes with no train stage at all).
+        rest = ("an unfinished train stage continues from its newest verified checkpoint"
+                if train not in (None, "completed") else "the other stages run")  # fmt: skip
+        return f"resuming {run_dir}: completed stages are skipped ({', '.join(done) or 'none'}), {rest}"
     if manifest.get("status") == "completed" or done:
         what = f"stages {', '.join(done)} already completed" if done else "it already holds a completed run"
         raise RunError(
