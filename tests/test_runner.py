@@ -114,7 +114,6 @@ def test_the_runners_kernel_starts_without_the_unencrypted_tcp_warning(tmp_path,
 
 def test_resuming_says_a_train_stage_continues_only_where_one_was_interrupted(tmp_path):
     from dpo_kit import manifest as mf
-    from dpo_kit.run.runner import guard_existing_run
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
