@@ -6,11 +6,13 @@ dpo_kit/template/notebooks and dpo_kit/template/params, so that an installed whe
 cannot add a package that lives outside dpo_kit/, hence this file; everything else is in pyproject.toml.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 TEMPLATE = {"dpo_kit.template.notebooks": "notebooks", "dpo_kit.template.params": "params"}
 
 setup(
-    packages=find_packages(include=["dpo_kit*"]) + list(TEMPLATE),
+    # Namespace discovery, as pyproject's packages.find did: data-only folders such as
+    # dpo_kit/training/accelerate_configs are packages too (setuptools warns about them otherwise).
+    packages=find_namespace_packages(include=["dpo_kit", "dpo_kit.*"], exclude=["*.__pycache__"]) + list(TEMPLATE),
     package_dir=TEMPLATE,  # their files are package data, listed in pyproject.toml (which overrides package_data here)
 )
