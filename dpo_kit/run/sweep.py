@@ -388,6 +388,10 @@ class Sweep:
                     trial.set_user_attr("error", str(error))
                     raise TrialFailed(f"trial {trial.number} ({name}): {error}") from None
                 raise
+            if "trackio" in resolved["params"]["tracking"]["report_to"]:
+                # trackio reads its folder once per process (tracking.py): the next trial's store is its own.
+                self.kernel.shutdown()
+                self.kernel = None
             try:
                 return read_objective(run_dir, self.spec.objective)
             except SweepError as error:

@@ -21,7 +21,7 @@ from typing import Any
 from dpo_kit.hardware import HardwareChoice
 from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet
 from dpo_kit.params import Params
-from dpo_kit.tracking import configure_trackers, finish_trackers, trackers
+from dpo_kit.tracking import finish_trackers, tracker_environment, trackers
 from dpo_kit.training.checkpoints import RECORD_FILE, checkpoint_step
 
 # The metrics the train notebook plots; names are TRL's, unchanged.
@@ -238,10 +238,16 @@ def train_dpo(stage) -> TrainResult:
         return train_in_this_process(stage)
 
 
+def train_in_this_process(stage) -> TrainResult:
+    """Train in this process: the whole run, or one worker's share of a launched one. The trackers' environment
+    (tracking.py) holds for the training only."""
+    with tracker_environment(stage.params, stage.run_dir) as tracking:
+        return _train(stage, tracking)
+
+
 # peft and TRL read transformers' deprecated checkpointing alias while training (see the context manager).
 @deprecated_checkpointing_alias_quiet()
-def train_in_this_process(stage) -> TrainResult:
-    """Train in this process: the whole run, or one worker's share of a launched one."""
+def _train(stage, tracking: dict[str, Any]) -> TrainResult:
     from dpo_kit.data.pipeline import load_split
     from dpo_kit.models.loading import load_causal_lm, load_tokenizer, lora_config, model_record, model_source
     from dpo_kit.training.checkpoints import RunIdentity, checkpoint_recorder
@@ -249,7 +255,6 @@ def train_in_this_process(stage) -> TrainResult:
     from dpo_kit.training.ref_cache import RefLogpsStore, cached_dpo_trainer_class
 
     params, run_dir = stage.params, stage.run_dir
-    tracking = configure_trackers(params, run_dir)
     source = model_source(params, stage.project_dir)
     tokenizer = load_tokenizer(source, params)
     config = build_dpo_config(params, run_dir, stage.hardware)
@@ -302,10 +307,10 @@ def train_in_this_process(stage) -> TrainResult:
     history = trainer.state.log_history
     if main_process:
         (run_dir / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
-        if tracking:
-            from dpo_kit import manifest as mf
+        from dpo_kit import manifest as mf
 
-            mf.update_manifest(run_dir, tracking=finish_trackers(tracking))
+        # Written even when empty: a training run again without trackers leaves no entry of the earlier one's.
+        mf.update_manifest(run_dir, tracking=finish_trackers(tracking))
     if trainer.args.world_size > 1:
         print(f"{processes}: trained {trainer.state.global_step} steps" + (f", saved {model_dir}" if main_process else ""),
               flush=True)  # fmt: skip
