@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 TRACKING_DIR = "tracking"
-TRACKERS = ("wandb", "trackio", "tensorboard")
 
 # The evaluate stage's headline numbers, as the tracker shows them; the keys are metrics.json's (TRL's names
 # where TRL has one), under eval/ like the Trainer's evaluation metrics.
