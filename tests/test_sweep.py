@@ -207,6 +207,33 @@ def test_a_grid_sweep_runs_each_point_once_and_shares_the_format_stage(tmp_path,
 
 
 @pytest.mark.notebook
+def test_a_sweep_reporting_to_trackio_gives_each_trial_its_own_store(tmp_path, tiny_model_dir):
+    """trackio reads its folder once per process (dpo_kit.tracking), so a trial in the kernel of the one before
+    would be refused; the sweep starts a fresh kernel after each trial that reported to trackio."""
+    import sqlite3
+
+    from dpo_kit.run.cli import main
+
+    args = sweep_args(tmp_path, tiny_model_dir, "--grid", "dpo.beta=0.1,0.5", steps=4)
+    args[2:2] = ["--set", "tracking.report_to=[trackio]", "--set", "tracking.project=sweep-tests"]
+    assert main(args) == 0
+    sweep_dir = tmp_path / "tiny-sweep"
+    stores = {}
+    for name in ("beta=0.1", "beta=0.5"):
+        assert mf.read_manifest(sweep_dir / name)["status"] == "completed", name
+        entry = mf.read_manifest(sweep_dir / name)["tracking"]["trackio"]
+        store = sweep_dir / name / "tracking" / "trackio" / "sweep-tests.db"
+        assert entry["dir"] == str(store.parent)
+        with sqlite3.connect(store) as db:
+            rows = db.execute("select run_name, metrics from metrics").fetchall()
+        assert {run for run, _ in rows} == {entry["run"]}, f"{name}: one run per store"
+        keys = set().union(*(json.loads(metrics) for _, metrics in rows))
+        assert "train/rewards/accuracies" in keys and "eval/win_rate" in keys, (name, sorted(keys))
+        stores[name] = store
+    assert stores["beta=0.1"] != stores["beta=0.5"]
+
+
+@pytest.mark.notebook
 def test_a_killed_sweep_started_again_keeps_finished_trials_and_resumes_the_interrupted_one(tmp_path, tiny_model_dir):
     args = sweep_args(tmp_path, tiny_model_dir, "--grid", "dpo.beta=0.1,0.5", steps=40)
     sweep_dir = tmp_path / "tiny-sweep"
