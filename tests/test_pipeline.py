@@ -96,6 +96,13 @@ def test_manifest_records_stages_hardware_versions_and_data(tiny_run):
         entry = manifest["stages"][stage]
         assert entry["status"] == "completed" and entry["seconds"] > 0 and entry["wall_seconds"] >= entry["seconds"]
     assert manifest["stages"]["train"]["precision"] == {"bf16": False, "fp16": False, "gradient_checkpointing": False}
+    # What training cost: the Trainer's own token count (unpadded), its rate, and the process's peak memory.
+    cost = manifest["stages"]["train"]["cost"]
+    last_log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()][-1]
+    assert cost["steps"] == 40 and cost["tokens"] == last_log["num_input_tokens_seen"] > 40 * 8 * 2
+    assert cost["tokens_per_second"] == pytest.approx(cost["tokens"] / cost["train_runtime_s"], rel=1e-3)
+    assert cost["pairs_per_second"] == pytest.approx(40 * 8 / cost["train_runtime_s"], rel=1e-2)
+    assert 0.1 < cost["process_peak_rss_gib"] < 24 and "cuda_peak_allocated_gib" not in cost
     assert manifest["hardware"]["device"] == "cpu" and "reason" in manifest["hardware"]
     assert manifest["packages"]["trl"] and manifest["packages"]["torch"]
     assert manifest["seed"] == 42 and "commit" in manifest["git"]

@@ -49,6 +49,9 @@ def dpo_config_kwargs(params: Params, run_dir: str | Path, hardware: HardwareCho
         # Pinned host memory only speeds copies to a GPU; elsewhere torch warns that it is unused.
         "dataloader_pin_memory": hardware.device == "cuda",
     }
+    if "include_num_input_tokens_seen" in fields:
+        # The Trainer sums each batch's attention mask (one number per step), so the manifest can give tokens/s.
+        settings["include_num_input_tokens_seen"] = "non_padding"
     if hardware.device == "cpu":
         # Without it transformers refuses bf16 on a machine without a GPU ("doesn't support bf16/gpu"), even where
         # params ask for it on a CPU that multiplies in bf16 natively; launched, it makes accelerate choose DDP
@@ -104,6 +107,7 @@ class TrainResult:
     total_parameters: int
     launch: dict[str, Any] | None = None  # processes and strategy, when trained under accelerate launch
     ref_logps_cache: dict[str, Any] | None = None  # the cache of reference log-probs: key and hit/miss per split
+    cost: dict[str, Any] | None = None  # time, tokens/s and peak memory of the Trainer's train() call (training_cost)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -114,6 +118,7 @@ class TrainResult:
             "total_parameters": self.total_parameters,
             **({"launch": self.launch} if self.launch else {}),
             **({"ref_logps_cache": self.ref_logps_cache} if self.ref_logps_cache else {}),
+            **({"cost": self.cost} if self.cost else {}),
         }
 
 
@@ -300,7 +305,8 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
     with clear_write_errors(Path(config.output_dir)):
         # On resume the Trainer restores the weights, optimizer, scheduler, RNG states and step from the
         # checkpoint, and skips the batches already seen, so the rest of the run is the uninterrupted one's.
-        trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
+        reset_peak_memory()
+        output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
         trainer.save_model(str(model_dir))  # every process takes part (ZeRO-3/FSDP gather); the main one writes
         if main_process:
             tokenizer.save_pretrained(str(model_dir))
@@ -325,7 +331,42 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
                 "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]}
         if in_launched_worker() else None,
         ref_logps_cache=trainer.ref_logps_cache or None,
+        cost=training_cost(output.metrics, trainer),
     )  # fmt: skip
+
+
+def reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def training_cost(train_metrics: dict[str, Any], trainer) -> dict[str, Any]:
+    """What this train() call cost, for the manifest: its wall time (the Trainer's train_runtime: the steps, and the
+    checkpoints and evaluations between them), the unpadded tokens the policy trained on and their rate, and peak
+    memory: the GPU's allocated peak during training, and the process's peak resident memory so far (on a CPU the
+    only one; in a kernel shared by several stages it covers the stages before too). A resumed run counts its own
+    share only."""
+    import resource
+
+    import torch
+
+    seconds = train_metrics.get("train_runtime")
+    tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    cost: dict[str, Any] = {
+        "train_runtime_s": seconds,
+        "steps": trainer.state.global_step - getattr(trainer, "_initial_global_step", 0),
+        "pairs_per_second": train_metrics.get("train_samples_per_second"),
+        "tokens": tokens if trainer.args.include_num_input_tokens_seen != "no" else None,
+        "process_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),  # KiB on Linux
+    }
+    if cost["tokens"] is not None and seconds:
+        cost["tokens_per_second"] = round(tokens / seconds, 1)
+    if torch.cuda.is_available():
+        cost["cuda_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        cost["cuda_device"] = torch.cuda.get_device_name()
+    return cost
 
 
 def load_train_result(run_dir: str | Path, summary: dict[str, Any]) -> TrainResult:
@@ -343,6 +384,7 @@ def load_train_result(run_dir: str | Path, summary: dict[str, Any]) -> TrainResu
         trainable_parameters=summary["trainable_parameters"],
         total_parameters=summary["total_parameters"],
         ref_logps_cache=summary.get("ref_logps_cache"),
+        cost=summary.get("cost"),
     )
 
 
