@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_kit.models.tiny import build_tiny_model
@@ -34,3 +35,27 @@ def test_cli_builds_the_model(tmp_path, capsys):
     assert main(["tiny-model", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "config.json").exists()
     assert "tiny model written" in capsys.readouterr().out
+
+
+# Real models' shapes, built at random for the GPU checks (bench/gpu_train.py): the parameter counts of the real
+# models, counted on the meta device (no memory), and a clear refusal of an unknown shape or a used directory.
+@pytest.mark.parametrize("shape, parameters", [("smollm2-135m", 134_515_008), ("qwen2.5-0.5b", 494_032_768)])
+def test_random_model_shapes_have_the_real_models_parameter_counts(shape, parameters):
+    import torch
+
+    from dpo_kit.models.tiny import build_tiny_tokenizer, random_model_config
+
+    tokenizer = build_tiny_tokenizer(0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(random_model_config(shape, tokenizer))
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert model.config.eos_token_id == tokenizer.eos_token_id and len(tokenizer) <= model.config.vocab_size
+
+
+def test_an_unknown_shape_or_a_directory_holding_a_model_is_refused(tmp_path, tiny_model_dir):
+    from dpo_kit.models.tiny import build_random_model
+
+    with pytest.raises(ValueError, match="unknown model shape 'llama-7b'; known shapes: smollm2-135m, qwen2.5-0.5b"):
+        build_random_model(tmp_path / "m", "llama-7b")
+    with pytest.raises(FileExistsError, match="already holds a model"):
+        build_random_model(tiny_model_dir, "smollm2-135m")

@@ -88,3 +88,55 @@ def ensure_tiny_model(path: str | Path, seed: int = 0) -> Path:
     if not (path / "config.json").exists():
         build_tiny_model(path, seed=seed)
     return path
+
+
+# Real models' shapes, for checks of memory and speed where their weights cannot travel (a GPU machine with no
+# network): the architecture and every weight matrix at full size, random init, and the tiny tokenizer (its ids
+# are a subset of the vocabulary, so the embedding keeps the real model's rows). Outputs are gibberish by design.
+RANDOM_MODEL_SHAPES: dict[str, dict] = {
+    # SmolLM2-135M-Instruct (the sentiment recipe's model; its GGUF's config).
+    "smollm2-135m": dict(
+        architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True, rope_theta=100000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=8192,
+    ),
+    # Qwen2.5-0.5B-Instruct (params/qwen2.5-0.5b-instruct-ultrafeedback-lora.yaml's model), ~0.49 B parameters.
+    "qwen2.5-0.5b": dict(
+        architecture="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, max_position_embeddings=32768,
+    ),
+}
+
+
+def random_model_config(shape: str, tokenizer):
+    """The transformers config of RANDOM_MODEL_SHAPES[shape], with the tokenizer's special token ids."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    if shape not in RANDOM_MODEL_SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; known shapes: {', '.join(RANDOM_MODEL_SHAPES)}")
+    settings = dict(RANDOM_MODEL_SHAPES[shape])
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[settings.pop("architecture")]
+    return config_class(
+        **settings, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+
+
+def build_random_model(output_dir: str | Path, shape: str, seed: int = 0) -> Path:
+    """Build a random model of a real model's shape (RANDOM_MODEL_SHAPES) with the tiny tokenizer into
+    `output_dir`, in safetensors; returns the path. Refuses a directory that already holds a model."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    output_dir = Path(output_dir)
+    if (output_dir / "config.json").exists():
+        raise FileExistsError(f"{output_dir} already holds a model; name a new directory")
+    tokenizer = build_tiny_tokenizer(seed)
+    config = random_model_config(shape, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir

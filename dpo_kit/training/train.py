@@ -331,7 +331,7 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
                 "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]}
         if in_launched_worker() else None,
         ref_logps_cache=trainer.ref_logps_cache or None,
-        cost=training_cost(output.metrics, trainer),
+        cost=training_cost(output.metrics, trainer, getattr(model, "hf_device_map", None)),
     )  # fmt: skip
 
 
@@ -342,12 +342,12 @@ def reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def training_cost(train_metrics: dict[str, Any], trainer) -> dict[str, Any]:
+def training_cost(train_metrics: dict[str, Any], trainer, device_map: dict | None = None) -> dict[str, Any]:
     """What this train() call cost, for the manifest: its wall time (the Trainer's train_runtime: the steps, and the
     checkpoints and evaluations between them), the unpadded tokens the policy trained on and their rate, and peak
     memory: the GPU's allocated peak during training, and the process's peak resident memory so far (on a CPU the
     only one; in a kernel shared by several stages it covers the stages before too). A resumed run counts its own
-    share only."""
+    share only. With a device_map (the kit gives one on a GPU) it names the devices the weights were placed on."""
     import resource
 
     import torch
@@ -363,6 +363,8 @@ def training_cost(train_metrics: dict[str, Any], trainer) -> dict[str, Any]:
     }
     if cost["tokens"] is not None and seconds:
         cost["tokens_per_second"] = round(tokens / seconds, 1)
+    if device_map:
+        cost["weights_on_devices"] = sorted({str(device) for device in device_map.values()})
     if torch.cuda.is_available():
         cost["cuda_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         cost["cuda_device"] = torch.cuda.get_device_name()
