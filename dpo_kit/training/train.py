@@ -347,19 +347,22 @@ def training_cost(train_metrics: dict[str, Any], trainer, device_map: dict | Non
     checkpoints and evaluations between them), the unpadded tokens the policy trained on and their rate, and peak
     memory: the GPU's allocated peak during training, and the process's peak resident memory so far (on a CPU the
     only one; in a kernel shared by several stages it covers the stages before too). A resumed run counts its own
-    share only. With a device_map (the kit gives one on a GPU) it names the devices the weights were placed on."""
+    share only. With a device_map (the kit gives one on a GPU) it names the devices the weights were placed on.
+    Under a launcher the counts are all processes' and the memory the main process's."""
     import resource
+    import sys
 
     import torch
 
     seconds = train_metrics.get("train_runtime")
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes
     tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     cost: dict[str, Any] = {
         "train_runtime_s": seconds,
         "steps": trainer.state.global_step - getattr(trainer, "_initial_global_step", 0),
         "pairs_per_second": train_metrics.get("train_samples_per_second"),
         "tokens": tokens if trainer.args.include_num_input_tokens_seen != "no" else None,
-        "process_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),  # KiB on Linux
+        "process_peak_rss_gib": round(peak_rss / 2**30, 3),
     }
     if cost["tokens"] is not None and seconds:
         cost["tokens_per_second"] = round(tokens / seconds, 1)
