@@ -241,7 +241,13 @@ class LoraParams(Section):
     enabled: bool = Field(True, description="Train a LoRA adapter; False = full fine-tuning with a reference copy.")
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int = Field(16, gt=0, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the LoRA path. TRL's DPOTrainer sets every dropout to 0 unless dpo.disable_dropout is"
+        " false (its default is true), so a value above 0 needs dpo.disable_dropout set explicitly.",
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear'. Add 'lm_head' to adapt the output layer."
     )
@@ -402,6 +408,14 @@ class Params(Section):
                 "data.generate.prompts 'movie-review-openings' end with the opening of the reply, which TRL's"
                 " conversational format cannot continue (it opens a new assistant turn); set data.output_format:"
                 " standard, or use data.generate.prompts 'movie-reviews'"
+            )
+        if self.lora.enabled and self.lora.dropout > 0 and "disable_dropout" not in self.dpo:
+            # TRL zeroes every nn.Dropout after wrapping the model in peft, LoRA's included: the value would be
+            # recorded in params.yaml and never used.
+            raise ValueError(
+                f"lora.dropout {self.lora.dropout:g} would have no effect: TRL's DPOTrainer sets every dropout to 0"
+                " unless dpo.disable_dropout is false (its default is true). Set dpo.disable_dropout: false to train"
+                " with LoRA dropout, dpo.disable_dropout: true to keep TRL's choice as it stands, or lora.dropout: 0"
             )
         if self.quantization.bits and not self.lora.enabled:
             raise ValueError("quantization.bits needs lora.enabled: quantized weights cannot be fully fine-tuned")

@@ -161,3 +161,35 @@ def test_a_run_that_would_log_no_step_is_refused_with_the_limit():
         load_params(tiny, ["dpo.max_steps=4"])
     assert load_params(tiny, ["dpo.max_steps=5"]).dpo["max_steps"] == 5
     assert load_params(tiny, ["dpo.max_steps=4", "dpo.logging_steps=0.5"]).dpo["logging_steps"] == 0.5  # a share
+
+
+def test_lora_dropout_that_trl_would_zero_is_refused_unless_disable_dropout_is_explicit(tmp_path):
+    tiny = REPO / "params" / "tiny.yaml"  # lora.dropout 0
+    with pytest.raises(ParamsError, match="lora.dropout 0.1 would have no effect.*dpo.disable_dropout: false"):
+        load_params(tiny, ["lora.dropout=0.1"])
+    assert load_params(tiny, ["lora.dropout=0.1", "dpo.disable_dropout=false"]).dpo["disable_dropout"] is False
+    assert load_params(tiny, ["lora.dropout=0.1", "dpo.disable_dropout=true"]).lora.dropout == 0.1
+    assert load_params(tiny, ["lora.dropout=0.1", "lora.enabled=false"]).lora.enabled is False  # no LoRA path
+
+
+def test_trl_zeroes_lora_dropout_unless_disable_dropout_is_false(tmp_path, tiny_model_dir):
+    """The premise of the check above, against the installed TRL: its DPOTrainer sets LoRA's dropout to 0 unless
+    dpo.disable_dropout is false."""
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from dpo_kit.hardware import choose_hardware
+    from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet, load_causal_lm, load_tokenizer, lora_config
+    from dpo_kit.training.train import build_dpo_config
+
+    pairs = Dataset.from_list([{"prompt": "Hello", "chosen": " thanks", "rejected": " go away"}])
+    for disable, expected in ((True, 0.0), (False, 0.1)):
+        params = load_params(REPO / "params" / "tiny.yaml", [f"model.name_or_path={tiny_model_dir}", "lora.dropout=0.1",
+                                                             f"dpo.disable_dropout={str(disable).lower()}"])  # fmt: skip
+        with deprecated_checkpointing_alias_quiet():  # peft reads transformers' deprecated alias, as in the kit
+            trainer = DPOTrainer(model=load_causal_lm(str(tiny_model_dir), params),
+                                 args=build_dpo_config(params, tmp_path, choose_hardware()), train_dataset=pairs,
+                                 processing_class=load_tokenizer(str(tiny_model_dir), params),
+                                 peft_config=lora_config(params))  # fmt: skip
+        rates = {m.p for name, m in trainer.model.named_modules() if name.endswith("lora_dropout.default")}
+        assert rates == {expected}, (disable, rates)
