@@ -417,6 +417,16 @@ class Params(Section):
                 " unless dpo.disable_dropout is false (its default is true). Set dpo.disable_dropout: false to train"
                 " with LoRA dropout, dpo.disable_dropout: true to keep TRL's choice as it stands, or lora.dropout: 0"
             )
+        smoothing = self.dpo.get("label_smoothing", 0.0)
+        losses = self.dpo.get("loss_type", dpo_config_defaults()["loss_type"])
+        losses = [losses] if isinstance(losses, str) else list(losses)
+        if smoothing and not set(losses) & LABEL_SMOOTHING_LOSSES:
+            # TRL before 0.29 smoothed the sigmoid loss (conservative DPO); TRL 1.x reads it for these losses only.
+            raise ValueError(
+                f"dpo.label_smoothing {smoothing:g} would have no effect with dpo.loss_type {losses}: TRL applies it"
+                f" only to {', '.join(sorted(LABEL_SMOOTHING_LOSSES))}. For labels that may be flipped use"
+                " loss_type robust (robust DPO), or leave label_smoothing at 0"
+            )
         if self.quantization.bits and not self.lora.enabled:
             raise ValueError("quantization.bits needs lora.enabled: quantized weights cannot be fully fine-tuned")
         steps, every = self.dpo.get("max_steps", -1), self.dpo.get("logging_steps", dpo_config_defaults()["logging_steps"])
@@ -438,6 +448,10 @@ class Params(Section):
 
 # ---------------------------------------------------------------------------------------------
 # The `dpo` section against trl.DPOConfig
+
+
+# The losses of TRL 1.x's DPOTrainer that read DPOConfig.label_smoothing (dpo_trainer.py); every other ignores it.
+LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
 
 
 @functools.cache

@@ -193,3 +193,27 @@ def test_trl_zeroes_lora_dropout_unless_disable_dropout_is_false(tmp_path, tiny_
                                  peft_config=lora_config(params))  # fmt: skip
         rates = {m.p for name, m in trainer.model.named_modules() if name.endswith("lora_dropout.default")}
         assert rates == {expected}, (disable, rates)
+
+
+def test_label_smoothing_that_the_loss_ignores_is_refused():
+    tiny = REPO / "params" / "tiny.yaml"  # loss_type sigmoid
+    with pytest.raises(ParamsError, match=r"dpo.label_smoothing 0.1 would have no effect with dpo.loss_type \['sigmoid'\]"
+                       r".*aot, aot_unpaired, exo_pair, robust"):  # fmt: skip
+        load_params(tiny, ["dpo.label_smoothing=0.1"])
+    assert load_params(tiny, ["dpo.label_smoothing=0.1", "dpo.loss_type=robust"]).dpo["label_smoothing"] == 0.1
+    assert load_params(tiny, ["dpo.label_smoothing=0.1", "dpo.loss_type=[sigmoid,aot]"]).dpo["loss_type"] == ["sigmoid", "aot"]
+
+
+def test_trl_reads_label_smoothing_only_in_the_losses_the_check_names():
+    """The premise of the check above, against the installed TRL's loss code."""
+    import inspect
+    import re
+
+    from trl import DPOTrainer
+
+    from dpo_kit.params import LABEL_SMOOTHING_LOSSES
+
+    source = inspect.getsource(DPOTrainer)
+    branches = re.split(r'\n\s+(?:el)?if loss_type == "', source)[1:]
+    reading = {branch.split('"', 1)[0] for branch in branches if "self.label_smoothing" in branch.split("\n            elif")[0]}
+    assert reading == LABEL_SMOOTHING_LOSSES
