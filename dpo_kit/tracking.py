@@ -88,6 +88,28 @@ def tracker_environment(params, run_dir: str | Path):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        if "wandb" in trackers(params) and "wandb" in sys.modules:
+            # wandb copies the WANDB_* variables once per process, at its first init, and keeps them: without a
+            # teardown the user's own wandb.init() in this kernel would still resume the kit's run in the kit's
+            # folder, and the evaluate stage's init would warn that the environment changed.
+            sys.modules["wandb"].teardown()
+
+
+@contextlib.contextmanager
+def offline_wandb_run_hidden():
+    """TRL writes a model card at every checkpoint and asks it for `wandb.run.url`; an offline run has no URL, and
+    wandb says so each time ("wandb: WARNING URL not available in offline run"). The card gets no URL either way, so
+    for that one synchronous call an offline run is not shown to it; an online run, or none, is left as it is."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None)
+    if run is None or not getattr(run, "offline", False):
+        yield
+        return
+    wandb.run = None
+    try:
+        yield
+    finally:
+        wandb.run = run
 
 
 def configure_trackers(params, run_dir: str | Path) -> dict[str, Any]:

@@ -91,6 +91,43 @@ def test_wandb_offline_files_hold_trl_metric_names_and_the_summary_in_one_run(tr
 
 
 @pytest.mark.notebook
+def test_the_tracked_runs_notebooks_show_no_warning(tracked_run):
+    """With wandb offline, TRL's model card at each checkpoint used to make wandb warn that an offline run has no
+    URL; the kit's trainer writes the card without asking (tracking.offline_wandb_run_hidden)."""
+    import nbformat
+
+    from tests.notebook_warnings import warning_lines
+
+    notebooks = sorted((tracked_run / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) == 5
+    flagged = {path.name: lines for path in notebooks
+               for lines in [[line for cell in nbformat.read(path, as_version=4).cells
+                              for line in warning_lines(cell.get("outputs", []))]] if lines}  # fmt: skip
+    assert not flagged, flagged
+    assert (tracked_run / "checkpoints" / "README.md").is_file(), "TRL still writes its model card"
+
+
+def test_an_offline_wandb_run_is_hidden_from_the_model_card_only(monkeypatch):
+    import wandb
+
+    from dpo_kit.tracking import offline_wandb_run_hidden
+
+    class Run:
+        def __init__(self, offline):
+            self.offline = offline
+
+    for offline, seen in ((True, None), (False, "run")):
+        run = Run(offline)
+        monkeypatch.setattr(wandb, "run", run)
+        with offline_wandb_run_hidden():
+            assert wandb.run is (None if seen is None else run)
+        assert wandb.run is run
+    monkeypatch.setattr(wandb, "run", None)
+    with offline_wandb_run_hidden():
+        assert wandb.run is None
+
+
+@pytest.mark.notebook
 def test_trackio_store_holds_trl_metric_names_and_the_summary(tracked_run):
     store = tracked_run / "tracking" / "trackio" / "dpo-kit-tests.db"
     with sqlite3.connect(store) as db:
@@ -189,6 +226,42 @@ def test_the_trackers_environment_holds_for_the_training_only(tmp_path, monkeypa
         assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "tracking" / "tensorboard")
     assert os.environ["WANDB_PROJECT"] == "the-users-own"
     assert not {"WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR", "TENSORBOARD_LOGGING_DIR"} & set(os.environ)
+
+
+def test_after_training_the_users_own_wandb_init_is_a_run_of_its_own(tmp_path):
+    """wandb keeps the WANDB_* variables it saw at its first init in the process; restoring the environment is not
+    enough, so the kit tears wandb's session down after training (in a subprocess: wandb's state is per process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, os, pathlib, wandb\n"
+        "from dpo_kit.params import load_params\n"
+        "from dpo_kit.tracking import tracker_environment\n"
+        "run_dir = pathlib.Path(os.environ['RUN_DIR'])\n"
+        "params = load_params(os.environ['TINY'], ['tracking.report_to=[wandb]'])\n"
+        "with tracker_environment(params, run_dir) as record:\n"
+        "    kit = wandb.init()  # as the Trainer's callback starts it\n"
+        "    kit_id, kit_dir = kit.id, kit.dir\n"
+        "    kit.finish()\n"
+        "own = wandb.init(project='the-users-own', dir=os.environ['OWN_DIR'])\n"
+        "print(json.dumps({'kit': kit_id, 'expected': record['wandb']['run_id'], 'kit_dir': kit_dir,\n"
+        "                  'own': own.id, 'own_dir': own.dir, 'project': own.project}))\n"
+        "own.finish()\n"
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text(json.dumps({"run_id": "abc"}))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}, "WANDB_MODE": "offline",
+           "RUN_DIR": str(run_dir), "TINY": str(TINY), "OWN_DIR": str(tmp_path / "own")}  # fmt: skip
+    (tmp_path / "own").mkdir()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["kit"] == seen["expected"] and seen["kit_dir"].startswith(str(run_dir / "tracking"))
+    assert seen["own"] != seen["kit"] and seen["own_dir"].startswith(str(tmp_path / "own"))
+    assert seen["project"] == "the-users-own"
+    assert "Changes to your `wandb` environment variables" not in done.stderr + done.stdout
 
 
 def test_trackio_already_pointed_at_another_store_in_this_process_is_refused_by_name(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from typing import Any
 from dpo_kit.hardware import HardwareChoice
 from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet
 from dpo_kit.params import Params
-from dpo_kit.tracking import finish_trackers, tracker_environment, trackers
+from dpo_kit.tracking import finish_trackers, offline_wandb_run_hidden, tracker_environment, trackers
 from dpo_kit.training.checkpoints import RECORD_FILE, checkpoint_step
 
 # The metrics the train notebook plots; names are TRL's, unchanged.
@@ -276,7 +277,7 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
     # With precompute_ref_log_probs, the reference log-probs come from the on-disk cache when an earlier run
     # computed them for the same reference, data and settings (training/ref_cache.py); else TRL computes them.
     store = RefLogpsStore() if config.precompute_ref_log_probs else None
-    trainer = cached_dpo_trainer_class()(
+    trainer = kit_trainer_class(cached_dpo_trainer_class())(
         ref_logps_store=store,
         model_record=model_record(params, stage.project_dir) if store is not None else None,
         model=model,
@@ -333,6 +334,19 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
         ref_logps_cache=trainer.ref_logps_cache or None,
         cost=training_cost(output.metrics, trainer, getattr(model, "hf_device_map", None)),
     )  # fmt: skip
+
+
+@functools.cache
+def kit_trainer_class(base: type) -> type:
+    """`base` (the kit's DPOTrainer, training/ref_cache.py) with TRL's per-checkpoint model card written without
+    asking an offline wandb run for the URL it does not have (tracking.offline_wandb_run_hidden)."""
+
+    class KitDPOTrainer(base):
+        def create_model_card(self, *args, **kwargs):
+            with offline_wandb_run_hidden():
+                return super().create_model_card(*args, **kwargs)
+
+    return KitDPOTrainer
 
 
 def reset_peak_memory() -> None:
