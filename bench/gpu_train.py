@@ -69,7 +69,8 @@ def run_check(args, check: str, model: Path) -> dict:
         f"dpo.save_steps={args.steps}", "dpo.logging_steps=1",
         *CHECKS[check], *args.set,
     ]  # fmt: skip
-    command = [str(Path(sys.executable).parent / "dpo-kit"), "run", args.params, "--stages", "format,train", "--quiet"]
+    # `python -m` rather than the dpo-kit script: on a GPU machine the kit may be on PYTHONPATH, not installed.
+    command = [sys.executable, "-m", "dpo_kit.run.cli", "run", args.params, "--stages", "format,train", "--quiet"]
     command += [a for s in settings for a in ("--set", s)]
     print(f"gpu_train: {check}: {' '.join(command)}", flush=True)
     finished = subprocess.run(command, cwd=REPO)
