@@ -418,8 +418,7 @@ class Params(Section):
                 " with LoRA dropout, dpo.disable_dropout: true to keep TRL's choice as it stands, or lora.dropout: 0"
             )
         smoothing = self.dpo.get("label_smoothing", 0.0)
-        losses = self.dpo.get("loss_type", dpo_config_defaults()["loss_type"])
-        losses = [losses] if isinstance(losses, str) else list(losses)
+        losses = self.dpo.get("loss_type", dpo_config_defaults()["loss_type"])  # a list: validate_dpo_section
         if smoothing and not set(losses) & LABEL_SMOOTHING_LOSSES:
             # TRL before 0.29 smoothed the sigmoid loss (conservative DPO); TRL 1.x reads it for these losses only.
             raise ValueError(

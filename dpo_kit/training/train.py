@@ -258,7 +258,7 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
     from dpo_kit.models.loading import load_causal_lm, load_tokenizer, lora_config, model_record, model_source
     from dpo_kit.training.checkpoints import RunIdentity, checkpoint_recorder
     from dpo_kit.training.launch import in_launched_worker
-    from dpo_kit.training.ref_cache import RefLogpsStore, cached_dpo_trainer_class
+    from dpo_kit.training.ref_cache import RefLogpsStore
 
     params, run_dir = stage.params, stage.run_dir
     source = model_source(params, stage.project_dir)
@@ -277,7 +277,7 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
     # With precompute_ref_log_probs, the reference log-probs come from the on-disk cache when an earlier run
     # computed them for the same reference, data and settings (training/ref_cache.py); else TRL computes them.
     store = RefLogpsStore() if config.precompute_ref_log_probs else None
-    trainer = kit_trainer_class(cached_dpo_trainer_class())(
+    trainer = kit_trainer_class()(
         ref_logps_store=store,
         model_record=model_record(params, stage.project_dir) if store is not None else None,
         model=model,
@@ -337,11 +337,13 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
 
 
 @functools.cache
-def kit_trainer_class(base: type) -> type:
-    """`base` (the kit's DPOTrainer, training/ref_cache.py) with TRL's per-checkpoint model card written without
-    asking an offline wandb run for the URL it does not have (tracking.offline_wandb_run_hidden)."""
+def kit_trainer_class() -> type:
+    """The DPOTrainer the train stage builds: training/ref_cache.py's (reference log-probs cached on disk), with
+    TRL's per-checkpoint model card written without asking an offline wandb run for the URL it does not have
+    (tracking.offline_wandb_run_hidden)."""
+    from dpo_kit.training.ref_cache import cached_dpo_trainer_class
 
-    class KitDPOTrainer(base):
+    class KitDPOTrainer(cached_dpo_trainer_class()):
         def create_model_card(self, *args, **kwargs):
             with offline_wandb_run_hidden():
                 return super().create_model_card(*args, **kwargs)
