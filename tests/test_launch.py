@@ -13,7 +13,14 @@ from safetensors.torch import load_file
 
 from dpo_kit.hardware import HardwareChoice, choose_hardware
 from dpo_kit.params import SHIPPED_ACCELERATE_CONFIGS, ParamsError, load_params
-from dpo_kit.training.launch import CONFIGS_DIR, LaunchError, check_launch, launch_command, read_config
+from dpo_kit.training.launch import (
+    CONFIGS_DIR,
+    LaunchError,
+    check_launch,
+    check_strategy_set_up,
+    launch_command,
+    read_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "params" / "tiny.yaml"
@@ -81,6 +88,45 @@ def test_sharding_without_a_gpu_is_refused(config, monkeypatch):
     assert cpu.device == "cpu"
     with pytest.raises(LaunchError, match=rf"{config} shards the model over GPUs .* this machine has none.*DDP over gloo"):
         check_launch(params, cpu, REPO)
+
+
+def test_a_worker_refuses_to_train_unsharded_when_its_config_asks_for_sharding(monkeypatch):
+    check_strategy_set_up("MULTI_CPU")  # no sharding asked: DDP or one process, nothing to check
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets in the workers for an FSDP config
+    check_strategy_set_up("FSDP")
+    with pytest.raises(LaunchError, match="asks for FSDP, and accelerate set up MULTI_CPU instead.*needs GPUs"):
+        check_strategy_set_up("MULTI_CPU")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(LaunchError, match="asks for DeepSpeed, and accelerate set up MULTI_GPU instead"):
+        check_strategy_set_up("MULTI_GPU")
+
+
+def test_accelerate_runs_the_fsdp2_config_as_plain_ddp_on_cpu_and_the_worker_check_stops_it(tmp_path):
+    """The premise of both refusals, against the installed accelerate: launched on CPU with the shipped fsdp2
+    config, accelerate sets up MULTI_CPU (DDP, whole model in every process), not FSDP, and says nothing."""
+    import subprocess
+    import sys
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys\n"
+        "from transformers import TrainingArguments\n"
+        "from dpo_kit.training.launch import check_strategy_set_up\n"
+        "TrainingArguments(output_dir=sys.argv[1], report_to=[], use_cpu=True).device\n"  # as the kit's workers do
+        "from accelerate import Accelerator\n"
+        "kind = str(Accelerator().distributed_type).rsplit('.', 1)[-1]\n"
+        "print('distributed type', kind, flush=True)\n"
+        "check_strategy_set_up(kind)\n"
+    )
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS_DIR / "fsdp2.yaml"),
+               "--num_processes", "2", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(probe), str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    # Each process prints its type; the first to fail may stop the other before it prints.
+    assert "distributed type MULTI_CPU" in output and "distributed type FSDP" not in output, output[-3000:]
+    assert done.returncode != 0 and "asks for FSDP, and accelerate set up MULTI_CPU instead" in output
 
 
 def test_deepspeed_configs_say_how_to_install_deepspeed(monkeypatch):

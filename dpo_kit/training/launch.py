@@ -7,7 +7,8 @@ the notebook stops the whole process group. Nothing changes for a run without `l
 
 Before starting, the combination is checked, and the ones that cannot work are refused with a message that
 says what to change: ZeRO/FSDP without GPUs, DeepSpeed not installed, more processes than GPUs, QLoRA under
-ZeRO-3/FSDP. TRL 1.x itself wraps a full fine-tuning reference model for ZeRO-3 and FSDP and runs
+ZeRO-3/FSDP. Each worker then checks that accelerate set up the sharding its config asked for: on CPU it runs
+an FSDP config as plain DDP without a word. TRL 1.x itself wraps a full fine-tuning reference model for ZeRO-3 and FSDP and runs
 `precompute_ref_log_probs` through a DeepSpeed engine (the traps of trl#1117 and #1497); the kit's part is to
 load the models without a device_map under both, so that ZeRO-3 and FSDP can place the shards.
 """
@@ -45,6 +46,23 @@ def sharding_strategy() -> str | None:
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         return "fsdp"
     return None
+
+
+def check_strategy_set_up(distributed_type: str) -> None:
+    """Inside a worker: accelerate set up the sharding its config asked for, or training stops here.
+
+    accelerate 1.x sets up FSDP and DeepSpeed only over accelerators. Launched on CPU with the fsdp2 config, both
+    workers trained as plain DDP (distributed type MULTI_CPU) without a word, each holding the whole model
+    (measured with accelerate 1.15; tests/test_launch.py checks it). check_launch refuses that case before
+    launching; this catches any other way of arriving there, e.g. a launcher started by hand."""
+    asked = sharding_strategy()
+    if asked is not None and distributed_type != asked.upper():
+        name = {"deepspeed": "DeepSpeed", "fsdp": "FSDP"}[asked]
+        raise LaunchError(
+            f"the accelerate config asks for {name}, and accelerate set up {distributed_type} instead, which would"
+            f" train without sharding the model. {name} needs GPUs that accelerate can see; on CPU, leave"
+            " launch.config_file empty (launch.num_processes > 1 runs DDP over gloo)."
+        )
 
 
 def resolve_config_file(params: Params, project_dir: str | Path) -> Path | None:
@@ -89,7 +107,8 @@ def check_launch(params: Params, hardware, project_dir: str | Path) -> dict[str,
         if kind != "DDP" and hardware.device != "cuda":
             raise LaunchError(
                 f"launch.config_file {launch.config_file} shards the model over GPUs ({kind}), and this machine has"
-                " none. On CPU, leave launch.config_file empty: launch.num_processes > 1 then runs DDP over gloo."
+                " none (accelerate would run it as plain DDP here, every process holding the whole model). On CPU,"
+                " leave launch.config_file empty: launch.num_processes > 1 then runs DDP over gloo."
             )
         if kind != "DDP" and params.quantization.bits:
             raise LaunchError(

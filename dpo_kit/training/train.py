@@ -257,7 +257,7 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
     from dpo_kit.data.pipeline import load_split
     from dpo_kit.models.loading import load_causal_lm, load_tokenizer, lora_config, model_record, model_source
     from dpo_kit.training.checkpoints import RunIdentity, checkpoint_recorder
-    from dpo_kit.training.launch import in_launched_worker
+    from dpo_kit.training.launch import check_strategy_set_up, in_launched_worker
     from dpo_kit.training.ref_cache import RefLogpsStore
 
     params, run_dir = stage.params, stage.run_dir
@@ -291,6 +291,7 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
                    heartbeat_callback(run_dir)],
     )
     if in_launched_worker():
+        check_strategy_set_up(str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1])
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # without a bar the Trainer prints each log dict; LogLine says it
