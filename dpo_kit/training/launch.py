@@ -8,9 +8,9 @@ the notebook stops the whole process group. Nothing changes for a run without `l
 Before starting, the combination is checked, and the ones that cannot work are refused with a message that
 says what to change: ZeRO/FSDP without GPUs, DeepSpeed not installed, more processes than GPUs, QLoRA under
 ZeRO-3/FSDP. Each worker then checks that accelerate set up the sharding its config asked for: on CPU it runs
-an FSDP config as plain DDP without a word. TRL 1.x itself wraps a full fine-tuning reference model for ZeRO-3 and FSDP and runs
-`precompute_ref_log_probs` through a DeepSpeed engine (the traps of trl#1117 and #1497); the kit's part is to
-load the models without a device_map under both, so that ZeRO-3 and FSDP can place the shards.
+an FSDP config as plain DDP without a word. TRL 1.x itself wraps a full fine-tuning reference model for ZeRO-3
+and FSDP and runs `precompute_ref_log_probs` through a DeepSpeed engine (the traps of trl#1117 and #1497); the
+kit's part is to load the models without a device_map under both, so that ZeRO-3 and FSDP can place the shards.
 """
 
 from __future__ import annotations
