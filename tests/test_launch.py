@@ -32,6 +32,17 @@ def gpu_hardware() -> HardwareChoice:
                           fp16=False, gradient_checkpointing=True, dtype="bfloat16", reason="a test GPU")  # fmt: skip
 
 
+def deepspeed_installed(monkeypatch, installed: bool) -> None:
+    """As if deepspeed were (not) installed. Only deepspeed: a lookup of any other package is left alone, since
+    a transformers module imported for the first time inside the test asks for optional ones (mistral_common)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        "importlib.util.find_spec", lambda name, *a: (object() if installed else None) if name == "deepspeed" else real(name, *a)
+    )
+
+
 @pytest.mark.parametrize("name", SHIPPED_ACCELERATE_CONFIGS)
 def test_every_shipped_config_is_read_by_accelerates_own_parser(name):
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -82,7 +93,7 @@ def test_without_launch_params_nothing_is_launched():
 
 @pytest.mark.parametrize("config", ["zero2", "zero3", "fsdp2"])
 def test_sharding_without_a_gpu_is_refused(config, monkeypatch):
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())  # as if deepspeed were installed
+    deepspeed_installed(monkeypatch, True)
     params = load_params(TINY, [f"launch.config_file={config}", "launch.num_processes=2"])
     cpu = choose_hardware()
     assert cpu.device == "cpu"
@@ -130,14 +141,14 @@ def test_accelerate_runs_the_fsdp2_config_as_plain_ddp_on_cpu_and_the_worker_che
 
 
 def test_deepspeed_configs_say_how_to_install_deepspeed(monkeypatch):
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    deepspeed_installed(monkeypatch, False)
     params = load_params(TINY, ["launch.config_file=zero3", "launch.num_processes=2"])
     with pytest.raises(LaunchError, match="zero3 uses DeepSpeed, which is not installed: `pip install deepspeed`"):
         check_launch(params, gpu_hardware(), REPO)
 
 
 def test_qlora_under_zero3_or_fsdp_is_refused_with_the_alternative(monkeypatch):
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    deepspeed_installed(monkeypatch, True)
     for config in ("zero3", "fsdp2"):
         params = load_params(TINY, [f"launch.config_file={config}", "launch.num_processes=2", "quantization.bits=4"])
         with pytest.raises(LaunchError, match=r"quantization.bits 4 \(QLoRA\) under .* Use launch.config_file ddp"):
