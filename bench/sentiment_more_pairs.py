@@ -135,7 +135,10 @@ def main() -> int:
         if done.is_file():
             results.append(json.loads(done.read_text()))
         elif not args.report_only:
-            (OUT / f"{times}x").mkdir(parents=True, exist_ok=False)  # a half-finished earlier attempt is kept
+            if (OUT / f"{times}x").exists():  # a half-finished earlier attempt is kept, never overwritten
+                print(f"{OUT / f'{times}x'} holds an unfinished attempt: move it aside to run {times}x again", file=sys.stderr)
+                return 2
+            (OUT / f"{times}x").mkdir(parents=True)
             results.append(train(times))
     print(table(results))
     return 0
