@@ -20,14 +20,12 @@ import json
 import sys
 from pathlib import Path
 
+from dpo_kit.evaluation.generate import read_jsonl
+
 REPO = Path(__file__).resolve().parent.parent
 SEED_RUNS = [REPO / "runs" / f"smollm2-135m-sentiment-seed{seed}" for seed in (0, 1, 2)]
 OUT = REPO / "runs" / "sentiment-more-pairs"
 EVAL_EVERY = 11
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def prompt_key(messages: list[dict]) -> str:

@@ -29,6 +29,7 @@ from dpo_kit.params import SHIPPED_ACCELERATE_CONFIGS, Params
 CONFIGS_DIR = Path(__file__).resolve().parent / "accelerate_configs"
 WORKER_ENV = "DPO_KIT_LAUNCHED"  # set in the workers: train there, never launch again
 RESULT_FILE = "train_result.json"  # what the main worker hands back to the notebook
+SHARDED_KINDS = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP"}  # accelerate's distributed types that shard the model
 
 
 class LaunchError(RuntimeError):
@@ -57,7 +58,7 @@ def check_strategy_set_up(distributed_type: str) -> None:
     launching; this catches any other way of arriving there, e.g. a launcher started by hand."""
     asked = sharding_strategy()
     if asked is not None and distributed_type != asked.upper():
-        name = {"deepspeed": "DeepSpeed", "fsdp": "FSDP"}[asked]
+        name = SHARDED_KINDS[asked.upper()]
         raise LaunchError(
             f"the accelerate config asks for {name}, and accelerate set up {distributed_type} instead, which would"
             f" train without sharding the model. {name} needs GPUs that accelerate can see; on CPU, leave"
@@ -95,7 +96,7 @@ def check_launch(params: Params, hardware, project_dir: str | Path) -> dict[str,
     kind = "DDP"
     if config_path is not None:
         distributed_type = str(read_config(config_path).distributed_type).rsplit(".", 1)[-1]
-        kind = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP"}.get(distributed_type, "DDP")
+        kind = SHARDED_KINDS.get(distributed_type, "DDP")
         if kind == "DeepSpeed":
             import importlib.util
 

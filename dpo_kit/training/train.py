@@ -290,8 +290,9 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
         callbacks=[log_line_callback(), checkpoint_recorder(run_dir, RunIdentity.of_run(run_dir)),
                    heartbeat_callback(run_dir)],
     )
+    distributed_type = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]  # e.g. MULTI_CPU, FSDP
     if in_launched_worker():
-        check_strategy_set_up(str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1])
+        check_strategy_set_up(distributed_type)
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # without a bar the Trainer prints each log dict; LogLine says it
@@ -330,7 +331,7 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
         trainable_parameters=trainable,
         total_parameters=total,
         launch={"process_index": trainer.args.process_index, "world_size": trainer.args.world_size,
-                "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]}
+                "distributed_type": distributed_type}
         if in_launched_worker() else None,
         ref_logps_cache=trainer.ref_logps_cache or None,
         cost=training_cost(output.metrics, trainer, getattr(model, "hf_device_map", None)),
