@@ -249,9 +249,24 @@ class LoraParams(Section):
         " false (its default is true), so a value above 0 needs dpo.disable_dropout set explicitly.",
     )
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear'. Add 'lm_head' to adapt the output layer."
+        "all-linear",
+        description="Module names to adapt, or 'all-linear' (every linear layer but the output layer). The output"
+        " layer (lm_head) cannot be adapted: TRL's DPOTrainer computes log-probs from its weight directly.",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+    @model_validator(mode="after")
+    def _output_layer_not_adapted(self):
+        if self.enabled and isinstance(self.target_modules, list) and "lm_head" in self.target_modules:
+            # TRL 1.x multiplies the hidden states by lm_head.weight itself (memory-saving log-probs), so a LoRA
+            # on lm_head would never receive a gradient; its DPOTrainer refuses it, but only after the data stage.
+            raise ValueError(
+                "lora.target_modules names 'lm_head', which TRL's DPOTrainer refuses: it computes the log-probs"
+                " from lm_head.weight directly, so an adapter there would never be trained. Remove 'lm_head'"
+                " (the other modules train as before), or train the output layer with full fine-tuning"
+                " (lora.enabled: false)"
+            )
+        return self
 
 
 class QuantizationParams(Section):

@@ -39,13 +39,51 @@ def test_every_params_file_validates_and_builds_a_dpo_config(path, tmp_path):
         assert value is not None or key in raw.get(section, {}), f"{section}.{key} unresolved in {path.name}"
 
 
+@pytest.mark.parametrize("path", PARAMS_FILES, ids=lambda p: p.name)
+def test_every_params_file_builds_trls_trainer(path, tiny_model_dir, tmp_path):
+    """TRL checks the model, its LoRA and the DPOConfig together only when DPOTrainer is built, after the data
+    stage; the article recipes need a GPU and a network, so nothing else would build theirs before a user does.
+    The tiny model stands in for the recipe's (the module names of the Llama/Qwen/Mistral families), with the
+    recipe's LoRA, quantization and dpo section: a setting TRL refuses fails here, not on a rented GPU."""
+    from datasets import Dataset
+
+    from dpo_kit.bundled import bundled_preference_rows
+    from dpo_kit.hardware import choose_hardware
+    from dpo_kit.models.loading import load_tokenizer, model_source
+    from dpo_kit.training.train import build_dpo_config, build_trainer
+
+    raw = yaml.safe_load(path.read_text())
+    raw["model"] = {**raw["model"], "name_or_path": str(tiny_model_dir), "build_tiny_model": False}
+    params = parse_params(raw, source=str(path))
+    hardware = choose_hardware()
+    config = build_dpo_config(params, tmp_path, hardware)
+    source = model_source(params, REPO)
+    pairs = Dataset.from_list(bundled_preference_rows()[:4])
+    trainer = build_trainer(params, source, hardware, config, load_tokenizer(source, params), pairs)
+    adapted = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert adapted, f"{path.name}: no trainable parameters"
+    if params.lora.enabled:
+        assert all("lora_" in name for name in adapted), adapted[:5]
+        if isinstance(params.lora.target_modules, list):
+            assert {name.split(".")[-4] for name in adapted} == set(params.lora.target_modules)
+
+
+def test_lora_on_the_output_layer_is_refused_before_the_run():
+    raw = raw_tiny()
+    raw["lora"]["target_modules"] = ["q_proj", "lm_head"]
+    message = error_for(raw)
+    assert "lora.target_modules" in message and "lm_head" in message and "lora.enabled: false" in message
+    raw["lora"]["enabled"] = False  # full fine-tuning trains lm_head itself; target_modules is unused
+    parse_params(raw, source="x.yaml")
+
+
 def test_article_recipes_keep_their_hyper_parameters():
     hermes = load_params(REPO / "params/openhermes-2.5-mistral-7b-orca-dpo-qlora-4bit.yaml")
     assert (hermes.lora.r, hermes.lora.alpha, hermes.quantization.bits) == (16, 16, 4)
     assert hermes.dpo["lr_scheduler_type"] == "cosine" and hermes.dpo["warmup_steps"] == 100
     assert hermes.dpo["max_steps"] == 200 and hermes.data.format == "orca"
     hh = load_params(REPO / "params/stablelm-2-1_6b-hh-rlhf-lora-8bit.yaml")
-    assert hh.quantization.bits == 8 and hh.lora.r == 64 and "lm_head" in hh.lora.target_modules
+    assert hh.quantization.bits == 8 and hh.lora.r == 64 and "down_proj" in hh.lora.target_modules
     truthy = load_params(REPO / "params/phi-2-truthy-dpo-full.yaml")
     assert truthy.model.name_or_path == "microsoft/phi-2" and truthy.data.format == "truthy"
 

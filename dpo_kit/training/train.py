@@ -255,7 +255,7 @@ def train_in_this_process(stage) -> TrainResult:
 @deprecated_checkpointing_alias_quiet()
 def _train(stage, tracking: dict[str, Any]) -> TrainResult:
     from dpo_kit.data.pipeline import load_split
-    from dpo_kit.models.loading import load_causal_lm, load_tokenizer, lora_config, model_record, model_source
+    from dpo_kit.models.loading import load_tokenizer, model_record, model_source
     from dpo_kit.training.checkpoints import RunIdentity, checkpoint_recorder
     from dpo_kit.training.launch import check_strategy_set_up, in_launched_worker
     from dpo_kit.training.ref_cache import RefLogpsStore
@@ -264,32 +264,19 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
     source = model_source(params, stage.project_dir)
     tokenizer = load_tokenizer(source, params)
     config = build_dpo_config(params, run_dir, stage.hardware)
-    # Full fine-tuning keeps fp32 master weights (bf16/fp16 stay autocast only): AdamW steps of ~1e-6 vanish
-    # in bf16 weights, and fp16 weights cannot be unscaled. LoRA's adapters are fp32 on any base dtype.
-    dtype = "float32" if not params.lora.enabled and params.model.dtype == "auto" else None
-    model = load_causal_lm(source, params, dtype=dtype, quantized=True, hardware=stage.hardware)
-    # Loaded here rather than by TRL, so it gets the same revision and trust_remote_code as the policy. It is
-    # frozen, so it stays in the hardware's dtype (bf16 on a GPU): half the memory of an fp32 copy.
-    reference = None if params.lora.enabled else load_causal_lm(source, params, hardware=stage.hardware)
     train_dataset = load_split(run_dir, "train")
     eval_dataset = load_split(run_dir, "eval") if config.eval_strategy != "no" else None
 
     # With precompute_ref_log_probs, the reference log-probs come from the on-disk cache when an earlier run
     # computed them for the same reference, data and settings (training/ref_cache.py); else TRL computes them.
     store = RefLogpsStore() if config.precompute_ref_log_probs else None
-    trainer = kit_trainer_class()(
+    trainer = build_trainer(
+        params, source, stage.hardware, config, tokenizer, train_dataset, eval_dataset,
         ref_logps_store=store,
         model_record=model_record(params, stage.project_dir) if store is not None else None,
-        model=model,
-        ref_model=reference,
-        args=config,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(params),
         callbacks=[log_line_callback(), checkpoint_recorder(run_dir, RunIdentity.of_run(run_dir)),
                    heartbeat_callback(run_dir)],
-    )
+    )  # fmt: skip
     distributed_type = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]  # e.g. MULTI_CPU, FSDP
     if in_launched_worker():
         check_strategy_set_up(distributed_type)
@@ -334,8 +321,37 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
                 "distributed_type": distributed_type}
         if in_launched_worker() else None,
         ref_logps_cache=trainer.ref_logps_cache or None,
-        cost=training_cost(output.metrics, trainer, getattr(model, "hf_device_map", None)),
+        cost=training_cost(output.metrics, trainer, getattr(trainer.model, "hf_device_map", None)),  # peft forwards it
     )  # fmt: skip
+
+
+@deprecated_checkpointing_alias_quiet()  # peft reads the old name when it wraps the model
+def build_trainer(params: Params, source, hardware: HardwareChoice, config, tokenizer, train_dataset,
+                  eval_dataset=None, *, ref_logps_store=None, model_record=None, callbacks=None):
+    """The train stage's DPOTrainer: the policy loaded (and quantized) as params say, a frozen reference copy
+    for full fine-tuning, and params' LoRA. TRL checks the model, LoRA and DPOConfig together only here, so a
+    test builds it for every params file (tests/test_params.py)."""
+    from dpo_kit.models.loading import load_causal_lm, lora_config
+
+    # Full fine-tuning keeps fp32 master weights (bf16/fp16 stay autocast only): AdamW steps of ~1e-6 vanish
+    # in bf16 weights, and fp16 weights cannot be unscaled. LoRA's adapters are fp32 on any base dtype.
+    dtype = "float32" if not params.lora.enabled and params.model.dtype == "auto" else None
+    model = load_causal_lm(source, params, dtype=dtype, quantized=True, hardware=hardware)
+    # Loaded here rather than by TRL, so it gets the same revision and trust_remote_code as the policy. It is
+    # frozen, so it stays in the hardware's dtype (bf16 on a GPU): half the memory of an fp32 copy.
+    reference = None if params.lora.enabled else load_causal_lm(source, params, hardware=hardware)
+    return kit_trainer_class()(
+        ref_logps_store=ref_logps_store,
+        model_record=model_record,
+        model=model,
+        ref_model=reference,
+        args=config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(params),
+        callbacks=callbacks,
+    )
 
 
 @functools.cache
