@@ -73,9 +73,9 @@ def train(times: int) -> dict:
     from datasets import Dataset
 
     from dpo_kit.hardware import choose_hardware
-    from dpo_kit.models.loading import load_causal_lm, load_tokenizer, lora_config, model_source
+    from dpo_kit.models.loading import load_tokenizer, model_source
     from dpo_kit.params import load_params
-    from dpo_kit.training.train import build_dpo_config, kit_trainer_class
+    from dpo_kit.training.train import build_dpo_config, build_trainer
 
     params = load_params(SEED_RUNS[0] / "params.yaml")
     pairs = training_pairs(times, params.data.generate.min_score_gap)
@@ -87,12 +87,8 @@ def train(times: int) -> dict:
     config.eval_strategy, config.eval_steps, config.per_device_eval_batch_size = "steps", EVAL_EVERY, 16
     config.save_strategy = "no"
     source = model_source(params, REPO)
-    trainer = kit_trainer_class()(
-        ref_logps_store=None, model_record=None, ref_model=None,
-        model=load_causal_lm(source, params, quantized=True, hardware=hardware), args=config,
-        train_dataset=Dataset.from_list(pairs), eval_dataset=Dataset.from_list(held_out),
-        processing_class=load_tokenizer(source, params), peft_config=lora_config(params),
-    )  # fmt: skip
+    trainer = build_trainer(params, source, hardware, config, load_tokenizer(source, params),
+                            Dataset.from_list(pairs), Dataset.from_list(held_out))  # fmt: skip
     output = trainer.train()
     history = trainer.state.log_history
     accuracies = {row["step"]: row["eval_rewards/accuracies"] for row in history if "eval_rewards/accuracies" in row}
