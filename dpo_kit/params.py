@@ -237,6 +237,10 @@ class DataParams(Section):
         return self
 
 
+# The output layer's module name in the common architectures (Llama/Qwen/Mistral/Phi/...; GPT-NeoX and Pythia).
+OUTPUT_LAYER_NAMES = ("lm_head", "embed_out")
+
+
 class LoraParams(Section):
     enabled: bool = Field(True, description="Train a LoRA adapter; False = full fine-tuning with a reference copy.")
     r: int = Field(16, gt=0, description="LoRA rank.")
@@ -257,14 +261,17 @@ class LoraParams(Section):
 
     @model_validator(mode="after")
     def _output_layer_not_adapted(self):
-        if self.enabled and isinstance(self.target_modules, list) and "lm_head" in self.target_modules:
-            # TRL 1.x multiplies the hidden states by lm_head.weight itself (memory-saving log-probs), so a LoRA
-            # on lm_head would never receive a gradient; its DPOTrainer refuses it, but only after the data stage.
+        targets = self.target_modules if self.enabled and isinstance(self.target_modules, list) else []
+        named = [name for name in OUTPUT_LAYER_NAMES if name in targets]
+        if named:
+            # TRL 1.x multiplies the hidden states by the output layer's weight itself (memory-saving log-probs),
+            # so a LoRA there would never receive a gradient; its DPOTrainer refuses it, but only after the data
+            # stage has run.
             raise ValueError(
-                "lora.target_modules names 'lm_head', which TRL's DPOTrainer refuses: it computes the log-probs"
-                " from lm_head.weight directly, so an adapter there would never be trained. Remove 'lm_head'"
-                " (the other modules train as before), or train the output layer with full fine-tuning"
-                " (lora.enabled: false)"
+                f"lora.target_modules names '{named[0]}', the output layer, which TRL's DPOTrainer refuses: it"
+                " computes the log-probs from that layer's weight directly, so an adapter there would never be"
+                f" trained. Remove '{named[0]}' (the other modules train as before), or train the output layer"
+                " with full fine-tuning (lora.enabled: false)"
             )
         return self
 

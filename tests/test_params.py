@@ -73,7 +73,9 @@ def test_lora_on_the_output_layer_is_refused_before_the_run():
     raw["lora"]["target_modules"] = ["q_proj", "lm_head"]
     message = error_for(raw)
     assert "lora.target_modules" in message and "lm_head" in message and "lora.enabled: false" in message
-    raw["lora"]["enabled"] = False  # full fine-tuning trains lm_head itself; target_modules is unused
+    raw["lora"]["target_modules"] = ["query_key_value", "embed_out"]  # GPT-NeoX / Pythia, the DPO paper's models
+    assert "'embed_out', the output layer" in error_for(raw)
+    raw["lora"]["enabled"] = False  # full fine-tuning trains the output layer itself; target_modules is unused
     parse_params(raw, source="x.yaml")
 
 
