@@ -79,6 +79,25 @@ def test_lora_on_the_output_layer_is_refused_before_the_run():
     parse_params(raw, source="x.yaml")
 
 
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # peft, on the tied lm_head
+def test_trl_refuses_lora_on_the_output_layer(tiny_model_dir, tmp_path):
+    """The premise of the refusal above: when TRL lets an adapter on lm_head train, the kit should too."""
+    from datasets import Dataset
+
+    from dpo_kit.bundled import bundled_preference_rows
+    from dpo_kit.hardware import choose_hardware
+    from dpo_kit.models.loading import load_tokenizer, model_source
+    from dpo_kit.training.train import build_dpo_config, build_trainer
+
+    params = load_params(REPO / "params/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", "model.build_tiny_model=false"])
+    # model_copy does not validate: the params the kit would refuse, to see what TRL itself does with them.
+    params = params.model_copy(update={"lora": params.lora.model_copy(update={"target_modules": ["q_proj", "lm_head"]})})
+    hardware, source = choose_hardware(), model_source(params, REPO)
+    with pytest.raises(ValueError, match="lm_head"):
+        build_trainer(params, source, hardware, build_dpo_config(params, tmp_path, hardware),
+                      load_tokenizer(source, params), Dataset.from_list(bundled_preference_rows()[:4]))  # fmt: skip
+
+
 def test_article_recipes_keep_their_hyper_parameters():
     hermes = load_params(REPO / "params/openhermes-2.5-mistral-7b-orca-dpo-qlora-4bit.yaml")
     assert (hermes.lora.r, hermes.lora.alpha, hermes.quantization.bits) == (16, 16, 4)
