@@ -39,12 +39,8 @@ def test_every_params_file_validates_and_builds_a_dpo_config(path, tmp_path):
         assert value is not None or key in raw.get(section, {}), f"{section}.{key} unresolved in {path.name}"
 
 
-@pytest.mark.parametrize("path", PARAMS_FILES, ids=lambda p: p.name)
-def test_every_params_file_builds_trls_trainer(path, tiny_model_dir, tmp_path):
-    """TRL checks the model, its LoRA and the DPOConfig together only when DPOTrainer is built, after the data
-    stage; the article recipes need a GPU and a network, so nothing else would build theirs before a user does.
-    The tiny model stands in for the recipe's (the module names of the Llama/Qwen/Mistral families), with the
-    recipe's LoRA, quantization and dpo section: a setting TRL refuses fails here, not on a rented GPU."""
+def trainer_on_four_pairs(params, tmp_path):
+    """The train stage's DPOTrainer for params, on four bundled pairs; built, not trained."""
     from datasets import Dataset
 
     from dpo_kit.bundled import bundled_preference_rows
@@ -52,14 +48,21 @@ def test_every_params_file_builds_trls_trainer(path, tiny_model_dir, tmp_path):
     from dpo_kit.models.loading import load_tokenizer, model_source
     from dpo_kit.training.train import build_dpo_config, build_trainer
 
+    hardware, source = choose_hardware(), model_source(params, REPO)
+    return build_trainer(params, source, hardware, build_dpo_config(params, tmp_path, hardware),
+                         load_tokenizer(source, params), Dataset.from_list(bundled_preference_rows()[:4]))  # fmt: skip
+
+
+@pytest.mark.parametrize("path", PARAMS_FILES, ids=lambda p: p.name)
+def test_every_params_file_builds_trls_trainer(path, tiny_model_dir, tmp_path):
+    """TRL checks the model, its LoRA and the DPOConfig together only when DPOTrainer is built, after the data
+    stage; the article recipes need a GPU and a network, so nothing else would build theirs before a user does.
+    The tiny model stands in for the recipe's (the module names of the Llama/Qwen/Mistral families), with the
+    recipe's LoRA, quantization and dpo section: a setting TRL refuses fails here, not on a rented GPU."""
     raw = yaml.safe_load(path.read_text())
     raw["model"] = {**raw["model"], "name_or_path": str(tiny_model_dir), "build_tiny_model": False}
     params = parse_params(raw, source=str(path))
-    hardware = choose_hardware()
-    config = build_dpo_config(params, tmp_path, hardware)
-    source = model_source(params, REPO)
-    pairs = Dataset.from_list(bundled_preference_rows()[:4])
-    trainer = build_trainer(params, source, hardware, config, load_tokenizer(source, params), pairs)
+    trainer = trainer_on_four_pairs(params, tmp_path)
     adapted = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
     assert adapted, f"{path.name}: no trainable parameters"
     if params.lora.enabled:
@@ -82,20 +85,11 @@ def test_lora_on_the_output_layer_is_refused_before_the_run():
 @pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # peft, on the tied lm_head
 def test_trl_refuses_lora_on_the_output_layer(tiny_model_dir, tmp_path):
     """The premise of the refusal above: when TRL lets an adapter on lm_head train, the kit should too."""
-    from datasets import Dataset
-
-    from dpo_kit.bundled import bundled_preference_rows
-    from dpo_kit.hardware import choose_hardware
-    from dpo_kit.models.loading import load_tokenizer, model_source
-    from dpo_kit.training.train import build_dpo_config, build_trainer
-
     params = load_params(REPO / "params/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", "model.build_tiny_model=false"])
     # model_copy does not validate: the params the kit would refuse, to see what TRL itself does with them.
     params = params.model_copy(update={"lora": params.lora.model_copy(update={"target_modules": ["q_proj", "lm_head"]})})
-    hardware, source = choose_hardware(), model_source(params, REPO)
     with pytest.raises(ValueError, match="lm_head"):
-        build_trainer(params, source, hardware, build_dpo_config(params, tmp_path, hardware),
-                      load_tokenizer(source, params), Dataset.from_list(bundled_preference_rows()[:4]))  # fmt: skip
+        trainer_on_four_pairs(params, tmp_path)
 
 
 def test_article_recipes_keep_their_hyper_parameters():
