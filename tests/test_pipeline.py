@@ -159,6 +159,8 @@ def test_continuing_a_run_with_other_params_is_refused(tmp_path, tiny_model_dir)
 
     overrides = [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", "run.name=partial"]
     run_pipeline(TINY, overrides, stages=["format"], project_dir=REPO, progress=False)
+    # The process has ended with one stage of five done: the run is partial, not running.
+    assert json.loads((tmp_path / "partial" / "manifest.json").read_text())["status"] == "partial"
     with pytest.raises(ParamsError, match="dpo.beta: 0.1 -> 0.5"):
         run_pipeline(TINY, [*overrides, "dpo.beta=0.5"], stages=["train"], project_dir=REPO, progress=False)
     assert not (tmp_path / "partial" / "adapter").exists()

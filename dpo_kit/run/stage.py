@@ -121,6 +121,8 @@ class Stage:
         )
         if all(manifest["stages"].get(s, {}).get("status") == "completed" for s in mf.STAGES):
             mf.update_manifest(self.run_dir, status="completed", finished=mf.now_iso())
+        else:  # no stage runs now: the rest are still to come, or were not asked for (--stages), so not "running"
+            mf.update_manifest(self.run_dir, status="partial")
         return manifest["stages"][self.name]
 
 
