@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
 
-from dpo_kit.bundled import FILM_KINDS, REVIEW_OPENINGS, _review_prompt
+from dpo_kit.bundled import FILM_KINDS, REVIEW_OPENINGS, movie_review_prompts
+from dpo_kit.evaluation.generate import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = REPO / "runs" / "sentiment-more-prompts" / "prompts.jsonl"
@@ -41,8 +41,7 @@ MORE_OPENINGS = [
 def prompts_text() -> str:
     kinds, openings = FILM_KINDS + MORE_KINDS, REVIEW_OPENINGS + MORE_OPENINGS
     assert len(set(kinds)) == 24 and len(set(openings)) == 48, "kinds and openings must be distinct"
-    rows = [{"prompt": _review_prompt(kind, opening, prefill=True)} for kind in kinds for opening in openings]
-    random.Random(0).shuffle(rows)
+    rows = movie_review_prompts(seed=0, prefill=True, kinds=kinds, openings=openings)
     return "".join(json.dumps(row) + "\n" for row in rows)
 
 
@@ -55,7 +54,7 @@ def write_prompts() -> None:
 
 
 def report() -> str:
-    history = [json.loads(line) for line in (RUN / "train_log.jsonl").read_text().splitlines()]
+    history = read_jsonl(RUN / "train_log.jsonl")
     curve = {row["step"]: row["eval_rewards/accuracies"] for row in history if "eval_rewards/accuracies" in row}
     data = json.loads((RUN / "data" / "report.json").read_text())
     steps = max(row["step"] for row in history if "step" in row)

@@ -136,15 +136,18 @@ def _review_prompt(kind: str, opening: str, prefill: bool) -> list[dict]:
     return [{"role": "user", "content": f"Continue this review of a {kind}: '{opening}'"}]
 
 
-def movie_review_prompts(seed: int = 0, prefill: bool = False) -> list[dict]:
+def movie_review_prompts(
+    seed: int = 0, prefill: bool = False, kinds: list[str] = FILM_KINDS, openings: list[str] = REVIEW_OPENINGS
+) -> list[dict]:
     """384 prompts (16 kinds of film x 24 openings), as chat-message rows, in a seeded order.
 
     Without `prefill` the user asks the model to continue a quoted opening, and the reply is a new turn.
     With it, as in the DPO paper (which continues IMDb prefixes), the user asks for a review and the
     assistant's reply already starts with the opening: the model continues it, so its very first tokens
     decide the sentiment. A short system message replaces SmolLM2's default one, which is longer than the
-    rest of the prompt.
+    rest of the prompt. Other `kinds` and `openings` make a larger set of the same form
+    (bench/sentiment_more_prompts.py).
     """
-    rows = [{"prompt": _review_prompt(kind, opening, prefill)} for kind in FILM_KINDS for opening in REVIEW_OPENINGS]
+    rows = [{"prompt": _review_prompt(kind, opening, prefill)} for kind in kinds for opening in openings]
     random.Random(seed).shuffle(rows)
     return rows
