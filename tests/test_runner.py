@@ -75,6 +75,26 @@ def test_shared_kernel_reset_leaves_no_user_names_or_outputs(tmp_path):
         kernel.shutdown()
 
 
+@pytest.mark.parametrize("at_once", [False, True])
+def test_a_finished_kernel_exits_cleanly_and_leaves_nothing_in_tmpdir(tmp_path, monkeypatch, at_once):
+    """`import wandb` makes two temporary directories that only its exit handlers remove: a kernel killed at the
+    end of every run left them in $TMPDIR. Only an interrupted stage's kernel is killed (`at_once`)."""
+    from dpo_kit.run.runner import SharedKernel
+
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))  # the kernel's environment is the runner's
+    kernel = SharedKernel(tmp_path)
+    try:
+        kernel.run_cell("import wandb")
+        made = sorted(path.name for path in tmpdir.iterdir())
+        assert any("wandb" in name for name in made), made
+    finally:
+        kernel.shutdown(at_once=at_once)
+    left = sorted(path.name for path in tmpdir.iterdir())
+    assert left == (made if at_once else [])
+
+
 def test_progress_relay_shows_the_newest_line_a_stage_prints():
     from tqdm import tqdm
 

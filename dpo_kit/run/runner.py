@@ -140,13 +140,16 @@ class SharedKernel:
         if pending:
             loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
-    def shutdown(self) -> None:
-        """Stop the kernel at once (it may be mid-stage); a second call does nothing."""
+    def shutdown(self, at_once: bool = False) -> None:
+        """Stop the kernel; a second call does nothing. By default the kernel is asked to exit, so its exit
+        handlers run: killed, it leaves the temporary directories that wandb and datasets create on import in
+        $TMPDIR, two or more per run. jupyter_client kills it if it has not exited within a few seconds.
+        `at_once`: kill it now, for a kernel that may still be mid-stage (a signal interrupted the run)."""
         if self.manager._client is not None:
             self.manager._client.stop_channels()
             self.manager._client = None
         if self._run_sync(self.manager.is_alive)():
-            self._run_sync(self.manager.shutdown_kernel)(now=True)
+            self._run_sync(self.manager.shutdown_kernel)(now=at_once)
 
 
 class RunError(RuntimeError):
@@ -408,7 +411,7 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
         except (KeyboardInterrupt, Terminated, DeadKernelError) as error:
             # Stop the kernel first (it may still be training), then record: nothing writes the manifest after us.
             stage_kernel.abandon_cell()
-            stage_kernel.shutdown()
+            stage_kernel.shutdown(at_once=True)
             signal_name = {KeyboardInterrupt: "SIGINT", Terminated: "SIGTERM"}.get(type(error))
             reason = signal_name or "the kernel died (killed, or out of memory)"
             mf.update_stage(run_dir, stage, status="interrupted", interrupted=mf.now_iso(), reason=reason,
