@@ -1,8 +1,10 @@
 """Held-out implicit-reward accuracy of the sentiment recipe against the number of distinct training pairs.
 
-    .venv/bin/python bench/sentiment_more_pairs.py [--times 1 2 3] [--report-only]
+    .venv/bin/python bench/sentiment_more_pairs.py [--times 1 2 3] [--pool 2 3] [--report-only]
 
-Needs the three seed runs of bench/sentiment_seeds.py. Each of them sampled 4 continuations of all 384
+Needs the three seed runs of bench/sentiment_seeds.py, or only their format stage (`dpo-kit run
+params/smollm2-135m-sentiment.yaml --stages format --set run.seed=N --set run.name=smollm2-135m-sentiment-seedN`,
+about 4 minutes each: the same seed samples the same continuations). Each of them sampled 4 continuations of all 384
 bundled prompts from the same reference model, so for seed 0's training prompts they hold three independent
 best-of-4 / worst-of-4 pairs. `--times N` trains on the pairs of the first N seeds for seed 0's training prompts
 (seed 0's own pairs first: N = 1 is the recipe's data), one epoch, with seed 0's params, the kit's trainer
@@ -11,6 +13,12 @@ on: a pair of seeds 1 and 2 is taken only for a prompt that seed 0 trained on. I
 distinct pairs than the CPU demo can sample would reach an accuracy of 0.9 (README, "Not reached").
 Each N writes runs/sentiment-more-pairs/<N>x/ and is skipped when its result exists. About 6, 11 and
 15 minutes for N = 1, 2, 3 on 2 CPU cores.
+
+`--pool N` asks instead whether sharper pairs would: it pools the 4N samples that the first N seeds drew for
+each of seed 0's training prompts and pairs the best of them with the worst (best-of-8 for N = 2, best-of-12
+for N = 3), so the number of pairs stays the recipe's and their score gaps grow. The trained model is evaluated
+on seed 0's held-out pairs, the test every other row uses, and, as a second evaluation set, on best-of-4N pairs
+of the same held-out prompts. Writes runs/sentiment-more-pairs/best-of-<4N>/; about 6 minutes each.
 """
 
 from __future__ import annotations
@@ -32,109 +40,202 @@ def prompt_key(messages: list[dict]) -> str:
     return json.dumps([m["content"] for m in messages])
 
 
-def training_pairs(times: int, min_score_gap: float) -> list[dict]:
-    """Seed 0's training pairs, then those of seeds 1.. for the same prompts, in TRL's standard format."""
+def seed0_prompts(min_score_gap: float) -> tuple[dict[str, str], dict[str, str]]:
+    """Seed 0's training and held-out prompts: prompt key (the messages' texts) -> the prompt as rendered."""
     from dpo_kit.data.drops import DropRow
     from dpo_kit.data.on_policy import ranked_pair
 
     convert = ranked_pair(min_score_gap)
     seed0 = SEED_RUNS[0] / "data"
-    # samples.jsonl holds the prompt as messages, train.jsonl the same prompt rendered by the chat template:
-    # a sample row is a training prompt of seed 0 when its best/worst pair is one of train.jsonl's pairs.
-    rendered = {(row["chosen"], row["rejected"]): row["prompt"] for row in read_jsonl(seed0 / "train.jsonl")}
-    held_out = {(row["chosen"], row["rejected"]) for row in read_jsonl(seed0 / "eval.jsonl")}
-    train_prompts: dict[str, str] = {}
+    # samples.jsonl holds the prompt as messages, train/eval.jsonl the same prompt rendered by the chat template:
+    # a sample row belongs to the split whose file holds its best/worst pair.
+    splits = {name: {(row["chosen"], row["rejected"]): row["prompt"] for row in read_jsonl(seed0 / f"{name}.jsonl")}
+              for name in ("train", "eval")}  # fmt: skip
+    prompts: dict[str, dict[str, str]] = {"train": {}, "eval": {}}
     for row in read_jsonl(seed0 / "samples.jsonl"):
         try:
             pair = convert(row)
         except DropRow:
             continue  # dropped by seed 0, so in neither of its splits: not used
         texts = (pair["chosen"][0]["content"], pair["rejected"][0]["content"])
-        if texts in rendered:
-            train_prompts[prompt_key(pair["prompt"])] = rendered[texts]
-        elif texts not in held_out:
+        found = [name for name, split in splits.items() if texts in split]
+        if not found:
             raise RuntimeError(f"{seed0}: a pair in neither train.jsonl nor eval.jsonl: {texts}")
-    pairs = read_jsonl(seed0 / "train.jsonl")  # the recipe's own pairs, in its order
+        prompts[found[0]][prompt_key(pair["prompt"])] = splits[found[0]][texts]
+    return prompts["train"], prompts["eval"]
+
+
+def as_pair(prompt: str, row: dict, convert) -> dict:
+    """`row` (prompt messages, samples, scores) ranked by `convert` into a TRL pair on the rendered `prompt`."""
+    pair = convert(row)
+    return {"prompt": prompt, "chosen": pair["chosen"][0]["content"], "rejected": pair["rejected"][0]["content"]}
+
+
+def training_pairs(times: int, min_score_gap: float) -> list[dict]:
+    """Seed 0's training pairs, then those of seeds 1.. for the same prompts, in TRL's standard format."""
+    from dpo_kit.data.drops import DropRow
+    from dpo_kit.data.on_policy import ranked_pair
+
+    convert = ranked_pair(min_score_gap)
+    train_prompts, _ = seed0_prompts(min_score_gap)
+    pairs = read_jsonl(SEED_RUNS[0] / "data" / "train.jsonl")  # the recipe's own pairs, in its order
     for run in SEED_RUNS[1:times]:
         for row in read_jsonl(run / "data" / "samples.jsonl"):
             prompt = train_prompts.get(prompt_key(row["prompt"]))
             if prompt is None:
                 continue  # seed 0 held this prompt out, or dropped it
             try:
-                pair = convert(row)
+                pairs.append(as_pair(prompt, row, convert))
             except DropRow:
                 continue
-            pairs.append({"prompt": prompt, "chosen": pair["chosen"][0]["content"],
-                          "rejected": pair["rejected"][0]["content"]})  # fmt: skip
     return pairs
 
 
-def train(times: int) -> dict:
+def pooled_pairs(pool: int, prompts: dict[str, str], min_score_gap: float) -> list[dict]:
+    """One pair per prompt of `prompts`: the best and the worst of the 4 x `pool` samples that the first `pool`
+    seeds drew for it. A prompt whose pooled score gap is still below min_score_gap is left out."""
+    from dpo_kit.data.drops import DropRow
+    from dpo_kit.data.on_policy import ranked_pair
+
+    convert = ranked_pair(min_score_gap)
+    pooled: dict[str, dict] = {}
+    for run in SEED_RUNS[:pool]:
+        for row in read_jsonl(run / "data" / "samples.jsonl"):
+            key = prompt_key(row["prompt"])
+            if key in prompts:
+                entry = pooled.setdefault(key, {"prompt": row["prompt"], "samples": [], "scores": []})
+                entry["samples"] += row["samples"]
+                entry["scores"] += row["scores"]
+    pairs = []
+    for key in prompts:  # seed 0's order
+        try:
+            pairs.append(as_pair(prompts[key], pooled[key], convert))
+        except DropRow:
+            continue
+    return pairs
+
+
+def train(name: str, pairs: list[dict], eval_sets: dict[str, list[dict]], params) -> dict:
+    """One epoch on `pairs` with seed 0's params and the kit's trainer; TRL evaluates every set of `eval_sets`
+    every EVAL_EVERY steps and after the last. Returns {set: {step: eval_rewards/accuracies}} and the counts."""
     from datasets import Dataset
 
     from dpo_kit.hardware import choose_hardware
     from dpo_kit.models.loading import load_tokenizer, model_source
-    from dpo_kit.params import load_params
     from dpo_kit.training.train import build_dpo_config, build_trainer
 
-    params = load_params(SEED_RUNS[0] / "params.yaml")
-    pairs = training_pairs(times, params.data.generate.min_score_gap)
-    held_out = read_jsonl(SEED_RUNS[0] / "data" / "eval.jsonl")
-    run_dir = OUT / f"{times}x"
+    run_dir = OUT / name
     hardware = choose_hardware()
     config = build_dpo_config(params, run_dir, hardware)
     config.max_steps = -(-len(pairs) // config.per_device_train_batch_size)  # one epoch
     config.eval_strategy, config.eval_steps, config.per_device_eval_batch_size = "steps", EVAL_EVERY, 16
     config.save_strategy = "no"
     source = model_source(params, REPO)
-    trainer = build_trainer(params, source, hardware, config, load_tokenizer(source, params),
-                            Dataset.from_list(pairs), Dataset.from_list(held_out))  # fmt: skip
+    datasets = {key: Dataset.from_list(rows) for key, rows in eval_sets.items()}
+    several = len(datasets) > 1
+    trainer = build_trainer(params, source, hardware, config, load_tokenizer(source, params), Dataset.from_list(pairs),
+                            datasets if several else datasets["recipe"])  # fmt: skip
     output = trainer.train()
+    # TRL logs its DPO metrics as eval_rewards/accuracies for every set; the Trainer's own loss says which set
+    # the row is of: eval_<set>_loss with several sets, eval_loss with one.
+    prefix = {key: f"eval_{key}" if several else "eval" for key in datasets}
+    for key in datasets:
+        if not any(
+            f"{prefix[key]}_loss" in row and row["step"] == config.max_steps for row in trainer.state.log_history
+        ):
+            trainer.evaluate(datasets[key], metric_key_prefix=prefix[key])  # the last step was no eval step
     history = trainer.state.log_history
-    accuracies = {row["step"]: row["eval_rewards/accuracies"] for row in history if "eval_rewards/accuracies" in row}
-    if config.max_steps not in accuracies:
-        accuracies[config.max_steps] = trainer.evaluate()["eval_rewards/accuracies"]
-    result = {"times": times, "pairs": len(pairs), "held_out_pairs": len(held_out), "steps": config.max_steps,
+    accuracies = {key: {row["step"]: row["eval_rewards/accuracies"] for row in history if f"{prefix[key]}_loss" in row}
+                  for key in datasets}  # fmt: skip
+    result = {"name": name, "pairs": len(pairs), "steps": config.max_steps,
+              "eval_pairs": {key: len(rows) for key, rows in eval_sets.items()},
               "accuracy_by_step": accuracies, "train_runtime_s": output.metrics["train_runtime"]}  # fmt: skip
     (run_dir / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def table(results: list[dict]) -> str:
+def curve_cells(curve: dict) -> tuple[str, str, str]:
+    """The curve at every evaluation, after the epoch (the last one), and its best, as table cells."""
+    curve = {int(step): value for step, value in curve.items()}
+    return (
+        ", ".join(f"{curve[step]:.2f}" for step in sorted(curve)),
+        f"{curve[max(curve)]:.2f}",
+        f"{max(curve.values()):.2f}",
+    )
+
+
+def times_table(results: list[dict]) -> str:
     lines = ["| distinct pairs | steps (one epoch) | held-out accuracy at steps 11, 22, … and the last | after the epoch | best |",
              "|---|---|---|---|---|"]  # fmt: skip
     for result in results:
-        curve = {int(step): value for step, value in result["accuracy_by_step"].items()}
-        lines.append(
-            f"| {result['pairs']} ({result['times']}x) | {result['steps']} | "
-            + ", ".join(f"{curve[step]:.2f}" for step in sorted(curve))
-            + f" | {curve[max(curve)]:.2f} | {max(curve.values()):.2f} |"
-        )
+        curve, last, best = curve_cells(result["accuracy_by_step"]["recipe"])
+        lines.append(f"| {result['pairs']} ({result['name']}) | {result['steps']} | {curve} | {last} | {best} |")
     return "\n".join(lines)
 
 
+def pool_table(results: list[dict]) -> str:
+    lines = ["| training pairs | steps (one epoch) | seed 0's held-out pairs (best/worst of 4): at steps 11, 22, … and the last "
+             "| after the epoch | held-out pairs, best/worst of the same pool: after the epoch |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for result in results:
+        curve, last, _ = curve_cells(result["accuracy_by_step"]["recipe"])
+        _, pooled_last, _ = curve_cells(result["accuracy_by_step"]["pooled"])
+        lines.append(f"| {result['pairs']} ({result['name']}) | {result['steps']} | {curve} | {last} | "
+                     f"{pooled_last} on {result['eval_pairs']['pooled']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def existing_result(name: str) -> dict | None:
+    """The result in runs/sentiment-more-pairs/<name>/, or None where that run is still to make. A half-finished
+    earlier attempt is kept, never overwritten."""
+    if (OUT / name / "result.json").is_file():
+        return json.loads((OUT / name / "result.json").read_text())
+    if (OUT / name).exists():
+        raise SystemExit(f"{OUT / name} holds an unfinished attempt: move it aside to run it again")
+    return None
+
+
 def main() -> int:
+    from dpo_kit.params import load_params
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--times", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
+    parser.add_argument("--times", type=int, nargs="+", default=[], choices=[1, 2, 3],
+                        help="train on the pairs of the first N seeds (default, with no --pool: 1 2 3)")  # fmt: skip
+    parser.add_argument("--pool", type=int, nargs="+", default=[], choices=[2, 3],
+                        help="pool the samples of the first N seeds per prompt into one best-of-4N pair")  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="print the table of finished results only")
     args = parser.parse_args()
-    missing = [str(run) for run in SEED_RUNS[: max(args.times)] if not (run / "data" / "samples.jsonl").is_file()]
+    if not args.times and not args.pool:
+        args.times = [1, 2, 3]
+    needed = SEED_RUNS[: max(args.times + args.pool, default=0)]
+    missing = [str(run) for run in needed if not (run / "data" / "samples.jsonl").is_file()]
     if missing:
         print(f"missing seed runs {', '.join(missing)}: run bench/sentiment_seeds.py first", file=sys.stderr)
         return 2
-    results = []
+    params = load_params(SEED_RUNS[0] / "params.yaml")
+    gap = params.data.generate.min_score_gap
+    held_out = read_jsonl(SEED_RUNS[0] / "data" / "eval.jsonl")
+    train_prompts, eval_prompts = seed0_prompts(gap)
+    results: dict[str, list[dict]] = {"times": [], "pool": []}
     for times in args.times:
-        done = OUT / f"{times}x" / "result.json"
-        if done.is_file():
-            results.append(json.loads(done.read_text()))
-        elif not args.report_only:
-            if (OUT / f"{times}x").exists():  # a half-finished earlier attempt is kept, never overwritten
-                print(f"{OUT / f'{times}x'} holds an unfinished attempt: move it aside to run {times}x again", file=sys.stderr)
-                return 2
+        result = existing_result(f"{times}x")
+        if result is None and not args.report_only:
             (OUT / f"{times}x").mkdir(parents=True)
-            results.append(train(times))
-    print(table(results))
+            result = train(f"{times}x", training_pairs(times, gap), {"recipe": held_out}, params)
+        results["times"] += [result] if result else []
+    for pool in args.pool:
+        name = f"best-of-{4 * pool}"
+        result = existing_result(name)
+        if result is None and not args.report_only:
+            (OUT / name).mkdir(parents=True)
+            eval_sets = {"recipe": held_out, "pooled": pooled_pairs(pool, eval_prompts, gap)}
+            result = train(name, pooled_pairs(pool, train_prompts, gap), eval_sets, params)
+        results["pool"] += [result] if result else []
+    if args.times:
+        print(times_table(results["times"]))
+    if args.pool:
+        print(pool_table(results["pool"]))
     return 0
 
 
