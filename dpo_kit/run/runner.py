@@ -142,8 +142,8 @@ class SharedKernel:
 
     def shutdown(self, at_once: bool = False) -> None:
         """Stop the kernel; a second call does nothing. By default the kernel is asked to exit, so its exit
-        handlers run: killed, it leaves the temporary directories that wandb and datasets create on import in
-        $TMPDIR, two or more per run. jupyter_client kills it if it has not exited within a few seconds.
+        handlers run: killed, it leaves the temporary directories that wandb (for one) creates on import in
+        $TMPDIR, two per run. jupyter_client kills it if it has not exited within a few seconds.
         `at_once`: kill it now, for a kernel that may still be mid-stage (a signal interrupted the run)."""
         if self.manager._client is not None:
             self.manager._client.stop_channels()
