@@ -71,13 +71,13 @@ def as_pair(prompt: str, row: dict, convert) -> dict:
     return {"prompt": prompt, "chosen": pair["chosen"][0]["content"], "rejected": pair["rejected"][0]["content"]}
 
 
-def training_pairs(times: int, min_score_gap: float) -> list[dict]:
-    """Seed 0's training pairs, then those of seeds 1.. for the same prompts, in TRL's standard format."""
+def training_pairs(times: int, train_prompts: dict[str, str], min_score_gap: float) -> list[dict]:
+    """Seed 0's training pairs, then those of seeds 1.. for the same prompts (`train_prompts`, from seed0_prompts),
+    in TRL's standard format."""
     from dpo_kit.data.drops import DropRow
     from dpo_kit.data.on_policy import ranked_pair
 
     convert = ranked_pair(min_score_gap)
-    train_prompts, _ = seed0_prompts(min_score_gap)
     pairs = read_jsonl(SEED_RUNS[0] / "data" / "train.jsonl")  # the recipe's own pairs, in its order
     for run in SEED_RUNS[1:times]:
         for row in read_jsonl(run / "data" / "samples.jsonl"):
@@ -222,7 +222,7 @@ def main() -> int:
         result = existing_result(f"{times}x")
         if result is None and not args.report_only:
             (OUT / f"{times}x").mkdir(parents=True)
-            result = train(f"{times}x", training_pairs(times, gap), {"recipe": held_out}, params)
+            result = train(f"{times}x", training_pairs(times, train_prompts, gap), {"recipe": held_out}, params)
         results["times"] += [result] if result else []
     for pool in args.pool:
         name = f"best-of-{4 * pool}"
