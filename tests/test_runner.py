@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,24 +76,28 @@ def test_shared_kernel_reset_leaves_no_user_names_or_outputs(tmp_path):
         kernel.shutdown()
 
 
-@pytest.mark.parametrize("at_once", [False, True])
-def test_a_finished_kernel_exits_cleanly_and_leaves_nothing_in_tmpdir(tmp_path, monkeypatch, at_once):
-    """`import wandb` makes two temporary directories that only its exit handlers remove: a kernel killed at the
-    end of every run left them in $TMPDIR. Only an interrupted stage's kernel is killed (`at_once`)."""
+def test_a_stopped_kernel_leaves_nothing_in_tmpdir(tmp_path, monkeypatch):
+    """`import wandb` makes two temporary directories that only its exit handlers remove, and the runner kills its
+    kernel: every run left them in $TMPDIR. The kernel gets a temporary directory of its own, removed with it."""
+    import tempfile
+
     from dpo_kit.run.runner import SharedKernel
 
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmpdir))  # the kernel's environment is the runner's
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() caches its answer; read $TMPDIR again
     kernel = SharedKernel(tmp_path)
     try:
-        kernel.run_cell("import wandb")
-        made = sorted(path.name for path in tmpdir.iterdir())
-        assert any("wandb" in name for name in made), made
+        cell = kernel.run_cell("import tempfile, wandb\nprint(tempfile.gettempdir())")
+        assert cell.outputs[0].text.strip() == kernel.tmpdir
+        assert Path(kernel.tmpdir).parent == tmpdir
+        made = sorted(path.name for path in Path(kernel.tmpdir).iterdir())
+        assert sum("wandb" in name for name in made) == 2, made
     finally:
-        kernel.shutdown(at_once=at_once)
-    left = sorted(path.name for path in tmpdir.iterdir())
-    assert left == (made if at_once else [])
+        kernel.shutdown()
+    assert list(tmpdir.iterdir()) == []
+    kernel.shutdown()  # a second call does nothing
 
 
 def test_progress_relay_shows_the_newest_line_a_stage_prints():
