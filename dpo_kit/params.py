@@ -448,6 +448,24 @@ class Params(Section):
                 f" only to {', '.join(sorted(LABEL_SMOOTHING_LOSSES))}. For labels that may be flipped use"
                 " loss_type robust (robust DPO), or leave label_smoothing at 0"
             )
+        # TRL's DPOTrainer refuses these only when it is built, after the format stage (minutes of sampling).
+        if "exo_pair" in losses and not smoothing:
+            raise ValueError(
+                "dpo.loss_type exo_pair needs dpo.label_smoothing above 0 (TRL's DPOTrainer refuses 0; the EXO paper"
+                " recommends 1e-3)"
+            )
+        divergence = self.dpo.get("f_divergence_type", "reverse_kl")
+        if divergence != "reverse_kl" and not set(losses) <= F_DIVERGENCE_LOSSES:
+            raise ValueError(
+                f"dpo.f_divergence_type {divergence} works only with dpo.loss_type among"
+                f" {', '.join(sorted(F_DIVERGENCE_LOSSES))} (TRL's DPOTrainer refuses the others), got {losses};"
+                " use f_divergence_type reverse_kl with these losses"
+            )
+        if self.dpo.get("use_weighting") and set(losses) & SORTING_LOSSES:
+            raise ValueError(
+                f"dpo.use_weighting (WPO) does not work with dpo.loss_type {', '.join(sorted(set(losses) & SORTING_LOSSES))}:"
+                " those losses sort the samples, so TRL's DPOTrainer refuses per-pair weights with them"
+            )
         if self.quantization.bits and not self.lora.enabled:
             raise ValueError("quantization.bits needs lora.enabled: quantized weights cannot be fully fine-tuned")
         steps, every = self.dpo.get("max_steps", -1), self.dpo.get("logging_steps", dpo_config_defaults()["logging_steps"])
@@ -473,6 +491,10 @@ class Params(Section):
 
 # The losses of TRL 1.x's DPOTrainer that read DPOConfig.label_smoothing (dpo_trainer.py); every other ignores it.
 LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
+# The losses built on the chosen-rejected reward difference, the only ones DPOTrainer lets a non-default
+# f_divergence_type change (f-DPO); and those that sort the samples, with which it refuses use_weighting (WPO).
+F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+SORTING_LOSSES = {"aot", "aot_unpaired"}
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,44 @@ def test_label_smoothing_that_the_loss_ignores_is_refused():
         load_params(tiny, ["dpo.label_smoothing=0.1"])
     assert load_params(tiny, ["dpo.label_smoothing=0.1", "dpo.loss_type=robust"]).dpo["label_smoothing"] == 0.1
     assert load_params(tiny, ["dpo.label_smoothing=0.1", "dpo.loss_type=[sigmoid,aot]"]).dpo["loss_type"] == ["sigmoid", "aot"]
+
+
+REFUSED_LOSS_SETTINGS = {  # dpo section -> what the kit says, and what TRL's DPOTrainer says when it is built
+    "exo_pair without label smoothing": ({"loss_type": ["exo_pair"]}, r"dpo.loss_type exo_pair needs dpo.label_smoothing above 0",
+                                         r"Label smoothing must be greater than 0.0 when using 'exo_pair'"),
+    "f-divergence with apo_zero": ({"loss_type": ["apo_zero"], "f_divergence_type": "js_divergence"},
+                                   r"dpo.f_divergence_type js_divergence works only with dpo.loss_type among",
+                                   r"f_divergence_type='js_divergence'` is only supported"),
+    "WPO weighting with aot": ({"loss_type": ["aot"], "use_weighting": True},
+                               r"dpo.use_weighting \(WPO\) does not work with dpo.loss_type aot",
+                               r"WPO-style weighting is not implemented"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", REFUSED_LOSS_SETTINGS)
+def test_loss_settings_that_trls_trainer_refuses_are_refused_when_params_are_read(case):
+    dpo, message, _ = REFUSED_LOSS_SETTINGS[case]
+    raw = raw_tiny()
+    raw["dpo"] = {**raw.get("dpo", {}), **dpo}
+    assert re.search(message, error_for(raw)), error_for(raw)
+
+
+def test_loss_settings_next_to_the_refused_ones_are_accepted():
+    tiny = REPO / "params" / "tiny.yaml"
+    assert load_params(tiny, ["dpo.loss_type=exo_pair", "dpo.label_smoothing=0.001"]).dpo["loss_type"] == ["exo_pair"]
+    assert load_params(tiny, ["dpo.f_divergence_type=js_divergence"]).dpo["f_divergence_type"] == "js_divergence"
+    assert load_params(tiny, ["dpo.loss_type=[sigmoid,sft]", "dpo.f_divergence_type=forward_kl"]).dpo["loss_type"] == ["sigmoid", "sft"]
+    assert load_params(tiny, ["dpo.use_weighting=true"]).dpo["use_weighting"] is True
+
+
+@pytest.mark.parametrize("case", REFUSED_LOSS_SETTINGS)
+def test_trls_trainer_refuses_the_loss_settings_the_kit_refuses(case, tiny_model_dir, tmp_path):
+    """The premise of the checks above: the installed TRL refuses each of them when DPOTrainer is built."""
+    dpo, _, trls_message = REFUSED_LOSS_SETTINGS[case]
+    params = load_params(REPO / "params/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", "model.build_tiny_model=false"])
+    params = params.model_copy(update={"dpo": {**params.dpo, **dpo}})  # not validated: what TRL itself does
+    with pytest.raises((ValueError, NotImplementedError), match=trls_message):
+        trainer_on_four_pairs(params, tmp_path)
 
 
 def test_trl_reads_label_smoothing_only_in_the_losses_the_check_names():
