@@ -98,7 +98,11 @@ class SharedKernel:
         encryption = "auto" if zmq.has("curve") else "disabled"
         self.manager = OneClientKernelManager(kernel_name="python3", transport_encryption=encryption)
         # Batch kernels draw text progress bars (dpo_kit/progress.py): nobody renders widgets here.
-        run_sync(self.manager.start_kernel)(cwd=str(cwd), env={**os.environ, **BATCH_KERNEL_ENV, "TMPDIR": self.tmpdir})
+        try:
+            run_sync(self.manager.start_kernel)(cwd=str(cwd), env={**os.environ, **BATCH_KERNEL_ENV, "TMPDIR": self.tmpdir})
+        except BaseException:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            raise
 
     def run_cell(self, code: str):
         """Execute one cell in the kernel; returns the executed cell (outputs included)."""
