@@ -491,6 +491,12 @@ class Params(Section):
 
 # The losses of TRL 1.x's DPOTrainer that read DPOConfig.label_smoothing (dpo_trainer.py); every other ignores it.
 LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
+# The values TRL 1.x's DPOTrainer accepts (it checks them only in the loss computation; a test reads its source).
+DPO_LOSS_TYPES = {
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+}  # fmt: skip
+F_DIVERGENCE_TYPES = {"reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"}
 # The losses built on the chosen-rejected reward difference, the only ones DPOTrainer lets a non-default
 # f_divergence_type change (f-DPO); and those that sort the samples, with which it refuses use_weighting (WPO).
 F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
@@ -543,6 +549,14 @@ def validate_dpo_section(section: dict[str, Any]) -> dict[str, Any]:
         # Enum-typed fields (lr_scheduler_type, optim, ...) are kept as plain values so they dump to YAML.
         if isinstance(checked[key], enum.Enum):
             checked[key] = checked[key].value
+        # Plain strings in DPOConfig, so TRL finds a misspelling only in the train stage, after the pairs are made.
+        names = {"loss_type": DPO_LOSS_TYPES, "f_divergence_type": F_DIVERGENCE_TYPES}.get(key)
+        for name in (checked[key] if key == "loss_type" else [checked[key]]) if names else []:
+            if name not in names:
+                raise ValueError(
+                    f"dpo.{key}: unknown value '{name}'{_did_you_mean(name, names)} (TRL's DPOTrainer knows"
+                    f" {', '.join(sorted(names))})"
+                )
     return checked
 
 

@@ -296,6 +296,27 @@ def test_trls_trainer_refuses_the_loss_settings_the_kit_refuses(case, tiny_model
         trainer_on_four_pairs(params, tmp_path)
 
 
+def test_a_misspelled_loss_or_divergence_is_refused_with_the_closest_valid_name():
+    tiny = REPO / "params" / "tiny.yaml"
+    with pytest.raises(ParamsError, match=r"dpo.loss_type: unknown value 'sigmoidd'; did you mean 'sigmoid'\?.*apo_zero"):
+        load_params(tiny, ["dpo.loss_type=[sigmoidd,sft]"])
+    with pytest.raises(ParamsError, match=r"dpo.f_divergence_type: unknown value 'js'.*js_divergence, reverse_kl"):
+        load_params(tiny, ["dpo.f_divergence_type=js"])
+
+
+def test_the_loss_and_divergence_names_are_the_ones_trls_trainer_dispatches_on():
+    """The premise of the check above, against the installed TRL's source: it compares these names in its loss."""
+    import inspect
+
+    from trl import DPOTrainer
+
+    from dpo_kit.params import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES
+
+    source = inspect.getsource(DPOTrainer)
+    assert set(re.findall(r'loss_type == "(\w+)"', source)) == DPO_LOSS_TYPES
+    assert set(re.findall(r'f_divergence_type == "(\w+)"', source)) == F_DIVERGENCE_TYPES
+
+
 def test_trl_reads_label_smoothing_only_in_the_losses_the_check_names():
     """The premise of the check above, against the installed TRL's loss code."""
     import inspect
