@@ -38,11 +38,14 @@ def other_lexicons():
     return {"AFINN": afinn.score, "TextBlob": lambda text: TextBlob(text).sentiment.polarity}
 
 
-def agreement(rows: list[dict], score) -> tuple[float, float]:
-    """Share of pairs the scorer orders as the judge did (chosen above rejected), and the share it ties."""
-    agree = sum(score(row["chosen"]) > score(row["rejected"]) for row in rows)
-    ties = sum(score(row["chosen"]) == score(row["rejected"]) for row in rows)
-    return agree / len(rows), ties / len(rows)
+def score_gaps(rows: list[dict], score) -> list[float]:
+    """score(chosen) - score(rejected) of every pair: above 0 where the scorer orders it as the judge did."""
+    return [score(row["chosen"]) - score(row["rejected"]) for row in rows]
+
+
+def agreement(gaps: list[float]) -> str:
+    """Share of pairs ordered as the judge did, and the share tied, as a table cell."""
+    return f"{sum(gap > 0 for gap in gaps) / len(gaps):.2f} (ties {sum(gap == 0 for gap in gaps) / len(gaps):.2f})"
 
 
 def main() -> None:
@@ -61,16 +64,16 @@ def main() -> None:
 
     others = other_lexicons()
     lexicons = {"VADER (the judge)": SentimentJudge().score_one, **others}
+    training = read_jsonl(run_dir / "data" / "train.jsonl")
+    held_out_gaps = {name: score_gaps(held_out, score) for name, score in lexicons.items()}
     print(f"{run_dir.name}: how often each lexicon orders a pair as the judge did (ties apart)\n")
     print("| lexicon | training pairs | held-out pairs |\n|---|---|---|")
-    training = read_jsonl(run_dir / "data" / "train.jsonl")
     for name, score in lexicons.items():
-        cells = [f"{agree:.2f} (ties {ties:.2f})" for agree, ties in (agreement(training, score), agreement(held_out, score))]
-        print(f"| {name} | {' | '.join(cells)} |")
+        print(f"| {name} | {agreement(score_gaps(training, score))} | {agreement(held_out_gaps[name])} |")
 
     groups: dict[str, list[bool]] = {"both agree": [], "one agrees": [], "neither agrees": []}
-    for row, margin in zip(held_out, margins, strict=True):
-        agreeing = sum(score(row["chosen"]) > score(row["rejected"]) for score in others.values())
+    for i, margin in enumerate(margins):
+        agreeing = sum(held_out_gaps[name][i] > 0 for name in others)
         groups[["neither agrees", "one agrees", "both agree"][agreeing]].append(margin > 0)
     print(f"\nheld-out implicit-reward accuracy of the DPO model ({metrics['rewards/accuracies']:.2f} on all"
           f" {len(margins)} pairs), by how many of AFINN and TextBlob order the pair as VADER did\n")

@@ -28,6 +28,8 @@ import json
 import sys
 from pathlib import Path
 
+from dpo_kit.data.drops import DropRow
+from dpo_kit.data.on_policy import ranked_pair
 from dpo_kit.evaluation.generate import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,12 +42,9 @@ def prompt_key(messages: list[dict]) -> str:
     return json.dumps([m["content"] for m in messages])
 
 
-def seed0_prompts(min_score_gap: float) -> tuple[dict[str, str], dict[str, str]]:
-    """Seed 0's training and held-out prompts: prompt key (the messages' texts) -> the prompt as rendered."""
-    from dpo_kit.data.drops import DropRow
-    from dpo_kit.data.on_policy import ranked_pair
-
-    convert = ranked_pair(min_score_gap)
+def seed0_prompts(convert) -> tuple[dict[str, str], dict[str, str]]:
+    """Seed 0's training and held-out prompts: prompt key (the messages' texts) -> the prompt as rendered.
+    `convert` is the format stage's ranking of a sample row into a pair (dpo_kit.data.on_policy.ranked_pair)."""
     seed0 = SEED_RUNS[0] / "data"
     # samples.jsonl holds the prompt as messages, train/eval.jsonl the same prompt rendered by the chat template:
     # a sample row belongs to the split whose file holds its best/worst pair.
@@ -71,13 +70,9 @@ def as_pair(prompt: str, row: dict, convert) -> dict:
     return {"prompt": prompt, "chosen": pair["chosen"][0]["content"], "rejected": pair["rejected"][0]["content"]}
 
 
-def training_pairs(times: int, train_prompts: dict[str, str], min_score_gap: float) -> list[dict]:
+def training_pairs(times: int, train_prompts: dict[str, str], convert) -> list[dict]:
     """Seed 0's training pairs, then those of seeds 1.. for the same prompts (`train_prompts`, from seed0_prompts),
     in TRL's standard format."""
-    from dpo_kit.data.drops import DropRow
-    from dpo_kit.data.on_policy import ranked_pair
-
-    convert = ranked_pair(min_score_gap)
     pairs = read_jsonl(SEED_RUNS[0] / "data" / "train.jsonl")  # the recipe's own pairs, in its order
     for run in SEED_RUNS[1:times]:
         for row in read_jsonl(run / "data" / "samples.jsonl"):
@@ -91,13 +86,9 @@ def training_pairs(times: int, train_prompts: dict[str, str], min_score_gap: flo
     return pairs
 
 
-def pooled_pairs(pool: int, prompts: dict[str, str], min_score_gap: float) -> list[dict]:
+def pooled_pairs(pool: int, prompts: dict[str, str], convert) -> list[dict]:
     """One pair per prompt of `prompts`: the best and the worst of the 4 x `pool` samples that the first `pool`
-    seeds drew for it. A prompt whose pooled score gap is still below min_score_gap is left out."""
-    from dpo_kit.data.drops import DropRow
-    from dpo_kit.data.on_policy import ranked_pair
-
-    convert = ranked_pair(min_score_gap)
+    seeds drew for it. A prompt whose pooled score gap is still below the min_score_gap of `convert` is left out."""
     pooled: dict[str, dict] = {}
     for run in SEED_RUNS[:pool]:
         for row in read_jsonl(run / "data" / "samples.jsonl"):
@@ -214,23 +205,23 @@ def main() -> int:
         print(f"missing seed runs {', '.join(missing)}: run bench/sentiment_seeds.py first", file=sys.stderr)
         return 2
     params = load_params(SEED_RUNS[0] / "params.yaml")
-    gap = params.data.generate.min_score_gap
+    convert = ranked_pair(params.data.generate.min_score_gap)
     held_out = read_jsonl(SEED_RUNS[0] / "data" / "eval.jsonl")
-    train_prompts, eval_prompts = seed0_prompts(gap)
+    train_prompts, eval_prompts = seed0_prompts(convert)
     results: dict[str, list[dict]] = {"times": [], "pool": []}
     for times in args.times:
         result = existing_result(f"{times}x")
         if result is None and not args.report_only:
             (OUT / f"{times}x").mkdir(parents=True)
-            result = train(f"{times}x", training_pairs(times, train_prompts, gap), {"recipe": held_out}, params)
+            result = train(f"{times}x", training_pairs(times, train_prompts, convert), {"recipe": held_out}, params)
         results["times"] += [result] if result else []
     for pool in args.pool:
         name = f"best-of-{4 * pool}"
         result = existing_result(name)
         if result is None and not args.report_only:
             (OUT / name).mkdir(parents=True)
-            eval_sets = {"recipe": held_out, "pooled": pooled_pairs(pool, eval_prompts, gap)}
-            result = train(name, pooled_pairs(pool, train_prompts, gap), eval_sets, params)
+            eval_sets = {"recipe": held_out, "pooled": pooled_pairs(pool, eval_prompts, convert)}
+            result = train(name, pooled_pairs(pool, train_prompts, convert), eval_sets, params)
         results["pool"] += [result] if result else []
     if args.times:
         print(times_table(results["times"]))

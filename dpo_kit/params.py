@@ -497,6 +497,7 @@ DPO_LOSS_TYPES = {
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 }  # fmt: skip
 F_DIVERGENCE_TYPES = {"reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"}
+DPO_NAMED_VALUES = {"loss_type": DPO_LOSS_TYPES, "f_divergence_type": F_DIVERGENCE_TYPES}
 # The losses built on the chosen-rejected reward difference, the only ones DPOTrainer lets a non-default
 # f_divergence_type change (f-DPO); and those that sort the samples, with which it refuses use_weighting (WPO).
 F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
@@ -550,13 +551,14 @@ def validate_dpo_section(section: dict[str, Any]) -> dict[str, Any]:
         if isinstance(checked[key], enum.Enum):
             checked[key] = checked[key].value
         # Plain strings in DPOConfig, so TRL finds a misspelling only in the train stage, after the pairs are made.
-        names = {"loss_type": DPO_LOSS_TYPES, "f_divergence_type": F_DIVERGENCE_TYPES}.get(key)
-        for name in (checked[key] if key == "loss_type" else [checked[key]]) if names else []:
-            if name not in names:
-                raise ValueError(
-                    f"dpo.{key}: unknown value '{name}'{_did_you_mean(name, names)} (TRL's DPOTrainer knows"
-                    f" {', '.join(sorted(names))})"
-                )
+        if key in DPO_NAMED_VALUES:
+            names = DPO_NAMED_VALUES[key]
+            for name in checked[key] if key == "loss_type" else [checked[key]]:  # loss_type is a list
+                if name not in names:
+                    raise ValueError(
+                        f"dpo.{key}: unknown value '{name}'{_did_you_mean(name, names)} (TRL's DPOTrainer knows"
+                        f" {', '.join(sorted(names))})"
+                    )
     return checked
 
 
