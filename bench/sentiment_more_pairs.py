@@ -24,6 +24,7 @@ of the same held-out prompts. Writes runs/sentiment-more-pairs/best-of-<4N>/; ab
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -106,6 +107,21 @@ def pooled_pairs(pool: int, prompts: dict[str, str], convert) -> list[dict]:
     return pairs
 
 
+def all_pairs(prompts: dict[str, str], min_score_gap: float) -> list[dict]:
+    """Every two of seed 0's 4 samples of each prompt of `prompts` whose scores differ by at least `min_score_gap`,
+    the higher-scored one chosen: up to 6 pairs per prompt, the recipe's best/worst pair among them, in seed 0's
+    prompt order. Ties in score make no pair."""
+    rows = {prompt_key(row["prompt"]): row for row in read_jsonl(SEED_RUNS[0] / "data" / "samples.jsonl")}
+    pairs = []
+    for key, prompt in prompts.items():
+        samples, scores = rows[key]["samples"], rows[key]["scores"]
+        for i, j in itertools.combinations(range(len(samples)), 2):
+            if abs(scores[i] - scores[j]) >= min_score_gap:
+                high, low = (i, j) if scores[i] > scores[j] else (j, i)
+                pairs.append({"prompt": prompt, "chosen": samples[high], "rejected": samples[low]})
+    return pairs
+
+
 def train(name: str, pairs: list[dict], eval_sets: dict[str, list[dict]], params) -> dict:
     """One epoch on `pairs` with seed 0's params and the kit's trainer; TRL evaluates every set of `eval_sets`
     every EVAL_EVERY steps and after the last. Returns {set: {step: eval_rewards/accuracies}} and the counts."""
@@ -177,6 +193,16 @@ def pool_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def all_pairs_table(result: dict, recipe: dict | None) -> str:
+    lines = ["| training pairs | steps (one epoch) | held-out accuracy at steps 11, 22, … and the last | after the epoch | best |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for label, row in (("best/worst of 4: the recipe", recipe), ("every pair of the 4 samples", result)):
+        if row:
+            curve, last, best = curve_cells(row["accuracy_by_step"]["recipe"])
+            lines.append(f"| {row['pairs']} ({label}) | {row['steps']} | {curve} | {last} | {best} |")
+    return "\n".join(lines)
+
+
 def existing_result(name: str) -> dict | None:
     """The result in runs/sentiment-more-pairs/<name>/, or None where that run is still to make. A half-finished
     earlier attempt is kept, never overwritten."""
@@ -195,11 +221,13 @@ def main() -> int:
                         help="train on the pairs of the first N seeds (default, with no --pool: 1 2 3)")  # fmt: skip
     parser.add_argument("--pool", type=int, nargs="+", default=[], choices=[2, 3],
                         help="pool the samples of the first N seeds per prompt into one best-of-4N pair")  # fmt: skip
+    parser.add_argument("--all-pairs", action="store_true",
+                        help="train on every two of seed 0's 4 samples per prompt whose score gap is at least min_score_gap")  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="print the table of finished results only")
     args = parser.parse_args()
-    if not args.times and not args.pool:
+    if not args.times and not args.pool and not args.all_pairs:
         args.times = [1, 2, 3]
-    needed = SEED_RUNS[: max(args.times + args.pool, default=0)]
+    needed = SEED_RUNS[: max(args.times + args.pool + [1] * args.all_pairs, default=0)]
     missing = [str(run) for run in needed if not (run / "data" / "samples.jsonl").is_file()]
     if missing:
         print(f"missing seed runs {', '.join(missing)}: run bench/sentiment_seeds.py first", file=sys.stderr)
@@ -223,6 +251,14 @@ def main() -> int:
             eval_sets = {"recipe": held_out, "pooled": pooled_pairs(pool, eval_prompts, convert)}
             result = train(name, pooled_pairs(pool, train_prompts, convert), eval_sets, params)
         results["pool"] += [result] if result else []
+    if args.all_pairs:
+        result = existing_result("all-pairs")
+        if result is None and not args.report_only:
+            (OUT / "all-pairs").mkdir(parents=True)
+            pairs = all_pairs(train_prompts, params.data.generate.min_score_gap)
+            result = train("all-pairs", pairs, {"recipe": held_out}, params)
+        if result:
+            print(all_pairs_table(result, existing_result("1x")))
     if args.times:
         print(times_table(results["times"]))
     if args.pool:

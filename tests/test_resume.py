@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -40,11 +41,11 @@ def cli_args(settings: list[str], *extra: str) -> list[str]:
     return ["run", str(TINY), *[a for s in settings for a in ("--set", s)], "--stages", ",".join(STAGES), "--quiet", *extra]
 
 
-def start_and_wait_for_a_checkpoint(settings: list[str], run_dir: Path) -> tuple[subprocess.Popen, dict]:
+def start_and_wait_for_a_checkpoint(settings: list[str], run_dir: Path, env: dict | None = None) -> tuple[subprocess.Popen, dict]:
     """Start `dpo-kit run` in its own process group; return once its train stage has recorded a checkpoint."""
     process = subprocess.Popen(
         [sys.executable, "-m", "dpo_kit.run.cli", *cli_args(settings)], cwd=REPO, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -91,16 +92,21 @@ def uninterrupted(tmp_path_factory, tiny_model_dir) -> Path:
     return run_pipeline(TINY, overrides(runs, tiny_model_dir, "whole"), STAGES, project_dir=REPO, progress=False)
 
 
-def test_kill_9_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, uninterrupted):
+def test_kill_9_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, uninterrupted, monkeypatch):
     settings = overrides(tmp_path, tiny_model_dir, "killed")
     run_dir = tmp_path / "killed"
-    process, entry = start_and_wait_for_a_checkpoint(settings, run_dir)
+    tmpdir = tmp_path / "tmp"  # $TMPDIR of both runners: the killed one's kernel directory is left there
+    tmpdir.mkdir()
+    process, entry = start_and_wait_for_a_checkpoint(settings, run_dir, env={**os.environ, "TMPDIR": str(tmpdir)})
     # kill -9 both the runner and the kernel that trains (its own session): nothing can record anything.
     os.kill(entry["pid"], signal.SIGKILL)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     killed_at = mf.read_manifest(run_dir)
     assert killed_at["stages"]["train"]["status"] == "running" and ended(entry["pid"])
+    (left_behind,) = tmpdir.iterdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() caches its answer; read $TMPDIR again
     format_entry = killed_at["stages"]["format"]
 
     # A plain re-run refuses to redo the completed format stage and points at --resume.
@@ -116,6 +122,7 @@ def test_kill_9_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, t
     resume_step = int(train["resumed_from"].split("-")[1])
     assert 4 <= resume_step < 60 and train["resumed_from"] in killed_at["stages"]["train"]["checkpoints"]
     assert_same_training(run_dir, uninterrupted, resume_step)
+    assert not left_behind.exists() and list(tmpdir.iterdir()) == [], "the next runner removes what kill -9 left"
 
 
 @pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

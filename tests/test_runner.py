@@ -100,6 +100,40 @@ def test_a_stopped_kernel_leaves_nothing_in_tmpdir(tmp_path, monkeypatch):
     kernel.shutdown()  # a second call does nothing
 
 
+def test_a_runner_removes_the_kernel_tmpdirs_of_runners_that_ended_without_removing_them(tmp_path):
+    """A runner killed with kill -9 never removes its kernel's directory; the next one does, and only such ones."""
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    from dpo_kit import manifest as mf
+    from dpo_kit.run.runner import KERNEL_TMPDIR_OWNER, KERNEL_TMPDIR_PREFIX, remove_abandoned_kernel_tmpdirs
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner_of_ended = {**mf.this_process(), "pid": ended.pid, "pid_started": psutil.Process(ended.pid).create_time()}
+    ended.wait()
+    owners = {
+        "ended": owner_of_ended,
+        "alive": mf.this_process(),
+        "same-pid-new-process": {**mf.this_process(), "pid_started": 1.0},  # the pid was given to another process
+        "other-host": {**mf.this_process(), "host": socket.gethostname() + "-not"},  # unknown: left alone
+    }
+    for name, owner in owners.items():
+        (tmp_path / (KERNEL_TMPDIR_PREFIX + name)).mkdir()
+        (tmp_path / (KERNEL_TMPDIR_PREFIX + name) / KERNEL_TMPDIR_OWNER).write_text(json.dumps(owner))
+        (tmp_path / (KERNEL_TMPDIR_PREFIX + name) / "wandb-left-over").mkdir()
+    (tmp_path / (KERNEL_TMPDIR_PREFIX + "no-owner-file")).mkdir()  # being made, or not this kit's
+    (tmp_path / "someone-elses").mkdir()
+
+    removed = remove_abandoned_kernel_tmpdirs(tmp_path)
+
+    assert sorted(path.name for path in removed) == [KERNEL_TMPDIR_PREFIX + "ended", KERNEL_TMPDIR_PREFIX + "same-pid-new-process"]
+    left = sorted(path.name.removeprefix(KERNEL_TMPDIR_PREFIX) for path in tmp_path.iterdir())
+    assert left == ["alive", "no-owner-file", "other-host", "someone-elses"]
+
+
 def test_progress_relay_shows_the_newest_line_a_stage_prints():
     from tqdm import tqdm
 

@@ -62,6 +62,27 @@ RESET_NAMESPACE = (
 )
 
 
+KERNEL_TMPDIR_PREFIX = "dpo-kit-kernel-"
+KERNEL_TMPDIR_OWNER = "dpo-kit-runner.json"
+
+
+def remove_abandoned_kernel_tmpdirs(parent: Path) -> list[Path]:
+    """Remove the kernel temporary directories under `parent` whose runner has ended without removing them (it
+    was killed with kill -9, or the machine lost power); returns them. A directory whose owner file cannot be
+    read (another user's, or one being made right now) or whose runner lives, or ran on another host sharing
+    this directory, is left alone."""
+    removed = []
+    for directory in sorted(parent.glob(KERNEL_TMPDIR_PREFIX + "*")):
+        try:
+            owner = json.loads((directory / KERNEL_TMPDIR_OWNER).read_text())
+        except (OSError, ValueError):
+            continue
+        if mf.process_alive(owner) is False:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
+
+
 class SharedKernel:
     """One kernel for all stages: torch, transformers, TRL and peft are imported once, not five times.
 
@@ -92,13 +113,19 @@ class SharedKernel:
         # The kernel's own $TMPDIR, removed once the kernel is stopped: libraries clean their temporary files up
         # in exit handlers that a killed kernel never runs (`import wandb` alone makes two directories), and
         # letting the kernel exit by itself instead costs ~1.8 s of interpreter teardown per run.
-        self.tmpdir = tempfile.mkdtemp(prefix="dpo-kit-kernel-")
+        remove_abandoned_kernel_tmpdirs(Path(tempfile.gettempdir()))
+        self.tmpdir = tempfile.mkdtemp(prefix=KERNEL_TMPDIR_PREFIX)
         # CurveZMQ keys for the kernel's sockets where pyzmq has Curve and the kernelspec declares it (ipykernel
         # 7 does): ipykernel otherwise opens every run with "Kernel is running over TCP without encryption".
         encryption = "auto" if zmq.has("curve") else "disabled"
-        self.manager = OneClientKernelManager(kernel_name="python3", transport_encryption=encryption)
-        # Batch kernels draw text progress bars (dpo_kit/progress.py): nobody renders widgets here.
+        # The connection file (the kernel's ports, HMAC key and Curve secret key) goes in that directory too, not
+        # loose in $TMPDIR (jupyter_client's default), so that a runner killed with kill -9 leaves nothing outside it.
+        self.manager = OneClientKernelManager(kernel_name="python3", transport_encryption=encryption,
+                                              connection_file=os.path.join(self.tmpdir, "kernel.json"))  # fmt: skip
         try:
+            # Who owns it, so that the next runner removes it if this one is killed with kill -9 (no shutdown()).
+            (Path(self.tmpdir) / KERNEL_TMPDIR_OWNER).write_text(json.dumps(mf.this_process()))
+            # Batch kernels draw text progress bars (dpo_kit/progress.py): nobody renders widgets here.
             run_sync(self.manager.start_kernel)(cwd=str(cwd), env={**os.environ, **BATCH_KERNEL_ENV, "TMPDIR": self.tmpdir})
         except BaseException:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
