@@ -1,6 +1,6 @@
 """Held-out implicit-reward accuracy of the sentiment recipe against the number of distinct training pairs.
 
-    .venv/bin/python bench/sentiment_more_pairs.py [--times 1 2 3] [--pool 2 3] [--report-only]
+    .venv/bin/python bench/sentiment_more_pairs.py [--times 1 2 3] [--pool 2 3] [--all-pairs] [--report-only]
 
 Needs the three seed runs of bench/sentiment_seeds.py, or only their format stage (`dpo-kit run
 params/smollm2-135m-sentiment.yaml --stages format --set run.seed=N --set run.name=smollm2-135m-sentiment-seedN`,
@@ -19,6 +19,10 @@ each of seed 0's training prompts and pairs the best of them with the worst (bes
 for N = 3), so the number of pairs stays the recipe's and their score gaps grow. The trained model is evaluated
 on seed 0's held-out pairs, the test every other row uses, and, as a second evaluation set, on best-of-4N pairs
 of the same held-out prompts. Writes runs/sentiment-more-pairs/best-of-<4N>/; about 6 minutes each.
+
+`--all-pairs` asks whether the finer distinctions would: every two of seed 0's 4 samples of a training prompt whose
+scores differ by at least min_score_gap make a pair (up to 6 per prompt, the recipe's best/worst pair among them),
+evaluated on seed 0's held-out pairs. Writes runs/sentiment-more-pairs/all-pairs/; about 18 minutes.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ kit can answer (the notebook tier itself fails a cell that prints a warning: see
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,6 @@ BNB_NOTICE = BITSANDBYTES_HUB_KERNEL[1]
 
 
 def python(code: str, **env: str) -> subprocess.CompletedProcess:
-    import os
-
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **env}, timeout=300)  # fmt: skip
 
@@ -62,6 +61,57 @@ def test_the_kits_batch_kernels_draw_text_bars_and_an_interactive_kernel_widgets
     interactive = notebook.cells[0].outputs
     assert "".join(o.get("text", "") for o in interactive).split() == ["True", "True"], interactive
     assert not warning_lines(interactive), "no TqdmWarning: ipywidgets is installed"
+
+
+def test_a_kernel_the_papermill_command_started_draws_text_bars(tmp_path):
+    """Plain `papermill in.ipynb out.ipynb`, with no DPO_KIT_PROGRESS: a widget would be saved at its first frame."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    probe = ("import sys, dpo_kit, datasets.utils.tqdm, tqdm.notebook, tqdm.auto\n"
+             "widget = sys.modules['tqdm.notebook'].tqdm\n"
+             "print(issubclass(sys.modules['tqdm.auto'].tqdm, widget), issubclass(sys.modules['datasets.utils.tqdm'].tqdm, widget),"
+             " tqdm.auto.tqdm(range(1), file=sys.stdout).mininterval)")  # fmt: skip
+    nbformat.write(new_notebook(cells=[new_code_cell(probe)], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}),
+                   tmp_path / "in.ipynb")  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if key not in ("DPO_KIT_PROGRESS", "TQDM_MININTERVAL")}
+    done = subprocess.run([str(Path(sys.executable).parent / "papermill"), "in.ipynb", "out.ipynb"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    outputs = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0].outputs
+    printed = "".join(o.get("text", "") for o in outputs if o.get("name") == "stdout")
+    assert printed.split()[-3:] == ["False", "False", "1.0"], outputs
+
+
+def test_progress_env_other_than_text_keeps_widgets_under_papermill(monkeypatch):
+    from dpo_kit import progress
+
+    monkeypatch.setattr(progress, "started_by_papermill_command", lambda: True)
+    monkeypatch.delenv("DPO_KIT_PROGRESS", raising=False)
+    assert progress.text_progress_bars_requested()
+    monkeypatch.setenv("DPO_KIT_PROGRESS", "widgets")
+    assert not progress.text_progress_bars_requested()
+    monkeypatch.setattr(progress, "started_by_papermill_command", lambda: False)
+    monkeypatch.setenv("DPO_KIT_PROGRESS", " Text ")
+    assert progress.text_progress_bars_requested()
+
+
+def test_the_papermill_command_is_told_from_other_launchers(monkeypatch):
+    from dpo_kit import progress
+
+    monkeypatch.setenv("JPY_PARENT_PID", str(os.getpid()))  # pytest: not papermill
+    assert not progress.started_by_papermill_command()
+    monkeypatch.delenv("JPY_PARENT_PID")  # not a kernel
+    assert not progress.started_by_papermill_command()
+    monkeypatch.setenv("JPY_PARENT_PID", "not-a-pid")
+    assert not progress.started_by_papermill_command()
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "papermill"])  # an argument, not the command
+    try:
+        monkeypatch.setenv("JPY_PARENT_PID", str(launcher.pid))
+        assert not progress.started_by_papermill_command()
+    finally:
+        launcher.kill()
+        launcher.wait()
 
 
 def test_text_bars_are_redrawn_at_most_once_a_second_in_batch():
