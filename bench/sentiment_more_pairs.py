@@ -197,16 +197,6 @@ def pool_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def all_pairs_table(result: dict, recipe: dict | None) -> str:
-    lines = ["| training pairs | steps (one epoch) | held-out accuracy at steps 11, 22, … and the last | after the epoch | best |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    for label, row in (("best/worst of 4: the recipe", recipe), ("every pair of the 4 samples", result)):
-        if row:
-            curve, last, best = curve_cells(row["accuracy_by_step"]["recipe"])
-            lines.append(f"| {row['pairs']} ({label}) | {row['steps']} | {curve} | {last} | {best} |")
-    return "\n".join(lines)
-
-
 def existing_result(name: str) -> dict | None:
     """The result in runs/sentiment-more-pairs/<name>/, or None where that run is still to make. A half-finished
     earlier attempt is kept, never overwritten."""
@@ -261,8 +251,7 @@ def main() -> int:
             (OUT / "all-pairs").mkdir(parents=True)
             pairs = all_pairs(train_prompts, params.data.generate.min_score_gap)
             result = train("all-pairs", pairs, {"recipe": held_out}, params)
-        if result:
-            print(all_pairs_table(result, existing_result("1x")))
+        print(times_table([row for row in (existing_result("1x"), result) if row]))  # beside the recipe's own pairs
     if args.times:
         print(times_table(results["times"]))
     if args.pool:
