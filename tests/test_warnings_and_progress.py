@@ -72,8 +72,8 @@ def test_a_kernel_the_papermill_command_started_draws_text_bars(tmp_path):
              "widget = sys.modules['tqdm.notebook'].tqdm\n"
              "print(issubclass(sys.modules['tqdm.auto'].tqdm, widget), issubclass(sys.modules['datasets.utils.tqdm'].tqdm, widget),"
              " tqdm.auto.tqdm(range(1), file=sys.stdout).mininterval)")  # fmt: skip
-    nbformat.write(new_notebook(cells=[new_code_cell(probe)], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}),
-                   tmp_path / "in.ipynb")  # fmt: skip
+    kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(new_notebook(cells=[new_code_cell(probe)], metadata={"kernelspec": kernelspec}), tmp_path / "in.ipynb")
     env = {key: value for key, value in os.environ.items() if key not in ("DPO_KIT_PROGRESS", "TQDM_MININTERVAL")}
     done = subprocess.run([str(Path(sys.executable).parent / "papermill"), "in.ipynb", "out.ipynb"], cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
