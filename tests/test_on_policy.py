@@ -194,3 +194,81 @@ def test_a_continuation_keeps_its_leading_space_and_a_new_turn_is_stripped():
     prefill = [{"role": "user", "content": "Review it."}, {"role": "assistant", "content": "It was"}]
     assert response_text(tokenizer, ids, prefill) == " great fun"
     assert response_text(tokenizer, ids, prefill[:1]) == "great fun"
+
+
+def iterative_prompts_file(path: Path, *first: str) -> Path:
+    prompts = [*first, *(f"Give me tip number {n} for baking bread at home." for n in range(16))]
+    path.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in prompts))
+    return path
+
+
+def user_prompts(split_file: Path) -> list[str]:
+    return [json.loads(line)["prompt"][0]["content"] for line in split_file.read_text().splitlines()]
+
+
+@pytest.fixture
+def round_one(tiny_model_dir, tmp_path):
+    """A finished round 1 as a run directory: its format stage's split, a manifest, and its policy in merged/."""
+    import shutil
+
+    from dpo_kit.data.pipeline import prepare_data
+    from dpo_kit.models.loading import load_tokenizer
+
+    params = generate_params(tiny_model_dir, iterative_prompts_file(tmp_path / "round-1.jsonl"), "data.eval_fraction=0.25")
+    run_dir = tmp_path / "runs" / "round-1"
+    prepare_data(params, load_tokenizer(str(tiny_model_dir), params), run_dir, REPO)
+    (run_dir / "manifest.json").write_text("{}")
+    shutil.copytree(tiny_model_dir, run_dir / "merged")
+    return run_dir
+
+
+def test_round_two_holds_out_the_prompts_that_round_one_held_out(tiny_model_dir, round_one, tmp_path):
+    """Iterative DPO tests every round on the same prompts, none of them trained on by any round. A seeded split
+    of round 2's own pairs would not: with one prompt more (or one dropped), it holds out other prompts."""
+    from dpo_kit.data.pipeline import prepare_data, split_rows
+    from dpo_kit.models.loading import load_tokenizer
+
+    new_prompt = "Which flour makes the softest sandwich loaf?"
+    prompts = iterative_prompts_file(tmp_path / "round-2.jsonl", new_prompt)
+    params = generate_params(tiny_model_dir, prompts, "data.eval_fraction=0.25",
+                             f"data.generate.sampler={round_one / 'merged'}")  # fmt: skip
+    report = prepare_data(params, load_tokenizer(str(tiny_model_dir), params), tmp_path / "runs" / "round-2", REPO)
+
+    held_out_by_round_one = user_prompts(round_one / "data" / "eval.jsonl")
+    trained_by_round_one = user_prompts(round_one / "data" / "train.jsonl")
+    train = user_prompts(tmp_path / "runs" / "round-2" / "data" / "train.jsonl")
+    eval_ = user_prompts(tmp_path / "runs" / "round-2" / "data" / "eval.jsonl")
+    assert report.held_out_from == str(round_one.resolve() / "data" / "eval.jsonl")
+    assert report.to_dict()["held_out_from"] == report.held_out_from
+    assert eval_ == held_out_by_round_one and len(eval_) == 4
+    # Trained on: the new prompt, round 1's training prompts, and any that round 1 dropped (never trained on).
+    assert set(train) >= {new_prompt, *trained_by_round_one} and not set(train) & set(held_out_by_round_one)
+    # What the seeded split would have held out: some prompts that round 1, the sampler's run, trained on.
+    kept = set(train + eval_)
+    in_source_order = [json.loads(line) for line in prompts.read_text().splitlines()]
+    in_source_order = [{"prompt": [{"role": "user", "content": row["prompt"]}]} for row in in_source_order
+                       if row["prompt"] in kept]  # fmt: skip
+    _, seeded_eval = split_rows(list(enumerate(in_source_order)), 0.25, params.run.seed)
+    assert {row["prompt"][0]["content"] for row in seeded_eval} & set(trained_by_round_one)
+
+
+def test_round_two_refuses_prompts_it_cannot_match_to_round_one(tiny_model_dir, round_one, tmp_path):
+    from dpo_kit.data.pipeline import prepare_data
+    from dpo_kit.models.loading import load_tokenizer
+
+    prompts = iterative_prompts_file(tmp_path / "round-2.jsonl")
+    sampler = f"data.generate.sampler={round_one / 'merged'}"
+    standard = generate_params(tiny_model_dir, prompts, sampler, "data.output_format=standard")
+    tokenizer = load_tokenizer(str(tiny_model_dir), standard)
+    with pytest.raises(ValueError, match=r"holds out the prompts of .*round-1/data/eval.jsonl \(4 of them\), but none"
+                                         r" of its held-out prompts is among this run's 15 kept pairs.*output_format"):
+        prepare_data(standard, tokenizer, tmp_path / "runs" / "standard", REPO)
+
+    # A model directory that no run wrote is a plain sampler: the seeded split, as in round 1.
+    plain = generate_params(tiny_model_dir, prompts, f"data.generate.sampler={tiny_model_dir}")
+    assert prepare_data(plain, tokenizer, tmp_path / "runs" / "plain", REPO).held_out_from is None
+
+    (round_one / "data" / "eval.jsonl").unlink()
+    conversational = generate_params(tiny_model_dir, prompts, sampler)
+    with pytest.raises(FileNotFoundError, match=r"is the policy of the run .*round-1, whose held-out prompts"):
+        prepare_data(conversational, tokenizer, tmp_path / "runs" / "missing", REPO)

@@ -7,7 +7,9 @@ each prompt, `num_samples` responses are sampled from the sampler (the reference
 preference and is dropped, with its samples and scores, to dropped.jsonl (reason `score_gap_too_small`).
 
 Naming a previous run's merged policy as the sampler gives round 2 of iterative DPO: pairs sampled from
-the round-one policy, trained against the same reference.
+the round-one policy, trained against the same reference. Round 2 holds out the prompts that round 1 held
+out (`sampler_run_held_out_prompts`), so every round is tested on the same prompts and none of them was
+ever trained on, by this round or by the policy that sampled it.
 
 The source yields one raw row per prompt: {"prompt", "samples", "scores"}. `ranked_pair` converts such a
 row into a TRL pair, so ranking happens inside the audit, which keeps or drops every row with a reason.
@@ -15,6 +17,8 @@ row into a TRL pair, so ranking happens inside the audit, which keeps or drops e
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from dpo_kit.chat_templates import ends_with_prefill
@@ -62,6 +66,61 @@ def sampler_source(params: Params, project_dir: str | Path = ".") -> str:
     if is_local_path(sampler):
         raise FileNotFoundError(f"data.generate.sampler: directory not found: {local}")
     return sampler
+
+
+@dataclass(frozen=True)
+class HeldOutPrompts:
+    """The held-out prompts of the run whose merged policy samples this round: `eval_file` and its prompt keys."""
+
+    run_dir: Path
+    eval_file: Path
+    keys: frozenset[str]
+
+
+def prompt_key(pair: dict) -> str:
+    """A pair's prompt as one comparable string, in whichever TRL format the pair was written."""
+    return json.dumps(pair["prompt"], ensure_ascii=False, sort_keys=True)
+
+
+def sampler_run_held_out_prompts(params: Params, project_dir: str | Path = ".") -> HeldOutPrompts | None:
+    """The held-out prompts of the kit run whose policy data.generate.sampler names (<run>/merged), else None.
+
+    A seeded split of this round's own pairs cannot be used there: it shuffles the pairs that survive the
+    score-gap filter, and a different sampler drops different prompts, so the held-out set would take in
+    prompts that the sampling policy was trained on, and round 2's win-rate would be measured partly on
+    round 1's training prompts. Rounds share one held-out set instead.
+    """
+    sampler = params.data.generate.sampler
+    if sampler is None or not (Path(project_dir) / sampler).is_dir():
+        return None  # the reference itself, or a hub id: no earlier run to stay consistent with
+    run_dir = (Path(project_dir) / sampler).resolve().parent
+    if not (run_dir / "manifest.json").exists():
+        return None  # a model directory that no kit run wrote: nothing is known of what it trained on
+    eval_file = run_dir / "data" / "eval.jsonl"
+    if not eval_file.exists():
+        raise FileNotFoundError(
+            f"data.generate.sampler '{sampler}' is the policy of the run {run_dir}, whose held-out prompts"
+            f" ({eval_file}) are missing; round 2 holds out round 1's prompts, so that file is needed."
+            " Re-run that run's format stage, or name a model directory outside a run."
+        )
+    keys = frozenset(prompt_key(json.loads(line)) for line in eval_file.read_text().splitlines() if line.strip())
+    return HeldOutPrompts(run_dir=run_dir, eval_file=eval_file, keys=keys)
+
+
+def split_as_sampler_run(kept: list[tuple[int, dict]], held_out: HeldOutPrompts) -> tuple[list[dict], list[dict]]:
+    """Kept pairs whose prompt the sampler's run held out go to eval; every other one (trained on by that run,
+    dropped by it, or new) to train. Each split stays in source order, as `split_rows` keeps it."""
+    eval_ = [row for _, row in kept if prompt_key(row) in held_out.keys]
+    train = [row for _, row in kept if prompt_key(row) not in held_out.keys]
+    if not eval_ or not train:
+        empty = "none of its held-out prompts is" if not eval_ else "only its held-out prompts are"
+        raise ValueError(
+            f"round 2 holds out the prompts of {held_out.eval_file} ({len(held_out.keys)} of them), but {empty}"
+            f" among this run's {len(kept)} kept pairs. Either the runs render their prompts differently"
+            " (data.output_format, model.chat_template, the tokenizer) or they use other prompts"
+            " (data.generate.prompts, data.max_rows): give round 2 round 1's prompts and formats."
+        )
+    return train, eval_
 
 
 def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".") -> list[dict]:

@@ -48,6 +48,8 @@ class DataReport:
     prompt_lengths: list[int] = field(repr=False)
     prompt_chosen_lengths: list[int] = field(repr=False)
     prompt_rejected_lengths: list[int] = field(repr=False)
+    # Iterative DPO: the eval.jsonl whose prompts were held out instead of a seeded split (None = seeded split).
+    held_out_from: str | None = None
 
     @property
     def sequence_lengths(self) -> list[int]:
@@ -80,6 +82,7 @@ class DataReport:
             "token_lengths": self.token_length_stats(),
             "chat_template": self.chat_template,
             "files": self.files,
+            "held_out_from": self.held_out_from,
         }
 
 
@@ -117,6 +120,11 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
     data_dir = Path(run_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: data_dir / f"{name}.jsonl" for name in (*SPLITS, "dropped")}
+    held_out = None
+    if data.source == "generate":
+        from dpo_kit.data.on_policy import sampler_run_held_out_prompts
+
+        held_out = sampler_run_held_out_prompts(params, project_dir)  # read before a rerun removes its own files
     for stale in [*paths.values(), data_dir / "report.json", data_dir / "samples.jsonl"]:
         stale.unlink(missing_ok=True)  # a failed rerun must not leave the last run's split looking current
 
@@ -140,7 +148,12 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
     _write_jsonl(paths["dropped"], (dropped.to_dict() for dropped in result.dropped))
     raise_if_nothing_left(result, describe_source(data), str(paths["dropped"]))
 
-    train, eval_ = split_rows(result.kept, data.eval_fraction, params.run.seed)
+    if held_out is None:
+        train, eval_ = split_rows(result.kept, data.eval_fraction, params.run.seed)
+    else:
+        from dpo_kit.data.on_policy import split_as_sampler_run
+
+        train, eval_ = split_as_sampler_run(result.kept, held_out)
     _write_jsonl(paths["train"], train)
     _write_jsonl(paths["eval"], eval_)
     digest = hashlib.sha256(paths["train"].read_bytes() + paths["eval"].read_bytes()).hexdigest()
@@ -164,6 +177,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         prompt_lengths=[pair.prompt for pair in result.lengths],
         prompt_chosen_lengths=[pair.prompt_chosen for pair in result.lengths],
         prompt_rejected_lengths=[pair.prompt_rejected for pair in result.lengths],
+        held_out_from=None if held_out is None else str(held_out.eval_file),
     )
     stored = {**report.to_dict(), PAIR_LENGTHS: {key: getattr(report, key) for key in LENGTH_FIELDS}}
     (data_dir / "report.json").write_text(json.dumps(stored, indent=2, ensure_ascii=False) + "\n")
@@ -182,7 +196,9 @@ def load_data_report(run_dir: str | Path) -> DataReport:
     stored = json.loads(path.read_text())
     lengths = stored[PAIR_LENGTHS]
     fields = {name for name in DataReport.__dataclass_fields__ if name not in LENGTH_FIELDS}
-    return DataReport(**{key: stored[key] for key in fields}, **{key: lengths[key] for key in LENGTH_FIELDS})
+    # a report written before a field existed (held_out_from) reads back with that field's default
+    found = {key: stored[key] for key in fields if key in stored}
+    return DataReport(**found, **{key: lengths[key] for key in LENGTH_FIELDS})
 
 
 def split_rows(kept: list[tuple[int, dict]], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
