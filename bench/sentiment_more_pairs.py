@@ -23,6 +23,13 @@ of the same held-out prompts. Writes runs/sentiment-more-pairs/best-of-<4N>/; ab
 `--all-pairs` asks whether the finer distinctions would: every two of seed 0's 4 samples of a training prompt whose
 scores differ by at least min_score_gap make a pair (up to 6 per prompt, the recipe's best/worst pair among them),
 evaluated on seed 0's held-out pairs. Writes runs/sentiment-more-pairs/all-pairs/; about 18 minutes.
+
+`--round-two RUN` asks whether iterative DPO would: RUN is a round-2 run of the recipe, whose pairs were sampled
+from seed 0's round-1 policy (`dpo-kit run params/smollm2-135m-sentiment.yaml --set
+data.generate.sampler=<seed 0's full run>/merged`), so it held out seed 0's held-out prompts. It trains one epoch on
+RUN's training pairs alone (`round-2`: what RUN's own train stage trains on) and on seed 0's pairs followed by
+RUN's (`rounds-1+2`: the expanded dataset that a retrain of round 2 uses), each evaluated on seed 0's held-out
+pairs and on RUN's own held-out pairs. About 6 and 11 minutes.
 """
 
 from __future__ import annotations
@@ -126,6 +133,16 @@ def all_pairs(prompts: dict[str, str], min_score_gap: float) -> list[dict]:
     return pairs
 
 
+def round_two_pairs(run: Path, eval_prompts: dict[str, str]) -> tuple[list[dict], list[dict]]:
+    """The training and held-out pairs of the round-2 run `run`. None of its training prompts may be one of seed 0's
+    held-out prompts (`eval_prompts`): the format stage holds out the prompts of the sampler's run."""
+    train_pairs, held_out = read_jsonl(run / "data" / "train.jsonl"), read_jsonl(run / "data" / "eval.jsonl")
+    leaked = {row["prompt"] for row in train_pairs} & set(eval_prompts.values())
+    if leaked:
+        raise SystemExit(f"{run} trains on {len(leaked)} of seed 0's held-out prompts: is it a round 2 of seed 0?")
+    return train_pairs, held_out
+
+
 def train(name: str, pairs: list[dict], eval_sets: dict[str, list[dict]], params) -> dict:
     """One epoch on `pairs` with seed 0's params and the kit's trainer; TRL evaluates every set of `eval_sets`
     every EVAL_EVERY steps and after the last. Returns {set: {step: eval_rewards/accuracies}} and the counts."""
@@ -197,6 +214,17 @@ def pool_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def round_two_table(results: list[dict]) -> str:
+    lines = ["| training pairs | steps (one epoch) | seed 0's held-out pairs: at steps 11, 22, … and the last | after the epoch "
+             "| round 2's held-out pairs: after the epoch |", "|---|---|---|---|---|"]  # fmt: skip
+    for result in results:
+        curve, last, _ = curve_cells(result["accuracy_by_step"]["recipe"])
+        _, round_two_last, _ = curve_cells(result["accuracy_by_step"]["round2"])
+        lines.append(f"| {result['pairs']} ({result['name']}) | {result['steps']} | {curve} | {last} | "
+                     f"{round_two_last} on {result['eval_pairs']['round2']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def existing_result(name: str) -> dict | None:
     """The result in runs/sentiment-more-pairs/<name>/, or None where that run is still to make. A half-finished
     earlier attempt is kept, never overwritten."""
@@ -217,11 +245,13 @@ def main() -> int:
                         help="pool the samples of the first N seeds per prompt into one best-of-4N pair")  # fmt: skip
     parser.add_argument("--all-pairs", action="store_true",
                         help="train on every two of seed 0's 4 samples per prompt whose score gap is at least min_score_gap")  # fmt: skip
+    parser.add_argument("--round-two", type=Path, metavar="RUN",
+                        help="a round-2 run of seed 0 (sampled from its policy): train on its pairs, alone and after seed 0's")  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="print the table of finished results only")
     args = parser.parse_args()
-    if not args.times and not args.pool and not args.all_pairs:
+    if not args.times and not args.pool and not args.all_pairs and not args.round_two:
         args.times = [1, 2, 3]
-    needed = SEED_RUNS[: max(args.times + args.pool + [1] * args.all_pairs, default=0)]
+    needed = SEED_RUNS[: max(args.times + args.pool + [1] * (args.all_pairs or bool(args.round_two)), default=0)]
     missing = [str(run) for run in needed if not (run / "data" / "samples.jsonl").is_file()]
     if missing:
         print(f"missing seed runs {', '.join(missing)}: run bench/sentiment_seeds.py first", file=sys.stderr)
@@ -252,6 +282,16 @@ def main() -> int:
             pairs = all_pairs(train_prompts, params.data.generate.min_score_gap)
             result = train("all-pairs", pairs, {"recipe": held_out}, params)
         print(times_table([row for row in (existing_result("1x"), result) if row]))  # beside the recipe's own pairs
+    if args.round_two:
+        round_two, round_two_held_out = round_two_pairs(args.round_two, eval_prompts)
+        rows = []
+        for name, pairs in (("round-2", round_two), ("rounds-1+2", training_pairs(1, train_prompts, convert) + round_two)):
+            result = existing_result(name)
+            if result is None and not args.report_only:
+                (OUT / name).mkdir(parents=True)
+                result = train(name, pairs, {"recipe": held_out, "round2": round_two_held_out}, params)
+            rows += [result] if result else []
+        print(round_two_table(rows))
     if args.times:
         print(times_table(results["times"]))
     if args.pool:
