@@ -243,6 +243,14 @@ def test_round_two_holds_out_the_prompts_that_round_one_held_out(tiny_model_dir,
     assert eval_ == held_out_by_round_one and len(eval_) == 4
     # Trained on: the new prompt, round 1's training prompts, and any that round 1 dropped (never trained on).
     assert set(train) >= {new_prompt, *trained_by_round_one} and not set(train) & set(held_out_by_round_one)
+    # The generate stage compares the models on round 1's held-out prompts, whatever round 2's filter dropped.
+    from dpo_kit.evaluation.generate import comparison_prompts
+
+    held_out_prompts = user_prompts(tmp_path / "runs" / "round-2" / "data" / "held_out_prompts.jsonl")
+    assert held_out_prompts == held_out_by_round_one
+    shown = comparison_prompts(params, tmp_path / "runs" / "round-2")
+    assert [prompt[0]["content"] for prompt in shown] == held_out_by_round_one[: params.generate.num_prompts]
+    assert not (round_one / "data" / "held_out_prompts.jsonl").exists(), "round 1 has its own eval.jsonl"
     # What the seeded split would have held out: some prompts that round 1, the sampler's run, trained on.
     kept = set(train + eval_)
     in_source_order = [json.loads(line) for line in prompts.read_text().splitlines()]

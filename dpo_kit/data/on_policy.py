@@ -74,6 +74,7 @@ class HeldOutPrompts:
 
     run_dir: Path
     eval_file: Path
+    prompts: tuple  # the held-out prompts in that file's order, as written there
     keys: frozenset[str]
 
 
@@ -103,8 +104,9 @@ def sampler_run_held_out_prompts(params: Params, project_dir: str | Path = ".") 
             f" ({eval_file}) are missing; round 2 holds out round 1's prompts, so that file is needed."
             " Re-run that run's format stage, or name a model directory outside a run."
         )
-    keys = frozenset(prompt_key(json.loads(line)) for line in eval_file.read_text().splitlines() if line.strip())
-    return HeldOutPrompts(run_dir=run_dir, eval_file=eval_file, keys=keys)
+    pairs = [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()]
+    keys = frozenset(prompt_key(pair) for pair in pairs)
+    return HeldOutPrompts(run_dir=run_dir, eval_file=eval_file, prompts=tuple(p["prompt"] for p in pairs), keys=keys)
 
 
 def split_as_sampler_run(kept: list[tuple[int, dict]], held_out: HeldOutPrompts) -> tuple[list[dict], list[dict]]:

@@ -6,6 +6,9 @@ stage reads the result back with `load_split`. Files written under `<run_dir>/da
 - train.jsonl, eval.jsonl: prompt/chosen/rejected rows in TRL's conversational (default) or standard format
 - dropped.jsonl: one line per dropped row: source index, reason code, detail and the row as read
 - samples.jsonl (data.source 'generate'): per prompt, every sampled response and its judge score
+- held_out_prompts.jsonl (round 2 of iterative DPO only): the held-out prompts of the sampler's run, in its
+  order, those whose pair this round dropped among them; the generate stage compares the models on them, so
+  every round is evaluated on the same prompts
 - report.json: `DataReport.to_dict()`, the summary the manifest records, plus the per-pair token lengths
   (`load_data_report` reads the report back)
 """
@@ -25,6 +28,7 @@ from dpo_kit.data.formats import converter
 from dpo_kit.data.sources import describe_source, read_rows
 
 SPLITS = ("train", "eval")
+HELD_OUT_PROMPTS = "held_out_prompts.jsonl"  # round 2 of iterative DPO: the prompts the generate stage compares on
 
 
 @dataclass
@@ -125,7 +129,8 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         from dpo_kit.data.on_policy import sampler_run_held_out_prompts
 
         held_out = sampler_run_held_out_prompts(params, project_dir)  # read before a rerun removes its own files
-    for stale in [*paths.values(), data_dir / "report.json", data_dir / "samples.jsonl"]:
+    held_out_prompts_file = data_dir / HELD_OUT_PROMPTS
+    for stale in [*paths.values(), data_dir / "report.json", data_dir / "samples.jsonl", held_out_prompts_file]:
         stale.unlink(missing_ok=True)  # a failed rerun must not leave the last run's split looking current
 
     if data.source == "generate":
@@ -154,6 +159,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         from dpo_kit.data.on_policy import split_as_sampler_run
 
         train, eval_ = split_as_sampler_run(result.kept, held_out)
+        _write_jsonl(held_out_prompts_file, ({"prompt": prompt} for prompt in held_out.prompts))
     _write_jsonl(paths["train"], train)
     _write_jsonl(paths["eval"], eval_)
     digest = hashlib.sha256(paths["train"].read_bytes() + paths["eval"].read_bytes()).hexdigest()

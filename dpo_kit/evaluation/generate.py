@@ -39,10 +39,15 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 
 
 def comparison_prompts(params: Params, run_dir: str | Path) -> list[Prompt]:
-    """params.generate.prompts as single user messages, else the first num_prompts held-out prompts."""
+    """params.generate.prompts as single user messages, else the first num_prompts held-out prompts: in round 2 of
+    iterative DPO those of the sampler's run (data/held_out_prompts.jsonl), which this round's score-gap filter may
+    have thinned in eval.jsonl, so that both rounds are compared on the same prompts."""
+    from dpo_kit.data.pipeline import HELD_OUT_PROMPTS
+
     if params.generate.prompts:
         return [[{"role": "user", "content": text}] for text in params.generate.prompts]
-    rows = read_jsonl(Path(run_dir) / "data" / "eval.jsonl")
+    data_dir = Path(run_dir) / "data"
+    rows = read_jsonl(data_dir / HELD_OUT_PROMPTS if (data_dir / HELD_OUT_PROMPTS).is_file() else data_dir / "eval.jsonl")
     return [row["prompt"] for row in rows[: params.generate.num_prompts]]
 
 
