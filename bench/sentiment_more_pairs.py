@@ -202,26 +202,16 @@ def times_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def pool_table(results: list[dict]) -> str:
-    lines = ["| training pairs | steps (one epoch) | seed 0's held-out pairs (best/worst of 4): at steps 11, 22, … and the last "
-             "| after the epoch | held-out pairs, best/worst of the same pool: after the epoch |",
-             "|---|---|---|---|---|"]  # fmt: skip
+def two_set_table(results: list[dict], first: str, second: str, second_header: str) -> str:
+    """Each result's curve on seed 0's held-out pairs (`first` names them in the first column's header) and its
+    accuracy after the epoch on a second evaluation set, the one `train` evaluated as `second`."""
+    lines = [f"| training pairs | steps (one epoch) | {first}: at steps 11, 22, … and the last | after the epoch "
+             f"| {second_header}: after the epoch |", "|---|---|---|---|---|"]  # fmt: skip
     for result in results:
         curve, last, _ = curve_cells(result["accuracy_by_step"]["recipe"])
-        _, pooled_last, _ = curve_cells(result["accuracy_by_step"]["pooled"])
+        _, second_last, _ = curve_cells(result["accuracy_by_step"][second])
         lines.append(f"| {result['pairs']} ({result['name']}) | {result['steps']} | {curve} | {last} | "
-                     f"{pooled_last} on {result['eval_pairs']['pooled']} |")  # fmt: skip
-    return "\n".join(lines)
-
-
-def round_two_table(results: list[dict]) -> str:
-    lines = ["| training pairs | steps (one epoch) | seed 0's held-out pairs: at steps 11, 22, … and the last | after the epoch "
-             "| round 2's held-out pairs: after the epoch |", "|---|---|---|---|---|"]  # fmt: skip
-    for result in results:
-        curve, last, _ = curve_cells(result["accuracy_by_step"]["recipe"])
-        _, round_two_last, _ = curve_cells(result["accuracy_by_step"]["round2"])
-        lines.append(f"| {result['pairs']} ({result['name']}) | {result['steps']} | {curve} | {last} | "
-                     f"{round_two_last} on {result['eval_pairs']['round2']} |")  # fmt: skip
+                     f"{second_last} on {result['eval_pairs'][second]} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -291,11 +281,12 @@ def main() -> int:
                 (OUT / name).mkdir(parents=True)
                 result = train(name, pairs, {"recipe": held_out, "round2": round_two_held_out}, params)
             rows += [result] if result else []
-        print(round_two_table(rows))
+        print(two_set_table(rows, "seed 0's held-out pairs", "round2", "round 2's held-out pairs"))
     if args.times:
         print(times_table(results["times"]))
     if args.pool:
-        print(pool_table(results["pool"]))
+        print(two_set_table(results["pool"], "seed 0's held-out pairs (best/worst of 4)", "pooled",
+                            "held-out pairs, best/worst of the same pool"))  # fmt: skip
     return 0
 
 
