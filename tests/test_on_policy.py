@@ -251,6 +251,16 @@ def test_round_two_holds_out_the_prompts_that_round_one_held_out(tiny_model_dir,
     shown = comparison_prompts(params, tmp_path / "runs" / "round-2")
     assert [prompt[0]["content"] for prompt in shown] == held_out_by_round_one[: params.generate.num_prompts]
     assert not (round_one / "data" / "held_out_prompts.jsonl").exists(), "round 1 has its own eval.jsonl"
+    # Round 3 samples from round 2's policy and still holds out round 1's prompts, all of them.
+    import shutil
+
+    (tmp_path / "runs" / "round-2" / "manifest.json").write_text("{}")
+    shutil.copytree(tiny_model_dir, tmp_path / "runs" / "round-2" / "merged")
+    round_three = generate_params(tiny_model_dir, prompts, f"data.generate.sampler={tmp_path / 'runs/round-2/merged'}")
+    report = prepare_data(round_three, load_tokenizer(str(tiny_model_dir), params), tmp_path / "runs" / "round-3", REPO)
+    assert report.held_out_from == str((tmp_path / "runs/round-2/data/held_out_prompts.jsonl").resolve())
+    assert user_prompts(tmp_path / "runs" / "round-3" / "data" / "held_out_prompts.jsonl") == held_out_by_round_one
+    assert set(user_prompts(tmp_path / "runs" / "round-3" / "data" / "eval.jsonl")) <= set(held_out_by_round_one)
     # What the seeded split would have held out: some prompts that round 1, the sampler's run, trained on.
     kept = set(train + eval_)
     in_source_order = [json.loads(line) for line in prompts.read_text().splitlines()]

@@ -25,6 +25,10 @@ from dpo_kit.chat_templates import ends_with_prefill
 from dpo_kit.data.drops import DropRow
 from dpo_kit.params import BUNDLED_PROMPT_SETS, Params, is_local_path
 
+# Written by the format stage of a round 2 (data/): the held-out prompts of the sampler's run, which the generate
+# stage compares the models on.
+HELD_OUT_PROMPTS = "held_out_prompts.jsonl"
+
 
 def prompt_rows(params: Params, project_dir: str | Path = ".") -> list[dict]:
     """The prompts of `data.generate.prompts`, at most `data.max_rows`, each as {"prompt": ...} as read."""
@@ -72,8 +76,7 @@ def sampler_source(params: Params, project_dir: str | Path = ".") -> str:
 class HeldOutPrompts:
     """The held-out prompts of the run whose merged policy samples this round: `eval_file` and its prompt keys."""
 
-    run_dir: Path
-    eval_file: Path
+    eval_file: Path  # that run's data/eval.jsonl, or its data/held_out_prompts.jsonl where it has one
     prompts: tuple  # the held-out prompts in that file's order, as written there
     keys: frozenset[str]
 
@@ -97,7 +100,11 @@ def sampler_run_held_out_prompts(params: Params, project_dir: str | Path = ".") 
     run_dir = (Path(project_dir) / sampler).resolve().parent
     if not (run_dir / "manifest.json").exists():
         return None  # a model directory that no kit run wrote: nothing is known of what it trained on
-    eval_file = run_dir / "data" / "eval.jsonl"
+    # A round 2 as the sampler's run (this is round 3) keeps the held-out prompts of round 1 in that file, those its
+    # score-gap filter dropped included; its eval.jsonl has only the ones it kept.
+    eval_file = run_dir / "data" / HELD_OUT_PROMPTS
+    if not eval_file.exists():
+        eval_file = run_dir / "data" / "eval.jsonl"
     if not eval_file.exists():
         raise FileNotFoundError(
             f"data.generate.sampler '{sampler}' is the policy of the run {run_dir}, whose held-out prompts"
@@ -106,7 +113,7 @@ def sampler_run_held_out_prompts(params: Params, project_dir: str | Path = ".") 
         )
     pairs = [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()]
     keys = frozenset(prompt_key(pair) for pair in pairs)
-    return HeldOutPrompts(run_dir=run_dir, eval_file=eval_file, prompts=tuple(p["prompt"] for p in pairs), keys=keys)
+    return HeldOutPrompts(eval_file=eval_file, prompts=tuple(p["prompt"] for p in pairs), keys=keys)
 
 
 def split_as_sampler_run(kept: list[tuple[int, dict]], held_out: HeldOutPrompts) -> tuple[list[dict], list[dict]]:

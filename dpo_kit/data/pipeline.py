@@ -6,7 +6,7 @@ stage reads the result back with `load_split`. Files written under `<run_dir>/da
 - train.jsonl, eval.jsonl: prompt/chosen/rejected rows in TRL's conversational (default) or standard format
 - dropped.jsonl: one line per dropped row: source index, reason code, detail and the row as read
 - samples.jsonl (data.source 'generate'): per prompt, every sampled response and its judge score
-- held_out_prompts.jsonl (round 2 of iterative DPO only): the held-out prompts of the sampler's run, in its
+- held_out_prompts.jsonl (round 2 of iterative DPO and later): the held-out prompts of round 1, in its
   order, those whose pair this round dropped among them; the generate stage compares the models on them, so
   every round is evaluated on the same prompts
 - report.json: `DataReport.to_dict()`, the summary the manifest records, plus the per-pair token lengths
@@ -25,10 +25,10 @@ from typing import Any
 from dpo_kit.data.audit import audit_rows, raise_if_nothing_left
 from dpo_kit.data.drops import REASONS
 from dpo_kit.data.formats import converter
+from dpo_kit.data.on_policy import HELD_OUT_PROMPTS
 from dpo_kit.data.sources import describe_source, read_rows
 
 SPLITS = ("train", "eval")
-HELD_OUT_PROMPTS = "held_out_prompts.jsonl"  # round 2 of iterative DPO: the prompts the generate stage compares on
 
 
 @dataclass

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dpo_kit.data.on_policy import HELD_OUT_PROMPTS
 from dpo_kit.judges import Prompt, make_judge
 from dpo_kit.models.loading import free_memory, load_causal_lm, load_tokenizer, model_source
 from dpo_kit.models.sampling import prompt_token_ids, sample_continuations
@@ -42,8 +43,6 @@ def comparison_prompts(params: Params, run_dir: str | Path) -> list[Prompt]:
     """params.generate.prompts as single user messages, else the first num_prompts held-out prompts: in round 2 of
     iterative DPO those of the sampler's run (data/held_out_prompts.jsonl), which this round's score-gap filter may
     have thinned in eval.jsonl, so that both rounds are compared on the same prompts."""
-    from dpo_kit.data.pipeline import HELD_OUT_PROMPTS
-
     if params.generate.prompts:
         return [[{"role": "user", "content": text}] for text in params.generate.prompts]
     data_dir = Path(run_dir) / "data"
