@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -206,68 +207,65 @@ def user_prompts(split_file: Path) -> list[str]:
     return [json.loads(line)["prompt"][0]["content"] for line in split_file.read_text().splitlines()]
 
 
-@pytest.fixture
-def round_one(tiny_model_dir, tmp_path):
-    """A finished round 1 as a run directory: its format stage's split, a manifest, and its policy in merged/."""
-    import shutil
-
+def format_round(tiny_model_dir, prompts: Path, run_dir: Path, *overrides: str):
+    """One round's format stage, then the run finished as far as the next round needs: a manifest and a policy in
+    merged/ (the tiny model itself: which policy samples does not matter to the split)."""
     from dpo_kit.data.pipeline import prepare_data
     from dpo_kit.models.loading import load_tokenizer
 
-    params = generate_params(tiny_model_dir, iterative_prompts_file(tmp_path / "round-1.jsonl"), "data.eval_fraction=0.25")
-    run_dir = tmp_path / "runs" / "round-1"
-    prepare_data(params, load_tokenizer(str(tiny_model_dir), params), run_dir, REPO)
+    params = generate_params(tiny_model_dir, prompts, "data.eval_fraction=0.25", *overrides)
+    report = prepare_data(params, load_tokenizer(str(tiny_model_dir), params), run_dir, REPO)
     (run_dir / "manifest.json").write_text("{}")
     shutil.copytree(tiny_model_dir, run_dir / "merged")
+    return params, report
+
+
+@pytest.fixture
+def round_one(tiny_model_dir, tmp_path):
+    """A finished round 1 as a run directory: its format stage's split, a manifest, and its policy in merged/."""
+    run_dir = tmp_path / "runs" / "round-1"
+    format_round(tiny_model_dir, iterative_prompts_file(tmp_path / "round-1.jsonl"), run_dir)
     return run_dir
 
 
 def test_round_two_holds_out_the_prompts_that_round_one_held_out(tiny_model_dir, round_one, tmp_path):
     """Iterative DPO tests every round on the same prompts, none of them trained on by any round. A seeded split
     of round 2's own pairs would not: with one prompt more (or one dropped), it holds out other prompts."""
-    from dpo_kit.data.pipeline import prepare_data, split_rows
-    from dpo_kit.models.loading import load_tokenizer
+    from dpo_kit.data.pipeline import split_rows
+    from dpo_kit.evaluation.generate import comparison_prompts
 
     new_prompt = "Which flour makes the softest sandwich loaf?"
     prompts = iterative_prompts_file(tmp_path / "round-2.jsonl", new_prompt)
-    params = generate_params(tiny_model_dir, prompts, "data.eval_fraction=0.25",
-                             f"data.generate.sampler={round_one / 'merged'}")  # fmt: skip
-    report = prepare_data(params, load_tokenizer(str(tiny_model_dir), params), tmp_path / "runs" / "round-2", REPO)
+    round_two = tmp_path / "runs" / "round-2"
+    params, report = format_round(tiny_model_dir, prompts, round_two, f"data.generate.sampler={round_one / 'merged'}")
 
     held_out_by_round_one = user_prompts(round_one / "data" / "eval.jsonl")
     trained_by_round_one = user_prompts(round_one / "data" / "train.jsonl")
-    train = user_prompts(tmp_path / "runs" / "round-2" / "data" / "train.jsonl")
-    eval_ = user_prompts(tmp_path / "runs" / "round-2" / "data" / "eval.jsonl")
+    train, eval_ = user_prompts(round_two / "data" / "train.jsonl"), user_prompts(round_two / "data" / "eval.jsonl")
     assert report.held_out_from == str(round_one.resolve() / "data" / "eval.jsonl")
     assert report.to_dict()["held_out_from"] == report.held_out_from
     assert eval_ == held_out_by_round_one and len(eval_) == 4
     # Trained on: the new prompt, round 1's training prompts, and any that round 1 dropped (never trained on).
     assert set(train) >= {new_prompt, *trained_by_round_one} and not set(train) & set(held_out_by_round_one)
     # The generate stage compares the models on round 1's held-out prompts, whatever round 2's filter dropped.
-    from dpo_kit.evaluation.generate import comparison_prompts
-
-    held_out_prompts = user_prompts(tmp_path / "runs" / "round-2" / "data" / "held_out_prompts.jsonl")
-    assert held_out_prompts == held_out_by_round_one
-    shown = comparison_prompts(params, tmp_path / "runs" / "round-2")
+    assert user_prompts(round_two / "data" / "held_out_prompts.jsonl") == held_out_by_round_one
+    shown = comparison_prompts(params, round_two)
     assert [prompt[0]["content"] for prompt in shown] == held_out_by_round_one[: params.generate.num_prompts]
     assert not (round_one / "data" / "held_out_prompts.jsonl").exists(), "round 1 has its own eval.jsonl"
-    # Round 3 samples from round 2's policy and still holds out round 1's prompts, all of them.
-    import shutil
 
-    (tmp_path / "runs" / "round-2" / "manifest.json").write_text("{}")
-    shutil.copytree(tiny_model_dir, tmp_path / "runs" / "round-2" / "merged")
-    round_three = generate_params(tiny_model_dir, prompts, f"data.generate.sampler={tmp_path / 'runs/round-2/merged'}")
-    report = prepare_data(round_three, load_tokenizer(str(tiny_model_dir), params), tmp_path / "runs" / "round-3", REPO)
-    assert report.held_out_from == str((tmp_path / "runs/round-2/data/held_out_prompts.jsonl").resolve())
-    assert user_prompts(tmp_path / "runs" / "round-3" / "data" / "held_out_prompts.jsonl") == held_out_by_round_one
-    assert set(user_prompts(tmp_path / "runs" / "round-3" / "data" / "eval.jsonl")) <= set(held_out_by_round_one)
     # What the seeded split would have held out: some prompts that round 1, the sampler's run, trained on.
     kept = set(train + eval_)
-    in_source_order = [json.loads(line) for line in prompts.read_text().splitlines()]
-    in_source_order = [{"prompt": [{"role": "user", "content": row["prompt"]}]} for row in in_source_order
-                       if row["prompt"] in kept]  # fmt: skip
+    in_source_order = [json.loads(line)["prompt"] for line in prompts.read_text().splitlines()]
+    in_source_order = [{"prompt": [{"role": "user", "content": text}]} for text in in_source_order if text in kept]
     _, seeded_eval = split_rows(list(enumerate(in_source_order)), 0.25, params.run.seed)
     assert {row["prompt"][0]["content"] for row in seeded_eval} & set(trained_by_round_one)
+
+    # Round 3 samples from round 2's policy and still holds out round 1's prompts, all of them.
+    round_three = tmp_path / "runs" / "round-3"
+    _, report = format_round(tiny_model_dir, prompts, round_three, f"data.generate.sampler={round_two / 'merged'}")
+    assert report.held_out_from == str(round_two.resolve() / "data" / "held_out_prompts.jsonl")
+    assert user_prompts(round_three / "data" / "held_out_prompts.jsonl") == held_out_by_round_one
+    assert set(user_prompts(round_three / "data" / "eval.jsonl")) <= set(held_out_by_round_one)
 
 
 def test_round_two_refuses_prompts_it_cannot_match_to_round_one(tiny_model_dir, round_one, tmp_path):
