@@ -143,7 +143,7 @@ def round_two_pairs(run: Path, eval_prompts: dict[str, str]) -> tuple[list[dict]
     return train_pairs, held_out
 
 
-def train(name: str, pairs: list[dict], eval_sets: dict[str, list[dict]], params) -> dict:
+def train(name: str, pairs: list[dict], eval_sets: dict[str, list[dict]], params, **recorded) -> dict:
     """One epoch on `pairs` with seed 0's params and the kit's trainer; TRL evaluates every set of `eval_sets`
     every EVAL_EVERY steps and after the last. Returns {set: {step: eval_rewards/accuracies}} and the counts."""
     from datasets import Dataset
@@ -177,7 +177,7 @@ def train(name: str, pairs: list[dict], eval_sets: dict[str, list[dict]], params
                   for key in datasets}  # fmt: skip
     result = {"name": name, "pairs": len(pairs), "steps": config.max_steps,
               "eval_pairs": {key: len(rows) for key, rows in eval_sets.items()},
-              "accuracy_by_step": accuracies, "train_runtime_s": output.metrics["train_runtime"]}  # fmt: skip
+              "accuracy_by_step": accuracies, "train_runtime_s": output.metrics["train_runtime"], **recorded}  # fmt: skip
     (run_dir / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
@@ -274,12 +274,17 @@ def main() -> int:
         print(times_table([row for row in (existing_result("1x"), result) if row]))  # beside the recipe's own pairs
     if args.round_two:
         round_two, round_two_held_out = round_two_pairs(args.round_two, eval_prompts)
+        source = str(args.round_two.resolve())
         rows = []
         for name, pairs in (("round-2", round_two), ("rounds-1+2", training_pairs(1, train_prompts, convert) + round_two)):
             result = existing_result(name)
             if result is None and not args.report_only:
                 (OUT / name).mkdir(parents=True)
-                result = train(name, pairs, {"recipe": held_out, "round2": round_two_held_out}, params)
+                result = train(name, pairs, {"recipe": held_out, "round2": round_two_held_out}, params,
+                               round_two_run=source)  # fmt: skip
+            if result and result.get("round_two_run") != source:
+                raise SystemExit(f"{OUT / name} was trained on the pairs of {result.get('round_two_run')}, not {source}:"
+                                 " move it aside to run it again")  # fmt: skip
             rows += [result] if result else []
         print(two_set_table(rows, "seed 0's held-out pairs", "round2", "round 2's held-out pairs"))
     if args.times:

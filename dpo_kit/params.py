@@ -171,7 +171,8 @@ class OnPolicyParams(Section):
     sampler: str | None = Field(
         None,
         description="Model that samples the responses; None = model.name_or_path, the reference (on-policy, round 1)."
-        " A previous run's merged/ directory samples from that policy: round 2 of iterative DPO.",
+        " A previous run's merged/ directory samples from that policy: round 2 of iterative DPO, which holds out the"
+        " prompts that run held out.",
     )
     judge: str = Field(
         "sentiment",

@@ -66,6 +66,14 @@ def test_bundled_run_writes_files_and_a_consistent_report(tokenizer, tmp_path):
     assert set(train[0]) == {"prompt", "chosen", "rejected"} and train[0]["chosen"][0]["role"] == "assistant"
 
 
+def test_a_report_written_before_held_out_from_existed_reads_back(tokenizer, tmp_path):
+    report = prepare_data(make_params(), tokenizer, tmp_path)
+    stored = json.loads((tmp_path / "data" / "report.json").read_text())
+    assert stored.pop("held_out_from") is None, "a seeded split holds out no other run's prompts"
+    (tmp_path / "data" / "report.json").write_text(json.dumps(stored))
+    assert load_data_report(tmp_path) == report
+
+
 def test_same_seed_same_split_and_another_seed_another(tokenizer, tmp_path):
     first = prepare_data(make_params(seed=7), tokenizer, tmp_path / "a")
     again = prepare_data(make_params(seed=7), tokenizer, tmp_path / "b")

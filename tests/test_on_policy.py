@@ -268,6 +268,33 @@ def test_round_two_holds_out_the_prompts_that_round_one_held_out(tiny_model_dir,
     assert set(user_prompts(round_three / "data" / "eval.jsonl")) <= set(held_out_by_round_one)
 
 
+def test_a_held_out_prompt_that_round_two_lacks_stays_held_out_in_round_three(tiny_model_dir, round_one, tmp_path):
+    """Round 2 without one of round 1's held-out prompts (dropped by its score-gap filter, or left out of its file)
+    still compares the models on it, and a round 3 that has it again holds it out rather than training on it. A
+    policy inside a run, not its merged/ (here a checkpoint), counts as that run's."""
+    from dpo_kit.evaluation.generate import comparison_prompts
+
+    held_out_by_round_one = user_prompts(round_one / "data" / "eval.jsonl")
+    lacking = held_out_by_round_one[0]
+    all_prompts = tmp_path / "round-1.jsonl"
+    fewer = tmp_path / "round-2.jsonl"
+    fewer.write_text("".join(line + "\n" for line in all_prompts.read_text().splitlines()
+                             if json.loads(line)["prompt"] != lacking))  # fmt: skip
+    round_two = tmp_path / "runs" / "round-2"
+    params, _ = format_round(tiny_model_dir, fewer, round_two, f"data.generate.sampler={round_one / 'merged'}")
+    assert user_prompts(round_two / "data" / "eval.jsonl") == held_out_by_round_one[1:]
+    assert user_prompts(round_two / "data" / "held_out_prompts.jsonl") == held_out_by_round_one
+    assert [prompt[0]["content"] for prompt in comparison_prompts(params, round_two)] == held_out_by_round_one
+
+    checkpoint = round_two / "checkpoints" / "checkpoint-2"
+    shutil.copytree(tiny_model_dir, checkpoint)
+    round_three = tmp_path / "runs" / "round-3"
+    _, report = format_round(tiny_model_dir, all_prompts, round_three, f"data.generate.sampler={checkpoint}")
+    assert report.held_out_from == str(round_two.resolve() / "data" / "held_out_prompts.jsonl")
+    assert lacking in user_prompts(round_three / "data" / "eval.jsonl")
+    assert lacking not in user_prompts(round_three / "data" / "train.jsonl")
+
+
 def test_round_two_refuses_prompts_it_cannot_match_to_round_one(tiny_model_dir, round_one, tmp_path):
     from dpo_kit.data.pipeline import prepare_data
     from dpo_kit.models.loading import load_tokenizer
@@ -277,7 +304,7 @@ def test_round_two_refuses_prompts_it_cannot_match_to_round_one(tiny_model_dir, 
     standard = generate_params(tiny_model_dir, prompts, sampler, "data.output_format=standard")
     tokenizer = load_tokenizer(str(tiny_model_dir), standard)
     with pytest.raises(ValueError, match=r"holds out the prompts of .*round-1/data/eval.jsonl \(4 of them\), but none"
-                                         r" of its held-out prompts is among this run's 15 kept pairs.*output_format"):
+                                         r" of its held-out prompts is among this run's \d+ kept pairs.*output_format"):
         prepare_data(standard, tokenizer, tmp_path / "runs" / "standard", REPO)
 
     # A model directory that no run wrote is a plain sampler: the seeded split, as in round 1.
@@ -286,5 +313,5 @@ def test_round_two_refuses_prompts_it_cannot_match_to_round_one(tiny_model_dir, 
 
     (round_one / "data" / "eval.jsonl").unlink()
     conversational = generate_params(tiny_model_dir, prompts, sampler)
-    with pytest.raises(FileNotFoundError, match=r"is the policy of the run .*round-1, whose held-out prompts"):
+    with pytest.raises(FileNotFoundError, match=r"is a policy of the run .*round-1, but no data/eval.jsonl was found"):
         prepare_data(conversational, tokenizer, tmp_path / "runs" / "missing", REPO)

@@ -74,9 +74,9 @@ def sampler_source(params: Params, project_dir: str | Path = ".") -> str:
 
 @dataclass(frozen=True)
 class HeldOutPrompts:
-    """The held-out prompts of the run whose merged policy samples this round: `eval_file` and its prompt keys."""
+    """The held-out prompts of the run whose policy samples this round, read from `source_file`."""
 
-    eval_file: Path  # that run's data/eval.jsonl, or its data/held_out_prompts.jsonl where it has one
+    source_file: Path  # that run's data/held_out_prompts.jsonl where it has one (it was a round 2), else eval.jsonl
     prompts: tuple  # the held-out prompts in that file's order, as written there
     keys: frozenset[str]
 
@@ -87,7 +87,8 @@ def prompt_key(pair: dict) -> str:
 
 
 def sampler_run_held_out_prompts(params: Params, project_dir: str | Path = ".") -> HeldOutPrompts | None:
-    """The held-out prompts of the kit run whose policy data.generate.sampler names (<run>/merged), else None.
+    """The held-out prompts of the kit run that holds the policy data.generate.sampler names (its merged/, or
+    any model directory inside the run: a checkpoint, an earlier output moved aside), else None.
 
     A seeded split of this round's own pairs cannot be used there: it shuffles the pairs that survive the
     score-gap filter, and a different sampler drops different prompts, so the held-out set would take in
@@ -97,23 +98,29 @@ def sampler_run_held_out_prompts(params: Params, project_dir: str | Path = ".") 
     sampler = params.data.generate.sampler
     if sampler is None or not (Path(project_dir) / sampler).is_dir():
         return None  # the reference itself, or a hub id: no earlier run to stay consistent with
-    run_dir = (Path(project_dir) / sampler).resolve().parent
-    if not (run_dir / "manifest.json").exists():
+    policy = (Path(project_dir) / sampler).resolve()
+    # The nearest enclosing folder with a manifest and a data/ folder is the run. A folder moved aside under
+    # previous/ has its own manifest entries but no data/: the run's data/ is further up.
+    runs = [folder for folder in policy.parents if (folder / "manifest.json").is_file()]
+    if not runs:
         return None  # a model directory that no kit run wrote: nothing is known of what it trained on
-    # A round 2 as the sampler's run (this is round 3) keeps the held-out prompts of round 1 in that file, those its
-    # score-gap filter dropped included; its eval.jsonl has only the ones it kept.
-    eval_file = run_dir / "data" / HELD_OUT_PROMPTS
-    if not eval_file.exists():
-        eval_file = run_dir / "data" / "eval.jsonl"
-    if not eval_file.exists():
+    for run_dir in runs:
+        # A round 2 as the sampler's run (this is round 3) keeps round 1's held-out prompts in held_out_prompts.jsonl,
+        # those its score-gap filter dropped included; its eval.jsonl has only the ones it kept.
+        found = [run_dir / "data" / name for name in (HELD_OUT_PROMPTS, "eval.jsonl") if (run_dir / "data" / name).is_file()]
+        if found:
+            break
+    else:
         raise FileNotFoundError(
-            f"data.generate.sampler '{sampler}' is the policy of the run {run_dir}, whose held-out prompts"
-            f" ({eval_file}) are missing; round 2 holds out round 1's prompts, so that file is needed."
-            " Re-run that run's format stage, or name a model directory outside a run."
+            f"data.generate.sampler '{sampler}' is a policy of the run {runs[0]}, but no data/eval.jsonl was found in"
+            f" it or above it ({', '.join(str(run) for run in runs)}). Iterative DPO holds out the prompts that the"
+            " sampler's run held out, so that file is needed: re-run that run's format stage. A policy trained on"
+            " other prompts samples without this check from a copy outside any run directory."
         )
-    pairs = [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()]
+    source_file = found[0]
+    pairs = [json.loads(line) for line in source_file.read_text().splitlines() if line.strip()]
     keys = frozenset(prompt_key(pair) for pair in pairs)
-    return HeldOutPrompts(eval_file=eval_file, prompts=tuple(p["prompt"] for p in pairs), keys=keys)
+    return HeldOutPrompts(source_file=source_file, prompts=tuple(pair["prompt"] for pair in pairs), keys=keys)
 
 
 def split_as_sampler_run(kept: list[tuple[int, dict]], held_out: HeldOutPrompts) -> tuple[list[dict], list[dict]]:
@@ -124,10 +131,11 @@ def split_as_sampler_run(kept: list[tuple[int, dict]], held_out: HeldOutPrompts)
     if not eval_ or not train:
         empty = "none of its held-out prompts is" if not eval_ else "only its held-out prompts are"
         raise ValueError(
-            f"round 2 holds out the prompts of {held_out.eval_file} ({len(held_out.keys)} of them), but {empty}"
-            f" among this run's {len(kept)} kept pairs. Either the runs render their prompts differently"
-            " (data.output_format, model.chat_template, the tokenizer) or they use other prompts"
-            " (data.generate.prompts, data.max_rows): give round 2 round 1's prompts and formats."
+            f"this round holds out the prompts of {held_out.source_file} ({len(held_out.keys)} of them), but {empty}"
+            f" among this run's {len(kept)} kept pairs. Either this run's filters dropped them (dropped.jsonl;"
+            " data.generate.min_score_gap), or the runs render their prompts differently (data.output_format,"
+            " model.chat_template, the tokenizer), or they use other prompts (data.generate.prompts, data.max_rows)."
+            " A policy trained on other prompts samples without this check from a copy outside any run directory."
         )
     return train, eval_
 

@@ -52,7 +52,8 @@ class DataReport:
     prompt_lengths: list[int] = field(repr=False)
     prompt_chosen_lengths: list[int] = field(repr=False)
     prompt_rejected_lengths: list[int] = field(repr=False)
-    # Iterative DPO: the eval.jsonl whose prompts were held out instead of a seeded split (None = seeded split).
+    # Iterative DPO: the file of the sampler's run whose prompts were held out instead of a seeded split (its
+    # eval.jsonl, or held_out_prompts.jsonl in a round 3); None = the seeded split of run.seed and eval_fraction.
     held_out_from: str | None = None
 
     @property
@@ -124,14 +125,17 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
     data_dir = Path(run_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: data_dir / f"{name}.jsonl" for name in (*SPLITS, "dropped")}
-    held_out = None
-    if data.source == "generate":
-        from dpo_kit.data.on_policy import sampler_run_held_out_prompts
-
-        held_out = sampler_run_held_out_prompts(params, project_dir)  # read before a rerun removes its own files
     held_out_prompts_file = data_dir / HELD_OUT_PROMPTS
-    for stale in [*paths.values(), data_dir / "report.json", data_dir / "samples.jsonl", held_out_prompts_file]:
-        stale.unlink(missing_ok=True)  # a failed rerun must not leave the last run's split looking current
+    stale_files = [*paths.values(), data_dir / "report.json", data_dir / "samples.jsonl", held_out_prompts_file]
+    held_out = None
+    try:
+        if data.source == "generate":
+            from dpo_kit.data.on_policy import sampler_run_held_out_prompts
+
+            held_out = sampler_run_held_out_prompts(params, project_dir)  # read before a rerun removes its own files
+    finally:
+        for stale in stale_files:
+            stale.unlink(missing_ok=True)  # a failed rerun must not leave the last run's split looking current
 
     if data.source == "generate":
         from dpo_kit.data.on_policy import ranked_pair, sample_scored_rows
@@ -183,7 +187,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         prompt_lengths=[pair.prompt for pair in result.lengths],
         prompt_chosen_lengths=[pair.prompt_chosen for pair in result.lengths],
         prompt_rejected_lengths=[pair.prompt_rejected for pair in result.lengths],
-        held_out_from=None if held_out is None else str(held_out.eval_file),
+        held_out_from=None if held_out is None else str(held_out.source_file),
     )
     stored = {**report.to_dict(), PAIR_LENGTHS: {key: getattr(report, key) for key in LENGTH_FIELDS}}
     (data_dir / "report.json").write_text(json.dumps(stored, indent=2, ensure_ascii=False) + "\n")
