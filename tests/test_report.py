@@ -23,6 +23,7 @@ from dpo_kit.evaluation.report import (
     load_runs,
     params_table,
     plot_frontier,
+    win_rate_table,
 )
 from dpo_kit.run.cli import main
 
@@ -160,6 +161,16 @@ def test_frontier_points_are_labelled_by_beta_and_loss_type_and_preferred_ft_is_
     axis = figure.axes[0]
     assert "KL" in axis.get_xlabel() and "judged reward (rule)" in axis.get_ylabel()
     assert {text.get_text() for text in axis.texts} == {"β=0.1 sigmoid", "preferred-FT (sft)"}
+
+
+def test_runs_that_share_beta_and_loss_type_are_labelled_by_name():
+    """Two rounds of iterative DPO (or two learning rates) at the same β and loss: points named so, not twins."""
+    runs = [RunRecord("round-1", Path("r1"), params("round-1", 0.1), metrics(18.7, 0.86)),
+            RunRecord("round-2", Path("r2"), params("round-2", 0.1), metrics(56.3, 0.99)),
+            RunRecord("beta-0.5", Path("b"), params("beta-0.5", 0.5), metrics(2.9, 0.54, beta=0.5))]  # fmt: skip
+    assert frontier_points(runs)["label"].tolist() == ["round-1", "round-2", "β=0.5 sigmoid"]
+    assert win_rate_table(runs)["label"].tolist() == ["round-1", "round-2", "β=0.5 sigmoid"]
+    assert {text.get_text() for text in plot_frontier(runs).axes[0].texts} >= {"round-1", "round-2", "β=0.5 sigmoid"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -242,18 +242,27 @@ def params_table(runs: list[RunRecord]):
     return table
 
 
+def point_labels(runs: list[RunRecord]) -> dict[str, str]:
+    """Run name -> the label its points and rows carry: β and loss type where that tells it from the other runs,
+    else its name (runs that differ in something else, as rounds of iterative DPO or two learning rates do)."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.label] = counts.get(run.label, 0) + 1
+    return {run.name: run.label if counts[run.label] == 1 else run.name for run in runs}
+
+
 def frontier_points(runs: list[RunRecord]):
     """Per run: label, β, loss type, KL to the reference and judged reward (with its standard error over prompts)."""
     import pandas as pd
 
     rows = []
-    for run in runs:
+    plotted = [run for run in runs if "kl" in run.metrics and "judge/policy_score" in run.metrics]
+    labels = point_labels(plotted)  # evaluated without generations: no KL, no judged reward, no point
+    for run in plotted:
         metrics = run.metrics
-        if "kl" not in metrics or "judge/policy_score" not in metrics:
-            continue  # evaluated without generations: no KL, no judged reward
         scores = metrics.get("per_generation", {}).get("policy_score") or []
         rows.append({
-            "run": run.name, "label": run.label, "beta": run.beta, "loss_type": run.loss_type,
+            "run": run.name, "label": labels[run.name], "beta": run.beta, "loss_type": run.loss_type,
             "kl": metrics["kl"], "reward": metrics["judge/policy_score"], "reward_sem": standard_error(scores),
             "reference_reward": metrics.get("judge/reference_score"), "prompts": metrics.get("num_generations"),
         })  # fmt: skip
@@ -273,10 +282,11 @@ def win_rate_table(runs: list[RunRecord]):
     import pandas as pd
 
     rows = {}
+    labels = point_labels(runs)
     for run in runs:
         m = run.metrics
         if "win_rate" in m:
-            rows[run.name] = {"label": run.label, "win-rate": m["win_rate"], "CI low": m.get("win_rate/ci_low"),
+            rows[run.name] = {"label": labels[run.name], "win-rate": m["win_rate"], "CI low": m.get("win_rate/ci_low"),
                               "CI high": m.get("win_rate/ci_high"), "CI level": m.get("win_rate/ci_level"),
                               "wins": m.get("win_rate/wins"), "ties": m.get("win_rate/ties"),
                               "losses": m.get("win_rate/losses"), "prompts": m.get("win_rate/n")}  # fmt: skip
@@ -306,8 +316,9 @@ def overoptimization_table(runs: list[RunRecord]):
         rows[f"reference ({with_text[0].name}'s generations)"] = {
             "label": "reference", "KL (nats)": 0.0, **{k: first.get(v.format("reference")) for k, v in OVEROPTIMIZATION.items()}
         }
+    labels = point_labels(with_text)
     for run in with_text:
-        rows[run.name] = {"label": run.label, "KL (nats)": run.metrics.get("kl"),
+        rows[run.name] = {"label": labels[run.name], "KL (nats)": run.metrics.get("kl"),
                           **{k: run.metrics.get(v.format("policy")) for k, v in OVEROPTIMIZATION.items()}}  # fmt: skip
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "run"
@@ -485,7 +496,8 @@ def best_of_n_table(curves: list[BestOfN]):
 
 
 def plot_frontier(runs: list[RunRecord], curves: list[BestOfN] | None = None):
-    """Judged reward against KL(policy || reference), one point per run labelled by β and loss type, the reference
+    """Judged reward against KL(policy || reference), one point per run labelled by β and loss type (by its name
+    where other runs share those, see point_labels), the reference
     at KL 0 and the best-of-N curves of the reference: the DPO paper's figure 2 in miniature."""
     from matplotlib.figure import Figure
 
