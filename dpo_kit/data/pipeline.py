@@ -25,7 +25,13 @@ from typing import Any
 from dpo_kit.data.audit import audit_rows, raise_if_nothing_left
 from dpo_kit.data.drops import REASONS
 from dpo_kit.data.formats import converter
-from dpo_kit.data.on_policy import HELD_OUT_PROMPTS
+from dpo_kit.data.on_policy import (
+    HELD_OUT_PROMPTS,
+    ranked_pair,
+    sample_scored_rows,
+    sampler_run_held_out_prompts,
+    split_as_sampler_run,
+)
 from dpo_kit.data.sources import describe_source, read_rows
 
 SPLITS = ("train", "eval")
@@ -127,19 +133,13 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
     paths = {name: data_dir / f"{name}.jsonl" for name in (*SPLITS, "dropped")}
     held_out_prompts_file = data_dir / HELD_OUT_PROMPTS
     stale_files = [*paths.values(), data_dir / "report.json", data_dir / "samples.jsonl", held_out_prompts_file]
-    held_out = None
-    try:
-        if data.source == "generate":
-            from dpo_kit.data.on_policy import sampler_run_held_out_prompts
-
-            held_out = sampler_run_held_out_prompts(params, project_dir)  # read before a rerun removes its own files
+    try:  # the sampler's run may be this one: its held-out prompts are read before its files go
+        held_out = sampler_run_held_out_prompts(params, project_dir) if data.source == "generate" else None
     finally:
         for stale in stale_files:
             stale.unlink(missing_ok=True)  # a failed rerun must not leave the last run's split looking current
 
     if data.source == "generate":
-        from dpo_kit.data.on_policy import ranked_pair, sample_scored_rows
-
         rows = sample_scored_rows(params, tokenizer, project_dir)
         _write_jsonl(data_dir / "samples.jsonl", rows)  # every sample and its score, kept or not
         convert = ranked_pair(data.generate.min_score_gap)
@@ -160,8 +160,6 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
     if held_out is None:
         train, eval_ = split_rows(result.kept, data.eval_fraction, params.run.seed)
     else:
-        from dpo_kit.data.on_policy import split_as_sampler_run
-
         train, eval_ = split_as_sampler_run(result.kept, held_out)
         _write_jsonl(held_out_prompts_file, ({"prompt": prompt} for prompt in held_out.prompts))
     _write_jsonl(paths["train"], train)

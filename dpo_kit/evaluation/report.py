@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,9 +246,7 @@ def params_table(runs: list[RunRecord]):
 def point_labels(runs: list[RunRecord]) -> dict[str, str]:
     """Run name -> the label its points and rows carry: β and loss type where that tells it from the other runs,
     else its name (runs that differ in something else, as rounds of iterative DPO or two learning rates do)."""
-    counts: dict[str, int] = {}
-    for run in runs:
-        counts[run.label] = counts.get(run.label, 0) + 1
+    counts = Counter(run.label for run in runs)
     return {run.name: run.label if counts[run.label] == 1 else run.name for run in runs}
 
 
