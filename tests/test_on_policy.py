@@ -244,6 +244,7 @@ def test_round_two_holds_out_the_prompts_that_round_one_held_out(tiny_model_dir,
     train, eval_ = user_prompts(round_two / "data" / "train.jsonl"), user_prompts(round_two / "data" / "eval.jsonl")
     assert report.held_out_from == str(round_one.resolve() / "data" / "eval.jsonl")
     assert report.to_dict()["held_out_from"] == report.held_out_from
+    assert report.eval_fraction is None, "round 2 holds out round 1's prompts, not a fraction of its own pairs"
     assert eval_ == held_out_by_round_one and len(eval_) == 4
     # Trained on: the new prompt, round 1's training prompts, and any that round 1 dropped (never trained on).
     assert set(train) >= {new_prompt, *trained_by_round_one} and not set(train) & set(held_out_by_round_one)
@@ -309,7 +310,8 @@ def test_round_two_refuses_prompts_it_cannot_match_to_round_one(tiny_model_dir, 
 
     # A model directory that no run wrote is a plain sampler: the seeded split, as in round 1.
     plain = generate_params(tiny_model_dir, prompts, f"data.generate.sampler={tiny_model_dir}")
-    assert prepare_data(plain, tokenizer, tmp_path / "runs" / "plain", REPO).held_out_from is None
+    report = prepare_data(plain, tokenizer, tmp_path / "runs" / "plain", REPO)
+    assert (report.held_out_from, report.eval_fraction) == (None, plain.data.eval_fraction)
 
     (round_one / "data" / "eval.jsonl").unlink()
     conversational = generate_params(tiny_model_dir, prompts, sampler)

@@ -48,8 +48,8 @@ class DataReport:
     dropped_by_reason: dict[str, int]
     n_train: int
     n_eval: int
-    seed: int
-    eval_fraction: float
+    seed: int  # the split's shuffle, and the samples of data.source: generate
+    eval_fraction: float | None  # None where held_out_from chose the held-out pairs instead
     max_length: int | None
     fingerprint: str  # sha256 of train.jsonl + eval.jsonl bytes
     chat_template: dict  # BOS/EOS and prefix findings, see dpo_kit.data.audit.template_checks
@@ -177,7 +177,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         n_train=len(train),
         n_eval=len(eval_),
         seed=params.run.seed,
-        eval_fraction=data.eval_fraction,
+        eval_fraction=data.eval_fraction if held_out is None else None,
         max_length=params.max_length,
         fingerprint=digest,
         chat_template=result.checks,
