@@ -14,6 +14,7 @@ from dpo_kit.evaluation.evaluate import (
     METRICS_FILE,
     evaluate_run,
     plot_evaluation,
+    reward_metrics,
     scalar_metrics,
     tokenize_pair,
 )
@@ -75,7 +76,8 @@ def test_metrics_json_holds_trl_named_scalars_and_per_item_arrays(perturbed):
         "ref_logps/chosen", "ref_logps/rejected", "logps_per_token/chosen", "logps_per_token/rejected",
         "ref_logps_per_token/chosen", "ref_logps_per_token/rejected", "loss/sigmoid", "beta", "num_pairs",
         "num_pairs_dropped", "kl", "kl/token", "num_generations", "judge", "win_rate", "win_rate/wins",
-        "win_rate/ties", "win_rate/losses", "win_rate/n",
+        "win_rate/ties", "win_rate/losses", "win_rate/n", "ref_logps/accuracies", "num_pairs/ref_prefers_chosen",
+        "num_pairs/ref_prefers_rejected",
     ]  # fmt: skip
     assert set(expected_scalars) <= set(metrics)
     assert (metrics["beta"], metrics["num_pairs"], metrics["num_pairs_dropped"]) == (BETA, 8, 0)
@@ -117,6 +119,13 @@ def test_perturbed_policy_has_positive_kl_and_consistent_rewards(perturbed):
     assert metrics["rewards/margins"] == pytest.approx(metrics["rewards/chosen"] - metrics["rewards/rejected"])
     assert metrics["rewards/accuracies"] == sum(m > 0 for m in margins) / 8
     assert any(m != 0 for m in margins)
+    # The split by the reference's own ranking covers every pair, and its accuracies average back to the whole.
+    counts = metrics["num_pairs/ref_prefers_chosen"], metrics["num_pairs/ref_prefers_rejected"]
+    assert sum(counts) == 8
+    assert metrics["ref_logps/accuracies"] == pytest.approx(counts[0] / 8)
+    whole = sum(metrics.get(f"rewards/accuracies/{name}", 0) * count
+                for name, count in zip(("ref_prefers_chosen", "ref_prefers_rejected"), counts, strict=True)) / 8  # fmt: skip
+    assert whole == pytest.approx(metrics["rewards/accuracies"])
     assert metrics["win_rate/wins"] + metrics["win_rate/ties"] + metrics["win_rate/losses"] == 5
 
 
@@ -284,3 +293,29 @@ def test_metrics_report_win_rate_interval_length_and_repetition(perturbed):
     assert list(table.columns) == ["reference (before)", "policy (after DPO)"]
     assert table.loc["judged reward (rule)", "policy (after DPO)"] == pytest.approx(metrics["judge/policy_score"])
     assert f"win-rate {metrics['win_rate']:.2f}" in headline(metrics)
+
+
+def test_accuracy_split_by_the_references_own_ranking_on_a_hand_made_case():
+    # Pairs 0-2: the reference already ranks chosen above rejected; pairs 3-5 it ranks rejected above chosen.
+    reference_chosen, reference_rejected = [-10.0, -12.0, -9.0, -20.0, -18.0, -25.0], [-15.0, -14.0, -11.0, -10.0, -12.0, -15.0]
+    # The policy's log-ratios: right on all three pairs of the first set, on one of the second (pair 4).
+    policy_chosen = [-9.0, -11.0, -8.0, -21.0, -17.0, -26.0]
+    policy_rejected = [-16.0, -15.0, -12.0, -9.0, -13.0, -14.0]
+    per_pair = {"chosen_tokens": [4] * 6, "rejected_tokens": [4] * 6,
+                "policy_chosen_logps": policy_chosen, "policy_rejected_logps": policy_rejected,
+                "reference_chosen_logps": reference_chosen, "reference_rejected_logps": reference_rejected}  # fmt: skip
+    metrics = reward_metrics(per_pair, beta=0.1)
+    assert metrics["rewards/accuracies"] == pytest.approx(4 / 6)
+    assert metrics["ref_logps/accuracies"] == pytest.approx(3 / 6)
+    assert (metrics["num_pairs/ref_prefers_chosen"], metrics["num_pairs/ref_prefers_rejected"]) == (3, 3)
+    assert metrics["rewards/accuracies/ref_prefers_chosen"] == pytest.approx(1.0)
+    assert metrics["rewards/accuracies/ref_prefers_rejected"] == pytest.approx(1 / 3)
+
+    # Where the reference prefers the chosen of every pair, the other set is empty: no accuracy for it, not a made-up
+    # one, and the scalars stay plain JSON.
+    everywhere = dict(per_pair, reference_rejected_logps=[-30.0] * 6)
+    metrics = reward_metrics(everywhere, beta=0.1)
+    assert metrics["num_pairs/ref_prefers_rejected"] == 0 and "rewards/accuracies/ref_prefers_rejected" not in metrics
+    assert metrics["rewards/accuracies/ref_prefers_chosen"] == metrics["rewards/accuracies"]
+    scalars = scalar_metrics(metrics).to_dict()
+    assert json.loads(json.dumps(scalars)) == scalars
