@@ -327,10 +327,11 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
 
 @deprecated_checkpointing_alias_quiet()  # peft reads the old name when it wraps the model
 def build_trainer(params: Params, source, hardware: HardwareChoice, config, tokenizer, train_dataset,
-                  eval_dataset=None, *, ref_logps_store=None, model_record=None, callbacks=None):
+                  eval_dataset=None, *, ref_logps_store=None, model_record=None, callbacks=None, trainer_class=None):
     """The train stage's DPOTrainer: the policy loaded (and quantized) as params say, a frozen reference copy
     for full fine-tuning, and params' LoRA. TRL checks the model, LoRA and DPOConfig together only here, so a
-    test builds it for every params file (tests/test_params.py)."""
+    test builds it for every params file (tests/test_params.py). `trainer_class`: a subclass of
+    `kit_trainer_class()` for a bench's variant of the training (the train stage never passes one)."""
     from dpo_kit.models.loading import load_causal_lm, lora_config
 
     # Full fine-tuning keeps fp32 master weights (bf16/fp16 stay autocast only): AdamW steps of ~1e-6 vanish
@@ -340,7 +341,7 @@ def build_trainer(params: Params, source, hardware: HardwareChoice, config, toke
     # Loaded here rather than by TRL, so it gets the same revision and trust_remote_code as the policy. It is
     # frozen, so it stays in the hardware's dtype (bf16 on a GPU): half the memory of an fp32 copy.
     reference = None if params.lora.enabled else load_causal_lm(source, params, hardware=hardware)
-    return kit_trainer_class()(
+    return (trainer_class or kit_trainer_class())(
         ref_logps_store=ref_logps_store,
         model_record=model_record,
         model=model,
