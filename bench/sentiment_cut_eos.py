@@ -13,7 +13,8 @@ pairs once more with the kit's trainer, but with that eos taken off each respons
 sequence as TRL builds it), and TRL evaluates the held-out pairs both ways after 17 and 34 steps: as TRL
 tokenizes them, and without the eos after a cut response.
 
-A response counts as cut when it holds at least max_new_tokens - 1 tokens in its pair (the decoded text can
+A response counts as cut where data/samples.jsonl says so (`cut`, recorded by the format stage since it existed);
+for a run sampled before that, when it holds at least max_new_tokens - 1 tokens in its pair (the decoded text can
 merge one token at the boundary when tokenized again; the counts are printed). Writes
 runs/sentiment-cut-eos/<RUN_DIR's name>/result.json, and refuses to overwrite an earlier result. About 5
 minutes on 2 CPU cores.
@@ -33,8 +34,16 @@ REPO = Path(__file__).resolve().parent.parent
 EVAL_EVERY = 17
 
 
-def mark_cut(rows: list[dict], tokenizer, max_new_tokens: int) -> tuple[list[dict], Counter]:
-    """`rows` with chosen_cut / rejected_cut flags, and the counts of response lengths (tokens in the pair)."""
+def recorded_cut(samples: list[dict]) -> dict[str, bool] | None:
+    """Sample text -> whether max_new_tokens cut it, from samples.jsonl; None where the run did not record it."""
+    if not any("cut" in row for row in samples):
+        return None
+    return {text: cut for row in samples if "cut" in row for text, cut in zip(row["samples"], row["cut"], strict=True)}
+
+
+def mark_cut(rows: list[dict], tokenizer, max_new_tokens: int, recorded: dict[str, bool] | None):
+    """`rows` with chosen_cut / rejected_cut flags (`recorded` where given, else by length), and the counts of
+    response lengths (tokens in the pair)."""
     lengths: Counter = Counter()
     marked = []
     for row in rows:
@@ -43,7 +52,7 @@ def mark_cut(rows: list[dict], tokenizer, max_new_tokens: int) -> tuple[list[dic
         for side in ("chosen", "rejected"):
             length = len(tokenizer(row["prompt"] + row[side])["input_ids"]) - prompt_length
             lengths[length] += 1
-            flags[f"{side}_cut"] = length >= max_new_tokens - 1
+            flags[f"{side}_cut"] = recorded[row[side]] if recorded is not None else length >= max_new_tokens - 1
         marked.append({**row, **flags})
     return marked, lengths
 
@@ -93,8 +102,9 @@ def main() -> int:
     source = model_source(params, REPO)
     tokenizer = load_tokenizer(source, params)
     max_new_tokens = params.data.generate.max_new_tokens
-    train_rows, train_lengths = mark_cut(read_jsonl(data / "train.jsonl"), tokenizer, max_new_tokens)
-    eval_rows, eval_lengths = mark_cut(read_jsonl(data / "eval.jsonl"), tokenizer, max_new_tokens)
+    recorded = recorded_cut(read_jsonl(data / "samples.jsonl"))
+    train_rows, train_lengths = mark_cut(read_jsonl(data / "train.jsonl"), tokenizer, max_new_tokens, recorded)
+    eval_rows, eval_lengths = mark_cut(read_jsonl(data / "eval.jsonl"), tokenizer, max_new_tokens, recorded)
     unmarked = [{key: row[key] for key in ("prompt", "chosen", "rejected")} for row in eval_rows]
 
     hardware = choose_hardware()
@@ -114,12 +124,14 @@ def main() -> int:
         "pairs": {"train": len(train_rows), "eval": len(eval_rows)},
         "cut_responses": {"train": sum(r["chosen_cut"] + r["rejected_cut"] for r in train_rows),
                           "eval": sum(r["chosen_cut"] + r["rejected_cut"] for r in eval_rows)},  # fmt: skip
+        "cut_from": "data/samples.jsonl" if recorded is not None else f"length >= {max_new_tokens - 1} tokens",
         "response_tokens": {"train": dict(sorted(train_lengths.items())), "eval": dict(sorted(eval_lengths.items()))},
         "held_out": curves,
     }
     (out / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
     (out / "result.json").write_text(json.dumps(result, indent=1))
-    print(f"responses cut at {max_new_tokens} tokens: {result['cut_responses']['train']} of {2 * len(train_rows)}"
+    print(f"responses cut at {max_new_tokens} tokens ({result['cut_from']}): {result['cut_responses']['train']} of"
+          f" {2 * len(train_rows)}"
           f" (training), {result['cut_responses']['eval']} of {2 * len(eval_rows)} (held out);"
           f" tokens per response: {result['response_tokens']}")  # fmt: skip
     print("| held-out pairs tokenized | " + " | ".join(f"after {step} steps" for step in curves["trl"]) + " |")

@@ -10,7 +10,7 @@ import pytest
 
 from dpo_kit.bundled import movie_review_prompts
 from dpo_kit.data.drops import DropRow
-from dpo_kit.data.on_policy import ranked_pair, sample_scored_rows
+from dpo_kit.data.on_policy import cut_responses, ranked_pair, sample_scored_rows
 from dpo_kit.params import ParamsError, load_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,6 +115,71 @@ def test_format_stage_keeps_or_drops_every_prompt_with_its_reason(tiny_model_dir
     assert report.dropped_by_reason.get("empty_prompt") == 1 and report.dropped_by_reason.get("missing_column") == 1
     samples = (tmp_path / "run2" / "data" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 5, "every prompt's samples and scores are written, kept or not"
+
+
+@pytest.fixture
+def stopping_model_dir(tiny_model_dir, tmp_path):
+    """The tiny model with every thirtieth token id an eos of its generation config, so that within 12 new tokens some
+    samples end and others are cut (a random model almost never samples its one real eos)."""
+    model_dir = tmp_path / "stopping-model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config_path = model_dir / "generation_config.json"
+    config = json.loads(config_path.read_text())
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    config["eos_token_id"] = sorted({config["eos_token_id"], *range(3, vocab, 30)})
+    config_path.write_text(json.dumps(config))
+    return model_dir, set(config["eos_token_id"])
+
+
+def test_samples_record_which_responses_max_new_tokens_cut(stopping_model_dir, prompts_file, tmp_path):
+    from dpo_kit.data.on_policy import as_messages
+    from dpo_kit.data.pipeline import load_data_report, prepare_data
+    from dpo_kit.models.loading import load_causal_lm, load_tokenizer
+    from dpo_kit.models.sampling import prompt_token_ids, sample_continuations
+
+    model_dir, eos_ids = stopping_model_dir
+    params = generate_params(model_dir, prompts_file, "data.output_format=standard")
+    tokenizer = load_tokenizer(str(model_dir), params)
+    rows = sample_scored_rows(params, tokenizer, REPO)
+    sampled = [row for row in rows if "samples" in row]
+    # The same draw, by hand: cut means all 12 tokens were sampled and the last is no eos.
+    prompts = [prompt_token_ids(tokenizer, as_messages(row)) for row in sampled]
+    ids = sample_continuations(load_causal_lm(str(model_dir), params).eval(), tokenizer, prompts, max_new_tokens=12,
+                               do_sample=True, num_samples=3, batch_size=4, seed=params.run.seed)  # fmt: skip
+    expected = [[len(one) == 12 and one[-1] not in eos_ids for one in row] for row in ids]
+    assert [row["cut"] for row in sampled] == expected
+    flags = [flag for row in expected for flag in row]
+    assert any(flags) and not all(flags), "the fixture gives both kinds"
+
+    report = prepare_data(params, tokenizer, tmp_path / "run", REPO)
+    written = [json.loads(line) for line in (tmp_path / "run" / "data" / "samples.jsonl").read_text().splitlines()]
+    assert [row["cut"] for row in written if "samples" in row] == expected
+    cut = report.responses_cut
+    assert (cut["max_new_tokens"], cut["samples"], cut["samples_cut"]) == (12, len(flags), sum(flags))
+    # Each kept pair's chosen and rejected response, found among its prompt's samples by text.
+    by_text = {text: flag for row in written if "samples" in row for text, flag in zip(row["samples"], row["cut"], strict=True)}
+    pairs = [json.loads(line) for split in ("train", "eval")
+             for line in (tmp_path / "run" / "data" / f"{split}.jsonl").read_text().splitlines()]  # fmt: skip
+    assert cut["pair_responses"] == 2 * len(pairs) == 2 * (report.n_train + report.n_eval)
+    assert cut["pair_responses_cut"] == sum(by_text[pair[side]] for pair in pairs for side in ("chosen", "rejected"))
+    line = report.responses_cut_line()
+    assert f"{sum(flags)} of {len(flags)} samples" in line and "trained as if ended there" in line
+    assert load_data_report(tmp_path / "run").responses_cut == cut
+
+
+def test_cut_responses_counts_the_samples_and_the_kept_pairs_responses():
+    rows = [
+        {"prompt": "a", "samples": ["x", "y", "z"], "scores": [0.1, 0.9, -0.5], "cut": [False, True, True]},
+        {"prompt": "b", "samples": ["x", "y"], "scores": [0.2, 0.2], "cut": [True, False]},  # dropped: no gap
+        {"prompt": "   "},  # unusable, never sampled
+        {"prompt": "c", "samples": ["x", "y"], "scores": [-0.3, 0.4], "cut": [False, False]},
+    ]
+    # Prompt a's pair is samples 1 (chosen) and 2 (rejected), both cut; c's is 1 and 0, neither.
+    assert cut_responses(rows, [0, 3], 16) == {
+        "max_new_tokens": 16, "samples": 7, "samples_cut": 3, "pair_responses": 4, "pair_responses_cut": 2,
+    }  # fmt: skip
+    # Samples written before the kit recorded the flag: unknown, not zero.
+    assert cut_responses([{key: value for key, value in row.items() if key != "cut"} for row in rows], [0, 3], 16) is None
 
 
 def test_generate_source_needs_its_section_and_a_matching_judge(tiny_model_dir):

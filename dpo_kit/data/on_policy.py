@@ -11,8 +11,11 @@ the round-one policy, trained against the same reference. Round 2 holds out the 
 out (`sampler_run_held_out_prompts`), so every round is tested on the same prompts and none of them was
 ever trained on, by this round or by the policy that sampled it.
 
-The source yields one raw row per prompt: {"prompt", "samples", "scores"}. `ranked_pair` converts such a
-row into a TRL pair, so ranking happens inside the audit, which keeps or drops every row with a reason.
+The source yields one raw row per prompt: {"prompt", "samples", "scores", "cut"}. `ranked_pair` converts such
+a row into a TRL pair, so ranking happens inside the audit, which keeps or drops every row with a reason.
+`cut` says which samples data.generate.max_new_tokens stopped before the model ended them: TRL appends the eos
+token to every response of a standard-format pair, so such a response is trained as if the model had ended it
+there. The data report counts them (`responses_cut`), so a max_new_tokens that cuts most replies short shows.
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
     """
     from dpo_kit.judges import make_judge
     from dpo_kit.models.loading import free_memory, load_causal_lm
-    from dpo_kit.models.sampling import prompt_token_ids, sample_continuations
+    from dpo_kit.models.sampling import eos_token_ids, prompt_token_ids, sample_continuations, was_cut
 
     settings = params.data.generate
     rows = prompt_rows(params, project_dir)
@@ -171,6 +174,7 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
         seed=params.run.seed,
         description=f"sampling {settings.num_samples} responses per prompt",
     )
+    eos_ids = eos_token_ids(model, tokenizer)
     del model
     free_memory()
 
@@ -179,7 +183,8 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
     for (index, messages), ids in zip(usable.items(), samples_ids, strict=True):
         texts = [response_text(tokenizer, one, messages) for one in ids]
         scores = judge.score([messages] * len(texts), texts)
-        scored[index] = {"prompt": messages, "samples": texts, "scores": scores}
+        scored[index] = {"prompt": messages, "samples": texts, "scores": scores,
+                         "cut": [was_cut(one, eos_ids) for one in ids]}  # fmt: skip
     return scored
 
 
@@ -190,6 +195,28 @@ def response_text(tokenizer, ids: list[int], messages: list[dict]) -> str:
     return text.rstrip() if ends_with_prefill(messages) else text.strip()
 
 
+def best_and_worst(scores: list[float]) -> tuple[int, int]:
+    """The indices of the chosen (highest score; the first of equals) and the rejected (lowest) sample."""
+    return max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
+
+
+def cut_responses(rows: list[dict], kept_indices: list[int], max_new_tokens: int) -> dict | None:
+    """How many responses max_new_tokens cut before the model ended them, among all samples and among the chosen and
+    rejected responses of the kept pairs (`kept_indices`: their rows in `rows`). None for rows without `cut` (a
+    samples.jsonl written before the kit recorded it)."""
+    sampled = [row for row in rows if isinstance(row, dict) and "cut" in row]
+    if not sampled:
+        return None
+    in_pairs = [rows[index]["cut"][side] for index in kept_indices for side in best_and_worst(rows[index]["scores"])]
+    return {
+        "max_new_tokens": max_new_tokens,
+        "samples": sum(len(row["cut"]) for row in sampled),
+        "samples_cut": sum(sum(row["cut"]) for row in sampled),
+        "pair_responses": len(in_pairs),
+        "pair_responses_cut": sum(in_pairs),
+    }
+
+
 def ranked_pair(min_score_gap: float):
     """A converter (see dpo_kit.data.formats) from a scored row to a TRL pair: best sample chosen, worst rejected."""
 
@@ -198,8 +225,7 @@ def ranked_pair(min_score_gap: float):
         samples, scores = row.get("samples"), row.get("scores")
         if not samples or not scores or len(samples) != len(scores):
             raise DropRow("missing_column", "no scored samples for this prompt")
-        best = max(range(len(scores)), key=scores.__getitem__)
-        worst = min(range(len(scores)), key=scores.__getitem__)
+        best, worst = best_and_worst(scores)
         gap = scores[best] - scores[worst]
         if gap < min_score_gap:
             raise DropRow(

@@ -27,6 +27,7 @@ from dpo_kit.data.drops import REASONS
 from dpo_kit.data.formats import converter
 from dpo_kit.data.on_policy import (
     HELD_OUT_PROMPTS,
+    cut_responses,
     ranked_pair,
     sample_scored_rows,
     sampler_run_held_out_prompts,
@@ -61,6 +62,21 @@ class DataReport:
     # Iterative DPO: the file of the sampler's run whose prompts were held out instead of a seeded split (its
     # eval.jsonl, or held_out_prompts.jsonl in a round 3); None = the seeded split of run.seed and eval_fraction.
     held_out_from: str | None = None
+    # data.source: generate: how many responses data.generate.max_new_tokens cut before the model ended them
+    # (dpo_kit.data.on_policy.cut_responses); None for other sources.
+    responses_cut: dict | None = None
+
+    def responses_cut_line(self) -> str | None:
+        """One line for the notebook: the sampled responses cut short, and what TRL does with them."""
+        cut = self.responses_cut
+        if not cut:
+            return None
+        line = (f"cut at data.generate.max_new_tokens={cut['max_new_tokens']} before the model ended them:"
+                f" {cut['samples_cut']} of {cut['samples']} samples, {cut['pair_responses_cut']} of the"
+                f" {cut['pair_responses']} chosen and rejected responses kept")  # fmt: skip
+        if cut["pair_responses_cut"] and self.output_format == "standard":
+            line += "; TRL ends each standard-format response with eos, so these are trained as if ended there"
+        return line
 
     @property
     def sequence_lengths(self) -> list[int]:
@@ -94,6 +110,7 @@ class DataReport:
             "chat_template": self.chat_template,
             "files": self.files,
             "held_out_from": self.held_out_from,
+            "responses_cut": self.responses_cut,
         }
 
 
@@ -165,6 +182,8 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
     _write_jsonl(paths["train"], train)
     _write_jsonl(paths["eval"], eval_)
     digest = hashlib.sha256(paths["train"].read_bytes() + paths["eval"].read_bytes()).hexdigest()
+    kept_rows = [index for index, _ in result.kept]
+    cut = cut_responses(rows, kept_rows, data.generate.max_new_tokens) if data.source == "generate" else None
 
     report = DataReport(
         source=data.source,
@@ -186,6 +205,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         prompt_chosen_lengths=[pair.prompt_chosen for pair in result.lengths],
         prompt_rejected_lengths=[pair.prompt_rejected for pair in result.lengths],
         held_out_from=None if held_out is None else str(held_out.source_file),
+        responses_cut=cut,
     )
     stored = {**report.to_dict(), PAIR_LENGTHS: {key: getattr(report, key) for key in LENGTH_FIELDS}}
     (data_dir / "report.json").write_text(json.dumps(stored, indent=2, ensure_ascii=False) + "\n")
@@ -204,7 +224,7 @@ def load_data_report(run_dir: str | Path) -> DataReport:
     stored = json.loads(path.read_text())
     lengths = stored[PAIR_LENGTHS]
     fields = {name for name in DataReport.__dataclass_fields__ if name not in LENGTH_FIELDS}
-    # a report written before a field existed (held_out_from) reads back with that field's default
+    # a report written before a field existed (held_out_from, responses_cut) reads back with that field's default
     found = {key: stored[key] for key in fields if key in stored}
     return DataReport(**found, **{key: lengths[key] for key in LENGTH_FIELDS})
 

@@ -21,11 +21,18 @@ def prompt_token_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     return render_prompt(tokenizer, prompt, tokenize=True)["input_ids"]
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """The ids that end a generation: the model's generation config (one id or several), else the tokenizer's."""
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
     return set(eos) if isinstance(eos, list) else {eos}
+
+
+def was_cut(ids: list[int], eos_ids: set[int]) -> bool:
+    """A continuation (as `sample_continuations` returns it) that ends without an eos: max_new_tokens stopped it
+    before the model ended it."""
+    return not ids or ids[-1] not in eos_ids
 
 
 def _up_to_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
@@ -61,7 +68,7 @@ def sample_continuations(
 
     # Sampling knobs only when sampling: transformers warns about temperature/top_p under greedy decoding.
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     # Each prompt repeated num_samples times, so a batch holds whole sequences, not whole prompts.
     flat = [ids for ids in prompts_ids for _ in range(num_samples)]
     set_seed(seed)
