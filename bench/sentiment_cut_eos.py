@@ -35,15 +35,20 @@ EVAL_EVERY = 17
 
 
 def recorded_cut(samples: list[dict]) -> dict[str, bool] | None:
-    """Sample text -> whether max_new_tokens cut it, from samples.jsonl; None where the run did not record it."""
+    """Sample text -> whether max_new_tokens cut it, from samples.jsonl; None where the run did not record it. A text
+    sampled for several prompts with different flags is left out (its length decides, as for an older run)."""
     if not any("cut" in row for row in samples):
         return None
-    return {text: cut for row in samples if "cut" in row for text, cut in zip(row["samples"], row["cut"], strict=True)}
+    flags: dict[str, set[bool]] = {}
+    for row in samples:
+        for text, cut in zip(row.get("samples", []), row.get("cut", []), strict=True):
+            flags.setdefault(text, set()).add(cut)
+    return {text: found.pop() for text, found in flags.items() if len(found) == 1}
 
 
 def mark_cut(rows: list[dict], tokenizer, max_new_tokens: int, recorded: dict[str, bool] | None):
-    """`rows` with chosen_cut / rejected_cut flags (`recorded` where given, else by length), and the counts of
-    response lengths (tokens in the pair)."""
+    """`rows` with chosen_cut / rejected_cut flags (`recorded` where it has the text, else by length), and the counts
+    of response lengths (tokens in the pair)."""
     lengths: Counter = Counter()
     marked = []
     for row in rows:
@@ -52,7 +57,8 @@ def mark_cut(rows: list[dict], tokenizer, max_new_tokens: int, recorded: dict[st
         for side in ("chosen", "rejected"):
             length = len(tokenizer(row["prompt"] + row[side])["input_ids"]) - prompt_length
             lengths[length] += 1
-            flags[f"{side}_cut"] = recorded[row[side]] if recorded is not None else length >= max_new_tokens - 1
+            by_length = length >= max_new_tokens - 1
+            flags[f"{side}_cut"] = recorded.get(row[side], by_length) if recorded is not None else by_length
         marked.append({**row, **flags})
     return marked, lengths
 

@@ -312,10 +312,10 @@ def test_accuracy_split_by_the_references_own_ranking_on_a_hand_made_case():
     assert metrics["rewards/accuracies/ref_prefers_rejected"] == pytest.approx(1 / 3)
 
     # Where the reference prefers the chosen of every pair, the other set is empty: no accuracy for it, not a made-up
-    # one, and the scalars stay plain JSON.
-    everywhere = dict(per_pair, reference_rejected_logps=[-30.0] * 6)
+    # one, and the scalars stay plain JSON. The policy's log-probs are unchanged: pair 4 now ranks wrong, 0-2 still right.
+    everywhere = dict(per_pair, reference_rejected_logps=[-15.0, -14.0, -11.0, -22.0, -19.0, -27.0])
     metrics = reward_metrics(everywhere, beta=0.1)
     assert metrics["num_pairs/ref_prefers_rejected"] == 0 and "rewards/accuracies/ref_prefers_rejected" not in metrics
-    assert metrics["rewards/accuracies/ref_prefers_chosen"] == metrics["rewards/accuracies"]
+    assert metrics["rewards/accuracies/ref_prefers_chosen"] == pytest.approx(3 / 6) == metrics["rewards/accuracies"]
     scalars = scalar_metrics(metrics).to_dict()
     assert json.loads(json.dumps(scalars)) == scalars

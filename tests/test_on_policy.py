@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -163,8 +164,19 @@ def test_samples_record_which_responses_max_new_tokens_cut(stopping_model_dir, p
     assert cut["pair_responses"] == 2 * len(pairs) == 2 * (report.n_train + report.n_eval)
     assert cut["pair_responses_cut"] == sum(by_text[pair[side]] for pair in pairs for side in ("chosen", "rejected"))
     line = report.responses_cut_line()
-    assert f"{sum(flags)} of {len(flags)} samples" in line and "trained as if ended there" in line
+    assert f"{sum(flags)} of {len(flags)} samples" in line and "ends in eos in training" in line
+    conversational = dataclasses.replace(report, output_format="conversational")
+    assert "ends in the chat template's end of turn" in conversational.responses_cut_line()
+    assert dataclasses.replace(report, responses_cut=None).responses_cut_line() is None  # other sources say nothing
     assert load_data_report(tmp_path / "run").responses_cut == cut
+
+
+def test_a_continuation_is_cut_when_it_ends_without_an_eos():
+    from dpo_kit.models.sampling import was_cut
+
+    eos = {2, 7}
+    assert not was_cut([5, 6, 2], eos) and not was_cut([5, 6, 7], eos)  # ended by either eos, even at the limit
+    assert was_cut([5, 6, 8], eos) and was_cut([], eos)
 
 
 def test_cut_responses_counts_the_samples_and_the_kept_pairs_responses():

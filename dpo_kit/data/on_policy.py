@@ -14,8 +14,9 @@ ever trained on, by this round or by the policy that sampled it.
 The source yields one raw row per prompt: {"prompt", "samples", "scores", "cut"}. `ranked_pair` converts such
 a row into a TRL pair, so ranking happens inside the audit, which keeps or drops every row with a reason.
 `cut` says which samples data.generate.max_new_tokens stopped before the model ended them: TRL appends the eos
-token to every response of a standard-format pair, so such a response is trained as if the model had ended it
-there. The data report counts them (`responses_cut`), so a max_new_tokens that cuts most replies short shows.
+token to every response of a standard-format pair (a conversational one ends in the chat template's end of turn),
+so such a response is trained as if the model had ended it there. The data report counts them (`responses_cut`),
+so a max_new_tokens that cuts most replies short shows.
 """
 
 from __future__ import annotations

@@ -74,8 +74,10 @@ class DataReport:
         line = (f"cut at data.generate.max_new_tokens={cut['max_new_tokens']} before the model ended them:"
                 f" {cut['samples_cut']} of {cut['samples']} samples, {cut['pair_responses_cut']} of the"
                 f" {cut['pair_responses']} chosen and rejected responses kept")  # fmt: skip
-        if cut["pair_responses_cut"] and self.output_format == "standard":
-            line += "; TRL ends each standard-format response with eos, so these are trained as if ended there"
+        if cut["pair_responses_cut"]:
+            # Standard format: TRL appends eos; conversational: the chat template closes the assistant turn.
+            ending = "eos" if self.output_format == "standard" else "the chat template's end of turn"
+            line += f"; each response ends in {ending} in training, so a cut one is trained as if the model ended it there"
         return line
 
     @property

@@ -183,22 +183,19 @@ def reference_agreement(per_pair: dict[str, list]) -> dict:
     """How far the implicit reward's ranking of the held-out pairs follows the reference's own likelihoods.
 
     `ref_logps/accuracies`: the share of pairs that the reference alone already ranks right (chosen more likely
-    than rejected). Then the implicit-reward accuracy on the pairs where the reference prefers the chosen and on
-    those where it prefers the rejected (left out where a set is empty: a notebook's table would show None as
-    NaN, which is not JSON). A policy that only learnt the preference ranks both sets alike; a policy that also
-    narrowed onto what the reference finds likely (both log-ratios fall, the less typical response's further)
-    ranks the second set worse. In the sentiment recipe that gap is what holds the accuracy near 0.8 (README,
-    "Not reached").
+    than rejected). Then the implicit-reward accuracy (a positive `reward_margins`, as `rewards/accuracies` counts
+    it) on the pairs where the reference prefers the chosen, and on the others (`ref_prefers_rejected`; a tie would
+    need equal log-probs to the last bit). An accuracy is left out where its set is empty, which keeps NaN out of
+    metrics.json. A policy that only learnt the preference ranks both sets alike; one that also narrowed onto what
+    the reference finds likely (both log-ratios fall, the less typical response's further) ranks the second set
+    worse. In the sentiment recipe that gap accounts for most of the shortfall from 0.9 (README, "Not reached").
     """
     import torch
 
-    logps = {key: torch.tensor(per_pair[key], dtype=torch.float64) for key in
-             ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")}  # fmt: skip
-    # The margin's sign, as reward_metrics counts it: beta > 0 does not change it.
-    correct = (logps["policy_chosen_logps"] - logps["reference_chosen_logps"]) > (
-        logps["policy_rejected_logps"] - logps["reference_rejected_logps"]
+    correct = torch.tensor(per_pair["reward_margins"], dtype=torch.float64) > 0
+    prefers_chosen = torch.tensor(per_pair["reference_chosen_logps"], dtype=torch.float64) > torch.tensor(
+        per_pair["reference_rejected_logps"], dtype=torch.float64
     )
-    prefers_chosen = logps["reference_chosen_logps"] > logps["reference_rejected_logps"]
     result: dict = {"ref_logps/accuracies": prefers_chosen.double().mean().item()}
     for name, subset in (("ref_prefers_chosen", prefers_chosen), ("ref_prefers_rejected", ~prefers_chosen)):
         count = int(subset.sum())
