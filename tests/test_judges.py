@@ -222,6 +222,16 @@ def test_an_empty_or_one_word_answer_cannot_beat_a_real_continuation():
     assert judge.score([REVIEW], ["Great!"]) == [-1.0]
 
 
+def test_the_sentiment_judge_says_which_scores_its_length_floor_set():
+    from dpo_kit.judges import SentimentJudge
+
+    judge = SentimentJudge()
+    short, long = "was wonderful and moving.", "was a wonderful and moving film about two brothers and their mother."
+    assert judge.floored(short) and judge.score_one(short) == -1.0
+    assert not judge.floored(long) and judge.score_one(long) > 0.5
+    assert SentimentJudge(min_words=2).floored("one") and not SentimentJudge(min_words=2).floored("two words")
+
+
 def test_make_judge_builds_the_sentiment_judge_by_name():
     from dpo_kit.judges import SentimentJudge
 

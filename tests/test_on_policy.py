@@ -11,7 +11,7 @@ import pytest
 
 from dpo_kit.bundled import movie_review_prompts
 from dpo_kit.data.drops import DropRow
-from dpo_kit.data.on_policy import cut_responses, ranked_pair, sample_scored_rows
+from dpo_kit.data.on_policy import cut_responses, judge_floor_pairs, ranked_pair, sample_scored_rows
 from dpo_kit.params import ParamsError, load_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,6 +192,62 @@ def test_cut_responses_counts_the_samples_and_the_kept_pairs_responses():
     }  # fmt: skip
     # Samples written before the kit recorded the flag: unknown, not zero.
     assert cut_responses([{key: value for key, value in row.items() if key != "cut"} for row in rows], [0, 3], 16) is None
+
+
+def test_judge_floor_pairs_counts_the_floored_samples_and_the_pairs_the_floor_decided():
+    rows = [
+        # chosen 1 (not floored) against rejected 2 (floored): decided by the floor
+        {"prompt": "a", "samples": ["x", "y", "z"], "scores": [0.1, 0.9, -1.0], "floored": [False, False, True]},
+        {"prompt": "b", "samples": ["x", "y"], "scores": [-1.0, -1.0], "floored": [True, True]},  # dropped: no gap
+        {"prompt": "   "},  # unusable, never sampled
+        {"prompt": "c", "samples": ["x", "y"], "scores": [-0.3, 0.4], "floored": [False, False]},  # sentiment decided
+    ]
+    assert judge_floor_pairs(rows, [0, 3]) == {"samples": 7, "samples_floored": 3, "pairs": 2, "pairs_decided_by_floor": 1}
+    # A judge without a floor (or samples written before the kit recorded it): unknown, not zero.
+    assert judge_floor_pairs([{key: value for key, value in row.items() if key != "floored"} for row in rows], [0, 3]) is None
+
+
+def test_a_judge_with_a_length_floor_records_what_it_floored_and_the_report_says_how_many_pairs_it_decided(
+    tiny_model_dir, prompts_file, tmp_path
+):
+    from dpo_kit.data.pipeline import load_data_report, prepare_data
+    from dpo_kit.judges import SentimentJudge
+    from dpo_kit.models.loading import load_tokenizer
+
+    # The tiny model's 12 random tokens decode to a varying number of words, so the floor of 8 is met only sometimes.
+    params = generate_params(tiny_model_dir, prompts_file, "data.generate.judge=sentiment", "evaluate.judge=sentiment")
+    tokenizer = load_tokenizer(str(tiny_model_dir), params)
+    rows = [row for row in sample_scored_rows(params, tokenizer, REPO) if "samples" in row]
+    judge = SentimentJudge()
+    assert all(row["floored"] == [judge.floored(text) for text in row["samples"]] for row in rows)
+    assert all(score == -1.0 for row in rows for score, flag in zip(row["scores"], row["floored"], strict=True) if flag)
+
+    report = prepare_data(params, tokenizer, tmp_path / "run", REPO)
+    pairs = [json.loads(line) for split in ("train", "eval")
+             for line in (tmp_path / "run" / "data" / f"{split}.jsonl").read_text().splitlines()]  # fmt: skip
+    by_floor = sum(judge.floored(p["rejected"][0]["content"]) and not judge.floored(p["chosen"][0]["content"])
+                   for p in pairs)  # fmt: skip
+    floor = report.judge_floor
+    assert 0 < floor["samples_floored"] < floor["samples"], "the fixture gives both kinds"
+    assert floor["pairs"] == len(pairs) and floor["pairs_decided_by_floor"] == by_floor
+    assert floor["samples_floored"] == sum(sum(row["floored"]) for row in rows)
+    assert load_data_report(tmp_path / "run").judge_floor == floor
+    line = report.judge_floor_line()
+    assert f"it decided {by_floor} of the {len(pairs)} pairs kept" in line
+
+    rule = prepare_data(generate_params(tiny_model_dir, prompts_file), tokenizer, tmp_path / "rule", REPO)
+    assert rule.judge_floor is None and rule.judge_floor_line() is None  # the rule judge has no floor
+
+
+def test_the_judge_floor_line_says_so_when_most_pairs_were_decided_by_length():
+    from dpo_kit.data.pipeline import DataReport
+
+    fields = {name: None for name in DataReport.__dataclass_fields__}
+    most = DataReport(**{**fields, "judge_floor": {"samples": 40, "samples_floored": 30, "pairs": 10,
+                                                   "pairs_decided_by_floor": 9}})  # fmt: skip
+    assert "most pairs teach writing more words" in most.judge_floor_line()
+    few = dataclasses.replace(most, judge_floor={**most.judge_floor, "pairs_decided_by_floor": 2})
+    assert "decided 2 of the 10 pairs" in few.judge_floor_line() and "most pairs" not in few.judge_floor_line()
 
 
 def test_generate_source_needs_its_section_and_a_matching_judge(tiny_model_dir):

@@ -17,6 +17,12 @@ a row into a TRL pair, so ranking happens inside the audit, which keeps or drops
 token to every response of a standard-format pair (a conversational one ends in the chat template's end of turn),
 so such a response is trained as if the model had ended it there. The data report counts them (`responses_cut`),
 so a max_new_tokens that cuts most replies short shows.
+
+A judge with a length floor (the sentiment judge scores a response of fewer than 8 words -1) adds `floored`: which
+samples the floor scored. A pair whose rejected response is floored and whose chosen is not was decided by length,
+not by what the judge measures. With a max_new_tokens that leaves room for only about as many words as the floor
+asks, nearly every pair is such a pair, and DPO learns to write more words per token: the data report counts them
+(`judge_floor`), so that shows too.
 """
 
 from __future__ import annotations
@@ -181,11 +187,14 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
 
     judge = make_judge(params, project_dir, name=settings.judge)
     scored = list(rows)
+    floored = getattr(judge, "floored", None)  # a judge with a length floor says which scores it set
     for (index, messages), ids in zip(usable.items(), samples_ids, strict=True):
         texts = [response_text(tokenizer, one, messages) for one in ids]
         scores = judge.score([messages] * len(texts), texts)
         scored[index] = {"prompt": messages, "samples": texts, "scores": scores,
                          "cut": [was_cut(one, eos_ids) for one in ids]}  # fmt: skip
+        if floored is not None:
+            scored[index]["floored"] = [floored(text) for text in texts]
     return scored
 
 
@@ -215,6 +224,24 @@ def cut_responses(rows: list[dict], kept_indices: list[int], max_new_tokens: int
         "samples_cut": sum(sum(row["cut"]) for row in sampled),
         "pair_responses": len(in_pairs),
         "pair_responses_cut": sum(in_pairs),
+    }
+
+
+def judge_floor_pairs(rows: list[dict], kept_indices: list[int]) -> dict | None:
+    """How many samples the judge's length floor scored, and how many kept pairs (`kept_indices`: their rows in
+    `rows`) it decided: the rejected response floored and the chosen not. None for rows without `floored` (a judge
+    without a floor, or a samples.jsonl written before the kit recorded it)."""
+    sampled = [row for row in rows if isinstance(row, dict) and "floored" in row]
+    if not sampled:
+        return None
+    sides = [best_and_worst(rows[index]["scores"]) for index in kept_indices]
+    flags = [(rows[index]["floored"][best], rows[index]["floored"][worst])
+             for index, (best, worst) in zip(kept_indices, sides, strict=True)]  # fmt: skip
+    return {
+        "samples": sum(len(row["floored"]) for row in sampled),
+        "samples_floored": sum(sum(row["floored"]) for row in sampled),
+        "pairs": len(flags),
+        "pairs_decided_by_floor": sum(rejected and not chosen for chosen, rejected in flags),
     }
 
 

@@ -28,6 +28,7 @@ from dpo_kit.data.formats import converter
 from dpo_kit.data.on_policy import (
     HELD_OUT_PROMPTS,
     cut_responses,
+    judge_floor_pairs,
     ranked_pair,
     sample_scored_rows,
     sampler_run_held_out_prompts,
@@ -65,6 +66,9 @@ class DataReport:
     # data.source: generate: how many responses data.generate.max_new_tokens cut before the model ended them
     # (dpo_kit.data.on_policy.cut_responses); None for other sources.
     responses_cut: dict | None = None
+    # data.source: generate with a judge that has a length floor: the samples it scored and the kept pairs it
+    # decided (dpo_kit.data.on_policy.judge_floor_pairs); None otherwise.
+    judge_floor: dict | None = None
 
     def responses_cut_line(self) -> str | None:
         """One line for the notebook: the sampled responses cut short, and what TRL does with them."""
@@ -78,6 +82,19 @@ class DataReport:
             # Standard format: TRL appends eos; conversational: the chat template closes the assistant turn.
             ending = "eos" if self.output_format == "standard" else "the chat template's end of turn"
             line += f"; each response ends in {ending} in training, so a cut one is trained as if the model ended it there"
+        return line
+
+    def judge_floor_line(self) -> str | None:
+        """One line for the notebook: the pairs that the judge's length floor decided, and what they teach."""
+        floor = self.judge_floor
+        if not floor:
+            return None
+        line = (f"scored by the judge's length floor (too few words): {floor['samples_floored']} of {floor['samples']}"
+                f" samples; it decided {floor['pairs_decided_by_floor']} of the {floor['pairs']} pairs kept"
+                " (rejected floored, chosen not)")  # fmt: skip
+        if floor["pairs_decided_by_floor"] * 2 > floor["pairs"]:
+            line += ("; most pairs teach writing more words, not what the judge measures:"
+                     " a larger data.generate.max_new_tokens leaves the responses room above the floor")  # fmt: skip
         return line
 
     @property
@@ -113,6 +130,7 @@ class DataReport:
             "files": self.files,
             "held_out_from": self.held_out_from,
             "responses_cut": self.responses_cut,
+            "judge_floor": self.judge_floor,
         }
 
 
@@ -186,6 +204,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
     digest = hashlib.sha256(paths["train"].read_bytes() + paths["eval"].read_bytes()).hexdigest()
     kept_rows = [index for index, _ in result.kept]
     cut = cut_responses(rows, kept_rows, data.generate.max_new_tokens) if data.source == "generate" else None
+    floor = judge_floor_pairs(rows, kept_rows) if data.source == "generate" else None
 
     report = DataReport(
         source=data.source,
@@ -208,6 +227,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         prompt_rejected_lengths=[pair.prompt_rejected for pair in result.lengths],
         held_out_from=None if held_out is None else str(held_out.source_file),
         responses_cut=cut,
+        judge_floor=floor,
     )
     stored = {**report.to_dict(), PAIR_LENGTHS: {key: getattr(report, key) for key in LENGTH_FIELDS}}
     (data_dir / "report.json").write_text(json.dumps(stored, indent=2, ensure_ascii=False) + "\n")
@@ -226,7 +246,7 @@ def load_data_report(run_dir: str | Path) -> DataReport:
     stored = json.loads(path.read_text())
     lengths = stored[PAIR_LENGTHS]
     fields = {name for name in DataReport.__dataclass_fields__ if name not in LENGTH_FIELDS}
-    # a report written before a field existed (held_out_from, responses_cut) reads back with that field's default
+    # a report written before a field existed (held_out_from, responses_cut, judge_floor) reads back with that field's default
     found = {key: stored[key] for key in fields if key in stored}
     return DataReport(**found, **{key: lengths[key] for key in LENGTH_FIELDS})
 

@@ -126,9 +126,15 @@ class SentimentJudge:
         return [self.score_one(response) for response in responses]
 
     def score_one(self, response: str) -> float:
-        if len(_words(response)) < self.min_words:
+        if self.floored(response):
             return -1.0
         return self.analyzer.polarity_scores(response)["compound"]
+
+    def floored(self, response: str) -> bool:
+        """Whether the length floor, not the sentiment, gave this response its score: fewer than `min_words` words.
+        The on-policy data source records it per sample, since a pair whose rejected response is floored teaches
+        length (more words per token) rather than sentiment."""
+        return len(_words(response)) < self.min_words
 
 
 # ---------------------------------------------------------------------------------------------
