@@ -143,16 +143,17 @@ def round_two_pairs(run: Path, eval_prompts: dict[str, str]) -> tuple[list[dict]
     return train_pairs, held_out
 
 
-def train(name: str, pairs: list[dict], eval_sets: dict[str, list[dict]], params, **recorded) -> dict:
-    """One epoch on `pairs` with seed 0's params and the kit's trainer; TRL evaluates every set of `eval_sets`
-    every EVAL_EVERY steps and after the last. Returns {set: {step: eval_rewards/accuracies}} and the counts."""
+def train(name: str, pairs: list[dict], eval_sets: dict[str, list[dict]], params, out: Path = OUT, **recorded) -> dict:
+    """One epoch on `pairs` with seed 0's params (or `params`) and the kit's trainer, into `out`/`name`; TRL evaluates
+    every set of `eval_sets` every EVAL_EVERY steps and after the last. Returns {set: {step: eval_rewards/accuracies}}
+    and the counts."""
     from datasets import Dataset
 
     from dpo_kit.hardware import choose_hardware
     from dpo_kit.models.loading import load_tokenizer, model_source
     from dpo_kit.training.train import build_dpo_config, build_trainer
 
-    run_dir = OUT / name
+    run_dir = out / name
     hardware = choose_hardware()
     config = build_dpo_config(params, run_dir, hardware)
     config.max_steps = -(-len(pairs) // config.per_device_train_batch_size)  # one epoch
@@ -215,13 +216,13 @@ def two_set_table(results: list[dict], first: str, second: str, second_header: s
     return "\n".join(lines)
 
 
-def existing_result(name: str) -> dict | None:
-    """The result in runs/sentiment-more-pairs/<name>/, or None where that run is still to make. A half-finished
-    earlier attempt is kept, never overwritten."""
-    if (OUT / name / "result.json").is_file():
-        return json.loads((OUT / name / "result.json").read_text())
-    if (OUT / name).exists():
-        raise SystemExit(f"{OUT / name} holds an unfinished attempt: move it aside to run it again")
+def existing_result(name: str, out: Path = OUT) -> dict | None:
+    """The result in `out`/<name>/ (runs/sentiment-more-pairs/), or None where that run is still to make. A
+    half-finished earlier attempt is kept, never overwritten."""
+    if (out / name / "result.json").is_file():
+        return json.loads((out / name / "result.json").read_text())
+    if (out / name).exists():
+        raise SystemExit(f"{out / name} holds an unfinished attempt: move it aside to run it again")
     return None
 
 
