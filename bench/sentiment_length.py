@@ -32,18 +32,16 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "runs" / "sentiment-length"
 
 
-def rescored_pairs(run: Path, min_words: int, tokenizer) -> tuple[list[dict], list[dict], dict]:
-    """RUN's samples re-scored with the floor at `min_words`, ranked, rendered and split as its format stage does."""
+def rescored_pairs(run: Path, params, min_words: int, tokenizer) -> tuple[list[dict], list[dict], dict]:
+    """RUN's samples (made with `params`) re-scored with the floor at `min_words`, ranked, rendered and split as its
+    format stage does."""
     from dpo_kit.judges import SentimentJudge
-    from dpo_kit.params import load_params
 
-    params = load_params(run / "params.yaml")
     judge, floor = SentimentJudge(min_words=min_words), SentimentJudge()
     convert = ranked_pair(params.data.generate.min_score_gap)
     rendered = {row["prompt"] for split in ("train", "eval") for row in read_jsonl(run / "data" / f"{split}.jsonl")}
-    kept, counts = [], {"prompts": 0, "dropped": 0, "pairs_the_floor_of_8_would_decide": 0}
+    kept, counts = [], {"dropped": 0, "floor_of_8_would_decide": 0}
     for index, row in enumerate(read_jsonl(run / "data" / "samples.jsonl")):
-        counts["prompts"] += 1
         rescored = {**row, "scores": [judge.score_one(text) for text in row["samples"]]}
         try:
             pair = convert(rescored)
@@ -52,16 +50,17 @@ def rescored_pairs(run: Path, min_words: int, tokenizer) -> tuple[list[dict], li
             continue
         prompt = render_prompt(tokenizer, pair["prompt"])
         chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
-        counts["pairs_the_floor_of_8_would_decide"] += floor.floored(rejected) and not floor.floored(chosen)
+        counts["floor_of_8_would_decide"] += floor.floored(rejected) and not floor.floored(chosen)
         kept.append((index, {"prompt": prompt, "chosen": chosen, "rejected": rejected}))
     if not rendered & {row["prompt"] for _, row in kept}:
         raise SystemExit(f"{run}: no prompt renders as its format stage rendered it; is the chat template the same?")
     train_pairs, held_out = split_rows(kept, params.data.eval_fraction, params.run.seed)
-    return train_pairs, held_out, {**counts, "params": params}
+    return train_pairs, held_out, counts
 
 
 def main() -> int:
     from dpo_kit.models.loading import load_tokenizer, model_source
+    from dpo_kit.params import load_params
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="format-stage runs of the recipe at 8 tokens")
@@ -76,16 +75,12 @@ def main() -> int:
         name = f"{run.name}-min{args.min_words}"
         result = existing_result(name, OUT)
         if result is None:
-            from dpo_kit.params import load_params
-
             params = load_params(run / "params.yaml")
             tokenizer = load_tokenizer(model_source(params, REPO), params)
-            train_pairs, held_out, counts = rescored_pairs(run, args.min_words, tokenizer)
+            train_pairs, held_out, counts = rescored_pairs(run, params, args.min_words, tokenizer)
             (OUT / name).mkdir(parents=True)
-            floor_share = counts["pairs_the_floor_of_8_would_decide"]
-            result = train(name, train_pairs, {"recipe": held_out}, counts["params"], out=OUT, source_run=str(run),
-                           min_words=args.min_words, seed=params.run.seed, floor_of_8_would_decide=floor_share,
-                           dropped=counts["dropped"])  # fmt: skip
+            result = train(name, train_pairs, {"recipe": held_out}, params, out=OUT, source_run=str(run),
+                           min_words=args.min_words, seed=params.run.seed, **counts)  # fmt: skip
         curve = result["accuracy_by_step"]["recipe"]
         cells = ", ".join(f"{curve[step]:.2f}" for step in sorted(curve, key=int))
         total = result["pairs"] + result["eval_pairs"]["recipe"]

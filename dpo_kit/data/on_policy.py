@@ -210,20 +210,33 @@ def best_and_worst(scores: list[float]) -> tuple[int, int]:
     return max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
 
 
+def pair_flags(
+    rows: list[dict], kept_indices: list[int], key: str
+) -> tuple[list[list[bool]], list[tuple[bool, bool]]] | None:
+    """A per-sample flag (`cut`, `floored`) of every sampled row, and (chosen's, rejected's) flag of each kept pair
+    (`kept_indices`: their rows in `rows`). None when no row has the flag (written before the kit recorded it, or a
+    judge that has no such flag)."""
+    sampled = [row[key] for row in rows if isinstance(row, dict) and key in row]
+    if not sampled:
+        return None
+    sides = ((rows[index], best_and_worst(rows[index]["scores"])) for index in kept_indices)
+    return sampled, [(row[key][best], row[key][worst]) for row, (best, worst) in sides]
+
+
 def cut_responses(rows: list[dict], kept_indices: list[int], max_new_tokens: int) -> dict | None:
     """How many responses max_new_tokens cut before the model ended them, among all samples and among the chosen and
     rejected responses of the kept pairs (`kept_indices`: their rows in `rows`). None for rows without `cut` (a
     samples.jsonl written before the kit recorded it)."""
-    sampled = [row for row in rows if isinstance(row, dict) and "cut" in row]
-    if not sampled:
+    flags = pair_flags(rows, kept_indices, "cut")
+    if flags is None:
         return None
-    in_pairs = [rows[index]["cut"][side] for index in kept_indices for side in best_and_worst(rows[index]["scores"])]
+    sampled, pairs = flags
     return {
         "max_new_tokens": max_new_tokens,
-        "samples": sum(len(row["cut"]) for row in sampled),
-        "samples_cut": sum(sum(row["cut"]) for row in sampled),
-        "pair_responses": len(in_pairs),
-        "pair_responses_cut": sum(in_pairs),
+        "samples": sum(len(row) for row in sampled),
+        "samples_cut": sum(sum(row) for row in sampled),
+        "pair_responses": 2 * len(pairs),
+        "pair_responses_cut": sum(chosen + rejected for chosen, rejected in pairs),
     }
 
 
@@ -231,17 +244,15 @@ def judge_floor_pairs(rows: list[dict], kept_indices: list[int]) -> dict | None:
     """How many samples the judge's length floor scored, and how many kept pairs (`kept_indices`: their rows in
     `rows`) it decided: the rejected response floored and the chosen not. None for rows without `floored` (a judge
     without a floor, or a samples.jsonl written before the kit recorded it)."""
-    sampled = [row for row in rows if isinstance(row, dict) and "floored" in row]
-    if not sampled:
+    flags = pair_flags(rows, kept_indices, "floored")
+    if flags is None:
         return None
-    sides = [best_and_worst(rows[index]["scores"]) for index in kept_indices]
-    flags = [(rows[index]["floored"][best], rows[index]["floored"][worst])
-             for index, (best, worst) in zip(kept_indices, sides, strict=True)]  # fmt: skip
+    sampled, pairs = flags
     return {
-        "samples": sum(len(row["floored"]) for row in sampled),
-        "samples_floored": sum(sum(row["floored"]) for row in sampled),
-        "pairs": len(flags),
-        "pairs_decided_by_floor": sum(rejected and not chosen for chosen, rejected in flags),
+        "samples": sum(len(row) for row in sampled),
+        "samples_floored": sum(sum(row) for row in sampled),
+        "pairs": len(pairs),
+        "pairs_decided_by_floor": sum(rejected and not chosen for chosen, rejected in pairs),
     }
 
 
