@@ -24,6 +24,7 @@ per configuration on 2 CPU cores. The answer, over three seeds' pairs, is in the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 from dpo_kit.evaluation.generate import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
-EVAL_EVERY = 17  # steps; the recipe's 261 pairs are 33 steps of 8 (34 with the last, short batch)
+EVAL_EVERY = 17  # steps; an epoch of the recipe's 261 pairs is 33 steps of 8 (the last one short)
 EPOCHS = 2
 
 
@@ -78,12 +79,11 @@ def accuracy_callback(tokenizer, eval_rows: list[dict], curve: list[dict]):
 def train_reward_model(params, source: str, tokenizer, train_rows, eval_rows, learning_rate: float, seed: int,
                        out: Path) -> dict:  # fmt: skip
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification, PrinterCallback, set_seed
     from trl import RewardConfig, RewardTrainer
 
     from dpo_kit.hardware import choose_hardware
-    from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet, from_pretrained, hub_kwargs
+    from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet, from_pretrained, hub_kwargs, lora_config
     from dpo_kit.training.train import dpo_config_kwargs
 
     hardware = choose_hardware()
@@ -111,8 +111,8 @@ def train_reward_model(params, source: str, tokenizer, train_rows, eval_rows, le
     set_seed(seed)
     model = from_pretrained(AutoModelForSequenceClassification, source, num_labels=1, **hub_kwargs(params))
     model.config.pad_token_id = tokenizer.pad_token_id
-    lora = LoraConfig(r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
-                      target_modules=params.lora.target_modules, task_type="SEQ_CLS", modules_to_save=["score"])  # fmt: skip
+    # The train stage's LoRA, on a score head instead of the LM head: the head is new, so it is trained in full.
+    lora = dataclasses.replace(lora_config(params), task_type="SEQ_CLS", modules_to_save=["score"])
     curve: list[dict] = []
     columns = ("prompt", "chosen", "rejected")
     with deprecated_checkpointing_alias_quiet():  # peft reads the old name when it wraps the model
