@@ -126,12 +126,42 @@ def run_id(manifest: dict[str, Any]) -> str:
     return manifest.get("run_id") or f"{manifest.get('run')}@{manifest.get('created')}"
 
 
+# What this_process() records; an entry's copy of them is dropped when the entry is adopted by another run.
+PROCESS_KEYS = ("pid", "host", "pid_started", "boot_id", "pid_start_ticks", "heartbeat")
+# How far a process's wall-clock start may move between two readings. psutil computes it as the boot time in
+# /proc/stat plus the start in ticks since boot, and the kernel derives that boot time from the wall clock, so
+# an NTP or VM clock correction moves it by a second or more (psutil#2526): an exact comparison once told a
+# live sweep worker that its sibling was dead. Linux is compared by ticks instead; this slack is for the rest.
+WALL_CLOCK_SLACK_SECONDS = 2.0
+
+
+def _boot_id() -> str | None:
+    """This boot of this Linux host; None elsewhere."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot. Unlike the wall-clock
+    start it never moves, so with the boot id it names one process exactly. None off Linux or for a gone pid."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return int(text[text.rindex(")") + 2 :].split()[19])  # fields after "(comm)" start at field 3
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def this_process() -> dict[str, Any]:
     """Who is running a stage, recorded in its entry so that the next start can tell a live run from a dead one."""
     import psutil
 
-    return {"pid": os.getpid(), "host": socket.gethostname(), "pid_started": psutil.Process().create_time(),
-            "heartbeat": now_iso()}
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "pid_started": psutil.Process().create_time()}
+    boot, ticks = _boot_id(), _start_ticks(os.getpid())
+    if boot and ticks is not None:
+        record.update(boot_id=boot, pid_start_ticks=ticks)
+    return {**record, "heartbeat": now_iso()}
 
 
 def process_alive(entry: dict[str, Any]) -> bool | None:
@@ -141,10 +171,17 @@ def process_alive(entry: dict[str, Any]) -> bool | None:
     if "pid" not in entry or entry.get("host") != socket.gethostname():
         return None
     try:
-        # The start time guards against a new process that got the same pid. A zombie has ended: it only waits
-        # for its parent (gone too, after a kill -9) to collect its exit status.
+        # The start guards against a new process that got the same pid. A zombie has ended: it only waits for
+        # its parent (gone too, after a kill -9) to collect its exit status.
         process = psutil.Process(entry["pid"])
-        return process.create_time() == entry.get("pid_started") and process.status() != psutil.STATUS_ZOMBIE
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        boot = _boot_id()
+        if entry.get("boot_id") and boot:
+            # Same boot: the same start tick is the same process. Another boot: every process of it has ended.
+            return entry["boot_id"] == boot and _start_ticks(entry["pid"]) == entry.get("pid_start_ticks")
+        started = entry.get("pid_started")
+        return isinstance(started, (int, float)) and abs(process.create_time() - started) <= WALL_CLOCK_SLACK_SECONDS
     except psutil.Error:
         return False
 

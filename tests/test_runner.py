@@ -100,6 +100,32 @@ def test_a_stopped_kernel_leaves_nothing_in_tmpdir(tmp_path, monkeypatch):
     kernel.shutdown()  # a second call does nothing
 
 
+def test_a_live_process_stays_alive_when_the_wall_clock_moves():
+    """psutil's create_time() adds a boot time that the kernel derives from the wall clock, so a clock correction
+    moves a live process's start (psutil#2526); an exact comparison once told one sweep worker that the other, very
+    much alive, was dead. Its start tick since boot does not move."""
+    import subprocess
+    import sys
+
+    from dpo_kit import manifest as mf
+
+    me = mf.this_process()
+    assert me["boot_id"] and isinstance(me["pid_start_ticks"], int), "this test runs on Linux"
+    assert mf.process_alive({**me, "pid_started": me["pid_started"] + 7.0}) is True
+    assert mf.process_alive({**me, "pid_start_ticks": me["pid_start_ticks"] + 1}) is False  # another process
+    assert mf.process_alive({**me, "boot_id": "an-earlier-boot"}) is False  # every process of that boot ended
+    # An entry from an older kit (no boot id or ticks): its wall-clock start, within a clock correction's slack.
+    legacy = {key: me[key] for key in ("pid", "host", "pid_started")}
+    assert mf.process_alive({**legacy, "pid_started": me["pid_started"] - 1.0}) is True
+    assert mf.process_alive({**legacy, "pid_started": me["pid_started"] - 60.0}) is False
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert mf.process_alive({**me, "pid": other.pid}) is False, "the same pid number alone is not the process"
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_runner_removes_the_kernel_tmpdirs_of_runners_that_ended_without_removing_them(tmp_path):
     """A runner killed with kill -9 never removes its kernel's directory; the next one does, and only such ones."""
     import socket
@@ -117,7 +143,8 @@ def test_a_runner_removes_the_kernel_tmpdirs_of_runners_that_ended_without_remov
     owners = {
         "ended": owner_of_ended,
         "alive": mf.this_process(),
-        "same-pid-new-process": {**mf.this_process(), "pid_started": 1.0},  # the pid was given to another process
+        # The pid was given to another process: another start tick (Linux), or another wall-clock start elsewhere.
+        "same-pid-new-process": {**mf.this_process(), "pid_started": 1.0, "pid_start_ticks": -1},
         "other-host": {**mf.this_process(), "host": socket.gethostname() + "-not"},  # unknown: left alone
     }
     for name, owner in owners.items():

@@ -278,8 +278,9 @@ def test_two_workers_on_one_study_split_the_points_and_run_none_twice(tmp_path, 
     workers = [subprocess.Popen([sys.executable, "-m", "dpo_kit.run.cli", *args], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=900)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs
     sweep_dir = tmp_path / "tiny-sweep"
+    # The trials first, then each worker's last lines: a long assertion message is cut in the middle.
+    assert [w.returncode for w in workers] == [0, 0], (trial_rows(sweep_dir), [o[-2000:] for o in outputs])
     names = {f"beta={b}" for b in ("0.05", "0.1", "0.2", "0.5")}
     for name in names:
         run_dir = sweep_dir / name

@@ -316,9 +316,6 @@ def _name_parameter_sets(run_dir: Path, manifest: dict) -> dict:
     return manifest
 
 
-PROCESS_KEYS = ("pid", "host", "pid_started", "heartbeat")
-
-
 def has_completed_format(run_dir: Path, resolved: dict) -> bool:
     """Whether `run_dir` holds a completed format stage made with the data params of `resolved`."""
     entry = mf.read_manifest(run_dir).get("stages", {}).get("format")
@@ -360,7 +357,7 @@ def adopt_format_stage(run_dir: Path, source_run_dir: Path, resolved: dict, proj
     data["files"] = {k: str(run_dir / Path(v).relative_to(source_run_dir)) if Path(v).is_relative_to(source_run_dir)
                      else v for k, v in data.get("files", {}).items()}  # fmt: skip
     manifest.update(data=data, **({"model": source["model"]} if "model" in source else {}))
-    entry = {k: v for k, v in source["stages"]["format"].items() if k not in PROCESS_KEYS}
+    entry = {k: v for k, v in source["stages"]["format"].items() if k not in mf.PROCESS_KEYS}
     mf.write_manifest(run_dir, manifest)
     set_file = _save_parameter_set(run_dir, resolved)
     save_params(resolved, run_dir / "params.yaml")
@@ -526,7 +523,8 @@ def _resume_train(run_dir: Path, resolved: dict, previous: dict, project: Path, 
     if point.checkpoint is None:
         return None
     # The entry starts over as a running attempt; how the earlier attempt ended is kept under `attempts`.
-    ended = ("status", "started", "interrupted", "reason", "error", "pid", "host", "pid_started", "wall_seconds")
+    ended = ("status", "started", "interrupted", "reason", "error", "pid", "host", "pid_started", "boot_id",
+             "pid_start_ticks", "wall_seconds")
     manifest["stages"]["train"] = {
         **{key: value for key, value in previous.items() if key not in ended and key != "attempts"},
         "attempts": [*previous.get("attempts", []), {key: previous[key] for key in ended if key in previous}],
