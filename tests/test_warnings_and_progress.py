@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dpo_kit.library_notices import BITSANDBYTES_HUB_KERNEL, DropMessage
+from dpo_kit.library_notices import BITSANDBYTES_HUB_KERNEL, KERNELS_OFFLINE_TRUST_CHECK, DropMessage
 from dpo_kit.progress import BATCH_KERNEL_ENV
 from tests.notebook_warnings import warning_lines
 
 REPO = Path(__file__).resolve().parent.parent
 BNB_NOTICE = BITSANDBYTES_HUB_KERNEL[1]
+KERNELS_NOTICE = KERNELS_OFFLINE_TRUST_CHECK[1]
 
 
 def python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -27,6 +28,15 @@ def test_importing_the_kit_first_answers_bitsandbytes_hub_kernel_notice_and_only
     assert done.returncode == 0, done.stderr
     # Without the kit, bitsandbytes prints the notice on every CPU with AVX512-BF16 (like this one, and CI's).
     assert (BNB_NOTICE in done.stderr) == (done.stdout.strip() == "True"), done.stderr
+    avx512bf16 = done.stdout.strip() == "True"
+    # Offline (as the tests run), `kernels` (a dependency of transformers) says it skips the hub's trust check first.
+    done = python("import bitsandbytes, peft", HF_HUB_OFFLINE="1")
+    assert (KERNELS_NOTICE in done.stderr) == avx512bf16 and (BNB_NOTICE in done.stderr) == avx512bf16, done.stderr
+    done = python("import dpo_kit, bitsandbytes, peft", HF_HUB_OFFLINE="1")
+    assert done.returncode == 0 and KERNELS_NOTICE not in done.stderr and BNB_NOTICE not in done.stderr, done.stderr
+    done = python("import dpo_kit, logging; log = logging.getLogger('kernels._internals.hf_hub')\n"
+                  f"log.warning({KERNELS_NOTICE + '.'!r}); log.warning({KERNELS_NOTICE.replace('bitsandbytes', 'other')!r})")
+    assert KERNELS_NOTICE not in done.stderr and "quantization-other" in done.stderr, "only bitsandbytes' repository"
     # With the kit imported first: no notice, even logged on purpose (on a CPU without AVX512-BF16 bitsandbytes
     # never tries), while the logger's other warnings still show.
     done = python("import dpo_kit, peft, logging; log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
