@@ -171,6 +171,47 @@ def test_samples_record_which_responses_max_new_tokens_cut(stopping_model_dir, p
     assert load_data_report(tmp_path / "run").responses_cut == cut
 
 
+def test_a_prompt_repeated_in_a_batch_is_prefilled_once_and_draws_the_same_tokens(tiny_model_dir, monkeypatch):
+    import torch
+    from transformers import DynamicCache
+
+    from dpo_kit.models import sampling
+    from dpo_kit.models.loading import load_causal_lm, load_tokenizer
+
+    params = load_params(TINY, [f"model.name_or_path={tiny_model_dir}", "model.build_tiny_model=false"])
+    tokenizer = load_tokenizer(str(tiny_model_dir), params)
+    model = load_causal_lm(str(tiny_model_dir), params).eval()
+    texts = ["Bread", "Can you give me a few tips on baking bread?", "What is the first step?", "Compost your kitchen waste."]
+    prompts = [tokenizer(text)["input_ids"] for text in texts]
+    assert len(set(map(len, prompts))) == len(prompts), "left padding differs from row to row"
+
+    # The cache of the distinct prompts, copied out to the batch's rows, is the batch's own prefill.
+    rows, owners = [prompts[1], prompts[1], prompts[0], prompts[2]], [1, 1, 0, 2]
+    shared = sampling._prefill_shared_prompts(model, tokenizer, rows, owners)
+    batch = tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors="pt")
+    mask = batch["attention_mask"]
+    direct = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"][:, :-1], attention_mask=mask[:, :-1], cache=direct, use_cache=True,
+              position_ids=((mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))[:, :-1])  # fmt: skip
+    assert len(shared.layers) == len(direct.layers) > 0
+    for mine, theirs in zip(shared.layers, direct.layers, strict=True):
+        real = mask[:, None, :-1, None].bool()  # padded positions are masked out either way
+        torch.testing.assert_close(mine.keys * real, theirs.keys * real, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine.values * real, theirs.values * real, rtol=1e-5, atol=1e-6)
+    assert sampling._prefill_shared_prompts(model, tokenizer, rows[1:], owners[1:]) is None, "nothing repeats"
+
+    made = []
+    prefill = sampling._prefill_shared_prompts
+    monkeypatch.setattr(sampling, "_prefill_shared_prompts", lambda *a: made.append(prefill(*a)) or made[-1])
+    draw = dict(max_new_tokens=12, do_sample=True, num_samples=3, batch_size=4, seed=5)  # 4 is not a multiple of 3
+    with_sharing = sampling.sample_continuations(model, tokenizer, prompts, **draw)
+    without = sampling.sample_continuations(model, tokenizer, prompts, share_prompts=False, **draw)
+    assert with_sharing == without
+    assert len(made) == 3 and all(cache is not None for cache in made), "every batch of 4 repeats a prompt"
+    assert len({tuple(one) for row in without for one in row}) > len(prompts), "the samples differ, not one draw"
+
+
 def test_a_continuation_is_cut_when_it_ends_without_an_eos():
     from dpo_kit.models.sampling import was_cut
 
