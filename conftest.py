@@ -35,6 +35,16 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if item not in after] + after
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a plain `pytest` run may not have
+def pytest_xdist_make_scheduler(config, log):
+    """`-n 2`: the notebooks' cells on one worker, in order, then the tests that read what they left (tests/parallel.py)."""
+    if config.getvalue("dist") == "each":
+        return None
+    from tests.parallel import NotebookTierTogether
+
+    return NotebookTierTogether(config, log)
+
+
 def pytest_collection_finish(session):
     give_expected_outputs(nbval_cells(session.items))  # only the cells that will run
 

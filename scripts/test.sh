@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite: set up, then unit tests (seconds), every notebook under nbval, and the real-model tier.
-# Extra arguments go to pytest, e.g. -m "not notebook" for the unit tests alone.
+# Extra arguments go to one pytest over all tiers, e.g. -m "not notebook" for the unit tests alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,4 +13,23 @@ for earlier in runs/tiny-notebooks runs/from-scratch; do
         echo "dpo-kit tests: moved the earlier notebook run $earlier to $kept"
     fi
 done
-exec .venv/bin/python -m pytest -q "$@"
+if [ $# -gt 0 ]; then
+    exec .venv/bin/python -m pytest -q "$@"
+fi
+# With no arguments (CI): the unit and notebook tiers on two pytest-xdist workers, then the real-model tier alone.
+# Those two tiers are mostly process start-ups (every kernel and subprocess imports torch, transformers and TRL)
+# and tiny-model steps, single-threaded work that two workers overlap; each worker and what it starts gets one
+# torch thread, so that two of them never oversubscribe the cores (two tiers at two threads each ran slower
+# together than one after the other, f3d633b). The real-model tier is one long training that wants every core,
+# so it runs on its own, with the default threads, as the demo does. tests/parallel.py keeps the notebooks' cells
+# together on one worker, in order.
+set +e
+OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -n 2 -m "not real_model"
+fast_rc=$?
+.venv/bin/python -m pytest -q -m real_model
+real_rc=$?
+set -e
+if [ "$fast_rc" -ne 0 ] || [ "$real_rc" -ne 0 ]; then
+    echo "dpo-kit tests: FAILED (unit and notebook tiers: exit status $fast_rc; real-model tier: $real_rc)"
+    exit 1
+fi

@@ -111,6 +111,20 @@ def test_a_raising_cell_and_a_changed_output_fail_naming_notebook_and_cell(tmp_p
     assert "2 failed" in report, "nothing else failed: the copies run where the notebooks do"
 
 
+def test_two_test_workers_keep_the_notebook_tier_on_one_and_each_test_file_together():
+    """scripts/test.sh runs the unit and notebook tiers on two pytest-xdist workers (tests/parallel.py)."""
+    from tests.parallel import NOTEBOOK_TIER_TESTS, scope_of
+
+    tier = {scope_of("notebooks/01_format_data.ipynb::Cell 3"), scope_of("notebooks/05_evaluate.ipynb::Cell 1"),
+            scope_of(f"{NOTEBOOK_TIER_TESTS}::test_the_notebooks_leave_the_tiny_model_a_completed_run_and_the_figures")}
+    assert len(tier) == 1
+    assert scope_of("tests/test_sweep.py::test_a[x-y]") == scope_of("tests/test_sweep.py::test_b") == "tests/test_sweep.py"
+    assert scope_of("tests/test_resume.py::test_c") not in tier | {"tests/test_sweep.py"}
+    # Tests that read what the notebooks left behind must share their scope, so they live in that one file.
+    marked = sorted(p.name for p in (REPO / "tests").glob("test_*.py") if "mark.after_notebooks" in p.read_text())
+    assert marked == [Path(NOTEBOOK_TIER_TESTS).name], marked
+
+
 @pytest.mark.notebook
 def test_the_whole_notebook_tier_runs_twice_in_one_checkout(tmp_path):
     """Run All a second time: every stage shows its stored result instead of refusing or recomputing, and the
