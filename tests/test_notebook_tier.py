@@ -113,7 +113,7 @@ def test_a_raising_cell_and_a_changed_output_fail_naming_notebook_and_cell(tmp_p
 
 def test_two_test_workers_keep_the_notebook_tier_on_one_and_each_test_file_together():
     """scripts/test.sh runs the unit and notebook tiers on two pytest-xdist workers (tests/parallel.py)."""
-    from tests.parallel import NOTEBOOK_TIER_TESTS, scope_of
+    from tests.parallel import NOTEBOOK_TIER, NOTEBOOK_TIER_TESTS, SLOWEST_FIRST, scope_of, slowest_first
 
     tier = {scope_of("notebooks/01_format_data.ipynb::Cell 3"), scope_of("notebooks/05_evaluate.ipynb::Cell 1"),
             scope_of(f"{NOTEBOOK_TIER_TESTS}::test_the_notebooks_leave_the_tiny_model_a_completed_run_and_the_figures")}
@@ -123,6 +123,10 @@ def test_two_test_workers_keep_the_notebook_tier_on_one_and_each_test_file_toget
     # Tests that read what the notebooks left behind must share their scope, so they live in that one file.
     marked = sorted(p.name for p in (REPO / "tests").glob("test_*.py") if "mark.after_notebooks" in p.read_text())
     assert marked == [Path(NOTEBOOK_TIER_TESTS).name], marked
+    # The slowest scopes are handed out first; each one listed still exists.
+    assert [scope for scope in SLOWEST_FIRST if scope != NOTEBOOK_TIER and not (REPO / scope).is_file()] == []
+    assert slowest_first(["tests/test_params.py", "tests/test_resume.py", "tests/test_audit.py", NOTEBOOK_TIER]) == [
+        NOTEBOOK_TIER, "tests/test_resume.py", "tests/test_params.py", "tests/test_audit.py"]
 
 
 @pytest.mark.notebook
