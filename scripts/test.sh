@@ -26,6 +26,9 @@ fi
 set +e
 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -n 2 -m "not real_model"
 fast_rc=$?
+if [ "$fast_rc" -eq 2 ]; then
+    exit 2  # interrupted (Ctrl-C): pytest has said so; the real-model tier is not started
+fi
 .venv/bin/python -m pytest -q -m real_model
 real_rc=$?
 set -e
