@@ -47,12 +47,16 @@ def slowest_first(scopes: list[str]) -> list[str]:
 
 
 class NotebookTierTogether(LoadScopeScheduling):
+    def __init__(self, config, log=None) -> None:
+        super().__init__(config, log)
+        self._ordered = False
+
     def _split_scope(self, nodeid: str) -> str:
         return scope_of(nodeid)
 
     def _assign_work_unit(self, node) -> None:
         # The work queue is complete by the first assignment (LoadScopeScheduling.schedule): order it once, then.
-        if not getattr(self, "_ordered", False):
+        if not self._ordered:
             self.workqueue = OrderedDict((scope, self.workqueue[scope]) for scope in slowest_first(list(self.workqueue)))
             self._ordered = True
         super()._assign_work_unit(node)
