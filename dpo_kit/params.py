@@ -153,6 +153,16 @@ class ColumnMap(Section):
     system: str | None = Field(None, description="Optional column holding a system message.")
 
 
+# The sentiment judge scores a response of fewer words than this -1, so that an empty or one-word answer never wins
+# (dpo_kit.judges.SentimentJudge); `sentiment_min_words` in data.generate and evaluate changes it.
+SENTIMENT_MIN_WORDS = 8
+SENTIMENT_MIN_WORDS_HELP = (
+    "The sentiment judge's length floor: a response of fewer words scores -1, the bottom of its scale, so that an"
+    " empty or one-word answer never beats a real one (at least 2). With max_new_tokens leaving room for only about"
+    " this many words, the floor decides most pairs and DPO learns length: the format stage counts those pairs"
+    " (judge_floor in data/report.json). Only for judge 'sentiment'."
+)
+
 # data.generate.prompts values that name bundled prompt sets rather than files (see dpo_kit.bundled).
 BUNDLED_PROMPT_SETS = ("movie-reviews", "movie-review-openings")
 
@@ -179,6 +189,7 @@ class OnPolicyParams(Section):
         description="Scores each sample: 'sentiment' (VADER, offline), 'rule' (the bundled politeness task) or a"
         " reward model id/path. The highest-scored sample is chosen, the lowest rejected.",
     )
+    sentiment_min_words: int = Field(SENTIMENT_MIN_WORDS, ge=2, description=SENTIMENT_MIN_WORDS_HELP)
     num_samples: int = Field(4, ge=2, description="Samples per prompt (k); best vs worst of the k make the pair.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature; 1.0 samples the model's own distribution.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 = the full distribution.")
@@ -330,6 +341,7 @@ class EvaluateParams(Section):
         description="'rule' (built-in judge for the bundled task), 'sentiment' (VADER, offline) or a reward model"
         " id/path (AutoModelForSequenceClassification).",
     )
+    sentiment_min_words: int = Field(SENTIMENT_MIN_WORDS, ge=2, description=SENTIMENT_MIN_WORDS_HELP)
     confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Level of the win-rate's bootstrap confidence interval.")
     max_pairs: int | None = Field(None, gt=0, description="Evaluate at most this many held-out pairs (None = all).")
     batch_size: int = Field(8, gt=0, description="Pairs per forward pass.")
@@ -416,10 +428,16 @@ class Params(Section):
             rule_task = generate.prompts not in BUNDLED_PROMPT_SETS
         else:
             rule_task = self.data.source == "bundled" or is_local_path(self.data.source)
-        judges = {"evaluate.judge": self.evaluate.judge}
+        judges = {"evaluate": self.evaluate}
         if generate is not None:
-            judges["data.generate.judge"] = generate.judge
-        for key, judge in judges.items():
+            judges["data.generate"] = generate
+        for section, settings in judges.items():
+            key, judge = f"{section}.judge", settings.judge
+            if settings.sentiment_min_words != SENTIMENT_MIN_WORDS and judge != "sentiment":
+                raise ValueError(
+                    f"{section}.sentiment_min_words {settings.sentiment_min_words} would have no effect: it is the"
+                    f" sentiment judge's length floor, and {key} is '{judge}'. Remove it, or set {key}: sentiment"
+                )
             if judge == "rule" and not rule_task:
                 raise ValueError(
                     f"{key} 'rule' only scores the bundled task (polite against dismissive replies); use"

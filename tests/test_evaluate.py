@@ -319,3 +319,32 @@ def test_accuracy_split_by_the_references_own_ranking_on_a_hand_made_case():
     assert metrics["rewards/accuracies/ref_prefers_chosen"] == pytest.approx(3 / 6) == metrics["rewards/accuracies"]
     scalars = scalar_metrics(metrics).to_dict()
     assert json.loads(json.dumps(scalars)) == scalars
+
+
+def test_evaluate_rescores_the_generations_when_evaluate_judge_changed_after_the_generate_stage(perturbed, tmp_path,
+                                                                                                 capsys):
+    """The generate stage stores its judge's scores; evaluate.judge is not one of its inputs, so a changed judge does
+    not redo it. The evaluate stage then scores again rather than report the old judge's scores under the new name."""
+    from dpo_kit.evaluation.evaluate import judge_scores
+    from dpo_kit.judges import RuleJudge, SentimentJudge
+
+    run_dir, _ = perturbed
+    records = read_jsonl(run_dir / GENERATIONS_FILE)
+    assert {record["judge"] for record in records} == {"rule"}
+    prompts = [record["prompt"] for record in records]
+    rule = make_params(run_dir.parent)
+    assert judge_scores(rule, records, tmp_path) == ([r["policy_score"] for r in records],
+                                                     [r["reference_score"] for r in records])  # fmt: skip
+    assert capsys.readouterr().out == ""  # the stored scores, read as they are
+
+    sentiment = parse_params({**rule.model_dump(mode="json"), "evaluate": {"judge": "sentiment"}})
+    policy, reference = judge_scores(sentiment, records, tmp_path)
+    assert policy == SentimentJudge().score(prompts, [r["policy"] for r in records])
+    assert reference == SentimentJudge().score(prompts, [r["reference"] for r in records])
+    assert policy != [r["policy_score"] for r in records]
+    assert "scored by rule in the generate stage; scoring its generations again with evaluate.judge sentiment" in (
+        capsys.readouterr().out)
+
+    unrecorded = [{k: v for k, v in record.items() if k != "judge"} for record in records]  # generations from before
+    assert judge_scores(rule, unrecorded, tmp_path)[0] == RuleJudge().score(prompts, [r["policy"] for r in records])
+    assert "an unrecorded judge" in capsys.readouterr().out

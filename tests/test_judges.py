@@ -236,7 +236,40 @@ def test_make_judge_builds_the_sentiment_judge_by_name():
     from dpo_kit.judges import SentimentJudge
 
     assert isinstance(make_judge(make_params("sentiment")), SentimentJudge)
-    assert isinstance(make_judge(make_params("rule"), name="sentiment"), SentimentJudge)
+    on_policy = parse_params({"run": {"name": "judges"}, "model": {"name_or_path": "unused-model"},
+                              "evaluate": {"judge": "sentiment"}, "data": {"source": "generate", "generate": {"judge": "sentiment"}}})
+    assert isinstance(make_judge(on_policy, settings=on_policy.data.generate), SentimentJudge)
+
+
+def sentiment_params(evaluate_floor: int | None = None, generate_floor: int | None = None, judge: str = "sentiment"):
+    evaluate = {"judge": judge} | ({"sentiment_min_words": evaluate_floor} if evaluate_floor else {})
+    generate = {"judge": "sentiment"} | ({"sentiment_min_words": generate_floor} if generate_floor else {})
+    return parse_params({"run": {"name": "judges"}, "model": {"name_or_path": "unused-model"}, "evaluate": evaluate,
+                         "data": {"source": "generate", "generate": generate}})  # fmt: skip
+
+
+def test_each_sentiment_judge_takes_its_length_floor_from_params():
+    from dpo_kit.judges import judge_name
+
+    params = sentiment_params(evaluate_floor=3, generate_floor=5)
+    for settings, floor in ((params.evaluate, 3), (params.data.generate, 5)):
+        judge = make_judge(params, settings=settings)
+        assert judge.min_words == floor
+        floored = floor > 4  # four words: above a floor of 3, below one of 5
+        assert judge.floored("was a wonderful film") == floored
+        assert (judge.score_one("was a wonderful film") == -1.0) == floored
+    # Another floor gives other scores, so runs record it with the judge's name; the default keeps the bare name.
+    assert judge_name(params.evaluate) == "sentiment (min_words 3)"
+    assert judge_name(sentiment_params().evaluate) == "sentiment" and make_judge(sentiment_params()).min_words == 8
+
+
+def test_a_sentiment_floor_for_another_judge_or_below_two_words_is_refused():
+    from dpo_kit.params import ParamsError
+
+    with pytest.raises(ParamsError, match="evaluate.sentiment_min_words 3 would have no effect.*evaluate.judge is 'rm'"):
+        sentiment_params(evaluate_floor=3, judge="rm")
+    with pytest.raises(ParamsError, match="data.generate.sentiment_min_words"):
+        sentiment_params(generate_floor=1)  # a one-word answer could then beat a real continuation
 
 
 def test_win_outcomes_count_ties_as_half():

@@ -204,6 +204,22 @@ def test_generate_best_of_n_left_at_zero_keeps_fingerprints_of_earlier_runs():
     assert params_fingerprint(drawn, "train") == params_fingerprint(base, "train")  # earlier stages unaffected
 
 
+def test_the_sentiment_judges_floor_left_at_its_default_keeps_fingerprints_of_earlier_runs():
+    """sentiment_min_words came later, in data.generate (the format stage's section data) and in evaluate."""
+    sentiment = REPO / "params" / "smollm2-135m-sentiment.yaml"
+    base = params_to_dict(load_params(sentiment))
+    before = json.loads(json.dumps(base))
+    del before["data"]["generate"]["sentiment_min_words"], before["evaluate"]["sentiment_min_words"]
+    assert all(params_fingerprint(base, s) == params_fingerprint(before, s) for s in mf.STAGES)
+    assert base["data"]["generate"]["sentiment_min_words"] == 8  # the params were left as they were
+    changed = {}
+    for override in ("data.generate.sentiment_min_words=3", "evaluate.sentiment_min_words=3"):
+        other = params_to_dict(load_params(sentiment, [override]))
+        changed[override] = {s for s in mf.STAGES if params_fingerprint(other, s) != params_fingerprint(base, s)}
+    assert changed == {"data.generate.sentiment_min_words=3": set(mf.STAGES),
+                       "evaluate.sentiment_min_words=3": {"evaluate"}}  # fmt: skip
+
+
 def base_value(resolved: dict, dotted: str):
     value = resolved
     for part in dotted.split("."):

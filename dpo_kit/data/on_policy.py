@@ -18,11 +18,11 @@ token to every response of a standard-format pair (a conversational one ends in 
 so such a response is trained as if the model had ended it there. The data report counts them (`responses_cut`),
 so a max_new_tokens that cuts most replies short shows.
 
-A judge with a length floor (the sentiment judge scores a response of fewer than 8 words -1) adds `floored`: which
-samples the floor scored. A pair whose rejected response is floored and whose chosen is not was decided by length,
-not by what the judge measures. With a max_new_tokens that leaves room for only about as many words as the floor
-asks, nearly every pair is such a pair, and DPO learns to write more words per token: the data report counts them
-(`judge_floor`), so that shows too.
+A judge with a length floor (the sentiment judge scores a response of fewer than `sentiment_min_words` words, 8 by
+default, -1) adds `floored`: which samples the floor scored. A pair whose rejected response is floored and whose
+chosen is not was decided by length, not by what the judge measures. With a max_new_tokens that leaves room for only
+about as many words as the floor asks, nearly every pair is such a pair, and DPO learns to write more words per
+token: the data report counts them (`judge_floor`), so that shows too.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
     del model
     free_memory()
 
-    judge = make_judge(params, project_dir, name=settings.judge)
+    judge = make_judge(params, project_dir, settings)
     scored = list(rows)
     floored = getattr(judge, "floored", None)  # a judge with a length floor says which scores it set
     for (index, messages), ids in zip(usable.items(), samples_ids, strict=True):

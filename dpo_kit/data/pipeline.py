@@ -94,7 +94,8 @@ class DataReport:
                 " (rejected floored, chosen not)")  # fmt: skip
         if floor["pairs_decided_by_floor"] * 2 > floor["pairs"]:
             line += ("; most pairs teach writing more words, not what the judge measures:"
-                     " a larger data.generate.max_new_tokens leaves the responses room above the floor")  # fmt: skip
+                     " a larger data.generate.max_new_tokens leaves the responses room above the floor, or a lower"
+                     " data.generate.sentiment_min_words lowers it")  # fmt: skip
         return line
 
     @property

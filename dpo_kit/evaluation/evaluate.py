@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 
 from dpo_kit.evaluation.generate import GENERATIONS_FILE, read_jsonl
-from dpo_kit.judges import make_judge, win_outcomes, win_rate_from_scores
+from dpo_kit.judges import judge_name, make_judge, win_outcomes, win_rate_from_scores
 from dpo_kit.models.loading import device_of, free_memory, load_causal_lm, load_tokenizer, model_source
 from dpo_kit.models.sampling import prompt_token_ids
 from dpo_kit.params import Params, dpo_config_defaults
@@ -245,7 +245,7 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
         policy_scores, reference_scores = judge_scores(params, records, project_dir)
         per_generation = {"kl": kls, "policy_score": policy_scores, "reference_score": reference_scores}
         outcome = win_rate_from_scores(policy_scores, reference_scores)
-        metrics["judge"] = params.evaluate.judge
+        metrics["judge"] = judge_name(params.evaluate)
         metrics["win_rate"] = outcome.pop("win_rate")
         metrics.update({f"win_rate/{key}": value for key, value in outcome.items()})
         level = params.evaluate.confidence
@@ -260,9 +260,15 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
 
 
 def judge_scores(params: Params, records: list[dict], project_dir: str | Path) -> tuple[list[float], list[float]]:
-    """The judge's scores of policy and reference generations: those the generate stage stored, else scored now."""
-    if all("policy_score" in r and "reference_score" in r for r in records):
+    """The judge's scores of policy and reference generations: those the generate stage stored when evaluate.judge
+    gave them, else scored now (evaluate.judge changed after the generate stage, which does not redo that stage,
+    or generations.jsonl from before the kit recorded each score's judge)."""
+    judged_by = judge_name(params.evaluate)
+    if all(r.get("judge") == judged_by and "policy_score" in r and "reference_score" in r for r in records):
         return [r["policy_score"] for r in records], [r["reference_score"] for r in records]
+    stored = sorted({str(r.get("judge", "an unrecorded judge")) for r in records})
+    print(f"{GENERATIONS_FILE} was scored by {', '.join(stored)} in the generate stage; scoring its generations again"
+          f" with evaluate.judge {judged_by}")
     judge = make_judge(params, project_dir)
     prompts = [r["prompt"] for r in records]
     policy = judge.score(prompts, [r["policy"] for r in records])

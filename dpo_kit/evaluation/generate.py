@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dpo_kit.data.on_policy import HELD_OUT_PROMPTS
-from dpo_kit.judges import Prompt, make_judge
+from dpo_kit.judges import Prompt, judge_name, make_judge
 from dpo_kit.models.loading import free_memory, load_causal_lm, load_tokenizer, model_source
 from dpo_kit.models.sampling import prompt_token_ids, sample_continuations
 from dpo_kit.params import Params
@@ -123,15 +123,16 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
 
     references = [decode(ids) for ids in reference_ids]
     policies = [decode(ids) for ids in policy_ids]
-    # Scored here, once, so the table shows the judge's verdicts; the evaluate stage reads these scores.
-    judge = make_judge(params, project_dir)
+    # Scored here, once, so the table shows the judge's verdicts. Each record names its judge: the evaluate stage
+    # reads these scores only while evaluate.judge is still that judge (it is not one of this stage's inputs).
+    judge, judged_by = make_judge(params, project_dir), judge_name(params.evaluate)
     reference_scores = judge.score(prompts, references)
     policy_scores = judge.score(prompts, policies)
     if best_of_n:
         samples = [[decode(ids) for ids in per_prompt] for per_prompt in reference_samples_ids]
         scores = judge.score([p for p in prompts for _ in range(best_of_n)], [t for texts in samples for t in texts])
         write_jsonl(run_dir / REFERENCE_SAMPLES_FILE, [
-            {"prompt": prompt, "judge": params.evaluate.judge, "samples": texts,
+            {"prompt": prompt, "judge": judged_by, "samples": texts,
              "scores": scores[i * best_of_n : (i + 1) * best_of_n], "tokens": [len(ids) for ids in per_prompt]}
             for i, (prompt, texts, per_prompt) in enumerate(zip(prompts, samples, reference_samples_ids, strict=True))
         ])  # fmt: skip
@@ -146,6 +147,7 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
             "policy": policy_text,
             "reference_score": reference_score,
             "policy_score": policy_score,
+            "judge": judged_by,
             "prompt_tokens": len(prompt_ids),
             "reference_tokens": len(reference),
             "policy_tokens": len(policy),

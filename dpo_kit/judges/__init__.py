@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import Protocol, Sequence, Union
 
+from dpo_kit.params import SENTIMENT_MIN_WORDS
+
 Prompt = Union[str, list[dict]]
 
 
@@ -114,7 +116,7 @@ class SentimentJudge:
     scores high here; the evaluation reports distinct-2 and repeated n-grams beside the score for that reason.
     """
 
-    def __init__(self, min_words: int = 8):
+    def __init__(self, min_words: int = SENTIMENT_MIN_WORDS):
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         self.min_words = min_words
@@ -199,13 +201,15 @@ class RewardModelJudge:
         return scores
 
 
-def make_judge(params, project_dir: str | Path = ".", name: str | None = None) -> Judge:
-    """The judge `name` (default `evaluate.judge`): 'rule', 'sentiment', a local reward-model directory or a hub id."""
-    name = name or params.evaluate.judge
+def make_judge(params, project_dir: str | Path = ".", settings=None) -> Judge:
+    """The judge that `settings` names (a section with `judge` and `sentiment_min_words`: `params.evaluate`, the
+    default, or `params.data.generate`): 'rule', 'sentiment', a local reward-model directory or a hub id."""
+    settings = settings if settings is not None else params.evaluate
+    name = settings.judge
     if name == "rule":
         return RuleJudge()
     if name == "sentiment":
-        return SentimentJudge()
+        return SentimentJudge(min_words=settings.sentiment_min_words)
     from dpo_kit.hardware import choose_hardware, resolve_dtype
 
     local = Path(project_dir) / name
@@ -216,6 +220,14 @@ def make_judge(params, project_dir: str | Path = ".", name: str | None = None) -
         batch_size=params.evaluate.batch_size,
         dtype=resolve_dtype(params.model.dtype, choose_hardware()),
     )
+
+
+def judge_name(settings) -> str:
+    """What `settings` (params.evaluate or params.data.generate) judge by, as runs record it: the judge's name, and
+    the sentiment judge's floor where it differs from the default, since another floor gives other scores."""
+    if settings.judge == "sentiment" and settings.sentiment_min_words != SENTIMENT_MIN_WORDS:
+        return f"sentiment (min_words {settings.sentiment_min_words})"
+    return settings.judge
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import yaml
 
 from dpo_kit import manifest as mf
 from dpo_kit.params import (
+    SENTIMENT_MIN_WORDS,
     Params,
     check_local_files,
     load_params,
@@ -198,22 +199,37 @@ def _digest(value: Any) -> str:
 
 # Inputs added after runs were recorded, with the value every earlier run had: left at it, they stay out of the
 # fingerprint, so a run made before them still shows its stored result instead of counting as changed.
-# A key inside an input section (generate.best_of_n in the section generate) is left out of that section's value.
+# A key inside an input section (generate.best_of_n in the section generate, data.generate.sentiment_min_words in
+# the section data) is left out of that section's value.
 INPUTS_ADDED_LATER = {"launch.num_processes": 1, "launch.num_machines": 1, "launch.config_file": None,
-                      "generate.best_of_n": 0}
+                      "generate.best_of_n": 0, "evaluate.sentiment_min_words": SENTIMENT_MIN_WORDS,
+                      "data.generate.sentiment_min_words": SENTIMENT_MIN_WORDS}
 
 
 def params_fingerprint(resolved: dict, stage: str) -> str:
     """sha256 (16 hex digits) of the params that `stage`'s output depends on: equal means reusable."""
     values = {key: _lookup(resolved, key) for key in stage_inputs(stage)}
     for dotted, default in INPUTS_ADDED_LATER.items():
-        section, _, key = dotted.rpartition(".")
         if dotted in values:
             if values[dotted] == default:
                 del values[dotted]
-        elif isinstance(values.get(section), dict) and values[section].get(key, default) == default:
-            values[section] = {k: v for k, v in values[section].items() if k != key}
+            continue
+        input_key = next((key for key in values if dotted.startswith(f"{key}.")), None)
+        if input_key is None:
+            continue
+        *path, key = dotted[len(input_key) + 1 :].split(".")
+        section = _lookup(values[input_key], ".".join(path)) if path else values[input_key]
+        if isinstance(section, dict) and key in section and section[key] == default:
+            values[input_key] = _without(values[input_key], [*path, key])
     return _digest(values)
+
+
+def _without(tree: dict, path: list[str]) -> dict:
+    """A copy of the nested dict `tree` without the key at `path`; `tree` itself is left as it was."""
+    head, *rest = path
+    if not rest:
+        return {k: v for k, v in tree.items() if k != head}
+    return {**tree, head: _without(tree[head], rest)}
 
 
 def params_set_id(resolved: dict) -> str:
