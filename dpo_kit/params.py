@@ -331,8 +331,17 @@ class GenerateParams(Section):
         ge=0,
         description="Also draw this many responses per prompt from the reference, with these settings, and judge"
         " them (reference_samples.jsonl): the comparison report's best-of-N baseline for N = 1, 2, 4, ... up to it,"
-        " on exactly the evaluated prompts. 0 = none.",
+        " on exactly the evaluated prompts. 0 = none. Needs do_sample: greedy decoding draws one response N times.",
     )
+
+    @model_validator(mode="after")
+    def _best_of_n_samples(self):
+        if self.best_of_n and not self.do_sample:
+            raise ValueError(
+                f"generate.best_of_n {self.best_of_n} needs generate.do_sample: true: decoding greedily draws the same"
+                " response every time, so best-of-N would be best-of-1. Set generate.best_of_n: 0, or sample"
+            )
+        return self
 
 
 class EvaluateParams(Section):

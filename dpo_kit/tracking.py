@@ -39,6 +39,12 @@ def trackers(params) -> list[str]:
     return [name for name in params.tracking.report_to if name != "none"]
 
 
+# The evaluate stage's TensorBoard summary: a folder of its own (a run of its own in TensorBoard), which goes with that
+# stage, so that an evaluation run again with other params moves the old summary aside instead of adding a second
+# value under the same tag and step. (wandb's summary is replaced; trackio's store keeps each summary logged.)
+TENSORBOARD_EVALUATION = "evaluate"
+
+
 def tracker_dir(run_dir: str | Path, tracker: str) -> Path:
     return Path(run_dir) / TRACKING_DIR / tracker
 
@@ -159,7 +165,7 @@ def log_summary(params, run_dir: str | Path, metrics: dict[str, Any]) -> dict[st
         elif name == "trackio":
             sent[name] = _trackio_summary(params, folder, summary, step)
         elif name == "tensorboard":
-            sent[name] = _tensorboard_summary(folder, summary, step)
+            sent[name] = _tensorboard_summary(folder / TENSORBOARD_EVALUATION, summary, step)
     return sent
 
 

@@ -65,6 +65,9 @@ def test_generations_file_holds_prompts_both_responses_and_token_counts(tiny_mod
             assert record[model] == tokenizer.decode(ids, skip_special_tokens=True).strip()
     assert any(r["policy"] != r["reference"] for r in records)  # the perturbed policy is a different model
     assert "baking bread" in side_by_side_table(frame).to_html()
+    # Every score names its judge (evaluate.judge, not an input of this stage, may change later), and so does the table.
+    assert {record["judge"] for record in records} == {"rule"}
+    assert list(side_by_side_table(frame).data.columns)[-1] == "judge (rule): policy"
 
 
 def test_same_seed_reproduces_generations_and_another_seed_changes_them(tiny_model_dir, perturbed_run):

@@ -330,3 +330,9 @@ def test_trl_reads_label_smoothing_only_in_the_losses_the_check_names():
     branches = re.split(r'\n\s+(?:el)?if loss_type == "', source)[1:]
     reading = {branch.split('"', 1)[0] for branch in branches if "self.label_smoothing" in branch.split("\n            elif")[0]}
     assert reading == LABEL_SMOOTHING_LOSSES
+
+
+def test_best_of_n_without_sampling_is_refused():
+    with pytest.raises(ParamsError, match="generate.best_of_n 4 needs generate.do_sample: true"):
+        load_params(REPO / "params/tiny.yaml", ["generate.best_of_n=4", "generate.do_sample=false"])
+    assert load_params(REPO / "params/tiny.yaml", ["generate.best_of_n=4"]).generate.best_of_n == 4

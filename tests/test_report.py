@@ -103,6 +103,21 @@ def test_best_of_n_uses_the_evaluated_prompts_and_says_which_n_it_cannot_estimat
     (run / "params.yaml").write_text(yaml.safe_dump(run_params))
     other_judge = best_of_n_baseline(load_runs([run]).runs[0])
     assert other_judge.table.empty and "scored by sentiment" in other_judge.note
+    # The same judge with another length floor is another scale too; with the same floor it is one.
+    run_params["data"]["generate"]["sentiment_min_words"] = 12
+    (run / "params.yaml").write_text(yaml.safe_dump(run_params))
+    (run / "metrics.json").write_text(json.dumps(metrics(1.0, 0.5, judge="sentiment")))
+    other_floor = best_of_n_baseline(load_runs([run]).runs[0])
+    assert other_floor.table.empty and "scored by sentiment (min_words 12), its generations by sentiment" in (
+        other_floor.note)
+    (run / "metrics.json").write_text(json.dumps(metrics(1.0, 0.5, judge="sentiment (min_words 12)")))
+    assert not best_of_n_baseline(load_runs([run]).runs[0]).table.empty
+    # The format stage samples; an evaluation that decoded greedily is another decoding, and the note says so.
+    run_params["generate"] = {"temperature": 1.0, "do_sample": False}
+    (run / "params.yaml").write_text(yaml.safe_dump(run_params))
+    greedy = best_of_n_baseline(load_runs([run]).runs[0])
+    assert "drawn with decoding sampling, the evaluated generations with decoding greedy" in greedy.note
+    assert "temperature" not in greedy.note.split("drawn with")[1]  # both at 1.0
     no_samples = best_of_n_baseline(RunRecord("b", tmp_path / "b", params("b", 0.1), metrics(1.0, 0.5)))
     assert no_samples.table.empty and "no data/samples.jsonl" in no_samples.note
 

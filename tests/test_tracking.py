@@ -15,7 +15,14 @@ import pytest
 
 from dpo_kit.params import load_params
 from dpo_kit.run.runner import find_secrets, run_pipeline
-from dpo_kit.tracking import TRACKER_ENV, configure_trackers, summary_metrics, tracker_environment, wandb_run_id
+from dpo_kit.tracking import (
+    TRACKER_ENV,
+    configure_trackers,
+    log_summary,
+    summary_metrics,
+    tracker_environment,
+    wandb_run_id,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "params" / "tiny.yaml"
@@ -148,14 +155,16 @@ def test_trackio_store_holds_trl_metric_names_and_the_summary(tracked_run):
 def test_tensorboard_event_files_hold_trl_metric_names_and_the_summary(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tags: set[str] = set()
+    tags: dict[str, set[str]] = {}
     values: dict[str, float] = {}
-    for events in (tracked_run / "tracking" / "tensorboard").glob("events.out.tfevents.*"):
+    for events in (tracked_run / "tracking" / "tensorboard").rglob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events))
         accumulator.Reload()
-        tags |= set(accumulator.Tags()["scalars"])
+        tags.setdefault(events.parent.name, set()).update(accumulator.Tags()["scalars"])
         values.update({tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]})
-    assert TRAIN_METRICS <= tags and SUMMARY <= tags
+    # The training curves in the tracker's folder; the evaluate stage's summary in a folder of its own, which goes
+    # with that stage when it runs again.
+    assert TRAIN_METRICS <= tags["tensorboard"] and SUMMARY <= tags["evaluate"]
     metrics = json.loads((tracked_run / "metrics.json").read_text())
     assert values["eval/kl"] == pytest.approx(metrics["kl"], rel=1e-6)
     manifest = json.loads((tracked_run / "manifest.json").read_text())
@@ -281,3 +290,27 @@ def test_trackio_already_pointed_at_another_store_in_this_process_is_refused_by_
     assert done.returncode == 0, done.stderr
     assert str(tmp_path / "first") in done.stdout and str(tmp_path / "second") in done.stdout, done.stdout
     assert "Restart the kernel" in done.stdout
+
+
+def test_an_evaluation_run_again_moves_its_tensorboard_summary_aside_with_its_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dpo_kit.run.stage import move_stages_aside
+
+    params = load_params(TINY, ["tracking.report_to=[tensorboard]"])
+    (tmp_path / "manifest.json").write_text(json.dumps({"run": "tb", "stages": {"evaluate": {"status": "completed"}}}))
+
+    def summaries(folder):
+        found = []
+        for events in sorted(folder.rglob("events.out.tfevents.*")):
+            accumulator = EventAccumulator(str(events))
+            accumulator.Reload()
+            found += [event.value for event in accumulator.Scalars("eval/win_rate")]
+        return found
+
+    log_summary(params, tmp_path, {"win_rate": 0.25})
+    (tmp_path / "metrics.json").write_text("{}")
+    moved = move_stages_aside(tmp_path, ["evaluate"], "other params")
+    log_summary(params, tmp_path, {"win_rate": 0.75})
+    assert summaries(tmp_path / "tracking") == [0.75]  # the new evaluation's value alone, not two at one step
+    assert summaries(moved) == [0.25] and (moved / "metrics.json").is_file()

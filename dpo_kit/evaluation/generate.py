@@ -171,16 +171,19 @@ def comparisons_frame(records: list[dict]) -> pandas.DataFrame:
     frame = pd.DataFrame(records)
     frame.insert(0, "user_prompt", [display_prompt(prompt) for prompt in frame["prompt"]])
     columns = ["user_prompt", "reference", "policy", "prompt_tokens", "reference_tokens", "policy_tokens"]
-    return frame[columns + [c for c in ("reference_score", "policy_score") if c in frame]]
+    return frame[columns + [c for c in ("reference_score", "policy_score", "judge") if c in frame]]
 
 
 def side_by_side_table(frame: pandas.DataFrame):
     """A Styler showing prompt, reference and policy side by side with wrapped text and the judge's scores."""
     shown = ["user_prompt", "reference", "reference_score", "policy", "policy_score"]
+    # The scores are the generate stage's, by the judge it recorded: evaluate.judge may have changed since.
+    judges = sorted(set(frame["judge"].dropna())) if "judge" in frame else []
+    judge = f"judge ({', '.join(judges)})" if judges else "judge"
     return (
         frame[[c for c in shown if c in frame]]
         .rename(columns={"user_prompt": "prompt", "reference": "reference (base)", "policy": "policy (DPO)",
-                         "reference_score": "judge: reference", "policy_score": "judge: policy"})
+                         "reference_score": f"{judge}: reference", "policy_score": f"{judge}: policy"})
         .style.format(precision=2)
         .set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
         .set_table_styles([{"selector": "th", "props": [("text-align", "left")]}])

@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from dpo_kit.judges import judge_label
+
 METRICS_FILE = "metrics.json"  # as dpo_kit.evaluation.evaluate writes it (not imported: that pulls in TRL)
 BEST_OF_N = (1, 2, 4, 8, 16)
 # Params that only name where a run happens: equal runs differ in them, so the params table leaves them out.
@@ -421,8 +423,10 @@ def best_of_n_baseline(run: RunRecord, ns: tuple[int, ...] = BEST_OF_N) -> BestO
         return BestOfN(run.name, empty, f"{run.name}: its samples come from data.generate.sampler {settings['sampler']},"
                        " not the reference: no best-of-N baseline of the reference")  # fmt: skip
     evaluated_by = run.metrics.get("judge")
-    if evaluated_by and settings.get("judge") and settings["judge"] != evaluated_by:
-        return BestOfN(run.name, empty, f"{run.name}: its samples were scored by {settings['judge']}, its generations"
+    # The judge with its length floor: a sentiment floor that differs scores the same samples otherwise.
+    sampled_by = judge_label(settings["judge"], settings.get("sentiment_min_words")) if settings.get("judge") else None
+    if evaluated_by and sampled_by and sampled_by != evaluated_by:
+        return BestOfN(run.name, empty, f"{run.name}: its samples were scored by {sampled_by}, its generations"
                        f" by {evaluated_by}: not one scale, so no best-of-N baseline")  # fmt: skip
     rows = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
     rows = [row for row in rows if row.get("scores")]
@@ -440,6 +444,8 @@ def best_of_n_baseline(run: RunRecord, ns: tuple[int, ...] = BEST_OF_N) -> BestO
     evaluation = run.params.get("generate") or {}
     decoding = {key: (settings.get(key), evaluation.get(key)) for key in ("temperature", "top_p", "max_new_tokens")}
     differ = {key: pair for key, pair in decoding.items() if pair[0] != pair[1] and None not in pair}
+    if evaluation.get("do_sample") is False:  # the format stage always samples
+        differ["decoding"] = ("sampling", "greedy")
     if differ:
         notes.append("its samples were drawn with " + ", ".join(f"{k} {a}" for k, (a, _) in differ.items())
                      + ", the evaluated generations with " + ", ".join(f"{k} {b}" for k, (_, b) in differ.items())

@@ -225,9 +225,14 @@ def make_judge(params, project_dir: str | Path = ".", settings=None) -> Judge:
 def judge_name(settings) -> str:
     """What `settings` (params.evaluate or params.data.generate) judge by, as runs record it: the judge's name, and
     the sentiment judge's floor where it differs from the default, since another floor gives other scores."""
-    if settings.judge == "sentiment" and settings.sentiment_min_words != SENTIMENT_MIN_WORDS:
-        return f"sentiment (min_words {settings.sentiment_min_words})"
-    return settings.judge
+    return judge_label(settings.judge, settings.sentiment_min_words)
+
+
+def judge_label(judge: str, sentiment_min_words: int | None = None) -> str:
+    """judge_name from a params dict's values (a recorded run's params.yaml); a missing floor is the default."""
+    if judge == "sentiment" and sentiment_min_words not in (None, SENTIMENT_MIN_WORDS):
+        return f"sentiment (min_words {sentiment_min_words})"
+    return judge
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,14 +66,15 @@ PLACE_ONLY_KEYS = ("run.name", "run.output_dir", "launch.machine_rank", "launch.
 # What each stage writes into the run directory (the executed notebook is the runner's copy); moved aside
 # together when the stage runs again. tests/test_stage_rerun.py checks that a finished run holds nothing else.
 # tracking/ goes with the train stage: a new training starts new tracker files (the evaluate stage, which adds
-# its summary there, runs again after it).
+# its summary there, runs again after it). The evaluate stage's TensorBoard summary is a folder of its own
+# (dpo_kit.tracking.TENSORBOARD_EVALUATION), moved aside with that stage.
 STAGE_OUTPUTS = {
     "format": ("data", "token_lengths.png", "notebooks/01_format_data.ipynb"),
     "train": ("checkpoints", "adapter", "trained", "train_log.jsonl", "training_curves.png", "tracking",
               "train_result.json", "notebooks/02_train_dpo.ipynb"),
     "merge": ("merged", "notebooks/03_merge.ipynb"),
     "generate": ("generations.jsonl", "reference_samples.jsonl", "notebooks/04_generate.ipynb"),
-    "evaluate": ("metrics.json", "evaluation.png", "notebooks/05_evaluate.ipynb"),
+    "evaluate": ("metrics.json", "evaluation.png", "tracking/tensorboard/evaluate", "notebooks/05_evaluate.ipynb"),
 }  # fmt: skip
 RUN_FILES = ("manifest.json", "params.yaml", "param_sets", "previous", "notebooks")
 PARAM_SETS = "param_sets"
