@@ -163,6 +163,10 @@ SENTIMENT_MIN_WORDS_HELP = (
     " (judge_floor in data/report.json). Only for judge 'sentiment'."
 )
 
+# The judges known by name (dpo_kit.judges.make_judge); any other judge is a reward model, by hub id or local path.
+JUDGE_NAMES = ("rule", "sentiment")
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
 # data.generate.prompts values that name bundled prompt sets rather than files (see dpo_kit.bundled).
 BUNDLED_PROMPT_SETS = ("movie-reviews", "movie-review-openings")
 
@@ -442,6 +446,12 @@ class Params(Section):
             judges["data.generate"] = generate
         for section, settings in judges.items():
             key, judge = f"{section}.judge", settings.judge
+            if judge not in JUDGE_NAMES and not is_local_path(judge) and not HUB_ID.fullmatch(judge):
+                close = difflib.get_close_matches(judge, JUDGE_NAMES, n=1)
+                raise ValueError(
+                    f"{key} '{judge}' is no judge{f' (did you mean {close[0]!r}?)' if close else ''}. Valid:"
+                    " 'rule', 'sentiment', a reward model's hub id ('owner/name') or a local directory ('./path')"
+                )
             if settings.sentiment_min_words != SENTIMENT_MIN_WORDS and judge != "sentiment":
                 raise ValueError(
                     f"{section}.sentiment_min_words {settings.sentiment_min_words} would have no effect: it is the"
@@ -452,6 +462,15 @@ class Params(Section):
                     f"{key} 'rule' only scores the bundled task (polite against dismissive replies); use"
                     " 'sentiment' for the movie-review prompts or name a reward model"
                     " (AutoModelForSequenceClassification id or path)"
+                )
+        if self.data.max_length is not None:
+            trained_at = self.dpo.get("max_length", dpo_config_defaults()["max_length"])
+            if trained_at is not None and self.data.max_length > trained_at:
+                raise ValueError(
+                    f"data.max_length {self.data.max_length} is above dpo.max_length {trained_at}, the limit TRL trains"
+                    " with: TRL would truncate or drop the pairs between them, uncounted, where the audit records every"
+                    f" pair it drops. Set data.max_length to at most {trained_at}, leave it out (it then follows"
+                    " dpo.max_length), or raise dpo.max_length"
                 )
         if generate is not None and generate.prompts == "movie-review-openings" and self.data.output_format != "standard":
             raise ValueError(
@@ -631,18 +650,19 @@ def _describe(error: dict, source: str) -> str:
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 # Hugging Face user tokens, refused even when none is in the environment here. (W&B keys are 40 hex digits,
 # like a commit hash that may pin a revision, so they are caught only by their value in the environment.)
-SECRET_PATTERNS = (re.compile(r"^hf_[A-Za-z0-9]{30,}$"),)
+SECRET_PATTERNS = (re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}(?![A-Za-z0-9])"),)
 
 
 def find_secret_values(raw: Any, path: str = "") -> list[str]:
-    """Dotted keys whose value is a secret: one from the environment or shaped like a token."""
+    """Dotted keys whose value holds a secret: one from the environment or shaped like a token."""
     if isinstance(raw, dict):
         return [key for k, v in raw.items() for key in find_secret_values(v, f"{path}.{k}" if path else str(k))]
     if isinstance(raw, list):
         return [key for i, v in enumerate(raw) for key in find_secret_values(v, f"{path}[{i}]")]
     if isinstance(raw, str):
         known = {os.environ[name] for name in SECRET_ENV_VARS if len(os.environ.get(name, "")) >= 8}
-        if raw in known or any(pattern.match(raw) for pattern in SECRET_PATTERNS):
+        # Inside a longer value too ("proj-<token>"): the runner would find it in the run's files, after the fact.
+        if any(secret in raw for secret in known) or any(pattern.search(raw) for pattern in SECRET_PATTERNS):
             return [path]
     return []
 
@@ -740,3 +760,15 @@ def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
     local_model = Path(project_dir) / name
     if is_local_path(name) and not local_model.exists() and not params.model.builds_tiny_model:
         raise ParamsError(f"model.name_or_path: directory not found: {local_model}")
+    if local_model.is_file():
+        raise ParamsError(f"model.name_or_path: {local_model} is a file; it names a model directory (one saved with"
+                          " save_pretrained, such as a run's merged/) or a hub id. For a .gguf file set model.gguf_file")
+    gguf_file = params.model.gguf_file
+    building = params.model.builds_tiny_model  # the kit's tiny model: built there when missing
+    if local_model.is_dir() and not gguf_file and not building and not (local_model / "config.json").is_file():
+        raise ParamsError(f"model.name_or_path: {local_model} holds no config.json, so it is no model directory (one"
+                          " saved with save_pretrained, such as a run's merged/). For a GGUF file in it, set"
+                          " model.gguf_file to the file's name")
+    for section, settings in (("evaluate", params.evaluate), ("data.generate", generate)):
+        if settings is not None and is_local_path(settings.judge) and not (Path(project_dir) / settings.judge).is_dir():
+            raise ParamsError(f"{section}.judge: reward-model directory not found: {Path(project_dir) / settings.judge}")

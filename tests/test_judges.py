@@ -266,8 +266,8 @@ def test_each_sentiment_judge_takes_its_length_floor_from_params():
 def test_a_sentiment_floor_for_another_judge_or_below_two_words_is_refused():
     from dpo_kit.params import ParamsError
 
-    with pytest.raises(ParamsError, match="evaluate.sentiment_min_words 3 would have no effect.*evaluate.judge is 'rm'"):
-        sentiment_params(evaluate_floor=3, judge="rm")
+    with pytest.raises(ParamsError, match="evaluate.sentiment_min_words 3 would have no effect.*evaluate.judge is 'org/rm'"):
+        sentiment_params(evaluate_floor=3, judge="org/rm")
     with pytest.raises(ParamsError, match="data.generate.sentiment_min_words"):
         sentiment_params(generate_floor=1)  # a one-word answer could then beat a real continuation
 

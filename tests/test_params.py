@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpo_kit.params import ParamsError, load_params, parse_params, save_params
+from dpo_kit.params import ParamsError, check_local_files, load_params, parse_params, save_params
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS_FILES = sorted((REPO / "params").glob("*.yaml"))
@@ -198,6 +198,12 @@ def test_secrets_in_params_are_refused_naming_the_key(monkeypatch):
     raw = raw_tiny()
     raw["tracking"]["project"] = "my-wandb-key-from-env"
     assert "tracking.project holds a secret" in error_for(raw)
+    # Inside a longer value too: the runner would find it in params.yaml and the manifest, after the stage ran.
+    raw["tracking"]["project"] = "proj-my-wandb-key-from-env"
+    assert "tracking.project holds a secret" in error_for(raw)
+    raw = raw_tiny()
+    raw["merge"]["hub_model_id"] = "me/model-hf_" + "a" * 34
+    assert "merge.hub_model_id holds a secret" in error_for(raw)
 
 
 def test_rule_judge_is_only_for_the_bundled_task_and_commit_revisions_are_not_secrets():
@@ -336,3 +342,35 @@ def test_best_of_n_without_sampling_is_refused():
     with pytest.raises(ParamsError, match="generate.best_of_n 4 needs generate.do_sample: true"):
         load_params(REPO / "params/tiny.yaml", ["generate.best_of_n=4", "generate.do_sample=false"])
     assert load_params(REPO / "params/tiny.yaml", ["generate.best_of_n=4"]).generate.best_of_n == 4
+
+
+def test_a_misspelled_judge_is_refused_when_the_params_are_read_not_after_training():
+    raw = raw_tiny()
+    raw["evaluate"]["judge"] = "rulee"
+    message = error_for(raw)
+    assert "evaluate.judge 'rulee' is no judge (did you mean 'rule'?)" in message and "'owner/name'" in message
+    for reward_model in ("OpenAssistant/reward-model-deberta-v3-large-v2", "./my-reward-model", "/abs/reward-model"):
+        raw["evaluate"]["judge"] = reward_model
+        assert parse_params(raw).evaluate.judge == reward_model  # a hub id or a path: a reward model
+    with pytest.raises(ParamsError, match="evaluate.judge: reward-model directory not found"):
+        check_local_files(parse_params({**raw, "evaluate": {"judge": "./my-reward-model"}}))
+
+
+def test_data_max_length_above_the_length_trl_trains_with_is_refused():
+    raw = raw_tiny()
+    raw["data"]["max_length"], raw["dpo"]["max_length"] = 1000, 20
+    assert "data.max_length 1000 is above dpo.max_length 20" in error_for(raw)
+    raw["data"]["max_length"] = 20
+    assert parse_params(raw).max_length == 20
+
+
+def test_a_model_path_that_holds_no_model_is_refused_naming_it(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    for path, expected in ((weights, "is a file"), (tmp_path, "holds no config.json")):
+        params = load_params(REPO / "params/tiny.yaml", [f"model.name_or_path={path}", "model.build_tiny_model=false"])
+        with pytest.raises(ParamsError, match=f"model.name_or_path: {path} {expected}"):
+            check_local_files(params)
+    (tmp_path / "config.json").write_text("{}")
+    check_local_files(load_params(REPO / "params/tiny.yaml", [f"model.name_or_path={tmp_path}",
+                                                              "model.build_tiny_model=false"]))  # fmt: skip

@@ -49,7 +49,7 @@ def test_a_stage_fingerprint_follows_the_params_it_and_earlier_stages_depend_on(
     assert changed("dpo.max_length=128") == set(mf.STAGES)  # the audit drops pairs above it
     assert changed("data.eval_fraction=0.2") == set(mf.STAGES)
     assert changed("generate.max_new_tokens=8") == {"generate", "evaluate"}
-    assert changed("evaluate.judge=length") == {"evaluate"}
+    assert changed("evaluate.judge=OpenAssistant/reward-model") == {"evaluate"}
     assert changed("run.name=elsewhere") == set()  # it names the place, not the content
 
 
