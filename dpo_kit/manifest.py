@@ -6,6 +6,7 @@ at a time, so every write re-reads the file and replaces it atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -111,6 +112,15 @@ def update_manifest(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
     manifest.update(fields)
     write_manifest(run_dir, manifest)
     return manifest
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes, read in chunks (a GGUF is hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def update_stage(run_dir: str | Path, stage: str, **fields: Any) -> dict[str, Any]:

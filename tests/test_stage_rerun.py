@@ -119,6 +119,32 @@ def test_an_unreadable_stored_result_is_computed_again_and_kept(tmp_path, tiny_m
     assert (run_dir / moved["path"] / "data" / "report.json").exists()
 
 
+def test_an_edited_data_file_is_formatted_again_not_shown_stale(tmp_path, tiny_model_dir, capsys):
+    """The params name the file, not its content: the format stage records the file's sha256 and computes again
+    when it changed, in the notebook (on_rerun show) and for --reuse-format and a sweep's shared pairs."""
+    from dpo_kit.bundled import bundled_preference_rows
+    from dpo_kit.run.stage import format_stage_differences
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in bundled_preference_rows()))
+    run_dir = tmp_path / "run"
+    _, first = open_format(run_dir, tiny_model_dir, f"data.source={pairs}")
+    recorded = mf.read_manifest(run_dir)["stages"]["format"]["input_files"]
+    assert recorded == {"data.source": {"path": str(pairs.resolve()), "sha256": mf.sha256_of(pairs)}}
+    stage, _ = open_format(run_dir, tiny_model_dir, f"data.source={pairs}")
+    assert stage.reused  # unchanged: shown
+    resolved = params_to_dict(stage.params)
+    assert format_stage_differences(run_dir, resolved) == []
+
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in bundled_preference_rows()[:200]))
+    assert format_stage_differences(run_dir, resolved) == [f"data.source {pairs.resolve()} changed since the stage ran"]
+    stage, second = open_format(run_dir, tiny_model_dir, f"data.source={pairs}")
+    assert not stage.reused and (first.rows_read, second.rows_read) == (400, 200)
+    [moved] = mf.read_manifest(run_dir)["previous"]
+    assert moved["reason"] == f"data.source {pairs.resolve()} changed since the stage ran: computed again with the same params"
+    assert len((run_dir / moved["path"] / "data" / "train.jsonl").read_text().splitlines()) == first.n_train
+
+
 def test_refuse_keeps_the_batch_behaviour(tmp_path, tiny_model_dir):
     from dpo_kit.params import ParamsError
 

@@ -14,13 +14,14 @@ needs no path: `model.name_or_path: smollm2-135m-instruct`. The wheel is located
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from dpo_kit.manifest import sha256_of
 
 CONVERTED_MARKER = "dpo_kit_gguf.json"  # written last: a cache directory without it is incomplete
 
@@ -104,14 +105,6 @@ def locate_gguf(name_or_path: str, gguf_file: str | None, project_dir: str | Pat
             f"model.gguf_file: cannot find '{gguf_file}' as a file, in the directory '{name_or_path}', or in the"
             f" hub repo '{name_or_path}' ({type(error).__name__}: {error})"
         ) from error
-
-
-def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_root() -> Path:

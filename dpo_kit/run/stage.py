@@ -333,11 +333,36 @@ def _name_parameter_sets(run_dir: Path, manifest: dict) -> dict:
     return manifest
 
 
+def format_input_files(params: Params, project: Path) -> dict[str, dict[str, str]]:
+    """The local files the format stage reads, by params key: their path and sha256. A file's name is in the
+    params, its content is not: the format stage records these so that an edited file is not shown stale."""
+    named = {"data.source": params.data.source}
+    if params.data.generate is not None:
+        named["data.generate.prompts"] = params.data.generate.prompts
+    files = {}
+    for key, name in named.items():
+        path = (project / name).resolve()
+        if path.is_file():
+            files[key] = {"path": str(path), "sha256": mf.sha256_of(path)}
+    return files
+
+
+def changed_input_files(entry: dict[str, Any]) -> list[str]:
+    """The input files recorded in a format stage's entry whose content differs now (or which are gone)."""
+    changed = []
+    for key, recorded in (entry.get("input_files") or {}).items():
+        path = Path(recorded["path"])
+        if not path.is_file():
+            changed.append(f"{key} {path} is gone")
+        elif mf.sha256_of(path) != recorded["sha256"]:
+            changed.append(f"{key} {path} changed since the stage ran")
+    return changed
+
+
 def has_completed_format(run_dir: Path, resolved: dict) -> bool:
-    """Whether `run_dir` holds a completed format stage made with the data params of `resolved`."""
-    entry = mf.read_manifest(run_dir).get("stages", {}).get("format")
-    return bool(entry) and entry.get("status") == "completed" and (
-        _entry_fingerprint(run_dir, "format", entry) == params_fingerprint(resolved, "format"))
+    """Whether `run_dir` holds a completed format stage made with the data params of `resolved`, from input files
+    that are unchanged since."""
+    return not format_stage_differences(run_dir, resolved)
 
 
 def format_stage_differences(run_dir: Path, resolved: dict) -> list[str]:
@@ -347,7 +372,7 @@ def format_stage_differences(run_dir: Path, resolved: dict) -> list[str]:
     if not entry or entry.get("status") != "completed":
         return [f"its format stage is {entry.get('status') if entry else 'absent'}, not completed"]
     if _entry_fingerprint(run_dir, "format", entry) == params_fingerprint(resolved, "format"):
-        return []
+        return changed_input_files(entry)
     return stage_differences(_entry_params(run_dir, entry), resolved, "format") or ["its data params differ"]
 
 
@@ -440,13 +465,15 @@ def open_stage(
     previous = manifest.get("stages", {}).get(name, {})
     _refuse_if_running_elsewhere(run_path, name, previous)
     same_params = bool(previous) and _entry_fingerprint(run_path, name, previous) == params_fingerprint(resolved, name)
+    # The same params over an edited data file are another input: computed again, not shown stale.
+    changed_files = changed_input_files(previous) if same_params and name == "format" else []
     if previous.get("status") == "completed" and batch:
         raise StageError(
             f"stage '{name}' of run '{params.run.name}' already completed in {run_path} at {previous.get('finished')};"
             " an earlier result is never overwritten. Choose a new run.name (e.g. overrides=['run.name=...'])."
         )
     unreadable = None
-    if previous.get("status") == "completed" and same_params and on_rerun == "show":
+    if previous.get("status") == "completed" and same_params and not changed_files and on_rerun == "show":
         stage = Stage(name=name, params=params, run_dir=run_path, project_dir=project, hardware=hardware, reused=True)
         try:
             stage.stored = STORED_RESULT_LOADERS[name](stage)
@@ -469,6 +496,8 @@ def open_stage(
     # stage, and everything later stages made from it, moves aside first: it is kept, never mixed in.
     if unreadable:
         reason = f"{unreadable}: computed again with the same params"
+    elif changed_files and previous.get("status") == "completed":
+        reason = f"{'; '.join(changed_files)}: computed again with the same params"
     elif previous.get("status") == "completed" and same_params:
         reason = "on_rerun='recompute': computed again with the same params"
     elif previous and not same_params:
@@ -486,9 +515,10 @@ def open_stage(
     set_file = _save_parameter_set(run_path, resolved)
     if on_rerun != "refuse":
         save_params(resolved, run_path / "params.yaml")  # the params of the newest stage; earlier sets stay
+    inputs = {"input_files": format_input_files(params, project)} if name == "format" else {}
     mf.update_stage(
         run_path, name, status="running", started=mf.now_iso(), params_id=set_file.stem, params_file=str(set_file),
-        params_fingerprint=params_fingerprint(resolved, name), **mf.this_process(),
+        params_fingerprint=params_fingerprint(resolved, name), **inputs, **mf.this_process(),
     )
     mf.update_manifest(run_path, status="running")
     return Stage(name=name, params=params, run_dir=run_path, project_dir=project, hardware=hardware)
