@@ -647,6 +647,22 @@ def _describe(error: dict, source: str) -> str:
     return f"{source}: {location}: {error['msg']} (got {error.get('input')!r})"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping: PyYAML keeps the last value without a
+    word, so a params file with `beta: 0.1` and, further down, `beta: 0.5` would train at 0.5."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"key '{key}' is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 # Hugging Face user tokens, refused even when none is in the environment here. (W&B keys are 40 hex digits,
 # like a commit hash that may pin a revision, so they are caught only by their value in the environment.)
@@ -711,7 +727,7 @@ def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     raw = apply_overrides(raw, overrides)
@@ -769,6 +785,12 @@ def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
         raise ParamsError(f"model.name_or_path: {local_model} holds no config.json, so it is no model directory (one"
                           " saved with save_pretrained, such as a run's merged/). For a GGUF file in it, set"
                           " model.gguf_file to the file's name")
+    if gguf_file and local_model.is_dir() and not (local_model / gguf_file).is_file() and not Path(gguf_file).is_file():
+        raise ParamsError(f"model.gguf_file: {gguf_file} is neither in {local_model} nor a file")
+    config_file = params.launch.config_file
+    if config_file and config_file not in SHIPPED_ACCELERATE_CONFIGS and not (Path(project_dir) / config_file).is_file():
+        raise ParamsError(f"launch.config_file: {Path(project_dir) / config_file} not found; name one shipped with"
+                          f" dpo-kit ({', '.join(SHIPPED_ACCELERATE_CONFIGS)}) or a YAML file written by `accelerate config`")
     for section, settings in (("evaluate", params.evaluate), ("data.generate", generate)):
         if settings is not None and is_local_path(settings.judge) and not (Path(project_dir) / settings.judge).is_dir():
             raise ParamsError(f"{section}.judge: reward-model directory not found: {Path(project_dir) / settings.judge}")

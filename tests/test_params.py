@@ -374,3 +374,20 @@ def test_a_model_path_that_holds_no_model_is_refused_naming_it(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     check_local_files(load_params(REPO / "params/tiny.yaml", [f"model.name_or_path={tmp_path}",
                                                               "model.build_tiny_model=false"]))  # fmt: skip
+
+
+def test_a_key_given_twice_in_a_params_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text((REPO / "params/tiny.yaml").read_text() + "\ndpo:\n  beta: 0.5\n")  # a second dpo section
+    with pytest.raises(ParamsError, match=r"dup.yaml: not valid YAML(.|\n)*key 'dpo' is given twice(.|\n)*line"):
+        load_params(path)
+
+
+def test_a_launch_config_or_gguf_file_that_is_not_there_is_refused_before_any_stage(tmp_path):
+    with pytest.raises(ParamsError, match=r"launch.config_file: .*zero4 not found; name one shipped .*\(ddp, zero2"):
+        check_local_files(load_params(REPO / "params/tiny.yaml", ["launch.config_file=zero4"]))
+    check_local_files(load_params(REPO / "params/tiny.yaml", ["launch.config_file=zero2"]))
+    with pytest.raises(ParamsError, match=f"model.gguf_file: model.gguf is neither in {tmp_path} nor a file"):
+        check_local_files(load_params(REPO / "params/tiny.yaml", [f"model.name_or_path={tmp_path}",
+                                                                  "model.build_tiny_model=false",
+                                                                  "model.gguf_file=model.gguf"]))  # fmt: skip
