@@ -49,6 +49,10 @@ def capture(notebook: Path, project: Path) -> Path:
 
 
 def main() -> int:
+    import argparse
+
+    # No options: --help only says what a run does, before it spends minutes executing every notebook.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     notebooks = [p for p in sorted(NOTEBOOKS.glob("*.ipynb"))
                  if any(is_checked(c.source) for c in nbformat.read(p, as_version=4).cells if c.cell_type == "code")]
     for stale in EXPECTED_OUTPUTS.glob("*.ipynb"):
