@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dpo_kit.data.audit import NoPairsLeftError
+from dpo_kit.data.audit import AuditResult, NoPairsLeftError
 from dpo_kit.data.formats import rebuild_hh_transcript
 from dpo_kit.data.pipeline import (
     dropped_summary_table,
@@ -15,6 +15,7 @@ from dpo_kit.data.pipeline import (
     load_split,
     plot_token_lengths,
     prepare_data,
+    raise_if_a_split_is_empty,
     split_rows,
 )
 from dpo_kit.data.sources import SourceError, read_rows
@@ -161,6 +162,80 @@ def test_broken_jsonl_line_is_named(tmp_path):
         read_rows(make_params(source="bad.jsonl").data, tmp_path)
 
 
+def test_csv_row_with_more_fields_than_the_header_is_refused_not_shifted(tmp_path):
+    # Unquoted commas: pandas took "Hi 0" as the row index and trained on " how are you?" as the prompt.
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\nHello,Fine thanks,No\nHi 0, how are you?,I am well thank you,Go away\n")
+    with pytest.raises(SourceError) as caught:
+        read_rows(make_params(source="pairs.csv", format="standard").data, tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"data.source: {path}, line 3: 4 fields, but the header has 3 columns (prompt, chosen, rejected)")
+    assert "'Hi 0', ' how are you?'" in message, "the fields as split are shown, so the stray comma is visible"
+    assert "must be enclosed in double quotes" in message
+
+
+def test_csv_first_row_with_extra_fields_is_not_read_as_an_index_column(tmp_path):
+    # The bug's own repro: when the first data row is the long one, pandas infers an index column silently.
+    (tmp_path / "pairs.csv").write_text("prompt,chosen,rejected\nHi 0, how are you?,I am well thank you,Go away\n")
+    with pytest.raises(SourceError, match=r"pairs.csv, line 2: 4 fields, but the header has 3 columns"):
+        read_rows(make_params(source="pairs.csv", format="standard").data, tmp_path)
+
+
+def test_csv_row_with_fewer_fields_than_the_header_is_refused_not_padded(tmp_path):
+    # pandas padded the missing rejected with "", so the row was dropped as empty_response instead of reported.
+    (tmp_path / "pairs.csv").write_text("prompt,chosen,rejected\nHello,Fine thanks\n")
+    with pytest.raises(SourceError, match=r"line 2: 2 fields, but the header has 3 columns \(prompt, chosen, rejected\)"):
+        read_rows(make_params(source="pairs.csv", format="standard").data, tmp_path)
+
+
+def test_csv_quoted_fields_are_read_exactly(tmp_path):
+    # Quoted commas, doubled quotes, line breaks, a UTF-8 BOM (Excel), blank lines and a field longer than the
+    # csv module's default limit all read back as written; a bad row after a multi-line one names its own line.
+    long_reply = "x" * 200_000
+    path = tmp_path / "pairs.csv"
+    path.write_text(
+        '\ufeffprompt,chosen,rejected\n"Hi, how are you?","She said ""fine"".",No\n\n'
+        f'"Two\nlines",{long_reply},""\n',
+        encoding="utf-8",
+    )
+    assert read_rows(make_params(source="pairs.csv", format="standard").data, tmp_path) == [
+        {"prompt": "Hi, how are you?", "chosen": 'She said "fine".', "rejected": "No"},
+        {"prompt": "Two\nlines", "chosen": long_reply, "rejected": ""},
+    ]
+    with path.open("a") as out:
+        out.write("a,b,c,d\n")
+    with pytest.raises(SourceError, match="pairs.csv, line 6: 4 fields"):
+        read_rows(make_params(source="pairs.csv", format="standard").data, tmp_path)
+
+
+UNREADABLE_FILES = {
+    # name: (file bytes, what the message must say besides data.source and the path)
+    "empty.csv": (b"", "the CSV file is empty; its first line must be a header"),
+    "open_quote.csv": (b'prompt,chosen,rejected\n"Hi,Fine,No\nHello,Ok,No\n', "line 2: cannot be parsed as CSV (a quoted field opened on line 2 is never closed)"),
+    "latin1.csv": ("prompt,chosen,rejected\nHello,Fine,No\nCafé,Oui,Non\n".encode("latin-1"), "line 3: not UTF-8 text (byte 0xe9"),
+    "latin1.jsonl": ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "é"}\n'.encode("latin-1"), "line 2: not UTF-8 text"),
+    "latin1.json": ('[{"prompt": "é"}]'.encode("latin-1"), "line 1: not UTF-8 text"),
+    # pandas renamed the second one 'chosen.1', so a column map could silently pick the wrong one.
+    "repeated_column.csv": (b"prompt,chosen,chosen\na,b,c\n", "line 1: the header names a column more than once: 'chosen'"),
+    "corrupt.parquet": (b"PAR1 not really parquet", "not a readable Parquet file (ArrowInvalid"),
+    "broken.json": (b'[{"prompt": "a",\n "chosen": }]', "line 2: not valid JSON (Expecting value, column 12)"),
+    "broken.jsonl": (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a"\n', "line 2: not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("name", UNREADABLE_FILES)
+def test_unreadable_files_name_data_source_the_file_and_the_problem(tmp_path, name):
+    # Raw pandas/pyarrow/codec errors named neither the key nor the file; each becomes a SourceError that does.
+    content, expected = UNREADABLE_FILES[name]
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(SourceError) as caught:
+        read_rows(make_params(source=name, format="standard").data, tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"data.source: {tmp_path / name}") and expected in message
+    if "UTF-8" in expected:
+        assert "Data files must be UTF-8" in message
+
+
 def test_hub_dataset_offline_fails_with_a_clear_message(monkeypatch):
     import datasets
 
@@ -234,6 +309,36 @@ def test_everything_dropped_raises_with_reasons_and_keeps_dropped_jsonl(tokenize
     assert "missing_column: 6 rows" in str(caught.value) and "column 'prompt' is missing" in str(caught.value)
     assert len(read_jsonl(tmp_path / "run/data/dropped.jsonl")) == 6
     assert not (tmp_path / "run/data/train.jsonl").exists()
+
+
+def test_a_single_kept_pair_is_refused_before_any_split_is_written(tokenizer, tmp_path):
+    # 1 kept pair splits into 1 train / 0 eval: training and merging ran, then generate failed on the empty
+    # eval.jsonl with KeyError: 'prompt'. The format stage must stop there, with the counts and the fix.
+    rows = [
+        {"prompt": "Hello", "chosen": "Hi, how can I help?", "rejected": "Go away."},
+        {"prompt": "Hello", "chosen": "Hi, how can I help?", "rejected": "Go away."},
+        {"prompt": "Spell cat.", "chosen": "", "rejected": "K-A-T."},
+    ]
+    write_source(rows, tmp_path / "few.jsonl")
+    (tmp_path / "run/data").mkdir(parents=True)
+    (tmp_path / "run/data/eval.jsonl").write_text('{"stale": "from an earlier run"}\n')
+    with pytest.raises(NoPairsLeftError) as caught:
+        prepare_data(make_params(source="few.jsonl", format="standard"), tokenizer, tmp_path / "run", project_dir=tmp_path)
+    message = str(caught.value)
+    assert "'few.jsonl': 3 rows read, 1 kept, 2 dropped (by reason: duplicate: 1, empty_response: 1" in message
+    assert f"is in {tmp_path / 'run/data/dropped.jsonl'}" in message
+    assert "The split gives train 1, held out 0" in message and "at least 2 pairs must be kept" in message
+    assert "Add rows to data.source" in message and "data.eval_fraction (now 0.1)" in message
+    assert len(read_jsonl(tmp_path / "run/data/dropped.jsonl")) == 2, "every drop is still recorded"
+    assert not (tmp_path / "run/data/train.jsonl").exists() and not (tmp_path / "run/data/eval.jsonl").exists()
+
+
+def test_an_empty_train_split_is_refused_too():
+    # split_rows always keeps one pair to train on, so an empty train split comes only from another split
+    # (iterative DPO holds out a sampler run's prompts): the same check covers it.
+    result = AuditResult(rows_read=1, kept=[(0, {"prompt": "p"})])
+    with pytest.raises(NoPairsLeftError, match="train 0, held out 1.*data.max_rows \\(now 5\\)"):
+        raise_if_a_split_is_empty(result, [], [{"prompt": "p"}], make_params(max_rows=5), "dropped.jsonl")
 
 
 def test_too_long_pairs_are_dropped_against_the_configured_limit(tokenizer, tmp_path):

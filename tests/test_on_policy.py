@@ -11,7 +11,8 @@ import pytest
 
 from dpo_kit.bundled import movie_review_prompts
 from dpo_kit.data.drops import DropRow
-from dpo_kit.data.on_policy import cut_responses, judge_floor_pairs, ranked_pair, sample_scored_rows
+from dpo_kit.data.on_policy import cut_responses, judge_floor_pairs, prompt_rows, ranked_pair, sample_scored_rows
+from dpo_kit.data.sources import SourceError
 from dpo_kit.params import ParamsError, load_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +39,14 @@ def prompts_file(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def test_an_unreadable_prompts_file_names_data_generate_prompts(tmp_path):
+    # The prompts file is read by the same reader as data.source; its errors must name the setting that set it.
+    bad = tmp_path / "prompts.csv"
+    bad.write_text("prompt\nHi, how are you?\n")
+    with pytest.raises(SourceError, match=r"^data.generate.prompts: .*prompts.csv, line 2: 2 fields, but the header has 1"):
+        prompt_rows(generate_params(tmp_path / "model", bad), tmp_path)
 
 
 def test_bundled_movie_review_prompts_are_several_hundred_distinct_openings():
@@ -256,6 +265,11 @@ def test_a_judge_with_a_length_floor_records_what_it_floored_and_the_report_says
     from dpo_kit.models.loading import load_tokenizer
 
     # The tiny model's 12 random tokens decode to a varying number of words, so the floor of 8 is met only sometimes.
+    # Three more prompts than the fixture: the format stage refuses a run that keeps fewer than 2 pairs (one to
+    # train on, one held out), and with the fixture's three usable prompts this judge keeps only one.
+    more = ["Describe a rainy afternoon in a small town.", "What makes a good cup of tea?", "Tell me about owls."]
+    with prompts_file.open("a") as out:
+        out.writelines(json.dumps({"prompt": prompt}) + "\n" for prompt in more)
     params = generate_params(tiny_model_dir, prompts_file, "data.generate.judge=sentiment", "evaluate.judge=sentiment")
     tokenizer = load_tokenizer(str(tiny_model_dir), params)
     rows = [row for row in sample_scored_rows(params, tokenizer, REPO) if "samples" in row]

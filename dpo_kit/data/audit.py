@@ -25,7 +25,8 @@ ROLES = ("system", "user", "assistant")
 
 
 class NoPairsLeftError(ValueError):
-    """Every row was dropped; the message gives the top reasons with counts and an example each."""
+    """Every row was dropped (the message gives the top reasons with counts and an example each), or too few
+    pairs are left to have one to train on and one held out (`dpo_kit.data.pipeline.raise_if_a_split_is_empty`)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def prompt_rows(params: Params, project_dir: str | Path = ".") -> list[dict]:
     if settings.prompts in BUNDLED_PROMPT_SETS:
         rows = movie_review_prompts(prefill=settings.prompts == "movie-review-openings")
     else:
-        rows = read_local_file(Path(project_dir) / settings.prompts, params.data.max_rows)
+        rows = read_local_file(Path(project_dir) / settings.prompts, params.data.max_rows, key="data.generate.prompts")
     return rows[: params.data.max_rows] if params.data.max_rows else rows
 
 

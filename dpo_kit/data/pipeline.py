@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo_kit.data.audit import audit_rows, raise_if_nothing_left
+from dpo_kit.data.audit import NoPairsLeftError, audit_rows, raise_if_nothing_left
 from dpo_kit.data.drops import REASONS
 from dpo_kit.data.formats import converter
 from dpo_kit.data.on_policy import (
@@ -156,8 +156,9 @@ def _stats(values: list[int]) -> dict[str, float]:
 def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path = ".") -> DataReport:
     """Read, convert, audit, split and write the run's data; returns the report the notebook displays.
 
-    Raises SourceError when the source cannot be read and NoPairsLeftError when every row is dropped
-    (dropped.jsonl is written first, so the reasons can be inspected).
+    Raises SourceError when the source cannot be read and NoPairsLeftError when every row is dropped, or
+    when the pairs kept leave nothing to train on or nothing held out (dropped.jsonl is written first, so the
+    reasons can be inspected; train.jsonl and eval.jsonl are not written, so no later stage runs on them).
     """
     data = params.data
     if not getattr(tokenizer, "chat_template", None):
@@ -200,6 +201,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
     else:
         train, eval_ = split_as_sampler_run(result.kept, held_out)
         _write_jsonl(held_out_prompts_file, ({"prompt": prompt} for prompt in held_out.prompts))
+    raise_if_a_split_is_empty(result, train, eval_, params, str(paths["dropped"]))
     _write_jsonl(paths["train"], train)
     _write_jsonl(paths["eval"], eval_)
     digest = hashlib.sha256(paths["train"].read_bytes() + paths["eval"].read_bytes()).hexdigest()
@@ -250,6 +252,28 @@ def load_data_report(run_dir: str | Path) -> DataReport:
     # a report written before a field existed (held_out_from, responses_cut, judge_floor) reads back with that field's default
     found = {key: stored[key] for key in fields if key in stored}
     return DataReport(**found, **{key: lengths[key] for key in LENGTH_FIELDS})
+
+
+def raise_if_a_split_is_empty(result, train: list, eval_: list, params, dropped_path: str) -> None:
+    """NoPairsLeftError when the split leaves no pair to train on or none held out, with the counts and the fix.
+
+    The train stage needs a pair, and evaluate and generate need a held-out one: an empty eval.jsonl would
+    only fail them after training and merging.
+    """
+    if train and eval_:
+        return
+    data = params.data
+    dropped = ", ".join(f"{reason}: {count}" for reason, count in result.dropped_by_reason.items()) or "none"
+    more = "prompts to data.generate.prompts" if data.source == "generate" else "rows to data.source"
+    limit = f" or raise data.max_rows (now {data.max_rows})" if data.max_rows else ""
+    raise NoPairsLeftError(
+        f"{describe_source(data)}: {result.rows_read} rows read, {len(result.kept)} kept, {len(result.dropped)}"
+        f" dropped (by reason: {dropped}; every dropped row, with its reason, is in {dropped_path}). The split gives train"
+        f" {len(train)}, held out {len(eval_)}, but training needs at least one pair and the"
+        f" evaluate and generate stages at least one held-out pair, so at least 2 pairs must be kept. Add {more}"
+        f"{limit}, or fix what made rows drop; data.eval_fraction (now {data.eval_fraction})"
+        " sets the share held out once 2 or more pairs are kept."
+    )
 
 
 def split_rows(kept: list[tuple[int, dict]], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

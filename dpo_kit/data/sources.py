@@ -1,15 +1,20 @@
 """Reading a preference data source into plain row dicts, values exactly as stored.
 
 Rows are not type-coerced: the audit must see a null, a number or a missing key where the file has one,
-so JSON is read with `json`, Parquet with pyarrow and CSV with pandas as text. Hub datasets go through
-`datasets.load_dataset`, which needs a network unless the dataset is already in the local cache.
+so JSON is read with `json`, Parquet with pyarrow and CSV with the `csv` module as text (no index column
+inferred; a row whose field count differs from the header's is an error, not truncated or padded). Local
+files must be UTF-8; a file that cannot be read raises SourceError naming the setting (data.source, or
+data.generate.prompts), the file and the line. Hub datasets go through `datasets.load_dataset`, which needs a
+network unless the dataset is already in the local cache.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dpo_kit.params import LOCAL_DATA_SUFFIXES, DataParams, is_local_path
 
@@ -42,58 +47,160 @@ def read_rows(data: DataParams, project_dir: str | Path = ".") -> list[dict[str,
     return rows[: data.max_rows] if data.max_rows else rows
 
 
-def read_local_file(path: Path, max_rows: int | None = None) -> list[dict[str, Any]]:
+def read_local_file(path: Path, max_rows: int | None = None, key: str = "data.source") -> list[dict[str, Any]]:
+    """The rows of a local file; `key` is the setting that names it, which every SourceError starts with."""
     if not path.is_file():
-        raise SourceError(f"data.source: file not found: {path}")
+        raise SourceError(f"{key}: file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(path, max_rows)
+        return _read_jsonl(path, max_rows, key)
     if suffix == ".json":
-        return _read_json(path)
+        return _read_json(path, key)
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        return (table.slice(0, max_rows) if max_rows else table).to_pylist()
+        return _read_parquet(path, max_rows, key)
     if suffix == ".csv":
-        import pandas as pd
-
-        # Every cell as text, empty cells as "", so the audit sees what the file holds rather than NaN.
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=max_rows)
-        return frame.to_dict(orient="records")
-    raise SourceError(f"data.source '{path}': unsupported file type '{suffix}'; use one of {', '.join(LOCAL_DATA_SUFFIXES)}")
+        return _read_csv(path, max_rows, key)
+    raise SourceError(f"{key} '{path}': unsupported file type '{suffix}'; use one of {', '.join(LOCAL_DATA_SUFFIXES)}")
 
 
-def _read_jsonl(path: Path, max_rows: int | None) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if max_rows and len(rows) >= max_rows:
-                break
-            if not line.strip():
-                continue
+def _read_text(path: Path, key: str) -> str:
+    """The whole file as UTF-8 text (a leading byte-order mark dropped)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        _raise_not_utf8(path, key)
+
+
+def _raise_not_utf8(path: Path, key: str) -> NoReturn:
+    """SourceError at the first byte of the file that is not UTF-8, with its line."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise SourceError(
+            f"{key}: {path}, line {line}: not UTF-8 text (byte {data[error.start]:#04x} at offset"
+            f" {error.start}: {error.reason}). Data files must be UTF-8: re-save the file as UTF-8, e.g."
+            f" `iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}` for a Latin-1 (Windows-1252) file."
+        ) from None
+    raise AssertionError(f"{path} decoded as UTF-8 on a second read")  # the file changed while it was read
+
+
+def _read_parquet(path: Path, max_rows: int | None, key: str) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:  # ArrowInvalid for a corrupt or non-Parquet file
+        raise SourceError(
+            f"{key}: {path}: not a readable Parquet file ({type(error).__name__}: {error}). Rewrite it,"
+            " e.g. with pandas `DataFrame.to_parquet`, or use a .jsonl/.json/.csv file."
+        ) from error
+    return (table.slice(0, max_rows) if max_rows else table).to_pylist()
+
+
+CSV_QUOTING_HINT = (
+    "A field that holds a comma, a line break or a double quote must be enclosed in double quotes, with each"
+    ' double quote inside it doubled, e.g. "Hi, how are you?" or "She said ""hi""."'
+)
+
+
+def _read_csv(path: Path, max_rows: int | None, key: str) -> list[dict[str, Any]]:
+    """Every cell as text, empty cells as "", so the audit sees what the file holds; the first line is the header.
+
+    Each row must have exactly as many fields as the header: pandas would take a longer row's first field as
+    the row index (or cut its last fields) and pad a shorter one, shifting text into the wrong column.
+    """
+    # csv's default limit of 131072 characters per field would refuse long responses that pandas reads.
+    field_limit = csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    try:
+        return _read_csv_records(path, max_rows, key)
+    finally:
+        csv.field_size_limit(field_limit)
+
+
+def _read_csv_records(path: Path, max_rows: int | None, key: str) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8-sig", newline="") as text:
+        # strict: a stray quote (an unclosed quoted field, text after a closing quote) is an error, not guessed at
+        reader = csv.reader(text, strict=True)
+        rows: list[dict[str, Any]] = []
+        header: list[str] | None = None
+        while not (max_rows and len(rows) >= max_rows):
+            line = reader.line_num + 1  # where the next record starts: csv counts the lines it has consumed
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SourceError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise SourceError(f"{path}, line {number}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
+                record = next(reader)
+            except StopIteration:
+                break
+            except UnicodeDecodeError:
+                _raise_not_utf8(path, key)
+            except csv.Error as error:
+                what = f"a quoted field opened on line {line} is never closed" if "end of data" in str(error) else str(error)
+                raise SourceError(
+                    f"{key}: {path}, line {line}: cannot be parsed as CSV ({what}). {CSV_QUOTING_HINT}"
+                ) from None
+            if not any(field.strip() for field in record) and len(record) <= 1:
+                continue  # a blank line holds no row
+            if header is None:
+                header = record
+                repeated = sorted({name for name in header if header.count(name) > 1})
+                if repeated:
+                    names = ", ".join(map(repr, repeated))
+                    raise SourceError(f"{key}: {path}, line {line}: the header names a column more than once: {names}")
+                continue
+            if len(record) != len(header):
+                shown = repr(record)
+                shown = shown if len(shown) <= 300 else shown[:300] + "..."
+                raise SourceError(
+                    f"{key}: {path}, line {line}: {len(record)} fields, but the header has {len(header)} columns"
+                    f" ({', '.join(header)}); the fields read: {shown}. {CSV_QUOTING_HINT}"
+                )
+            rows.append(dict(zip(header, record, strict=True)))
+    if header is None:
+        raise SourceError(f"{key}: {path}: the CSV file is empty; its first line must be a header naming the columns")
     return rows
 
 
-def _read_json(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, max_rows: int | None, key: str) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8-sig") as lines:
+        try:
+            for number, line in enumerate(lines, start=1):
+                if max_rows and len(rows) >= max_rows:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise SourceError(
+                        f"{key}: {path}, line {number}: not valid JSON ({error.msg}, column {error.colno});"
+                        " a .jsonl file holds one JSON object per line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise SourceError(
+                        f"{key}: {path}, line {number}: expected a JSON object per line, got {type(row).__name__}"
+                    )
+                rows.append(row)
+        except UnicodeDecodeError:
+            _raise_not_utf8(path, key)
+    return rows
+
+
+def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(_read_text(path, key))
     except json.JSONDecodeError as error:
-        raise SourceError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+        raise SourceError(
+            f"{key}: {path}, line {error.lineno}: not valid JSON ({error.msg}, column {error.colno})"
+        ) from None
     if isinstance(content, list) and all(isinstance(row, dict) for row in content):
         return content
     if isinstance(content, dict) and content and all(isinstance(column, list) for column in content.values()):
         lengths = {len(column) for column in content.values()}
         if len(lengths) == 1:
             return [dict(zip(content, values, strict=True)) for values in zip(*content.values(), strict=True)]
-    raise SourceError(f"{path}: expected a list of row objects, or an object of equal-length column lists")
+    raise SourceError(f"{key}: {path}: expected a list of row objects, or an object of equal-length column lists")
 
 
 def read_hub_dataset(source: str, split: str, revision: str | None, max_rows: int | None) -> list[dict[str, Any]]:
