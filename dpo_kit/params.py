@@ -705,7 +705,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         if "=" not in override or "." not in override.split("=", 1)[0]:
             raise ParamsError(f"override '{override}': expected section.key=value, e.g. dpo.beta=0.2")
         dotted, text = override.split("=", 1)
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            quoted = text.strip().replace("'", "''")  # YAML's single quotes: '' is one quote inside
+            raise ParamsError(
+                f"override '{override}': the value of {dotted.strip()} is not valid YAML ({problem}). To pass it as"
+                " text (YAML gives { } [ ] % @ ` : # and others a meaning of their own), put it in single quotes"
+                f" inside the shell's double quotes: --set \"{dotted.strip()}='{quoted}'\""
+            ) from None
         parts = dotted.strip().split(".")
         if parts[0] not in Params.model_fields:
             raise ParamsError(

@@ -67,6 +67,9 @@ def test_grid_values_parse_as_the_params_file_would_read_them():
         ([], ["dpo.learning_rate=1e-5:1e-3:cubic"], "LOW:HIGH:log"),
         (["dpo.beta=0.1,0.2"], ["dpo.beta=0.1:0.2"], "both as --grid and as --range"),
         ([], [], "nothing to sweep"),
+        (["dpo.loss_type=@a,ipo"], [], r"--grid dpo.loss_type=@a,ipo: the value '@a' is not valid YAML.*"
+                                       r"--grid \"dpo.loss_type='@a',...\""),
+        ([], ["dpo.beta=%:1"], r"--range dpo.beta=%:1: the value '%' is not valid YAML"),
     ],
 )
 def test_a_bad_search_space_is_refused_with_what_would_be_valid(grid, ranges, message):

@@ -48,9 +48,16 @@ class TrialFailed(SweepError):
     """A trial's run failed (its stage error is recorded on the trial); the sweep goes on with the others."""
 
 
-def _scalar(text: str) -> Any:
+def _scalar(text: str, item: str = "", flag: str = "--grid") -> Any:
     """A grid value as YAML reads it, with '1e-5' a float (PyYAML reads exponents without a dot as strings)."""
-    value = yaml.safe_load(text) if text.strip() else None
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        example = f"{flag} \"{item.split('=', 1)[0]}='{text.strip()}',...\""
+        message = (f"{flag} {item}: the value {text.strip()!r} is not valid YAML ({problem}); to pass it as text, put"
+                   f" it in single quotes inside the shell's double quotes, e.g. {example}")
+        raise SweepError(message) from None
     if isinstance(value, str):
         try:
             return float(value)
@@ -74,7 +81,7 @@ class SearchSpace:
         space = cls()
         for item in grid:
             key, values = _split(item, "--grid", "dpo.beta=0.05,0.1,0.5")
-            space.grid[key] = [_scalar(v) for v in values.split(",")]
+            space.grid[key] = [_scalar(v, item) for v in values.split(",")]
             if len(set(map(repr, space.grid[key]))) != len(space.grid[key]):
                 raise SweepError(f"--grid {item}: a value appears twice")
         for item in ranges:
@@ -83,7 +90,7 @@ class SearchSpace:
             if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("log", "linear")):
                 raise SweepError(f"--range {item}: expected KEY=LOW:HIGH or KEY=LOW:HIGH:log, e.g. "
                                  "dpo.learning_rate=1e-5:1e-3:log")
-            low, high = _scalar(parts[0]), _scalar(parts[1])
+            low, high = _scalar(parts[0], item, "--range"), _scalar(parts[1], item, "--range")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
                 raise SweepError(f"--range {item}: LOW and HIGH must be numbers with LOW < HIGH")
             if key in space.grid:

@@ -1,0 +1,39 @@
+"""The `dpo-kit` command's refusals of bad input, before any stage runs: each names what is wrong and what works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpo_kit.params import ParamsError, load_params
+from dpo_kit.run.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "params" / "tiny.yaml"
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "problem", "quoted"),
+    [
+        ("model.chat_template={% for m in messages %}", "model.chat_template", "found character '%'",
+         "--set \"model.chat_template='{% for m in messages %}'\""),
+        ("run.name=@home", "run.name", "found character '@'", "--set \"run.name='@home'\""),
+        ("model.chat_template={{ it's }}", "model.chat_template", "not valid YAML",
+         "--set \"model.chat_template='{{ it''s }}'\""),  # a quote inside single quotes is doubled
+    ],
+)
+def test_a_set_value_that_is_not_yaml_names_the_key_the_problem_and_how_to_quote_it(override, key, problem, quoted,
+                                                                                     capsys):
+    assert main(["validate", str(TINY), "--set", override]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"the value of {key} is not valid YAML" in err and problem in err, err
+    assert quoted in err, err
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(TINY, [override])
+
+
+def test_the_quoted_form_the_error_suggests_is_accepted():
+    assert load_params(TINY, ["run.name='@home'"]).run.name == "@home"
+    template = load_params(TINY, ["model.chat_template='{% for m in messages %}{{ m.content }}{% endfor %}'"])
+    assert template.model.chat_template == "{% for m in messages %}{{ m.content }}{% endfor %}"
