@@ -37,3 +37,11 @@ def test_the_quoted_form_the_error_suggests_is_accepted():
     assert load_params(TINY, ["run.name='@home'"]).run.name == "@home"
     template = load_params(TINY, ["model.chat_template='{% for m in messages %}{{ m.content }}{% endfor %}'"])
     assert template.model.chat_template == "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+
+def test_resume_of_a_run_that_does_not_exist_is_refused_and_starts_nothing(tmp_path, capsys):
+    args = ["run", str(TINY), "--set", f"run.output_dir={tmp_path}", "--set", "run.name=nope", "--resume", "--quiet"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"nothing to resume at {tmp_path / 'nope'}" in err and "Run without --resume to start it" in err, err
+    assert not any(tmp_path.iterdir()), "no run was started"

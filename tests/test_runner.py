@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,19 @@ def test_a_directory_without_manifest_is_not_taken_over(tmp_path):
     for resume in (False, True):
         with pytest.raises(RunError, match="already holds files but no dpo-kit run"):
             guard_existing_run(tmp_path / "run", ["format"], overwrite=False, resume=resume)
+
+
+def test_resuming_a_run_that_is_not_there_is_refused_unless_a_sweep_may_start_it(tmp_path):
+    for run_dir in (tmp_path / "nope", tmp_path / "empty"):
+        if run_dir.name == "empty":
+            run_dir.mkdir()
+        refusal = f"nothing to resume at {re.escape(str(run_dir))}.*Run without --resume to start it"
+        with pytest.raises(RunError, match=refusal):
+            guard_existing_run(run_dir, ["format", "train"], overwrite=False, resume=True)
+        # A sweep's trial resumes its run directory when there is one and starts it otherwise.
+        assert guard_existing_run(run_dir, ["format"], overwrite=False, resume=True, start_if_missing=True) is None
+        assert guard_existing_run(run_dir, ["format"], overwrite=False) is None
+    assert not (tmp_path / "nope").exists()
 
 
 def test_secret_values_from_the_environment_are_found_in_run_files(tmp_path, monkeypatch):

@@ -248,10 +248,18 @@ def completed_stages(run_dir: Path, stages: list[str]) -> list[str]:
     return [s for s in stages if manifest.get("stages", {}).get(s, {}).get("status") == "completed"]
 
 
-def guard_existing_run(run_dir: Path, stages: list[str], overwrite: bool, resume: bool = False) -> str | None:
+def guard_existing_run(run_dir: Path, stages: list[str], overwrite: bool, resume: bool = False,
+                       start_if_missing: bool = False) -> str | None:
     """Refuse to redo completed work; with `overwrite`, archive the old run first; with `resume`, skip the
-    completed stages and continue the others. Returns a note or None."""
+    completed stages and continue the others, and refuse when there is no run to resume (a mistyped run.name
+    would otherwise start a fresh run) unless `start_if_missing` (a sweep's trial: resumed, or started). Returns
+    a note or None."""
     if not run_dir.exists() or not any(run_dir.iterdir()):
+        if resume and not start_if_missing:
+            raise RunError(
+                f"--resume: nothing to resume at {run_dir} ({'an empty directory' if run_dir.exists() else 'no such'}"
+                f" run directory; check run.name and run.output_dir). Run without --resume to start it."
+            )
         return None
     if overwrite:
         return f"archived the earlier run to {archive_run(run_dir)}"
@@ -303,13 +311,15 @@ def run_pipeline(
     kernel: SharedKernel | None = None,
     bar_position: int = 0,
     reuse_format: str | Path | None = None,
+    start_if_missing: bool = False,
 ) -> Path:
     """Run the stages in order into <run.output_dir>/<run.name>; returns the run directory.
 
     By default the stages share one kernel (namespace reset in between); `isolate_stages` gives each
     its own kernel, which costs the imports again but returns all memory to the OS between stages.
     `resume` finishes an unfinished run: completed stages are skipped, an interrupted train stage continues
-    from its newest verified checkpoint, and the params must equal the run's.
+    from its newest verified checkpoint, and the params must equal the run's; a run that is not there is refused,
+    unless `start_if_missing` (a sweep's trial) starts it.
     A `kernel` passed in (a sweep runs its trials in one) is used for every stage and left running.
     `bar_position` puts the progress bars below those of a caller (the sweep's bar over trials).
     `reuse_format` starts a new run from the format stage of an earlier run made with the same data params: its
@@ -332,7 +342,7 @@ def run_pipeline(
         if reuse_format and mf.read_manifest(run_dir) and not overwrite:
             raise RunError(f"--reuse-format starts a new run, and {run_dir} already holds one: choose a new name"
                            " (--set run.name=...), or pass --overwrite to archive the old run")  # fmt: skip
-        note = guard_existing_run(run_dir, stages, overwrite, resume)
+        note = guard_existing_run(run_dir, stages, overwrite, resume, start_if_missing)
         if note:
             print(f"dpo-kit: {note}")
         if reuse_format:

@@ -384,7 +384,7 @@ class Sweep:
                 self.kernel = SharedKernel(notebooks_dir(self.project))
             try:
                 run_pipeline(self.spec.params, overrides, project_dir=self.project, progress=self.progress,
-                             resume=True, kernel=self.kernel, bar_position=1)
+                             resume=True, start_if_missing=True, kernel=self.kernel, bar_position=1)
             except BaseException as error:
                 self.kernel.shutdown()  # its namespace may hold a half-run stage: the next trial gets a fresh one
                 self.kernel = None
