@@ -37,6 +37,38 @@ def test_cli_builds_the_model(tmp_path, capsys):
     assert "tiny model written" in capsys.readouterr().out
 
 
+def test_cli_refuses_a_directory_that_holds_files_unless_asked_to_overwrite(tmp_path, capsys):
+    merged = tmp_path / "run" / "merged"  # a run's trained, merged model
+    merged.mkdir(parents=True)
+    (merged / "model.safetensors").write_bytes(b"trained weights")
+    (merged / "config.json").write_text("{}")
+    assert main(["tiny-model", str(merged)]) == 1
+    err = capsys.readouterr().err
+    assert f"{merged} exists and is not empty (it holds config.json, model.safetensors)" in err, err
+    assert "--overwrite" in err and "Traceback" not in err
+    assert (merged / "model.safetensors").read_bytes() == b"trained weights", "nothing was overwritten"
+    (tmp_path / "a-file").write_text("mine")
+    assert main(["tiny-model", str(tmp_path / "a-file"), "--overwrite"]) == 1
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+    assert main(["tiny-model", str(merged), "--overwrite"]) == 0
+    assert (merged / "model.safetensors").read_bytes() != b"trained weights"
+    (tmp_path / "empty").mkdir()
+    assert main(["tiny-model", str(tmp_path / "empty")]) == 0, "an empty directory holds nothing to overwrite"
+
+
+def test_ensure_builds_over_what_a_build_cut_short_left_at_the_kits_path(tmp_path):
+    from dpo_kit.models.tiny import ensure_tiny_model
+
+    path = tmp_path / "_tiny-chat-model"
+    path.mkdir()
+    (path / "model.safetensors").write_bytes(b"half-written")  # no config.json: the build did not finish
+    assert (ensure_tiny_model(path) / "config.json").exists()
+    with pytest.raises(FileExistsError, match="not empty"):
+        build_tiny_model(path)
+
+
 # Real models' shapes, built at random for the GPU checks (bench/gpu_train.py): the parameter counts of the real
 # models, counted on the meta device (no memory), and a clear refusal of an unknown shape or a used directory.
 @pytest.mark.parametrize("shape, parameters", [("smollm2-135m", 134_515_008), ("qwen2.5-0.5b", 494_032_768)])

@@ -47,16 +47,19 @@ def build_tiny_model(
     seed: int = 0,
     hidden_size: int = 64,
     num_layers: int = 2,
+    overwrite: bool = False,
 ) -> Path:
     """Build the tiny Qwen2-shaped chat model and its tokenizer into `output_dir`; returns the path.
 
     The same seed gives the same bytes on the same torch build: weights come from a seeded CPU
-    generator and the tokenizer from a deterministic BPE trainer.
+    generator and the tokenizer from a deterministic BPE trainer. A directory that already holds files (a
+    run's merged model, say) is refused before anything is built, unless `overwrite`.
     """
+    output_dir = Path(output_dir)
+    refuse_occupied(output_dir, overwrite)
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    output_dir = Path(output_dir)
     tokenizer = build_tiny_tokenizer(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -82,11 +85,27 @@ def build_tiny_model(
     return output_dir
 
 
+def refuse_occupied(output_dir: Path, overwrite: bool = False) -> None:
+    """Raise FileExistsError, naming the files, when `output_dir` is a file, or a directory that holds files and
+    `overwrite` is not given."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} is a file, not a directory: name a new or empty directory")
+    held = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise FileExistsError(
+            f"{output_dir} exists and is not empty (it holds {shown}): its files are never overwritten without"
+            " asking. Name a new or empty directory, or pass --overwrite (overwrite=True) to replace them"
+        )
+
+
 def ensure_tiny_model(path: str | Path, seed: int = 0) -> Path:
-    """Build the tiny model at `path` unless a model is already saved there."""
+    """Build the tiny model at `path` unless a model is already saved there. The path is the kit's own (e.g.
+    model.build_tiny_model's `_tiny-chat-model`): what a build cut short left there without a config.json is
+    built over."""
     path = Path(path)
     if not (path / "config.json").exists():
-        build_tiny_model(path, seed=seed)
+        build_tiny_model(path, seed=seed, overwrite=True)
     return path
 
 

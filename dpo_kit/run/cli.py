@@ -99,7 +99,12 @@ def _join(args) -> int:
 def _tiny_model(args) -> int:
     from dpo_kit.models.tiny import build_tiny_model
 
-    print(f"tiny model written to {build_tiny_model(args.directory, seed=args.seed)}")
+    try:
+        written = build_tiny_model(args.directory, seed=args.seed, overwrite=args.overwrite)
+    except FileExistsError as error:
+        print(f"dpo-kit tiny-model: {error}", file=sys.stderr)
+        return 1
+    print(f"tiny model written to {written}")
     return 0
 
 
@@ -197,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny = commands.add_parser("tiny-model", help="build the deterministic tiny offline chat model")
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true",
+                      help="build into a directory that already holds files, replacing those of the same names")
     tiny.set_defaults(handler=_tiny_model)
 
     report = commands.add_parser(
