@@ -45,3 +45,16 @@ def test_resume_of_a_run_that_does_not_exist_is_refused_and_starts_nothing(tmp_p
     err = capsys.readouterr().err
     assert f"nothing to resume at {tmp_path / 'nope'}" in err and "Run without --resume to start it" in err, err
     assert not any(tmp_path.iterdir()), "no run was started"
+
+
+def test_stages_whose_prerequisites_never_ran_are_refused_before_anything_runs(tmp_path, capsys):
+    common = ["run", str(TINY), "--set", f"run.output_dir={tmp_path}", "--set", "run.name=new", "--quiet"]
+    assert main([*common, "--stages", "generate"]) == 1
+    err = capsys.readouterr().err
+    assert "stage 'generate' needs stage 'merge', which has not run" in err and "hf download" not in err, err
+    assert "--stages format,train,merge,generate" in err
+    # Format would run first and evaluate then fail: neither runs.
+    assert main([*common, "--stages", "evaluate,format"]) == 1
+    err = capsys.readouterr().err
+    assert "stage 'evaluate' needs stage 'merge'" in err and "--stages format,train,merge,evaluate" in err, err
+    assert not any(tmp_path.iterdir()), "nothing was run"

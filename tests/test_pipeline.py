@@ -144,14 +144,17 @@ def test_rerunning_a_completed_run_refuses_and_overwrite_archives(tiny_run, caps
 
 
 def test_a_failing_stage_names_itself_and_its_notebook(tmp_path, tiny_model_dir):
-    overrides = [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", "run.name=broken"]
-    with pytest.raises(RunError) as caught:  # merge before train: there is no adapter to merge
-        run_pipeline(TINY, overrides, stages=["merge"], project_dir=REPO, progress=False)
-    executed = tmp_path / "broken" / "notebooks" / "03_merge.ipynb"
-    assert "stage 'merge' failed" in str(caught.value) and str(executed) in str(caught.value)
-    assert "Traceback" in executed.read_text() or "FileNotFoundError" in executed.read_text()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b"\n')  # not JSON: the format stage fails reading it
+    overrides = [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", "run.name=broken",
+                 f"data.source={pairs}", "evaluate.judge=sentiment"]
+    with pytest.raises(RunError) as caught:
+        run_pipeline(TINY, overrides, stages=["format"], project_dir=REPO, progress=False)
+    executed = tmp_path / "broken" / "notebooks" / "01_format_data.ipynb"
+    assert "stage 'format' failed" in str(caught.value) and str(executed) in str(caught.value)
+    assert "Traceback" in executed.read_text()
     manifest = json.loads((tmp_path / "broken" / "manifest.json").read_text())
-    assert manifest["status"] == "failed" and manifest["stages"]["merge"]["status"] == "failed"
+    assert manifest["status"] == "failed" and manifest["stages"]["format"]["status"] == "failed"
 
 
 def test_continuing_a_run_with_other_params_is_refused(tmp_path, tiny_model_dir):

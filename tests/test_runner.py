@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from dpo_kit.run.runner import RunError, find_secrets, guard_existing_run, parse_stages
+from dpo_kit.params import load_params, params_to_dict, save_params
+from dpo_kit.run.runner import RunError, check_prerequisites, find_secrets, guard_existing_run, parse_stages
+from dpo_kit.run.stage import params_fingerprint
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_stages_are_parsed_in_pipeline_order_and_unknown_ones_named():
@@ -66,6 +70,51 @@ def test_resuming_a_run_that_is_not_there_is_refused_unless_a_sweep_may_start_it
         assert guard_existing_run(run_dir, ["format"], overwrite=False, resume=True, start_if_missing=True) is None
         assert guard_existing_run(run_dir, ["format"], overwrite=False) is None
     assert not (tmp_path / "nope").exists()
+
+
+def stages_made_with(run_dir, resolved, **stages):
+    """A manifest whose stages were made with `resolved` (their fingerprints), with the given statuses."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    entries = {name: {"status": status, "params_fingerprint": params_fingerprint(resolved, name)}
+               for name, status in stages.items()}  # fmt: skip
+    (run_dir / "manifest.json").write_text(json.dumps({"status": "partial", "stages": entries}))
+
+
+def test_stages_whose_prerequisites_are_neither_completed_nor_requested_are_refused_naming_them(tmp_path):
+    resolved = params_to_dict(load_params(REPO / "params" / "tiny.yaml"))
+    run_dir = tmp_path / "run"
+    # A new run: evaluate needs merge, which needs train; format is requested.
+    refusal = (rf"--stages format,evaluate in {re.escape(str(run_dir))}: stage 'evaluate' needs stage 'merge', which"
+               r" has not run; stage 'merge' needs stage 'train', which has not run\. Nothing was run\. Run the missing"
+               r" stages \(train, merge\) too: --stages format,train,merge,evaluate$")
+    with pytest.raises(RunError, match=refusal):
+        check_prerequisites(run_dir, ["format", "evaluate"], resolved)
+    check_prerequisites(run_dir, ["train"], resolved, provided=("format",))  # --reuse-format copies the format stage
+
+    stages_made_with(run_dir, resolved, format="completed", train="completed")
+    with pytest.raises(RunError, match="'generate' needs stage 'merge', which has not run.*too: --stages merge,generate$"):
+        check_prerequisites(run_dir, ["generate"], resolved)
+    check_prerequisites(run_dir, ["merge", "generate", "evaluate"], resolved)  # each one's prerequisite runs first
+
+    stages_made_with(run_dir, resolved, format="completed", train="interrupted")
+    with pytest.raises(RunError, match=r"'merge' needs stage 'train', which is interrupted\. .*: --stages train,merge$"):
+        check_prerequisites(run_dir, ["merge"], resolved)
+
+    stages_made_with(run_dir, resolved, format="completed", train="completed", merge="completed")
+    check_prerequisites(run_dir, ["generate", "evaluate"], resolved)
+    check_prerequisites(run_dir, ["evaluate"], resolved)  # evaluated without generations: no KL, no win-rate
+    with pytest.raises(RunError, match="'generate' needs stage 'merge', which has not run.*--stages format,train,merge"):
+        check_prerequisites(run_dir, ["generate"], resolved, fresh=True)  # --overwrite: the run starts afresh
+
+    # A prerequisite made with other params than those it depends on is not built on (nor redone in batch).
+    other = params_to_dict(load_params(REPO / "params" / "tiny.yaml", ["merge.dtype=bfloat16"]))
+    save_params(other, run_dir / "other.yaml")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["stages"]["merge"].update(params_file="other.yaml", params_fingerprint=params_fingerprint(other, "merge"))
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunError, match=r"'merge', which completed with other params \(merge.dtype: 'bfloat16' ->"
+                                       r" 'float32'\)\. Nothing was run\..*--set run.name="):
+        check_prerequisites(run_dir, ["generate"], resolved)
 
 
 def test_secret_values_from_the_environment_are_found_in_run_files(tmp_path, monkeypatch):

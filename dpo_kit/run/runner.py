@@ -33,7 +33,7 @@ from dpo_kit.params import (
     save_or_check_params,
 )
 from dpo_kit.progress import BATCH_KERNEL_ENV
-from dpo_kit.run.stage import adopt_format_stage, format_stage_differences
+from dpo_kit.run.stage import adopt_format_stage, format_stage_differences, why_not_completed
 
 # nbformat validates notebooks with jsonschema, which compiles rfc3987_syntax's lark grammars when it
 # is importable (~1.3 s of every `dpo-kit run`) for IRI formats that the notebook schema never uses.
@@ -61,6 +61,15 @@ RESET_NAMESPACE = (
     "del sys\n"
 )
 
+# The stages whose output each stage reads: format's pairs, train's adapter, the merged model. The evaluate stage
+# reads generate's generations.jsonl where there is one, and is evaluated without KL and win-rate where there is not.
+STAGE_PREREQUISITES = {
+    "format": (),
+    "train": ("format",),
+    "merge": ("train",),
+    "generate": ("merge",),
+    "evaluate": ("merge",),
+}
 
 KERNEL_TMPDIR_PREFIX = "dpo-kit-kernel-"
 KERNEL_TMPDIR_OWNER = "dpo-kit-runner.json"
@@ -285,6 +294,42 @@ def guard_existing_run(run_dir: Path, stages: list[str], overwrite: bool, resume
     return "continuing an unfinished run; its unfinished stages start over (--resume continues training from a checkpoint)"
 
 
+def check_prerequisites(run_dir: Path, stages: list[str], resolved: dict, provided: tuple[str, ...] = (),
+                        fresh: bool = False) -> None:
+    """Refuse, before any stage runs, stages whose prerequisite stages (STAGE_PREREQUISITES, and theirs) are neither
+    among `stages` (or `provided`, e.g. a format stage --reuse-format copies in) nor completed in the run with the
+    params they depend on; names them and the --stages value that would run them too. `fresh`: the run starts
+    anew (--overwrite), so nothing it holds now counts."""
+    manifest = {} if fresh else mf.read_manifest(run_dir)
+    missing: dict[str, str] = {}
+
+    def visit(stage: str) -> None:
+        for needed in STAGE_PREREQUISITES[stage]:
+            if needed in provided or needed in missing:
+                continue
+            if needed in stages:
+                visit(needed)
+                continue
+            reason = why_not_completed(run_dir, needed, resolved, manifest)
+            if reason is not None:
+                missing[needed] = f"stage '{stage}' needs stage '{needed}', {reason}"
+                visit(needed)
+
+    for stage in stages:
+        visit(stage)
+    if missing:
+        names = [s for s in mf.STAGES if s in missing]
+        problems = f"--stages {','.join(stages)} in {run_dir}: {'; '.join(missing[s] for s in reversed(names))}"
+        if any(manifest.get("stages", {}).get(s, {}).get("status") == "completed" for s in names):
+            # Completed with other params (a notebook run again with another parameter set): not redone in batch.
+            raise RunError(f"{problems}. Nothing was run. A stage never builds on another parameter set's output:"
+                           " give the run the params its stages were made with, or start a new run"
+                           " (--set run.name=...)")  # fmt: skip
+        would_work = ",".join(s for s in mf.STAGES if s in stages or s in missing)
+        raise RunError(f"{problems}. Nothing was run. Run the missing stage{'s' if len(names) > 1 else ''}"
+                       f" ({', '.join(names)}) too: --stages {would_work}")
+
+
 def find_secrets(run_dir: Path) -> list[str]:
     """Files in the run that contain the value of a secret environment variable."""
     secrets = [os.environ[name] for name in SECRET_ENV_VARS if len(os.environ.get(name, "")) >= 8]
@@ -342,9 +387,13 @@ def run_pipeline(
         if reuse_format and mf.read_manifest(run_dir) and not overwrite:
             raise RunError(f"--reuse-format starts a new run, and {run_dir} already holds one: choose a new name"
                            " (--set run.name=...), or pass --overwrite to archive the old run")  # fmt: skip
+        provided = ("format",) if reuse_format else ()
+        if overwrite:  # the run starts afresh: refused before the old one is moved aside, not after
+            check_prerequisites(run_dir, stages, params, provided, fresh=True)
         note = guard_existing_run(run_dir, stages, overwrite, resume, start_if_missing)
         if note:
             print(f"dpo-kit: {note}")
+        check_prerequisites(run_dir, stages, params, provided)
         if reuse_format:
             source = Path(reuse_format).resolve()
             if not (source / "manifest.json").is_file():
