@@ -91,6 +91,20 @@ def test_metrics_json_holds_trl_named_scalars_and_per_item_arrays(perturbed):
     assert json.loads(json.dumps(scalars)) == scalars
 
 
+def test_the_sweeps_objectives_are_the_numbers_metrics_json_holds(perturbed):
+    """`dpo-kit sweep --objective` is checked against OBJECTIVE_METRICS before any trial runs: the list must name
+    every number the evaluate stage writes, and nothing else (two accuracies are left out where their set of
+    pairs is empty)."""
+    from dpo_kit.run.sweep import OBJECTIVE_METRICS
+
+    _, metrics = perturbed
+    numbers = {k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numbers <= set(OBJECTIVE_METRICS), sorted(numbers - set(OBJECTIVE_METRICS))
+    sometimes = {"rewards/accuracies/ref_prefers_chosen", "rewards/accuracies/ref_prefers_rejected"}
+    assert set(OBJECTIVE_METRICS) - numbers <= sometimes, sorted(set(OBJECTIVE_METRICS) - numbers - sometimes)
+    assert len(set(OBJECTIVE_METRICS)) == len(OBJECTIVE_METRICS)
+
+
 def test_identical_policy_and_reference_give_zero_rewards_and_zero_kl(identical):
     _, metrics = identical
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "kl/token"):

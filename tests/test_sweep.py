@@ -88,6 +88,22 @@ def test_bad_keys_and_values_are_refused_before_any_trial_runs(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing is written for a refused sweep"
 
 
+def test_an_objective_the_evaluate_stage_never_writes_is_refused_before_any_trial(tmp_path, capsys):
+    from dpo_kit.run.cli import main
+
+    args = ["sweep", str(TINY), "--set", f"run.output_dir={tmp_path}", "--grid", "dpo.beta=0.1,0.2", "--objective",
+            "rewards/acuracies", "--name", "objtypo", "--quiet"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "--objective 'rewards/acuracies' is not a number the evaluate stage writes to metrics.json; did you mean"\
+           " 'rewards/accuracies'" in err, err
+    assert "Valid objectives: rewards/accuracies, " in err and "win_rate, " in err and "kl, " in err
+    assert not any(tmp_path.iterdir()), "no trial ran and nothing was recorded, so the corrected command starts afresh"
+    with pytest.raises(SweepError, match=r"'no/such/metric' is not a number.*metrics.json\. Valid objectives: "):
+        run_sweep(TINY, grid=["dpo.beta=0.1"], overrides=[f"run.output_dir={tmp_path}"], objective="no/such/metric",
+                  project_dir=REPO, progress=False)
+
+
 def test_trial_names_are_readable_and_distinct():
     assert trial_name({"dpo.beta": 0.1, "dpo.loss_type": "ipo"}) == "beta=0.1,loss_type=ipo"
     # Two keys ending alike keep their sections, so the names stay distinct.
@@ -304,10 +320,12 @@ def test_a_random_search_stops_at_its_budget_even_when_every_trial_fails(tmp_pat
     from dpo_kit.run.cli import main
 
     args = sweep_args(tmp_path, tiny_model_dir, "--range", "dpo.beta=0.05:0.5:log", "--sampler", "random",
-                      "--samples", "2", "--objective", "no/such/metric")
+                      "--samples", "2")
+    judge = tmp_path / "no-such-reward-model"  # a judge that cannot load: every trial fails at its generate stage
+    args[2:2] = ["--set", f"evaluate.judge={judge}"]
     assert main(args) == 1
     rows = trial_rows(tmp_path / "tiny-sweep")
     assert [r["state"] for r in rows] == ["FAIL", "FAIL"], "a failed trial counts against --samples"
     assert all(0.05 <= r["dpo.beta"] <= 0.5 for r in rows)
-    assert "'no/such/metric' is not a number" in rows[0]["note"] and "rewards/accuracies" in rows[0]["note"]
+    assert "stage 'generate' failed" in rows[0]["note"] and str(judge) in rows[0]["note"], rows[0]["note"]
     assert "FAIL" in capsys.readouterr().out

@@ -35,6 +35,22 @@ SWEEP_FILE = "sweep.json"
 CLAIMS = ".claims"
 SAMPLERS = ("grid", "random", "tpe")
 DEFAULT_OBJECTIVE = "rewards/accuracies"  # held-out implicit-reward accuracy, from the evaluate stage
+# The numbers the evaluate stage writes to metrics.json (dpo_kit.evaluation.evaluate: TRL's names where TRL has one),
+# which --objective may name; listed here so that a sweep checks its objective without importing torch and TRL.
+# tests/test_evaluate.py checks the list against a metrics.json the evaluate stage wrote.
+OBJECTIVE_METRICS = (
+    "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "loss/sigmoid",
+    "logps/chosen", "logps/rejected", "logps_per_token/chosen", "logps_per_token/rejected",
+    "ref_logps/chosen", "ref_logps/rejected", "ref_logps_per_token/chosen", "ref_logps_per_token/rejected",
+    "ref_logps/accuracies", "rewards/accuracies/ref_prefers_chosen", "rewards/accuracies/ref_prefers_rejected",
+    "num_pairs/ref_prefers_chosen", "num_pairs/ref_prefers_rejected", "beta", "num_pairs", "num_pairs_dropped",
+    # From the generations (the generate stage's generations.jsonl):
+    "win_rate", "win_rate/ci_low", "win_rate/ci_high", "win_rate/ci_level", "win_rate/wins", "win_rate/ties",
+    "win_rate/losses", "win_rate/n", "judge/policy_score", "judge/reference_score", "kl", "kl/token",
+    "num_generations", "generate/policy_tokens", "generate/reference_tokens", "text/policy_words",
+    "text/reference_words", "text/policy_distinct_2", "text/reference_distinct_2", "text/policy_repeated_3grams",
+    "text/reference_repeated_3grams",
+)  # fmt: skip
 HEARTBEAT_SECONDS = 60  # Optuna's heartbeat: a trial silent for GRACE_SECONDS on another host is failed and retried
 GRACE_SECONDS = 600
 OWNED_KEYS = ("run.name", "run.output_dir") + PLACE_ONLY_KEYS  # the sweep names and places its trials
@@ -313,6 +329,19 @@ def recover_interrupted_trials(study) -> list[int]:
 # One trial
 
 
+def check_objective(objective: str) -> None:
+    """Refuse an --objective that the evaluate stage never writes, before any trial runs (and before the sweep
+    records it: a sweep keeps its objective)."""
+    if objective in OBJECTIVE_METRICS:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(objective, OBJECTIVE_METRICS, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise SweepError(f"--objective {objective!r} is not a number the evaluate stage writes to metrics.json"
+                     f"{hint or '.'} Valid objectives: {', '.join(OBJECTIVE_METRICS)}")
+
+
 def read_objective(run_dir: Path, key: str) -> float:
     path = run_dir / "metrics.json"
     if not path.is_file():
@@ -493,6 +522,7 @@ def run_sweep(
         raise SweepError(f"--sampler {sampler} needs --samples N, the number of trials to run")
     if direction not in ("maximize", "minimize"):
         raise SweepError(f"--direction {direction}: valid are maximize, minimize")
+    check_objective(objective)
     base = load_params(params_path, list(overrides))
     spec = SweepSpec(params=str(Path(params_path).resolve()), overrides=list(overrides), space=asdict(space),
                      sampler=sampler, samples=samples if sampler != "grid" else None, objective=objective,
