@@ -321,7 +321,8 @@ def test_a_random_search_stops_at_its_budget_even_when_every_trial_fails(tmp_pat
 
     args = sweep_args(tmp_path, tiny_model_dir, "--range", "dpo.beta=0.05:0.5:log", "--sampler", "random",
                       "--samples", "2")
-    judge = tmp_path / "no-such-reward-model"  # a judge that cannot load: every trial fails at its generate stage
+    judge = tmp_path / "not-a-reward-model"  # a judge that cannot load: every trial fails at its generate stage
+    judge.mkdir()  # (a missing directory would be refused when the params are read, before any trial)
     args[2:2] = ["--set", f"evaluate.judge={judge}"]
     assert main(args) == 1
     rows = trial_rows(tmp_path / "tiny-sweep")
