@@ -367,8 +367,8 @@ def has_completed_format(run_dir: Path, resolved: dict) -> bool:
 
 def why_not_completed(run_dir: Path, stage: str, resolved: dict, manifest: dict | None = None) -> str | None:
     """None when `run_dir` holds `stage` completed with the params of `resolved` that it depends on (a later stage
-    may build on it); else why not, as 'which has not run', its status, the params that differ, or (format) the
-    input files changed since."""
+    may build on it); else why not, as 'which has not run', its status, or the params that differ. A data file
+    edited since the format stage does not count here: the run's later stages build on the pairs it stored."""
     manifest = mf.read_manifest(run_dir) if manifest is None else manifest
     entry = manifest.get("stages", {}).get(stage)
     if not entry:
@@ -376,8 +376,7 @@ def why_not_completed(run_dir: Path, stage: str, resolved: dict, manifest: dict 
     if entry.get("status") != "completed":
         return f"which is {entry.get('status', 'unfinished')}"
     if _entry_fingerprint(run_dir, stage, entry) == params_fingerprint(resolved, stage):
-        changed = changed_input_files(entry) if stage == "format" else []
-        return f"whose input changed ({'; '.join(changed)})" if changed else None
+        return None
     differences = stage_differences(_entry_params(run_dir, entry), resolved, stage) or ["params not recorded"]
     return f"which completed with other params ({'; '.join(differences)})"
 
