@@ -801,5 +801,10 @@ def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
         raise ParamsError(f"launch.config_file: {Path(project_dir) / config_file} not found; name one shipped with"
                           f" dpo-kit ({', '.join(SHIPPED_ACCELERATE_CONFIGS)}) or a YAML file written by `accelerate config`")
     for section, settings in (("evaluate", params.evaluate), ("data.generate", generate)):
-        if settings is not None and is_local_path(settings.judge) and not (Path(project_dir) / settings.judge).is_dir():
-            raise ParamsError(f"{section}.judge: reward-model directory not found: {Path(project_dir) / settings.judge}")
+        if settings is not None and is_local_path(settings.judge):
+            judge = Path(project_dir) / settings.judge
+            if not judge.is_dir():
+                raise ParamsError(f"{section}.judge: reward-model directory not found: {judge}")
+            if not (judge / "config.json").is_file():
+                raise ParamsError(f"{section}.judge: {judge} holds no config.json, so it is no reward model (a"
+                                  " sequence classifier with one label, saved with save_pretrained)")

@@ -356,6 +356,15 @@ def test_a_misspelled_judge_is_refused_when_the_params_are_read_not_after_traini
         check_local_files(parse_params({**raw, "evaluate": {"judge": "./my-reward-model"}}))
 
 
+def test_a_reward_model_directory_without_a_config_is_refused(tmp_path):
+    raw = raw_tiny()
+    raw["evaluate"]["judge"] = str(tmp_path)
+    with pytest.raises(ParamsError, match=f"evaluate.judge: {tmp_path} holds no config.json"):
+        check_local_files(parse_params(raw))
+    (tmp_path / "config.json").write_text("{}")
+    check_local_files(parse_params(raw))
+
+
 def test_data_max_length_above_the_length_trl_trains_with_is_refused():
     raw = raw_tiny()
     raw["data"]["max_length"], raw["dpo"]["max_length"] = 1000, 20

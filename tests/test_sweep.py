@@ -321,8 +321,9 @@ def test_a_random_search_stops_at_its_budget_even_when_every_trial_fails(tmp_pat
 
     args = sweep_args(tmp_path, tiny_model_dir, "--range", "dpo.beta=0.05:0.5:log", "--sampler", "random",
                       "--samples", "2")
-    judge = tmp_path / "not-a-reward-model"  # a judge that cannot load: every trial fails at its generate stage
-    judge.mkdir()  # (a missing directory would be refused when the params are read, before any trial)
+    # A judge that cannot score: every trial fails at its generate stage. The tiny chat model is a model directory,
+    # so the params pass (a missing one would be refused before any trial), but it is no one-label reward model.
+    judge = tiny_model_dir
     args[2:2] = ["--set", f"evaluate.judge={judge}"]
     assert main(args) == 1
     rows = trial_rows(tmp_path / "tiny-sweep")
