@@ -307,3 +307,23 @@ def test_a_second_report_moves_the_first_aside(sweep, capsys):
     assert (previous / "06_compare_runs.ipynb").read_bytes() == first
     assert (sweep / "06_compare_runs.ipynb").is_file() and (sweep / "frontier.png").is_file()
     assert [run.name for run in load_runs([sweep]).runs] == ["beta-0.1", "beta-0.5"]  # previous/ is not a run
+
+
+def test_runs_sharing_samples_give_one_best_of_n_curve_unless_evaluated_on_other_prompts(tmp_path):
+    first, second = [{"role": "user", "content": "first"}], [{"role": "user", "content": "second"}]
+    samples = "".join(json.dumps({"prompt": p, "samples": ["a", "b"], "scores": s}) + "\n"
+                      for p, s in ((first, [0.0, 1.0]), (second, [4.0, 6.0])))  # fmt: skip
+
+    def run_evaluated_on(name: str, prompts: list) -> Path:
+        run_params = params(name, 0.1)
+        run_params["data"] = {"source": "generate", "generate": {"judge": "rule", "sampler": None}}
+        run = write_run(tmp_path / name, run_params, metrics(1.0, 0.5))
+        (run / "data").mkdir()
+        (run / "data" / "samples.jsonl").write_text(samples)  # one sweep's shared pairs
+        (run / "generations.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        return run
+
+    a, b, c = run_evaluated_on("a", [first]), run_evaluated_on("b", [first]), run_evaluated_on("c", [second])
+    curves, _ = best_of_n_baselines(load_runs([a, b, c]).runs)
+    assert [curve.run for curve in curves] == ["a", "c"]  # b's curve is a's; c was evaluated on another prompt
+    assert [curve.table["reward"].iloc[0] for curve in curves] == [0.5, 5.0]

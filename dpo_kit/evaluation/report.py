@@ -461,7 +461,7 @@ def _generation_prompts(run: RunRecord) -> list[Any]:
 
 
 def best_of_n_baselines(runs: list[RunRecord], ns: tuple[int, ...] = BEST_OF_N) -> tuple[list[BestOfN], list[str]]:
-    """One best-of-N curve per distinct set of reference samples (runs of one sweep share theirs), and the notes of
+    """One best-of-N curve per distinct curve (runs of one sweep share their samples and prompts), and the notes of
     the runs that have none. Responses drawn for the purpose (reference_samples.jsonl, at the evaluation's own
     settings and prompts) stand in for the format stage's samples wherever a run has them."""
     curves, notes, seen = [], [], set()
@@ -470,11 +470,10 @@ def best_of_n_baselines(runs: list[RunRecord], ns: tuple[int, ...] = BEST_OF_N) 
         own = run.path / "reference_samples.jsonl"
         if drawn and not own.is_file():
             continue
-        fingerprint = (run.manifest.get("data") or {}).get("fingerprint")
-        samples = run.path / "data" / "samples.jsonl"
-        key = own.read_bytes() if own.is_file() else fingerprint or (
-            samples.read_bytes() if samples.is_file() else run.name)
         baseline = best_of_n_baseline(run, ns)
+        # One curve per distinct curve: runs that share their samples and were evaluated on the same prompts give
+        # the same one, while runs sharing samples but evaluated on other prompts (generate.num_prompts) do not.
+        key = baseline.table.to_csv()
         if baseline.table.empty:
             notes.append(baseline.note)
         elif key not in seen:
