@@ -73,6 +73,9 @@ def test_lora_train_then_merge_gives_equal_logits(tmp_path, tiny_model_dir):
     assert (stage.run_dir / "merged" / "chat_template.jinja").exists()
     config = json.loads((stage.run_dir / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
+    # The logits probe pads on the left; the saved tokenizer pads as the trained one did (no padding baked in).
+    tokenizers = [json.loads((stage.run_dir / d / "tokenizer.json").read_text()) for d in ("adapter", "merged")]
+    assert tokenizers[0]["padding"] == tokenizers[1]["padding"]
 
     with pytest.raises(StageError, match="already completed"):
         open_stage("train", TINY, overrides, str(REPO))
@@ -112,6 +115,46 @@ def test_full_fine_tuning_trains_every_weight_and_exports_in_the_merge_dtype(tmp
     assert merged.dtype == "bfloat16" and 0 < merged.max_abs_logit_diff <= merged.tolerance
     config = json.loads((stage.run_dir / "merged" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    # Training turned the cache off in trained/config.json; the merged model is for inference, as LoRA's is.
+    assert json.loads((stage.run_dir / "trained" / "config.json").read_text())["use_cache"] is False
+    assert config["use_cache"] is True
+
+
+def test_a_merge_whose_logits_are_not_finite_is_refused(tmp_path, tiny_model_dir):
+    """NaN passes every `difference > tolerance` test, so the check looks for it by name."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from dpo_kit.training.merge import merge_adapter
+    from dpo_kit.training.train import train_dpo
+
+    overrides = formatted_run(tmp_path, tiny_model_dir)
+    stage = open_stage("train", TINY, overrides, str(REPO))
+    stage.complete(**train_dpo(stage).summary())
+    weights = stage.run_dir / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = next(name for name in tensors if "lora_B" in name)
+    tensors[name][0, 0] = torch.nan  # a diverged training
+    save_file(tensors, weights)
+    with pytest.raises(RuntimeError, match="the trained model's logits are not finite"):
+        merge_adapter(open_stage("merge", TINY, overrides, str(REPO)))
+
+
+def test_push_to_hub_reaches_the_hub_call(monkeypatch, tiny_model_dir):
+    """Offline, the push fails at the hub, not at its own arguments (transformers 5 took safe_serialization away)."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_kit.params import load_params
+    from dpo_kit.training.merge import push_merged
+
+    monkeypatch.setenv("HF_TOKEN", "hf-token-for-the-test")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    params = load_params(TINY, ["merge.push_to_hub=true", "merge.hub_model_id=someone/tiny-dpo"])
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    with pytest.raises(OfflineModeIsEnabled):
+        push_merged(params, model, tokenizer)
 
 
 def test_params_that_differ_from_the_runs_first_stage_are_refused(tmp_path, tiny_model_dir):

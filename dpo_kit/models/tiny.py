@@ -80,7 +80,7 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
+    model.save_pretrained(output_dir)  # safetensors: transformers 5 writes nothing else
     tokenizer.save_pretrained(output_dir)
     return output_dir
 
@@ -156,6 +156,6 @@ def build_random_model(output_dir: str | Path, shape: str, seed: int = 0) -> Pat
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
+    model.save_pretrained(output_dir)  # safetensors: transformers 5 writes nothing else
     tokenizer.save_pretrained(output_dir)
     return output_dir

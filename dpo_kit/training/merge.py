@@ -9,6 +9,7 @@ against the fp32 trained weights.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +79,15 @@ def max_masked_diff(a, b, batch) -> float:
     return float((a - b).abs()[batch["attention_mask"].bool()].max())
 
 
+def require_finite(logits, batch, whose: str) -> None:
+    """A NaN passes every `diff > tolerance` test (a comparison with NaN is False): refuse it by name instead."""
+    import torch
+
+    if not torch.isfinite(logits[batch["attention_mask"].bool()]).all():
+        raise RuntimeError(f"{whose} logits are not finite (NaN or inf): training diverged, or merge.dtype overflowed"
+                           " (float16 has a narrow range: try bfloat16 or float32)")
+
+
 def merge_adapter(stage) -> MergeResult:
     """Write run_dir/merged: the adapter merged into an unquantized base (LoRA), or the fully fine-tuned
     model in merge.dtype. Either way the saved model's logits are checked against the trained model's."""
@@ -93,8 +103,11 @@ def merge_adapter(stage) -> MergeResult:
     if not trained_dir.exists():
         raise FileNotFoundError(f"no trained model at {trained_dir}: run the train stage first")
     tokenizer = load_tokenizer(str(trained_dir), params)  # saved by train; carries the chat template
-    tokenizer.padding_side = "left"
-    batch = probe_batch(tokenizer, probe_prompts(stage.run_dir))
+    # The probe pads on the left, on a copy: padding a batch switches padding on inside the fast tokenizer, and the
+    # saved merged/ tokenizer would then pad every batch on the left where the trained one did not.
+    probe_tokenizer = copy.deepcopy(tokenizer)
+    probe_tokenizer.padding_side = "left"
+    batch = probe_batch(probe_tokenizer, probe_prompts(stage.run_dir))
     if params.lora.enabled:
         from peft import PeftModel
 
@@ -117,15 +130,22 @@ def save_verified(stage, model, tokenizer, trained_logits, batch) -> MergeResult
 
     params, merged_dir = stage.params, stage.run_dir / "merged"
     logits = logits_of(model, batch)
+    require_finite(trained_logits, batch, "the trained model's")
+    require_finite(logits, batch, "the merged model's")
     tolerance = tolerance_for(trained_logits, model.dtype, params)
     merge_diff = max_masked_diff(trained_logits, logits, batch)
     if merge_diff > tolerance:
         raise RuntimeError(f"merged logits differ from the trained model's by {merge_diff:.2e} > {tolerance:.1e}")
-    model.save_pretrained(merged_dir, safe_serialization=True)
-    tokenizer.padding_side = "right"
+    # Training turns the cache off (a fully fine-tuned model's config keeps that); the merged model is for inference.
+    model.config.use_cache = True
+    model.save_pretrained(merged_dir)  # safetensors: transformers 5 writes nothing else
     tokenizer.save_pretrained(merged_dir)
-    reloaded = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=model.dtype).to(model.device)
-    reload_diff = max_masked_diff(logits, logits_of(reloaded, batch), batch)
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        merged_dir, dtype=model.dtype, trust_remote_code=params.model.trust_remote_code
+    ).to(model.device)
+    reloaded_logits = logits_of(reloaded, batch)
+    require_finite(reloaded_logits, batch, "the reloaded merged model's")
+    reload_diff = max_masked_diff(logits, reloaded_logits, batch)
     if reload_diff > tolerance:
         raise RuntimeError(f"the reloaded merged model differs by {reload_diff:.2e} > {tolerance:.1e}")
     pushed_to = push_merged(params, model, tokenizer) if params.merge.push_to_hub else None
@@ -145,6 +165,6 @@ def push_merged(params: Params, model, tokenizer) -> str:
     if not token:
         raise RuntimeError("merge.push_to_hub is true but HF_TOKEN is not set in the environment")
     repo = params.merge.hub_model_id
-    model.push_to_hub(repo, token=token, private=params.merge.private, safe_serialization=True)
+    model.push_to_hub(repo, token=token, private=params.merge.private)  # safetensors, as transformers 5 always saves
     tokenizer.push_to_hub(repo, token=token, private=params.merge.private)
     return repo
