@@ -327,3 +327,17 @@ def test_runs_sharing_samples_give_one_best_of_n_curve_unless_evaluated_on_other
     curves, _ = best_of_n_baselines(load_runs([a, b, c]).runs)
     assert [curve.run for curve in curves] == ["a", "c"]  # b's curve is a's; c was evaluated on another prompt
     assert [curve.table["reward"].iloc[0] for curve in curves] == [0.5, 5.0]
+
+
+def test_a_run_whose_files_cannot_be_read_is_listed_as_incomplete_naming_the_file(tmp_path):
+    good = write_run(tmp_path / "good", params("good", 0.1), metrics(1.0, 0.5))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text('{"run": "broken", "stat')  # cut short by hand
+    bad_params = write_run(tmp_path / "bad-params", None, metrics(1.0, 0.5))
+    (bad_params / "params.yaml").write_text("dpo: [beta\n")
+    report = load_runs([tmp_path])
+    assert [run.name for run in report.runs] == ["good"]
+    reasons = {run.name: run.incomplete for run in report.incomplete}
+    assert f"{broken / 'manifest.json'} is not valid JSON" in reasons["broken"]
+    assert f"{bad_params / 'params.yaml'} is not valid YAML" in reasons["bad-params"]

@@ -195,6 +195,20 @@ def test_label_smoothing_is_refused_where_it_has_no_meaning():
         scratch.dpo_loss(*PAIR, label_smoothing=0.1, preference_prob=0.9)
     with pytest.raises(ValueError, match="loss_type"):
         scratch.dpo_loss(*PAIR, loss_type="kto_pair")
+    # eps is a probability: outside [0, 1] the sigmoid loss means nothing (below 0 it is unbounded below).
+    for outside in (-0.5, 1.5):
+        with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+            scratch.dpo_loss(*PAIR, label_smoothing=outside)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        scratch.dpo_loss(*PAIR, preference_prob=1.3)
+
+
+def test_the_comparison_with_trl_refuses_a_loss_that_trl_computes_otherwise():
+    # TRL 1.x's sigmoid loss ignores label_smoothing; notebook 00 would lay two different losses on top of each other.
+    with pytest.raises(ValueError, match="label_smoothing 0.2 with loss_type 'sigmoid': TRL's sigmoid loss ignores"):
+        scratch.check_comparable_with_trl("sigmoid", 0.2)
+    scratch.check_comparable_with_trl("sigmoid", 0.0)
+    scratch.check_comparable_with_trl("robust", 0.2)
 
 
 def test_dpo_metrics_names_and_values():

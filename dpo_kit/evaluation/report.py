@@ -140,14 +140,25 @@ def find_run_dirs(paths: list[str | Path] | str | Path, project_dir: str | Path 
 
 def read_run(path: Path) -> RunRecord:
     """A run's files; `incomplete` names what is missing (metrics.json, unreadable files) and the run's status."""
-    manifest = json.loads((path / "manifest.json").read_text())
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # the kit writes it whole; a hand edit may not
+        return RunRecord(name=path.name, path=path, manifest={},
+                         incomplete=f"{path / 'manifest.json'} is not valid JSON ({error})")
     record = RunRecord(name=path.name, path=path, manifest=manifest)  # the directory: what the reader sees and passes
-    params_file = path / "params.yaml"
-    if params_file.is_file():
-        record.params = yaml.safe_load(params_file.read_text()) or {}
-    log = path / "train_log.jsonl"
-    if log.is_file():
-        record.log_history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    params_file, log = path / "params.yaml", path / "train_log.jsonl"
+    try:
+        if params_file.is_file():
+            record.params = yaml.safe_load(params_file.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        record.incomplete = f"{params_file} is not valid YAML ({error})"
+        return record
+    try:
+        if log.is_file():
+            record.log_history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        record.incomplete = f"{log} is not valid JSON lines ({error})"
+        return record
     metrics = path / METRICS_FILE
     if not metrics.is_file():
         stages = manifest.get("stages", {})

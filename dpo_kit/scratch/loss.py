@@ -118,6 +118,9 @@ def dpo_loss(
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if loss_type not in LOSS_TYPES_WITH_LABEL_SMOOTHING and bool((eps != 0).any()):
         raise ValueError(f"label_smoothing / preference_prob has no meaning for the {loss_type!r} loss")
+    if bool(((eps < 0) | (eps > 1)).any()):  # a probability; a negative one makes the sigmoid loss unbounded below
+        raise ValueError("label_smoothing (and preference_prob) must lie in [0, 1]: eps is the probability that a"
+                         " pair's label is flipped")
     if loss_type == "robust" and bool(((eps < 0) | (eps >= 0.5)).any()):
         raise ValueError("robust DPO needs 0 <= label_smoothing < 0.5 (it divides by 1 - 2*eps)")
 
@@ -328,6 +331,17 @@ def train_loop(
                              label_smoothing=label_smoothing, max_grad_norm=max_grad_norm)
         history.append({"step": step + 1, **metrics})
     return history
+
+
+def check_comparable_with_trl(loss_type: str, label_smoothing: float) -> None:
+    """Refuse settings under which a from-scratch run and a TRL run of the same values train different losses:
+    TRL 1.x's sigmoid loss ignores label_smoothing, where `dpo_loss` applies conservative DPO."""
+    if loss_type == "sigmoid" and label_smoothing != 0:
+        raise ValueError(
+            f"label_smoothing {label_smoothing} with loss_type 'sigmoid': TRL's sigmoid loss ignores label_smoothing,"
+            " while dpo_loss applies conservative DPO, so the from-scratch and TRL runs would train different losses."
+            " Set label_smoothing = 0.0, or loss_type = 'robust' (which both read)"
+        )
 
 
 def history_from_trl(log_history: list[dict]) -> list[dict[str, float]]:
