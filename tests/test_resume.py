@@ -136,11 +136,14 @@ def test_sigterm_and_sigint_record_interrupted_and_resume(tmp_path, tiny_model_d
     assert "--resume" in output and "Task exception was never retrieved" not in output, output
     train = mf.read_manifest(run_dir)["stages"]["train"]
     assert train["status"] == "interrupted" and train["reason"] == signal.Signals(signum).name
+    assert mf.read_manifest(run_dir)["interrupted_stage"] == "train"
     assert ended(entry["pid"]), "the kernel that trained is stopped with the runner"
 
     assert main(cli_args(settings, "--resume")) == 0
-    train = mf.read_manifest(run_dir)["stages"]["train"]
+    run = mf.read_manifest(run_dir)
+    train = run["stages"]["train"]
     assert train["status"] == "completed" and train["attempts"][0]["reason"] == signal.Signals(signum).name
+    assert run["status"] != "interrupted" and "interrupted_stage" not in run  # the attempts keep the history
     assert_same_training(run_dir, uninterrupted, int(train["resumed_from"].split("-")[1]))
 
 

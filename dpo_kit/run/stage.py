@@ -121,6 +121,11 @@ class Stage:
         manifest = mf.update_stage(
             self.run_dir, self.name, status="completed", finished=mf.now_iso(), seconds=self.timer.seconds, **summary
         )
+        if manifest.get("interrupted_stage") == self.name:
+            # Finished since: the run is no longer interrupted there (a resumed training says so in its entry,
+            # `resumed_from`), and the run's status below must not sit beside a stale interrupted_stage.
+            manifest.pop("interrupted_stage")
+            mf.write_manifest(self.run_dir, manifest)
         if all(manifest["stages"].get(s, {}).get("status") == "completed" for s in mf.STAGES):
             mf.update_manifest(self.run_dir, status="completed", finished=mf.now_iso())
         else:  # no stage runs now: the rest are still to come, or were not asked for (--stages), so not "running"
