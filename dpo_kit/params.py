@@ -156,6 +156,10 @@ class ColumnMap(Section):
 # The sentiment judge scores a response of fewer words than this -1, so that an empty or one-word answer never wins
 # (dpo_kit.judges.SentimentJudge); `sentiment_min_words` in data.generate and evaluate changes it.
 SENTIMENT_MIN_WORDS = 8
+JUDGE_TRUST_REMOTE_CODE_HELP = (
+    "Run a reward-model judge's own code from its repo. Off unless you trust that repo: model.trust_remote_code"
+    " trusts the policy's repo, not the judge's. Only for a reward-model judge."
+)
 SENTIMENT_MIN_WORDS_HELP = (
     "The sentiment judge's length floor: a response of fewer words scores -1, the bottom of its scale, so that an"
     " empty or one-word answer never beats a real one (at least 2). With max_new_tokens leaving room for only about"
@@ -194,6 +198,7 @@ class OnPolicyParams(Section):
         " reward model id/path. The highest-scored sample is chosen, the lowest rejected.",
     )
     sentiment_min_words: int = Field(SENTIMENT_MIN_WORDS, ge=2, description=SENTIMENT_MIN_WORDS_HELP)
+    judge_trust_remote_code: bool = Field(False, description=JUDGE_TRUST_REMOTE_CODE_HELP)
     num_samples: int = Field(4, ge=2, description="Samples per prompt (k); best vs worst of the k make the pair.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature; 1.0 samples the model's own distribution.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 = the full distribution.")
@@ -355,6 +360,7 @@ class EvaluateParams(Section):
         " id/path (AutoModelForSequenceClassification).",
     )
     sentiment_min_words: int = Field(SENTIMENT_MIN_WORDS, ge=2, description=SENTIMENT_MIN_WORDS_HELP)
+    judge_trust_remote_code: bool = Field(False, description=JUDGE_TRUST_REMOTE_CODE_HELP)
     confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Level of the win-rate's bootstrap confidence interval.")
     max_pairs: int | None = Field(None, gt=0, description="Evaluate at most this many held-out pairs (None = all).")
     batch_size: int = Field(8, gt=0, description="Pairs per forward pass.")
@@ -446,6 +452,9 @@ class Params(Section):
             judges["data.generate"] = generate
         for section, settings in judges.items():
             key, judge = f"{section}.judge", settings.judge
+            if settings.judge_trust_remote_code and judge in JUDGE_NAMES:
+                raise ValueError(f"{section}.judge_trust_remote_code is for a reward-model judge; {key} '{judge}' runs"
+                                 " no model code. Remove it")
             if judge not in JUDGE_NAMES and not is_local_path(judge) and not HUB_ID.fullmatch(judge):
                 close = difflib.get_close_matches(judge, JUDGE_NAMES, n=1)
                 raise ValueError(

@@ -278,3 +278,19 @@ def test_win_outcomes_count_ties_as_half():
     assert win_outcomes([1.0, 0.2, 0.5], [0.0, 0.2, 0.9]) == [1.0, 0.5, 0.0]
     with pytest.raises(ValueError, match="2 policy scores but 1 reference scores"):
         win_outcomes([1.0, 2.0], [1.0])
+
+
+def test_a_reward_model_judge_trusts_remote_code_only_by_its_own_key(monkeypatch):
+    """model.trust_remote_code trusts the policy's repo; the judge's repo needs its own yes."""
+    import dpo_kit.judges as judges
+
+    seen = []
+    monkeypatch.setattr(judges, "RewardModelJudge", lambda source, **kwargs: seen.append(kwargs["trust_remote_code"]))
+    base = {"run": {"name": "judges"}, "model": {"name_or_path": "unused-model", "trust_remote_code": True}}
+    make_judge(parse_params({**base, "evaluate": {"judge": "org/reward-model"}}))
+    make_judge(parse_params({**base, "evaluate": {"judge": "org/reward-model", "judge_trust_remote_code": True}}))
+    assert seen == [False, True]
+    from dpo_kit.params import ParamsError
+
+    with pytest.raises(ParamsError, match="evaluate.judge_trust_remote_code is for a reward-model judge"):
+        parse_params({**base, "evaluate": {"judge": "rule", "judge_trust_remote_code": True}})

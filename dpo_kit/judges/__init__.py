@@ -216,7 +216,7 @@ def make_judge(params, project_dir: str | Path = ".", settings=None) -> Judge:
     source = str(local) if local.exists() else name
     return RewardModelJudge(
         source,
-        trust_remote_code=params.model.trust_remote_code,
+        trust_remote_code=settings.judge_trust_remote_code,  # its own key: trusting the policy's repo is not this
         batch_size=params.evaluate.batch_size,
         dtype=resolve_dtype(params.model.dtype, choose_hardware()),
     )

@@ -209,7 +209,8 @@ def _digest(value: Any) -> str:
 # the section data) is left out of that section's value.
 INPUTS_ADDED_LATER = {"launch.num_processes": 1, "launch.num_machines": 1, "launch.config_file": None,
                       "generate.best_of_n": 0, "evaluate.sentiment_min_words": SENTIMENT_MIN_WORDS,
-                      "data.generate.sentiment_min_words": SENTIMENT_MIN_WORDS}
+                      "data.generate.sentiment_min_words": SENTIMENT_MIN_WORDS,
+                      "evaluate.judge_trust_remote_code": False, "data.generate.judge_trust_remote_code": False}
 
 
 def params_fingerprint(resolved: dict, stage: str) -> str:
