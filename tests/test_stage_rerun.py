@@ -134,15 +134,51 @@ def test_an_edited_data_file_is_formatted_again_not_shown_stale(tmp_path, tiny_m
     stage, _ = open_format(run_dir, tiny_model_dir, f"data.source={pairs}")
     assert stage.reused  # unchanged: shown
     resolved = params_to_dict(stage.params)
-    assert format_stage_differences(run_dir, resolved) == []
+    assert format_stage_differences(run_dir, resolved, REPO) == []
 
     pairs.write_text("".join(json.dumps(row) + "\n" for row in bundled_preference_rows()[:200]))
-    assert format_stage_differences(run_dir, resolved) == [f"data.source {pairs.resolve()} changed since the stage ran"]
+    assert format_stage_differences(run_dir, resolved, REPO) == [f"data.source {pairs.resolve()} changed since the stage ran"]
     stage, second = open_format(run_dir, tiny_model_dir, f"data.source={pairs}")
     assert not stage.reused and (first.rows_read, second.rows_read) == (400, 200)
     [moved] = mf.read_manifest(run_dir)["previous"]
     assert moved["reason"] == f"data.source {pairs.resolve()} changed since the stage ran: computed again with the same params"
     assert len((run_dir / moved["path"] / "data" / "train.jsonl").read_text().splitlines()) == first.n_train
+
+
+def test_a_moved_project_reads_its_data_files_as_unchanged(tmp_path, tiny_model_dir, capsys):
+    """The format stage's input files are compared by params key and content, not by absolute path: a project
+    copied to another folder shows its stored pairs there, and an edit there is still seen, naming its new path."""
+    import shutil
+
+    from dpo_kit.bundled import bundled_preference_rows
+    from dpo_kit.data.pipeline import prepare_data
+    from dpo_kit.models.loading import load_tokenizer, model_source
+    from dpo_kit.run.stage import format_stage_differences
+
+    first_project, moved_project = tmp_path / "first", tmp_path / "moved"
+    first_project.mkdir()
+    (first_project / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in bundled_preference_rows()))
+    stage = open_stage("format", str(TINY), [f"model.name_or_path={tiny_model_dir}", "data.source=pairs.jsonl"],
+                       str(first_project), str(first_project / "run"), "show")  # fmt: skip
+    tokenizer = load_tokenizer(model_source(stage.params, stage.project_dir), stage.params)
+    stage.complete(rows_kept=prepare_data(stage.params, tokenizer, stage.run_dir, stage.project_dir).rows_kept)
+    resolved = params_to_dict(stage.params)
+    shutil.copytree(first_project, moved_project)
+    shutil.rmtree(first_project)
+
+    assert format_stage_differences(moved_project / "run", resolved, moved_project) == []
+    shown = open_stage("format", str(TINY), [f"model.name_or_path={tiny_model_dir}", "data.source=pairs.jsonl"],
+                       str(moved_project), str(moved_project / "run"), "show")  # fmt: skip
+    assert shown.reused
+    pairs = moved_project / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in bundled_preference_rows()[:10]))
+    assert format_stage_differences(moved_project / "run", resolved, moved_project) == [
+        f"data.source {pairs.resolve()} changed since the stage ran"
+    ]
+    pairs.unlink()
+    assert format_stage_differences(moved_project / "run", resolved, moved_project) == [
+        f"data.source {(first_project / 'pairs.jsonl').resolve()} is gone"
+    ]
 
 
 def test_refuse_keeps_the_batch_behaviour(tmp_path, tiny_model_dir):

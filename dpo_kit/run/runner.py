@@ -398,7 +398,7 @@ def run_pipeline(
             source = Path(reuse_format).resolve()
             if not (source / "manifest.json").is_file():
                 raise RunError(f"--reuse-format {reuse_format}: not a run directory (no manifest.json)")
-            differences = format_stage_differences(source, params)
+            differences = format_stage_differences(source, params, project)
             if differences:
                 raise RunError(f"--reuse-format {reuse_format}: its pairs cannot stand for this run's: "
                                f"{'; '.join(differences)}. Give a run formatted with these data params, or leave"

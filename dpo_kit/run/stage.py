@@ -339,36 +339,39 @@ def _name_parameter_sets(run_dir: Path, manifest: dict) -> dict:
     return manifest
 
 
-def format_input_files(params: Params, project: Path) -> dict[str, dict[str, str]]:
-    """The local files the format stage reads, by params key: their path and sha256. A file's name is in the
-    params, its content is not: the format stage records these so that an edited file is not shown stale."""
-    named = {"data.source": params.data.source}
-    if params.data.generate is not None:
-        named["data.generate.prompts"] = params.data.generate.prompts
+def format_input_files(data: dict[str, Any], project: Path) -> dict[str, dict[str, str]]:
+    """The local files the format stage reads with the data params `data` (a resolved params dict's "data"), by
+    params key: their path and sha256. A file's name is in the params, its content is not: the format stage records
+    these so that an edited file is not shown stale."""
+    named = {"data.source": data.get("source")}
+    if data.get("generate"):
+        named["data.generate.prompts"] = data["generate"].get("prompts")
     files = {}
     for key, name in named.items():
-        path = (project / name).resolve()
-        if path.is_file():
+        path = (project / name).resolve() if name else None
+        if path is not None and path.is_file():
             files[key] = {"path": str(path), "sha256": mf.sha256_of(path)}
     return files
 
 
-def changed_input_files(entry: dict[str, Any]) -> list[str]:
-    """The input files recorded in a format stage's entry whose content differs now (or which are gone)."""
+def changed_input_files(entry: dict[str, Any], current: dict[str, dict[str, str]]) -> list[str]:
+    """The input files recorded in a format stage's entry whose content differs from the files the stage would
+    read now (`current`, from format_input_files), or which are gone. Compared by params key and content, not by
+    path: a project moved or cloned to another folder reads the same files there."""
     changed = []
     for key, recorded in (entry.get("input_files") or {}).items():
-        path = Path(recorded["path"])
-        if not path.is_file():
-            changed.append(f"{key} {path} is gone")
-        elif mf.sha256_of(path) != recorded["sha256"]:
-            changed.append(f"{key} {path} changed since the stage ran")
+        now = current.get(key)
+        if now is None:
+            changed.append(f"{key} {recorded['path']} is gone")
+        elif now["sha256"] != recorded["sha256"]:
+            changed.append(f"{key} {now['path']} changed since the stage ran")
     return changed
 
 
-def has_completed_format(run_dir: Path, resolved: dict) -> bool:
+def has_completed_format(run_dir: Path, resolved: dict, project: Path) -> bool:
     """Whether `run_dir` holds a completed format stage made with the data params of `resolved`, from input files
-    that are unchanged since."""
-    return not format_stage_differences(run_dir, resolved)
+    whose content is the same as those of `project` now."""
+    return not format_stage_differences(run_dir, resolved, project)
 
 
 def why_not_completed(run_dir: Path, stage: str, resolved: dict, manifest: dict | None = None) -> str | None:
@@ -387,14 +390,14 @@ def why_not_completed(run_dir: Path, stage: str, resolved: dict, manifest: dict 
     return f"which completed with other params ({'; '.join(differences)})"
 
 
-def format_stage_differences(run_dir: Path, resolved: dict) -> list[str]:
+def format_stage_differences(run_dir: Path, resolved: dict, project: Path) -> list[str]:
     """Why `run_dir`'s format stage cannot stand for one made with `resolved`: its status, or the data params that
     differ ('key: old -> new'); empty when it can (has_completed_format)."""
     entry = mf.read_manifest(run_dir).get("stages", {}).get("format")
     if not entry or entry.get("status") != "completed":
         return [f"its format stage is {entry.get('status') if entry else 'absent'}, not completed"]
     if _entry_fingerprint(run_dir, "format", entry) == params_fingerprint(resolved, "format"):
-        return changed_input_files(entry)
+        return changed_input_files(entry, format_input_files(resolved["data"], project))
     return stage_differences(_entry_params(run_dir, entry), resolved, "format") or ["its data params differ"]
 
 
@@ -404,7 +407,7 @@ def adopt_format_stage(run_dir: Path, source_run_dir: Path, resolved: dict, proj
     A sweep's trials that differ only in later params (beta, the learning rate) need the same pairs: their files
     are copied, not formatted again (with data.source: generate that is minutes of sampling), and the entry says
     where they came from and their fingerprint. Returns the new run's format entry."""
-    if not has_completed_format(source_run_dir, resolved):
+    if not has_completed_format(source_run_dir, resolved, project):
         raise StageError(f"{source_run_dir} holds no completed format stage made with these data params")
     if mf.read_manifest(run_dir):
         raise StageError(f"{run_dir} already holds a run: a format stage is only adopted by a new run")
@@ -488,7 +491,10 @@ def open_stage(
     _refuse_if_running_elsewhere(run_path, name, previous)
     same_params = bool(previous) and _entry_fingerprint(run_path, name, previous) == params_fingerprint(resolved, name)
     # The same params over an edited data file are another input: computed again, not shown stale.
-    changed_files = changed_input_files(previous) if same_params and name == "format" else []
+    changed_files = (
+        changed_input_files(previous, format_input_files(resolved["data"], project))
+        if same_params and name == "format" else []
+    )
     if previous.get("status") == "completed" and batch:
         raise StageError(
             f"stage '{name}' of run '{params.run.name}' already completed in {run_path} at {previous.get('finished')};"
@@ -537,7 +543,7 @@ def open_stage(
     set_file = _save_parameter_set(run_path, resolved)
     if on_rerun != "refuse":
         save_params(resolved, run_path / "params.yaml")  # the params of the newest stage; earlier sets stay
-    inputs = {"input_files": format_input_files(params, project)} if name == "format" else {}
+    inputs = {"input_files": format_input_files(resolved["data"], project)} if name == "format" else {}
     mf.update_stage(
         run_path, name, status="running", started=mf.now_iso(), params_id=set_file.stem, params_file=str(set_file),
         params_fingerprint=params_fingerprint(resolved, name), **inputs, **mf.this_process(),

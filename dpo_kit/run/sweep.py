@@ -367,7 +367,7 @@ def share_format_stage(sweep_dir: Path, run_dir: Path, resolved: dict, project: 
     claim = f"format-{params_fingerprint(resolved, 'format')}"
     while True:
         for sibling in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p != run_dir):
-            if (sibling / "manifest.json").is_file() and has_completed_format(sibling, resolved):
+            if (sibling / "manifest.json").is_file() and has_completed_format(sibling, resolved, project):
                 adopt_format_stage(run_dir, sibling, resolved, project, hardware)
                 return sibling, None
         if take_claim(sweep_dir, claim, trial_number, holder_running):
