@@ -274,3 +274,8 @@ def test_resuming_says_a_train_stage_continues_only_where_one_was_interrupted(tm
     )
     note = guard_existing_run(run_dir, list(mf.STAGES), overwrite=False, resume=True)
     assert note.endswith("an unfinished train stage continues from its newest verified checkpoint"), note
+    note = guard_existing_run(run_dir, ["format", "merge"], overwrite=False, resume=True)
+    assert note.endswith("completed stages are skipped (format), the other stages run"), note
+    (run_dir / "manifest.json").write_text(json.dumps({"stages": {s: {"status": "completed"} for s in mf.STAGES}}))
+    note = guard_existing_run(run_dir, list(mf.STAGES), overwrite=False, resume=True)
+    assert note.endswith(f"completed stages are skipped ({', '.join(mf.STAGES)}), nothing is left to run"), note

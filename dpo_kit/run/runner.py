@@ -281,8 +281,12 @@ def guard_existing_run(run_dir: Path, stages: list[str], overwrite: bool, resume
         train = manifest.get("stages", {}).get("train", {}).get("status")
         # Only a train stage that started and did not finish has a checkpoint to continue from (a sweep's trial
         # that adopted a format stage resumes with no train stage at all).
-        rest = ("an unfinished train stage continues from its newest verified checkpoint"
-                if train not in (None, "completed") else "the other stages run")  # fmt: skip
+        if len(done) == len(stages):
+            rest = "nothing is left to run"
+        elif train not in (None, "completed") and "train" in stages:
+            rest = "an unfinished train stage continues from its newest verified checkpoint"
+        else:
+            rest = "the other stages run"
         return f"resuming {run_dir}: completed stages are skipped ({', '.join(done) or 'none'}), {rest}"
     if manifest.get("status") == "completed" or done:
         what = f"stages {', '.join(done)} already completed" if done else "it already holds a completed run"
