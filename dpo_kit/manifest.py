@@ -91,6 +91,14 @@ def write_manifest(run_dir: str | Path, manifest: dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
+def recorded_command(argv: list[str] | None = None) -> str:
+    """The command line as a run or sweep records it, without the secrets it may hold: a sweep's --storage URL
+    carries the database password when it is given there (postgresql://USER:PASSWORD@HOST/DB)."""
+    from dpo_kit.params import redact_secrets
+
+    return redact_secrets(" ".join(sys.argv if argv is None else argv))
+
+
 def new_manifest(run_name: str, seed: int, project_dir: str | Path, hardware: dict) -> dict[str, Any]:
     return {
         "run": run_name,
@@ -98,7 +106,7 @@ def new_manifest(run_name: str, seed: int, project_dir: str | Path, hardware: di
         "status": "created",
         "created": now_iso(),
         "seed": seed,
-        "command": " ".join(sys.argv),
+        "command": recorded_command(),
         "git": git_state(project_dir),
         "packages": package_versions(),
         "hardware": hardware,

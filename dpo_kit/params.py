@@ -76,7 +76,13 @@ DPO_KEYS_OWNED_ELSEWHERE = {
 
 
 class ParamsError(ValueError):
-    """A params file or override is invalid; the message names the key and what would be valid."""
+    """A params file or override is invalid; the message names the key and what would be valid.
+
+    A secret the message would quote (the refused value of an override, the line of a YAML error) is shown as
+    ***: the message reaches the terminal, logs and, in a notebook, the saved outputs."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(redact_secrets(str(message)))
 
 
 class Section(BaseModel):
@@ -678,6 +684,28 @@ SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 SECRET_PATTERNS = (re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}(?![A-Za-z0-9])"),)
 
 
+# The password of a URL (scheme://user:password@host), e.g. a sweep's --storage postgresql://USER:PASSWORD@HOST/DB.
+URL_PASSWORD = re.compile(r"(?P<user>[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s/@]+(?=@)")
+
+
+def secret_values() -> list[str]:
+    """The values of the secret environment variables that are set (8 characters or more: a shorter one would be
+    found everywhere), longest first."""
+    values = {os.environ[name] for name in SECRET_ENV_VARS if len(os.environ.get(name, "")) >= 8}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with every secret in it replaced by ***: a secret environment variable's value, a token shaped like a
+    Hugging Face one, and a URL's password. For what the kit records or says (a command line, an error message
+    that quotes a value it refused)."""
+    for secret in secret_values():
+        text = text.replace(secret, "***")
+    for pattern in SECRET_PATTERNS:
+        text = pattern.sub("***", text)
+    return URL_PASSWORD.sub(r"\g<user>***", text)
+
+
 def find_secret_values(raw: Any, path: str = "") -> list[str]:
     """Dotted keys whose value holds a secret: one from the environment or shaped like a token."""
     if isinstance(raw, dict):
@@ -685,7 +713,7 @@ def find_secret_values(raw: Any, path: str = "") -> list[str]:
     if isinstance(raw, list):
         return [key for i, v in enumerate(raw) for key in find_secret_values(v, f"{path}[{i}]")]
     if isinstance(raw, str):
-        known = {os.environ[name] for name in SECRET_ENV_VARS if len(os.environ.get(name, "")) >= 8}
+        known = secret_values()
         # Inside a longer value too ("proj-<token>"): the runner would find it in the run's files, after the fact.
         if any(secret in raw for secret in known) or any(pattern.search(raw) for pattern in SECRET_PATTERNS):
             return [path]
@@ -744,9 +772,16 @@ def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
+    text = path.read_text()
     try:
-        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
+        raw = yaml.load(text, Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
+        if redact_secrets(text) != text:
+            # YAML quotes the offending line, cut to its width, so *** could not replace a secret there in full:
+            # the line and column are named, the line is not shown.
+            for mark in (getattr(error, "context_mark", None), getattr(error, "problem_mark", None)):
+                if mark is not None:
+                    mark.buffer = None
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     raw = apply_overrides(raw, overrides)
     return parse_params(raw, source=str(path))

@@ -206,6 +206,24 @@ def test_secrets_in_params_are_refused_naming_the_key(monkeypatch):
     assert "merge.hub_model_id holds a secret" in error_for(raw)
 
 
+def test_a_refusal_never_quotes_the_secret_it_refuses(tmp_path, monkeypatch):
+    """The message reaches the terminal, logs and a notebook's saved outputs: a secret in an override that is not
+    valid YAML, or on the line of a params file that YAML cannot read, is shown as ***."""
+    monkeypatch.setenv("HF_TOKEN", "hf_FAKESECRET123456789")
+    with pytest.raises(ParamsError, match=r"model.revision is not valid YAML") as refused:
+        load_params(REPO / "params/tiny.yaml", ["model.revision=[hf_FAKESECRET123456789"])
+    assert "hf_FAKESECRET123456789" not in str(refused.value) and "[***" in str(refused.value)
+    pasted = tmp_path / "pasted.yaml"
+    token = "hf_" + "b" * 34  # a token shaped like a Hugging Face one, in no environment variable
+    tiny = (REPO / "params/tiny.yaml").read_text()
+    pasted.write_text(tiny + f"  token: {token}: pasted\n")
+    with pytest.raises(ParamsError, match="not valid YAML: mapping values are not allowed here") as refused:
+        load_params(pasted)
+    # YAML would quote the line cut to its width (the token's last 32 characters), out of reach of ***.
+    assert "b" * 16 not in str(refused.value)
+    assert f"line {len(tiny.splitlines()) + 1}, column" in str(refused.value)
+
+
 def test_rule_judge_is_only_for_the_bundled_task_and_commit_revisions_are_not_secrets():
     raw = raw_tiny()
     raw["data"]["source"] = "Intel/orca_dpo_pairs"

@@ -104,6 +104,33 @@ def test_an_objective_the_evaluate_stage_never_writes_is_refused_before_any_tria
                   project_dir=REPO, progress=False)
 
 
+def test_the_recorded_command_keeps_no_storage_password_and_a_refused_secret_is_not_quoted(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """sweep.json records the --storage URL without its password, and so must the command line beside it (and the
+    manifest of every trial, which records the same command line)."""
+    from dpo_kit.run.cli import main
+
+    password = "hunter2-storage-password"
+    storage = f"postgresql://alice:{password}@127.0.0.1:1/optuna"  # no server: opening it fails, after the record
+    args = ["sweep", str(TINY), "--set", f"run.output_dir={tmp_path}", "--grid", "dpo.beta=0.1", "--name", "pw",
+            "--storage", storage, "--quiet"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["dpo-kit", *args])
+    monkeypatch.chdir(REPO)
+    assert main(args) == 1
+    assert password not in capsys.readouterr().err
+    record = json.loads((tmp_path / "pw" / "sweep.json").read_text())
+    assert record["storage"] == "postgresql://alice:***@127.0.0.1:1/optuna"
+    assert "--storage postgresql://alice:***@127.0.0.1:1/optuna" in record["command"]
+    assert password not in (tmp_path / "pw" / "sweep.json").read_text()
+    assert password not in mf.new_manifest("trial", 0, tmp_path, {})["command"]
+    # A grid value that the params refuse as a secret is named by its key, not quoted in the refusal.
+    monkeypatch.setenv("HF_TOKEN", "hf_FAKESECRET123456789")
+    with pytest.raises(SweepError, match=r"model.revision holds a secret") as refused:
+        run_sweep(TINY, grid=["model.revision=main,hf_FAKESECRET123456789"], overrides=[f"run.output_dir={tmp_path}"],
+                  project_dir=REPO, progress=False)
+    assert "hf_FAKESECRET123456789" not in str(refused.value)
+
+
 def test_trial_names_are_readable_and_distinct():
     assert trial_name({"dpo.beta": 0.1, "dpo.loss_type": "ipo"}) == "beta=0.1,loss_type=ipo"
     # Two keys ending alike keep their sections, so the names stay distinct.

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from dpo_kit import manifest as mf
-from dpo_kit.params import ParamsError, load_params, params_to_dict, run_directory
+from dpo_kit.params import ParamsError, load_params, params_to_dict, redact_secrets, run_directory
 from dpo_kit.run.stage import PLACE_ONLY_KEYS, adopt_format_stage, has_completed_format, params_fingerprint
 
 SWEEP_FILE = "sweep.json"
@@ -57,7 +57,10 @@ OWNED_KEYS = ("run.name", "run.output_dir") + PLACE_ONLY_KEYS  # the sweep names
 
 
 class SweepError(RuntimeError):
-    pass
+    """A sweep cannot run as asked. A secret the message would quote (a --grid value the params refused) is ***."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(redact_secrets(str(message)))
 
 
 class TrialFailed(SweepError):
@@ -537,7 +540,7 @@ def run_sweep(
     check_spec(sweep_dir, spec, params_to_dict(base))
     url = storage_url(sweep_dir, storage)
     record = {"spec": asdict(spec), "name": sweep_name, "storage": redacted(url), "created": mf.now_iso(),
-              "command": " ".join(["dpo-kit", *sys.argv[1:]]) if sys.argv else None,
+              "command": mf.recorded_command(["dpo-kit", *sys.argv[1:]]) if sys.argv else None,
               "base_params": params_to_dict(base)}
     if not (sweep_dir / SWEEP_FILE).is_file():
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
