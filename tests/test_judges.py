@@ -193,6 +193,20 @@ def test_reward_model_judge_refuses_a_classifier_with_several_labels(tmp_path):
         RewardModelJudge(str(path))
 
 
+def test_a_reward_model_with_pickled_weights_only_is_refused(reward_model_dir, tmp_path):
+    """The judge loads a model the run did not write: safetensors only, never its pytorch_model.bin (a pickle)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled-reward-model"
+    shutil.copytree(reward_model_dir, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(OSError, match=r"judge '.*pickled-reward-model' holds no safetensors weights.*pytorch_model.bin"):
+        RewardModelJudge(str(pickled))
+
+
 # ---------------------------------------------------------------------------------------------
 # Sentiment judge (VADER)
 

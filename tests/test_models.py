@@ -45,6 +45,37 @@ def test_remote_code_is_off_and_the_token_comes_from_the_environment_only(monkey
         "trust_remote_code": True, "token": "hf_from_env"}
 
 
+def pickled_copy(model_dir: Path, target: Path) -> Path:
+    """`model_dir` with its weights as pytorch_model.bin (a pickle), as older hub repos hold them."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(model_dir, target)
+    torch.save(load_file(target / "model.safetensors"), target / "pytorch_model.bin")
+    (target / "model.safetensors").unlink()
+    return target
+
+
+def test_a_model_the_run_did_not_write_is_loaded_from_safetensors_only(tiny_model_dir, tmp_path, monkeypatch):
+    """A pytorch_model.bin is a pickle: transformers would read it (with torch.load(weights_only=True)), the kit
+    refuses it, for every model it loads (policy, reference, sampler), and says what to do."""
+    import torch
+
+    from dpo_kit.models.loading import PickledWeightsRefused, load_causal_lm
+
+    pickled = pickled_copy(tiny_model_dir, tmp_path / "pickled")
+    params = load_params(TINY, [f"model.name_or_path={pickled}", "model.build_tiny_model=false"])
+    unpickled = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: unpickled.append(args[0]) or real_load(*args, **kwargs))
+    with pytest.raises(PickledWeightsRefused, match=r"holds no safetensors weights.*pytorch_model.bin.*refs/pr/N"):
+        load_causal_lm(str(pickled), params)
+    assert unpickled == []
+    assert load_causal_lm(str(tiny_model_dir), params) is not None  # safetensors: loaded as before
+
+
 # No silent substitution: a named model is loaded or the run fails; the random tiny model is built only at the
 # kit's own tiny-model path, whatever build_tiny_model says.
 

@@ -161,7 +161,20 @@ class RewardModelJudge:
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        try:  # safetensors only: the kit loads no pickle (pytorch_model.bin) that the run did not write
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, dtype=dtype, use_safetensors=True, **kwargs
+            )
+        except OSError as error:  # transformers' words for no safetensors weights, local and on the hub
+            text = str(error)
+            if "safetensors" not in text or not ("no file named" in text or "does not appear to have a file" in text):
+                raise
+            raise OSError(
+                f"reward-model judge '{name_or_path}' holds no safetensors weights, only pickled ones"
+                " (pytorch_model.bin); the kit loads no pickle that the run did not write itself, since unpickling a"
+                " file can run code. Use a revision with safetensors weights (refs/pr/N of the hub's conversion"
+                " bot), or a local directory converted where you trust the file."
+            ) from error
         if self.model.config.num_labels != 1:
             raise ValueError(
                 f"evaluate.judge '{name_or_path}' has {self.model.config.num_labels} labels; a reward model has 1"

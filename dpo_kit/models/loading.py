@@ -65,12 +65,40 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+class PickledWeightsRefused(OSError):
+    """A model that the run did not write holds its weights only as a pickle (pytorch_model.bin), which the kit
+    does not load: the message names the model and how to get safetensors weights."""
+
+
+def no_safetensors_weights(error: OSError) -> bool:
+    """transformers' OSError for use_safetensors=True and no safetensors weights: 'no file named model.safetensors
+    found in directory' (local) or 'does not appear to have a file named model.safetensors' (hub)."""
+    text = str(error)
+    return "safetensors" in text and ("no file named" in text or "does not appear to have a file named" in text)
+
+
+def pickled_weights_refused(source: str) -> PickledWeightsRefused:
+    where = "" if Path(source).exists() else " (or, offline, only those are in the Hugging Face cache)"
+    return PickledWeightsRefused(
+        f"'{source}' holds no safetensors weights (model.safetensors, or its sharded index){where}, only pickled"
+        " ones (pytorch_model.bin); the kit loads no pickle that the run did not write itself, since unpickling a"
+        " file can run code. Use a revision of the repo with safetensors weights (the hub's conversion bot opens"
+        " them as a pull request, refs/pr/N), or convert it once where you trust the file and point the params at"
+        " the converted directory."
+    )
+
+
 def from_pretrained(loader, source: str, **kwargs):
     """`loader.from_pretrained(source)`; a hub id that cannot be loaded raises ModelNotAvailableError, which names
-    the id, says whether the hub was offline or unreachable, and what to do instead."""
+    the id, says whether the hub was offline or unreachable, and what to do instead. With `use_safetensors=True`
+    a model whose weights are only pickled raises PickledWeightsRefused."""
     try:
         return loader.from_pretrained(source, **kwargs)
     except OSError as error:
+        if kwargs.get("use_safetensors") and no_safetensors_weights(error):
+            local = Path(source)
+            if not local.is_dir() or any(local.glob("pytorch_model*.bin")):
+                raise pickled_weights_refused(source) from error
         if Path(source).exists():
             raise  # a local model that fails to load: transformers' own message is the right one
         from huggingface_hub.constants import HF_HUB_CACHE
@@ -138,7 +166,9 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     hardware = hardware or choose_hardware()
-    kwargs = hub_kwargs(params)
+    # safetensors only: a pytorch_model.bin is a pickle, and this loads models the run did not write (the hub's,
+    # another run's merged/ as the sampler); transformers' weights_only unpickler is not the kit's rule.
+    kwargs = {**hub_kwargs(params), "use_safetensors": True}
     kwargs["dtype"] = resolve_dtype(dtype or params.model.dtype, hardware)
     if params.model.attn_implementation:
         kwargs["attn_implementation"] = params.model.attn_implementation
