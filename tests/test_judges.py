@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -204,6 +206,11 @@ def test_a_reward_model_with_pickled_weights_only_is_refused(reward_model_dir, t
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
     with pytest.raises(OSError, match=r"judge '.*pickled-reward-model' holds no safetensors weights.*pytorch_model.bin"):
+        RewardModelJudge(str(pickled))
+    (pickled / "pytorch_model.bin").rename(pickled / "adapter_model.bin")  # named by config.json: loaded first
+    config = json.loads((pickled / "config.json").read_text())
+    (pickled / "config.json").write_text(json.dumps({**config, "transformers_weights": "adapter_model.bin"}))
+    with pytest.raises(OSError, match=r"names 'adapter_model.bin' as the weights \(transformers_weights\)"):
         RewardModelJudge(str(pickled))
 
 

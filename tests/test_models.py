@@ -72,6 +72,17 @@ def test_a_model_the_run_did_not_write_is_loaded_from_safetensors_only(tiny_mode
     monkeypatch.setattr(torch, "load", lambda *args, **kwargs: unpickled.append(args[0]) or real_load(*args, **kwargs))
     with pytest.raises(PickledWeightsRefused, match=r"holds no safetensors weights.*pytorch_model.bin.*refs/pr/N"):
         load_causal_lm(str(pickled), params)
+    # config.json may name the weights file, and transformers loads that one ahead of use_safetensors (it accepts
+    # adapter_model.bin there): refused as well.
+    import json
+
+    named = tmp_path / "named"
+    pickled_copy(tiny_model_dir, named)
+    (named / "pytorch_model.bin").rename(named / "adapter_model.bin")
+    config = json.loads((named / "config.json").read_text())
+    (named / "config.json").write_text(json.dumps({**config, "transformers_weights": "adapter_model.bin"}))
+    with pytest.raises(PickledWeightsRefused, match=r"names 'adapter_model.bin' as the weights"):
+        load_causal_lm(str(named), params)
     assert unpickled == []
     assert load_causal_lm(str(tiny_model_dir), params) is not None  # safetensors: loaded as before
 

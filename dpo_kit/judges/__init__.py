@@ -152,7 +152,7 @@ class RewardModelJudge:
 
     def __init__(self, name_or_path: str, trust_remote_code: bool = False, batch_size: int = 8, dtype=None):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
         # The token only ever comes from the environment; trust_remote_code only from params.
         kwargs = {"trust_remote_code": trust_remote_code}
@@ -161,7 +161,18 @@ class RewardModelJudge:
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        try:  # safetensors only: the kit loads no pickle (pytorch_model.bin) that the run did not write
+        # safetensors only: the kit loads no pickle (pytorch_model.bin) that the run did not write. transformers
+        # loads the file that config.json's transformers_weights names ahead of use_safetensors, adapter_model.bin
+        # included, so that is read first (config.json alone, no model code).
+        config = PretrainedConfig.get_config_dict(name_or_path, token=kwargs.get("token"))[0]
+        named = config.get("transformers_weights")
+        if named is not None and not str(named).endswith((".safetensors", ".safetensors.index.json")):
+            raise OSError(
+                f"reward-model judge '{name_or_path}': its config.json names '{named}' as the weights"
+                " (transformers_weights), which is not a safetensors file; the kit loads no pickle that the run did"
+                " not write itself, since unpickling a file can run code."
+            )
+        try:
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 name_or_path, dtype=dtype, use_safetensors=True, **kwargs
             )

@@ -88,13 +88,35 @@ def pickled_weights_refused(source: str) -> PickledWeightsRefused:
     )
 
 
+SAFETENSORS_WEIGHTS = (".safetensors", ".safetensors.index.json")
+
+
+def refuse_weights_named_by_config(source: str, **kwargs) -> None:
+    """transformers loads the file that config.json's `transformers_weights` names ahead of use_safetensors, and
+    accepts `adapter_model.bin` there: a pickle. Read config.json alone (no model code) and refuse that."""
+    from transformers import PretrainedConfig
+
+    download = {key: value for key, value in kwargs.items() if key in ("revision", "token")}
+    named = PretrainedConfig.get_config_dict(source, **download)[0].get("transformers_weights")
+    if named is not None and not str(named).endswith(SAFETENSORS_WEIGHTS):
+        raise PickledWeightsRefused(
+            f"'{source}': its config.json names '{named}' as the weights (transformers_weights), which is not a"
+            " safetensors file; the kit loads no pickle that the run did not write itself, since unpickling a file"
+            " can run code."
+        )
+
+
 def from_pretrained(loader, source: str, **kwargs):
     """`loader.from_pretrained(source)`; a hub id that cannot be loaded raises ModelNotAvailableError, which names
     the id, says whether the hub was offline or unreachable, and what to do instead. With `use_safetensors=True`
     a model whose weights are only pickled raises PickledWeightsRefused."""
     try:
+        if kwargs.get("use_safetensors"):
+            refuse_weights_named_by_config(source, **kwargs)
         return loader.from_pretrained(source, **kwargs)
     except OSError as error:
+        if isinstance(error, PickledWeightsRefused):
+            raise
         if kwargs.get("use_safetensors") and no_safetensors_weights(error):
             local = Path(source)
             if not local.is_dir() or any(local.glob("pytorch_model*.bin")):
