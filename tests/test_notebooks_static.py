@@ -60,3 +60,22 @@ def test_stage_notebooks_take_the_runner_parameters(path):
     source = next(c.source for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
     names = {node.targets[0].id for node in ast.parse(source).body}
     assert names == {"params_path", "overrides", "project_dir", "run_dir", "on_rerun"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_a_notebook_loads_model_weights_from_safetensors_only(path):
+    """A model a notebook loads itself (notebook 00's model_dir, which a user may point anywhere) must not be
+    unpickled: every AutoModel*.from_pretrained passes use_safetensors=True, and so does TRL for what it loads."""
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type != "code":
+            continue
+        for node in ast.walk(ast.parse(TransformerManager().transform_cell(cell.source))):
+            if not isinstance(node, ast.Call):
+                continue
+            keywords = {k.arg: k.value for k in node.keywords}
+            function = ast.unparse(node.func)
+            if function.startswith("AutoModel") and function.endswith(".from_pretrained"):
+                assert ast.unparse(keywords.get("use_safetensors", ast.Constant(None))) == "True", ast.unparse(node)
+            if function == "DPOConfig":
+                init = ast.literal_eval(keywords.get("model_init_kwargs", ast.Constant({})))
+                assert init.get("use_safetensors") is True, "DPOConfig(model_init_kwargs={'use_safetensors': True})"
