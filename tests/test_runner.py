@@ -126,6 +126,19 @@ def test_secret_values_from_the_environment_are_found_in_run_files(tmp_path, mon
     assert find_secrets(tmp_path) == [str(tmp_path / "notebooks" / "leak.ipynb")]
 
 
+
+def test_a_secret_in_the_metadata_of_a_safetensors_file_is_found(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    save_file({"weight": torch.zeros(4)}, tmp_path / "clean.safetensors", metadata={"format": "pt"})
+    assert find_secrets(tmp_path) == []
+    save_file({"weight": torch.zeros(4)}, tmp_path / "model.safetensors",
+              metadata={"format": "pt", "note": "key 0123456789abcdef0123456789abcdef01234567"})  # fmt: skip
+    assert find_secrets(tmp_path) == [str(tmp_path / "model.safetensors")]
+
+
 def test_shared_kernel_reset_leaves_no_user_names_or_outputs(tmp_path):
     from dpo_kit.run.runner import SharedKernel
 

@@ -341,11 +341,28 @@ def find_secrets(run_dir: Path) -> list[str]:
         return []
     leaks = []
     for path in run_dir.rglob("*"):
-        # Weight files of a 7B model are GBs and hold tensors only; everything else is read whole.
-        if path.is_file() and path.suffix != ".safetensors" and path.stat().st_size < 256 * 2**20:
+        if not path.is_file():
+            continue
+        if path.suffix == ".safetensors":
+            # Tensors after a JSON header: the header (names, shapes and the free-text metadata) is the only
+            # place a string can be, and reading it alone keeps a 7B model's GBs unread.
+            data = _safetensors_header(path)
+        elif path.stat().st_size < 256 * 2**20:
             data = path.read_bytes()
-            leaks += [str(path) for secret in secrets if secret.encode() in data]
+        else:  # optimizer states and pickled weights of a large model: tensors, GBs each
+            continue
+        leaks += [str(path) for secret in secrets if secret.encode() in data]
     return leaks
+
+
+def _safetensors_header(path: Path) -> bytes:
+    """The JSON header of a safetensors file (an 8-byte little-endian length, then the header); the whole file
+    when it is not a well-formed one, so nothing passes unread."""
+    with path.open("rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        if 0 < length <= 100 * 2**20:  # safetensors caps its header at 100 MB
+            return file.read(length)
+    return path.read_bytes() if path.stat().st_size < 256 * 2**20 else b""
 
 
 def run_pipeline(
