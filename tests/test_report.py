@@ -222,6 +222,20 @@ def test_runs_are_found_one_level_deep_and_incomplete_ones_are_listed_not_droppe
     assert [run.name for run in both.runs] == ["trial-0", "trial-2"]
 
 
+def test_runs_of_the_same_name_in_two_directories_are_both_compared_under_names_that_tell_them_apart(tmp_path):
+    """Two sweeps both have a run `beta=0.1`: every table keyed its rows by the name, so one run replaced the other
+    in the params and win-rate tables, and the frontier labelled both points with the second run's loss type."""
+    write_run(tmp_path / "sweep-a" / "beta=0.1", params("beta=0.1", 0.1, "sigmoid"), metrics(1.0, 0.5))
+    write_run(tmp_path / "sweep-b" / "beta=0.1", params("beta=0.1", 0.1, "ipo"), metrics(3.0, 0.9))
+    runs = load_runs([tmp_path / "sweep-a", tmp_path / "sweep-b", tmp_path / "sweep-a" / "beta=0.1"]).runs
+    assert [run.name for run in runs] == ["sweep-a/beta=0.1", "sweep-b/beta=0.1"], "each run once, told apart"
+    assert params_table(runs)["dpo.loss_type"].to_dict() == {"sweep-a/beta=0.1": "sigmoid", "sweep-b/beta=0.1": "ipo"}
+    assert params_table(runs)["judged reward"].to_dict() == {"sweep-a/beta=0.1": 0.5, "sweep-b/beta=0.1": 0.9}
+    assert win_rate_table(runs)["label"].tolist() == ["β=0.1 sigmoid", "β=0.1 ipo"]
+    points = frontier_points(runs)
+    assert points[["label", "kl"]].values.tolist() == [["β=0.1 sigmoid", 1.0], ["β=0.1 ipo", 3.0]]
+
+
 def test_the_cli_names_bad_input_and_asks_where_several_runs_report_to(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 1
     assert f"dpo-kit report: {tmp_path / 'nowhere'}: no such directory" in capsys.readouterr().err

@@ -135,7 +135,24 @@ def find_run_dirs(paths: list[str | Path] | str | Path, project_dir: str | Path 
                 " made by dpo-kit run."
             )
         found += runs
-    return list(dict.fromkeys(found)), searched
+    # One run reached twice (a sweep directory and one of its runs, a path spelt two ways) is compared once.
+    unique = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values()), searched
+
+
+def distinct_names(records: list[RunRecord]) -> None:
+    """Runs of the same name in different directories (two sweeps' `beta=0.1`) are named by as much of their path as
+    tells them apart ('sweep-a/beta=0.1'): every table and figure keys its rows and labels by the name."""
+    for _ in range(max((len(run.path.parts) for run in records), default=0)):
+        counts = Counter(run.name for run in records)
+        clashing = [run for run in records if counts[run.name] > 1]
+        if not clashing:
+            return
+        for run in clashing:
+            parts = len(Path(run.name).parts) + 1
+            run.name = str(Path(*run.path.parts[-parts:])) if parts <= len(run.path.parts) else str(run.path)
 
 
 def read_run(path: Path) -> RunRecord:
@@ -182,6 +199,7 @@ def load_runs(paths: list[str | Path] | str | Path, project_dir: str | Path = ".
     """Find and read the runs; raises ReportError when fewer than one run is complete or the judges differ."""
     run_dirs, searched = find_run_dirs(paths, project_dir)
     records = [read_run(path) for path in run_dirs]
+    distinct_names(records)
     complete = [run for run in records if run.incomplete is None]
     incomplete = [run for run in records if run.incomplete is not None]
     if not complete:
