@@ -198,6 +198,70 @@ def test_a_trial_whose_worker_died_is_failed_and_queued_again_once(tmp_path):
     assert recover_interrupted_trials(study) == [], "queued once, not at every start"
 
 
+@pytest.fixture
+def fake_trials(monkeypatch):
+    """A sweep whose trials run no notebook: the pipeline writes metrics.json (accuracy = beta), and each call of
+    `interrupt_at` (share_format_stage or run_pipeline) in `interrupts` raises KeyboardInterrupt once, as Ctrl-C."""
+    import dpo_kit.run.runner as runner
+    import dpo_kit.run.sweep as sweep_module
+
+    interrupts: list[str] = []
+    calls: list[str] = []
+
+    class NoKernel:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def shutdown(self):
+            pass
+
+    def fake_pipeline(params, overrides, **kwargs):
+        calls.append("run_pipeline")
+        if "run_pipeline" in interrupts:
+            interrupts.remove("run_pipeline")
+            raise KeyboardInterrupt
+        values = dict(o.split("=", 1) for o in overrides)
+        run_dir = Path(values["run.output_dir"]) / values["run.name"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"rewards/accuracies": float(values["dpo.beta"])}))
+        return run_dir
+
+    real_share = sweep_module.share_format_stage
+
+    def share(*args, **kwargs):
+        if "share_format_stage" in interrupts:
+            interrupts.remove("share_format_stage")
+            raise KeyboardInterrupt  # Ctrl-C while the trial waits for a sibling's format stage
+        return real_share(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_pipeline", fake_pipeline)
+    monkeypatch.setattr(runner, "SharedKernel", NoKernel)
+    monkeypatch.setattr(sweep_module, "share_format_stage", share)
+    return interrupts, calls
+
+
+@pytest.mark.filterwarnings("ignore:Trial 0 failed")
+def test_a_trial_interrupted_before_its_run_starts_is_run_again_when_the_sweep_is(tmp_path, fake_trials):
+    """Ctrl-C while a trial waited for a sibling's format stage failed the trial without the note that queues it again:
+    the grid counted its point as tried, and the sweep never ran it."""
+    from dpo_kit.run.sweep import summary
+
+    interrupts, _ = fake_trials
+    interrupts.append("share_format_stage")
+    common = {"grid": ["dpo.beta=0.1,0.5"], "overrides": [f"run.output_dir={tmp_path}"], "project_dir": REPO,
+              "progress": False}  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(TINY, **common)
+    (first,) = trial_rows(tmp_path / "tiny-sweep")
+    assert first["state"] == "FAIL" and first["note"] == "KeyboardInterrupt"
+    run_sweep(TINY, **common)
+    rows = trial_rows(tmp_path / "tiny-sweep")
+    completed = sorted(r["run_dir"] for r in rows if r["state"] == "COMPLETE")
+    assert completed == ["beta=0.1", "beta=0.5"], rows
+    assert [r["retry_of"] for r in rows if r["run_dir"] == first["run_dir"] and r["state"] == "COMPLETE"] == [0]
+    assert summary(tmp_path / "tiny-sweep")[1] is False, "no point is left failed"
+
+
 # ---------------------------------------------------------------------------------------------
 # Sweeps of the tiny model
 

@@ -403,7 +403,7 @@ class Sweep:
             trial.set_user_attr("duplicate", "the same point runs in another worker")
             raise optuna.TrialPruned(f"{name} runs in another worker")
         format_claim = None
-        try:
+        try:  # Ctrl-C anywhere in the trial (waiting for a sibling's format stage too) leaves it to be retried
             overrides = [*self.spec.overrides, *trial_overrides(values), f"run.name={name}",
                          f"run.output_dir={self.output_dir()}"]
             run_dir = self.sweep_dir / name
@@ -420,10 +420,7 @@ class Sweep:
             except BaseException as error:
                 self.kernel.shutdown()  # its namespace may hold a half-run stage: the next trial gets a fresh one
                 self.kernel = None
-                if isinstance(error, (RunInterrupted, KeyboardInterrupt)):
-                    trial.set_user_attr("interrupted", str(error) or type(error).__name__)
-                    raise
-                if isinstance(error, (RunError, ParamsError)):
+                if isinstance(error, (RunError, ParamsError)) and not isinstance(error, RunInterrupted):
                     trial.set_user_attr("error", str(error))
                     raise TrialFailed(f"trial {trial.number} ({name}): {error}") from None
                 raise
@@ -436,6 +433,11 @@ class Sweep:
             except SweepError as error:
                 trial.set_user_attr("error", str(error))
                 raise
+        except (RunInterrupted, KeyboardInterrupt) as error:
+            # Recorded, so that the next start queues the trial again (recover_interrupted_trials) and it does not
+            # count against --samples: without the note the point stayed failed, and a grid never ran it again.
+            trial.set_user_attr("interrupted", str(error) or type(error).__name__)
+            raise
         finally:
             release_claim(self.sweep_dir, name)
             if format_claim:
