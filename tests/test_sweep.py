@@ -262,6 +262,23 @@ def test_a_trial_interrupted_before_its_run_starts_is_run_again_when_the_sweep_i
     assert summary(tmp_path / "tiny-sweep")[1] is False, "no point is left failed"
 
 
+@pytest.mark.filterwarnings("ignore:Trial 0 failed")
+def test_an_interrupted_trial_does_not_use_up_one_of_the_samples(tmp_path, fake_trials):
+    """--samples 2, the first trial interrupted: the sweep started again runs its retry and one more point, two
+    completed trials in all (the interrupted one was counted against the budget, and the sweep ended with one)."""
+    interrupts, calls = fake_trials
+    interrupts.append("run_pipeline")
+    common = {"ranges": ["dpo.beta=0.05:0.5:log"], "sampler": "random", "samples": 2,
+              "overrides": [f"run.output_dir={tmp_path}"], "project_dir": REPO, "progress": False}  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(TINY, **common)
+    run_sweep(TINY, **common)
+    states = [r["state"] for r in trial_rows(tmp_path / "tiny-sweep")]
+    assert states == ["FAIL", "COMPLETE", "COMPLETE"], states
+    run_sweep(TINY, **common)
+    assert len(calls) == 3, "the finished sweep started again runs nothing"
+
+
 # ---------------------------------------------------------------------------------------------
 # Sweeps of the tiny model
 

@@ -512,7 +512,6 @@ def run_sweep(
 ) -> Path:
     """Run (or continue) a sweep; returns its directory. Finished trials are never run again."""
     import optuna
-    from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
     from tqdm.auto import tqdm
 
@@ -555,10 +554,10 @@ def run_sweep(
         print(f"dpo-kit sweep: trial(s) {', '.join(map(str, retried))} were interrupted; each runs again and"
               " continues its run directory (completed stages kept, training from its newest checkpoint)")
     total = space.grid_size() if sampler == "grid" else samples
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))
+    done = samples_spent(study)
     sweep = Sweep(spec=spec, sweep_dir=sweep_dir, project=project, progress=progress, study=study)
     # A failed trial uses up a sample too: otherwise params that fail every trial would sample forever.
-    callbacks = [] if sampler == "grid" else [MaxTrialsCallback(samples, states=(TrialState.COMPLETE, TrialState.FAIL))]
+    callbacks = [] if sampler == "grid" else [stop_at_budget(samples)]
     with tqdm(total=total, initial=min(done, total), desc=f"sweep {sweep_name}", unit="trial",
               disable=not progress, position=0) as bar:
         sweep.bar = bar
@@ -567,7 +566,7 @@ def run_sweep(
             if trial.state in (TrialState.COMPLETE, TrialState.FAIL) and bar.n < total:
                 bar.update(1)
 
-        # GridSampler stops the study once every point has finished; MaxTrialsCallback stops the others.
+        # GridSampler stops the study once every point has finished; stop_at_budget stops the others.
         # A retried trial waits in the queue even when every point has been tried once: it still runs.
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         finished = not waiting and (study.sampler.is_exhausted(study) if sampler == "grid" else done >= total)
@@ -578,6 +577,29 @@ def run_sweep(
             if sweep.kernel is not None:
                 sweep.kernel.shutdown()
     return sweep_dir
+
+
+def samples_spent(study) -> int:
+    """The trials that used up one of --samples: completed, or failed with an error. An interrupted trial (or one whose
+    worker died) does not: it is queued again and runs to its end as another trial, so counting it too ended the
+    sweep a point short."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {trial.system_attrs.get("failed_trial") for trial in trials}  # by us, or by Optuna's heartbeat
+    return sum(trial.state == TrialState.COMPLETE
+               or (trial.state == TrialState.FAIL and not trial.user_attrs.get("interrupted")
+                   and trial.number not in retried) for trial in trials)  # fmt: skip
+
+
+def stop_at_budget(samples: int):
+    """Optuna's MaxTrialsCallback, counting the trials that samples_spent counts."""
+
+    def callback(study, trial) -> None:
+        if samples_spent(study) >= samples:
+            study.stop()
+
+    return callback
 
 
 def trial_rows(sweep_dir: Path, storage: str | None = None) -> list[dict[str, Any]]:
