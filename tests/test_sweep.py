@@ -88,6 +88,20 @@ def test_bad_keys_and_values_are_refused_before_any_trial_runs(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing is written for a refused sweep"
 
 
+def test_a_range_is_searched_in_the_type_of_its_key(tmp_path, fake_trials):
+    """`--range dpo.beta=1:5` read its bounds as integers and Optuna searched beta in 1, 2, 3, 4, 5 only."""
+    common = {"sampler": "random", "samples": 3, "overrides": [f"run.output_dir={tmp_path}"], "project_dir": REPO,
+              "progress": False}  # fmt: skip
+    run_sweep(TINY, ranges=["dpo.beta=1:5"], name="float-key", **common)
+    betas = [row["dpo.beta"] for row in trial_rows(tmp_path / "float-key")]
+    assert len(betas) == 3 and all(1 <= b <= 5 for b in betas)
+    assert any(b != int(b) for b in betas), f"beta searched in integers: {betas}"
+    spec = json.loads((tmp_path / "float-key" / "sweep.json").read_text())["spec"]
+    assert spec["space"]["ranges"] == {"dpo.beta": [1.0, 5.0, "linear"]}
+    run_sweep(TINY, ranges=["dpo.max_steps=10.0:20.0"], name="int-key", **common)  # an integer key: integers
+    assert all(isinstance(row["dpo.max_steps"], int) for row in trial_rows(tmp_path / "int-key"))
+
+
 def test_an_objective_the_evaluate_stage_never_writes_is_refused_before_any_trial(tmp_path, capsys):
     from dpo_kit.run.cli import main
 
@@ -223,7 +237,7 @@ def fake_trials(monkeypatch):
         values = dict(o.split("=", 1) for o in overrides)
         run_dir = Path(values["run.output_dir"]) / values["run.name"]
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.json").write_text(json.dumps({"rewards/accuracies": float(values["dpo.beta"])}))
+        (run_dir / "metrics.json").write_text(json.dumps({"rewards/accuracies": float(values.get("dpo.beta", 0.1))}))
         return run_dir
 
     real_share = sweep_module.share_format_stage

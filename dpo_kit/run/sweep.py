@@ -486,14 +486,28 @@ def check_spec(sweep_dir: Path, spec: SweepSpec, base_params: dict | None = None
 
 
 def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
-    """Load the params at every grid value (and both ends of every range) before any trial runs."""
-    probes = [[*spec.overrides, f"{k}={yaml_text(v)}"] for k, values in space.grid.items() for v in values]
-    probes += [[*spec.overrides, f"{k}={yaml_text(v)}"] for k, (lo, hi, _) in space.ranges.items() for v in (lo, hi)]
-    for overrides in probes:
+    """Load the params at every grid value (and both ends of every range) before any trial runs.
+
+    A range takes the type of its key: `--range dpo.beta=1:5` searches the floats from 1 to 5 (beta is a float),
+    not the integers 1 to 5 that its bounds read as; an integer key (dpo.max_steps) is searched in integers."""
+    path = project / spec.params if not Path(spec.params).is_absolute() else spec.params
+    probes = [(k, [*spec.overrides, f"{k}={yaml_text(v)}"]) for k, values in space.grid.items() for v in values]
+    probes += [(k, [*spec.overrides, f"{k}={yaml_text(v)}"]) for k, (lo, hi, _) in space.ranges.items() for v in (lo, hi)]
+    read: dict[str, list[Any]] = {}
+    for key, overrides in probes:
         try:
-            load_params(project / spec.params if not Path(spec.params).is_absolute() else spec.params, overrides)
+            params = load_params(path, overrides)
         except ParamsError as error:
             raise SweepError(f"{error} (from the sweep's {overrides[-1]})") from None
+        value: Any = params_to_dict(params)
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        read.setdefault(key, []).append(value)
+    for key, (low, high, scale) in list(space.ranges.items()):
+        if all(isinstance(v, float) for v in read[key]):
+            space.ranges[key] = [float(low), float(high), scale]
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in read[key]):
+            space.ranges[key] = [int(low), int(high), scale]
 
 
 def run_sweep(
@@ -532,6 +546,7 @@ def run_sweep(
                      sampler=sampler, samples=samples if sampler != "grid" else None, objective=objective,
                      direction=direction, seed=base.run.seed)
     validate_points(spec, space, project)
+    spec.space = asdict(space)  # the ranges as the types of their keys
     sweep_name = name or f"{base.run.name}-sweep"
     sweep_dir = run_directory(project, base.run.output_dir, sweep_name)
     try:
