@@ -505,3 +505,22 @@ def test_round_two_refuses_prompts_it_cannot_match_to_round_one(tiny_model_dir, 
     conversational = generate_params(tiny_model_dir, prompts, sampler)
     with pytest.raises(FileNotFoundError, match=r"is a policy of the run .*round-1, but no data/eval.jsonl was found"):
         prepare_data(conversational, tokenizer, tmp_path / "runs" / "missing", REPO)
+
+
+@pytest.mark.parametrize("status", ["failed", "interrupted", "running"])
+def test_round_two_refuses_a_policy_whose_merge_stage_did_not_complete(tiny_model_dir, round_one, tmp_path, status):
+    """A merge that failed its logits check (or was interrupted, or still runs elsewhere) leaves merged/ on disk:
+    round 2 sampled from it as if round 1 had finished."""
+    from dpo_kit.data.on_policy import sampler_run_held_out_prompts
+
+    prompts = iterative_prompts_file(tmp_path / "round-2.jsonl")
+    params = generate_params(tiny_model_dir, prompts, f"data.generate.sampler={round_one / 'merged'}")
+    manifest = {"status": "failed", "stages": {"format": {"status": "completed"}, "train": {"status": "completed"},
+                                               "merge": {"status": status}}}  # fmt: skip
+    (round_one / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"'{round_one / 'merged'}' is the merged/ of the run {round_one}, whose merge"
+                                         rf" stage is {status}, not completed.*--resume"):
+        sampler_run_held_out_prompts(params, REPO)
+    manifest["stages"]["merge"]["status"] = "completed"
+    (round_one / "manifest.json").write_text(json.dumps(manifest))
+    assert sampler_run_held_out_prompts(params, REPO).source_file == round_one.resolve() / "data" / "eval.jsonl"

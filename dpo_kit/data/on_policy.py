@@ -114,6 +114,7 @@ def sampler_run_held_out_prompts(params: Params, project_dir: str | Path = ".") 
     runs = [folder for folder in policy.parents if (folder / "manifest.json").is_file()]
     if not runs:
         return None  # a model directory that no kit run wrote: nothing is known of what it trained on
+    refuse_unfinished_policy(runs[0], policy, sampler)
     for run_dir in runs:
         # A round 2 as the sampler's run (this is round 3) keeps round 1's held-out prompts in held_out_prompts.jsonl,
         # those its score-gap filter dropped included; its eval.jsonl has only the ones it kept.
@@ -131,6 +132,31 @@ def sampler_run_held_out_prompts(params: Params, project_dir: str | Path = ".") 
     pairs = [json.loads(line) for line in source_file.read_text().splitlines() if line.strip()]
     keys = frozenset(prompt_key(pair) for pair in pairs)
     return HeldOutPrompts(source_file=source_file, prompts=tuple(pair["prompt"] for pair in pairs), keys=keys)
+
+
+# A run's model directories and the stage that writes each: a sampler among them is that stage's output.
+POLICY_STAGES = {"merged": "merge", "trained": "train", "adapter": "train"}
+
+
+def refuse_unfinished_policy(run_dir: Path, policy: Path, sampler: str) -> None:
+    """Refuse a sampler that is the merged/ (or trained/, adapter/) of a run whose stage writing it did not complete:
+    a merge that failed its logits check or was interrupted leaves its merged/ on disk, and one running elsewhere is
+    still writing it. Round 2 would sample from a policy that the kit refused or that is half written."""
+    relative = policy.relative_to(run_dir).parts
+    stage = POLICY_STAGES.get(relative[0]) if relative else None
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return
+    entry = (manifest.get("stages") or {}).get(stage) if stage and isinstance(manifest, dict) else None
+    if entry is None or entry.get("status") == "completed":
+        return
+    raise ValueError(
+        f"data.generate.sampler '{sampler}' is the {relative[0]}/ of the run {run_dir}, whose {stage} stage is"
+        f" {entry.get('status', 'unfinished')}, not completed ({run_dir / 'manifest.json'}): its {relative[0]}/ is not"
+        f" a policy the kit finished. Finish that run first (dpo-kit run {run_dir / 'params.yaml'} --resume), then"
+        " sample from it."
+    )
 
 
 def split_as_sampler_run(kept: list[tuple[int, dict]], held_out: HeldOutPrompts) -> tuple[list[dict], list[dict]]:
