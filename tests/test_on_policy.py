@@ -524,3 +524,33 @@ def test_round_two_refuses_a_policy_whose_merge_stage_did_not_complete(tiny_mode
     manifest["stages"]["merge"]["status"] = "completed"
     (round_one / "manifest.json").write_text(json.dumps(manifest))
     assert sampler_run_held_out_prompts(params, REPO).source_file == round_one.resolve() / "data" / "eval.jsonl"
+
+
+def test_round_twos_pairs_are_not_reused_once_round_one_wrote_another_policy(tiny_model_dir, round_one, tmp_path):
+    """Round 2's pairs are samples of round 1's merged/. Round 1 run again (--overwrite, or its merge stage with
+    other params) puts another policy there, under the same path and params: the pairs were still shown as current
+    (notebook 01), copied by --reuse-format and shared by a sweep's trials, as if that policy had sampled them."""
+    from dpo_kit.params import params_to_dict
+    from dpo_kit.run.stage import format_input_files, format_stage_differences, params_fingerprint
+
+    prompts = iterative_prompts_file(tmp_path / "round-2.jsonl")
+    params = generate_params(tiny_model_dir, prompts, f"data.generate.sampler={round_one / 'merged'}")
+    resolved = params_to_dict(params)
+    round_two = tmp_path / "runs" / "round-2"
+    round_two.mkdir(parents=True)
+    entry = {"status": "completed", "params_fingerprint": params_fingerprint(resolved, "format"),
+             "input_files": format_input_files(resolved["data"], REPO)}  # what open_stage records when the stage starts
+    assert entry["input_files"]["data.generate.sampler"]["path"] == str((round_one / "merged").resolve())
+    (round_two / "manifest.json").write_text(json.dumps({"stages": {"format": entry}}))
+    assert format_stage_differences(round_two, resolved, REPO) == []
+
+    weights = next((round_one / "merged").glob("*.safetensors"))
+    shutil.copy2(weights, tmp_path / "weights")
+    weights.unlink()
+    shutil.copyfile(tmp_path / "weights", weights)  # round 1's merge stage run again: the same path, a new file
+    assert format_stage_differences(round_two, resolved, REPO) == [
+        f"data.generate.sampler {(round_one / 'merged').resolve()} was written again since the stage ran (its pairs"
+        " were sampled from the model that was there before)"]
+    shutil.rmtree(round_one / "merged")
+    assert format_stage_differences(round_two, resolved, REPO) == [
+        f"data.generate.sampler {(round_one / 'merged').resolve()} is gone"]

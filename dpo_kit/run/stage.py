@@ -339,18 +339,31 @@ def _name_parameter_sets(run_dir: Path, manifest: dict) -> dict:
     return manifest
 
 
+def directory_stamp(path: Path) -> str:
+    """sha256 of a directory's file names, sizes and modification times. A sampler's model directory is too large
+    to hash at every check; a model written again (round 1 run again, or its merge stage) has new times."""
+    entries = sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                     for f in path.rglob("*") if f.is_file())  # fmt: skip
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
 def format_input_files(data: dict[str, Any], project: Path) -> dict[str, dict[str, str]]:
     """The local files the format stage reads with the data params `data` (a resolved params dict's "data"), by
     params key: their path and sha256. A file's name is in the params, its content is not: the format stage records
-    these so that an edited file is not shown stale."""
-    named = {"data.source": data.get("source")}
-    if data.get("generate"):
-        named["data.generate.prompts"] = data["generate"].get("prompts")
+    these so that an edited file is not shown stale. A sampler directory (data.generate.sampler: round 1's
+    merged/) is recorded by its directory_stamp: the pairs of round 2 are samples of that policy, and a round 1 run
+    again after them writes another."""
+    generate = data.get("generate") or {}
+    named = {"data.source": data.get("source"), "data.generate.prompts": generate.get("prompts")}
     files = {}
     for key, name in named.items():
         path = (project / name).resolve() if name else None
         if path is not None and path.is_file():
             files[key] = {"path": str(path), "sha256": mf.sha256_of(path)}
+    sampler = generate.get("sampler")
+    if sampler and (project / sampler).is_dir():
+        path = (project / sampler).resolve()
+        files["data.generate.sampler"] = {"path": str(path), "directory_stamp": directory_stamp(path)}
     return files
 
 
@@ -363,7 +376,11 @@ def changed_input_files(entry: dict[str, Any], current: dict[str, dict[str, str]
         now = current.get(key)
         if now is None:
             changed.append(f"{key} {recorded['path']} is gone")
-        elif now["sha256"] != recorded["sha256"]:
+        elif "directory_stamp" in recorded:
+            if now.get("directory_stamp") != recorded["directory_stamp"]:
+                changed.append(f"{key} {now['path']} was written again since the stage ran (its pairs were sampled"
+                               " from the model that was there before)")  # fmt: skip
+        elif now.get("sha256") != recorded["sha256"]:
             changed.append(f"{key} {now['path']} changed since the stage ran")
     return changed
 
