@@ -276,6 +276,26 @@ def test_a_trial_interrupted_before_its_run_starts_is_run_again_when_the_sweep_i
     assert summary(tmp_path / "tiny-sweep")[1] is False, "no point is left failed"
 
 
+def test_a_shared_storage_refuses_another_sweep_of_the_same_name(tmp_path, fake_trials):
+    """--storage is shared, and Optuna finds a study by name: a second project's `tiny-sweep` (another grid, in
+    another output directory) added its trials to the first's study, whose table and sampler then mixed both."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    common = {"storage": storage, "project_dir": REPO, "progress": False}
+    run_sweep(TINY, grid=["dpo.beta=0.1,0.5"], overrides=[f"run.output_dir={tmp_path / 'a'}"], **common)
+    with pytest.raises(SweepError, match=r"study 'tiny-sweep' in sqlite:///.*shared.db belongs to another sweep of"
+                                         r" that name \(overrides, space, the params file's run.output_dir.*new --name"):
+        run_sweep(TINY, grid=["dpo.beta=0.2"], overrides=[f"run.output_dir={tmp_path / 'b'}"], **common)
+    with pytest.raises(SweepError, match=r"the params file's dpo.learning_rate: 0.005 -> 0.1"):
+        run_sweep(TINY, grid=["dpo.beta=0.1,0.5"], overrides=[f"run.output_dir={tmp_path / 'c'}",
+                                                             "dpo.learning_rate=0.1"], **common)  # fmt: skip
+    assert not (tmp_path / "b" / "tiny-sweep" / "sweep.json").exists(), "a refused sweep records nothing"
+    assert len(trial_rows(tmp_path / "a" / "tiny-sweep", storage)) == 2
+    # The same sweep again (a second worker, here once the first is done) joins the study: every point is done.
+    _, calls = fake_trials
+    run_sweep(TINY, grid=["dpo.beta=0.1,0.5"], overrides=[f"run.output_dir={tmp_path / 'a'}"], **common)
+    assert len(calls) == 2 and len(trial_rows(tmp_path / "a" / "tiny-sweep", storage)) == 2
+
+
 @pytest.mark.filterwarnings("ignore:Trial 0 failed")
 def test_an_interrupted_trial_does_not_use_up_one_of_the_samples(tmp_path, fake_trials):
     """--samples 2, the first trial interrupted: the sweep started again runs its retry and one more point, two

@@ -485,6 +485,31 @@ def check_spec(sweep_dir: Path, spec: SweepSpec, base_params: dict | None = None
         )
 
 
+STUDY_SPEC = "dpo_kit_sweep"  # the study's user attribute holding what made the sweep
+
+
+def check_study_spec(study, spec: SweepSpec, base_params: dict, url: str) -> None:
+    """A study in a shared --storage is found by the sweep's name alone: another sweep of that name (another
+    project, another search space, in another output directory) would add its trials to this one's. The study
+    keeps what made it, and a sweep that differs is refused. The params file's path is left out (a worker on another
+    machine may have its checkout elsewhere); its content is compared."""
+    from dpo_kit.params import params_differences
+
+    mine = {"spec": {k: v for k, v in json.loads(json.dumps(asdict(spec))).items() if k != "params"},
+            "base_params": json.loads(json.dumps(base_params))}  # fmt: skip
+    recorded = study.user_attrs.get(STUDY_SPEC)
+    if recorded is None:
+        study.set_user_attr(STUDY_SPEC, mine)
+        return
+    changed = [k for k, v in mine["spec"].items() if recorded.get("spec", {}).get(k) != v]
+    changed += [f"the params file's {d}" for d in params_differences(recorded.get("base_params", {}), mine["base_params"])]
+    if changed:
+        raise SweepError(
+            f"the study '{study.study_name}' in {url} belongs to another sweep of that name ({', '.join(changed)}"
+            " differ). A sweep is never mixed with another: give this one a new --name, or repeat that sweep's command."
+        )
+
+
 def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
     """Load the params at every grid value (and both ends of every range) before any trial runs.
 
@@ -558,12 +583,12 @@ def run_sweep(
     record = {"spec": asdict(spec), "name": sweep_name, "storage": redacted(url), "created": mf.now_iso(),
               "command": mf.recorded_command(["dpo-kit", *sys.argv[1:]]) if sys.argv else None,
               "base_params": params_to_dict(base)}
-    if not (sweep_dir / SWEEP_FILE).is_file():
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar and the summary say what its INFO lines say
     study = optuna.create_study(study_name=sweep_name, storage=open_storage(url), sampler=make_sampler(spec),
                                 direction=direction, load_if_exists=True)
+    check_study_spec(study, spec, params_to_dict(base), redacted(url))
+    if not (sweep_dir / SWEEP_FILE).is_file():
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
     retried = recover_interrupted_trials(study)
     if retried:
         print(f"dpo-kit sweep: trial(s) {', '.join(map(str, retried))} were interrupted; each runs again and"
