@@ -296,6 +296,32 @@ def test_a_shared_storage_refuses_another_sweep_of_the_same_name(tmp_path, fake_
     assert len(calls) == 2 and len(trial_rows(tmp_path / "a" / "tiny-sweep", storage)) == 2
 
 
+def test_a_sweep_and_a_run_never_share_a_directory(tmp_path):
+    """A run named as a sweep wrote its manifest.json into the sweep's directory, after which `dpo-kit report` read
+    the directory as that one run and hid every trial (and --overwrite would archive them with it); a sweep named as
+    a run put its trials inside the run."""
+    from dpo_kit.run.runner import RunError, run_pipeline
+    from dpo_kit.run.stage import StageError, open_stage
+
+    sweep_dir = tmp_path / "tiny-sweep"  # as `dpo-kit sweep params/tiny.yaml` leaves it, trials aside
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.json").write_text(json.dumps({"name": "tiny-sweep", "spec": {}}))
+    with pytest.raises(StageError, match=rf"{sweep_dir} is the directory of a sweep.*Choose another run.name"):
+        open_stage("format", str(TINY), [f"run.output_dir={tmp_path}", "run.name=tiny-sweep"], str(REPO))  # notebook 01
+    with pytest.raises(RunError, match="already holds files but no dpo-kit run"):  # dpo-kit run refused it already
+        run_pipeline(TINY, [f"run.output_dir={tmp_path}", "run.name=tiny-sweep"], project_dir=REPO, progress=False,
+                     isolate_stages=True)  # fmt: skip
+    assert not (sweep_dir / "manifest.json").exists()
+
+    run_dir = tmp_path / "a-run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text(json.dumps({"status": "completed", "stages": {}}))
+    with pytest.raises(SweepError, match=rf"{run_dir} holds a run \(manifest.json\), not a sweep.*another --name"):
+        run_sweep(TINY, grid=["dpo.beta=0.1"], overrides=[f"run.output_dir={tmp_path}"], name="a-run",
+                  project_dir=REPO, progress=False)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["manifest.json"]
+
+
 @pytest.mark.filterwarnings("ignore:Trial 0 failed")
 def test_an_interrupted_trial_does_not_use_up_one_of_the_samples(tmp_path, fake_trials):
     """--samples 2, the first trial interrupted: the sweep started again runs its retry and one more point, two

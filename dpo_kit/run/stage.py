@@ -183,6 +183,15 @@ def run_dir_for(params: Params, project_dir: str | Path) -> Path:
     return run_directory(project_dir, params.run.output_dir, params.run.name)
 
 
+def refuse_sweep_directory(run_dir: Path) -> None:
+    """A run never goes into a sweep's directory (run.name equal to a sweep's name): its manifest.json would make
+    the sweep read as one run (`dpo-kit report` would show it alone, not the trials), and --overwrite would archive
+    every trial with it."""
+    if (run_dir / "sweep.json").is_file():
+        raise StageError(f"{run_dir} is the directory of a sweep (it holds sweep.json), not a run: a run there would"
+                         " hide the sweep's trials. Choose another run.name (or run.output_dir).")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # Parameter sets
 
@@ -484,6 +493,7 @@ def open_stage(
     params = load_params(params_file, overrides)
     check_local_files(params, project)
     run_path = (project / run_dir).resolve() if run_dir else run_dir_for(params, project)
+    refuse_sweep_directory(run_path)
     try:
         mf.ensure_writable_dir(run_path)
     except mf.OutputNotWritable as error:

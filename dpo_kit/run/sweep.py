@@ -574,6 +574,9 @@ def run_sweep(
     spec.space = asdict(space)  # the ranges as the types of their keys
     sweep_name = name or f"{base.run.name}-sweep"
     sweep_dir = run_directory(project, base.run.output_dir, sweep_name)
+    if (sweep_dir / "manifest.json").is_file():
+        raise SweepError(f"{sweep_dir} holds a run (manifest.json), not a sweep: the sweep's trials there would be hidden"
+                         " by it (dpo-kit report reads the directory as that one run). Give the sweep another --name.")
     try:
         mf.ensure_writable_dir(sweep_dir)
     except mf.OutputNotWritable as error:
