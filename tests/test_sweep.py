@@ -85,6 +85,9 @@ def test_bad_keys_and_values_are_refused_before_any_trial_runs(tmp_path):
         run_sweep(TINY, grid=["dpo.beta=0.1,x"], **common)
     with pytest.raises(SweepError, match="needs --samples"):
         run_sweep(TINY, ranges=["dpo.beta=0.1:0.5"], **common)
+    # A key fixed with --set and swept too: each trial's value replaced the --set one without a word.
+    with pytest.raises(SweepError, match=r"dpo.beta is given both with --set and as a swept key"):
+        run_sweep(TINY, grid=["dpo.beta=0.1,0.2"], **{**common, "overrides": [*common["overrides"], "dpo.beta=0.3"]})
     assert not any(tmp_path.iterdir()), "nothing is written for a refused sweep"
 
 

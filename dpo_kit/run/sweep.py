@@ -566,6 +566,11 @@ def run_sweep(
     if direction not in ("maximize", "minimize"):
         raise SweepError(f"--direction {direction}: valid are maximize, minimize")
     check_objective(objective)
+    fixed = {item.split("=", 1)[0].strip() for item in overrides}
+    both = [key for key in [*space.grid, *space.ranges] if key in fixed]
+    if both:  # each trial's own value would silently replace the --set one
+        raise SweepError(f"{', '.join(both)} is given both with --set and as a swept key; give it once (--set fixes"
+                         " a key for every trial, --grid and --range vary it)")
     base = load_params(params_path, list(overrides))
     spec = SweepSpec(params=str(Path(params_path).resolve()), overrides=list(overrides), space=asdict(space),
                      sampler=sampler, samples=samples if sampler != "grid" else None, objective=objective,
