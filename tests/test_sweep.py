@@ -128,17 +128,17 @@ def test_the_recorded_command_keeps_no_storage_password_and_a_refused_secret_is_
     from dpo_kit.run.cli import main
 
     password = "hunter2-storage-password"
-    storage = f"postgresql://alice:{password}@127.0.0.1:1/optuna"  # no server: opening it fails, after the record
+    storage = f"postgresql://alice:{password}@127.0.0.1:1/optuna"  # no server: opening it fails
     args = ["sweep", str(TINY), "--set", f"run.output_dir={tmp_path}", "--grid", "dpo.beta=0.1", "--name", "pw",
             "--storage", storage, "--quiet"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["dpo-kit", *args])
     monkeypatch.chdir(REPO)
     assert main(args) == 1
     assert password not in capsys.readouterr().err
-    record = json.loads((tmp_path / "pw" / "sweep.json").read_text())
-    assert record["storage"] == "postgresql://alice:***@127.0.0.1:1/optuna"
-    assert "--storage postgresql://alice:***@127.0.0.1:1/optuna" in record["command"]
-    assert password not in (tmp_path / "pw" / "sweep.json").read_text()
+    for written in tmp_path.rglob("*"):  # sweep.json is written once the storage opens: not here
+        assert not written.is_file() or password.encode() not in written.read_bytes(), written
+    # What sweep.json and every trial's manifest record as the command line (both through recorded_command).
+    assert "--storage postgresql://alice:***@127.0.0.1:1/optuna" in mf.recorded_command(["dpo-kit", *args])
     assert password not in mf.new_manifest("trial", 0, tmp_path, {})["command"]
     # A grid value that the params refuse as a secret is named by its key, not quoted in the refusal.
     monkeypatch.setenv("HF_TOKEN", "hf_FAKESECRET123456789")
