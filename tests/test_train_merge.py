@@ -140,6 +140,19 @@ def test_a_merge_whose_logits_are_not_finite_is_refused(tmp_path, tiny_model_dir
         merge_adapter(open_stage("merge", TINY, overrides, str(REPO)))
 
 
+def test_the_merge_check_table_shows_a_small_logit_difference_as_it_is():
+    """Notebook 03's table: pandas printed 4.9e-07 among the record's strings as 0.0, an exact merge it was not."""
+    from dpo_kit.training.merge import MergeResult
+
+    result = MergeResult(merged_dir="runs/x/merged", dtype="float32", max_abs_logit_diff=4.880130290985107e-07,
+                         max_abs_reload_diff=0.0, tolerance=1e-4, pushed_to=None)
+    shown = result.table()["merge check"]
+    assert shown["max_abs_logit_diff"] == "4.88e-07"
+    assert shown["tolerance"] == "0.0001"
+    assert shown["merged_dir"] == "runs/x/merged" and shown["pushed_to"] == "None"
+    assert "4.88e-07" in result.table().to_string()
+
+
 def test_push_to_hub_reaches_the_hub_call(monkeypatch, tiny_model_dir):
     """Offline, the push fails at the hub, not at its own arguments (transformers 5 took safe_serialization away)."""
     from huggingface_hub.errors import OfflineModeIsEnabled

@@ -32,6 +32,17 @@ class MergeResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def table(self):
+        """The merge check as notebook 03 shows it: one column, each difference to three significant digits.
+
+        Among the strings of this record pandas prints a float with six decimals, so a logit difference of 4.9e-07
+        read 0.0, as if the merge were exact, while manifest.json held the real value. Every cell is text (pushed_to
+        None reads None, not NaN)."""
+        import pandas as pd
+
+        shown = {key: f"{value:.3g}" if isinstance(value, float) else str(value) for key, value in self.to_dict().items()}
+        return pd.Series(shown, name="merge check").to_frame()
+
 
 def probe_batch(tokenizer, prompts: list[str]):
     """Chat-templated prompts, padded into one batch."""
