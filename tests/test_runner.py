@@ -292,3 +292,29 @@ def test_resuming_says_a_train_stage_continues_only_where_one_was_interrupted(tm
     (run_dir / "manifest.json").write_text(json.dumps({"stages": {s: {"status": "completed"} for s in mf.STAGES}}))
     note = guard_existing_run(run_dir, list(mf.STAGES), overwrite=False, resume=True)
     assert note.endswith(f"completed stages are skipped ({', '.join(mf.STAGES)}), nothing is left to run"), note
+
+
+def test_a_sweep_trial_that_copied_its_pairs_is_not_said_to_resume(tmp_path):
+    """The second trial of a fresh sweep adopts the first one's format stage and then runs with resume: the terminal
+    said "resuming ...: completed stages are skipped (format)" of a trial that had never run."""
+    from dpo_kit import manifest as mf
+
+    run_dir = tmp_path / "beta=0.05"
+    run_dir.mkdir()
+    source = tmp_path / "beta=0.5"
+    (run_dir / "manifest.json").write_text(json.dumps(
+        {"stages": {"format": {"status": "completed", "reused_from": str(source)}}}
+    ))
+    note = guard_existing_run(run_dir, list(mf.STAGES), overwrite=False, resume=True, start_if_missing=True)
+    assert note == f"the pairs of {source} are copied into {run_dir}; the format stage is not run again"
+    # Once it has run further (killed during training, then retried), it does resume.
+    (run_dir / "manifest.json").write_text(json.dumps(
+        {"stages": {"format": {"status": "completed", "reused_from": str(source)}, "train": {"status": "interrupted"}}}
+    ))
+    note = guard_existing_run(run_dir, list(mf.STAGES), overwrite=False, resume=True, start_if_missing=True)
+    assert note.startswith(f"resuming {run_dir}") and "completed stages are skipped (format)" in note
+    # `dpo-kit run --resume` of such a run is a resume.
+    (run_dir / "manifest.json").write_text(json.dumps(
+        {"stages": {"format": {"status": "completed", "reused_from": str(source)}}}
+    ))
+    assert guard_existing_run(run_dir, list(mf.STAGES), overwrite=False, resume=True).startswith("resuming")

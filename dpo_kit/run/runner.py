@@ -278,7 +278,13 @@ def guard_existing_run(run_dir: Path, stages: list[str], overwrite: bool, resume
                        " it is not taken over. Choose a new name (--set run.name=...) or another run.output_dir.")
     done = completed_stages(run_dir, stages)
     if resume:
-        train = manifest.get("stages", {}).get("train", {}).get("status")
+        entries = manifest.get("stages", {})
+        reused = entries.get("format", {}).get("reused_from")
+        if start_if_missing and reused and set(entries) == {"format"} and done == ["format"]:
+            # A sweep's trial that has just copied a sibling's pairs (sweep.share_format_stage) starts here; it was
+            # never run before, so "resuming" would misread it. Said as --reuse-format says it.
+            return f"the pairs of {reused} are copied into {run_dir}; the format stage is not run again"
+        train = entries.get("train", {}).get("status")
         # Only a train stage that started and did not finish has a checkpoint to continue from (a sweep's trial
         # that adopted a format stage resumes with no train stage at all).
         if len(done) == len(stages):
