@@ -678,6 +678,24 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# Only true and false are booleans (YAML 1.2), not YAML 1.1's yes/no/on/off: TrainingArguments' strategies take "no",
+# and `--set dpo.save_strategy=no` (or `eval_strategy: no` in a file) read as False was refused as "got False". The kit's
+# own bool fields still take yes/no/on/off, which pydantic reads as booleans.
+UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def read_yaml(text: str) -> Any:
+    """A params file or a --set/--grid value as the kit reads it: YAML, a key given twice refused, and only true and
+    false booleans."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 # Hugging Face user tokens, refused even when none is in the environment here. (W&B keys are 40 hex digits,
 # like a commit hash that may pin a revision, so they are caught only by their value in the environment.)
@@ -737,13 +755,13 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply `section.key=value` strings (values parsed as YAML) to a raw params mapping."""
+    """Apply `section.key=value` strings (values parsed as YAML, `read_yaml`) to a raw params mapping."""
     for override in overrides:
         if "=" not in override or "." not in override.split("=", 1)[0]:
             raise ParamsError(f"override '{override}': expected section.key=value, e.g. dpo.beta=0.2")
         dotted, text = override.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = read_yaml(text) if text.strip() else None
         except yaml.YAMLError as error:
             problem = getattr(error, "problem", None) or str(error).splitlines()[0]
             quoted = text.strip().replace("'", "''")  # YAML's single quotes: '' is one quote inside
@@ -774,7 +792,7 @@ def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ParamsError(f"params file not found: {path}")
     text = path.read_text()
     try:
-        raw = yaml.load(text, Loader=UniqueKeyLoader) or {}
+        raw = read_yaml(text) or {}
     except yaml.YAMLError as error:
         if redact_secrets(text) != text:
             # YAML quotes the offending line, cut to its width, so *** could not replace a secret there in full:

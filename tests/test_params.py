@@ -418,3 +418,19 @@ def test_a_launch_config_or_gguf_file_that_is_not_there_is_refused_before_any_st
         check_local_files(load_params(REPO / "params/tiny.yaml", [f"model.name_or_path={tmp_path}",
                                                                   "model.build_tiny_model=false",
                                                                   "model.gguf_file=model.gguf"]))  # fmt: skip
+
+
+def test_a_strategy_of_no_is_text_not_false(tmp_path):
+    """TrainingArguments' strategies take "no": YAML 1.1 read `no` as False, and `--set dpo.save_strategy=no` was refused
+    as "expected IntervalStrategy | str, got False". Only true and false are booleans; yes/no still set a bool field."""
+    params = load_params(REPO / "params/tiny.yaml", ["dpo.save_strategy=no", "dpo.eval_strategy=no", "lora.enabled=yes",
+                                                     "generate.do_sample=off", "run.name=no"])  # fmt: skip
+    assert params.dpo["save_strategy"] == "no" and params.dpo["eval_strategy"] == "no"
+    assert params.lora.enabled is True and params.generate.do_sample is False and params.run.name == "no"
+    assert load_params(REPO / "params/tiny.yaml", ["lora.enabled=false", "dpo.bf16=true"]).dpo["bf16"] is True
+    path = tmp_path / "unquoted.yaml"
+    path.write_text((REPO / "params/tiny.yaml").read_text().replace('eval_strategy: "no"', "eval_strategy: no"))
+    assert "eval_strategy: no\n" in path.read_text() and load_params(path).dpo["eval_strategy"] == "no"
+    # What the run writes reads back the same (the dumper quotes 'no').
+    save_params(params, tmp_path / "params.yaml")
+    assert load_params(tmp_path / "params.yaml").dpo["save_strategy"] == "no"

@@ -54,6 +54,10 @@ def test_grid_values_parse_as_the_params_file_would_read_them():
     assert space.ranges == {"dpo.learning_rate": [1e-5, 1e-3, "log"], "lora.r": [4, 32, "linear"]}
     # The override a trial gets reads back as the same number (PyYAML reads '1e-05' as a string).
     assert trial_overrides({"dpo.learning_rate": 1e-5}) == ["dpo.learning_rate=1.0e-05"]
+    # A strategy of "no" is text, as with --set (YAML 1.1 read it as False, which no strategy field takes).
+    space = SearchSpace.parse(["dpo.save_strategy=no,steps"], [])
+    assert space.grid == {"dpo.save_strategy": ["no", "steps"]}
+    assert trial_overrides({"dpo.save_strategy": "no"}) == ["dpo.save_strategy='no'"]
 
 
 @pytest.mark.parametrize(

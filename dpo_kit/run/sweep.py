@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from dpo_kit import manifest as mf
-from dpo_kit.params import ParamsError, load_params, params_to_dict, redact_secrets, run_directory
+from dpo_kit.params import ParamsError, load_params, params_to_dict, read_yaml, redact_secrets, run_directory
 from dpo_kit.run.stage import PLACE_ONLY_KEYS, adopt_format_stage, has_completed_format, params_fingerprint
 
 SWEEP_FILE = "sweep.json"
@@ -68,9 +68,10 @@ class TrialFailed(SweepError):
 
 
 def _scalar(text: str, item: str = "", flag: str = "--grid") -> Any:
-    """A grid value as YAML reads it, with '1e-5' a float (PyYAML reads exponents without a dot as strings)."""
+    """A grid value as a --set value is read (params.read_yaml: `no` is text), with '1e-5' a float (PyYAML reads
+    exponents without a dot as strings)."""
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = read_yaml(text) if text.strip() else None
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         example = f"{flag} \"{item.split('=', 1)[0]}='{text.strip()}',...\""
