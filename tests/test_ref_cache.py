@@ -225,6 +225,18 @@ def test_cold_warm_and_no_cache_train_the_same_and_a_warm_run_runs_no_reference(
     assert_same_metrics(inline, cold)
 
 
+def test_handing_the_log_probs_to_trl_draws_no_bookkeeping_bars(tmp_path, tiny_model_dir, cache, capfd):
+    """Joining the log-prob columns to TRL's filtered dataset made datasets flatten its indices mapping with a bar of
+    its own, twice per split: a reader of notebook 02 saw "Flattening the indices" under every cached run."""
+    train(tmp_path, "bars", "dpo.eval_strategy=no", model=tiny_model_dir)
+    err = capfd.readouterr().err
+    assert "Computing reference log probs for train dataset" in err, "the precompute pass still shows its progress"
+    assert "Flattening the indices" not in err
+    import datasets
+
+    assert not datasets.are_progress_bars_disabled(), "datasets' bars are on again for everything else"
+
+
 def noisy_copy(model_dir, path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -23,6 +23,7 @@ sha256); an entry that fails any check is deleted and recomputed, and the manife
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -222,6 +223,22 @@ class RefLogpsStore:
 # The trainer
 
 
+@contextlib.contextmanager
+def datasets_bars_off():
+    """No datasets progress bar inside the block, and afterwards as before. Joining the log-prob columns to TRL's
+    dataset (filtered, so it holds an indices mapping) makes datasets flatten both with a bar each, "Flattening the
+    indices", in memory and in no time: bookkeeping a reader of notebook 02 need not watch."""
+    import datasets
+
+    were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not were_off:
+            datasets.enable_progress_bars()
+
+
 def cached_dpo_trainer_class():
     """DPOTrainer whose `_precompute_ref_logps` reads and fills the cache; built on demand (TRL is heavy)."""
     from trl import DPOTrainer
@@ -343,7 +360,8 @@ def _trainer_class(base: type) -> type:  # noqa: C901 - one class, kept together
                 {COLUMNS[0]: chosen.tolist(), COLUMNS[1]: rejected.tolist()},
                 features=Features({column: Value("float32") for column in COLUMNS}),
             )
-            return concatenate_datasets([dataset, columns], axis=1)  # what TRL's _precompute_ref_logps returns
+            with datasets_bars_off():
+                return concatenate_datasets([dataset, columns], axis=1)  # what TRL's _precompute_ref_logps returns
 
         def _compute_ref_logps(self, dataset, name: str, batch_size: int):
             """TRL's precompute pass (DPOTrainer._precompute_ref_logps of TRL 1.16) without its datasets cache file:
