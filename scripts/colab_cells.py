@@ -6,7 +6,8 @@ version change, run
 
     .venv/bin/python scripts/colab_cells.py && .venv/bin/nbstripout --keep-id notebooks/*.ipynb
 
-and update README.md's "Open in Colab" table; tests/test_colab_and_wheel.py checks all three against pyproject.
+and update README.md's "Open in Colab" table; it also sets `__version__` in dpo_kit/__init__.py.
+tests/test_colab_and_wheel.py checks all four against pyproject.
 The script is idempotent: an existing badge or Colab cell is replaced in place (the cell keeps its id), and the
 copies in tests/notebook_outputs/ (which nbval compares by code-cell position) get the same cell.
 """
@@ -100,6 +101,11 @@ def add_colab(notebook, version: str, name: str) -> None:
     notebook.cells.insert(first + 1, cell)
 
 
+def with_version(init_source: str, version: str) -> str:
+    """dpo_kit/__init__.py with its `__version__` set to the release (what `import dpo_kit` reports)."""
+    return re.sub(r'^__version__ = "[^"]*"$', f'__version__ = "{version}"', init_source, count=1, flags=re.MULTILINE)
+
+
 def main() -> int:
     version = pyproject_version()
     for folder in (REPO / "notebooks", REPO / "tests" / "notebook_outputs"):
@@ -108,6 +114,9 @@ def main() -> int:
             add_colab(notebook, version, path.name)
             nbformat.write(notebook, path)
             print(f"{path.relative_to(REPO)}: Colab badge and install cell for {release_tag(version)}")
+    init = REPO / "dpo_kit" / "__init__.py"
+    init.write_text(with_version(init.read_text(), version))
+    print(f"{init.relative_to(REPO)}: __version__ = {version!r}")
     return 0
 
 

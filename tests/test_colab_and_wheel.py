@@ -58,6 +58,16 @@ def test_pyproject_version_is_the_release_the_cells_name():
     assert colab_cells.install_source(VERSION) == f"git+https://github.com/dpo-kit/dpo-kit@v{VERSION}"
 
 
+def test_the_kits_own_version_is_pyprojects_release():
+    """`dpo_kit.__version__` names the release a second time; scripts/colab_cells.py writes it with the cells."""
+    import dpo_kit
+
+    assert dpo_kit.__version__ == VERSION, "dpo_kit/__init__.py: __version__ is not pyproject's; run scripts/colab_cells.py"
+    init = (REPO / "dpo_kit" / "__init__.py").read_text()
+    assert colab_cells.with_version(init, "9.9.9") == init.replace(f'__version__ = "{VERSION}"', '__version__ = "9.9.9"')
+    assert '__version__ = "9.9.9"' in colab_cells.with_version(init, "9.9.9")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_has_the_badge_and_install_cell_of_this_release(path):
     notebook = nbformat.read(path, as_version=4)
