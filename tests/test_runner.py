@@ -245,7 +245,7 @@ def test_progress_relay_shows_the_newest_line_a_stage_prints():
     bar = tqdm(total=1, disable=True)
     relay = ProgressRelay(bar, "train", width=20)
     relay.write("sampling:  10%|#  | 64/576\rsampling:  22%|##  | 128/576\r")
-    assert bar.postfix == "train: sampling:  22%|##  |"
+    assert bar.postfix == "train: sampling:  22%|## …"  # cut after a whole word, and marked
     relay.write("\n\n")  # blank output keeps the last line
     relay.write("step 4/20: loss 0.61\n")
     assert bar.postfix == "train: step 4/20: loss 0.61"
@@ -318,3 +318,24 @@ def test_a_sweep_trial_that_copied_its_pairs_is_not_said_to_resume(tmp_path):
         {"stages": {"format": {"status": "completed", "reused_from": str(source)}}}
     ))
     assert guard_existing_run(run_dir, list(mf.STAGES), overwrite=False, resume=True).startswith("resuming")
+
+
+def test_the_stage_bar_cuts_a_long_line_after_a_whole_word():
+    """The run's last bar showed "evaluate: judged reward ... over 8 held-out prompts; KL(policy ]"."""
+    from dpo_kit.run.runner import ProgressRelay
+
+    class Bar:
+        postfix = None
+
+        def set_postfix_str(self, text):
+            self.postfix = text
+
+    bar = Bar()
+    relay = ProgressRelay(bar, "evaluate")
+    line = ("judged reward 0.51 -> 0.60; win-rate 0.38 [0.12, 0.75] over 8 held-out prompts; KL(policy || reference)"
+            " 0.65 nats; held-out implicit-reward accuracy 1.00 on 40 pairs")
+    relay.write("\r" + line + "\n")
+    assert bar.postfix == "evaluate: judged reward 0.51 -> 0.60; win-rate 0.38 [0.12, 0.75] over 8 held-out prompts …"
+    assert len(bar.postfix) <= len("evaluate: ") + relay.width
+    relay.write("step 5/40: loss 0.53\n")
+    assert bar.postfix == "evaluate: step 5/40: loss 0.53"

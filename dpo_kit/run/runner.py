@@ -486,7 +486,15 @@ class ProgressRelay:
     def write(self, text: str) -> None:
         lines = [line.strip() for line in text.replace("\r", "\n").split("\n") if line.strip()]
         if lines:
-            self.bar.set_postfix_str(f"{self.stage}: {lines[-1][: self.width]}")
+            self.bar.set_postfix_str(f"{self.stage}: {self.shortened(lines[-1])}")
+
+    def shortened(self, line: str) -> str:
+        """At most `width` characters, cut after a whole word and marked: a line cut mid-word read as broken output
+        ("...; KL(policy ]" on the bar the run ends with)."""
+        if len(line) <= self.width:
+            return line
+        head = line[: self.width - 2]
+        return (head.rsplit(" ", 1)[0] if " " in head else head).rstrip(" ;,:") + " …"
 
     def flush(self) -> None:
         pass
