@@ -13,6 +13,7 @@ from dpo_kit.run.runner import RunError, check_prerequisites, find_secrets, guar
 from dpo_kit.run.stage import params_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
+TINY_PARAMS = REPO / "params" / "tiny.yaml"
 
 
 def test_stages_are_parsed_in_pipeline_order_and_unknown_ones_named():
@@ -339,3 +340,51 @@ def test_the_stage_bar_cuts_a_long_line_after_a_whole_word():
     assert len(bar.postfix) <= len("evaluate: ") + relay.width
     relay.write("step 5/40: loss 0.53\n")
     assert bar.postfix == "evaluate: step 5/40: loss 0.53"
+
+
+
+
+@pytest.mark.parametrize("how", ["resume", "overwrite", "stages", "race"])
+def test_a_run_whose_stage_runs_in_a_live_process_is_refused_before_anything_changes(tmp_path, tiny_model_dir, how,
+                                                                                  monkeypatch):
+    """A second `dpo-kit run` on a run that another one is training: refused, and the live stage's entry, its
+    executed notebook and the run directory stay as they are (it once recorded the live stage as failed, which let
+    a third runner resume it alongside the first, and --overwrite archived the run from under it). "race": the other
+    process opened the stage after the runner's check, so the stage notebook refuses it, and the runner records
+    nothing over the live entry."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from dpo_kit import manifest as mf
+    from dpo_kit.run.runner import run_pipeline
+
+    run_dir = tmp_path / "runs" / "busy"
+    settings = [f"run.output_dir={tmp_path / 'runs'}", "run.name=busy", f"model.name_or_path={tiny_model_dir}"]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner = {"pid": other.pid, "host": mf.this_process()["host"], "pid_started": psutil.Process(other.pid).create_time()}
+        stages_made_with(run_dir, params_to_dict(load_params(TINY_PARAMS, settings)), format="completed", train="running")
+        mf.update_stage(run_dir, "train", **owner)
+        (run_dir / "notebooks").mkdir()
+        (run_dir / "notebooks" / "02_train_dpo.ipynb").write_text("the live stage's notebook")
+        before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        kwargs = {"resume": {"resume": True}, "overwrite": {"overwrite": True}}.get(how, {})
+        stages = ["train", "merge"] if how in ("stages", "race") else ["format", "train", "merge"]
+        if how == "race":
+            monkeypatch.setattr("dpo_kit.run.runner.refuse_if_running", lambda run_dir: None, raising=False)
+            before.pop(run_dir / "notebooks" / "02_train_dpo.ipynb")  # the runner keeps it, renamed, as ever
+            before.pop(run_dir / "manifest.json")
+        refusal = "was not run: stage 'train'" if how == "race" else "Nothing was run"
+        with pytest.raises(RunError, match=rf"stage 'train' .*busy is running in process {other.pid}") as raised:
+            run_pipeline(TINY_PARAMS, settings, stages, project_dir=REPO, progress=False, isolate_stages=True, **kwargs)
+        assert refusal in str(raised.value)
+        after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        assert {p: after[p] for p in before} == before
+        train = mf.read_manifest(run_dir)["stages"]["train"]
+        assert {k: train[k] for k in ("status", *owner)} == {"status": "running", **owner} and "error" not in train
+        assert [p.name for p in (tmp_path / "runs").iterdir()] == ["busy"]
+    finally:
+        other.kill()
+        other.wait()

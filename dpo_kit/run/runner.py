@@ -33,7 +33,13 @@ from dpo_kit.params import (
     save_or_check_params,
 )
 from dpo_kit.progress import BATCH_KERNEL_ENV
-from dpo_kit.run.stage import adopt_format_stage, format_stage_differences, why_not_completed
+from dpo_kit.run.stage import (
+    StageError,
+    adopt_format_stage,
+    format_stage_differences,
+    refuse_if_running_elsewhere,
+    why_not_completed,
+)
 
 # nbformat validates notebooks with jsonschema, which compiles rfc3987_syntax's lark grammars when it
 # is importable (~1.3 s of every `dpo-kit run`) for IRI formats that the notebook schema never uses.
@@ -304,6 +310,18 @@ def guard_existing_run(run_dir: Path, stages: list[str], overwrite: bool, resume
     return "continuing an unfinished run; its unfinished stages start over (--resume continues training from a checkpoint)"
 
 
+def refuse_if_running(run_dir: Path) -> None:
+    """Refuse a run one of whose stages runs now in another live process (another `dpo-kit run`, a notebook's
+    kernel, a machine whose heartbeat is fresh), before anything in it is touched: a second runner would otherwise
+    record that live stage as failed (and a third resume it alongside), rename its executed notebook, or with
+    --overwrite move the run away from under it."""
+    for name, entry in mf.read_manifest(run_dir).get("stages", {}).items():
+        try:
+            refuse_if_running_elsewhere(run_dir, name, entry)
+        except StageError as error:
+            raise RunError(f"{error} Nothing was run, and nothing in the run was changed.") from None
+
+
 def check_prerequisites(run_dir: Path, stages: list[str], resolved: dict, provided: tuple[str, ...] = (),
                         fresh: bool = False) -> None:
     """Refuse, before any stage runs, stages whose prerequisite stages (STAGE_PREREQUISITES, and theirs) are neither
@@ -411,6 +429,7 @@ def run_pipeline(
         params, hardware = resolved["params"], resolved["hardware"]
         stages = stages or list(mf.STAGES)
         run_dir = run_directory(project, params["run"]["output_dir"], params["run"]["name"])
+        refuse_if_running(run_dir)
         if reuse_format and mf.read_manifest(run_dir) and not overwrite:
             raise RunError(f"--reuse-format starts a new run, and {run_dir} already holds one: choose a new name"
                            " (--set run.name=...), or pass --overwrite to archive the old run")  # fmt: skip
@@ -554,6 +573,8 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
             ) from None
         except Exception as error:  # papermill raises PapermillExecutionError; kernel deaths raise others
             reason = f"{getattr(error, 'ename', type(error).__name__)}: {getattr(error, 'evalue', error)}"
+            if getattr(error, "ename", None) == "StageBusy":  # another live process runs it: its entry is not ours
+                raise RunError(f"stage '{stage}' was not run: {error.evalue}") from None
             mf.update_stage(run_dir, stage, status="failed", error=reason, notebook=str(executed),
                             wall_seconds=round(time.perf_counter() - started, 3))
             mf.update_manifest(run_dir, status="failed", failed_stage=stage)

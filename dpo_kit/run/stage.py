@@ -85,6 +85,10 @@ class StageError(RuntimeError):
     """A stage cannot start: the message says why and what to change."""
 
 
+class StageBusy(StageError):
+    """The stage runs now in another live process: refused, and that process's entry is left as it is."""
+
+
 @dataclass
 class Stage:
     name: str
@@ -515,7 +519,7 @@ def open_stage(
         manifest = mf.read_manifest(run_path)
 
     previous = manifest.get("stages", {}).get(name, {})
-    _refuse_if_running_elsewhere(run_path, name, previous)
+    refuse_if_running_elsewhere(run_path, name, previous)
     same_params = bool(previous) and _entry_fingerprint(run_path, name, previous) == params_fingerprint(resolved, name)
     # The same params over an edited data file are another input: computed again, not shown stale.
     changed_files = (
@@ -579,19 +583,19 @@ def open_stage(
     return Stage(name=name, params=params, run_dir=run_path, project_dir=project, hardware=hardware)
 
 
-def _refuse_if_running_elsewhere(run_dir: Path, name: str, entry: dict[str, Any]) -> None:
+def refuse_if_running_elsewhere(run_dir: Path, name: str, entry: dict[str, Any]) -> None:
     """Two processes never write one stage: a stage still running in another live process is refused."""
     import os
 
     if entry.get("status") != "running" or mf.running_state(entry) != "alive" or entry.get("pid") == os.getpid():
         return
     if mf.process_alive(entry):
-        raise StageError(
+        raise StageBusy(
             f"stage '{name}' in {run_dir} is running in process {entry['pid']} on this host (started"
             f" {entry.get('started')}). Wait for it to finish, or stop it; a notebook kernel whose cell failed"
             " holds the stage until it is shut down or restarted."
         )
-    raise StageError(
+    raise StageBusy(
         f"stage '{name}' in {run_dir} is running in process {entry['pid']} on host {entry['host']} (last heartbeat"
         f" {entry.get('heartbeat') or entry.get('started')}); this host cannot see that process. If that machine is"
         f" gone, the stage counts as interrupted once its heartbeat is {mf.STALE_AFTER_SECONDS // 60} minutes old."
