@@ -6,10 +6,13 @@ at a time, so every write re-reads the file and replaces it atomically.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,6 +62,34 @@ class OutputNotWritable(OSError):
     """A run's output cannot be written (read-only, not a folder, disk full): the message names the path."""
 
 
+# What an operating system says when a file cannot be written (full disk, quota, size limit, read-only).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+# torch.save reports a short write from its zip writer as a RuntimeError, e.g. "[enforce fail at
+# inline_container.cc:672] . unexpected pos 119616 vs 119504", without the errno.
+TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed")
+# An errno in an error's text: Python's "[Errno 28] No space left on device", and Rust's "(os error 28)", which is
+# all that safetensors' SafetensorError says ("Error while serializing: I/O error: No space left on device (os error
+# 28)"), in a checkpoint, the trained weights or the merged model alike.
+ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]|\(os error (\d+)\)")
+
+
+def is_write_failure(error: BaseException | str) -> bool:
+    """Whether an error (or its text, as a stage's notebook reports it) says a file could not be written."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in WRITE_ERRNOS
+    text = str(error)
+    codes = {int(code) for pair in ERRNO_IN_TEXT.findall(text) for code in pair if code}
+    return bool(codes & set(WRITE_ERRNOS)) or any(marker in text for marker in TORCH_WRITE_FAILURES)
+
+
+def free_space(path: str | Path) -> str:
+    """'N MiB free' on the filesystem holding `path`, for an error that says a write failed."""
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.0f} MiB free"
+    except OSError:
+        return "free space unknown"
+
+
 def ensure_writable_dir(directory: str | Path) -> Path:
     """Create `directory` if needed and prove a file can be written there; OutputNotWritable names the path."""
     directory = Path(directory)
@@ -87,8 +118,12 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
 def write_manifest(run_dir: str | Path, manifest: dict[str, Any]) -> None:
     path = manifest_path(run_dir)
     temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps(manifest, indent=2, default=str))
+        os.replace(temporary, path)
+    except OSError:  # a full disk: the manifest stays as it was, and no half-written copy is left beside it
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def recorded_command(argv: list[str] | None = None) -> str:

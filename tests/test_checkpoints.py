@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -222,8 +223,14 @@ def test_a_stage_running_on_another_host_is_judged_by_its_heartbeat(tmp_path, ti
 
 
 def test_a_full_disk_while_saving_is_named_with_what_is_intact(tmp_path):
-    """A real ENOSPC: /dev/full refuses every write as a full disk does."""
+    """A real ENOSPC: /dev/full refuses every write as a full disk does. A container without that device would have
+    the test create a plain file /dev/full (as root) and write to it: skipped there, the EFBIG test below covers it."""
+    import stat
+
     from dpo_kit.training.train import CheckpointWriteError, clear_write_errors
+
+    if not Path("/dev/full").exists() or not stat.S_ISCHR(Path("/dev/full").stat().st_mode):
+        pytest.skip("no /dev/full device here")
 
     identity = make_run(tmp_path / "run")
     (tmp_path / "run" / "checkpoints" / "checkpoint-6").mkdir()  # the save that fails
@@ -244,3 +251,48 @@ def test_other_errors_pass_through_unchanged(tmp_path):
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         with clear_write_errors(tmp_path / "checkpoints"):
             raise RuntimeError("CUDA out of memory")
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int):
+    """Writes past `size` bytes fail with EFBIG, the short write a full disk gives with ENOSPC."""
+    import resource
+    import signal
+
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, previous[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+def test_a_full_disk_under_safetensors_is_named_in_a_checkpoint_and_in_the_trained_weights(tmp_path):
+    """safetensors' SafetensorError is no OSError and names no path: only its text says "(os error 27)". It passed
+    through as "SafetensorError: Error while serializing: I/O error: ..." with neither the folder nor the space."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dpo_kit.training.train import CheckpointWriteError, clear_write_errors
+
+    make_run(tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "checkpoint-6").mkdir()  # the save that fails
+    for folder, writing in ((checkpoints / "checkpoint-6", None), (tmp_path / "run" / "adapter", tmp_path / "run" / "adapter")):
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(CheckpointWriteError) as raised:
+            with clear_write_errors(checkpoints, **({"writing": writing} if writing else {})), file_size_limit(1000):
+                save_file({"weight": torch.zeros(10_000)}, folder / "adapter_model.safetensors")
+        message = str(raised.value)
+        assert message.startswith(f"could not write {folder} (") and "(os error 27)" in message, message
+        assert "intact: checkpoint-2, checkpoint-4." in message
+
+
+def test_a_manifest_that_cannot_be_written_stays_as_it_was(tmp_path):
+    mf.write_manifest(tmp_path, {"status": "running"})
+    with pytest.raises(OSError, match="File too large"), file_size_limit(1000):
+        mf.write_manifest(tmp_path, {"status": "failed", "error": "x" * 5000})
+    assert mf.read_manifest(tmp_path) == {"status": "running"}
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"], "no half-written manifest.json.tmp beside it"

@@ -388,3 +388,41 @@ def test_a_run_whose_stage_runs_in_a_live_process_is_refused_before_anything_cha
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_stage_that_fills_the_disk_is_reported_with_the_run_directory_and_the_space_left(tmp_path):
+    """A stage's write error often names no path ("[Errno 28] No space left on device", or safetensors'
+    "(os error 28)" from the merged model); and on a full disk the manifest cannot record the failure either,
+    which once ended `dpo-kit run` in a traceback from manifest.py instead of the stage's error."""
+    from types import SimpleNamespace
+
+    from dpo_kit import manifest as mf
+    from dpo_kit.run.runner import _record_stage_end, failure_reason
+
+    notebook_error = SimpleNamespace(ename="SafetensorError",
+                                     evalue="Error while serializing: I/O error: No space left on device (os error 28)")
+    reason = failure_reason(notebook_error, tmp_path)
+    assert reason.startswith("SafetensorError: Error while serializing") and f"; {tmp_path} could not be written (" in reason
+    assert "MiB free on its filesystem" in reason and "--resume" in reason
+    assert "could not be written" in failure_reason(OSError(28, "No space left on device"), tmp_path)  # papermill's own
+    said = SimpleNamespace(ename="CheckpointWriteError", evalue="could not write /x/checkpoint-8 (0 MiB free ...): [Errno 28]")
+    assert failure_reason(said, tmp_path) == f"CheckpointWriteError: {said.evalue}"
+    assert failure_reason(SimpleNamespace(ename="RuntimeError", evalue="CUDA out of memory"), tmp_path) == (
+        "RuntimeError: CUDA out of memory")
+
+    write_manifest(tmp_path, format="completed", merge="running")
+    before = (tmp_path / "manifest.json").read_text()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mf, "write_manifest", disk_full)
+        told = _record_stage_end(tmp_path, "merge", {"status": "failed"}, status="failed", error=reason)
+    assert told.startswith(f"{tmp_path / 'manifest.json'} could not record that (No space left on device")
+    assert (tmp_path / "manifest.json").read_text() == before
+    assert _record_stage_end(tmp_path, "merge", {"status": "failed"}, status="failed") == (
+        f"recorded in {tmp_path / 'manifest.json'}")
+    assert mf.read_manifest(tmp_path)["stages"]["merge"]["status"] == "failed"

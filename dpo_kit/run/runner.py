@@ -519,6 +519,31 @@ class ProgressRelay:
         pass
 
 
+def failure_reason(error: Exception, run_dir: Path) -> str:
+    """What a failed stage's error says, for the manifest and the runner's message: a PapermillExecutionError's
+    exception name and value (the notebook's), or the error itself (papermill's own, e.g. writing the executed
+    notebook). A failed write (full disk, quota, read-only) also names the run directory and the space left: most
+    such errors name no path ("[Errno 28] No space left on device", safetensors' "(os error 28)")."""
+    reason = f"{getattr(error, 'ename', type(error).__name__)}: {getattr(error, 'evalue', error)}"
+    said = getattr(error, "ename", None) == "CheckpointWriteError"  # the train stage's names its folder and space
+    if not said and mf.is_write_failure(reason if hasattr(error, "ename") else error):
+        reason += (f"; {run_dir} could not be written ({mf.free_space(run_dir)} on its filesystem). Free space (or"
+                   " fix its permissions), then continue with --resume: completed stages are kept and skipped")
+    return reason
+
+
+def _record_stage_end(run_dir: Path, stage: str, run_fields: dict[str, Any], **stage_fields: Any) -> str:
+    """Record how a stage ended in manifest.json; returns what to tell about that. On a full disk the manifest cannot
+    be written either: it stays as it was (the stage `running`, which the next start finds with its process gone)."""
+    try:
+        mf.update_stage(run_dir, stage, **stage_fields)
+        mf.update_manifest(run_dir, **run_fields)
+    except OSError as error:
+        return (f"{mf.manifest_path(run_dir)} could not record that ({error.strerror or error}; it is left as it was,"
+                " and the next start finds the stage unfinished)")
+    return f"recorded in {mf.manifest_path(run_dir)}"
+
+
 def _execute_stages(stages, run_dir, params_file, project, source_notebooks, kernel, progress, on_rerun,
                     bar_position: int = 0) -> None:
     import papermill
@@ -562,22 +587,24 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
             stage_kernel.shutdown()
             signal_name = {KeyboardInterrupt: "SIGINT", Terminated: "SIGTERM"}.get(type(error))
             reason = signal_name or "the kernel died (killed, or out of memory)"
-            mf.update_stage(run_dir, stage, status="interrupted", interrupted=mf.now_iso(), reason=reason,
-                            notebook=str(executed), wall_seconds=round(time.perf_counter() - started, 3))
-            mf.update_manifest(run_dir, status="interrupted", interrupted_stage=stage)
+            recorded = _record_stage_end(run_dir, stage, {"status": "interrupted", "interrupted_stage": stage},
+                                         status="interrupted", interrupted=mf.now_iso(), reason=reason,
+                                         notebook=str(executed), wall_seconds=round(time.perf_counter() - started, 3))
             raise RunInterrupted(
-                f"stage '{stage}' interrupted ({reason}); recorded in {run_dir / 'manifest.json'}. Continue with"
+                f"stage '{stage}' interrupted ({reason}); {recorded}. Continue with"
                 f" `dpo-kit run {params_file} --resume`: completed stages are skipped and training continues from"
                 " its newest checkpoint.",
                 exit_code=143 if signal_name == "SIGTERM" else 130,
             ) from None
         except Exception as error:  # papermill raises PapermillExecutionError; kernel deaths raise others
-            reason = f"{getattr(error, 'ename', type(error).__name__)}: {getattr(error, 'evalue', error)}"
             if getattr(error, "ename", None) == "StageBusy":  # another live process runs it: its entry is not ours
                 raise RunError(f"stage '{stage}' was not run: {error.evalue}") from None
-            mf.update_stage(run_dir, stage, status="failed", error=reason, notebook=str(executed),
-                            wall_seconds=round(time.perf_counter() - started, 3))
-            mf.update_manifest(run_dir, status="failed", failed_stage=stage)
+            reason = failure_reason(error, run_dir)
+            recorded = _record_stage_end(run_dir, stage, {"status": "failed", "failed_stage": stage}, status="failed",
+                                         error=reason, notebook=str(executed),
+                                         wall_seconds=round(time.perf_counter() - started, 3))  # fmt: skip
+            if not recorded.startswith("recorded"):
+                raise RunError(f"stage '{stage}' failed ({reason}); {recorded}. The traceback is in {executed}") from None
             raise RunError(f"stage '{stage}' failed ({reason}); the traceback is in {executed}") from None
         finally:
             if kernel is None:

@@ -8,17 +8,16 @@ LoRA off (full fine-tuning), a frozen reference copy is loaded from the same sou
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import os
-import shutil
 import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpo_kit import manifest as mf
 from dpo_kit.hardware import HardwareChoice
 from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet
 from dpo_kit.params import Params
@@ -144,8 +143,6 @@ def heartbeat_callback(run_dir: Path):
 
     from transformers import TrainerCallback
 
-    from dpo_kit import manifest as mf
-
     class Heartbeat(TrainerCallback):
         last = time.monotonic()
 
@@ -161,12 +158,18 @@ def heartbeat_callback(run_dir: Path):
 def recording_interruptions(run_dir: Path):
     """Record the train stage as `interrupted` in the manifest on SIGINT (Ctrl-C, a notebook's interrupt) or
     SIGTERM (preemption, `kill`), then let the signal do what it would have done; `failed` on an error. The
-    checkpoints saved so far stay, and the next start resumes from the newest."""
-    from dpo_kit import manifest as mf
+    checkpoints saved so far stay, and the next start resumes from the newest. Recording is best effort: on a
+    full disk the manifest cannot be written either, and that must not replace the error that says so (or stop
+    the signal); the stage's entry then still says `running`, and the next start finds its process gone."""
+
+    def record(**fields: Any) -> None:
+        with contextlib.suppress(OSError):
+            mf.update_stage(run_dir, "train", **fields)
+            if fields["status"] == "interrupted":
+                mf.update_manifest(run_dir, status="interrupted")
 
     def mark(signal_name: str) -> None:
-        mf.update_stage(run_dir, "train", status="interrupted", interrupted=mf.now_iso(), reason=signal_name)
-        mf.update_manifest(run_dir, status="interrupted")
+        record(status="interrupted", interrupted=mf.now_iso(), reason=signal_name)
 
     def on_sigterm(signum, frame):
         mark("SIGTERM")
@@ -182,24 +185,15 @@ def recording_interruptions(run_dir: Path):
         raise
     except Exception as error:
         # Failed, not interrupted: recorded here too, so a notebook's kernel does not hold the stage as running.
-        mf.update_stage(run_dir, "train", status="failed", error=f"{type(error).__name__}: {error}")
+        record(status="failed", error=f"{type(error).__name__}: {error}")
         raise
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 
 
-# What an operating system says when a file cannot be written (full disk, quota, size limit, read-only).
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
-# torch.save reports a short write from its zip writer as a RuntimeError, e.g. "[enforce fail at
-# inline_container.cc:672] . unexpected pos 119616 vs 119504", without the errno.
-TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed")
-
-
-def is_write_failure(error: BaseException) -> bool:
-    if isinstance(error, OSError):
-        return error.errno in WRITE_ERRNOS
-    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in TORCH_WRITE_FAILURES)
+# Kept here by name too: what counts as a failed write (manifest.py says, for the runner as well).
+WRITE_ERRNOS, TORCH_WRITE_FAILURES, is_write_failure = mf.WRITE_ERRNOS, mf.TORCH_WRITE_FAILURES, mf.is_write_failure
 
 
 class CheckpointWriteError(OSError):
@@ -207,22 +201,21 @@ class CheckpointWriteError(OSError):
 
 
 @contextlib.contextmanager
-def clear_write_errors(checkpoints_dir: Path):
+def clear_write_errors(checkpoints_dir: Path, writing: Path | None = None):
     """Turn a failed write (full disk, quota, read-only) into an error that names the folder, the space left and
-    the checkpoints still intact, instead of a traceback from deep inside torch.save or safetensors."""
+    the checkpoints still intact, instead of a traceback from deep inside torch.save or safetensors (whose
+    SafetensorError is no OSError: only its text says "(os error 28)"). `writing`: the folder being written, when
+    it is not a checkpoint (the trained weights)."""
     try:
         yield
-    except (OSError, RuntimeError) as error:
+    except Exception as error:
         if not is_write_failure(error):
             raise
-        try:
-            free = f"{shutil.disk_usage(checkpoints_dir.parent).free / 2**20:.0f} MiB free"
-        except OSError:
-            free = "free space unknown"
+        free = mf.free_space(checkpoints_dir.parent)
         steps = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0), key=checkpoint_step)
         intact = [p.name for p in steps if (p / RECORD_FILE).is_file()]
-        # The newest checkpoint without its record is the save that failed; else it was the final weights.
-        failed = next((p for p in reversed(steps) if not (p / RECORD_FILE).is_file()), checkpoints_dir.parent)
+        # The newest checkpoint without its record is the save that failed.
+        failed = writing or next((p for p in reversed(steps) if not (p / RECORD_FILE).is_file()), checkpoints_dir.parent)
         raise CheckpointWriteError(
             f"could not write {failed} ({free} on that filesystem): {error}. Checkpoints"
             f" recorded before are intact: {', '.join(intact) or 'none yet'}."
@@ -297,14 +290,13 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
         # checkpoint, and skips the batches already seen, so the rest of the run is the uninterrupted one's.
         reset_peak_memory()
         output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
+    with clear_write_errors(Path(config.output_dir), writing=model_dir):
         trainer.save_model(str(model_dir))  # every process takes part (ZeRO-3/FSDP gather); the main one writes
         if main_process:
             tokenizer.save_pretrained(str(model_dir))
     history = trainer.state.log_history
     if main_process:
         (run_dir / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
-        from dpo_kit import manifest as mf
-
         # Written even when empty: a training run again without trackers leaves no entry of the earlier one's.
         mf.update_manifest(run_dir, tracking=finish_trackers(tracking))
     if trainer.args.world_size > 1:
