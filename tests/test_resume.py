@@ -82,7 +82,7 @@ def assert_same_training(resumed: Path, whole: Path, resume_step: int) -> None:
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
     ours, theirs = logged_losses(resumed), logged_losses(whole)
     assert sorted(ours) == sorted(theirs) == list(range(1, 61))
-    after = [step for step in ours if step > resume_step]
+    after = [step for step in ours if step > resume_step] if resume_step < 60 else list(ours)  # 60: nothing after
     assert after and max(abs(ours[s] - theirs[s]) for s in after) <= 1e-5
 
 
@@ -185,3 +185,43 @@ def test_a_failed_checkpoint_write_names_the_path_and_keeps_earlier_checkpoints(
     train = mf.read_manifest(run_dir)["stages"]["train"]
     assert train["status"] == "completed" and train["resumed_from"] == "checkpoint-4"
     assert_same_training(run_dir, uninterrupted, 4)
+
+
+def test_a_full_disk_while_saving_the_trained_weights_names_them_and_resume_trains_no_step_more(
+        tmp_path, tiny_model_dir, uninterrupted):
+    """The last checkpoint (step 60 of 60) is recorded, then the disk fills while the adapter is written. safetensors
+    says only "(os error 27)": the error names adapter/. Resumed from checkpoint-60, the Trainer trained a 61st step
+    (it asks whether max_steps is reached only after a step) and the run no longer equalled an uninterrupted one."""
+    settings = overrides(tmp_path, tiny_model_dir, "full-at-the-end")
+    run_dir = tmp_path / "full-at-the-end"
+    run_pipeline(TINY, settings, ["format"], project_dir=REPO, progress=False)
+    script = textwrap.dedent(f"""
+        import resource, signal
+        import dpo_kit.training.checkpoints as checkpoints
+        from dpo_kit.run.stage import open_stage
+        from dpo_kit.training.train import train_dpo
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG
+        record = checkpoints.record_checkpoint
+
+        def record_then_fill_the_disk(run_dir, checkpoint, identity, step):
+            digest = record(run_dir, checkpoint, identity, step)
+            if step == 60:  # adapter_model.safetensors is ~80 kB, the manifest a few
+                resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))
+            return digest
+
+        checkpoints.record_checkpoint = record_then_fill_the_disk
+        stage = open_stage("train", {str(TINY)!r}, {settings!r}, {str(REPO)!r}, {str(run_dir)!r}, "refuse")
+        train_dpo(stage)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("dpo_kit.training.train.CheckpointWriteError")]
+    assert f"could not write {run_dir / 'adapter'} (" in error and "(os error 27)" in error, error
+    assert "intact: " in error and "checkpoint-60." in error, error
+
+    assert main(cli_args(settings, "--resume")) == 0
+    train = mf.read_manifest(run_dir)["stages"]["train"]
+    assert train["status"] == "completed" and train["resumed_from"] == "checkpoint-60"
+    assert train["cost"]["steps"] == 0 and not (run_dir / "checkpoints" / "checkpoint-61").exists()
+    assert_same_training(run_dir, uninterrupted, 60)

@@ -359,6 +359,15 @@ def kit_trainer_class() -> type:
             with offline_wandb_run_hidden():
                 return super().create_model_card(*args, **kwargs)
 
+        def _run_epoch(self, *args, **kwargs):
+            # Resumed from the checkpoint of the last step (the run stopped while saving the trained weights, or
+            # after): the Trainer asks whether max_steps is reached only after a step, so it trained one more
+            # (measured with transformers 5.25: step 41 of 40, and a checkpoint-41). Nothing is left to train.
+            if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
+
     return KitDPOTrainer
 
 
