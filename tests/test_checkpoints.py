@@ -163,6 +163,34 @@ def test_a_tampered_checkpoint_stops_the_stage_with_what_to_do(tmp_path, tiny_mo
         open_stage("train", str(TINY), overrides, str(REPO), str(tmp_path / "run"), "resume")
 
 
+def test_a_refused_checkpoint_says_how_to_go_on_from_an_older_one_or_from_the_start(tmp_path, tiny_model_dir):
+    """The refusal told a `dpo-kit run` user to "run without --resume", which refuses a run whose format stage
+    completed, and said nothing of the older checkpoint that still verifies."""
+    from dpo_kit.run.runner import guard_existing_run
+    from dpo_kit.run.stage import StageError, open_stage
+
+    overrides = [f"model.name_or_path={tiny_model_dir}"]
+    run_dir = tmp_path / "run"
+    interrupted_train_run(run_dir, overrides)
+    newest = run_dir / "checkpoints" / "checkpoint-8"
+    newest.mkdir()
+    (newest / "optimizer.pt").write_bytes(b"optimizer 8")
+    record_checkpoint(run_dir, newest, RunIdentity.of_run(run_dir), 8)
+    (newest / "optimizer.pt").write_bytes(b"damaged")
+    with pytest.raises(StageError) as raised:
+        open_stage("train", str(TINY), overrides, str(REPO), str(run_dir), "resume")
+    message = str(raised.value)
+    assert "checkpoint-8: optimizer.pt differ" in message and "without --resume" in message
+    assert "(--stages train, and any later ones)" in message
+    assert f"to resume from checkpoint-4 (it verifies), move {newest} out of {newest.parent}" in message
+    # Both ways work: --stages without --resume is not refused for the completed format stage ...
+    mf.update_stage(run_dir, "format", status="completed")
+    assert guard_existing_run(run_dir, ["train", "merge"], overwrite=False).startswith("continuing an unfinished run")
+    # ... and with checkpoint-8 moved away, the resume continues from checkpoint-4.
+    newest.rename(tmp_path / "checkpoint-8")
+    assert open_stage("train", str(TINY), overrides, str(REPO), str(run_dir), "resume").resume_from.name == "checkpoint-4"
+
+
 def test_a_stage_running_in_a_live_process_is_not_taken_over(tmp_path, tiny_model_dir):
     import subprocess
     import sys

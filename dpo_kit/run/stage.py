@@ -608,6 +608,7 @@ def _resume_train(run_dir: Path, resolved: dict, previous: dict, project: Path, 
         CheckpointRefused,
         RunIdentity,
         find_resume_point,
+        older_verified_checkpoint,
         recorded_checkpoints,
     )
 
@@ -617,13 +618,20 @@ def _resume_train(run_dir: Path, resolved: dict, previous: dict, project: Path, 
         params_fingerprint=params_fingerprint(resolved, "train"),
         data_fingerprint=manifest.get("data", {}).get("fingerprint", ""),
     )
+    recorded = recorded_checkpoints(previous)
     try:
-        point = find_resume_point(run_dir / "checkpoints", identity, recorded_checkpoints(previous))
+        point = find_resume_point(run_dir / "checkpoints", identity, recorded)
     except CheckpointRefused as error:
-        raise StageError(
-            f"cannot resume stage 'train' in {run_dir}: {error}. Set on_rerun = \"recompute\" (or run without"
-            " --resume) to move the earlier attempt aside and train from the start."
-        ) from None
+        # `dpo-kit run` without --resume refuses a run whose format stage completed: --stages says what to run again.
+        advice = (f"cannot resume stage 'train' in {run_dir}: {error}. To train from the start, moving the earlier"
+                  " attempt aside: set on_rerun = \"recompute\" in notebook 02, or run `dpo-kit run` without --resume"
+                  " on the stages to run again (--stages train, and any later ones).")  # fmt: skip
+        older = older_verified_checkpoint(run_dir / "checkpoints", identity, recorded, error.checkpoint) if (
+            error.checkpoint) else None
+        if older is not None:
+            advice += (f" Or, to resume from {older.name} (it verifies), move {error.checkpoint} out of"
+                       f" {error.checkpoint.parent} and resume again.")  # fmt: skip
+        raise StageError(advice) from None
     for note in point.skipped:
         print(f"not resuming from {note}")
     if point.checkpoint is None:

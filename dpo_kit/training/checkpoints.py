@@ -31,6 +31,10 @@ MANIFEST_KEY = "checkpoints"  # in the train stage's manifest entry: {checkpoint
 class CheckpointRefused(RuntimeError):
     """A checkpoint of this run cannot be resumed from: the message names it and what differs."""
 
+    def __init__(self, message: str, checkpoint: Path | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
 
 @dataclass(frozen=True)
 class RunIdentity:
@@ -103,22 +107,23 @@ def verify_checkpoint(checkpoint: Path, identity: RunIdentity, recorded: dict[st
     """Raise CheckpointRefused unless `checkpoint` is one this run wrote, with these params and data, unchanged."""
     record_path = checkpoint / RECORD_FILE
     if checkpoint.name not in recorded or not record_path.is_file():
-        raise CheckpointRefused(f"{checkpoint} is not a checkpoint this run recorded in its manifest")
+        raise CheckpointRefused(f"{checkpoint} is not a checkpoint this run recorded in its manifest", checkpoint)
     text = record_path.read_text()
     if hashlib.sha256(text.encode()).hexdigest() != recorded[checkpoint.name]:
-        raise CheckpointRefused(f"{record_path} changed after the run wrote it")
+        raise CheckpointRefused(f"{record_path} changed after the run wrote it", checkpoint)
     record = json.loads(text)
     for key, expected in identity.__dict__.items():
         if record.get(key) != expected:
             raise CheckpointRefused(
                 f"{checkpoint} was written with {key} {record.get(key)!r}, but this run has {expected!r}:"
-                " a checkpoint is resumed only by the run, params and data that made it"
+                " a checkpoint is resumed only by the run, params and data that made it", checkpoint,
             )
     files = _files(checkpoint)
     changed = sorted(name for name in set(files) | set(record["files"]) if files.get(name) != record["files"].get(name))
     if changed:
         raise CheckpointRefused(
-            f"{checkpoint}: {', '.join(changed)} differ from what the run wrote (added, removed or changed since)"
+            f"{checkpoint}: {', '.join(changed)} differ from what the run wrote (added, removed or changed since)",
+            checkpoint,
         )
 
 
@@ -147,6 +152,21 @@ def find_resume_point(checkpoints_dir: Path, identity: RunIdentity, recorded: di
         verify_checkpoint(folder, identity, recorded)
         return ResumePoint(folder, skipped)
     return ResumePoint(None, skipped)
+
+
+def older_verified_checkpoint(checkpoints_dir: Path, identity: RunIdentity, recorded: dict[str, str],
+                              below: Path) -> Path | None:
+    """The newest checkpoint older than the refused `below` that verifies, if any: what a resume would continue
+    from once `below` is moved out of the way (told, never done silently)."""
+    older = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if 0 <= checkpoint_step(p) < checkpoint_step(below)
+                    and p.name in recorded), key=checkpoint_step, reverse=True)  # fmt: skip
+    for folder in older:
+        try:
+            verify_checkpoint(folder, identity, recorded)
+        except CheckpointRefused:
+            continue
+        return folder
+    return None
 
 
 def recorded_checkpoints(entry: dict[str, Any]) -> dict[str, str]:
