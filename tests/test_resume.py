@@ -147,13 +147,10 @@ def test_sigterm_and_sigint_record_interrupted_and_resume(tmp_path, tiny_model_d
     assert_same_training(run_dir, uninterrupted, int(train["resumed_from"].split("-")[1]))
 
 
-def test_a_failed_checkpoint_write_names_the_path_and_keeps_earlier_checkpoints(tmp_path, tiny_model_dir, uninterrupted):
-    """The file system refuses writes after checkpoint-4 (RLIMIT_FSIZE: the OS fails the write with EFBIG, the same
-    short write that a full disk gives with ENOSPC). The error names the folder and the intact checkpoint, and a
-    resume once writes work again finishes the run."""
-    settings = overrides(tmp_path, tiny_model_dir, "full")
-    run_dir = tmp_path / "full"
-    run_pipeline(TINY, settings, ["format"], project_dir=REPO, progress=False)
+def train_filling_the_disk(settings: list[str], run_dir: Path, after_step: int | None, limit: int):
+    """Train in a subprocess whose writes fail once a checkpoint is recorded (that of `after_step`, or the first),
+    past `limit` bytes a file (RLIMIT_FSIZE: the OS fails the write with EFBIG, the short write that a full disk
+    gives with ENOSPC). Returns the finished process."""
     script = textwrap.dedent(f"""
         import resource, signal
         import dpo_kit.training.checkpoints as checkpoints
@@ -163,16 +160,27 @@ def test_a_failed_checkpoint_write_names_the_path_and_keeps_earlier_checkpoints(
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG
         record = checkpoints.record_checkpoint
 
-        def record_then_fill_the_disk(*args, **kwargs):
-            digest = record(*args, **kwargs)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # optimizer.pt is ~180 kB
+        def record_then_fill_the_disk(run_dir, checkpoint, identity, step):
+            digest = record(run_dir, checkpoint, identity, step)
+            if {after_step!r} in (None, step):
+                resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
             return digest
 
         checkpoints.record_checkpoint = record_then_fill_the_disk
         stage = open_stage("train", {str(TINY)!r}, {settings!r}, {str(REPO)!r}, {str(run_dir)!r}, "refuse")
         train_dpo(stage)
     """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_a_failed_checkpoint_write_names_the_path_and_keeps_earlier_checkpoints(tmp_path, tiny_model_dir, uninterrupted):
+    """The file system refuses writes after checkpoint-4 (RLIMIT_FSIZE: the OS fails the write with EFBIG, the same
+    short write that a full disk gives with ENOSPC). The error names the folder and the intact checkpoint, and a
+    resume once writes work again finishes the run."""
+    settings = overrides(tmp_path, tiny_model_dir, "full")
+    run_dir = tmp_path / "full"
+    run_pipeline(TINY, settings, ["format"], project_dir=REPO, progress=False)
+    done = train_filling_the_disk(settings, run_dir, after_step=None, limit=100_000)  # optimizer.pt is ~180 kB
     assert done.returncode == 1
     (error,) = [line for line in done.stderr.splitlines() if line.startswith("dpo_kit.training.train.CheckpointWriteError")]
     assert f"could not write {run_dir / 'checkpoints' / 'checkpoint-8'} (" in error, error
@@ -195,26 +203,8 @@ def test_a_full_disk_while_saving_the_trained_weights_names_them_and_resume_trai
     settings = overrides(tmp_path, tiny_model_dir, "full-at-the-end")
     run_dir = tmp_path / "full-at-the-end"
     run_pipeline(TINY, settings, ["format"], project_dir=REPO, progress=False)
-    script = textwrap.dedent(f"""
-        import resource, signal
-        import dpo_kit.training.checkpoints as checkpoints
-        from dpo_kit.run.stage import open_stage
-        from dpo_kit.training.train import train_dpo
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG
-        record = checkpoints.record_checkpoint
-
-        def record_then_fill_the_disk(run_dir, checkpoint, identity, step):
-            digest = record(run_dir, checkpoint, identity, step)
-            if step == 60:  # adapter_model.safetensors is ~80 kB, the manifest a few
-                resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))
-            return digest
-
-        checkpoints.record_checkpoint = record_then_fill_the_disk
-        stage = open_stage("train", {str(TINY)!r}, {settings!r}, {str(REPO)!r}, {str(run_dir)!r}, "refuse")
-        train_dpo(stage)
-    """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    # adapter_model.safetensors is ~80 kB, the manifest a few
+    done = train_filling_the_disk(settings, run_dir, after_step=60, limit=50_000)
     assert done.returncode == 1
     (error,) = [line for line in done.stderr.splitlines() if line.startswith("dpo_kit.training.train.CheckpointWriteError")]
     assert f"could not write {run_dir / 'adapter'} (" in error and "(os error 27)" in error, error
