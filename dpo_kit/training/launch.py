@@ -117,6 +117,8 @@ def check_launch(params: Params, hardware, project_dir: str | Path) -> dict[str,
                 " weights needs bnb_4bit_quant_storage matched to the shard dtype, which dpo-kit does not set."
                 " Use launch.config_file ddp (each GPU holds the quantized base), or turn quantization off."
             )
+    if launch.machine_rank == 0:  # machine 0 holds the rendezvous; the others connect to it
+        refuse_busy_port(launch.main_process_port)
     if hardware.device == "cuda":
         import torch
 
@@ -128,6 +130,31 @@ def check_launch(params: Params, hardware, project_dir: str | Path) -> dict[str,
             )
     return {"kind": kind, "config_file": str(config_path) if config_path else None,
             "num_processes": launch.num_processes, "num_machines": launch.num_machines}  # fmt: skip
+
+
+def refuse_busy_port(port: int) -> None:
+    """The rendezvous port must be free on machine 0: a second launched run on the machine (or workers of an
+    earlier one still alive) holds 29500, and torch.distributed then fails in every worker with a TCPStore error
+    that names no setting. Refused here with a free port to use instead (the user's choice: never swapped in)."""
+    import errno
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the rendezvous binds: TIME_WAIT is no owner
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+        else:
+            return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as spare:
+        spare.bind(("", 0))
+        free = spare.getsockname()[1]
+    raise LaunchError(
+        f"launch.main_process_port {port} is in use on this machine (another launched run, or the workers of an"
+        f" earlier one): the processes could not meet there. Choose a free port, e.g. --set launch.main_process_port={free}"
+    )
 
 
 def launch_command(stage, config_path: Path | None) -> list[str]:
