@@ -338,16 +338,20 @@ def plot_token_lengths(report: DataReport):
 
 
 def dropped_summary_table(report: DataReport):
-    """A pandas DataFrame of drop reasons: count, share of rows read and what the reason means."""
+    """A pandas DataFrame of drop reasons: count, share of rows read and what the reason means, then a total row
+    (so a run that dropped nothing says so, rather than showing an empty table)."""
     import pandas as pd
 
+    def share(count: int) -> float:
+        return round(100 * count / report.rows_read, 2) if report.rows_read else 0.0
+
     records = [
-        {
-            "reason": reason,
-            "count": count,
-            "percent_of_read": round(100 * count / report.rows_read, 2) if report.rows_read else 0.0,
-            "meaning": REASONS[reason],
-        }
+        {"reason": reason, "count": count, "percent_of_read": share(count), "meaning": REASONS[reason]}
         for reason, count in report.dropped_by_reason.items()
     ]
+    records.append({
+        "reason": "total", "count": report.rows_dropped, "percent_of_read": share(report.rows_dropped),
+        "meaning": "every dropped row is in data/dropped.jsonl, with its reason" if report.rows_dropped
+        else "no row was dropped",
+    })
     return pd.DataFrame(records, columns=["reason", "count", "percent_of_read", "meaning"])
