@@ -141,6 +141,27 @@ def test_an_interrupted_train_stage_resumes_from_its_checkpoint(tmp_path, tiny_m
     assert entry["attempts"] == [{"status": "interrupted", "reason": "SIGTERM"}]
 
 
+def test_newer_folders_the_run_did_not_record_are_moved_aside_before_resuming(tmp_path, tiny_model_dir, capsys):
+    """The resumed Trainer saves into checkpoint-6 again at step 6: a cut-short save's leftovers (or files copied in)
+    would then sit beside its files, and the new record would list them. They are moved aside first, and kept."""
+    from dpo_kit.run.stage import open_stage
+
+    overrides = [f"model.name_or_path={tiny_model_dir}"]
+    run_dir = tmp_path / "run"
+    interrupted_train_run(run_dir, overrides)
+    cut_short = run_dir / "checkpoints" / "checkpoint-6"
+    cut_short.mkdir()
+    (cut_short / "rng_state.pth").write_bytes(b"not written by this run")
+    stage = open_stage("train", str(TINY), overrides, str(REPO), str(run_dir), "resume")
+    assert stage.resume_from == run_dir / "checkpoints" / "checkpoint-4"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-4"]
+    [kept] = (run_dir / "previous").glob("*-train-checkpoints-not-resumed/checkpoints/checkpoint-6/rng_state.pth")
+    assert kept.read_bytes() == b"not written by this run"
+    [moved] = mf.read_manifest(run_dir)["previous"]
+    assert moved["path"] == str(kept.parents[2].relative_to(run_dir)) and "newer than checkpoint-4" in moved["reason"]
+    assert "moved checkpoint-6 to " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("on_rerun", ["refuse", "recompute"])
 def test_refuse_and_recompute_start_over_and_keep_the_attempt(tmp_path, tiny_model_dir, on_rerun):
     from dpo_kit.run.stage import open_stage

@@ -636,6 +636,19 @@ def _resume_train(run_dir: Path, resolved: dict, previous: dict, project: Path, 
         print(f"not resuming from {note}")
     if point.checkpoint is None:
         return None
+    if point.skipped_folders:
+        # The resumed Trainer saves into checkpoint-N again when it reaches step N, beside whatever such a folder
+        # still holds (the rest of a cut-short save, or files copied in): moved aside first, kept, never mixed in.
+        target = mf.new_previous_dir(run_dir, "train-checkpoints-not-resumed") / "checkpoints"
+        target.mkdir()
+        for folder in point.skipped_folders:
+            shutil.move(str(folder), target / folder.name)
+        print(f"moved {', '.join(f.name for f in point.skipped_folders)} to {target}: the resumed training writes"
+              " its own")
+        manifest.setdefault(PREVIOUS, []).append({
+            "path": str(target.parent.relative_to(run_dir)), "stages": [], "moved": mf.now_iso(),
+            "reason": f"checkpoints the run did not record, newer than {point.checkpoint.name} it resumed from",
+        })
     # The entry starts over as a running attempt; how the earlier attempt ended is kept under `attempts`.
     ended = ("status", "started", "interrupted", "reason", "error", "pid", "host", "pid_started", "boot_id",
              "pid_start_ticks", "wall_seconds")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,7 @@ def verify_checkpoint(checkpoint: Path, identity: RunIdentity, recorded: dict[st
 class ResumePoint:
     checkpoint: Path | None  # the newest verified checkpoint, None when there is none
     skipped: list[str]  # newer checkpoints that were not resumed from, each with why
+    skipped_folders: list[Path] = field(default_factory=list)  # those folders, newest first
 
     @property
     def step(self) -> int:
@@ -144,14 +145,15 @@ def find_resume_point(checkpoints_dir: Path, identity: RunIdentity, recorded: di
     checkpoint that fails verification raises: its params, data or files differ, and silently going back
     to an older one would hide that."""
     folders = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0), key=checkpoint_step, reverse=True)
-    skipped = []
+    skipped, skipped_folders = [], []
     for folder in folders:
         if folder.name not in recorded:
             skipped.append(f"{folder.name} (not recorded by the run: a save cut short, or not the run's own)")
+            skipped_folders.append(folder)
             continue
         verify_checkpoint(folder, identity, recorded)
-        return ResumePoint(folder, skipped)
-    return ResumePoint(None, skipped)
+        return ResumePoint(folder, skipped, skipped_folders)
+    return ResumePoint(None, skipped, skipped_folders)
 
 
 def older_verified_checkpoint(checkpoints_dir: Path, identity: RunIdentity, recorded: dict[str, str],
