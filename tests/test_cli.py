@@ -58,3 +58,16 @@ def test_stages_whose_prerequisites_never_ran_are_refused_before_anything_runs(t
     err = capsys.readouterr().err
     assert "stage 'evaluate' needs stage 'merge'" in err and "--stages format,train,merge,evaluate" in err, err
     assert not any(tmp_path.iterdir()), "nothing was run"
+
+
+def test_ctrl_c_outside_a_stage_ends_the_run_command_with_what_to_do(monkeypatch, capsys):
+    """Ctrl-C while the kernel starts or between two stages reached the terminal as a traceback."""
+    import dpo_kit.run.runner as runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_pipeline", interrupted)
+    assert main(["run", str(Path(__file__).resolve().parent.parent / "params" / "tiny.yaml")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted outside a stage" in err and "--resume" in err and "Traceback" not in err

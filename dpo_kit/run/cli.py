@@ -28,6 +28,10 @@ def _run(args) -> int:
     except RunInterrupted as error:
         print(f"dpo-kit run: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a stage (starting the kernel, between stages): no stage was running
+        print("dpo-kit run: interrupted outside a stage; the stages completed so far are kept. Continue with the same"
+              " command and --resume.", file=sys.stderr)  # fmt: skip
+        return 130
     except (RunError, ParamsError, FileNotFoundError) as error:
         print(f"dpo-kit run: {error}", file=sys.stderr)
         return 1
