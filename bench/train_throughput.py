@@ -120,7 +120,7 @@ def prepare_pairs(args, scratch: Path) -> Path:
         from dpo_kit.params import load_params, params_to_dict
 
         source = Path(args.data_from).resolve()
-        differences = format_stage_differences(source, params_to_dict(load_params(args.params, args.set)))
+        differences = format_stage_differences(source, params_to_dict(load_params(args.params, args.set)), REPO)
         if differences:
             sys.exit(f"--data-from {args.data_from}: its pairs cannot stand for these params: {'; '.join(differences)}")
         return source

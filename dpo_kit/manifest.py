@@ -73,13 +73,18 @@ TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write f
 ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]|\(os error (\d+)\)")
 
 
-def is_write_failure(error: BaseException | str) -> bool:
-    """Whether an error (or its text, as a stage's notebook reports it) says a file could not be written."""
+# Of those, the ones that say the disk (or a quota, or a size limit) is full rather than that a path is not writable.
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_write_failure(error: BaseException | str, errnos: tuple[int, ...] = WRITE_ERRNOS) -> bool:
+    """Whether an error (or its text, as a stage's notebook reports it) says a file could not be written (with
+    `errnos` SPACE_ERRNOS: for want of space)."""
     if isinstance(error, OSError) and error.errno is not None:
-        return error.errno in WRITE_ERRNOS
+        return error.errno in errnos
     text = str(error)
     codes = {int(code) for pair in ERRNO_IN_TEXT.findall(text) for code in pair if code}
-    return bool(codes & set(WRITE_ERRNOS)) or any(marker in text for marker in TORCH_WRITE_FAILURES)
+    return bool(codes & set(errnos)) or any(marker in text for marker in TORCH_WRITE_FAILURES)
 
 
 def free_space(path: str | Path) -> str:

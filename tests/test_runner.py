@@ -409,6 +409,11 @@ def test_a_stage_that_fills_the_disk_is_reported_with_the_run_directory_and_the_
     assert failure_reason(said, tmp_path) == f"CheckpointWriteError: {said.evalue}"
     assert failure_reason(SimpleNamespace(ename="RuntimeError", evalue="CUDA out of memory"), tmp_path) == (
         "RuntimeError: CUDA out of memory")
+    # A permission error is the run directory's only where it names it: reading a data file is about that file.
+    unreadable = SimpleNamespace(ename="PermissionError", evalue="[Errno 13] Permission denied: '/data/pairs.jsonl'")
+    assert failure_reason(unreadable, tmp_path) == f"PermissionError: {unreadable.evalue}"
+    unwritable = SimpleNamespace(ename="PermissionError", evalue=f"[Errno 13] Permission denied: '{tmp_path}/merged'")
+    assert f"; {tmp_path} could not be written (" in failure_reason(unwritable, tmp_path)
 
     write_manifest(tmp_path, format="completed", merge="running")
     before = (tmp_path / "manifest.json").read_text()

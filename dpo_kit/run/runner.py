@@ -526,7 +526,11 @@ def failure_reason(error: Exception, run_dir: Path) -> str:
     such errors name no path ("[Errno 28] No space left on device", safetensors' "(os error 28)")."""
     reason = f"{getattr(error, 'ename', type(error).__name__)}: {getattr(error, 'evalue', error)}"
     said = getattr(error, "ename", None) == "CheckpointWriteError"  # the train stage's names its folder and space
-    if not said and mf.is_write_failure(reason if hasattr(error, "ename") else error):
+    failed = reason if hasattr(error, "ename") else error
+    # A full disk wherever it is said; a permission error only where it names the run directory (one reading a data
+    # file or the hub's cache is about that path, and the run directory is not to blame).
+    if not said and (mf.is_write_failure(failed, mf.SPACE_ERRNOS)
+                     or (mf.is_write_failure(failed) and str(run_dir) in reason)):  # fmt: skip
         reason += (f"; {run_dir} could not be written ({mf.free_space(run_dir)} on its filesystem). Free space (or"
                    " fix its permissions), then continue with --resume: completed stages are kept and skipped")
     return reason

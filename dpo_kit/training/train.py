@@ -192,10 +192,6 @@ def recording_interruptions(run_dir: Path):
             signal.signal(signal.SIGTERM, previous)
 
 
-# Kept here by name too: what counts as a failed write (manifest.py says, for the runner as well).
-WRITE_ERRNOS, TORCH_WRITE_FAILURES, is_write_failure = mf.WRITE_ERRNOS, mf.TORCH_WRITE_FAILURES, mf.is_write_failure
-
-
 class CheckpointWriteError(OSError):
     """Training could not write its checkpoint or weights: the message names the path and what is intact."""
 
@@ -209,7 +205,7 @@ def clear_write_errors(checkpoints_dir: Path, writing: Path | None = None):
     try:
         yield
     except Exception as error:
-        if not is_write_failure(error):
+        if not mf.is_write_failure(error):
             raise
         free = mf.free_space(checkpoints_dir.parent)
         steps = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0), key=checkpoint_step)
