@@ -177,7 +177,7 @@ def test_a_moved_project_reads_its_data_files_as_unchanged(tmp_path, tiny_model_
     ]
     pairs.unlink()
     assert format_stage_differences(moved_project / "run", resolved, moved_project) == [
-        f"data.source {(first_project / 'pairs.jsonl').resolve()} is gone"
+        f"data.source {pairs.resolve()} is gone"  # where this project looks for it
     ]
 
 

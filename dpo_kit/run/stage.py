@@ -366,29 +366,34 @@ def format_input_files(data: dict[str, Any], project: Path) -> dict[str, dict[st
     these so that an edited file is not shown stale. A sampler directory (data.generate.sampler: round 1's
     merged/) is recorded by its directory_stamp: the pairs of round 2 are samples of that policy, and a round 1 run
     again after them writes another."""
-    generate = data.get("generate") or {}
-    named = {"data.source": data.get("source"), "data.generate.prompts": generate.get("prompts")}
     files = {}
-    for key, name in named.items():
-        path = (project / name).resolve() if name else None
-        if path is not None and path.is_file():
+    for key, path in _named_inputs(data, project).items():
+        if key == "data.generate.sampler":
+            if path.is_dir():
+                files[key] = {"path": str(path), "directory_stamp": directory_stamp(path)}
+        elif path.is_file():
             files[key] = {"path": str(path), "sha256": mf.sha256_of(path)}
-    sampler = generate.get("sampler")
-    if sampler and (project / sampler).is_dir():
-        path = (project / sampler).resolve()
-        files["data.generate.sampler"] = {"path": str(path), "directory_stamp": directory_stamp(path)}
     return files
 
 
-def changed_input_files(entry: dict[str, Any], current: dict[str, dict[str, str]]) -> list[str]:
+def _named_inputs(data: dict[str, Any], project: Path) -> dict[str, Path]:
+    """The paths in `project` that the format stage's input keys name (a file, a directory, or neither: a hub id)."""
+    generate = data.get("generate") or {}
+    named = {"data.source": data.get("source"), "data.generate.prompts": generate.get("prompts"),
+             "data.generate.sampler": generate.get("sampler")}  # fmt: skip
+    return {key: (project / name).resolve() for key, name in named.items() if name}
+
+
+def changed_input_files(entry: dict[str, Any], data: dict[str, Any], project: Path) -> list[str]:
     """The input files recorded in a format stage's entry whose content differs from the files the stage would
-    read now (`current`, from format_input_files), or which are gone. Compared by params key and content, not by
-    path: a project moved or cloned to another folder reads the same files there."""
+    read now (with the data params `data`, in `project`), or which are gone. Compared by params key and content,
+    not by path: a project moved or cloned to another folder reads the same files there."""
+    current, looked_for = format_input_files(data, project), _named_inputs(data, project)
     changed = []
     for key, recorded in (entry.get("input_files") or {}).items():
         now = current.get(key)
         if now is None:
-            changed.append(f"{key} {recorded['path']} is gone")
+            changed.append(f"{key} {looked_for.get(key, recorded['path'])} is gone")
         elif "directory_stamp" in recorded:
             if now.get("directory_stamp") != recorded["directory_stamp"]:
                 changed.append(f"{key} {now['path']} was written again since the stage ran (its pairs were sampled"
@@ -427,7 +432,7 @@ def format_stage_differences(run_dir: Path, resolved: dict, project: Path) -> li
     if not entry or entry.get("status") != "completed":
         return [f"its format stage is {entry.get('status') if entry else 'absent'}, not completed"]
     if _entry_fingerprint(run_dir, "format", entry) == params_fingerprint(resolved, "format"):
-        return changed_input_files(entry, format_input_files(resolved["data"], project))
+        return changed_input_files(entry, resolved["data"], project)
     return stage_differences(_entry_params(run_dir, entry), resolved, "format") or ["its data params differ"]
 
 
@@ -523,7 +528,7 @@ def open_stage(
     same_params = bool(previous) and _entry_fingerprint(run_path, name, previous) == params_fingerprint(resolved, name)
     # The same params over an edited data file are another input: computed again, not shown stale.
     changed_files = (
-        changed_input_files(previous, format_input_files(resolved["data"], project))
+        changed_input_files(previous, resolved["data"], project)
         if same_params and name == "format" else []
     )
     if previous.get("status") == "completed" and batch:
