@@ -212,6 +212,31 @@ def test_a_refused_checkpoint_says_how_to_go_on_from_an_older_one_or_from_the_st
     assert open_stage("train", str(TINY), overrides, str(REPO), str(run_dir), "resume").resume_from.name == "checkpoint-4"
 
 
+def test_the_advice_names_every_refused_checkpoint_between_the_refused_one_and_the_one_that_verifies(
+        tmp_path, tiny_model_dir):
+    """Checkpoints 4 (good), 6 and 8 (damaged): moving only checkpoint-8 away, as the advice said, met checkpoint-6."""
+    from dpo_kit.run.stage import StageError, open_stage
+
+    overrides = [f"model.name_or_path={tiny_model_dir}"]
+    run_dir = tmp_path / "run"
+    interrupted_train_run(run_dir, overrides)
+    damaged = []
+    for step in (6, 8):
+        folder = run_dir / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "optimizer.pt").write_bytes(b"optimizer")
+        record_checkpoint(run_dir, folder, RunIdentity.of_run(run_dir), step)
+        (folder / "optimizer.pt").write_bytes(b"damaged")
+        damaged.append(folder)
+    with pytest.raises(StageError) as raised:
+        open_stage("train", str(TINY), overrides, str(REPO), str(run_dir), "resume")
+    assert (f"to resume from checkpoint-4 (it verifies), move {damaged[1]} and {damaged[0]} out of"
+            f" {run_dir / 'checkpoints'} and resume again (those between are refused too)") in str(raised.value)
+    for folder in damaged:
+        folder.rename(tmp_path / folder.name)
+    assert open_stage("train", str(TINY), overrides, str(REPO), str(run_dir), "resume").resume_from.name == "checkpoint-4"
+
+
 def test_a_stage_running_in_a_live_process_is_not_taken_over(tmp_path, tiny_model_dir):
     import subprocess
     import sys

@@ -631,11 +631,13 @@ def _resume_train(run_dir: Path, resolved: dict, previous: dict, project: Path, 
         advice = (f"cannot resume stage 'train' in {run_dir}: {error}. To train from the start, moving the earlier"
                   " attempt aside: set on_rerun = \"recompute\" in notebook 02, or run `dpo-kit run` without --resume"
                   " on the stages to run again (--stages train, and any later ones).")  # fmt: skip
-        older = older_verified_checkpoint(run_dir / "checkpoints", identity, recorded, error.checkpoint) if (
-            error.checkpoint) else None
+        older, also_refused = older_verified_checkpoint(run_dir / "checkpoints", identity, recorded,
+                                                        error.checkpoint) if error.checkpoint else (None, [])
         if older is not None:
-            advice += (f" Or, to resume from {older.name} (it verifies), move {error.checkpoint} out of"
-                       f" {error.checkpoint.parent} and resume again.")  # fmt: skip
+            moved = " and ".join(str(folder) for folder in [error.checkpoint, *also_refused])
+            advice += (f" Or, to resume from {older.name} (it verifies), move {moved} out of"
+                       f" {error.checkpoint.parent} and resume again"
+                       f"{' (those between are refused too)' if also_refused else ''}.")  # fmt: skip
         raise StageError(advice) from None
     for note in point.skipped:
         print(f"not resuming from {note}")

@@ -157,18 +157,21 @@ def find_resume_point(checkpoints_dir: Path, identity: RunIdentity, recorded: di
 
 
 def older_verified_checkpoint(checkpoints_dir: Path, identity: RunIdentity, recorded: dict[str, str],
-                              below: Path) -> Path | None:
-    """The newest checkpoint older than the refused `below` that verifies, if any: what a resume would continue
-    from once `below` is moved out of the way (told, never done silently)."""
+                              below: Path) -> tuple[Path | None, list[Path]]:
+    """The newest checkpoint older than the refused `below` that verifies, if any, and the recorded ones between
+    that are refused too: what a resume would continue from once `below` and those are moved out of the way (told,
+    never done silently). find_resume_point stops at the first recorded checkpoint that fails."""
     older = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if 0 <= checkpoint_step(p) < checkpoint_step(below)
                     and p.name in recorded), key=checkpoint_step, reverse=True)  # fmt: skip
+    refused = []
     for folder in older:
         try:
             verify_checkpoint(folder, identity, recorded)
         except CheckpointRefused:
+            refused.append(folder)
             continue
-        return folder
-    return None
+        return folder, refused
+    return None, refused
 
 
 def recorded_checkpoints(entry: dict[str, Any]) -> dict[str, str]:
