@@ -212,6 +212,11 @@ def test_a_reward_model_with_pickled_weights_only_is_refused(reward_model_dir, t
     (pickled / "config.json").write_text(json.dumps({**config, "transformers_weights": "adapter_model.bin"}))
     with pytest.raises(OSError, match=r"names 'adapter_model.bin' as the weights \(transformers_weights\)"):
         RewardModelJudge(str(pickled))
+    (pickled / "adapter_model.bin").unlink()  # no weights at all: transformers says so, not "only pickled ones"
+    (pickled / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OSError) as raised:
+        RewardModelJudge(str(pickled))
+    assert "only pickled" not in str(raised.value) and "model.safetensors" in str(raised.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol, Sequence, Union
 
 from dpo_kit.params import SENTIMENT_MIN_WORDS
+from dpo_kit.safe_weights import PickledWeightsRefused, from_pretrained_safetensors
 
 Prompt = Union[str, list[dict]]
 
@@ -152,7 +153,7 @@ class RewardModelJudge:
 
     def __init__(self, name_or_path: str, trust_remote_code: bool = False, batch_size: int = 8, dtype=None):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         # The token only ever comes from the environment; trust_remote_code only from params.
         kwargs = {"trust_remote_code": trust_remote_code}
@@ -161,31 +162,12 @@ class RewardModelJudge:
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        # safetensors only: the kit loads no pickle (pytorch_model.bin) that the run did not write. transformers
-        # loads the file that config.json's transformers_weights names ahead of use_safetensors, adapter_model.bin
-        # included, so that is read first (config.json alone, no model code).
-        config = PretrainedConfig.get_config_dict(name_or_path, token=kwargs.get("token"))[0]
-        named = config.get("transformers_weights")
-        if named is not None and not str(named).endswith((".safetensors", ".safetensors.index.json")):
-            raise OSError(
-                f"reward-model judge '{name_or_path}': its config.json names '{named}' as the weights"
-                " (transformers_weights), which is not a safetensors file; the kit loads no pickle that the run did"
-                " not write itself, since unpickling a file can run code."
-            )
+        # safetensors only: the kit loads no pickle (pytorch_model.bin) that the run did not write.
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, dtype=dtype, use_safetensors=True, **kwargs
-            )
-        except OSError as error:  # transformers' words for no safetensors weights, local and on the hub
-            text = str(error)
-            if "safetensors" not in text or not ("no file named" in text or "does not appear to have a file" in text):
-                raise
-            raise OSError(
-                f"reward-model judge '{name_or_path}' holds no safetensors weights, only pickled ones"
-                " (pytorch_model.bin); the kit loads no pickle that the run did not write itself, since unpickling a"
-                " file can run code. Use a revision with safetensors weights (refs/pr/N of the hub's conversion"
-                " bot), or a local directory converted where you trust the file."
-            ) from error
+            self.model = from_pretrained_safetensors(AutoModelForSequenceClassification, name_or_path, dtype=dtype,
+                                                     **kwargs)  # fmt: skip
+        except PickledWeightsRefused as error:
+            raise PickledWeightsRefused(f"reward-model judge {error}") from error.__cause__
         if self.model.config.num_labels != 1:
             raise ValueError(
                 f"evaluate.judge '{name_or_path}' has {self.model.config.num_labels} labels; a reward model has 1"

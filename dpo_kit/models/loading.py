@@ -16,6 +16,7 @@ from dpo_kit.chat_templates import resolve_chat_template
 from dpo_kit.hardware import HardwareChoice, choose_hardware, resolve_dtype
 from dpo_kit.models.gguf import OFFLINE_GGUF_MODELS
 from dpo_kit.params import Params, is_local_path
+from dpo_kit.safe_weights import PickledWeightsRefused, from_pretrained_safetensors
 
 
 def uses_gguf(params: Params) -> bool:
@@ -65,62 +66,17 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-class PickledWeightsRefused(OSError):
-    """A model that the run did not write holds its weights only as a pickle (pytorch_model.bin), which the kit
-    does not load: the message names the model and how to get safetensors weights."""
-
-
-def no_safetensors_weights(error: OSError) -> bool:
-    """transformers' OSError for use_safetensors=True and no safetensors weights: 'no file named model.safetensors
-    found in directory' (local) or 'does not appear to have a file named model.safetensors' (hub)."""
-    text = str(error)
-    return "safetensors" in text and ("no file named" in text or "does not appear to have a file named" in text)
-
-
-def pickled_weights_refused(source: str) -> PickledWeightsRefused:
-    where = "" if Path(source).exists() else " (or, offline, only those are in the Hugging Face cache)"
-    return PickledWeightsRefused(
-        f"'{source}' holds no safetensors weights (model.safetensors, or its sharded index){where}, only pickled"
-        " ones (pytorch_model.bin); the kit loads no pickle that the run did not write itself, since unpickling a"
-        " file can run code. Use a revision of the repo with safetensors weights (the hub's conversion bot opens"
-        " them as a pull request, refs/pr/N), or convert it once where you trust the file and point the params at"
-        " the converted directory."
-    )
-
-
-SAFETENSORS_WEIGHTS = (".safetensors", ".safetensors.index.json")
-
-
-def refuse_weights_named_by_config(source: str, **kwargs) -> None:
-    """transformers loads the file that config.json's `transformers_weights` names ahead of use_safetensors, and
-    accepts `adapter_model.bin` there: a pickle. Read config.json alone (no model code) and refuse that."""
-    from transformers import PretrainedConfig
-
-    download = {key: value for key, value in kwargs.items() if key in ("revision", "token")}
-    named = PretrainedConfig.get_config_dict(source, **download)[0].get("transformers_weights")
-    if named is not None and not str(named).endswith(SAFETENSORS_WEIGHTS):
-        raise PickledWeightsRefused(
-            f"'{source}': its config.json names '{named}' as the weights (transformers_weights), which is not a"
-            " safetensors file; the kit loads no pickle that the run did not write itself, since unpickling a file"
-            " can run code."
-        )
-
-
 def from_pretrained(loader, source: str, **kwargs):
     """`loader.from_pretrained(source)`; a hub id that cannot be loaded raises ModelNotAvailableError, which names
     the id, says whether the hub was offline or unreachable, and what to do instead. With `use_safetensors=True`
     a model whose weights are only pickled raises PickledWeightsRefused."""
     try:
-        if kwargs.get("use_safetensors"):
-            refuse_weights_named_by_config(source, **kwargs)
+        if kwargs.pop("use_safetensors", False):
+            return from_pretrained_safetensors(loader, source, **kwargs)
         return loader.from_pretrained(source, **kwargs)
     except OSError as error:
         if isinstance(error, PickledWeightsRefused):
             raise
-        if kwargs.get("use_safetensors") and no_safetensors_weights(error):
-            local = Path(source)
-            if not local.is_dir() or any(local.glob("pytorch_model*.bin")):
-                raise pickled_weights_refused(source) from error
         if Path(source).exists():
             raise  # a local model that fails to load: transformers' own message is the right one
         from huggingface_hub.constants import HF_HUB_CACHE
