@@ -245,7 +245,7 @@ def test_a_stage_running_in_a_live_process_is_not_taken_over(tmp_path, tiny_mode
 
     overrides = [f"model.name_or_path={tiny_model_dir}"]
     interrupted_train_run(tmp_path / "run", overrides)
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     try:
         import psutil
 

@@ -362,7 +362,7 @@ def test_a_run_whose_stage_runs_in_a_live_process_is_refused_before_anything_cha
 
     run_dir = tmp_path / "runs" / "busy"
     settings = [f"run.output_dir={tmp_path / 'runs'}", "run.name=busy", f"model.name_or_path={tiny_model_dir}"]
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     try:
         owner = {"pid": other.pid, "host": mf.this_process()["host"], "pid_started": psutil.Process(other.pid).create_time()}
         stages_made_with(run_dir, params_to_dict(load_params(TINY_PARAMS, settings)), format="completed", train="running")

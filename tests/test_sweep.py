@@ -255,20 +255,30 @@ def fake_trials(monkeypatch):
             raise KeyboardInterrupt  # Ctrl-C while the trial waits for a sibling's format stage
         return real_share(*args, **kwargs)
 
+    real_claim = sweep_module.take_claim
+
+    def claim(*args, **kwargs):
+        if "take_claim" in interrupts:
+            interrupts.remove("take_claim")
+            raise KeyboardInterrupt  # Ctrl-C while the trial claims its point
+        return real_claim(*args, **kwargs)
+
     monkeypatch.setattr(runner, "run_pipeline", fake_pipeline)
     monkeypatch.setattr(runner, "SharedKernel", NoKernel)
     monkeypatch.setattr(sweep_module, "share_format_stage", share)
+    monkeypatch.setattr(sweep_module, "take_claim", claim)
     return interrupts, calls
 
 
 @pytest.mark.filterwarnings("ignore:Trial 0 failed")
-def test_a_trial_interrupted_before_its_run_starts_is_run_again_when_the_sweep_is(tmp_path, fake_trials):
-    """Ctrl-C while a trial waited for a sibling's format stage failed the trial without the note that queues it again:
-    the grid counted its point as tried, and the sweep never ran it."""
+@pytest.mark.parametrize("where", ["take_claim", "share_format_stage"])
+def test_a_trial_interrupted_before_its_run_starts_is_run_again_when_the_sweep_is(tmp_path, fake_trials, where):
+    """Ctrl-C while a trial claimed its point or waited for a sibling's format stage failed the trial without the note
+    that queues it again: the grid counted its point as tried, and the sweep never ran it."""
     from dpo_kit.run.sweep import summary
 
     interrupts, _ = fake_trials
-    interrupts.append("share_format_stage")
+    interrupts.append(where)
     common = {"grid": ["dpo.beta=0.1,0.5"], "overrides": [f"run.output_dir={tmp_path}"], "project_dir": REPO,
               "progress": False}  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
@@ -295,7 +305,7 @@ def test_a_shared_storage_refuses_another_sweep_of_the_same_name(tmp_path, fake_
     with pytest.raises(SweepError, match=r"the params file's dpo.learning_rate: 0.005 -> 0.1"):
         run_sweep(TINY, grid=["dpo.beta=0.1,0.5"], overrides=[f"run.output_dir={tmp_path / 'c'}",
                                                              "dpo.learning_rate=0.1"], **common)  # fmt: skip
-    assert not (tmp_path / "b" / "tiny-sweep" / "sweep.json").exists(), "a refused sweep records nothing"
+    assert not (tmp_path / "b" / "tiny-sweep").exists(), "a refused sweep records nothing, not even its folder"
     assert len(trial_rows(tmp_path / "a" / "tiny-sweep", storage)) == 2
     # The same sweep again (a second worker, here once the first is done) joins the study: every point is done.
     _, calls = fake_trials

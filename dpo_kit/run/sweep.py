@@ -390,6 +390,18 @@ class Sweep:
     bar: Any = None
 
     def objective(self, trial) -> float:
+        from dpo_kit.run.runner import RunInterrupted
+
+        try:
+            return self.run_trial(trial)
+        except (RunInterrupted, KeyboardInterrupt) as error:
+            # Recorded wherever it struck (choosing the point, claiming it, waiting for a sibling's format stage, in
+            # the run), so that the next start queues the trial again (recover_interrupted_trials) and it does not
+            # count against --samples: without the note the point stayed failed, and a grid never ran it again.
+            trial.set_user_attr("interrupted", str(error) or type(error).__name__)
+            raise
+
+    def run_trial(self, trial) -> float:
         from dpo_kit.run.runner import RunError, RunInterrupted, SharedKernel, notebooks_dir, resolve_run, run_pipeline
 
         values = self.suggest(trial)
@@ -404,7 +416,7 @@ class Sweep:
             trial.set_user_attr("duplicate", "the same point runs in another worker")
             raise optuna.TrialPruned(f"{name} runs in another worker")
         format_claim = None
-        try:  # Ctrl-C anywhere in the trial (waiting for a sibling's format stage too) leaves it to be retried
+        try:
             overrides = [*self.spec.overrides, *trial_overrides(values), f"run.name={name}",
                          f"run.output_dir={self.output_dir()}"]
             run_dir = self.sweep_dir / name
@@ -434,11 +446,6 @@ class Sweep:
             except SweepError as error:
                 trial.set_user_attr("error", str(error))
                 raise
-        except (RunInterrupted, KeyboardInterrupt) as error:
-            # Recorded, so that the next start queues the trial again (recover_interrupted_trials) and it does not
-            # count against --samples: without the note the point stayed failed, and a grid never ran it again.
-            trial.set_user_attr("interrupted", str(error) or type(error).__name__)
-            raise
         finally:
             release_claim(self.sweep_dir, name)
             if format_claim:
@@ -583,6 +590,7 @@ def run_sweep(
     if (sweep_dir / "manifest.json").is_file():
         raise SweepError(f"{sweep_dir} holds a run (manifest.json), not a sweep: the sweep's trials there would be hidden"
                          " by it (dpo-kit report reads the directory as that one run). Give the sweep another --name.")
+    created = not sweep_dir.exists()
     try:
         mf.ensure_writable_dir(sweep_dir)
     except mf.OutputNotWritable as error:
@@ -593,9 +601,14 @@ def run_sweep(
               "command": mf.recorded_command(["dpo-kit", *sys.argv[1:]]) if sys.argv else None,
               "base_params": params_to_dict(base)}
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar and the summary say what its INFO lines say
-    study = optuna.create_study(study_name=sweep_name, storage=open_storage(url), sampler=make_sampler(spec),
-                                direction=direction, load_if_exists=True)
-    check_study_spec(study, spec, params_to_dict(base), redacted(url))
+    try:
+        study = optuna.create_study(study_name=sweep_name, storage=open_storage(url), sampler=make_sampler(spec),
+                                    direction=direction, load_if_exists=True)
+        check_study_spec(study, spec, params_to_dict(base), redacted(url))
+    except BaseException:
+        if created and not any(sweep_dir.iterdir()):  # refused, or its storage did not open: nothing is left behind
+            sweep_dir.rmdir()
+        raise
     if not (sweep_dir / SWEEP_FILE).is_file():
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
     retried = recover_interrupted_trials(study)
