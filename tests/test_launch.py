@@ -101,26 +101,27 @@ def test_sharding_without_a_gpu_is_refused(config, monkeypatch):
         check_launch(params, cpu, REPO)
 
 
-def test_a_rendezvous_port_in_use_is_refused_with_a_free_one_to_use():
+def test_a_rendezvous_port_in_use_is_refused_with_a_free_one_to_use(tmp_path):
     """A second launched run on one machine met the first one's rendezvous port: every worker failed with a TCPStore
-    error naming no setting. Machine 0 refuses a port in use, and names a free one; machine 1 only connects to it."""
+    error naming no setting. Machine 0 refuses a port in use before it starts the launcher, and names a free one."""
     import re
     import socket
+    from types import SimpleNamespace
 
-    cpu = choose_hardware()
+    from dpo_kit.training.launch import run_launched
+
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
         holder.bind(("", 0))
         holder.listen()
         port = holder.getsockname()[1]
         params = load_params(TINY, ["launch.num_processes=2", f"launch.main_process_port={port}"])
+        stage = SimpleNamespace(params=params, hardware=choose_hardware(), project_dir=REPO, run_dir=tmp_path,
+                                resume_from=None)  # fmt: skip
         with pytest.raises(LaunchError, match=rf"launch.main_process_port {port} is in use on this machine") as refused:
-            check_launch(params, cpu, REPO)
+            run_launched(stage)
         free = int(re.search(r"--set launch.main_process_port=(\d+)", str(refused.value)).group(1))
         assert free != port
-        joining = load_params(TINY, ["launch.num_processes=2", "launch.num_machines=2", "launch.machine_rank=1",
-                                     "launch.main_process_ip=10.0.0.1", f"launch.main_process_port={port}"])
-        assert check_launch(joining, cpu, REPO)["num_machines"] == 2
-    assert check_launch(params, cpu, REPO)["num_processes"] == 2  # the port free again
+    assert not any(tmp_path.iterdir()), "refused before the launcher started"
 
 
 def test_a_worker_refuses_to_train_unsharded_when_its_config_asks_for_sharding(monkeypatch):

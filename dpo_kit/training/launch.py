@@ -117,8 +117,6 @@ def check_launch(params: Params, hardware, project_dir: str | Path) -> dict[str,
                 " weights needs bnb_4bit_quant_storage matched to the shard dtype, which dpo-kit does not set."
                 " Use launch.config_file ddp (each GPU holds the quantized base), or turn quantization off."
             )
-    if launch.machine_rank == 0:  # machine 0 holds the rendezvous; the others connect to it
-        refuse_busy_port(launch.main_process_port)
     if hardware.device == "cuda":
         import torch
 
@@ -191,6 +189,7 @@ def worker_environment() -> dict[str, str]:
 def run_launched(stage) -> dict[str, Any]:
     """Start the launcher, show its output line by line, and return what the main worker wrote back."""
     launched = check_launch(stage.params, stage.hardware, stage.project_dir)
+    refuse_busy_port(stage.params.launch.main_process_port)  # this is machine 0: it holds the rendezvous
     config_path = Path(launched["config_file"]) if launched["config_file"] else None
     command = launch_command(stage, config_path)
     result_path = stage.run_dir / RESULT_FILE
