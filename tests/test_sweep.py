@@ -92,6 +92,10 @@ def test_bad_keys_and_values_are_refused_before_any_trial_runs(tmp_path):
     # A key fixed with --set and swept too: each trial's value replaced the --set one without a word.
     with pytest.raises(SweepError, match=r"dpo.beta is given both with --set and as a swept key"):
         run_sweep(TINY, grid=["dpo.beta=0.1,0.2"], **{**common, "overrides": [*common["overrides"], "dpo.beta=0.3"]})
+    # Two values whose run directories would be one ('/' is written as '_'): the second trial resumed the first's run.
+    with pytest.raises(SweepError, match=r"--grid model.revision: the values org/main and org_main would share the run"
+                                         r" directory 'revision=org_main'"):
+        run_sweep(TINY, grid=["model.revision=org/main,org_main"], **common)
     assert not any(tmp_path.iterdir()), "nothing is written for a refused sweep"
 
 

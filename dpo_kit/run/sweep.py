@@ -524,6 +524,14 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
     A range takes the type of its key: `--range dpo.beta=1:5` searches the floats from 1 to 5 (beta is a float),
     not the integers 1 to 5 that its bounds read as; an integer key (dpo.max_steps) is searched in integers."""
     path = project / spec.params if not Path(spec.params).is_absolute() else spec.params
+    for key, values in space.grid.items():  # a point's run directory is named by its values, '/' written as '_'
+        named: dict[str, Any] = {}
+        for value in values:
+            other = named.setdefault(trial_name({key: value}), value)
+            if other != value:
+                raise SweepError(f"--grid {key}: the values {yaml_text(other)} and {yaml_text(value)} would share the"
+                                 f" run directory '{trial_name({key: value})}' ('/' is written as '_' in its name);"
+                                 " sweep one of them, then the other with another --name")  # fmt: skip
     probes = [(k, [*spec.overrides, f"{k}={yaml_text(v)}"]) for k, values in space.grid.items() for v in values]
     probes += [(k, [*spec.overrides, f"{k}={yaml_text(v)}"]) for k, (lo, hi, _) in space.ranges.items() for v in (lo, hi)]
     read: dict[str, list[Any]] = {}
