@@ -181,6 +181,19 @@ def test_a_moved_project_reads_its_data_files_as_unchanged(tmp_path, tiny_model_
     ]
 
 
+def test_a_folder_that_holds_no_run_is_not_taken_over_by_a_notebook_stage(tmp_path, tiny_model_dir):
+    """run.name naming a folder of the user's: dpo-kit run refused it, a notebook stage wrote its run into it."""
+    from dpo_kit.run.stage import StageError
+
+    folder = tmp_path / "my-notes"
+    folder.mkdir()
+    (folder / "ideas.txt").write_text("mine")
+    with pytest.raises(StageError, match=r"my-notes exists and already holds files but no dpo-kit run \(no"
+                                         r" manifest.json\): it is not taken over"):
+        open_stage("format", str(TINY), [f"model.name_or_path={tiny_model_dir}"], str(REPO), str(folder), "show")
+    assert sorted(p.name for p in folder.iterdir()) == ["ideas.txt"]
+
+
 def test_refuse_keeps_the_batch_behaviour(tmp_path, tiny_model_dir):
     from dpo_kit.params import ParamsError
 

@@ -503,6 +503,13 @@ def open_stage(
     check_local_files(params, project)
     run_path = (project / run_dir).resolve() if run_dir else run_dir_for(params, project)
     refuse_sweep_directory(run_path)
+    if run_path.is_dir() and not (run_path / "manifest.json").is_file() and any(
+            p.name != "params.yaml" for p in run_path.iterdir()):  # params.yaml alone: a start cut short before it
+        # A folder of the user's that run.name happens to name (dpo-kit run refuses it the same way).
+        raise StageError(
+            f"run directory {run_path} exists and already holds files but no dpo-kit run (no manifest.json): it is not"
+            " taken over. Choose a new run.name or another run.output_dir."
+        )
     try:
         mf.ensure_writable_dir(run_path)
     except mf.OutputNotWritable as error:
