@@ -15,6 +15,7 @@ import functools
 import os
 import re
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -670,6 +671,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                break  # a mapping or list as a key: PyYAML's own error names it ("found unhashable key")
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while reading a mapping", node.start_mark, f"key '{key}' is given twice", key_node.start_mark

@@ -408,6 +408,10 @@ def test_a_key_given_twice_in_a_params_file_is_refused_naming_it(tmp_path):
     path.write_text((REPO / "params/tiny.yaml").read_text() + "\ndpo:\n  beta: 0.5\n")  # a second dpo section
     with pytest.raises(ParamsError, match=r"dup.yaml: not valid YAML(.|\n)*key 'dpo' is given twice(.|\n)*line"):
         load_params(path)
+    # A mapping as a key (a stray '{' in a chat template, say) is YAML's own error, not a TypeError from the check.
+    path.write_text("model:\n  {chat: template}: 1\n")
+    with pytest.raises(ParamsError, match=r"dup.yaml: not valid YAML(.|\n)*found unhashable key"):
+        load_params(path)
 
 
 def test_a_launch_config_or_gguf_file_that_is_not_there_is_refused_before_any_stage(tmp_path):
