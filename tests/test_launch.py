@@ -150,7 +150,7 @@ def test_accelerate_runs_the_fsdp2_config_as_plain_ddp_on_cpu_and_the_worker_che
         "TrainingArguments(output_dir=sys.argv[1], report_to=[], use_cpu=True).device\n"  # as the kit's workers do
         "from accelerate import Accelerator\n"
         "kind = str(Accelerator().distributed_type).rsplit('.', 1)[-1]\n"
-        "print('distributed type', kind, flush=True)\n"
+        "import os; os.write(1, f'distributed type {kind}\\n'.encode())  # one write: the ranks' lines cannot interleave\n"
         "check_strategy_set_up(kind)\n"
     )
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS_DIR / "fsdp2.yaml"),
