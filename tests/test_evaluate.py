@@ -14,6 +14,7 @@ from dpo_kit.evaluation.evaluate import (
     METRICS_FILE,
     evaluate_run,
     plot_evaluation,
+    reference_agreement_table,
     reward_metrics,
     scalar_metrics,
     tokenize_pair,
@@ -333,6 +334,10 @@ def test_accuracy_split_by_the_references_own_ranking_on_a_hand_made_case():
     assert metrics["rewards/accuracies/ref_prefers_chosen"] == pytest.approx(3 / 6) == metrics["rewards/accuracies"]
     scalars = scalar_metrics(metrics).to_dict()
     assert json.loads(json.dumps(scalars)) == scalars
+    # Notebook 05's table says the empty half has no pairs, where a NaN would read as a failed computation.
+    table = reference_agreement_table({**metrics, "num_pairs": 6, "per_pair": everywhere})
+    assert table.loc["the reference prefers the rejected"].tolist() == [0, "none: no pairs"]
+    assert table.loc["the reference already prefers the chosen"].tolist() == [6, pytest.approx(3 / 6)]
 
 
 def test_evaluate_rescores_the_generations_when_evaluate_judge_changed_after_the_generate_stage(perturbed, tmp_path,

@@ -356,7 +356,8 @@ def reference_agreement_table(metrics: dict):
     rows = {"all held-out pairs": (metrics["num_pairs"], metrics["rewards/accuracies"])}
     for name, label in (("ref_prefers_chosen", "the reference already prefers the chosen"),
                         ("ref_prefers_rejected", "the reference prefers the rejected")):  # fmt: skip
-        rows[label] = (split[f"num_pairs/{name}"], split.get(f"rewards/accuracies/{name}"))
+        # An empty half has no accuracy: say so, where a NaN would read as a failed computation.
+        rows[label] = (split[f"num_pairs/{name}"], split.get(f"rewards/accuracies/{name}", "none: no pairs"))
     return pd.DataFrame.from_dict(rows, orient="index", columns=["pairs", "implicit-reward accuracy"])
 
 
