@@ -387,6 +387,10 @@ class TrackingParams(Section):
         return [value] if isinstance(value, str) else value
 
 
+# Where a run happens, not what it computes: the same run on other machines or ports is the same run. The stage
+# fingerprints and the report's params table leave them out.
+PLACE_ONLY_KEYS = ("run.name", "run.output_dir", "launch.machine_rank", "launch.main_process_ip",
+                   "launch.main_process_port")  # fmt: skip
 SHIPPED_ACCELERATE_CONFIGS = ("ddp", "zero2", "zero3", "fsdp2")  # dpo_kit/training/accelerate_configs/<name>.yaml
 
 

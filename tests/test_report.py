@@ -156,7 +156,9 @@ def test_the_params_table_shows_only_what_differs_with_the_metrics():
     runs = [RunRecord("a", Path("a"), params("a", 0.1), metrics(2.0, 0.5)),
             RunRecord("b", Path("b"), params("b", 0.5), metrics(0.5, 0.3)),
             RunRecord("c", Path("c"), params("c", 0.1, "sft"), metrics(4.0, 0.4))]  # fmt: skip
-    assert differing_params(runs) == ["dpo.beta", "dpo.loss_type"]  # run.name differs too, but only names the place
+    runs[1].params["tracking"] = {"report_to": ["wandb"], "project": "mine"}  # logged elsewhere, computed alike
+    # run.name and the tracker differ too, but they name where the run happened and where its curves went
+    assert differing_params(runs) == ["dpo.beta", "dpo.loss_type"]
     table = params_table(runs)
     assert table.loc[:, "dpo.beta"].to_dict() == {"a": 0.1, "b": 0.5, "c": 0.1}
     assert table.loc[:, "dpo.loss_type"].to_dict() == {"a": "sigmoid", "b": "sigmoid", "c": "sft"}

@@ -12,9 +12,8 @@ import nbformat
 import pytest
 
 from dpo_kit import manifest as mf
-from dpo_kit.params import load_params, params_to_dict
+from dpo_kit.params import PLACE_ONLY_KEYS, load_params, params_to_dict
 from dpo_kit.run.stage import (
-    PLACE_ONLY_KEYS,
     STAGE_INPUTS,
     StageError,
     open_stage,

@@ -34,12 +34,13 @@ from typing import Any
 import yaml
 
 from dpo_kit.judges import judge_label
+from dpo_kit.params import PLACE_ONLY_KEYS
 
 METRICS_FILE = "metrics.json"  # as dpo_kit.evaluation.evaluate writes it (not imported: that pulls in TRL)
 BEST_OF_N = (1, 2, 4, 8, 16)
-# Params that only name where a run happens: equal runs differ in them, so the params table leaves them out.
-PLACE_ONLY_KEYS = ("run.name", "run.output_dir", "launch.machine_rank", "launch.main_process_ip",
-                   "launch.main_process_port")  # fmt: skip
+# Params the params table leaves out: where a run happens (equal runs differ in them), and where its curves were
+# logged (a run sent to wandb computes the same numbers as one that was not).
+UNCOMPARED_KEYS = (*PLACE_ONLY_KEYS, "tracking.report_to", "tracking.project")
 TRAINING_CURVES = ("loss", "rewards/margins", "rewards/accuracies")
 
 
@@ -241,9 +242,9 @@ def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def differing_params(runs: list[RunRecord]) -> list[str]:
-    """Dotted params keys whose value is not the same in every run (place-only keys such as run.name aside)."""
+    """Dotted params keys whose value is not the same in every run (UNCOMPARED_KEYS such as run.name aside)."""
     flats = [flatten(run.params) for run in runs]
-    keys = sorted({key for flat in flats for key in flat} - set(PLACE_ONLY_KEYS))
+    keys = sorted({key for flat in flats for key in flat} - set(UNCOMPARED_KEYS))
     return [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True, default=str) for flat in flats}) > 1]
 
 

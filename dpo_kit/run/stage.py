@@ -60,9 +60,6 @@ STAGE_INPUTS = {
     "generate": ("generate",),
     "evaluate": ("evaluate",),
 }
-# Where a run happens, not what it computes: the same run on other machines or ports is the same run.
-PLACE_ONLY_KEYS = ("run.name", "run.output_dir", "launch.machine_rank", "launch.main_process_ip",
-                   "launch.main_process_port")
 # What each stage writes into the run directory (the executed notebook is the runner's copy); moved aside
 # together when the stage runs again. tests/test_stage_rerun.py checks that a finished run holds nothing else.
 # tracking/ goes with the train stage: a new training starts new tracker files (the evaluate stage, which adds

@@ -28,8 +28,16 @@ from typing import Any
 import yaml
 
 from dpo_kit import manifest as mf
-from dpo_kit.params import ParamsError, load_params, params_to_dict, read_yaml, redact_secrets, run_directory
-from dpo_kit.run.stage import PLACE_ONLY_KEYS, adopt_format_stage, has_completed_format, params_fingerprint
+from dpo_kit.params import (
+    PLACE_ONLY_KEYS,
+    ParamsError,
+    load_params,
+    params_to_dict,
+    read_yaml,
+    redact_secrets,
+    run_directory,
+)
+from dpo_kit.run.stage import adopt_format_stage, has_completed_format, params_fingerprint
 
 SWEEP_FILE = "sweep.json"
 CLAIMS = ".claims"
