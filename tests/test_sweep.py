@@ -26,6 +26,7 @@ from dpo_kit.run.sweep import (
     recover_interrupted_trials,
     release_claim,
     run_sweep,
+    storage_lock,
     take_claim,
     trial_name,
     trial_overrides,
@@ -177,6 +178,33 @@ def test_a_claim_held_by_a_live_process_is_refused_and_a_dead_ones_is_taken_over
     claim.write_text(json.dumps({"trial": 0, "pid": 1, "host": "elsewhere"}))
     assert not take_claim(tmp_path, "beta=0.5", 4, holder_running=lambda holder: True)
     assert take_claim(tmp_path, "beta=0.5", 5, holder_running=lambda holder: False)
+
+
+def test_opening_a_sqlite_storage_is_one_worker_at_a_time_and_leaves_no_lock_file(tmp_path):
+    import fcntl
+    import glob
+    import tempfile
+
+    def try_lock(folder: Path) -> bool:
+        descriptor = os.open(folder, os.O_RDONLY)  # another open of the folder, as another worker's would be
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(descriptor)
+
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "dpo-kit-optuna-*.lock")))
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    with storage_lock(f"sqlite:///{sweep_dir / 'optuna.db'}"):
+        assert not try_lock(sweep_dir), "a second worker would open the fresh database at the same time"
+    assert try_lock(sweep_dir), "the lock is released"
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "dpo-kit-optuna-*.lock"))) == before
+    assert sorted(sweep_dir.iterdir()) == [], "nothing is written beside the database either"
+    with storage_lock(f"sqlite:///{tmp_path / 'missing' / 'optuna.db'}"), storage_lock("sqlite://"):
+        pass  # a folder that is not there (RDBStorage says so) or an in-memory database: nothing to guard
 
 
 def test_a_sweep_started_again_with_other_settings_is_refused(tmp_path):

@@ -193,20 +193,39 @@ def redacted(url: str) -> str:
 def storage_lock(url: str):
     """Workers on one machine open an RDB storage one at a time. RDBStorage creates its tables and records its
     schema version when it opens a new database, and two processes doing that at once fail ("table studies
-    already exists"): two workers started together on a fresh sweep did. The lock is a file in this machine's
-    temporary directory, so workers on other machines are not serialized: on a fresh shared database, start one
-    worker first and the others once it runs."""
+    already exists"): two workers started together on a fresh sweep did. A SQLite database is guarded by a lock
+    on the folder that holds it (a lock on a folder leaves no file behind); a database server's URL by a file in
+    this machine's temporary directory, one per URL. Workers on other machines are not serialized: on a fresh
+    shared database, start one worker first and the others once it runs."""
     import fcntl
     import hashlib
     import tempfile
 
-    path = Path(tempfile.gettempdir()) / f"dpo-kit-optuna-{hashlib.sha256(url.encode()).hexdigest()[:16]}.lock"
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:  # not a URL at all: RDBStorage refuses it, and open_storage says what would be valid
+        parsed = None
+    if parsed is not None and parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if not database or database == ":memory:":  # one process's own database: nothing to share
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            return
+        folder = Path(database).expanduser().absolute().parent
+        if not folder.is_dir():  # nothing to race over: RDBStorage cannot create the file, and says so
+            yield
+            return
+        descriptor = os.open(folder, os.O_RDONLY)
+    else:
+        path = Path(tempfile.gettempdir()) / f"dpo-kit-optuna-{hashlib.sha256(url.encode()).hexdigest()[:16]}.lock"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
 
 
 def open_storage(url: str):
