@@ -245,26 +245,107 @@ def process_alive(entry: dict[str, Any]) -> bool | None:
 
 
 UNFINISHED = ("running", "interrupted", "failed")
-# A stage running on another host cannot be asked whether its process lives; its heartbeat (written when the
-# stage opens and at least every HEARTBEAT_SECONDS while training) says so instead. Silent this long: gone.
+# A stage running on another host cannot be asked whether its process lives; its heartbeat says so instead:
+# HEARTBEAT_FILE, rewritten every HEARTBEAT_SECONDS by the process running the stage (any stage: a long merge or
+# generate beats as a training does), and the entry's own `heartbeat` (written when the stage opens and by the
+# train stage's callback). Silent this long: gone.
 HEARTBEAT_SECONDS = 30
 STALE_AFTER_SECONDS = 600
+HEARTBEAT_FILE = "heartbeat.json"
 
 
-def seconds_since_heartbeat(entry: dict[str, Any]) -> float | None:
-    stamp = entry.get("heartbeat") or entry.get("started")
-    if not stamp:
-        return None
-    return (datetime.now(timezone.utc) - datetime.fromisoformat(stamp)).total_seconds()
+def last_heartbeat(entry: dict[str, Any], run_dir: str | Path | None = None, stage: str = "") -> str | None:
+    """When the stage's process last said it lives: its entry's heartbeat (or start), or the run's HEARTBEAT_FILE
+    where that was written by the same stage, process and host; the later of the two."""
+    stamps = [entry.get("heartbeat") or entry.get("started")]
+    if run_dir is not None:
+        try:
+            beat = json.loads((Path(run_dir) / HEARTBEAT_FILE).read_text())
+        except (OSError, ValueError):  # none yet, or cut short by a crash: the entry's own stamp stands
+            beat = {}
+        if isinstance(beat, dict) and [beat.get(k) for k in ("stage", "pid", "host")] == [
+            stage, entry.get("pid"), entry.get("host")
+        ]:
+            stamps.append(beat.get("time"))
+    known = [stamp for stamp in stamps if isinstance(stamp, str) and stamp]
+    return max(known, key=datetime.fromisoformat) if known else None
 
 
-def running_state(entry: dict[str, Any]) -> str:
+def seconds_since_heartbeat(entry: dict[str, Any], run_dir: str | Path | None = None, stage: str = "") -> float | None:
+    stamp = last_heartbeat(entry, run_dir, stage)
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(stamp)).total_seconds() if stamp else None
+
+
+def running_state(entry: dict[str, Any], run_dir: str | Path | None = None, stage: str = "") -> str:
     """For a `running` entry: 'alive' (its process runs, or another host's heartbeat is fresh), or 'gone'."""
     alive = process_alive(entry)
     if alive is None:  # another host, or an entry from before processes were recorded
-        silent = seconds_since_heartbeat(entry)
+        silent = seconds_since_heartbeat(entry, run_dir, stage)
         alive = silent is not None and silent < STALE_AFTER_SECONDS if "pid" in entry else False
     return "alive" if alive else "gone"
+
+
+class StageHeartbeat:
+    """A daemon thread that rewrites <run>/HEARTBEAT_FILE every HEARTBEAT_SECONDS while a stage runs in this
+    process, so that a runner on another host sharing the run directory sees it alive however long the stage
+    takes. It writes its own small file, never the manifest: a read-modify-write of manifest.json from a second
+    thread could undo what the stage itself records there. It stops when the stage completes, when the manifest
+    no longer shows the stage running in this process (failed, or taken over), or when another stage opens here."""
+
+    current: StageHeartbeat | None = None  # one stage runs in a process at a time
+
+    def __init__(self, run_dir: str | Path, stage: str):
+        import threading
+
+        self.run_dir, self.stage = Path(run_dir), stage
+        self.record = {"stage": stage, "pid": os.getpid(), "host": socket.gethostname()}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"dpo-kit heartbeat {stage}", daemon=True)
+
+    @classmethod
+    def start(cls, run_dir: str | Path, stage: str) -> StageHeartbeat:
+        if cls.current is not None:
+            cls.current.stop()
+        cls.current = heartbeat = cls(run_dir, stage)
+        heartbeat.write()
+        heartbeat.thread.start()
+        return heartbeat
+
+    def still_running_here(self) -> bool:
+        try:
+            entry = read_manifest(self.run_dir).get("stages", {}).get(self.stage, {})
+        except (OSError, ValueError):  # caught mid-replace, or the folder moved: ask again next beat
+            return True
+        return entry.get("status") == "running" and entry.get("pid") == self.record["pid"]
+
+    def write(self) -> None:
+        path = self.run_dir / HEARTBEAT_FILE
+        temporary = path.with_name(f"{HEARTBEAT_FILE}.{self.record['pid']}.tmp")
+        try:
+            temporary.write_text(json.dumps({**self.record, "time": now_iso()}))
+            temporary.replace(path)  # whole or absent: a reader never sees half a beat
+        except OSError:  # a full disk or a run directory moved away: the stage's own work says what is wrong
+            temporary.unlink(missing_ok=True)
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_SECONDS):
+            if not self.still_running_here():
+                break
+            self.write()
+
+    def stop(self) -> None:
+        """Stop beating and remove the file (it speaks only for a running stage)."""
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        try:
+            beat = json.loads((self.run_dir / HEARTBEAT_FILE).read_text())
+        except (OSError, ValueError):
+            beat = None
+        if isinstance(beat, dict) and beat.get("pid") == self.record["pid"] and beat.get("stage") == self.stage:
+            (self.run_dir / HEARTBEAT_FILE).unlink(missing_ok=True)
+        if StageHeartbeat.current is self:
+            StageHeartbeat.current = None
 
 
 def mark_dead_stages_interrupted(run_dir: str | Path) -> list[str]:
@@ -273,7 +354,7 @@ def mark_dead_stages_interrupted(run_dir: str | Path) -> list[str]:
     start finds it so, not as running or failed. Returns them."""
     manifest = read_manifest(run_dir)
     running = {s: e for s, e in manifest.get("stages", {}).items() if e.get("status") == "running"}
-    dead = [s for s, e in running.items() if running_state(e) == "gone"]
+    dead = [s for s, e in running.items() if running_state(e, run_dir, s) == "gone"]
     for stage in dead:
         entry = manifest["stages"][stage]
         if "pid" not in entry:
@@ -282,7 +363,7 @@ def mark_dead_stages_interrupted(run_dir: str | Path) -> list[str]:
             why = f"process {entry['pid']} on {entry['host']} ended without finishing the stage (killed, or out of memory)"
         else:
             why = (f"no heartbeat from process {entry['pid']} on {entry['host']} since"
-                   f" {entry.get('heartbeat') or entry.get('started')}: that machine or process is gone")  # fmt: skip
+                   f" {last_heartbeat(entry, run_dir, stage)}: that machine or process is gone")  # fmt: skip
         entry.update(status="interrupted", interrupted=now_iso(), reason=why)
     if dead:
         manifest["status"] = "interrupted"

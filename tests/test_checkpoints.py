@@ -289,11 +289,53 @@ def test_a_stage_running_on_another_host_is_judged_by_its_heartbeat(tmp_path, ti
     running_elsewhere(minutes_ago=1)  # a live machine: refused, and told when it would count as gone
     with pytest.raises(StageError, match="running in process 4242 on host another-machine .* 10 minutes old"):
         open_stage("train", str(TINY), overrides, str(REPO), str(tmp_path / "run"), "resume")
-    running_elsewhere(minutes_ago=11)  # silent for longer than STALE_AFTER_SECONDS: that machine is gone
+    running_elsewhere(minutes_ago=11)  # its entry is silent for longer than STALE_AFTER_SECONDS...
+    beat = {"stage": "train", "pid": 4242, "host": "another-machine"}
+    for other in ({"stage": "merge"}, {"pid": 4343}, {"host": "a-third-machine"}):  # ...and these do not speak for it
+        (tmp_path / "run" / mf.HEARTBEAT_FILE).write_text(json.dumps({**beat, **other, "time": mf.now_iso()}))
+        assert mf.running_state(mf.read_manifest(tmp_path / "run")["stages"]["train"], tmp_path / "run", "train") == "gone"
+    # ...but its heartbeat file, which that machine rewrites while any stage runs, is fresh: alive, and refused.
+    (tmp_path / "run" / mf.HEARTBEAT_FILE).write_text(json.dumps({**beat, "time": mf.now_iso()}))
+    with pytest.raises(StageError, match="running in process 4242 on host another-machine"):
+        open_stage("train", str(TINY), overrides, str(REPO), str(tmp_path / "run"), "resume")
+    (tmp_path / "run" / mf.HEARTBEAT_FILE).write_text("{")  # cut short by a crash: the entry's stamp decides
     stage = open_stage("train", str(TINY), overrides, str(REPO), str(tmp_path / "run"), "resume")
     attempt = mf.read_manifest(tmp_path / "run")["stages"]["train"]["attempts"][-1]
     assert stage.resume_from is not None and attempt["status"] == "interrupted"
     assert attempt["reason"].startswith("no heartbeat from process 4242 on another-machine since")
+
+
+def test_every_stage_beats_while_it_runs_and_stops_when_it_completes(tmp_path, tiny_model_dir, monkeypatch):
+    """A merge or generate that takes longer than STALE_AFTER_SECONDS on one machine must not count as gone on
+    another sharing the run directory: the process running any stage rewrites the heartbeat file."""
+    import os
+    import time
+
+    from dpo_kit.run.stage import open_stage
+
+    monkeypatch.setattr(mf, "HEARTBEAT_SECONDS", 0.05)
+    run_dir = tmp_path / "run"
+    stage = open_stage("format", str(TINY), [f"model.name_or_path={tiny_model_dir}"], str(REPO), str(run_dir), "refuse")
+    opened = json.loads((run_dir / mf.HEARTBEAT_FILE).read_text())
+    assert {key: opened[key] for key in ("stage", "pid")} == {"stage": "format", "pid": os.getpid()}
+    deadline = time.monotonic() + 10
+    while json.loads((run_dir / mf.HEARTBEAT_FILE).read_text())["time"] == opened["time"]:
+        assert time.monotonic() < deadline, "the heartbeat file was not rewritten while the stage ran"
+        time.sleep(0.1)
+    entry = mf.read_manifest(run_dir)["stages"]["format"]
+    assert mf.last_heartbeat(entry, run_dir, "format") > entry["heartbeat"]  # what another host would read
+
+    stage.complete()
+    assert not (run_dir / mf.HEARTBEAT_FILE).exists() and mf.StageHeartbeat.current is None
+    time.sleep(0.3)
+    assert not (run_dir / mf.HEARTBEAT_FILE).exists(), "no beat after the stage completed"
+
+    # A stage that failed (recorded so in the manifest by whoever saw it fail) stops beating by itself.
+    stage = open_stage("train", str(TINY), [f"model.name_or_path={tiny_model_dir}"], str(REPO), str(run_dir), "refuse")
+    heartbeat = mf.StageHeartbeat.current
+    mf.update_stage(run_dir, "train", status="failed")
+    heartbeat.thread.join(timeout=10)
+    assert not heartbeat.thread.is_alive()
 
 
 def test_a_full_disk_while_saving_is_named_with_what_is_intact(tmp_path):

@@ -73,7 +73,8 @@ STAGE_OUTPUTS = {
     "generate": ("generations.jsonl", "reference_samples.jsonl", "notebooks/04_generate.ipynb"),
     "evaluate": ("metrics.json", "evaluation.png", "tracking/tensorboard/evaluate", "notebooks/05_evaluate.ipynb"),
 }  # fmt: skip
-RUN_FILES = ("manifest.json", "params.yaml", "param_sets", "previous", "notebooks")
+# The heartbeat file is there while a stage runs, and stays where one did not complete.
+RUN_FILES = ("manifest.json", "params.yaml", "param_sets", "previous", "notebooks", mf.HEARTBEAT_FILE)
 PARAM_SETS = "param_sets"
 PREVIOUS = "previous"
 
@@ -97,6 +98,10 @@ class Stage:
     resume_from: Path | None = None  # train: the verified checkpoint an unfinished attempt continues from
     timer: mf.StageTimer = field(default_factory=mf.StageTimer)
 
+    def __post_init__(self) -> None:
+        if not self.reused:  # it computes: say it lives, however long it takes (a runner on another host reads it)
+            mf.StageHeartbeat.start(self.run_dir, self.name)
+
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)
 
@@ -119,6 +124,8 @@ class Stage:
         For a shown stored result the manifest stays as it was: the entry returned is the stored one."""
         if self.reused:
             return mf.read_manifest(self.run_dir)["stages"][self.name]
+        if mf.StageHeartbeat.current is not None and mf.StageHeartbeat.current.run_dir == self.run_dir:
+            mf.StageHeartbeat.current.stop()  # before the entry says completed: a late beat must not follow it
         manifest = mf.update_stage(
             self.run_dir, self.name, status="completed", finished=mf.now_iso(), seconds=self.timer.seconds, **summary
         )
@@ -596,7 +603,8 @@ def refuse_if_running_elsewhere(run_dir: Path, name: str, entry: dict[str, Any])
     """Two processes never write one stage: a stage still running in another live process is refused."""
     import os
 
-    if entry.get("status") != "running" or mf.running_state(entry) != "alive" or entry.get("pid") == os.getpid():
+    if (entry.get("status") != "running" or mf.running_state(entry, run_dir, name) != "alive"
+            or entry.get("pid") == os.getpid()):  # fmt: skip
         return
     if mf.process_alive(entry):
         raise StageBusy(
@@ -606,7 +614,7 @@ def refuse_if_running_elsewhere(run_dir: Path, name: str, entry: dict[str, Any])
         )
     raise StageBusy(
         f"stage '{name}' in {run_dir} is running in process {entry['pid']} on host {entry['host']} (last heartbeat"
-        f" {entry.get('heartbeat') or entry.get('started')}); this host cannot see that process. If that machine is"
+        f" {mf.last_heartbeat(entry, run_dir, name)}); this host cannot see that process. If that machine is"
         f" gone, the stage counts as interrupted once its heartbeat is {mf.STALE_AFTER_SECONDS // 60} minutes old."
     )
 
