@@ -90,6 +90,22 @@ def test_ranked_pair_drops_a_prompt_whose_scores_are_too_close():
     assert drop.value.reason == "score_gap_too_small" and "0.050 < data.generate.min_score_gap 0.1" in drop.value.detail
 
 
+@pytest.mark.parametrize("message", [{"role": "user", "content": None}, {"role": "user", "content": 5},
+                                     {"role": None, "content": "Review it."}])
+def test_a_prompt_message_that_is_not_text_is_dropped_with_its_position_not_a_crash(message):
+    # A prompts file row like {"prompt": [{"role": "user", "content": null}]} used to be sampled from, then crash the
+    # audit ('NoneType' object has no attribute 'strip'); it is dropped, naming the message, like any format's row.
+    from dpo_kit.data.audit import audit_rows
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    bad = {"prompt": [message], "samples": ["loved it", "hated it"], "scores": [0.9, -0.8]}
+    good = {"prompt": "Review it.", "samples": ["loved it", "hated it"], "scores": [0.9, -0.8]}
+    result = audit_rows([bad, good], ranked_pair(0.1), build_tiny_tokenizer(), max_length=256)
+    assert [index for index, _ in result.kept] == [1]
+    assert [(d.index, d.reason) for d in result.dropped] == [(0, "non_string_value")]
+    assert result.dropped[0].detail.startswith("prompt[0].")
+
+
 def test_sampling_is_deterministic_under_a_seed(tiny_model_dir, prompts_file):
     from dpo_kit.models.loading import load_tokenizer
 

@@ -64,7 +64,7 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
-def _messages(value: Any, column: str) -> list[Message]:
+def checked_messages(value: Any, column: str) -> list[Message]:
     """Validate a list of {role, content} messages; extra keys are dropped so every row has one schema."""
     if not isinstance(value, list) or not value:
         raise DropRow(
@@ -123,8 +123,8 @@ def from_conversational(row: Row) -> Row:
     and each must then differ in exactly one final message. A `prompt` column next to whole conversations
     (UltraFeedback keeps the first user text there) is ignored, since the transcripts already contain it.
     """
-    chosen = _messages(_column(row, "chosen"), "chosen")
-    rejected = _messages(_column(row, "rejected"), "rejected")
+    chosen = checked_messages(_column(row, "chosen"), "chosen")
+    rejected = checked_messages(_column(row, "rejected"), "rejected")
     system = _optional_system(row, "system")
     if len(chosen) > 1 or len(rejected) > 1:
         prompt, chosen_reply, rejected_reply = _split_shared_prefix(chosen, rejected)
@@ -132,7 +132,7 @@ def from_conversational(row: Row) -> Row:
     prompt = _column(row, "prompt")
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
-    return _pair(_messages(prompt, "prompt"), chosen[0], rejected[0], system)
+    return _pair(checked_messages(prompt, "prompt"), chosen[0], rejected[0], system)
 
 
 def _split_shared_prefix(chosen: list[Message], rejected: list[Message]) -> tuple[list[Message], Message, Message]:
@@ -250,7 +250,7 @@ def _one_reply(value: Any, column: str) -> Message:
     """A reply given as text, as one {role, content} message, or as a list holding exactly one."""
     if isinstance(value, str):
         return {"role": "assistant", "content": value}
-    messages = _messages(value if isinstance(value, list) else [value], column)
+    messages = checked_messages(value if isinstance(value, list) else [value], column)
     if len(messages) != 1:
         raise DropRow("malformed_messages", f"column '{column}' should hold one reply, got {len(messages)} messages")
     return messages[0]
@@ -259,7 +259,7 @@ def _one_reply(value: Any, column: str) -> Message:
 def from_messages(row: Row) -> Row:
     """OpenAI-style rows: `messages`, the conversation so far as {role, content} messages (system included), and
     `chosen` / `rejected`, each the assistant reply (a message, a one-message list, or text)."""
-    prompt = _messages(_column(row, "messages"), "messages")
+    prompt = checked_messages(_column(row, "messages"), "messages")
     return _pair(prompt, _one_reply(_column(row, "chosen"), "chosen"), _one_reply(_column(row, "rejected"), "rejected"))
 
 

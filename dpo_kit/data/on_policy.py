@@ -33,6 +33,7 @@ from pathlib import Path
 
 from dpo_kit.chat_templates import ends_with_prefill
 from dpo_kit.data.drops import DropRow
+from dpo_kit.data.formats import checked_messages
 from dpo_kit.params import BUNDLED_PROMPT_SETS, Params, is_local_path
 
 # Written by the format stage of a round 2 (data/): the held-out prompts of the sampler's run, which the generate
@@ -64,6 +65,9 @@ def as_messages(row: dict) -> list[dict]:
         return [{"role": "user", "content": prompt}]
     if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt)):
         raise DropRow("malformed_messages", f"prompt is neither text nor a list of {{role, content}} messages: {prompt!r:.80}")
+    # A role or content that is not text (null, a number) would be sampled from and then fail the audit's text
+    # checks with an AttributeError; it is dropped here with the message's position, as the converters drop it.
+    checked_messages(prompt, "prompt")
     return prompt
 
 
