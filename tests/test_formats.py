@@ -289,6 +289,26 @@ def test_columns_map_names_the_missing_mapped_column():
     assert problem.reason == "missing_column" and "'bad'" in problem.detail
 
 
+@pytest.mark.parametrize(
+    "row, reason, named",
+    [
+        ({"instruction": 5, "good": "y", "bad": "z"}, "non_string_value", "column 'instruction' should hold text"),
+        ({"instruction": [user("Hi")], "good": "Hello!", "bad": [assistant("Meh.")]}, "malformed_messages",
+         "column 'good' should be a non-empty list"),
+        ({"instruction": [user("Hi")], "good": [assistant("Hello!")], "bad": [{"role": "assistant"}]},
+         "malformed_messages", "bad[0] should be a {role, content} message"),
+        ({"instruction": [{"role": "user", "content": None}], "good": [assistant("A")], "bad": [assistant("B")]},
+         "non_string_value", "instruction[0].content should be text"),
+    ],
+)
+def test_columns_map_drops_name_the_source_column_not_the_trl_one(row, reason, named):
+    # A drop used to name the TRL column the mapped one was renamed to ("column 'prompt' should hold text"), a
+    # column the user's file does not have.
+    convert = converter("columns", ColumnMap(prompt="instruction", chosen="good", rejected="bad"))
+    problem = drop_reason(convert, row)
+    assert problem.reason == reason and named in problem.detail
+
+
 def test_unknown_format_lists_the_valid_ones():
     with pytest.raises(
         ValueError, match="valid formats: standard, conversational, hh-rlhf, orca, truthy, sharegpt, messages, columns"

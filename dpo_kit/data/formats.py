@@ -123,16 +123,21 @@ def from_conversational(row: Row) -> Row:
     and each must then differ in exactly one final message. A `prompt` column next to whole conversations
     (UltraFeedback keeps the first user text there) is ignored, since the transcripts already contain it.
     """
-    chosen = checked_messages(_column(row, "chosen"), "chosen")
-    rejected = checked_messages(_column(row, "rejected"), "rejected")
-    system = _optional_system(row, "system")
+    return _conversational(row, "prompt", "chosen", "rejected", "system")
+
+
+def _conversational(row: Row, prompt_column: str, chosen_column: str, rejected_column: str, system_column: str | None) -> Row:
+    """`from_conversational` reading the named columns, so a drop names the column the source has (data.columns)."""
+    chosen = checked_messages(_column(row, chosen_column), chosen_column)
+    rejected = checked_messages(_column(row, rejected_column), rejected_column)
+    system = _optional_system(row, system_column)
     if len(chosen) > 1 or len(rejected) > 1:
         prompt, chosen_reply, rejected_reply = _split_shared_prefix(chosen, rejected)
         return _pair(prompt, chosen_reply, rejected_reply, system)
-    prompt = _column(row, "prompt")
+    prompt = _column(row, prompt_column)
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
-    return _pair(checked_messages(prompt, "prompt"), chosen[0], rejected[0], system)
+    return _pair(checked_messages(prompt, prompt_column), chosen[0], rejected[0], system)
 
 
 def _split_shared_prefix(chosen: list[Message], rejected: list[Message]) -> tuple[list[Message], Message, Message]:
@@ -264,17 +269,16 @@ def from_messages(row: Row) -> Row:
 
 
 def from_columns(row: Row, columns) -> Row:
-    """Any dataset described by a `ColumnMap`: text columns, or message-list columns like 'conversational'."""
-    renamed = {
-        "prompt": _column(row, columns.prompt),
-        "chosen": _column(row, columns.chosen),
-        "rejected": _column(row, columns.rejected),
-    }
-    if columns.system:
-        renamed["system"] = row.get(columns.system)
-    if any(isinstance(renamed[key], list) for key in ("prompt", "chosen", "rejected")):
-        return from_conversational(renamed)
-    return from_standard(renamed)
+    """Any dataset described by a `ColumnMap`: text columns, or message-list columns like 'conversational'.
+
+    The row is read under its own column names, so a drop names the source's column ('instruction'), not the
+    TRL name it maps to ('prompt').
+    """
+    names = (columns.prompt, columns.chosen, columns.rejected)
+    values = [_column(row, name) for name in names]  # each mapped column must be there, the prompt's included
+    if any(isinstance(value, list) for value in values):
+        return _conversational(row, *names, columns.system)
+    return _text_pair(row, *names, system=columns.system)
 
 
 CONVERTERS: dict[str, Callable[[Row], Row]] = {
