@@ -157,7 +157,11 @@ class ColumnMap(Section):
     prompt: str = Field(description="Column holding the prompt.")
     chosen: str = Field(description="Column holding the preferred response.")
     rejected: str = Field(description="Column holding the dispreferred response.")
-    system: str | None = Field(None, description="Optional column holding a system message.")
+    system: str | None = Field(
+        None,
+        description="Optional column holding a system message; once named, every row must have it (null or empty"
+        " for a row without one).",
+    )
 
 
 # The sentiment judge scores a response of fewer words than this -1, so that an empty or one-word answer never wins

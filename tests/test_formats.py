@@ -289,6 +289,15 @@ def test_columns_map_names_the_missing_mapped_column():
     assert problem.reason == "missing_column" and "'bad'" in problem.detail
 
 
+def test_columns_map_refuses_a_named_system_column_the_row_lacks():
+    # A misspelled data.columns.system used to give every row no system message, silently.
+    convert = converter("columns", ColumnMap(prompt="instruction", chosen="good", rejected="bad", system="sytem"))
+    problem = drop_reason(convert, {"instruction": "Say hi", "good": "Hi!", "bad": "No.", "system": "Be nice."})
+    assert problem.reason == "missing_column" and "column 'sytem' (data.columns.system) is missing" in problem.detail
+    blank = {"instruction": "Say hi", "good": "Hi!", "bad": "No.", "sytem": None}
+    assert convert(blank)["prompt"] == [user("Say hi")], "null in the named column: no system message"
+
+
 @pytest.mark.parametrize(
     "row, reason, named",
     [

@@ -276,6 +276,15 @@ def from_columns(row: Row, columns) -> Row:
     """
     names = (columns.prompt, columns.chosen, columns.rejected)
     values = [_column(row, name) for name in names]  # each mapped column must be there, the prompt's included
+    if columns.system and columns.system not in row:
+        # A named system column that is absent (misspelled, say) would otherwise give every row no system message
+        # without a word; null or blank in the column is how a row says it has none.
+        present = ", ".join(map(str, row)) or "none"
+        raise DropRow(
+            "missing_column",
+            f"column '{columns.system}' (data.columns.system) is missing (the row has: {present}); a row without"
+            " a system message holds null or an empty string there",
+        )
     if any(isinstance(value, list) for value in values):
         return _conversational(row, *names, columns.system)
     return _text_pair(row, *names, system=columns.system)
