@@ -162,6 +162,23 @@ def test_broken_jsonl_line_is_named(tmp_path):
         read_rows(make_params(source="bad.jsonl").data, tmp_path)
 
 
+@pytest.mark.parametrize(
+    "name, text, where",
+    [
+        ("pairs.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "d", "chosen": "e", "chosen": "f",'
+         ' "rejected": "g"}\n', "pairs.jsonl, line 2: "),
+        ("pairs.json", '[{"prompt": [{"role": "user", "role": "system", "content": "a"}], "chosen": "b", "rejected": "c"}]',
+         "pairs.json: "),
+    ],
+)
+def test_a_key_named_twice_in_a_json_object_is_refused_not_read_as_its_last_value(tmp_path, name, text, where):
+    # json keeps the last of two values without a word: the row trained on "f" and "e" was lost, or a user turn
+    # became a system message.
+    (tmp_path / name).write_text(text)
+    with pytest.raises(SourceError, match=f"{where}an object names the key '(chosen|role)' more than once"):
+        read_rows(make_params(source=name).data, tmp_path)
+
+
 def test_csv_row_with_more_fields_than_the_header_is_refused_not_shifted(tmp_path):
     # Unquoted commas: pandas took "Hi 0" as the row index and trained on " how are you?" as the prompt.
     path = tmp_path / "pairs.csv"

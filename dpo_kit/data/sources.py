@@ -2,9 +2,10 @@
 
 Rows are not type-coerced: the audit must see a null, a number or a missing key where the file has one,
 so JSON is read with `json`, Parquet with pyarrow and CSV with the `csv` module as text (no index column
-inferred; a row whose field count differs from the header's is an error, not truncated or padded). Local
-files must be UTF-8; a file that cannot be read raises SourceError naming the setting (data.source, or
-data.generate.prompts), the file and the line. Hub datasets go through `datasets.load_dataset`, which needs a
+inferred; a row whose field count differs from the header's is an error, not truncated or padded; a JSON
+object that names a key twice is an error, not read as its last value). Local files must be UTF-8; a file
+that cannot be read raises SourceError naming the setting (data.source, or data.generate.prompts), the file
+and the line. Hub datasets go through `datasets.load_dataset`, which needs a
 network unless the dataset is already in the local cache.
 """
 
@@ -161,6 +162,27 @@ def _read_csv_records(path: Path, max_rows: int | None, key: str) -> list[dict[s
     return rows
 
 
+class RepeatedKeyError(ValueError):
+    """A JSON object names a key more than once."""
+
+
+def _object_once_per_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: a JSON object, refusing a key named twice, where `json` would keep the last value
+    without a word (the CSV reader refuses a header that names a column twice, likewise)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        keys = [name for name, _ in pairs]
+        raise RepeatedKeyError(next(name for name in keys if keys.count(name) > 1))
+    return obj
+
+
+def _repeated_key_message(key_name: str) -> str:
+    return (
+        f"an object names the key {key_name!r} more than once, and only one of its values could be used;"
+        " give each key once"
+    )
+
+
 def _read_jsonl(path: Path, max_rows: int | None, key: str) -> list[dict[str, Any]]:
     rows = []
     with path.open(encoding="utf-8-sig") as lines:
@@ -171,12 +193,14 @@ def _read_jsonl(path: Path, max_rows: int | None, key: str) -> list[dict[str, An
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line, object_pairs_hook=_object_once_per_key)
                 except json.JSONDecodeError as error:
                     raise SourceError(
                         f"{key}: {path}, line {number}: not valid JSON ({error.msg}, column {error.colno});"
                         " a .jsonl file holds one JSON object per line"
                     ) from None
+                except RepeatedKeyError as error:
+                    raise SourceError(f"{key}: {path}, line {number}: {_repeated_key_message(str(error))}") from None
                 if not isinstance(row, dict):
                     raise SourceError(
                         f"{key}: {path}, line {number}: expected a JSON object per line, got {type(row).__name__}"
@@ -189,11 +213,13 @@ def _read_jsonl(path: Path, max_rows: int | None, key: str) -> list[dict[str, An
 
 def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
     try:
-        content = json.loads(_read_text(path, key))
+        content = json.loads(_read_text(path, key), object_pairs_hook=_object_once_per_key)
     except json.JSONDecodeError as error:
         raise SourceError(
             f"{key}: {path}, line {error.lineno}: not valid JSON ({error.msg}, column {error.colno})"
         ) from None
+    except RepeatedKeyError as error:
+        raise SourceError(f"{key}: {path}: {_repeated_key_message(str(error))}") from None
     if isinstance(content, list) and all(isinstance(row, dict) for row in content):
         return content
     if isinstance(content, dict) and content and all(isinstance(column, list) for column in content.values()):
