@@ -315,6 +315,29 @@ def test_hh_rlhf_file_end_to_end_with_dropped_rows_written(tokenizer, tmp_path):
     assert table.iloc[-1].tolist() == ["total", 3, 60.0, "every dropped row is in data/dropped.jsonl, with its reason"]
 
 
+@pytest.mark.parametrize(
+    "rows, data, hint",
+    [
+        # TRL standard rows under the default data.format (conversational): the error named only the message column.
+        ([{"prompt": f"Q{n}?", "chosen": f"A{n}.", "rejected": "No."} for n in range(3)], {},
+         "data.format is 'conversational', but the rows have the shape of data.format 'standard' or 'truthy'"),
+        ([{"conversations": [{"from": "human", "value": f"Q{n}?"}], "chosen": {"from": "gpt", "value": "A."},
+           "rejected": {"from": "gpt", "value": "B."}} for n in range(3)], {"format": "messages"},
+         "the rows have the shape of data.format 'sharegpt'"),
+        # The right format with an unusable value: the row's own detail says it, and no other format is offered.
+        ([{"prompt": n, "chosen": "A.", "rejected": "B."} for n in range(3)], {"format": "standard"}, None),
+    ],
+)
+def test_a_file_of_another_format_names_the_data_format_that_reads_it(tokenizer, tmp_path, rows, data, hint):
+    write_source(rows, tmp_path / "pairs.jsonl")
+    with pytest.raises(NoPairsLeftError) as caught:
+        prepare_data(make_params(source="pairs.jsonl", **data), tokenizer, tmp_path / "run", project_dir=tmp_path)
+    if hint:
+        assert hint in str(caught.value)
+    else:
+        assert "data.format is" not in str(caught.value)
+
+
 def test_everything_dropped_raises_with_reasons_and_keeps_dropped_jsonl(tokenizer, tmp_path):
     # Orca rows read as the standard format: every row lacks the prompt column that format needs.
     write_source(ORCA_ROWS, tmp_path / "orca.jsonl")
@@ -325,6 +348,7 @@ def test_everything_dropped_raises_with_reasons_and_keeps_dropped_jsonl(tokenize
         prepare_data(params, tokenizer, tmp_path / "run", project_dir=tmp_path)
     assert "all 6 rows read from 'orca.jsonl' were dropped" in str(caught.value)
     assert "missing_column: 6 rows" in str(caught.value) and "column 'prompt' is missing" in str(caught.value)
+    assert "data.format is 'standard', but the rows have the shape of data.format 'orca'" in str(caught.value)
     assert len(read_jsonl(tmp_path / "run/data/dropped.jsonl")) == 6
     assert not (tmp_path / "run/data/train.jsonl").exists()
 

@@ -382,8 +382,8 @@ def template_checks(traits: TokenizerTraits, fixes: Counter, lengths: list[PairL
     return checks
 
 
-def raise_if_nothing_left(result: AuditResult, source: str, dropped_path: str | None = None) -> None:
-    """NoPairsLeftError naming the source, the top reasons with counts and one example detail each."""
+def raise_if_nothing_left(result: AuditResult, source: str, dropped_path: str | None = None, hint: str | None = None) -> None:
+    """NoPairsLeftError naming the source, the top reasons with counts and one example detail each, then `hint`."""
     if result.kept:
         return
     if not result.rows_read:
@@ -395,6 +395,8 @@ def raise_if_nothing_left(result: AuditResult, source: str, dropped_path: str | 
     for reason, count in list(result.dropped_by_reason.items())[:3]:
         example = examples[reason]
         lines.append(f"  {reason}: {count} rows ({REASONS[reason]}); e.g. row {example.index}: {example.detail}")
+    if hint:
+        lines.append(hint)
     if dropped_path:
         lines.append(f"Every dropped row, with its reason, is in {dropped_path}")
     raise NoPairsLeftError("\n".join(lines))

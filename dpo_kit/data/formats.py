@@ -301,6 +301,22 @@ CONVERTERS: dict[str, Callable[[Row], Row]] = {
 }
 
 
+# The drop reasons that say a row does not have the shape of data.format (not that its content is unusable).
+SHAPE_REASONS = ("missing_column", "non_string_value", "malformed_messages", "unsplittable_transcript")
+
+
+def formats_that_fit(row: Row) -> list[str]:
+    """The data.format values (but 'columns') whose converter reads `row`: a shape check, no content checks."""
+    fits = []
+    for name, convert in CONVERTERS.items():
+        try:
+            convert(row)
+        except DropRow:
+            continue
+        fits.append(name)
+    return fits
+
+
 def converter(data_format: str, columns=None) -> Callable[[Row], Row]:
     """The row converter for `data.format`; 'columns' needs `data.columns`."""
     if data_format == "columns":

@@ -24,7 +24,7 @@ from typing import Any
 
 from dpo_kit.data.audit import NoPairsLeftError, audit_rows, raise_if_nothing_left
 from dpo_kit.data.drops import REASONS
-from dpo_kit.data.formats import converter
+from dpo_kit.data.formats import SHAPE_REASONS, converter, formats_that_fit
 from dpo_kit.data.on_policy import (
     HELD_OUT_PROMPTS,
     cut_responses,
@@ -194,7 +194,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         deduplicate=data.deduplicate,
     )
     _write_jsonl(paths["dropped"], (dropped.to_dict() for dropped in result.dropped))
-    raise_if_nothing_left(result, describe_source(data), str(paths["dropped"]))
+    raise_if_nothing_left(result, describe_source(data), str(paths["dropped"]), format_hint(result, data))
 
     if held_out is None:
         train, eval_ = split_rows(result.kept, data.eval_fraction, params.run.seed)
@@ -252,6 +252,22 @@ def load_data_report(run_dir: str | Path) -> DataReport:
     # a report written before a field existed (held_out_from, responses_cut, judge_floor) reads back with that field's default
     found = {key: stored[key] for key in fields if key in stored}
     return DataReport(**found, **{key: lengths[key] for key in LENGTH_FIELDS})
+
+
+def format_hint(result, data) -> str | None:
+    """When no row was kept and most were dropped for their shape, the data.format values that read the first such
+    row: a file of another format than data.format names what would read it, not only the column it lacks."""
+    if result.kept or not result.dropped or data.source == "generate":
+        return None
+    top_reason = next(iter(result.dropped_by_reason))
+    if top_reason not in SHAPE_REASONS:
+        return None
+    row = next(dropped.row for dropped in result.dropped if dropped.reason == top_reason)
+    fits = [name for name in formats_that_fit(row) if name != data.format] if isinstance(row, dict) else []
+    if not fits:
+        return None  # the row's own detail says what is wrong with it
+    return (f"data.format is '{data.format}', but the rows have the shape of data.format"
+            f" {' or '.join(repr(name) for name in fits)}: set that if it is the file's format.")  # fmt: skip
 
 
 def raise_if_a_split_is_empty(result, train: list, eval_: list, params, dropped_path: str) -> None:
