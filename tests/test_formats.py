@@ -52,7 +52,18 @@ def test_standard_strings_become_one_user_turn_and_assistant_replies():
 def test_standard_missing_column_names_it_and_the_columns_present():
     problem = drop_reason(from_standard, {"prompt": "Hi", "chosen": "Hello"})
     assert problem.reason == "missing_column"
-    assert "'rejected'" in problem.detail and "prompt, chosen" in problem.detail
+    assert "'rejected'" in problem.detail and "(the row has: 'prompt', 'chosen')" in problem.detail
+
+
+def test_a_column_name_with_spaces_around_it_is_shown_and_named():
+    # A CSV header "prompt, chosen, rejected" has the columns ' chosen' and ' rejected': the detail read
+    # "column 'chosen' is missing (the row has: prompt,  chosen,  rejected)", as if chosen were there.
+    problem = drop_reason(from_standard, {"prompt": "Hi", " chosen": "Hello", " rejected": "No"})
+    assert problem.reason == "missing_column"
+    assert problem.detail == (
+        "column 'chosen' is missing (the row has: 'prompt', ' chosen', ' rejected'; ' chosen' is 'chosen' with"
+        " spaces around it: remove them from the file's column name)"
+    )
 
 
 @pytest.mark.parametrize("bad", [None, 3, ["text"]])

@@ -37,9 +37,18 @@ HH_TURN_MARKER = re.compile(r"\n\n(Human|Assistant):")
 
 def _column(row: Row, column: str) -> Any:
     if column not in row:
-        present = ", ".join(map(str, row)) or "none"
-        raise DropRow("missing_column", f"column '{column}' is missing (the row has: {present})")
+        raise DropRow("missing_column", f"column '{column}' is missing ({present_columns(row, column)})")
     return row[column]
+
+
+def present_columns(row: Row, wanted: str) -> str:
+    """'the row has: ' and its column names, quoted so that spaces in them show (a CSV header 'prompt, chosen,
+    rejected' has the columns 'prompt', ' chosen' and ' rejected'), then a note when one is `wanted` but for those."""
+    present = f"the row has: {', '.join(map(repr, row)) or 'none'}"
+    near = [name for name in row if isinstance(name, str) and name.strip() == wanted]
+    if near:
+        present += f"; {near[0]!r} is '{wanted}' with spaces around it: remove them from the file's column name"
+    return present
 
 
 def _text(row: Row, column: str) -> str:
@@ -279,11 +288,10 @@ def from_columns(row: Row, columns) -> Row:
     if columns.system and columns.system not in row:
         # A named system column that is absent (misspelled, say) would otherwise give every row no system message
         # without a word; null or blank in the column is how a row says it has none.
-        present = ", ".join(map(str, row)) or "none"
         raise DropRow(
             "missing_column",
-            f"column '{columns.system}' (data.columns.system) is missing (the row has: {present}); a row without"
-            " a system message holds null or an empty string there",
+            f"column '{columns.system}' (data.columns.system) is missing ({present_columns(row, columns.system)});"
+            " a row without a system message holds null or an empty string there",
         )
     if any(isinstance(value, list) for value in values):
         return _conversational(row, *names, columns.system)

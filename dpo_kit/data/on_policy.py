@@ -33,7 +33,7 @@ from pathlib import Path
 
 from dpo_kit.chat_templates import ends_with_prefill
 from dpo_kit.data.drops import DropRow
-from dpo_kit.data.formats import checked_messages
+from dpo_kit.data.formats import checked_messages, present_columns
 from dpo_kit.params import BUNDLED_PROMPT_SETS, Params, is_local_path
 
 # Written by the format stage of a round 2 (data/): the held-out prompts of the sampler's run, which the generate
@@ -57,7 +57,7 @@ def prompt_rows(params: Params, project_dir: str | Path = ".") -> list[dict]:
 def as_messages(row: dict) -> list[dict]:
     """A prompt row's chat messages; a plain string is the user's turn. Raises DropRow for anything else."""
     if "prompt" not in row:
-        raise DropRow("missing_column", f"no 'prompt' column (columns: {', '.join(map(str, row))})")
+        raise DropRow("missing_column", f"no 'prompt' column ({present_columns(row, 'prompt')})")
     prompt = row["prompt"]
     if isinstance(prompt, str):
         if not prompt.strip():
