@@ -642,12 +642,18 @@ def _did_you_mean(key: str, candidates, prefix: str = "") -> str:
     return f"; did you mean '{prefix}{close[0]}'?" if close else ""
 
 
-def _section_keys(section: str) -> list[str]:
-    field = Params.model_fields.get(section)
-    annotation = field.annotation if field else None
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return list(annotation.model_fields)
-    return []
+def _section_keys(path: list[str]) -> list[str]:
+    """The keys of the section at a dotted path: ['lora'] -> LoraParams' fields, ['data', 'generate'] ->
+    OnPolicyParams' (through `OnPolicyParams | None`). Each level is walked, so a typo in a nested section is
+    matched against that section's keys, not its parent's ('data.generate.judgee' suggested 'data.generate')."""
+    section: Any = Params
+    for part in path:
+        field = section.model_fields.get(part)
+        hints = (*typing.get_args(field.annotation), field.annotation) if field else ()
+        section = next((h for h in hints if isinstance(h, type) and issubclass(h, BaseModel)), None)
+        if section is None:
+            return []
+    return list(section.model_fields)
 
 
 def _describe(error: dict, source: str) -> str:
@@ -655,8 +661,8 @@ def _describe(error: dict, source: str) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         parts = [str(part) for part in error["loc"]]
-        parent = parts[0] if len(parts) > 1 else None
-        candidates = _section_keys(parent) if parent else list(Params.model_fields)
+        parent = ".".join(parts[:-1])  # the section the key is in: 'data.generate' for data.generate.judgee
+        candidates = _section_keys(parts[:-1])
         valid = ", ".join(candidates)
         prefix = f"{parent}." if parent else ""
         return f"{source}: unknown key '{location}'{_did_you_mean(parts[-1], candidates, prefix)} (valid keys: {valid})"

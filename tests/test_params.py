@@ -121,6 +121,19 @@ def test_unknown_key_names_the_key_and_the_closest_valid_one():
     assert "lora.alpah" in message and "did you mean 'lora.alpha'" in message
 
 
+def test_unknown_key_in_a_nested_section_is_matched_against_that_section():
+    # data.generate.judgee suggested 'data.generate' and listed the keys of data, not of data.generate.
+    raw = raw_tiny()
+    raw["data"].update(source="generate", generate={"judgee": "sentiment"})
+    message = error_for(raw)
+    assert "unknown key 'data.generate.judgee'; did you mean 'data.generate.judge'?" in message
+    assert "sentiment_min_words" in message and "eval_fraction" not in message
+    raw = raw_tiny()
+    raw["data"].update(format="columns", columns={"prompt": "p", "chosen": "c", "rejected": "r", "sytem": "s"})
+    message = error_for(raw)
+    assert "did you mean 'data.columns.system'?" in message and "(valid keys: prompt, chosen, rejected, system)" in message
+
+
 def test_unknown_section_is_named():
     raw = raw_tiny()
     raw["trainig"] = {}
