@@ -70,9 +70,16 @@ DPO_KEYS_OWNED_ELSEWHERE = {
     "seed": "run.seed",
     "data_seed": "run.seed",
     "report_to": "tracking.report_to",
+    "project": "tracking.project",  # set after params.dpo, so dpo.project was replaced without a word
     "push_to_hub": "merge.push_to_hub",
     "hub_model_id": "merge.hub_model_id",
     "hub_token": "the HF_TOKEN environment variable (secrets never go in params)",
+    # TRL reads these only when it loads the model from a name; the kit loads the policy, the reference and the
+    # tokenizer itself and hands TRL the objects, so a value here was ignored.
+    "trust_remote_code": "model.trust_remote_code",
+    "model_init_kwargs": "the model section (model.dtype, model.attn_implementation, model.revision)",
+    # The train stage passes its own checkpoint to trainer.train(); TrainingArguments' field is read by nobody.
+    "resume_from_checkpoint": "`dpo-kit run --resume` (the run's newest verified checkpoint)",
 }
 
 

@@ -167,6 +167,25 @@ def test_keys_owned_by_other_sections_and_secrets_are_refused():
     assert "run.output_dir" in error_for(raw)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "owner"),
+    [("project", "my-project", "tracking.project"), ("trust_remote_code", True, "model.trust_remote_code"),
+     ("model_init_kwargs", {"attn_implementation": "eager"}, "model.attn_implementation"),
+     ("resume_from_checkpoint", "runs/x/checkpoints/checkpoint-20", "--resume")],
+)
+def test_dpo_keys_the_kit_would_replace_or_never_read_are_refused(key, value, owner, tmp_path):
+    # dpo.project was replaced by tracking.project after params.dpo; TRL reads trust_remote_code and
+    # model_init_kwargs only when it loads a model by name (the kit hands it loaded ones); the train stage passes its
+    # own checkpoint to trainer.train(). Each was accepted and had no effect.
+    from dpo_kit.hardware import choose_hardware
+    from dpo_kit.training.train import dpo_config_kwargs
+
+    assert dpo_config_kwargs(load_params(REPO / "params/tiny.yaml"), tmp_path, choose_hardware())["project"] == "dpo-kit"
+    raw = raw_tiny()
+    raw["dpo"][key] = value
+    assert f"dpo.{key} is set by the kit from" in (message := error_for(raw)) and owner in message
+
+
 def test_cross_section_check_runs_at_construction():
     raw = raw_tiny()
     raw["quantization"] = {"bits": 4}
