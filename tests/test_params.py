@@ -40,6 +40,43 @@ def test_every_params_file_validates_and_builds_a_dpo_config(path, tmp_path):
         assert value is not None or key in raw.get(section, {}), f"{section}.{key} unresolved in {path.name}"
 
 
+def a_gpu(bf16: bool):
+    from dpo_kit.hardware import HardwareChoice
+
+    return HardwareChoice(device="cuda", device_name="A100" if bf16 else "T4", device_count=1, bf16_supported=bf16,
+                          bf16=bf16, fp16=not bf16, gradient_checkpointing=True,
+                          dtype="bfloat16" if bf16 else "float16", reason="a test GPU")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("gpu_bf16", "override", "expected"),
+    [(True, "dpo.fp16=true", "fp16"), (False, "dpo.bf16=true", "bf16"), (True, "dpo.bf16=false", "no"),
+     (False, "dpo.fp16=false", "no"), (True, "dpo.beta=0.1", "bf16"), (False, "dpo.beta=0.1", "fp16")],
+)
+def test_a_precision_set_in_params_wins_over_the_gpus_in_process_and_launched(gpu_bf16, override, expected, tmp_path,
+                                                                               monkeypatch):
+    # dpo.fp16 on a bf16 GPU kept the hardware's bf16 on as well (TrainingArguments refuses both), and a launched
+    # run's --mixed_precision followed the hardware alone: launched with bf16, the Trainer keeps it when DPOConfig
+    # has neither flag on, so dpo.bf16: false trained in bf16 while the manifest said fp32.
+    from trl import DPOConfig
+
+    from dpo_kit.training.launch import launch_command
+    from dpo_kit.training.train import dpo_config_kwargs, precision_record
+    from dpo_kit.training.worker import WorkerStage
+
+    params = load_params(REPO / "params/tiny.yaml", [override, "launch.num_processes=2"])
+    kwargs = dpo_config_kwargs(params, tmp_path, a_gpu(gpu_bf16))
+    assert (kwargs["bf16"], kwargs["fp16"]) == (expected == "bf16", expected == "fp16")
+    stage = WorkerStage(params=params, run_dir=tmp_path, project_dir=REPO, hardware=a_gpu(gpu_bf16), resume_from=None)
+    command = launch_command(stage, None)
+    assert command[command.index("--mixed_precision") + 1] == expected
+    if expected == "no":  # what a launched worker's Trainer then trains with (its DPOConfig, built here on the CPU)
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", expected)
+        config = DPOConfig(output_dir=str(tmp_path), bf16=False, fp16=False, use_cpu=True, activation_checkpointing=False)
+        record = precision_record(config)
+        assert config.mixed_precision == "no" and not record["bf16"] and not record["fp16"]
+
+
 def trainer_on_four_pairs(params, tmp_path):
     """The train stage's DPOTrainer for params, on four bundled pairs; built, not trained."""
     from datasets import Dataset

@@ -36,8 +36,8 @@ def test_build_dpo_config_follows_hardware_unless_params_say_otherwise(tmp_path)
     assert precision_record(dpo_config_kwargs(load_params(TINY), tmp_path, gpu)) == {
         "bf16": True, "fp16": False, "gradient_checkpointing": True}
     explicit = load_params(TINY, ["dpo.gradient_checkpointing=false", "dpo.fp16=true"])
-    assert precision_record(dpo_config_kwargs(explicit, tmp_path, gpu)) == {
-        "bf16": True, "fp16": True, "gradient_checkpointing": False}
+    assert precision_record(dpo_config_kwargs(explicit, tmp_path, gpu)) == {  # fp16 replaces the GPU's bf16
+        "bf16": False, "fp16": True, "gradient_checkpointing": False}
     config = build_dpo_config(load_params(TINY), tmp_path, choose_hardware())
     assert precision_record(config) == {"bf16": False, "fp16": False, "gradient_checkpointing": False}
     assert config.output_dir == str(tmp_path / "checkpoints") and config.seed == 42

@@ -158,8 +158,10 @@ def refuse_busy_port(port: int) -> None:
 def launch_command(stage, config_path: Path | None) -> list[str]:
     """`python -m accelerate.commands.launch ...` for this stage: every value explicit, so accelerate warns of no
     missing value, and params (not a config file left on the machine) decide the shape of the launch."""
-    launch, hardware = stage.params.launch, stage.hardware
-    precision = "bf16" if hardware.bf16 else "fp16" if hardware.fp16 else "no"
+    from dpo_kit.training.train import mixed_precision
+
+    launch = stage.params.launch
+    precision = mixed_precision(stage.params, stage.hardware)  # dpo.bf16/fp16 win, as in the workers' DPOConfig
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_path is not None:
         command += ["--config_file", str(config_path)]

@@ -42,8 +42,7 @@ def dpo_config_kwargs(params: Params, run_dir: str | Path, hardware: HardwareCho
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing; set whichever is current.
     checkpointing_key = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     settings: dict[str, Any] = {
-        "bf16": hardware.bf16,
-        "fp16": hardware.fp16,
+        **precision_defaults(params, hardware),
         checkpointing_key: hardware.gradient_checkpointing,
         "dataloader_num_workers": 0,
         # Pinned host memory only speeds copies to a GPU; elsewhere torch warns that it is unused.
@@ -78,6 +77,24 @@ def dpo_config_kwargs(params: Params, run_dir: str | Path, hardware: HardwareCho
     if "project" in fields:  # trackio's project (wandb's comes from WANDB_PROJECT); TrainingArguments has it since 5.x
         settings["project"] = params.tracking.project
     return settings
+
+
+def precision_defaults(params: Params, hardware: HardwareChoice) -> dict[str, bool]:
+    """bf16 and fp16 as they stand before params.dpo is applied: the hardware's choice, or both off where params
+    name either. A precision named in params replaces the hardware's whole: dpo.fp16 on a bf16 GPU (or dpo.bf16 on
+    a T4) kept the hardware's other flag on, and TrainingArguments refused "fp16 and bf16" at the train stage."""
+    if {"bf16", "fp16"} & set(params.dpo):
+        return {"bf16": False, "fp16": False}
+    return {"bf16": hardware.bf16, "fp16": hardware.fp16}
+
+
+def mixed_precision(params: Params, hardware: HardwareChoice) -> str:
+    """'bf16', 'fp16' or 'no': what the train stage's DPOConfig trains with (params' choice over the hardware's),
+    as `accelerate launch --mixed_precision` says it. Launched, the Trainer keeps that value when DPOConfig has
+    neither flag on, so the hardware's bf16 there would override a dpo.bf16: false."""
+    settings = {**precision_defaults(params, hardware), **{k: v for k, v in params.dpo.items() if k in ("bf16", "fp16")}}
+    bf16 = not settings["fp16"] if settings["bf16"] is None else settings["bf16"]  # TRL's None: bf16 unless fp16
+    return "fp16" if settings["fp16"] else "bf16" if bf16 else "no"
 
 
 def build_dpo_config(params: Params, run_dir: str | Path, hardware: HardwareChoice):
