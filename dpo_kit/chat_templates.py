@@ -5,10 +5,14 @@ from __future__ import annotations
 # Templates for base models that ship none. Each assistant turn ends in eos, so generation stops there and
 # TRL's conversational path (which adds no eos of its own) trains the model to stop.
 CHAT_TEMPLATE_PRESETS = {
+    # <|im_end|> is the eos of ChatML models (Qwen2, OpenHermes, the tiny model); a base model's eos is another
+    # token (GPT-2, Pythia, StableLM 2: <|endoftext|>), which follows <|im_end|> in an assistant turn: without it
+    # no trained turn held the eos, so the model never learned to stop and generation ran to max_new_tokens.
     "chatml": (
         "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}"
+        "{% if message['role'] == 'assistant' and eos_token and eos_token != '<|im_end|>' %}{{ eos_token }}{% endif %}"
+        "{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
     # Anthropic HH transcripts: the shape hh-rlhf is written in and base models were trained near.
     "human-assistant": (

@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
+from dpo_kit.chat_templates import CHAT_TEMPLATE_PRESETS, resolve_chat_template
 from dpo_kit.data.audit import audit_rows, measure_pairs, tokenizer_traits
 from dpo_kit.data.formats import converter
 from dpo_kit.models.tiny import CHATML_TEMPLATE, build_tiny_tokenizer
@@ -138,6 +139,22 @@ def test_no_doubled_bos_or_eos_and_prompt_is_a_prefix(families, name, output_for
     result = audit(rows, families[name], output_format)
     assert len(result.kept) == 2
     checks = result.checks
+    assert (checks["double_bos"], checks["double_eos"], checks["prompt_not_prefix"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("preset", CHAT_TEMPLATE_PRESETS)
+def test_every_preset_ends_a_base_models_assistant_turn_in_its_eos(tiny, preset):
+    # A base model (GPT-2, Pythia, StableLM 2) has eos <|endoftext|>, not ChatML's <|im_end|>: the chatml preset's turns
+    # held no eos, and TRL's conversational path adds none, so the model never learned to stop.
+    base = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tiny.backend_tokenizer.to_str()),
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>")  # fmt: skip
+    base.chat_template = resolve_chat_template(preset)
+    conversation = SYSTEM_PROMPT + pair()["chosen"]
+    ids = base.apply_chat_template(conversation, return_dict=True)["input_ids"]
+    assert ids.count(base.eos_token_id) == 1, base.decode(ids)
+    turn, after = base.apply_chat_template(conversation, tokenize=False).split(base.eos_token)
+    assert "Paris." in turn and not after.strip(), "the eos follows the response, ending the conversation"
+    checks = audit([pair(prompt=SYSTEM_PROMPT)], base).checks
     assert (checks["double_bos"], checks["double_eos"], checks["prompt_not_prefix"]) == (0, 0, 0)
 
 
