@@ -71,3 +71,23 @@ def test_ctrl_c_outside_a_stage_ends_the_run_command_with_what_to_do(monkeypatch
     assert main(["run", str(Path(__file__).resolve().parent.parent / "params" / "tiny.yaml")]) == 130
     err = capsys.readouterr().err
     assert "interrupted outside a stage" in err and "--resume" in err and "Traceback" not in err
+
+
+def test_a_launch_this_machine_cannot_make_is_refused_when_the_params_are_read(tmp_path, capsys):
+    """FSDP on a machine without GPUs was refused by the train stage only, after the format stage had run (minutes of
+    sampling with data.source generate), and `dpo-kit validate` called the params valid."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is of sharding on a machine without GPUs")
+    fsdp = ["--set", "launch.config_file=fsdp2", "--set", "launch.num_processes=2"]
+    assert main(["validate", str(TINY), *fsdp]) == 1
+    err = capsys.readouterr().err
+    assert "launch.config_file fsdp2 shards the model over GPUs (FSDP), and this machine has none" in err, err
+    assert main(["validate", str(TINY), "--set", "launch.num_processes=2"]) == 0  # DDP over gloo works on a CPU
+    capsys.readouterr()
+    run = ["run", str(TINY), "--set", f"run.output_dir={tmp_path}", "--set", "run.name=fsdp", "--quiet", *fsdp]
+    assert main(run) == 1
+    err = capsys.readouterr().err
+    assert "shards the model over GPUs (FSDP)" in err and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir()), "no stage ran"

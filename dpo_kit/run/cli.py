@@ -75,10 +75,12 @@ def _sweep(args) -> int:
 def _validate(args) -> int:
     from dpo_kit.params import check_local_files, load_params
     from dpo_kit.run.stage import run_dir_for
+    from dpo_kit.training.launch import check_launch_when_read
 
     try:
         params = load_params(args.params, args.set)
         check_local_files(params)
+        check_launch_when_read(params, ".")
     except ParamsError as error:
         print(f"dpo-kit validate: {error}", file=sys.stderr)
         return 1

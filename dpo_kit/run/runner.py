@@ -158,13 +158,14 @@ class SharedKernel:
     def reset(self) -> None:
         self.run_cell(RESET_NAMESPACE)
 
-    def resolve_run(self, params_path: Path, overrides: list[str], project: Path) -> dict[str, Any]:
+    def resolve_run(self, params_path: Path, overrides: list[str], project: Path,
+                    stages: list[str] | None = None) -> dict[str, Any]:
         """`resolve_run` executed in the kernel, which imports TRL anyway: the runner process stays light."""
         from nbclient.exceptions import CellExecutionError
 
         code = (
             "import json\nfrom dpo_kit.run.runner import resolve_run\n"
-            f"print(json.dumps(resolve_run({str(params_path)!r}, {list(overrides)!r}, {str(project)!r})))"
+            f"print(json.dumps(resolve_run({str(params_path)!r}, {list(overrides)!r}, {str(project)!r}, {stages!r})))"
         )
         try:
             cell = self.run_cell(code)
@@ -218,13 +219,19 @@ class Terminated(BaseException):
     """SIGTERM, raised where the runner is, so that it records the stage and stops its kernel before exiting."""
 
 
-def resolve_run(params_path: str | Path, overrides: list[str], project_dir: str | Path) -> dict[str, Any]:
-    """Validated params (as a dict) and the hardware found: everything the runner needs to start a run."""
+def resolve_run(params_path: str | Path, overrides: list[str], project_dir: str | Path,
+                stages: list[str] | None = None) -> dict[str, Any]:
+    """Validated params (as a dict) and the hardware found: everything the runner needs to start a run. With the
+    train stage among `stages` (None: all), a launch this machine cannot make is refused here, before any stage."""
     from dpo_kit.hardware import choose_hardware
+    from dpo_kit.training.launch import check_launch_when_read
 
     params = load_params(params_path, overrides)
     check_local_files(params, project_dir)
-    return {"params": params_to_dict(params), "hardware": choose_hardware().to_dict()}
+    hardware = choose_hardware()
+    if stages is None or "train" in stages:
+        check_launch_when_read(params, project_dir, hardware)
+    return {"params": params_to_dict(params), "hardware": hardware.to_dict()}
 
 
 def notebooks_dir(project_dir: Path) -> Path:
@@ -422,9 +429,9 @@ def run_pipeline(
         kernel = SharedKernel(source_notebooks)
     try:
         resolved = (
-            kernel.resolve_run(Path(params_path).resolve(), list(overrides), project)
+            kernel.resolve_run(Path(params_path).resolve(), list(overrides), project, stages)
             if kernel
-            else resolve_run(params_path, list(overrides), project)
+            else resolve_run(params_path, list(overrides), project, stages)
         )
         params, hardware = resolved["params"], resolved["hardware"]
         stages = stages or list(mf.STAGES)

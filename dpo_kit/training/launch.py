@@ -130,6 +130,21 @@ def check_launch(params: Params, hardware, project_dir: str | Path) -> dict[str,
             "num_processes": launch.num_processes, "num_machines": launch.num_machines}  # fmt: skip
 
 
+def check_launch_when_read(params: Params, project_dir: str | Path, hardware=None) -> None:
+    """check_launch's refusals, made when the params are read (`dpo-kit validate`, the start of `dpo-kit run`) as a
+    ParamsError: made only by the train stage, they came after the format stage had run (minutes of sampling with
+    data.source generate), and `dpo-kit validate` called such params valid. Training in process launches nothing."""
+    if not params.launch.launched:
+        return
+    from dpo_kit.hardware import choose_hardware
+    from dpo_kit.params import ParamsError
+
+    try:
+        check_launch(params, hardware or choose_hardware(), project_dir)
+    except LaunchError as error:
+        raise ParamsError(str(error)) from None
+
+
 def refuse_busy_port(port: int) -> None:
     """The rendezvous port must be free on machine 0: a second launched run on the machine (or workers of an
     earlier one still alive) holds 29500, and torch.distributed then fails in every worker with a TCPStore error
