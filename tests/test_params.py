@@ -77,6 +77,39 @@ def test_a_precision_set_in_params_wins_over_the_gpus_in_process_and_launched(gp
         assert config.mixed_precision == "no" and not record["bf16"] and not record["fp16"]
 
 
+def test_fp16_on_a_cpu_is_refused_when_the_params_are_read(tmp_path):
+    # accelerate turns fp16 autocast on only off the CPU (Accelerator.native_amp), so dpo.fp16: true on a CPU trained in
+    # fp32 while the manifest's precision said fp16. The premise, against the installed accelerate, in a process of its
+    # own (an Accelerator sets process-wide state):
+    import subprocess
+    import sys
+
+    from dpo_kit.hardware import HardwareChoice
+    from dpo_kit.run.runner import resolve_run
+    from dpo_kit.training.train import dpo_config_kwargs
+
+    probe = ("import torch\nfrom accelerate import Accelerator\na = Accelerator(mixed_precision='fp16', cpu=True)\n"
+             "with a.autocast():\n    out = torch.nn.Linear(4, 4)(torch.randn(2, 4))\n"
+             "print(a.mixed_precision, a.native_amp, out.dtype)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split()[-3:] == ["fp16", "False", "torch.float32"], done.stdout + done.stderr
+    cpu = HardwareChoice("cpu", "x86_64", 2, False, False, False, False, "float32", "test")
+    fp16 = load_params(REPO / "params/tiny.yaml", ["dpo.fp16=true"])
+    with pytest.raises(ParamsError, match="dpo.fp16: true on a machine without a GPU would have no effect.*dpo.bf16"):
+        dpo_config_kwargs(fp16, tmp_path, cpu)
+    assert dpo_config_kwargs(fp16, tmp_path, a_gpu(False))["fp16"] is True  # a GPU applies it
+    assert dpo_config_kwargs(load_params(REPO / "params/tiny.yaml", ["dpo.bf16=true"]), tmp_path, cpu)["bf16"] is True
+    import torch
+
+    if not torch.cuda.is_available():  # the start of `dpo-kit run`, before any stage; not when train is not run
+        with pytest.raises(ParamsError, match="dpo.fp16: true on a machine without a GPU"):
+            resolve_run(REPO / "params/tiny.yaml", ["dpo.fp16=true"], REPO)
+        assert resolve_run(REPO / "params/tiny.yaml", ["dpo.fp16=true"], REPO, ["generate"])["params"]["dpo"]["fp16"]
+        from dpo_kit.run.cli import main
+
+        assert main(["validate", str(REPO / "params/tiny.yaml"), "--set", "dpo.fp16=true"]) == 1
+
+
 def trainer_on_four_pairs(params, tmp_path):
     """The train stage's DPOTrainer for params, on four bundled pairs; built, not trained."""
     from datasets import Dataset

@@ -222,14 +222,17 @@ class Terminated(BaseException):
 def resolve_run(params_path: str | Path, overrides: list[str], project_dir: str | Path,
                 stages: list[str] | None = None) -> dict[str, Any]:
     """Validated params (as a dict) and the hardware found: everything the runner needs to start a run. With the
-    train stage among `stages` (None: all), a launch this machine cannot make is refused here, before any stage."""
+    train stage among `stages` (None: all), a precision or launch this machine cannot give is refused here, before
+    any stage."""
     from dpo_kit.hardware import choose_hardware
     from dpo_kit.training.launch import check_launch_when_read
+    from dpo_kit.training.train import refuse_precision_the_hardware_lacks
 
     params = load_params(params_path, overrides)
     check_local_files(params, project_dir)
     hardware = choose_hardware()
     if stages is None or "train" in stages:
+        refuse_precision_the_hardware_lacks(params, hardware)
         check_launch_when_read(params, project_dir, hardware)
     return {"params": params_to_dict(params), "hardware": hardware.to_dict()}
 

@@ -20,7 +20,7 @@ from typing import Any
 from dpo_kit import manifest as mf
 from dpo_kit.hardware import HardwareChoice
 from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet
-from dpo_kit.params import Params
+from dpo_kit.params import Params, ParamsError
 from dpo_kit.tracking import finish_trackers, offline_wandb_run_hidden, tracker_environment, trackers
 from dpo_kit.training.checkpoints import RECORD_FILE, checkpoint_step
 
@@ -38,6 +38,7 @@ def dpo_config_kwargs(params: Params, run_dir: str | Path, hardware: HardwareCho
 
     from dpo_kit.training.launch import in_launched_worker, sharding_strategy
 
+    refuse_precision_the_hardware_lacks(params, hardware)
     fields = DPOConfig.__dataclass_fields__
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing; set whichever is current.
     checkpointing_key = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
@@ -77,6 +78,17 @@ def dpo_config_kwargs(params: Params, run_dir: str | Path, hardware: HardwareCho
     if "project" in fields:  # trackio's project (wandb's comes from WANDB_PROJECT); TrainingArguments has it since 5.x
         settings["project"] = params.tracking.project
     return settings
+
+
+def refuse_precision_the_hardware_lacks(params: Params, hardware: HardwareChoice) -> None:
+    """dpo.fp16 on a CPU: accelerate turns fp16 autocast on only on an accelerator (Accelerator.native_amp), so the
+    run trained in fp32 while its manifest recorded fp16. Refused, here and when the params are read."""
+    if hardware.device == "cpu" and params.dpo.get("fp16"):
+        raise ParamsError(
+            "dpo.fp16: true on a machine without a GPU would have no effect: accelerate applies fp16 autocast only on"
+            " a GPU, so training would run in fp32 while the manifest said fp16. Leave dpo.fp16 out (fp32, the kit's"
+            " choice on a CPU), or set dpo.bf16: true for bf16 autocast on the CPU"
+        )
 
 
 def precision_defaults(params: Params, hardware: HardwareChoice) -> dict[str, bool]:
