@@ -856,14 +856,23 @@ def save_or_check_params(resolved: dict[str, Any], path: str | Path, source: str
         )
 
 
+def missing_data_file(key: str, path: Path) -> str | None:
+    """Why a data file named by `key` cannot be read, or None: a folder is told apart from a missing file."""
+    if path.is_dir():
+        return f"{key}: {path} is a folder; name one file in it ({', '.join(LOCAL_DATA_SUFFIXES)})"
+    return None if path.is_file() else f"{key}: file not found: {path}"
+
+
 def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
     """Files named in params must exist; raise naming the key and the path."""
     source = params.data.source
-    if source not in ("bundled", "generate") and is_local_path(source) and not (Path(project_dir) / source).is_file():
-        raise ParamsError(f"data.source: file not found: {Path(project_dir) / source}")
+    if source not in ("bundled", "generate") and is_local_path(source):
+        if problem := missing_data_file("data.source", Path(project_dir) / source):
+            raise ParamsError(problem)
     generate = params.data.generate
-    if generate is not None and generate.prompts not in BUNDLED_PROMPT_SETS and not (Path(project_dir) / generate.prompts).is_file():
-        raise ParamsError(f"data.generate.prompts: file not found: {Path(project_dir) / generate.prompts}")
+    if generate is not None and generate.prompts not in BUNDLED_PROMPT_SETS:
+        if problem := missing_data_file("data.generate.prompts", Path(project_dir) / generate.prompts):
+            raise ParamsError(problem)
     if generate is not None and generate.sampler and is_local_path(generate.sampler):
         if not (Path(project_dir) / generate.sampler).exists():
             raise ParamsError(f"data.generate.sampler: directory not found: {Path(project_dir) / generate.sampler}")

@@ -154,6 +154,25 @@ def test_max_rows_reads_only_the_first_rows(tmp_path):
 def test_missing_local_file_names_the_path(tmp_path):
     with pytest.raises(SourceError, match="file not found: .*missing.jsonl"):
         read_rows(make_params(source="missing.jsonl").data, tmp_path)
+    (tmp_path / "pairs").mkdir()  # a folder of files: not "not found", and not read as any one of them
+    with pytest.raises(SourceError, match=r"data.source: .*pairs is a folder; name one file in it \(.jsonl, .json"):
+        read_rows(make_params(source="./pairs").data, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([{"prompt": "a", "chosen": "b", "rejected": "c"}, "oops"], "element 1 of the list is str 'oops', not a row object"),
+        ({"prompt": ["a", "b"], "chosen": ["c"], "rejected": ["e", "f"]},
+         "the column lists differ in length \\('prompt' 2, 'chosen' 1, 'rejected' 2\\)"),
+        ({"prompt": "a", "chosen": "b", "rejected": "c"}, "the value of 'prompt' is not a list of column values"),
+        ("just text", "the file holds str 'just text'"),
+    ],
+)
+def test_a_json_file_of_the_wrong_shape_names_what_is_wrong(tmp_path, content, message):
+    (tmp_path / "pairs.json").write_text(json.dumps(content))
+    with pytest.raises(SourceError, match=message + ".*a .json file holds a list of row objects"):
+        read_rows(make_params(source="pairs.json", format="standard").data, tmp_path)
 
 
 def test_broken_jsonl_line_is_named(tmp_path):

@@ -274,6 +274,9 @@ def test_missing_data_file_names_the_path(tmp_path):
     params = load_params(REPO / "params/tiny.yaml", ["data.source=./missing/pairs.jsonl"])
     with pytest.raises(ParamsError, match="data.source: file not found: .*missing/pairs.jsonl"):
         check_local_files(params, tmp_path)
+    (tmp_path / "missing" / "pairs.jsonl").mkdir(parents=True)  # a folder where the file should be
+    with pytest.raises(ParamsError, match="data.source: .*missing/pairs.jsonl is a folder; name one file in it"):
+        check_local_files(params, tmp_path)
 
 
 def test_overrides_set_any_key_with_yaml_typed_values():

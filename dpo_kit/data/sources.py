@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from dpo_kit.params import LOCAL_DATA_SUFFIXES, DataParams, is_local_path
+from dpo_kit.params import LOCAL_DATA_SUFFIXES, DataParams, is_local_path, missing_data_file
 
 NETWORK_ERROR_NAMES = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError", "ConnectTimeout", "ReadTimeout"}
 
@@ -50,8 +50,8 @@ def read_rows(data: DataParams, project_dir: str | Path = ".") -> list[dict[str,
 
 def read_local_file(path: Path, max_rows: int | None = None, key: str = "data.source") -> list[dict[str, Any]]:
     """The rows of a local file; `key` is the setting that names it, which every SourceError starts with."""
-    if not path.is_file():
-        raise SourceError(f"{key}: file not found: {path}")
+    if problem := missing_data_file(key, path):
+        raise SourceError(problem)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(path, max_rows, key)
@@ -220,13 +220,25 @@ def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
         ) from None
     except RepeatedKeyError as error:
         raise SourceError(f"{key}: {path}: {_repeated_key_message(str(error))}") from None
-    if isinstance(content, list) and all(isinstance(row, dict) for row in content):
-        return content
-    if isinstance(content, dict) and content and all(isinstance(column, list) for column in content.values()):
-        lengths = {len(column) for column in content.values()}
-        if len(lengths) == 1:
-            return [dict(zip(content, values, strict=True)) for values in zip(*content.values(), strict=True)]
-    raise SourceError(f"{key}: {path}: expected a list of row objects, or an object of equal-length column lists")
+    valid = "a .json file holds a list of row objects, or an object of equal-length column lists"
+    if isinstance(content, list):
+        stray = next((i for i, row in enumerate(content) if not isinstance(row, dict)), None)
+        if stray is None:
+            return content
+        raise SourceError(
+            f"{key}: {path}: element {stray} of the list is {type(content[stray]).__name__} {content[stray]!r:.60},"
+            f" not a row object; {valid}"
+        )
+    if isinstance(content, dict) and content:
+        not_lists = [name for name, column in content.items() if not isinstance(column, list)]
+        if not_lists:
+            raise SourceError(f"{key}: {path}: the value of {not_lists[0]!r} is not a list of column values; {valid}")
+        lengths = {name: len(column) for name, column in content.items()}
+        if len(set(lengths.values())) > 1:
+            shown = ", ".join(f"{name!r} {length}" for name, length in lengths.items())
+            raise SourceError(f"{key}: {path}: the column lists differ in length ({shown}); {valid}")
+        return [dict(zip(content, values, strict=True)) for values in zip(*content.values(), strict=True)]
+    raise SourceError(f"{key}: {path}: the file holds {type(content).__name__} {content!r:.60}; {valid}")
 
 
 def read_hub_dataset(source: str, split: str, revision: str | None, max_rows: int | None) -> list[dict[str, Any]]:
