@@ -21,6 +21,9 @@ def test_stages_are_parsed_in_pipeline_order_and_unknown_ones_named():
     assert parse_stages(None) == ["format", "train", "merge", "generate", "evaluate"]
     with pytest.raises(RunError, match="unknown stage.*trian.*valid stages"):
         parse_stages("format,trian")
+    for empty in ("", ",", " , "):  # an empty list is not "all five"
+        with pytest.raises(RunError, match="names no stage; give some of format,train,merge,generate,evaluate"):
+            parse_stages(empty)
 
 
 def write_manifest(run_dir, **stages):

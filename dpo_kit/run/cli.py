@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep.set_defaults(handler=_sweep)
 
     validate = commands.add_parser("validate", help="check a params file without running anything")
-    validate.add_argument("params")
-    validate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    validate.add_argument("params", help="params YAML file, e.g. params/tiny.yaml")
+    validate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
     validate.set_defaults(handler=_validate)
 
     join = commands.add_parser(
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     join.set_defaults(handler=_join)
 
     tiny = commands.add_parser("tiny-model", help="build the deterministic tiny offline chat model")
-    tiny.add_argument("directory")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("directory", help="where to write the model and its tokenizer")
+    tiny.add_argument("--seed", type=int, default=0, help="the seed of its random weights")
     tiny.add_argument("--overwrite", action="store_true",
                       help="build into a directory that already holds files, replacing those of the same names")
     tiny.set_defaults(handler=_tiny_model)

@@ -251,9 +251,12 @@ def notebooks_dir(project_dir: Path) -> Path:
 
 
 def parse_stages(text: str | None) -> list[str]:
-    if not text:
+    """--stages in pipeline order; not given (None): all five."""
+    if text is None:
         return list(mf.STAGES)
     stages = [s.strip() for s in text.split(",") if s.strip()]
+    if not stages:  # `--stages ""` or `--stages ,`: running all five is not what an empty list asks for
+        raise RunError(f"--stages {text!r} names no stage; give some of {','.join(mf.STAGES)}, or leave --stages out")
     unknown = [s for s in stages if s not in mf.STAGES]
     if unknown:
         raise RunError(f"unknown stage(s) {', '.join(unknown)}; valid stages: {','.join(mf.STAGES)}")
