@@ -443,17 +443,29 @@ class LaunchParams(Section):
 
 
 class Params(Section):
-    run: RunParams
-    model: ModelParams
-    data: DataParams = Field(default_factory=DataParams)
-    lora: LoraParams = Field(default_factory=LoraParams)
-    quantization: QuantizationParams = Field(default_factory=QuantizationParams)
+    run: RunParams = Field(description="The run's name, seed and where its directory goes.")
+    model: ModelParams = Field(description="The model DPO trains (policy) and keeps frozen (reference).")
+    data: DataParams = Field(
+        default_factory=DataParams, description="The preference pairs: source, format, split (format stage)."
+    )
+    lora: LoraParams = Field(default_factory=LoraParams, description="LoRA adapters trained instead of all weights.")
+    quantization: QuantizationParams = Field(
+        default_factory=QuantizationParams, description="4-bit loading of the base model (QLoRA) for training."
+    )
     dpo: dict[str, Any] = Field(default_factory=dict, description="Any field of trl.DPOConfig.")
-    merge: MergeParams = Field(default_factory=MergeParams)
-    generate: GenerateParams = Field(default_factory=GenerateParams)
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
-    tracking: TrackingParams = Field(default_factory=TrackingParams)
-    launch: LaunchParams = Field(default_factory=LaunchParams)
+    merge: MergeParams = Field(default_factory=MergeParams, description="Folding the adapter into the base model.")
+    generate: GenerateParams = Field(
+        default_factory=GenerateParams, description="Reference and policy responses to held-out prompts."
+    )
+    evaluate: EvaluateParams = Field(
+        default_factory=EvaluateParams, description="Held-out metrics: implicit reward, judge, win-rate, KL."
+    )
+    tracking: TrackingParams = Field(
+        default_factory=TrackingParams, description="Experiment trackers for the curves (wandb, trackio, TensorBoard)."
+    )
+    launch: LaunchParams = Field(
+        default_factory=LaunchParams, description="Training in this process, or under accelerate launch."
+    )
 
     @field_validator("dpo")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -543,3 +544,24 @@ def test_a_strategy_of_no_is_text_not_false(tmp_path):
     # What the run writes reads back the same (the dumper quotes 'no').
     save_params(params, tmp_path / "params.yaml")
     assert load_params(tmp_path / "params.yaml").dpo["save_strategy"] == "no"
+
+
+def test_every_params_field_has_help_text():
+    """As TRL's config dataclasses do: every key a user can set says what it is for, sections included."""
+    from pydantic import BaseModel
+
+    from dpo_kit.params import Params
+
+    seen, missing, queue = set(), [], [("", Params)]
+    while queue:
+        prefix, model = queue.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            if not (field.description or "").strip():
+                missing.append(prefix + name)
+            for hint in typing.get_args(field.annotation) or (field.annotation,):
+                if isinstance(hint, type) and issubclass(hint, BaseModel):
+                    queue.append((f"{prefix}{name}.", hint))
+    assert len(seen) > 10 and not missing, missing
