@@ -367,3 +367,21 @@ def test_evaluate_rescores_the_generations_when_evaluate_judge_changed_after_the
     unrecorded = [{k: v for k, v in record.items() if k != "judge"} for record in records]  # generations from before
     assert judge_scores(rule, unrecorded, tmp_path)[0] == RuleJudge().score(prompts, [r["policy"] for r in records])
     assert "an unrecorded judge" in capsys.readouterr().out
+
+
+def test_an_evaluation_without_generations_shows_what_notebook_05_shows_and_says_what_is_missing(tiny_model_dir,
+                                                                                                  tmp_path):
+    """`--stages merge,evaluate` evaluates the held-out pairs without generations.jsonl; every table and figure of
+    notebook 05 must then still show, the missing comparison named, rather than fail the stage with a KeyError."""
+    from dpo_kit.evaluation.evaluate import before_after_table, headline
+
+    run_dir = make_run_dir(tmp_path / "run", tiny_model_dir, noise=0.05)
+    with pytest.warns(UserWarning, match="generations.jsonl"):
+        metrics = evaluate_run(make_params(tiny_model_dir), run_dir)
+    assert headline(metrics).startswith("held-out implicit-reward accuracy")
+    table = before_after_table(metrics)
+    assert list(table.columns) == ["reference (before)", "policy (after DPO)"]
+    assert "no generations.jsonl; run the generate stage (notebook 04) first" in table.iloc[0, 1]
+    plot_evaluation(metrics)
+    reference_agreement_table(metrics)
+    scalar_metrics(metrics).to_dict()

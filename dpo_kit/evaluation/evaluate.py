@@ -335,6 +335,12 @@ def before_after_table(metrics: dict):
     repetition side by side, so a reward bought with repetition shows next to the reward itself."""
     import pandas as pd
 
+    columns = ["reference (before)", "policy (after DPO)"]
+    if "win_rate" not in metrics:
+        # Evaluated without generations.jsonl (`--stages merge,evaluate` allows it): there is nothing to compare, and
+        # a KeyError would fail notebook 05 after the implicit-reward metrics were computed and written.
+        missing = f"not measured: no {GENERATIONS_FILE}; run the generate stage (notebook 04) first"
+        return pd.DataFrame([[missing, missing]], index=["judged reward, length and repetition"], columns=columns)
     rows = {
         f"judged reward ({metrics['judge']})": ("judge/reference_score", "judge/policy_score"),
         "words per response": ("text/reference_words", "text/policy_words"),
@@ -342,7 +348,7 @@ def before_after_table(metrics: dict):
         "repeated 3-grams (share)": ("text/reference_repeated_3grams", "text/policy_repeated_3grams"),
     }
     return pd.DataFrame(
-        {label: {"reference (before)": metrics[old], "policy (after DPO)": metrics[new]} for label, (old, new) in rows.items()}
+        {label: dict(zip(columns, (metrics[old], metrics[new]), strict=True)) for label, (old, new) in rows.items()}
     ).T
 
 
