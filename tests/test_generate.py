@@ -129,3 +129,24 @@ def test_explicit_prompts_become_user_messages(tiny_model_dir, perturbed_run):
         [{"role": "user", "content": "Tell me about meditation."}],
     ]
     assert list(frame["user_prompt"]) == ["How do I brew coffee?", "Tell me about meditation."]
+
+
+def test_more_prompts_than_held_out_or_none_held_out_is_refused_by_name(tiny_model_dir, tmp_path):
+    """generate.num_prompts beyond the held-out prompts used to compare on fewer without a word, and an empty
+    eval.jsonl failed in the side-by-side table with KeyError: 'prompt'."""
+    import json
+    import shutil
+
+    from dpo_kit.evaluation.generate import comparison_prompts
+
+    shutil.copytree(tiny_model_dir, tmp_path / "merged")
+    (tmp_path / "data").mkdir()
+    eval_file = tmp_path / "data" / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(row) + "\n" for row in EVAL_ROWS[:3]))
+    assert len(comparison_prompts(make_params(tiny_model_dir, num_prompts=3), tmp_path)) == 3
+    with pytest.raises(ValueError, match=r"generate.num_prompts is 4, but .*eval.jsonl holds 3 held-out prompts: set"
+                                         r" generate.num_prompts to at most 3"):
+        comparison_prompts(make_params(tiny_model_dir, num_prompts=4), tmp_path)
+    eval_file.write_text("")
+    with pytest.raises(ValueError, match=r"eval.jsonl holds no held-out prompts to generate for"):
+        generate_comparisons(make_params(tiny_model_dir), tmp_path)

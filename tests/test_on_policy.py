@@ -441,7 +441,8 @@ def test_round_two_holds_out_the_prompts_that_round_one_held_out(tiny_model_dir,
     new_prompt = "Which flour makes the softest sandwich loaf?"
     prompts = iterative_prompts_file(tmp_path / "round-2.jsonl", new_prompt)
     round_two = tmp_path / "runs" / "round-2"
-    params, report = format_round(tiny_model_dir, prompts, round_two, f"data.generate.sampler={round_one / 'merged'}")
+    params, report = format_round(tiny_model_dir, prompts, round_two, f"data.generate.sampler={round_one / 'merged'}",
+                                  "generate.num_prompts=3")  # of round 1's 4 held-out prompts
 
     held_out_by_round_one = user_prompts(round_one / "data" / "eval.jsonl")
     trained_by_round_one = user_prompts(round_one / "data" / "train.jsonl")
@@ -486,7 +487,8 @@ def test_a_held_out_prompt_that_round_two_lacks_stays_held_out_in_round_three(ti
     fewer.write_text("".join(line + "\n" for line in all_prompts.read_text().splitlines()
                              if json.loads(line)["prompt"] != lacking))  # fmt: skip
     round_two = tmp_path / "runs" / "round-2"
-    params, _ = format_round(tiny_model_dir, fewer, round_two, f"data.generate.sampler={round_one / 'merged'}")
+    params, _ = format_round(tiny_model_dir, fewer, round_two, f"data.generate.sampler={round_one / 'merged'}",
+                             "generate.num_prompts=4")  # all of round 1's held-out prompts
     assert user_prompts(round_two / "data" / "eval.jsonl") == held_out_by_round_one[1:]
     assert user_prompts(round_two / "data" / "held_out_prompts.jsonl") == held_out_by_round_one
     assert [prompt[0]["content"] for prompt in comparison_prompts(params, round_two)] == held_out_by_round_one

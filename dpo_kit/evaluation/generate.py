@@ -46,8 +46,23 @@ def comparison_prompts(params: Params, run_dir: str | Path) -> list[Prompt]:
     if params.generate.prompts:
         return [[{"role": "user", "content": text}] for text in params.generate.prompts]
     data_dir = Path(run_dir) / "data"
-    rows = read_jsonl(data_dir / HELD_OUT_PROMPTS if (data_dir / HELD_OUT_PROMPTS).is_file() else data_dir / "eval.jsonl")
-    return [row["prompt"] for row in rows[: params.generate.num_prompts]]
+    source = data_dir / HELD_OUT_PROMPTS if (data_dir / HELD_OUT_PROMPTS).is_file() else data_dir / "eval.jsonl"
+    rows = read_jsonl(source)
+    wanted = params.generate.num_prompts
+    # Fewer prompts than asked would silently shrink the comparison (the win-rate's interval widens with it), and
+    # none would only fail later, in the side-by-side table, with a KeyError.
+    if not rows:
+        raise ValueError(
+            f"{source} holds no held-out prompts to generate for: run the format stage (notebook 01) again, which"
+            " holds out at least one pair, or give generate.prompts explicitly"
+        )
+    if wanted > len(rows):
+        raise ValueError(
+            f"generate.num_prompts is {wanted}, but {source} holds {len(rows)} held-out prompts: set"
+            f" generate.num_prompts to at most {len(rows)}, hold out more pairs in the format stage (data.eval_fraction;"
+            " round 2 of iterative DPO holds out round 1's), or give generate.prompts explicitly"
+        )
+    return [row["prompt"] for row in rows[:wanted]]
 
 
 def display_prompt(prompt: Prompt) -> str:
