@@ -385,3 +385,25 @@ def test_an_evaluation_without_generations_shows_what_notebook_05_shows_and_says
     plot_evaluation(metrics)
     reference_agreement_table(metrics)
     scalar_metrics(metrics).to_dict()
+
+
+def test_the_sentiment_seeds_bench_prints_each_target_as_met_or_not(tmp_path, monkeypatch):
+    """bench/sentiment_seeds.py printed the seed table alone; the README's targets (win-rate 0.75 over 32 prompts,
+    implicit-reward accuracy 0.9) are now printed as met or not, with each seed's value."""
+    import importlib.util
+    from pathlib import Path
+
+    bench_file = Path(__file__).resolve().parent.parent / "bench" / "sentiment_seeds.py"
+    spec = importlib.util.spec_from_file_location("sentiment_seeds", bench_file)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for seed, (win, n, accuracy) in enumerate([(0.95, 40, 0.80), (0.93, 40, 0.72)]):
+        (tmp_path / str(seed)).mkdir()
+        (tmp_path / str(seed) / "metrics.json").write_text(
+            json.dumps({"win_rate": win, "win_rate/n": n, "rewards/accuracies": accuracy}))
+    monkeypatch.setattr(bench, "run_dir", lambda seed: tmp_path / str(seed))
+    lines = bench.targets([0, 1]).splitlines()
+    assert lines == [
+        "target: win-rate >= 0.75 over >= 32 held-out prompts: met (seed 0 0.95, seed 1 0.93; prompts 40, 40)",
+        "target: held-out implicit-reward accuracy >= 0.9: NOT met (seed 0 0.80, seed 1 0.72)",
+    ]
