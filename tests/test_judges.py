@@ -14,6 +14,7 @@ from dpo_kit.judges import (
     RuleJudge,
     make_judge,
     prompt_text,
+    topic_words,
     win_rate,
     win_rate_from_scores,
 )
@@ -320,3 +321,20 @@ def test_a_reward_model_judge_trusts_remote_code_only_by_its_own_key(monkeypatch
 
     with pytest.raises(ParamsError, match="evaluate.judge_trust_remote_code is for a reward-model judge"):
         parse_params({**base, "evaluate": {"judge": "rule", "judge_trust_remote_code": True}})
+
+
+def test_an_empty_one_word_or_curt_answer_cannot_beat_a_real_answer_under_the_rule_judge():
+    """The curt penalty (-1) was smaller than what a prompt's only topic word earns (+2): "Meditate." scored 1.03 to
+    a real answer's 0.4 on "How do I meditate?". A reply of at most 3 words now loses to any longer one that does not
+    dismiss the user, whatever words it holds."""
+    judge = RuleJudge()
+    prompt = [{"role": "user", "content": "How do I meditate?"}]
+    real = "Sit quietly for ten minutes each morning and follow your breath as it comes and goes."
+    for degenerate in ["", "Meditate.", "Thanks!", "Thanks, meditate gladly.", "Happy to help"]:
+        outcome = win_rate(judge, [prompt], [degenerate], [real])
+        assert outcome["losses"] == 1, f"{degenerate!r} beat a real answer"
+    # Every bundled prompt: its topic words, alone or three at a time, against a plain four-word reply.
+    for row in bundled_preference_rows():
+        words = sorted(topic_words(row["prompt"]))
+        plain = judge.score_one(row["prompt"], "Start small, then practise.")
+        assert max(judge.score_one(row["prompt"], reply) for reply in [*words, " ".join(words[:3])]) < plain

@@ -75,9 +75,10 @@ class RuleJudge:
             +2 x fraction of the prompt's topic words used   on topic rather than generic
             +0.5 x min(words / 20, 1)                        some substance, capped so rambling gains nothing
             -2 per kind of dismissive phrase                 the rejected replies' dismissals
-            -1 when the reply has at most 3 words            curt ("No.")
-    An empty reply scores EMPTY_SCORE. Phrases count once however often they repeat, so a degenerate
-    model that loops "Happy to help!" does not climb without bound.
+    A curt reply, of at most 3 words ("No.", "Meditate."), scores min(score, 0) - 1: at most -1, below every longer
+    reply without a dismissal (at least 0.1), whatever topic word or polite phrase its few words hold. An empty reply
+    scores EMPTY_SCORE. Phrases count once however often they repeat, so a degenerate model that loops "Happy to
+    help!" does not climb without bound.
     """
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
@@ -94,13 +95,10 @@ class RuleJudge:
         dismissive = sum(phrase in text for phrase in DISMISSIVE_PHRASES)
         topic = topic_words(prompt)
         on_topic = len(topic & set(words)) / len(topic) if topic else 0.0
-        return (
-            min(polite, 3)
-            + 2.0 * on_topic
-            + 0.5 * min(len(words) / 20, 1.0)
-            - 2.0 * dismissive
-            - (1.0 if len(words) <= CURT_WORDS else 0.0)
-        )
+        score = min(polite, 3) + 2.0 * on_topic + 0.5 * min(len(words) / 20, 1.0) - 2.0 * dismissive
+        # Capped, not only penalised: a prompt with one topic word gave the one-word reply naming it 2 - 1 = 1, more
+        # than a real answer in other words (0.5 at most), so an answer of one word could win.
+        return min(score, 0.0) - 1.0 if len(words) <= CURT_WORDS else score
 
 
 # ---------------------------------------------------------------------------------------------
