@@ -407,3 +407,18 @@ def test_the_sentiment_seeds_bench_prints_each_target_as_met_or_not(tmp_path, mo
         "target: win-rate >= 0.75 over >= 32 held-out prompts: met (seed 0 0.95, seed 1 0.93; prompts 40, 40)",
         "target: held-out implicit-reward accuracy >= 0.9: NOT met (seed 0 0.80, seed 1 0.72)",
     ]
+
+
+def test_the_headline_names_explicit_generate_prompts_instead_of_calling_them_held_out(tiny_model_dir, tmp_path):
+    """With generate.prompts the models are compared on the user's own prompts, which may have been trained on; the
+    headline (notebook 05, and the last line of `dpo-kit run`) said 'held-out prompts' all the same."""
+    from dpo_kit.evaluation.evaluate import headline
+
+    run_dir = make_run_dir(tmp_path / "run", tiny_model_dir, noise=0.05)
+    params = make_params(tiny_model_dir)
+    params.generate.prompts = ["How do I brew coffee?", "Tell me about meditation."]
+    generate_comparisons(params, run_dir)
+    metrics = evaluate_run(params, run_dir)
+    assert metrics["generate/prompts"] == "generate.prompts"
+    assert "over 2 prompts of generate.prompts;" in headline(metrics) and "held-out prompts" not in headline(metrics)
+    assert "over 5 held-out prompts;" in headline({**metrics, "generate/prompts": "held-out", "win_rate/n": 5})

@@ -246,6 +246,8 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
         per_generation = {"kl": kls, "policy_score": policy_scores, "reference_score": reference_scores}
         outcome = win_rate_from_scores(policy_scores, reference_scores)
         metrics["judge"] = judge_name(params.evaluate)
+        # Which prompts the models were compared on: the user's own generate.prompts may well have been trained on.
+        metrics["generate/prompts"] = "generate.prompts" if params.generate.prompts else "held-out"
         metrics["win_rate"] = outcome.pop("win_rate")
         metrics.update({f"win_rate/{key}": value for key, value in outcome.items()})
         level = params.evaluate.confidence
@@ -371,10 +373,14 @@ def headline(metrics: dict) -> str:
     """One line with the numbers a reader looks for first."""
     parts = [f"held-out implicit-reward accuracy {metrics['rewards/accuracies']:.2f} on {metrics['num_pairs']} pairs"]
     if "win_rate" in metrics:
+        # Explicit generate.prompts are the user's own, perhaps trained on (an evaluation stored before the key
+        # existed reads as held-out).
+        held_out = metrics.get("generate/prompts", "held-out") == "held-out"
+        prompts = "held-out prompts" if held_out else "prompts of generate.prompts"
         parts = [
             f"judged reward {metrics['judge/reference_score']:.2f} -> {metrics['judge/policy_score']:.2f}",
             f"win-rate {metrics['win_rate']:.2f} [{metrics['win_rate/ci_low']:.2f}, {metrics['win_rate/ci_high']:.2f}]"
-            f" over {metrics['win_rate/n']} held-out prompts",
+            f" over {metrics['win_rate/n']} {prompts}",
             f"KL(policy || reference) {metrics['kl']:.2f} nats",
             *parts,
         ]
