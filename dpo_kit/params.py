@@ -186,6 +186,15 @@ SENTIMENT_MIN_WORDS_HELP = (
 )
 
 # The judges known by name (dpo_kit.judges.make_judge); any other judge is a reward model, by hub id or local path.
+# transformers samples among the 50 likeliest tokens where a model's generation config names no top_k, and the
+# kit did so before `top_k` was a key: its published numbers were measured so. 0 samples the whole distribution.
+DEFAULT_TOP_K = 50
+TOP_K_HELP = (
+    "Sample among the k likeliest next tokens (50 is transformers' own default, applied here explicitly); 0 samples"
+    " the whole distribution, which the KL estimate on the policy's samples needs to be unbiased. The model's"
+    " generation_config.json does not shape sampling: its top_k, min_p, typical_p and repetition penalty are"
+    " replaced by these settings."
+)
 JUDGE_NAMES = ("rule", "sentiment")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -218,8 +227,9 @@ class OnPolicyParams(Section):
     sentiment_min_words: int = Field(SENTIMENT_MIN_WORDS, ge=2, description=SENTIMENT_MIN_WORDS_HELP)
     judge_trust_remote_code: bool = Field(False, description=JUDGE_TRUST_REMOTE_CODE_HELP)
     num_samples: int = Field(4, ge=2, description="Samples per prompt (k); best vs worst of the k make the pair.")
-    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature; 1.0 samples the model's own distribution.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 = the full distribution.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature; 1.0 leaves the model's probabilities as they are.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 = no nucleus cut.")
+    top_k: int = Field(DEFAULT_TOP_K, ge=0, description=TOP_K_HELP)
     max_new_tokens: int = Field(40, gt=0, description="Tokens per sampled response.")
     min_score_gap: float = Field(
         0.3, ge=0.0, description="Drop a prompt (recorded in dropped.jsonl) when best - worst score is below this."
@@ -352,6 +362,7 @@ class GenerateParams(Section):
     do_sample: bool = Field(True, description="Sample (True) or decode greedily (False).")
     temperature: float = Field(0.7, gt=0.0, description="Sampling temperature.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(DEFAULT_TOP_K, ge=0, description=TOP_K_HELP)
     batch_size: int = Field(8, gt=0, description="Prompts per generate() call.")
     best_of_n: int = Field(
         0,

@@ -150,3 +150,36 @@ def test_more_prompts_than_held_out_or_none_held_out_is_refused_by_name(tiny_mod
     eval_file.write_text("")
     with pytest.raises(ValueError, match=r"eval.jsonl holds no held-out prompts to generate for"):
         generate_comparisons(make_params(tiny_model_dir), tmp_path)
+
+
+@pytest.mark.parametrize("model_config", [{}, {"top_k": 5, "repetition_penalty": 3.0, "min_p": 0.2}],
+                         ids=["no-generation-config", "a-model-generation-config"])  # fmt: skip
+def test_sampling_is_shaped_by_the_params_alone(tiny_model_dir, model_config):
+    """transformers fills in top_k=50 where the model's generation config names none, and takes a model's own
+    top_k, min_p or repetition penalty from generation_config.json. The kit names every knob: `top_k: 0` draws from
+    the model's whole distribution, and the default 50 (transformers' own, and what the README's numbers were
+    measured with) keeps the 50 likeliest tokens, whatever the model's generation config says."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_kit.models.sampling import prompt_token_ids, sample_continuations
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for key, value in model_config.items():
+        setattr(model.generation_config, key, value)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = prompt_token_ids(tokenizer, EVAL_ROWS[0]["prompt"])
+    with torch.no_grad():
+        probabilities = model(torch.tensor([ids])).logits[0, -1].softmax(-1)
+    top_50 = set(probabilities.argsort(descending=True)[:50].tolist())
+    beyond = 1 - probabilities[list(top_50)].sum().item()
+    assert beyond > 0.5  # the tiny model is near uniform over its vocabulary: most of its mass lies past rank 50
+
+    def share_beyond_top_50(top_k: int) -> float:
+        (drawn,) = sample_continuations(model, tokenizer, [ids], max_new_tokens=1, do_sample=True, temperature=1.0,
+                                        top_p=1.0, top_k=top_k, batch_size=500, num_samples=500, seed=0,
+                                        share_prompts=False)  # fmt: skip
+        return sum(first not in top_50 for first, *_ in drawn) / len(drawn)
+
+    assert share_beyond_top_50(0) == pytest.approx(beyond, abs=0.07)  # 5 standard errors of a share over 500 draws
+    assert share_beyond_top_50(50) == 0.0

@@ -294,6 +294,21 @@ def test_the_sentiment_judges_floor_left_at_its_default_keeps_fingerprints_of_ea
                        "evaluate.sentiment_min_words=3": {"evaluate"}}  # fmt: skip
 
 
+def test_top_k_left_at_50_keeps_fingerprints_of_earlier_runs():
+    """top_k came later, in data.generate and generate; at 50 (what transformers applied before the key existed)
+    every stage is that of runs made before it, and top_k 0 is another run from the stage that samples on."""
+    sentiment = REPO / "params" / "smollm2-135m-sentiment.yaml"
+    base = params_to_dict(load_params(sentiment))
+    before = json.loads(json.dumps(base))
+    del before["data"]["generate"]["top_k"], before["generate"]["top_k"]
+    assert all(params_fingerprint(base, s) == params_fingerprint(before, s) for s in mf.STAGES)
+    changed = {}
+    for override in ("data.generate.top_k=0", "generate.top_k=0"):
+        other = params_to_dict(load_params(sentiment, [override]))
+        changed[override] = {s for s in mf.STAGES if params_fingerprint(other, s) != params_fingerprint(base, s)}
+    assert changed == {"data.generate.top_k=0": set(mf.STAGES), "generate.top_k=0": {"generate", "evaluate"}}
+
+
 def base_value(resolved: dict, dotted: str):
     value = resolved
     for part in dotted.split("."):

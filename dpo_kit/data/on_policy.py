@@ -206,6 +206,7 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
         do_sample=True,
         temperature=settings.temperature,
         top_p=settings.top_p,
+        top_k=settings.top_k,
         batch_size=settings.batch_size,
         num_samples=settings.num_samples,
         seed=params.run.seed,

@@ -12,7 +12,7 @@
 
        KL(x, y) = sum_t  KL( pi(. | x, y_<t) || pi_ref(. | x, y_<t) )
 
-   Were y sampled from pi itself (temperature 1, top_p 1), its mean over prompts would be an unbiased
+   Were y sampled from pi itself (temperature 1, top_p 1, top_k 0), its mean over prompts would be an unbiased
    estimate of the sequence-level KL with less variance than the sampled log-ratio log pi(y|x) - log pi_ref(y|x),
    because each step sums the exact expectation instead of one sampled token; and it is never negative.
    With a lower temperature, top_p or greedy decoding the prefixes follow the decoding distribution, so it

@@ -96,6 +96,7 @@ def generate_continuations(
             do_sample=settings.do_sample,
             temperature=settings.temperature,
             top_p=settings.top_p,
+            top_k=settings.top_k,
             batch_size=settings.batch_size,
             num_samples=num_samples,
             seed=seed,

@@ -472,7 +472,7 @@ def best_of_n_baseline(run: RunRecord, ns: tuple[int, ...] = BEST_OF_N) -> BestO
              f" on {len(rows)} prompts: {where}"]  # fmt: skip
     notes += _missing_n_note(ns, k, "generate.best_of_n, or data.generate.num_samples")
     evaluation = run.params.get("generate") or {}
-    decoding = {key: (settings.get(key), evaluation.get(key)) for key in ("temperature", "top_p", "max_new_tokens")}
+    decoding = {key: (settings.get(key), evaluation.get(key)) for key in ("temperature", "top_p", "top_k", "max_new_tokens")}
     differ = {key: pair for key, pair in decoding.items() if pair[0] != pair[1] and None not in pair}
     if evaluation.get("do_sample") is False:  # the format stage always samples
         differ["decoding"] = ("sampling", "greedy")

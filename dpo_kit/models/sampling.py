@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dpo_kit.chat_templates import render_prompt
 from dpo_kit.models.loading import device_of
+from dpo_kit.params import DEFAULT_TOP_K
+
+# Sampling shapers the params have no key for, at the values that leave the distribution as it is.
+NEUTRAL_SAMPLING_KNOBS = {"min_p": None, "typical_p": 1.0, "repetition_penalty": 1.0}
 
 
 def prompt_token_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
@@ -88,6 +92,7 @@ def sample_continuations(
     do_sample: bool,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = DEFAULT_TOP_K,
     batch_size: int = 8,
     num_samples: int = 1,
     seed: int = 0,
@@ -105,8 +110,12 @@ def sample_continuations(
     from tqdm.auto import tqdm
     from transformers import set_seed
 
-    # Sampling knobs only when sampling: transformers warns about temperature/top_p under greedy decoding.
-    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    # Sampling knobs only when sampling: transformers warns about temperature/top_p under greedy decoding. Every
+    # knob is named, so the params say all of what shapes a draw: left out, transformers adds top_k=50 where the
+    # model's generation config names none, and takes a model's own top_k, min_p, typical_p or repetition penalty.
+    sampling = (
+        {"temperature": temperature, "top_p": top_p, "top_k": top_k, **NEUTRAL_SAMPLING_KNOBS} if do_sample else {}
+    )
     eos_ids = eos_token_ids(model, tokenizer)
     # Each prompt repeated num_samples times, so a batch holds whole sequences, not whole prompts.
     owners = [index for index in range(len(prompts_ids)) for _ in range(num_samples)]

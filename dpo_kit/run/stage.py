@@ -36,6 +36,7 @@ import yaml
 
 from dpo_kit import manifest as mf
 from dpo_kit.params import (
+    DEFAULT_TOP_K,
     SENTIMENT_MIN_WORDS,
     Params,
     check_local_files,
@@ -227,7 +228,8 @@ def _digest(value: Any) -> str:
 INPUTS_ADDED_LATER = {"launch.num_processes": 1, "launch.num_machines": 1, "launch.config_file": None,
                       "generate.best_of_n": 0, "evaluate.sentiment_min_words": SENTIMENT_MIN_WORDS,
                       "data.generate.sentiment_min_words": SENTIMENT_MIN_WORDS,
-                      "evaluate.judge_trust_remote_code": False, "data.generate.judge_trust_remote_code": False}
+                      "evaluate.judge_trust_remote_code": False, "data.generate.judge_trust_remote_code": False,
+                      "generate.top_k": DEFAULT_TOP_K, "data.generate.top_k": DEFAULT_TOP_K}
 
 
 def params_fingerprint(resolved: dict, stage: str) -> str:
