@@ -434,3 +434,28 @@ def test_a_stage_that_fills_the_disk_is_reported_with_the_run_directory_and_the_
     assert _record_stage_end(tmp_path, "merge", {"status": "failed"}, status="failed") == (
         f"recorded in {tmp_path / 'manifest.json'}")
     assert mf.read_manifest(tmp_path)["stages"]["merge"]["status"] == "failed"
+
+
+def test_a_run_that_would_generate_for_more_prompts_than_were_held_out_stops_before_training(tmp_path, monkeypatch):
+    """The generate stage refuses generate.num_prompts above the held-out prompts; the runner says so once the format
+    stage has split the pairs, before a train stage that may take hours, and starts no kernel for it."""
+    import papermill
+
+    from dpo_kit.run import runner
+
+    run_dir = tmp_path / "run"
+    (run_dir / "data").mkdir(parents=True)
+    held_out = [{"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": "a", "rejected": "b"} for i in range(3)]
+    (run_dir / "data" / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in held_out))
+    params_file = run_dir / "params.yaml"
+    save_params(params_to_dict(load_params(TINY_PARAMS, ["generate.num_prompts=8"])), params_file)
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: started.append(args))
+    monkeypatch.setattr(runner, "SharedKernel", lambda *args: started.append("kernel"))
+    with pytest.raises(RunError, match=r"generate.num_prompts is 8, but .*eval.jsonl holds 3 held-out prompts.*Stopped"
+                                       r" before training.*--reuse-format .*run --set run.name=NEW"):
+        runner._execute_stages(["train", "merge", "generate"], run_dir, params_file, tmp_path, tmp_path, None, False,
+                               "refuse")  # fmt: skip
+    assert started == []
+    save_params(params_to_dict(load_params(TINY_PARAMS, ["generate.num_prompts=3"])), params_file)
+    runner.refuse_prompts_generate_would_refuse(run_dir, params_file)  # three asked, three held out: nothing to refuse

@@ -561,6 +561,21 @@ def _record_stage_end(run_dir: Path, stage: str, run_fields: dict[str, Any], **s
     return f"recorded in {mf.manifest_path(run_dir)}"
 
 
+def refuse_prompts_generate_would_refuse(run_dir: Path, params_file: Path) -> None:
+    """The generate stage refuses a generate.num_prompts above the held-out prompts the format stage left (or none
+    held out); that count is known once the pairs are split, so a run that goes on to generate is stopped here,
+    before training, not after it."""
+    from dpo_kit.evaluation.generate import comparison_prompts
+
+    try:
+        comparison_prompts(load_params(params_file), run_dir)
+    except ValueError as error:
+        raise RunError(
+            f"{error}. Stopped before training, since the generate stage would refuse it. The pairs are kept: a new"
+            f" run can take them with --reuse-format {run_dir} --set run.name=NEW --set generate.num_prompts=N"
+        ) from None
+
+
 def _execute_stages(stages, run_dir, params_file, project, source_notebooks, kernel, progress, on_rerun,
                     bar_position: int = 0) -> None:
     import papermill
@@ -570,6 +585,8 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
     bar = tqdm(stages, desc="stages", unit="stage", disable=not progress, position=bar_position,
                leave=bar_position == 0)
     for stage in bar:
+        if stage in ("train", "merge") and "generate" in stages:  # the format stage has split the pairs by now
+            refuse_prompts_generate_would_refuse(run_dir, params_file)
         bar.set_postfix_str(stage)
         notebook = STAGE_NOTEBOOKS[stage]
         executed = run_dir / "notebooks" / notebook
