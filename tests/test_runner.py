@@ -453,9 +453,9 @@ def test_a_run_that_would_generate_for_more_prompts_than_were_held_out_stops_bef
     monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: started.append(args))
     monkeypatch.setattr(runner, "SharedKernel", lambda *args: started.append("kernel"))
     with pytest.raises(RunError, match=r"generate.num_prompts is 8, but .*eval.jsonl holds 3 held-out prompts.*Stopped"
-                                       r" before training.*--reuse-format .*run --set run.name=NEW"):
+                                       r" before the train stage.*--reuse-format .*run --set run.name=NEW"):
         runner._execute_stages(["train", "merge", "generate"], run_dir, params_file, tmp_path, tmp_path, None, False,
                                "refuse")  # fmt: skip
     assert started == []
     save_params(params_to_dict(load_params(TINY_PARAMS, ["generate.num_prompts=3"])), params_file)
-    runner.refuse_prompts_generate_would_refuse(run_dir, params_file)  # three asked, three held out: nothing to refuse
+    runner.refuse_prompts_generate_would_refuse(run_dir, params_file, "train")  # three asked, three held out: fine

@@ -561,18 +561,20 @@ def _record_stage_end(run_dir: Path, stage: str, run_fields: dict[str, Any], **s
     return f"recorded in {mf.manifest_path(run_dir)}"
 
 
-def refuse_prompts_generate_would_refuse(run_dir: Path, params_file: Path) -> None:
+def refuse_prompts_generate_would_refuse(run_dir: Path, params_file: Path, stage: str) -> None:
     """The generate stage refuses a generate.num_prompts above the held-out prompts the format stage left (or none
-    held out); that count is known once the pairs are split, so a run that goes on to generate is stopped here,
-    before training, not after it."""
+    held out); that count is known once the pairs are split, so a run that goes on to generate is stopped before
+    `stage` (train, or merge), not after it."""
     from dpo_kit.evaluation.generate import comparison_prompts
 
     try:
         comparison_prompts(load_params(params_file), run_dir)
+    except FileNotFoundError:  # no held-out file to count: the stages that need one say so themselves
+        return
     except ValueError as error:
         raise RunError(
-            f"{error}. Stopped before training, since the generate stage would refuse it. The pairs are kept: a new"
-            f" run can take them with --reuse-format {run_dir} --set run.name=NEW --set generate.num_prompts=N"
+            f"{error}. Stopped before the {stage} stage, since the generate stage would refuse it. The pairs are kept:"
+            f" a new run can take them with --reuse-format {run_dir} --set run.name=NEW --set generate.num_prompts=N"
         ) from None
 
 
@@ -586,7 +588,7 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
                leave=bar_position == 0)
     for stage in bar:
         if stage in ("train", "merge") and "generate" in stages:  # the format stage has split the pairs by now
-            refuse_prompts_generate_would_refuse(run_dir, params_file)
+            refuse_prompts_generate_would_refuse(run_dir, params_file, stage)
         bar.set_postfix_str(stage)
         notebook = STAGE_NOTEBOOKS[stage]
         executed = run_dir / "notebooks" / notebook
