@@ -254,19 +254,25 @@ STALE_AFTER_SECONDS = 600
 HEARTBEAT_FILE = "heartbeat.json"
 
 
+def _beat_in(run_dir: str | Path, stage: str, pid: Any, host: Any) -> dict[str, Any] | None:
+    """The run's HEARTBEAT_FILE where it was written for `stage` by that process on that host, else None (none yet,
+    cut short by a crash, or another stage's or process's)."""
+    try:
+        beat = json.loads((Path(run_dir) / HEARTBEAT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(beat, dict) and [beat.get(k) for k in ("stage", "pid", "host")] == [stage, pid, host]:
+        return beat
+    return None
+
+
 def last_heartbeat(entry: dict[str, Any], run_dir: str | Path | None = None, stage: str = "") -> str | None:
     """When the stage's process last said it lives: its entry's heartbeat (or start), or the run's HEARTBEAT_FILE
     where that was written by the same stage, process and host; the later of the two."""
     stamps = [entry.get("heartbeat") or entry.get("started")]
-    if run_dir is not None:
-        try:
-            beat = json.loads((Path(run_dir) / HEARTBEAT_FILE).read_text())
-        except (OSError, ValueError):  # none yet, or cut short by a crash: the entry's own stamp stands
-            beat = {}
-        if isinstance(beat, dict) and [beat.get(k) for k in ("stage", "pid", "host")] == [
-            stage, entry.get("pid"), entry.get("host")
-        ]:
-            stamps.append(beat.get("time"))
+    beat = _beat_in(run_dir, stage, entry.get("pid"), entry.get("host")) if run_dir is not None else None
+    if beat is not None:
+        stamps.append(beat.get("time"))
     known = [stamp for stamp in stamps if isinstance(stamp, str) and stamp]
     return max(known, key=datetime.fromisoformat) if known else None
 
@@ -338,11 +344,7 @@ class StageHeartbeat:
         self.stopped.set()
         if self.thread.is_alive():
             self.thread.join()
-        try:
-            beat = json.loads((self.run_dir / HEARTBEAT_FILE).read_text())
-        except (OSError, ValueError):
-            beat = None
-        if isinstance(beat, dict) and beat.get("pid") == self.record["pid"] and beat.get("stage") == self.stage:
+        if _beat_in(self.run_dir, self.stage, self.record["pid"], self.record["host"]) is not None:
             (self.run_dir / HEARTBEAT_FILE).unlink(missing_ok=True)
         if StageHeartbeat.current is self:
             StageHeartbeat.current = None

@@ -185,7 +185,6 @@ SENTIMENT_MIN_WORDS_HELP = (
     " (judge_floor in data/report.json). Only for judge 'sentiment'."
 )
 
-# The judges known by name (dpo_kit.judges.make_judge); any other judge is a reward model, by hub id or local path.
 # transformers samples among the 50 likeliest tokens where a model's generation config names no top_k, and the
 # kit did so before `top_k` was a key: its published numbers were measured so. 0 samples the whole distribution.
 DEFAULT_TOP_K = 50
@@ -195,6 +194,7 @@ TOP_K_HELP = (
     " generation_config.json does not shape sampling: its top_k, min_p, typical_p and repetition penalty are"
     " replaced by these settings."
 )
+# The judges known by name (dpo_kit.judges.make_judge); any other judge is a reward model, by hub id or local path.
 JUDGE_NAMES = ("rule", "sentiment")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 

@@ -76,15 +76,12 @@ def _validate(args) -> int:
     from dpo_kit.hardware import choose_hardware
     from dpo_kit.params import check_local_files, load_params
     from dpo_kit.run.stage import run_dir_for
-    from dpo_kit.training.launch import check_launch_when_read
-    from dpo_kit.training.train import refuse_precision_the_hardware_lacks
+    from dpo_kit.training.train import refuse_training_this_machine_cannot_do
 
     try:
         params = load_params(args.params, args.set)
         check_local_files(params)
-        hardware = choose_hardware()
-        refuse_precision_the_hardware_lacks(params, hardware)
-        check_launch_when_read(params, ".", hardware)
+        refuse_training_this_machine_cannot_do(params, ".", choose_hardware())
     except ParamsError as error:
         print(f"dpo-kit validate: {error}", file=sys.stderr)
         return 1

@@ -225,15 +225,13 @@ def resolve_run(params_path: str | Path, overrides: list[str], project_dir: str 
     train stage among `stages` (None: all), a precision or launch this machine cannot give is refused here, before
     any stage."""
     from dpo_kit.hardware import choose_hardware
-    from dpo_kit.training.launch import check_launch_when_read
-    from dpo_kit.training.train import refuse_precision_the_hardware_lacks
+    from dpo_kit.training.train import refuse_training_this_machine_cannot_do
 
     params = load_params(params_path, overrides)
     check_local_files(params, project_dir)
     hardware = choose_hardware()
     if stages is None or "train" in stages:
-        refuse_precision_the_hardware_lacks(params, hardware)
-        check_launch_when_read(params, project_dir, hardware)
+        refuse_training_this_machine_cannot_do(params, project_dir, hardware)
     return {"params": params_to_dict(params), "hardware": hardware.to_dict()}
 
 
@@ -586,8 +584,10 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
 
     bar = tqdm(stages, desc="stages", unit="stage", disable=not progress, position=bar_position,
                leave=bar_position == 0)
+    # Checked once, before the first of train and merge: the format stage has split the pairs by then.
+    first_after_format = next((s for s in stages if s in ("train", "merge")), None) if "generate" in stages else None
     for stage in bar:
-        if stage in ("train", "merge") and "generate" in stages:  # the format stage has split the pairs by now
+        if stage == first_after_format:
             refuse_prompts_generate_would_refuse(run_dir, params_file, stage)
         bar.set_postfix_str(stage)
         notebook = STAGE_NOTEBOOKS[stage]

@@ -198,6 +198,22 @@ def storage_lock(url: str):
     this machine's temporary directory, one per URL. Workers on other machines are not serialized: on a fresh
     shared database, start one worker first and the others once it runs."""
     import fcntl
+
+    descriptor = _lock_descriptor(url)
+    if descriptor is None:  # nothing another worker could race over
+        yield
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
+
+
+def _lock_descriptor(url: str) -> int | None:
+    """What storage_lock locks, opened: the SQLite file's folder, or a file per URL in the temporary directory.
+    None for an in-memory SQLite database (one process's own) or a folder that is not there (RDBStorage cannot
+    create the file, and says so)."""
     import hashlib
     import tempfile
 
@@ -209,23 +225,12 @@ def storage_lock(url: str):
     except ArgumentError:  # not a URL at all: RDBStorage refuses it, and open_storage says what would be valid
         parsed = None
     if parsed is not None and parsed.get_backend_name() == "sqlite":
-        database = parsed.database
-        if not database or database == ":memory:":  # one process's own database: nothing to share
-            yield
-            return
-        folder = Path(database).expanduser().absolute().parent
-        if not folder.is_dir():  # nothing to race over: RDBStorage cannot create the file, and says so
-            yield
-            return
-        descriptor = os.open(folder, os.O_RDONLY)
-    else:
-        path = Path(tempfile.gettempdir()) / f"dpo-kit-optuna-{hashlib.sha256(url.encode()).hexdigest()[:16]}.lock"
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)  # closing releases the lock
+        if not parsed.database or parsed.database == ":memory:":
+            return None
+        folder = Path(parsed.database).expanduser().absolute().parent
+        return os.open(folder, os.O_RDONLY) if folder.is_dir() else None
+    path = Path(tempfile.gettempdir()) / f"dpo-kit-optuna-{hashlib.sha256(url.encode()).hexdigest()[:16]}.lock"
+    return os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
 
 
 def open_storage(url: str):

@@ -91,6 +91,15 @@ def refuse_precision_the_hardware_lacks(params: Params, hardware: HardwareChoice
         )
 
 
+def refuse_training_this_machine_cannot_do(params: Params, project_dir: str | Path, hardware: HardwareChoice) -> None:
+    """When the params are read (`dpo-kit validate`, the start of `dpo-kit run`): a precision or a launch this machine
+    cannot give is refused before any stage, not by the train stage after the format stage has run."""
+    from dpo_kit.training.launch import check_launch_when_read
+
+    refuse_precision_the_hardware_lacks(params, hardware)
+    check_launch_when_read(params, project_dir, hardware)
+
+
 def precision_defaults(params: Params, hardware: HardwareChoice) -> dict[str, bool]:
     """bf16 and fp16 as they stand before params.dpo is applied: the hardware's choice, or both off where params
     name either. A precision named in params replaces the hardware's whole: dpo.fp16 on a bf16 GPU (or dpo.bf16 on
