@@ -82,6 +82,20 @@ DPO_KEYS_OWNED_ELSEWHERE = {
     "resume_from_checkpoint": "`dpo-kit run --resume` (the run's newest verified checkpoint)",
 }
 
+# DPOTrainer arguments that TRL removed (0.29 and earlier) and the articles' recipes still set: the closest valid
+# name would send a user from max_prompt_length to max_length, a different limit, so each says what replaced it.
+DPO_KEYS_REMOVED_FROM_TRL = {
+    "max_prompt_length": "TRL 1.x has no prompt limit: it cuts prompt+response at dpo.max_length, keeping the start,"
+    " and the kit drops (and counts, as too_long in data/dropped.jsonl) every pair longer than data.max_length"
+    " (default dpo.max_length) instead of cutting it. Set dpo.max_length to the article's whole-sequence limit",
+    "max_completion_length": "TRL 1.x limits only the whole sequence: set dpo.max_length (the kit drops and counts"
+    " every pair longer than data.max_length, default dpo.max_length)",
+    "max_target_length": "it applied to encoder-decoder models only; for a causal LM set dpo.max_length",
+    "rpo_alpha": "set dpo.loss_type: [sigmoid, sft] with dpo.loss_weights: [1.0, <rpo_alpha>]",
+    "generate_during_eval": "the kit's generate stage samples the reference and the DPO model side by side"
+    " (generate.num_prompts)",
+}
+
 
 class ParamsError(ValueError):
     """A params file or override is invalid; the message names the key and what would be valid.
@@ -637,6 +651,8 @@ def validate_dpo_section(section: dict[str, Any]) -> dict[str, Any]:
     for key, value in section.items():
         if key in DPO_KEYS_OWNED_ELSEWHERE:
             raise ValueError(f"dpo.{key} is set by the kit from {DPO_KEYS_OWNED_ELSEWHERE[key]}; set it there")
+        if key in DPO_KEYS_REMOVED_FROM_TRL and key not in types:
+            raise ValueError(f"dpo.{key} was removed from TRL's DPOTrainer: {DPO_KEYS_REMOVED_FROM_TRL[key]}")
         if key not in types:
             raise ValueError(f"unknown key 'dpo.{key}'{_did_you_mean(key, types, 'dpo.')}: not a field of trl.DPOConfig")
         if key == "loss_type" and isinstance(value, str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import typing
 from pathlib import Path
@@ -183,6 +184,25 @@ def error_for(raw: dict) -> str:
     with pytest.raises(ParamsError) as caught:
         parse_params(raw, source="x.yaml")
     return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "replacement"),
+    [("max_prompt_length", 128, "dpo.max_length"), ("max_completion_length", 128, "dpo.max_length"),
+     ("max_target_length", 128, "dpo.max_length"), ("rpo_alpha", 0.5, "loss_weights"),
+     ("generate_during_eval", True, "generate stage")],
+)
+def test_a_dpo_key_trl_removed_says_what_replaced_it_not_a_lookalike(key, value, replacement):
+    # The articles set max_prompt_length (000: 128, 001: 512, 004: 1024); it was refused with "did you mean
+    # 'dpo.max_length'?", a different limit, and rpo_alpha with "did you mean 'dpo.ld_alpha'?", an unrelated loss.
+    from trl import DPOConfig
+
+    assert key not in {f.name for f in dataclasses.fields(DPOConfig)}, f"TRL has dpo.{key} again: accept it"
+    raw = raw_tiny()
+    raw["dpo"][key] = value
+    message = error_for(raw)
+    assert f"dpo.{key} was removed from TRL" in message and replacement in message, message
+    assert "did you mean" not in message, message
 
 
 def test_unknown_key_names_the_key_and_the_closest_valid_one():
