@@ -50,6 +50,13 @@ TRAILING_SPACE_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT: ' }}{% endif %}"
 )
 
+# teknium/OpenHermes-2.5-Mistral-7B (seed article 004): ChatML with no default system message and no BOS in the
+# template, a Llama tokenizer that adds <s> to plain text, and <|im_end|> as its eos.
+OPENHERMES_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 FAMILIES = {
     # name: (chat template, bos, eos, extra special tokens, tokenizer adds BOS to plain text)
     "tiny-chatml": (CHATML_TEMPLATE, None, "<|im_end|>", [], False),
@@ -57,6 +64,7 @@ FAMILIES = {
     "zephyr": (ZEPHYR_TEMPLATE, "<s>", "</s>", [], True),
     "mistral": (MISTRAL_TEMPLATE, "<s>", "</s>", [], True),
     "qwen2": (QWEN2_TEMPLATE, None, "<|im_end|>", [], False),
+    "openhermes": (OPENHERMES_TEMPLATE, "<s>", "<|im_end|>", [], True),
 }
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -74,6 +82,7 @@ EXPECTED_PROMPTS = {
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     ),
+    "openhermes": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
 }
 
 
@@ -257,3 +266,40 @@ def test_lengths_and_silent_drops_match_trl(families, trl_prepare, tmp_path, nam
     ]
     kept_by_audit = audit(rows, tokenizer, output_format, max_length=limit).kept
     assert 0 < len(kept_by_audit) <= len(survivors)
+
+
+def article_chatml_format(row, tokenizer):
+    """Seed article 004's chatml_format: the system and the question through the model's template, the generation
+    prompt after them, each answer closed by '<|im_end|>\\n'; TRL of the time put BOS before the prompt's tokens."""
+    system = tokenizer.apply_chat_template([{"role": "system", "content": row["system"]}], tokenize=False) if row["system"] else ""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["question"]}], tokenize=False, add_generation_prompt=True)
+    return system + prompt
+
+
+def test_the_openhermes_recipe_trains_orca_pairs_as_the_article_rendered_them_with_bos(families):
+    # In TRL's conversational format the OpenHermes recipe trained every orca pair without <s>: TRL tokenizes a
+    # conversation without special tokens and the model's ChatML template writes none, while the article's prompt
+    # (and Mistral's pre-training) starts with it. The recipe renders the prompt with the model's own template
+    # (data.output_format: standard), which TRL tokenizes with BOS, as the article did.
+    import json
+    from pathlib import Path
+
+    from dpo_kit.params import load_params
+
+    repo = Path(__file__).resolve().parents[1]
+    params = load_params(repo / "params/openhermes-2.5-mistral-7b-orca-dpo-qlora-4bit.yaml")
+    tokenizer = families["openhermes"]
+    lines = (repo / "tests/fixtures/orca_dpo_pairs_sample.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    result = audit_rows(rows, converter(params.data.format), tokenizer, max_length=params.max_length,
+                        output_format=params.data.output_format)  # fmt: skip
+    assert len(result.kept) == len(rows), result.dropped
+    checks = result.checks
+    assert (checks["missing_bos"], checks["double_bos"], checks["double_eos"], checks["prompt_not_prefix"]) == (0, 0, 0, 0), checks
+    for (index, kept), lengths in zip(result.kept, result.lengths, strict=True):
+        raw = rows[index]
+        assert kept["prompt"] == article_chatml_format(raw, tokenizer)  # the system message only where the row has one
+        assert (kept["chosen"], kept["rejected"]) == (raw["chosen"], raw["rejected"])
+        ids = tokenizer(kept["prompt"] + kept["chosen"] + tokenizer.eos_token)["input_ids"]  # as TRL tokenizes it
+        assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+        assert ids[-1] == tokenizer.eos_token_id and len(ids) == lengths.prompt_chosen
