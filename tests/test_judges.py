@@ -112,6 +112,18 @@ def test_win_rate_refuses_empty_or_mismatched_inputs():
         win_rate_from_scores([1.0, 2.0], [1.0])
 
 
+def test_a_score_that_is_not_a_finite_number_is_refused_naming_the_prompt_and_side():
+    """A NaN compared as is loses to any score on either side: [nan, 1] against [0, 0] read as one win, one loss."""
+    nan = float("nan")
+    with pytest.raises(ValueError, match=r"policy's response to prompt 0 \(0-based\) is nan"):
+        win_rate_from_scores([nan, 1.0], [0.0, 0.0])
+    with pytest.raises(ValueError, match=r"reference's response to prompt 1 \(0-based\) is inf"):
+        win_rate_from_scores([1.0, 1.0], [0.0, float("inf")])
+    with pytest.raises(ValueError, match="prompt 0 .* is None"):  # a null score in generations.jsonl
+        win_rate_from_scores([None], [0.0])
+    assert win_rate_from_scores([1.0, 0.0], [0.0, 1.0])["win_rate"] == 0.5  # finite scores pass as before
+
+
 def test_rule_judge_win_rate_of_chosen_over_rejected_is_one():
     rows = bundled_preference_rows()[:40]
     outcome = win_rate(

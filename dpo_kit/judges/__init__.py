@@ -17,6 +17,8 @@ A prompt is what a TRL row holds: a list of chat messages (conversational format
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import re
 from pathlib import Path
@@ -258,9 +260,20 @@ def win_rate_from_scores(
 def win_outcomes(
     policy_scores: Sequence[float], reference_scores: Sequence[float], tie_tolerance: float = 1e-6
 ) -> list[float]:
-    """Per prompt: 1 when the policy wins, 0.5 for a tie, 0 when the reference wins; their mean is the win-rate."""
+    """Per prompt: 1 when the policy wins, 0.5 for a tie, 0 when the reference wins; their mean is the win-rate.
+
+    A score that is not a finite number (a reward model's NaN in half precision, a null in generations.jsonl) is
+    refused, naming the prompt: compared as is, a NaN would lose to any score on either side."""
     if len(policy_scores) != len(reference_scores):
         raise ValueError(f"{len(policy_scores)} policy scores but {len(reference_scores)} reference scores")
+    for side, scores in (("policy", policy_scores), ("reference", reference_scores)):
+        for index, value in enumerate(scores):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(
+                    f"the judge's score of the {side}'s response to prompt {index} (0-based) is {value!r}; a win-rate"
+                    " needs a finite number for every response: check the judge (a reward model in float16 can"
+                    " overflow to NaN: try model.dtype float32) or the scores stored in generations.jsonl"
+                )
     return [0.5 if abs(p - r) <= tie_tolerance else float(p > r) for p, r in zip(policy_scores, reference_scores, strict=True)]
 
 
