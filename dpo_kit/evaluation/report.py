@@ -309,7 +309,7 @@ def standard_error(values: list[float]) -> float:
 
 
 def win_rate_table(runs: list[RunRecord]):
-    """Win-rate of each policy over the reference with its bootstrap interval, wins/ties/losses and prompts."""
+    """Win-rate of each policy over the reference with its confidence interval, wins/ties/losses and prompts."""
     import pandas as pd
 
     rows = {}
@@ -319,6 +319,8 @@ def win_rate_table(runs: list[RunRecord]):
         if "win_rate" in m:
             rows[run.name] = {"label": labels[run.name], "win-rate": m["win_rate"], "CI low": m.get("win_rate/ci_low"),
                               "CI high": m.get("win_rate/ci_high"), "CI level": m.get("win_rate/ci_level"),
+                              # Evaluations before win_rate/ci_method was recorded used a percentile bootstrap.
+                              "CI method": m.get("win_rate/ci_method", "percentile bootstrap"),
                               "wins": m.get("win_rate/wins"), "ties": m.get("win_rate/ties"),
                               "losses": m.get("win_rate/losses"), "prompts": m.get("win_rate/n")}  # fmt: skip
     table = pd.DataFrame.from_dict(rows, orient="index")
@@ -573,7 +575,7 @@ def plot_frontier(runs: list[RunRecord], curves: list[BestOfN] | None = None):
 
 
 def plot_win_rates(runs: list[RunRecord]):
-    """Each run's win-rate over the reference with its bootstrap interval; 0.5 is a draw."""
+    """Each run's win-rate over the reference with its confidence interval; 0.5 is a draw."""
     from matplotlib.figure import Figure
 
     table = win_rate_table(runs)
