@@ -190,6 +190,35 @@ def test_runs_that_share_beta_and_loss_type_are_labelled_by_name():
     assert {text.get_text() for text in plot_frontier(runs).axes[0].texts} >= {"round-1", "round-2", "β=0.5 sigmoid"}
 
 
+def test_the_report_says_when_runs_were_evaluated_on_other_prompts_pairs_or_settings(tmp_path):
+    """Three seeds hold out three sets of prompts: their rewards and win-rates are not prompt for prompt, and the
+    report used to put them side by side without a word."""
+    from dpo_kit.evaluation.report import comparability_notes
+
+    def run(name, prompts, pairs, max_new_tokens=32, read=3, **extra):
+        run_params = params(name, 0.1)
+        run_params["generate"] = {"max_new_tokens": max_new_tokens}
+        path = write_run(tmp_path / name, run_params, metrics(1.0, 0.5, num_pairs=read, **extra))
+        (path / "generations.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        (path / "data").mkdir()
+        (path / "data" / "eval.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in pairs))
+        return path
+
+    run("seed-0", ["a", "b"], ["a", "b", "c"])
+    run("seed-0-again", ["a", "b"], ["a", "b", "c", "beyond evaluate.max_pairs"])  # only the pairs read count
+    assert comparability_notes(load_runs([tmp_path]).runs) == []  # like for like: nothing to say
+
+    run("seed-1", ["x", "y"], ["x", "y", "z"])
+    run("longer", ["a", "b"], ["a", "b", "c"], max_new_tokens=64, **{"win_rate/ci_method": "wilson"})
+    notes = comparability_notes(load_runs([tmp_path]).runs)
+    assert len(notes) == 4, notes
+    prompts, settings, pairs, methods = notes
+    assert "2 different sets of prompts (1: longer, seed-0, seed-0-again; 2: seed-1)" in prompts
+    assert "generate.max_new_tokens" in settings and "generate.top_k" not in settings
+    assert "2 different sets of held-out pairs" in pairs and "2: seed-1" in pairs
+    assert "1: longer; 2: seed-0, seed-0-again, seed-1" in methods
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 

@@ -215,6 +215,72 @@ def load_runs(paths: list[str | Path] | str | Path, project_dir: str | Path = ".
     return Comparison(runs=complete, incomplete=incomplete, searched=searched)
 
 
+GENERATION_SETTINGS = ("generate.max_new_tokens", "generate.do_sample", "generate.temperature", "generate.top_p",
+                       "generate.top_k")  # fmt: skip
+
+
+def _groups(runs: list[RunRecord], key) -> list[list[str]]:
+    """Run names grouped by `key(run)` (runs whose key is None are left out), in the order first met."""
+    groups: dict[str, list[str]] = {}
+    for run in runs:
+        value = key(run)
+        if value is not None:
+            groups.setdefault(value, []).append(run.name)
+    return list(groups.values())
+
+
+def _described(groups: list[list[str]]) -> str:
+    return "; ".join(f"{index}: {', '.join(names)}" for index, names in enumerate(groups, start=1))
+
+
+def _evaluated_prompts(run: RunRecord) -> str | None:
+    prompts = _generation_prompts(run)
+    return json.dumps(prompts, sort_keys=True) if prompts else None
+
+
+def _held_out_pairs(run: RunRecord) -> str | None:
+    """The held-out pairs the evaluate stage read: the first num_pairs + num_pairs_dropped rows of data/eval.jsonl."""
+    path = run.path / "data" / "eval.jsonl"
+    if not path.is_file() or "num_pairs" not in run.metrics:
+        return None
+    read = run.metrics["num_pairs"] + run.metrics.get("num_pairs_dropped", 0)
+    return json.dumps([line for line in path.read_text().splitlines() if line.strip()][:read])
+
+
+def comparability_notes(runs: list[RunRecord]) -> list[str]:
+    """What makes the runs' numbers not like for like, one sentence each (empty when nothing does): generations on
+    other prompts (another seed's held-out split, another generate.num_prompts or generate.prompts) or sampled with
+    other settings, other held-out pairs for the implicit reward, another kind of win-rate interval. Each of these
+    changes the numbers without any change in training; the report compares the runs all the same."""
+    notes = []
+    with_generations = [run for run in runs if "win_rate" in run.metrics]
+    prompts = _groups(with_generations, _evaluated_prompts)
+    if len(prompts) > 1:
+        notes.append(f"the runs' generations were judged on {len(prompts)} different sets of prompts ({_described(prompts)}):"
+                     " their judged rewards, win-rates, KLs and the reference's own reward differ with the prompts as"
+                     " well as with the training (another run.seed holds out other prompts), so compare them as"
+                     " estimates with their intervals, not prompt for prompt")  # fmt: skip
+    kinds = _groups(with_generations, lambda run: run.metrics.get("generate/prompts", "held-out"))
+    if len(kinds) > 1:
+        notes.append(f"some runs were compared on held-out prompts and others on their own generate.prompts, which"
+                     f" may have been trained on ({_described(kinds)})")  # fmt: skip
+    settings = {key: {json.dumps(flatten(run.params).get(key)) for run in with_generations} for key in GENERATION_SETTINGS}
+    differ = [key for key, values in settings.items() if len(values) > 1]
+    if differ:
+        notes.append(f"the runs' generations were sampled with different {', '.join(differ)} (see the params table):"
+                     " the KL is in nats per response, so it grows with the response's length, and the judged reward"
+                     " and win-rate change with the sampling too")  # fmt: skip
+    pairs = _groups(runs, _held_out_pairs)
+    if len(pairs) > 1:
+        notes.append(f"the implicit-reward accuracy and margin were measured on {len(pairs)} different sets of held-out"
+                     f" pairs ({_described(pairs)})")  # fmt: skip
+    methods = _groups(with_generations, lambda run: run.metrics.get("win_rate/ci_method", "percentile bootstrap"))
+    if len(methods) > 1:
+        notes.append(f"the win-rate intervals were computed by different methods ({_described(methods)}; see CI method"
+                     " in the win-rate table): evaluate the older runs again for one method")  # fmt: skip
+    return notes
+
+
 def incomplete_table(comparison: Comparison):
     """The runs left out and why, each reason in full (a Styler: pandas would cut a long cell at 50 characters)."""
     import pandas as pd
