@@ -190,6 +190,30 @@ def test_runs_that_share_beta_and_loss_type_are_labelled_by_name():
     assert {text.get_text() for text in plot_frontier(runs).axes[0].texts} >= {"round-1", "round-2", "β=0.5 sigmoid"}
 
 
+def test_runs_differing_in_the_seed_alone_are_summarised_with_mean_and_spread():
+    """A sweep over seeds was shown one row per seed, leaving the mean and its spread to the reader."""
+    import statistics
+
+    from dpo_kit.evaluation.report import seed_summary_table
+
+    def seeded(name, seed, beta, kl, reward):
+        run_params = params(name, beta)
+        run_params["run"]["seed"] = seed
+        return RunRecord(name, Path(name), run_params, metrics(kl, reward, beta=beta, win_rate=reward))
+
+    runs = [seeded("b0.1-s0", 0, 0.1, 18.7, 0.86), seeded("b0.1-s1", 1, 0.1, 13.7, 0.79),
+            seeded("b0.1-s2", 2, 0.1, 13.4, 0.71), seeded("b0.5-s0", 0, 0.5, 2.9, 0.54)]  # fmt: skip
+    table = seed_summary_table(runs)
+    assert table.index.tolist() == ["b0.1-s0, b0.1-s1, b0.1-s2"]  # β=0.5 has one seed: no spread
+    row = table.iloc[0]
+    assert (row["runs"], row["seed values"]) == (3, "0, 1, 2")
+    assert row["KL (nats) mean"] == pytest.approx(statistics.mean([18.7, 13.7, 13.4]))
+    assert row["KL (nats) sd"] == pytest.approx(statistics.stdev([18.7, 13.7, 13.4]))
+    assert row["win-rate sd"] == pytest.approx(statistics.stdev([0.86, 0.79, 0.71]))
+    assert not any("CI" in column for column in table.columns)  # interval bounds do not average
+    assert seed_summary_table(runs[2:]).empty
+
+
 def test_the_report_says_when_runs_were_evaluated_on_other_prompts_pairs_or_settings(tmp_path):
     """Three seeds hold out three sets of prompts: their rewards and win-rates are not prompt for prompt, and the
     report used to put them side by side without a word."""

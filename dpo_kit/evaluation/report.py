@@ -341,6 +341,35 @@ def params_table(runs: list[RunRecord]):
     return table
 
 
+def seed_summary_table(runs: list[RunRecord]):
+    """Runs that differ in run.seed alone (UNCOMPARED_KEYS aside), one row per such group of two or more: how many
+    seeds, and each headline metric's mean and sample standard deviation over them (as bench/sentiment_seeds.py
+    gives its 'mean ± sd'), so that a difference between settings can be read against the spread between seeds.
+    Empty when no two runs share their params but for the seed."""
+    import statistics
+
+    import pandas as pd
+
+    groups: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        flat = {k: v for k, v in flatten(run.params).items() if k not in UNCOMPARED_KEYS and k != "run.seed"}
+        groups.setdefault(json.dumps(flat, sort_keys=True, default=str), []).append(run)
+    rows = {}
+    for members in (group for group in groups.values() if len(group) > 1):
+        row: dict[str, Any] = {"runs": len(members),
+                               "seed values": ", ".join(str(lookup(run.params, "run.seed")) for run in members)}  # fmt: skip
+        for label, key in HEADLINE_METRICS.items():
+            if "CI" in label:  # an interval's bounds do not average into an interval
+                continue
+            values = [run.metrics[key] for run in members if isinstance(run.metrics.get(key), (int, float))]
+            row[f"{label} mean"] = statistics.mean(values) if values else None
+            row[f"{label} sd"] = statistics.stdev(values) if len(values) > 1 else None
+        rows[", ".join(run.name for run in members)] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "runs (differing in run.seed only)"
+    return table
+
+
 def point_labels(runs: list[RunRecord]) -> dict[str, str]:
     """Run name -> the label its points and rows carry: β and loss type where that tells it from the other runs,
     else its name (runs that differ in something else, as rounds of iterative DPO or two learning rates do)."""
