@@ -259,6 +259,20 @@ class FixedDistribution(torch.nn.Module):
         return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
 
 
+def test_the_figure_calls_generations_on_explicit_generate_prompts_so_and_not_held_out():
+    pairs = {"policy_chosen_logps": [-1.0, -2.0], "policy_rejected_logps": [-3.0, -1.5],
+             "reference_chosen_logps": [-1.5, -2.0], "reference_rejected_logps": [-2.0, -2.0],
+             "reward_margins": [0.1, -0.05]}  # fmt: skip
+    metrics = {"beta": 0.1, "rewards/accuracies": 0.5, "judge": "rule", "kl": 1.0, "win_rate": 0.5,
+               "win_rate/ci_low": 0.1, "win_rate/ci_high": 0.9, "win_rate/wins": 1, "win_rate/ties": 0,
+               "win_rate/losses": 1, "per_pair": pairs,
+               "per_generation": {"kl": [1.0, 1.0], "policy_score": [0.5, 0.1], "reference_score": [0.2, 0.3]}}  # fmt: skip
+    titles = {kind: plot_evaluation({**metrics, "generate/prompts": kind}).axes[2].get_title()
+              for kind in ("held-out", "generate.prompts")}  # fmt: skip
+    assert "held-out" in titles["held-out"]
+    assert "held-out" not in titles["generate.prompts"] and "generate.prompts" in titles["generate.prompts"]
+
+
 def test_generation_kl_matches_a_hand_computed_case():
     from dpo_kit.evaluation.evaluate import generation_kl
 

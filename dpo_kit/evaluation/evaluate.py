@@ -438,7 +438,10 @@ def plot_evaluation(metrics: dict):
         bins = np.histogram_bin_edges(np.concatenate([scores["reference_score"], scores["policy_score"]]), bins=20)
         scores_axis.hist(scores["reference_score"], bins=bins, alpha=0.6, label="reference (base)")
         scores_axis.hist(scores["policy_score"], bins=bins, alpha=0.6, label="policy (DPO)")
-        scores_axis.set(title=f"judge scores of held-out generations ({metrics['judge']})", xlabel="score", ylabel="prompts")
+        # generate.prompts are the user's own, perhaps trained on: not held-out (as in the headline)
+        held_out = metrics.get("generate/prompts", "held-out") == "held-out"
+        which = "held-out generations" if held_out else "generations on generate.prompts"
+        scores_axis.set(title=f"judge scores of {which} ({metrics['judge']})", xlabel="score", ylabel="prompts")
         scores_axis.legend()
     else:
         scores_axis.set_axis_off()
