@@ -108,6 +108,40 @@ def trl_batch(make_trainer, perturbed_dir):
     return next(iter(trainer.get_train_dataloader()))
 
 
+@pytest.fixture(scope="session")
+def dropout_model_dir(tokenizer, tmp_path_factory):
+    """A tiny GPT-2 with the tiny chat tokenizer: GPT-2 keeps its dropout (0.1) in torch.nn.Dropout layers."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    assert any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules())
+    path = tmp_path_factory.mktemp("gpt2-with-dropout")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def trl_run(model_dir, tokenizer, rows, steps, output_dir, learning_rate=1e-3):
+    """TRL's per-step history for `steps` steps of 4 pairs from `model_dir`, configured as notebook 00 does."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=BATCH_SIZE,
+        learning_rate=learning_rate, lr_scheduler_type="constant", optim="adamw_torch",
+        train_sampling_strategy="sequential", use_cpu=True, bf16=False, activation_checkpointing=False,
+        dataloader_pin_memory=False, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+    )
+    trainer = DPOTrainer(model=str(model_dir), args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    trainer.train()
+    return scratch.history_from_trl(trainer.state.log_history)
+
+
 def trl_per_token_logps(model, batch):
     """TRL's own per-token log-probs: the fused LM head it patches onto its models."""
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
@@ -412,6 +446,18 @@ def test_train_loop_learns_the_preferences(tiny_model_dir, tokenizer, rows):
     assert history[-1]["loss"] < history[0]["loss"] - 0.05
     assert history[-1]["rewards/margins"] > 0
     assert all(not p.requires_grad for p in reference.parameters())
+
+
+def test_train_loop_switches_dropout_off_as_trl_does(dropout_model_dir, tokenizer, rows, tmp_path):
+    """TRL's DPOTrainer sets every nn.Dropout to 0 (disable_dropout=True): a GPT-2 trained from scratch with its
+    dropout of 0.1 left on started off ln 2 and drifted from TRL's curve."""
+    policy, reference = load(dropout_model_dir), load(dropout_model_dir)
+    history = scratch.train_loop(policy, reference, rows, tokenizer, steps=2, batch_size=BATCH_SIZE, learning_rate=1e-3)
+    assert all(module.p == 0 for module in policy.modules() if isinstance(module, torch.nn.Dropout))
+    assert history[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+    trl_history = trl_run(dropout_model_dir, tokenizer, rows, steps=2, output_dir=tmp_path)
+    gaps = scratch.history_gaps(history, trl_history, metrics=("loss", "rewards/margins", "grad_norm"))
+    assert max(gaps.values()) < 1e-5, gaps
 
 
 def test_beta_sweep_margin_is_linear_in_beta():

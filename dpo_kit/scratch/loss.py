@@ -246,6 +246,21 @@ def response_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
     return batch["completion_mask"].sum(dim=1).clamp(min=1).chunk(2)
 
 
+def disable_dropout(model):
+    """Set the probability of every `torch.nn.Dropout` in `model` to 0; returns it.
+
+    TRL's DPOTrainer does exactly this to the policy and the reference (`disable_dropout=True`, its default), so
+    a model with dropout layers (GPT-2, OPT, Pythia: 0.1) trains deterministically there. Without it the
+    from-scratch loop would train the same model with dropout, and its curves would leave TRL's from the first
+    step. Attention dropout that a model reads from its config as a number (`attention_dropout` in Llama or Qwen)
+    is no module, and TRL leaves it alone too; the kit's tiny model has none.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
 def train_step(
     policy,
     reference,
@@ -259,10 +274,12 @@ def train_step(
 ) -> dict[str, float]:
     """One DPO update of `policy` against the frozen `reference`; returns the step's metrics.
 
-    The loss is the batch mean of `dpo_loss` (as in TRL). Gradients are clipped to `max_grad_norm`
+    The loss is the batch mean of `dpo_loss` (as in TRL). The policy's dropout layers are switched off first,
+    as TRL's DPOTrainer does (`disable_dropout`). Gradients are clipped to `max_grad_norm`
     (the transformers Trainer's default is 1.0; None disables it). The gradients stay in `.grad`
     after the step, so a test can compare them.
     """
+    disable_dropout(policy)
     policy.train()
     optimizer.zero_grad()
     policy_chosen, policy_rejected = concatenated_logps(policy, batch)
