@@ -460,6 +460,24 @@ def test_train_loop_switches_dropout_off_as_trl_does(dropout_model_dir, tokenize
     assert max(gaps.values()) < 1e-5, gaps
 
 
+def test_a_tokenizer_without_pad_token_pads_with_eos_as_trl_does(tiny_model_dir, rows, tmp_path):
+    """A model_dir whose tokenizer has no pad token (Llama 3 Instruct) failed in collate_pairs with
+    "full(): argument 'fill_value' must be Number, not NoneType"; TRL pads with the eos."""
+    from transformers import AutoTokenizer
+
+    no_pad = AutoTokenizer.from_pretrained(tiny_model_dir)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    history = scratch.train_loop(load(tiny_model_dir), load(tiny_model_dir), rows, no_pad, steps=2,
+                                 batch_size=BATCH_SIZE, learning_rate=1e-3)
+    assert scratch.pad_token_id(no_pad) == no_pad.eos_token_id  # what notebook 00 pads its batch with
+    with pytest.raises(ValueError, match="pad_token_id is None"):
+        scratch.collate_pairs([scratch.tokenize_pair(rows[0], no_pad)], no_pad.pad_token_id)
+    trl_history = trl_run(tiny_model_dir, no_pad, rows, steps=2, output_dir=tmp_path)  # TRL sets its pad to eos
+    gaps = scratch.history_gaps(history, trl_history, metrics=("loss", "rewards/margins", "grad_norm"))
+    assert history[-1]["rewards/margins"] != 0 and max(gaps.values()) < 1e-5, gaps
+
+
 def test_beta_sweep_margin_is_linear_in_beta():
     logps = [torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -19.0]), torch.tensor([-11.0, -21.0]),
              torch.tensor([-11.0, -20.0])]  # h = [2, 0]

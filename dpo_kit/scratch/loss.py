@@ -206,13 +206,26 @@ def tokenize_pair(row: dict, tokenizer) -> dict[str, list[int]]:
     }
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token or, where it has none (Llama 3, GPT-2), its eos, as TRL's
+    DPOTrainer chooses. Padding sits right of every sequence and is masked out, so its id changes no log-prob."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with: set tokenizer.pad_token")
+    return pad_id
+
+
 def collate_pairs(pairs: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Stack B tokenized pairs into one batch of 2B rows: all chosen first, then all rejected.
 
     Returns input_ids, attention_mask and completion_mask (1 on response tokens), right-padded.
     Putting both halves in one batch lets a single forward pass score chosen and rejected, which is
     what TRL does: half the kernel launches, and both halves see identical weights and dropout masks.
+    `pad_token_id(tokenizer)` gives the id to pad with, also for a tokenizer without a pad token.
     """
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None (the tokenizer has no pad token): pass pad_token_id(tokenizer),"
+                         " which pads with the eos as TRL does")
     sequences, masks = [], []
     for half in ("chosen_ids", "rejected_ids"):
         for pair in pairs:
@@ -343,7 +356,7 @@ def train_loop(
     history = []
     for step in range(steps):
         start = (step % batches_per_epoch) * batch_size
-        batch = collate_pairs(pairs[start : start + batch_size], tokenizer.pad_token_id)
+        batch = collate_pairs(pairs[start : start + batch_size], pad_token_id(tokenizer))
         metrics = train_step(policy, reference, batch, optimizer, beta=beta, loss_type=loss_type,
                              label_smoothing=label_smoothing, max_grad_norm=max_grad_norm)
         history.append({"step": step + 1, **metrics})
