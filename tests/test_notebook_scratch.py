@@ -10,6 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tests.notebook_warnings import warning_lines
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "00_dpo_from_scratch.ipynb"
 REQUIRED_PARAMETERS = {
@@ -79,11 +81,29 @@ def test_running_again_with_other_settings_moves_the_earlier_outputs_aside(tmp_p
     assert (out / "someone-elses-run").is_dir()
 
 
+def bf16_gpt2_without_pad_token(tiny_model_dir, path):
+    """A model_dir unlike the tiny model in three ways TRL handles: a checkpoint saved in bf16 (TRL loads a path in
+    fp32), nn.Dropout layers of 0.1 (TRL sets them to 0) and a tokenizer without a pad token (TRL pads with eos)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = None
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.mark.notebook
-def test_notebook_runs_and_trl_matches_the_scratch_loop(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("model", ["tiny", "bf16 gpt2 without pad token"])
+def test_notebook_runs_and_trl_matches_the_scratch_loop(tmp_path, tiny_model_dir, model):
     import papermill
 
     steps = 8
+    model_dir = tiny_model_dir if model == "tiny" else bf16_gpt2_without_pad_token(tiny_model_dir, tmp_path / "model")
     executed_path = tmp_path / "executed.ipynb"
     papermill.execute_notebook(
         str(NOTEBOOK),
@@ -91,7 +111,7 @@ def test_notebook_runs_and_trl_matches_the_scratch_loop(tmp_path, tiny_model_dir
         parameters=dict(
             project_dir=str(REPO),
             run_dir=str(tmp_path / "run"),
-            model_dir=str(tiny_model_dir),  # the session's tiny model: nothing is written into the repo
+            model_dir=str(model_dir),  # a model outside the repo: nothing is written into it
             scratch_steps=steps,
         ),
         kernel_name="python3",
@@ -102,6 +122,7 @@ def test_notebook_runs_and_trl_matches_the_scratch_loop(tmp_path, tiny_model_dir
     executed = nbformat.read(executed_path, as_version=4)
     outputs = [output for cell in executed.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
+    assert not warning_lines(outputs)
     inline_figures = [output for output in outputs if "image/png" in output.get("data", {})]
     assert len(inline_figures) == 2  # training curves and the beta figure, shown inline
 
