@@ -139,3 +139,20 @@ def test_notebook_runs_and_trl_matches_the_scratch_loop(tmp_path, tiny_model_dir
         assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
         assert mine["rewards/margins"] == pytest.approx(theirs["rewards/margins"], abs=1e-4)
     assert curves["gaps"]["loss"] < 1e-4
+
+
+@pytest.mark.notebook
+def test_a_mistake_in_the_parameters_cell_is_named_before_anything_loads(tmp_path):
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError) as error:
+        papermill.execute_notebook(
+            str(NOTEBOOK), str(tmp_path / "executed.ipynb"),
+            parameters=dict(project_dir=str(REPO), run_dir=str(tmp_path / "run"), model_dir="no-such-model",
+                            batch_size=0),
+            kernel_name="python3", cwd=str(NOTEBOOK.parent), progress_bar=False,
+        )
+    # Before, batch_size = 0 failed two cells later in collate_pairs with "max() arg is an empty sequence".
+    assert error.value.ename == "ValueError"
+    assert error.value.evalue == "batch_size = 0: expected a whole number of at least 1"
+    assert not (tmp_path / "run").exists()  # refused before any output was written

@@ -7,6 +7,7 @@ model, so "matches TRL" means: same batch, same log-probs, same losses, same gra
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -243,6 +244,55 @@ def test_the_comparison_with_trl_refuses_a_loss_that_trl_computes_otherwise():
         scratch.check_comparable_with_trl("sigmoid", 0.2)
     scratch.check_comparable_with_trl("sigmoid", 0.0)
     scratch.check_comparable_with_trl("robust", 0.2)
+
+
+NOTEBOOK_DEFAULTS = {"scratch_steps": 30, "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
+                     "learning_rate": 2e-4, "batch_size": 4, "seed": 0, "betas_to_compare": [0.05, 0.1, 0.5]}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "valid"),
+    [
+        ("scratch_steps", 0, "at least 1"),  # failed in the batch cell with "max() arg is an empty sequence"
+        ("batch_size", 0, "at least 1"),
+        ("batch_size", 2.5, "whole number"),
+        ("seed", "0", "whole number"),
+        ("beta", 0, "above 0"),  # ipo failed with ZeroDivisionError; sigmoid trained nothing without a word
+        ("beta", -0.1, "above 0"),  # trained towards the rejected answers
+        ("learning_rate", float("nan"), "above 0"),
+        ("loss_type", "dpo", "sigmoid, ipo, hinge, robust"),
+        ("label_smoothing", 0.5, "< 0.5 with loss_type 'robust'"),
+        ("betas_to_compare", 0.1, "list of numbers above 0"),  # failed in the last cell: float is not iterable
+        ("betas_to_compare", [0.1, 0], "list of numbers above 0"),
+        ("betas_to_compare", [], "list of numbers above 0"),
+    ],
+)
+def test_notebook_settings_name_the_key_and_what_is_valid(key, value, valid):
+    scratch.check_notebook_settings(NOTEBOOK_DEFAULTS)
+    settings = {**NOTEBOOK_DEFAULTS, "loss_type": "robust" if key == "label_smoothing" else "sigmoid", key: value}
+    with pytest.raises(ValueError, match=rf"^{key} = .*{re.escape(valid)}"):
+        scratch.check_notebook_settings(settings)
+
+
+def test_notebook_settings_refuse_label_smoothing_where_trl_would_ignore_it_and_a_missing_model_dir(tmp_path):
+    for loss_type in ("ipo", "hinge"):
+        with pytest.raises(ValueError, match=rf"label_smoothing = 0.1: expected 0 with loss_type '{loss_type}'"):
+            scratch.check_notebook_settings({**NOTEBOOK_DEFAULTS, "loss_type": loss_type, "label_smoothing": 0.1})
+    with pytest.raises(ValueError, match="label_smoothing 0.1 with loss_type 'sigmoid'"):
+        scratch.check_notebook_settings({**NOTEBOOK_DEFAULTS, "label_smoothing": 0.1})
+    scratch.check_notebook_settings({**NOTEBOOK_DEFAULTS, "loss_type": "robust", "label_smoothing": 0.2})
+    # A misspelled model_dir failed in AutoTokenizer with "Repo id must be in the form 'repo_name' ...".
+    with pytest.raises(ValueError, match=r"model_dir = 'modle': .* is no saved model .*'' for the tiny model"):
+        scratch.check_notebook_settings(NOTEBOOK_DEFAULTS, "modle", tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    scratch.check_notebook_settings(NOTEBOOK_DEFAULTS, "model", tmp_path)
+
+
+def test_dpo_loss_refuses_a_beta_that_is_not_positive():
+    for beta in (0, 0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="beta must be above 0"):
+            scratch.dpo_loss(*PAIR, beta=beta, loss_type="ipo")
 
 
 def test_dpo_metrics_names_and_values():

@@ -21,6 +21,7 @@ Where TRL (1.16) and the papers disagree, the docstrings say which is followed a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,8 @@ def dpo_loss(
             raise ValueError("pass preference_prob or label_smoothing, not both: they are the same knob")
         label_smoothing = 1 - preference_prob
     eps = torch.as_tensor(label_smoothing, dtype=policy_chosen_logps.dtype, device=policy_chosen_logps.device)
+    if not beta > 0:  # 0 divides by zero in ipo and stops every loss learning; below 0 it prefers the rejected
+        raise ValueError(f"beta must be above 0, got {beta!r}: it scales the log-ratios, r = beta * log(pi / pi_ref)")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if loss_type not in LOSS_TYPES_WITH_LABEL_SMOOTHING and bool((eps != 0).any()):
@@ -372,6 +375,48 @@ def check_comparable_with_trl(loss_type: str, label_smoothing: float) -> None:
             " while dpo_loss applies conservative DPO, so the from-scratch and TRL runs would train different losses."
             " Set label_smoothing = 0.0, or loss_type = 'robust' (which both read)"
         )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_notebook_settings(settings: dict, model_dir: str = "", project_dir: str | Path = ".") -> None:
+    """Refuse a mistake in notebook 00's parameters cell before anything loads, naming the key and what is valid.
+
+    `settings` holds scratch_steps, batch_size, seed, beta, learning_rate, loss_type, label_smoothing and
+    betas_to_compare; `model_dir` ('' for the tiny model) is resolved from `project_dir` as the notebook does.
+    """
+
+    def refuse(key: str, valid: str):
+        raise ValueError(f"{key} = {settings[key]!r}: {valid}")
+
+    for key in ("scratch_steps", "batch_size"):
+        if not (isinstance(settings[key], int) and not isinstance(settings[key], bool) and settings[key] >= 1):
+            refuse(key, "expected a whole number of at least 1")
+    if not (isinstance(settings["seed"], int) and not isinstance(settings["seed"], bool)):
+        refuse("seed", "expected a whole number")
+    for key in ("beta", "learning_rate"):
+        if not (_is_number(settings[key]) and settings[key] > 0):
+            refuse(key, "expected a number above 0")
+    loss_type, eps = settings["loss_type"], settings["label_smoothing"]
+    if loss_type not in LOSS_TYPES:
+        refuse("loss_type", f"expected one of {', '.join(LOSS_TYPES)}")
+    if not _is_number(eps):
+        refuse("label_smoothing", "expected a number")
+    if loss_type == "robust" and not 0 <= eps < 0.5:
+        refuse("label_smoothing", "expected 0 <= label_smoothing < 0.5 with loss_type 'robust' (it divides by 1 - 2*eps)")
+    if loss_type in ("ipo", "hinge") and eps != 0:
+        refuse("label_smoothing", f"expected 0 with loss_type {loss_type!r}, which has no label noise; 'robust' reads it")
+    check_comparable_with_trl(loss_type, eps)
+    betas = settings["betas_to_compare"]
+    if not (isinstance(betas, (list, tuple)) and betas and all(_is_number(b) and b > 0 for b in betas)):
+        refuse("betas_to_compare", "expected a non-empty list of numbers above 0, e.g. [0.05, 0.1, 0.5]")
+    if model_dir:
+        path = Path(project_dir) / model_dir
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model_dir = {model_dir!r}: {path} is no saved model (a folder holding config.json);"
+                             " expected such a folder, relative to project_dir or absolute, or '' for the tiny model")
 
 
 def history_from_trl(log_history: list[dict]) -> list[dict[str, float]]:
