@@ -535,3 +535,19 @@ def test_beta_sweep_margin_is_linear_in_beta():
     assert [row["rewards/margins"] for row in sweep] == pytest.approx([0.05, 0.1, 0.5])  # beta * mean(h)
     losses = [row["loss"] for row in sweep]
     assert losses == sorted(losses, reverse=True)  # a larger beta rewards the same margin more
+
+
+def test_the_ln2_line_is_drawn_only_where_the_runs_start_at_ln2():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dpo_kit.scratch.plots import plot_training_curves
+
+    def labels(first_loss):
+        history = [{"step": 1, "loss": first_loss, "rewards/margins": 0.0}, {"step": 2, "loss": 0.5, "rewards/margins": 0.1}]
+        figure = plot_training_curves({"from scratch": history})
+        return [line.get_label() for line in figure.axes[0].lines]
+
+    assert "ln 2" in labels(LN2)  # sigmoid and robust start there
+    assert "ln 2" not in labels(1.0)  # hinge starts at relu(1 - 0) = 1
+    assert "ln 2" not in labels(25.0)  # ipo at (1 / (2 * 0.1))^2

@@ -28,8 +28,9 @@ def plot_training_curves(
             ax.plot([entry["step"] for entry in history], [entry[metric] for entry in history],
                     style, markersize=3, label=label)
         ax.set(title=metric, xlabel="optimizer step")
-        if metric == "loss":
-            # Where every sigmoid run starts (policy == reference); a curve parked here is not learning.
+        if metric == "loss" and any(history and abs(history[0]["loss"] - math.log(2)) < 1e-3 for history in histories.values()):
+            # Where a sigmoid or robust run starts (policy == reference); a curve parked here is not learning.
+            # IPO and hinge start elsewhere ((1/(2 beta))^2 and 1), where this line would mark nothing.
             ax.axhline(math.log(2), color="gray", linewidth=0.8, linestyle=":", label="ln 2")
         ax.legend()
     fig.tight_layout()
