@@ -554,6 +554,15 @@ class Params(Section):
                 " unless dpo.disable_dropout is false (its default is true). Set dpo.disable_dropout: false to train"
                 " with LoRA dropout, dpo.disable_dropout: true to keep TRL's choice as it stands, or lora.dropout: 0"
             )
+        beta = self.dpo.get("beta", dpo_config_defaults()["beta"])
+        if isinstance(beta, (int, float)) and beta <= 0:
+            # DPOConfig takes any float: at 0 every loss sits at ln 2 with no gradient (trl#1627), ipo divides by it,
+            # and a negative beta trains towards the rejected responses without a word.
+            raise ValueError(
+                f"dpo.beta {beta:g} must be above 0: at 0 the DPO loss stays at ln 2 and trains nothing (trl#1627),"
+                " below 0 it pushes the policy towards the rejected responses. TRL's default is 0.1; larger keeps the"
+                " policy closer to the reference"
+            )
         smoothing = self.dpo.get("label_smoothing", 0.0)
         losses = self.dpo.get("loss_type", dpo_config_defaults()["loss_type"])  # a list: validate_dpo_section
         if smoothing and not set(losses) & LABEL_SMOOTHING_LOSSES:

@@ -450,6 +450,16 @@ def test_label_smoothing_that_the_loss_ignores_is_refused():
     assert load_params(tiny, ["dpo.label_smoothing=0.1", "dpo.loss_type=[sigmoid,aot]"]).dpo["loss_type"] == ["sigmoid", "aot"]
 
 
+def test_a_beta_not_above_zero_is_refused_where_trl_takes_it():
+    """TRL's DPOConfig takes any float for beta: at 0 the loss stays at ln 2 without a gradient (trl#1627), and a
+    negative beta trains towards the rejected responses; the kit refuses both when the params are read."""
+    tiny = REPO / "params" / "tiny.yaml"
+    for beta in ("0", "-0.1"):
+        with pytest.raises(ParamsError, match=rf"dpo.beta {beta} must be above 0: at 0 the DPO loss stays at ln 2"):
+            load_params(tiny, [f"dpo.beta={beta}"])
+    assert load_params(tiny, ["dpo.beta=0.05"]).dpo["beta"] == 0.05
+
+
 REFUSED_LOSS_SETTINGS = {  # dpo section -> what the kit says, and what TRL's DPOTrainer says when it is built
     "exo_pair without label smoothing": ({"loss_type": ["exo_pair"]}, r"dpo.loss_type exo_pair needs dpo.label_smoothing above 0",
                                          r"Label smoothing must be greater than 0.0 when using 'exo_pair'"),
