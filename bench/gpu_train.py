@@ -20,7 +20,8 @@ issue 7 for the sentiment recipe's train stage on SmolLM2's shape:
         --checks auto --set data.max_rows=64
 
 It runs on a CPU too (slowly), which is how it was tried here; no test depends on a GPU. Each run is a new
-directory (`<output-dir>/<shape>-<check>-<n>`): an earlier check is never overwritten.
+directory (`<output-dir>/<shape>-<check>-<n>`), and each invocation's results a new file
+(`<output-dir>/<shape>-results-<n>.json`, written after every check): an earlier check is never overwritten.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ def model_dir(output_dir: Path, shape: str, seed: int) -> Path:
     return path
 
 
-def new_run_name(output_dir: Path, stem: str) -> str:
+def new_run_name(output_dir: Path, stem: str, suffix: str = "") -> str:
+    """`<stem>-<n><suffix>` with the first n that names nothing in `output_dir` yet."""
     n = 1
-    while (output_dir / f"{stem}-{n}").exists():
+    while (output_dir / f"{stem}-{n}{suffix}").exists():
         n += 1
-    return f"{stem}-{n}"
+    return f"{stem}-{n}{suffix}"
 
 
 def run_check(args, check: str, model: Path) -> dict:
@@ -117,10 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown check(s) {', '.join(unknown)}; known: {', '.join(CHECKS)}")
     args.output_dir = args.output_dir.resolve()
     model = model_dir(args.output_dir, args.shape, args.seed)
-    results = [run_check(args, check, model) for check in checks]
-    report = table(args.shape, results)
-    print(report)
-    (args.output_dir / f"{args.shape}-results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # One results file per invocation, rewritten after every check: a second invocation never overwrites the first's,
+    # and a command cut off by a time limit keeps the checks it finished.
+    results_file = args.output_dir / new_run_name(args.output_dir, f"{args.shape}-results", ".json")
+    results = []
+    for check in checks:
+        results.append(run_check(args, check, model))
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(args.shape, results))
+    print(f"gpu_train: results in {results_file}")
     return max(r["exit"] for r in results)
 
 
