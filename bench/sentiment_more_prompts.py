@@ -70,7 +70,8 @@ def main() -> int:
     args = parser.parse_args()
     if not args.report_only:
         write_prompts()
-        command = [str(REPO / ".venv/bin/dpo-kit"), "run", "params/smollm2-135m-sentiment.yaml", "--quiet",
+        # This interpreter's kit (`python -m`), not <repo>/.venv/bin/dpo-kit: a conda environment has no .venv.
+        command = [sys.executable, "-m", "dpo_kit.run.cli", "run", "params/smollm2-135m-sentiment.yaml", "--quiet",
                    "--stages", "format,train", "--set", f"run.name={RUN.name}",
                    "--set", f"data.generate.prompts={PROMPTS.relative_to(REPO)}", "--set", "data.max_rows=1152",
                    "--set", "dpo.max_steps=-1", "--set", "dpo.num_train_epochs=1",

@@ -48,7 +48,8 @@ def run_seed(seed: int) -> None:
     if manifest.is_file() and json.loads(manifest.read_text()).get("status") == "completed":
         print(f"seed {seed}: already completed in {run_dir(seed)}")
         return
-    command = [str(REPO / ".venv/bin/dpo-kit"), "run", RECIPE, "--set", f"run.seed={seed}",
+    # This interpreter's kit (`python -m`), not <repo>/.venv/bin/dpo-kit: a conda environment has no .venv.
+    command = [sys.executable, "-m", "dpo_kit.run.cli", "run", RECIPE, "--set", f"run.seed={seed}",
                "--set", f"run.name={run_dir(seed).name}"]  # fmt: skip
     subprocess.run(command, cwd=REPO, check=True)
 

@@ -122,3 +122,75 @@ def test_gpu_train_refuses_an_unknown_check_or_shape_before_building_anything(tm
         bench.main(["--shape", "llama-7b", "--output-dir", str(tmp_path)])
     assert "invalid choice: 'llama-7b'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+# --- the sentiment benches ------------------------------------------------------------------------------------------
+
+
+def test_sentiment_more_prompts_triples_the_bundled_prompts_and_runs_this_interpreters_kit(tmp_path, monkeypatch, capsys):
+    from dpo_kit.bundled import movie_review_prompts
+    from dpo_kit.params import load_params
+
+    bench = load_bench("sentiment_more_prompts")
+    rows = [json.loads(line) for line in bench.prompts_text().splitlines()]
+    texts = {json.dumps(row["prompt"] if "prompt" in row else row, sort_keys=True) for row in rows}
+    assert len(rows) == len(texts) == 1152
+    bundled = movie_review_prompts(seed=0, prefill=True)
+    assert {json.dumps(row.get("prompt", row), sort_keys=True) for row in bundled} <= texts
+
+    monkeypatch.setattr(bench, "PROMPTS", tmp_path / "prompts" / "prompts.jsonl")
+    monkeypatch.setattr(bench, "RUN", tmp_path / "run")
+    monkeypatch.setattr(bench, "REPO", tmp_path)
+    commands = []
+
+    def run(command, cwd=None, check=False):
+        commands.append(command)
+        write_jsonl(tmp_path / "run" / "train_log.jsonl", [{"step": 25, "eval_rewards/accuracies": 0.8}, {"step": 27, "loss": 0.5}])
+        report = {"rows_read": 1152, "n_train": 800, "n_eval": 270, "rows_dropped": 82}
+        (tmp_path / "run" / "data" / "report.json").parent.mkdir(parents=True)
+        (tmp_path / "run" / "data" / "report.json").write_text(json.dumps(report))
+
+    monkeypatch.setattr(bench, "subprocess", SimpleNamespace(run=run))
+    monkeypatch.setattr(sys, "argv", ["sentiment_more_prompts.py"])
+    assert bench.main() == 0
+    subcommand, params_file, flags, overrides = split_kit_command(commands[0])
+    assert (subcommand, params_file, flags) == ("run", "params/smollm2-135m-sentiment.yaml", ["--quiet", "--stages", "format,train"])
+    params = load_params(REPO / params_file, overrides)  # every override names a key the params still have
+    assert (params.data.max_rows, params.data.generate.prompts, params.dpo["eval_steps"]) == (1152, "prompts/prompts.jsonl", 25)
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "1152 prompts: 800 training pairs, 270 held-out pairs, 82 dropped (data/dropped.jsonl); one epoch of 27 steps",
+        "held-out implicit-reward accuracy at steps 25: 0.80"]
+
+
+def test_sentiment_seeds_runs_the_recipe_with_this_interpreters_kit_and_tables_the_runs(tmp_path, monkeypatch):
+    """It ran <repo>/.venv/bin/dpo-kit, which a conda environment (or a checkout without .venv) does not have:
+    FileNotFoundError before the first seed. It now runs `python -m dpo_kit.run.cli` with its own interpreter."""
+    from dpo_kit.params import load_params
+
+    bench = load_bench("sentiment_seeds")
+    monkeypatch.setattr(bench, "run_dir", lambda seed: tmp_path / f"smollm2-135m-sentiment-seed{seed}")
+    commands = []
+    monkeypatch.setattr(bench, "subprocess", SimpleNamespace(run=lambda command, cwd=None, check=False: commands.append(command)))
+    bench.run_seed(3)
+    subcommand, params_file, flags, overrides = split_kit_command(commands[0])
+    assert (subcommand, params_file, flags) == ("run", bench.RECIPE, [])
+    params = load_params(REPO / params_file, overrides)
+    assert (params.run.seed, params.run.name) == (3, "smollm2-135m-sentiment-seed3")
+
+    metrics = {"judge/reference_score": 0.1, "judge/policy_score": 0.6, "win_rate": 0.8, "win_rate/ci_low": 0.7,
+               "win_rate/ci_high": 0.9, "win_rate/n": 40, "kl": 1.5, "rewards/accuracies": 0.75,
+               "text/reference_distinct_2": 0.9, "text/policy_distinct_2": 0.8,
+               "per_pair": {"reward_margins": [1.0, -1.0, 2.0], "reference_chosen_logps": [-1.0, -5.0, -2.0],
+                            "reference_rejected_logps": [-2.0, -4.0, -1.0]}}  # fmt: skip
+    for seed in (3, 4):
+        (tmp_path / f"smollm2-135m-sentiment-seed{seed}").mkdir()
+        (tmp_path / f"smollm2-135m-sentiment-seed{seed}" / "metrics.json").write_text(json.dumps(metrics))
+        (tmp_path / f"smollm2-135m-sentiment-seed{seed}" / "manifest.json").write_text(json.dumps(
+            {"status": "completed", "created": "2026-01-01T10:00:00", "finished": "2026-01-01T10:09:00"}))
+    bench.run_seed(3)
+    assert len(commands) == 1, "a completed seed is not run again"
+    table = bench.table([3, 4]).splitlines()
+    assert table[2] == "| 3 | 0.10 | 0.60 | 0.80 [0.70, 0.90] | 1.50 | 0.75 | 0.90 | 0.80 | 40 | 9.0 min |"
+    assert table[-1].startswith("| mean ± sd | 0.10 ± 0.00 |")
+    split = bench.reference_split_table([3]).splitlines()
+    assert split[2] == "| 3 | 1, 1.00 | 2, 0.50 | 0.33 |"
