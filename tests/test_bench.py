@@ -124,7 +124,232 @@ def test_gpu_train_refuses_an_unknown_check_or_shape_before_building_anything(tm
     assert not any(tmp_path.iterdir())
 
 
+# --- bench/pipeline.py, bench/sweep.py ----------------------------------------------------------------------------
+
+
+def test_pipeline_measures_a_process_trees_peak_memory_and_names_a_failed_side():
+    bench = load_bench("pipeline")
+    child = "import time; x = b'x' * (300 * 2**20); time.sleep(1)"  # 0.3 GiB, in a child of the measured process
+    seconds, peak = bench.run_measured([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"])
+    assert seconds >= 1 and peak >= 0.29
+    with pytest.raises(SystemExit, match="(?s)failed:\n.*ZeroDivisionError"):
+        bench.run_measured([sys.executable, "-c", "1 / 0"])
+
+
+def test_sweep_bench_counts_a_copied_format_stage_as_nothing(tmp_path):
+    bench = load_bench("sweep")
+    stages = {"format": {"seconds": 5.0}, "train": {"seconds": 2.0}, "merge": {"seconds": 0.5},
+              "generate": {"seconds": 1.0}, "evaluate": {"seconds": 1.5}}  # fmt: skip
+    for name, format_entry in (("a", stages["format"]), ("b", {"seconds": 5.0, "reused_from": "a"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"stages": {**stages, "format": format_entry}}))
+    assert bench.stage_seconds([tmp_path / "a", tmp_path / "b"]) == {
+        "format": 5.0, "train": 4.0, "merge": 1.0, "generate": 2.0, "evaluate": 3.0}
+
+
+# --- bench/train_throughput.py ------------------------------------------------------------------------------------
+
+
+def test_train_throughput_times_the_kit_from_the_cache_and_bare_trl_on_the_same_pairs(tiny_model_dir, tmp_path, monkeypatch):
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bench = load_bench("train_throughput")
+    monkeypatch.setitem(os.environ, "DPO_KIT_CACHE", str(tmp_path / "cache"))
+    args = SimpleNamespace(params="params/tiny.yaml", data_from=None, train_set=[],
+                           set=[f"model.name_or_path={tiny_model_dir}", "data.max_rows=40"])  # fmt: skip
+    pairs = bench.prepare_pairs(args, tmp_path)
+    assert len((pairs / "data" / "train.jsonl").read_text().splitlines()) == 36
+    args.data_from = str(pairs)
+    assert bench.prepare_pairs(args, tmp_path) == pairs, "--data-from takes a run made with the same data params"
+    with pytest.raises(SystemExit, match="cannot stand for these params: .*max_rows"):
+        bench.prepare_pairs(SimpleNamespace(**{**vars(args), "set": args.set[:1]}), tmp_path)
+
+    args.train_set = ["dpo.max_steps=3", "dpo.logging_steps=3", "dpo.save_steps=3", "dpo.precompute_ref_log_probs=true"]
+    times = bench.StepTimes()
+    import transformers
+
+    monkeypatch.setattr(transformers.trainer, "DEFAULT_CALLBACKS", [*transformers.trainer.DEFAULT_CALLBACKS, bench.step_timer(times)])
+    bench.kit_side(args, pairs, tmp_path, "kit-warm-up", times)
+    assert bench.kit_side(args, pairs, tmp_path, "kit-0", times) > 0 and len(times.ends) == 3
+    assert "{'train': 'hit'}" in bench.SETTINGS["kit"], "the second kit run reads the reference log-probs from the cache"
+    assert bench.trl_side(args, pairs, tmp_path, True, 3, times) > 0 and len(times.ends) == 3
+    assert "'bf16': False" in bench.SETTINGS["TRL tuned"] and "'gradient_checkpointing': False" in bench.SETTINGS["TRL tuned"]
+    times.ends[:] = times.ends[:1]
+    with pytest.raises(SystemExit, match="fewer than 2 steps"):
+        times.seconds_per_step()
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert 10 < bench.real_tokens_per_pair(pairs, tokenizer, 256) <= 2 * 256
+    assert bench.real_tokens_per_pair(pairs, tokenizer, 8) == 2 * 8, "cut at max_length as TRL cuts"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.lm_head.weight.numel() < bench.linear_weights(model) < 2 * sum(p.numel() for p in model.parameters())
+    assert bench.matmul_peak(size=64, repeats=2) > 0
+
+
 # --- the sentiment benches ------------------------------------------------------------------------------------------
+
+
+def sample_row(index: int, scores: list[float]) -> dict:
+    prompt = [{"role": "user", "content": f"Review film {index}."}, {"role": "assistant", "content": "The film"}]
+    samples = [f"sample {index}.{k} " + "word " * (k + 1) for k in range(len(scores))]
+    return {"prompt": prompt, "samples": samples, "scores": scores, "cut": [k % 2 == 0 for k in range(len(scores))]}
+
+
+def fake_seed_run(run: Path, rows: list[dict], min_score_gap: float = 0.3, held_out: int = 2) -> None:
+    """A format stage of the sentiment recipe as far as the benches read it: samples.jsonl, and train/eval.jsonl
+    with each kept row's best/worst pair on its prompt 'rendered' (here: the prompt's text with a marker)."""
+    from dpo_kit.data.drops import DropRow
+    from dpo_kit.data.on_policy import ranked_pair
+
+    write_jsonl(run / "data" / "samples.jsonl", rows)
+    pairs = []
+    for row in rows:
+        try:
+            pair = ranked_pair(min_score_gap)(row)
+        except DropRow:
+            continue
+        pairs.append({"prompt": "<rendered>" + row["prompt"][0]["content"], "chosen": pair["chosen"][0]["content"],
+                      "rejected": pair["rejected"][0]["content"]})  # fmt: skip
+    write_jsonl(run / "data" / "train.jsonl", pairs[held_out:])
+    write_jsonl(run / "data" / "eval.jsonl", pairs[:held_out])
+
+
+def test_sentiment_more_pairs_takes_other_seeds_pairs_for_seed_0s_training_prompts_only(tmp_path, monkeypatch):
+    from dpo_kit.data.on_policy import ranked_pair
+
+    bench = load_bench("sentiment_more_pairs")
+    seeds = [tmp_path / f"seed{seed}" for seed in range(3)]
+    fake_seed_run(seeds[0], [sample_row(i, [0.9, 0.1, -0.5, 0.2]) for i in range(5)] + [sample_row(5, [0.1, 0.1, 0.2, 0.1])])
+    fake_seed_run(seeds[1], [sample_row(i, [0.0, 0.95, -0.9, 0.3]) for i in range(6)])
+    fake_seed_run(seeds[2], [sample_row(i, [0.0, 0.0, 0.0, 0.0]) for i in range(6)])  # no gap: no pairs
+    monkeypatch.setattr(bench, "SEED_RUNS", seeds)
+    convert = ranked_pair(0.3)
+    train_prompts, eval_prompts = bench.seed0_prompts(convert)
+    assert sorted(eval_prompts.values()) == ["<rendered>Review film 0.", "<rendered>Review film 1."]
+    assert sorted(train_prompts.values()) == [f"<rendered>Review film {i}." for i in (2, 3, 4)], "film 5: dropped"
+
+    pairs = bench.training_pairs(3, train_prompts, convert)
+    assert len(pairs) == 3 + 3, "seed 0's own 3, seed 1's for the same 3 prompts, none of seed 2 (no score gap)"
+    assert pairs[3] == {"prompt": "<rendered>Review film 2.", "chosen": "sample 2.1 word word ", "rejected": "sample 2.2 word word word "}
+    pooled = bench.pooled_pairs(2, train_prompts, convert)
+    assert [(p["chosen"], p["rejected"]) for p in pooled][0] == ("sample 2.1 word word ", "sample 2.2 word word word ")
+    every = bench.all_pairs(train_prompts, 0.3)
+    assert len(every) == 3 * 5, "of scores 0.9, 0.1, -0.5, 0.2 five pairs differ by 0.3 or more"
+    assert [len(split) for split in bench.round_two_pairs(seeds[1], eval_prompts)] == [4, 2]
+    with pytest.raises(SystemExit, match="trains on 1 of seed 0's held-out prompts"):
+        bench.round_two_pairs(seeds[1], {"key": "<rendered>Review film 2."})
+    assert bench.curve_cells({"11": 0.5, "22": 0.75, "34": 0.625}) == ("0.50, 0.75, 0.62", "0.62", "0.75")
+
+
+def test_sentiment_more_pairs_trains_one_epoch_and_reads_trls_held_out_accuracy(tiny_model_dir, tmp_path):
+    from dpo_kit.params import load_params
+
+    bench = load_bench("sentiment_more_pairs")
+    params = load_params(REPO / "params" / "smollm2-135m-sentiment.yaml", [f"model.name_or_path={tiny_model_dir}"])
+    rows = [{"prompt": f"Review {i}: The film", "chosen": " was a joy.", "rejected": " was dull."} for i in range(10)]
+    result = bench.train("one", rows, {"recipe": rows[:4], "second": rows[4:]}, params, out=tmp_path, note="kept")
+    assert (result["pairs"], result["steps"], result["eval_pairs"], result["note"]) == (10, 2, {"recipe": 4, "second": 6}, "kept")
+    assert set(result["accuracy_by_step"]) == {"recipe", "second"}
+    assert all(list(curve) == [2] and 0 <= curve[2] <= 1 for curve in result["accuracy_by_step"].values())
+    assert bench.existing_result("one", tmp_path)["pairs"] == 10
+    (tmp_path / "half").mkdir()
+    with pytest.raises(SystemExit, match="unfinished attempt"):
+        bench.existing_result("half", tmp_path)
+
+
+def test_sentiment_length_rescores_with_a_lower_floor_and_splits_as_the_format_stage(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from dpo_kit.chat_templates import render_prompt
+    from dpo_kit.params import load_params
+
+    bench = load_bench("sentiment_length")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = lambda i: [{"role": "user", "content": f"Review film {i}."}, {"role": "assistant", "content": "The film"}]  # noqa: E731
+    # VADER with the floor at 3 words: +0.82 (10 words), -0.15, -0.82, 0.0 (all under the recipe's floor of 8)
+    samples = ["was a wonderful joy to watch from start to end", "was truly bad", "was a terrible awful mess", "was a film"]
+    rows = [{"prompt": prompt(i), "samples": samples} for i in range(8)]
+    rows.append({"prompt": prompt(8), "samples": ["was a film"] * 4})  # a score gap of 0: dropped
+    write_jsonl(tmp_path / "data" / "samples.jsonl", rows)
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"prompt": render_prompt(tokenizer, rows[0]["prompt"])}])
+    write_jsonl(tmp_path / "data" / "eval.jsonl", [])
+    params = load_params(REPO / "params" / "smollm2-135m-sentiment.yaml")
+    train, held_out, counts = bench.rescored_pairs(tmp_path, params, 3, tokenizer)
+    assert len(train) + len(held_out) == 8 and len(held_out) == 2 and counts == {"dropped": 1, "floor_of_8_would_decide": 8}
+    assert {(p["chosen"], p["rejected"]) for p in train + held_out} == {(samples[0], samples[2])}
+    assert {p["prompt"] for p in train + held_out} == {render_prompt(tokenizer, prompt(i)) for i in range(8)}
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"prompt": "rendered by another template"}])
+    with pytest.raises(SystemExit, match="no prompt renders as its format stage rendered it"):
+        bench.rescored_pairs(tmp_path, params, 3, tokenizer)
+
+
+def test_sentiment_cut_eos_flags_cut_responses_and_its_trainer_drops_only_their_eos(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from dpo_kit.hardware import choose_hardware
+    from dpo_kit.params import load_params
+    from dpo_kit.training.train import build_dpo_config, build_trainer
+
+    bench = load_bench("sentiment_cut_eos")
+    assert bench.recorded_cut([{"samples": ["a b"], "scores": [0.1]}]) is None, "a run sampled before `cut` existed"
+    recorded = bench.recorded_cut([{"samples": ["x", "y", "z"], "cut": [True, False, True]},
+                                   {"samples": ["x", "z"], "cut": [True, False]}])  # fmt: skip
+    assert recorded == {"x": True, "y": False}, "a text flagged both ways is left to its length"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"prompt": "Review: The film", "chosen": "x", "rejected": "y"},
+            {"prompt": "Review: The film", "chosen": " was " * 20, "rejected": "z"}]  # fmt: skip
+    marked, lengths = bench.mark_cut(rows, tokenizer, 16, recorded)
+    assert [(r["chosen_cut"], r["rejected_cut"]) for r in marked] == [(True, False), (True, False)]
+    assert sum(lengths.values()) == 4
+
+    params = load_params(REPO / "params" / "smollm2-135m-sentiment.yaml", [f"model.name_or_path={tiny_model_dir}"])
+    hardware = choose_hardware()
+    trainer = build_trainer(params, str(tiny_model_dir), hardware, build_dpo_config(params, tmp_path, hardware), tokenizer,
+                            Dataset.from_list(marked), {"trl": Dataset.from_list(rows), "cut": Dataset.from_list(marked)},
+                            trainer_class=bench.without_cut_eos_trainer(tokenizer.eos_token_id))  # fmt: skip
+    eos = tokenizer.eos_token_id
+    for dataset in (trainer.train_dataset, trainer.eval_dataset["cut"]):
+        assert [(row["chosen_ids"][-1] == eos, row["rejected_ids"][-1] == eos) for row in dataset] == [(False, True)] * 2
+    assert all(row["chosen_ids"][-1] == eos for row in trainer.eval_dataset["trl"]), "rows without flags: TRL's eos"
+
+
+def test_sentiment_judge_agreement_groups_held_out_pairs_by_the_other_lexicons(tmp_path, monkeypatch, capsys):
+    bench = load_bench("sentiment_judge_agreement")
+    held_out = [{"prompt": "p", "chosen": "a great film", "rejected": "a bad film"},
+                {"prompt": "p", "chosen": "fine", "rejected": "awful"},
+                {"prompt": "p", "chosen": "good", "rejected": "great"}]  # fmt: skip
+    write_jsonl(tmp_path / "data" / "eval.jsonl", held_out)
+    write_jsonl(tmp_path / "data" / "train.jsonl", held_out[:2])
+    (tmp_path / "metrics.json").write_text(json.dumps({"num_pairs_dropped": 0, "rewards/accuracies": 2 / 3,
+                                                       "per_pair": {"reward_margins": [0.5, -0.1, 0.2]}}))  # fmt: skip
+    assert bench.agreement([1.0, 0.0, -2.0, 3.0]) == "0.50 (ties 0.25)"
+    words = {"great": 2, "good": 1, "fine": 0.5, "bad": -1, "awful": -2}
+    lexicon = lambda text: sum(words.get(w, 0) for w in text.split())  # noqa: E731
+    monkeypatch.setattr(bench, "other_lexicons", lambda: {"AFINN": lexicon, "TextBlob": lambda text: -lexicon(text)})
+    monkeypatch.setattr(sys, "argv", ["sentiment_judge_agreement.py", str(tmp_path)])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "| AFINN | 1.00 (ties 0.00) | 0.67 (ties 0.00) |" in out and "| TextBlob | 0.00 (ties 0.00) | 0.33 (ties 0.00) |" in out
+    assert "| one agrees | 3 | 0.67 |" in out and "| both agree | 0 | - |" in out
+
+
+def test_sentiment_reward_model_trains_a_score_head_and_scores_the_held_out_pairs(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from dpo_kit.params import load_params
+
+    bench = load_bench("sentiment_reward_model")
+    monkeypatch.setattr(bench, "EPOCHS", 1)
+    params = load_params(REPO / "params" / "smollm2-135m-sentiment.yaml", [f"model.name_or_path={tiny_model_dir}"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    rows = [{"prompt": f"Review {i}: The film", "chosen": " was a joy.", "rejected": " was dull.", "extra": 1} for i in range(12)]
+    result = bench.train_reward_model(params, str(tiny_model_dir), tokenizer, rows, rows[:5], 1e-3, 0, tmp_path)
+    assert (result["steps"], result["epochs"], [point["step"] for point in result["held_out"]]) == (2, 1, [2])
+    assert 0 <= result["held_out"][0]["accuracy"] <= 1 and result["train_log"]
 
 
 def test_sentiment_more_prompts_triples_the_bundled_prompts_and_runs_this_interpreters_kit(tmp_path, monkeypatch, capsys):
