@@ -459,3 +459,49 @@ def test_a_run_that_would_generate_for_more_prompts_than_were_held_out_stops_bef
     assert started == []
     save_params(params_to_dict(load_params(TINY_PARAMS, ["generate.num_prompts=3"])), params_file)
     runner.refuse_prompts_generate_would_refuse(run_dir, params_file, "train")  # three asked, three held out: fine
+
+
+def test_the_runner_process_leaves_torch_transformers_and_trl_to_its_kernel(tmp_path, tiny_model_dir):
+    """The stages' kernel imports the ML stack anyway; the runner process beside it stays light. Reading the params
+    for the check before training imported TRL (with transformers and torch) into the runner, ~0.4 GiB more on top
+    of the kernel's for the rest of the run (bench/pipeline.py's process-tree peak: 0.75 -> 1.10 GiB)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom dpo_kit.run.runner import run_pipeline\n"
+        f"run_pipeline({str(TINY_PARAMS)!r}, ['model.name_or_path={tiny_model_dir}', 'run.output_dir={tmp_path}'],"
+        f" project_dir={str(REPO)!r}, progress=False)\n"
+        "print(sorted(name for name in ('torch', 'transformers', 'trl', 'peft') if name in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "tiny" / "manifest.json").read_text())["status"] == "completed"
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
+
+
+def test_the_check_before_training_refuses_from_the_kernel_as_in_the_runner(tmp_path, monkeypatch):
+    """Run in the shared kernel, the generate-prompts check still stops the run with the runner's own RunError."""
+    import papermill
+
+    from dpo_kit.run import runner
+
+    run_dir = tmp_path / "run"
+    (run_dir / "data").mkdir(parents=True)
+    held_out = [{"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": "a", "rejected": "b"} for i in range(3)]
+    (run_dir / "data" / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in held_out))
+    params_file = run_dir / "params.yaml"
+    save_params(params_to_dict(load_params(TINY_PARAMS, ["generate.num_prompts=8"])), params_file)
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: started.append(args))
+    kernel = runner.SharedKernel(tmp_path)
+    try:
+        with pytest.raises(RunError, match=r"generate.num_prompts is 8, but .*eval.jsonl holds 3 held-out prompts"
+                                           r".*Stopped before the train stage"):
+            runner._execute_stages(["train", "merge", "generate"], run_dir, params_file, tmp_path, tmp_path, kernel,
+                                   False, "refuse")  # fmt: skip
+        save_params(params_to_dict(load_params(TINY_PARAMS, ["generate.num_prompts=3"])), params_file)
+        assert kernel.call("refuse_prompts_generate_would_refuse", str(run_dir), str(params_file), "train") is None
+    finally:
+        kernel.shutdown()
+    assert started == []
