@@ -911,6 +911,13 @@ def missing_data_file(key: str, path: Path) -> str | None:
     return None if path.is_file() else f"{key}: file not found: {path}"
 
 
+def gguf_candidates(name_or_path: str, gguf_file: str, project_dir: str | Path = ".") -> tuple[Path, Path]:
+    """Where model.gguf_file may be on disk: a path (absolute, or relative to the project, never to the working
+    directory, which is notebooks/ in JupyterLab), or a file name inside the directory model.name_or_path."""
+    project = Path(project_dir)
+    return project / gguf_file, project / name_or_path / gguf_file
+
+
 def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
     """Files named in params must exist; raise naming the key and the path."""
     source = params.data.source
@@ -937,8 +944,11 @@ def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
         raise ParamsError(f"model.name_or_path: {local_model} holds no config.json, so it is no model directory (one"
                           " saved with save_pretrained, such as a run's merged/). For a GGUF file in it, set"
                           " model.gguf_file to the file's name")
-    if gguf_file and local_model.is_dir() and not (local_model / gguf_file).is_file() and not Path(gguf_file).is_file():
-        raise ParamsError(f"model.gguf_file: {gguf_file} is neither in {local_model} nor a file")
+    if gguf_file and local_model.is_dir() and not any(
+        candidate.is_file() for candidate in gguf_candidates(name, gguf_file, project_dir)
+    ):
+        raise ParamsError(f"model.gguf_file: {gguf_file} is neither in {local_model} nor a file (relative to"
+                          f" {Path(project_dir).resolve()})")
     config_file = params.launch.config_file
     if config_file and config_file not in SHIPPED_ACCELERATE_CONFIGS and not (Path(project_dir) / config_file).is_file():
         raise ParamsError(f"launch.config_file: {Path(project_dir) / config_file} not found; name one shipped with"

@@ -118,3 +118,23 @@ def test_a_hub_model_name_is_never_replaced_by_the_offline_copy(monkeypatch):
     params = load_params(REPO / "params/smollm2-135m-sentiment.yaml", ["model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct"])
     assert not uses_gguf(params)
     assert model_source(params, REPO) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_a_gguf_path_relative_to_the_project_is_accepted_from_any_working_directory(tmp_path, monkeypatch):
+    """In JupyterLab the kernel's working directory is notebooks/: the stage's check of params and the loader both
+    resolve model.gguf_file against the project, as `dpo-kit run` from the project does."""
+    from dpo_kit.params import check_local_files
+
+    project = tmp_path / "project"
+    (project / "downloads").mkdir(parents=True)
+    (project / "notebooks").mkdir()
+    (project / "downloads" / "my model.gguf").write_bytes(b"x")
+    monkeypatch.chdir(project / "notebooks")
+    params = load_params(REPO / "params/tiny.yaml", [
+        "model.name_or_path=downloads", "model.gguf_file=downloads/my model.gguf", "model.build_tiny_model=false"])
+    check_local_files(params, project)
+    assert locate_gguf("downloads", "downloads/my model.gguf", project) == project / "downloads" / "my model.gguf"
+    (project / "notebooks" / "other.gguf").write_bytes(b"x")  # beside the kernel, not in the project
+    with pytest.raises(ParamsError, match=r"model.gguf_file: other.gguf is neither in .*downloads nor a file"):
+        check_local_files(load_params(REPO / "params/tiny.yaml", [
+            "model.name_or_path=downloads", "model.gguf_file=other.gguf", "model.build_tiny_model=false"]), project)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dpo_kit.manifest import sha256_of
+from dpo_kit.params import gguf_candidates
 
 CONVERTED_MARKER = "dpo_kit_gguf.json"  # written last: a cache directory without it is incomplete
 
@@ -91,7 +92,7 @@ def locate_gguf(name_or_path: str, gguf_file: str | None, project_dir: str | Pat
     if not gguf_file:
         raise GgufError(f"model.gguf_file is not set for model '{name_or_path}'")
     project = Path(project_dir)
-    for candidate in (Path(gguf_file), project / gguf_file, project / name_or_path / gguf_file):
+    for candidate in gguf_candidates(name_or_path, gguf_file, project):
         if candidate.suffix == ".gguf" and candidate.is_file():
             return candidate.resolve()
     if (project / name_or_path).is_dir() or Path(name_or_path).is_absolute():
