@@ -1,21 +1,90 @@
 """GGUF models: locating the file, converting it once to safetensors, and the cache keyed by sha256.
 
-The conversion itself runs on the real SmolLM2 GGUF in tests/test_real_model.py (the real-model tier);
-here the cache logic runs with a stand-in converter, so it is checked in milliseconds.
+The conversion runs on the real SmolLM2 GGUF in tests/test_real_model.py (the real-model tier); here the cache
+logic runs with a stand-in converter, so it is checked in milliseconds, and the conversion on tiny GGUF files
+written with gguf-py's GGUFWriter (a second each).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from dpo_kit.models import gguf
-from dpo_kit.models.gguf import CONVERTED_MARKER, OFFLINE_GGUF_MODELS, GgufError, converted_gguf, locate_gguf
+from dpo_kit.models.gguf import (
+    CONVERTED_MARKER,
+    OFFLINE_GGUF_MODELS,
+    GgufConversionError,
+    GgufError,
+    converted_gguf,
+    locate_gguf,
+)
 from dpo_kit.params import ParamsError, load_params
 
 REPO = Path(__file__).resolve().parent.parent
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_gguf(path: Path, quantization: str = "F32", architecture: str = "llama", hidden: int = 32) -> Path:
+    """A one-layer llama GGUF with random weights and a byte-level BPE tokenizer, as llama.cpp exports write them."""
+    import gguf as gguf_py
+    import numpy as np
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *sorted(ByteLevel.alphabet()), "Ġt"]
+    writer = gguf_py.GGUFWriter(str(path), architecture)
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(2 * hidden)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf_py.TokenType.CONTROL] * 3 + [gguf_py.TokenType.NORMAL] * (len(tokens) - 3))
+    writer.add_token_merges(["Ġ t"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.add_chat_template(CHATML)
+    rng = np.random.default_rng(0)
+    kind = getattr(gguf_py.GGMLQuantizationType, quantization)
+
+    def tensor(name, *shape):
+        if len(shape) == 1:
+            return writer.add_tensor(name, np.ones(shape, np.float32))
+        values = rng.normal(0, 0.05, shape).astype(np.float32)
+        if quantization == "F32":
+            return writer.add_tensor(name, values)
+        quantized = gguf_py.quants.quantize(values, kind)
+        writer.add_tensor(name, quantized, raw_shape=quantized.shape, raw_dtype=kind)
+
+    tensor("token_embd.weight", len(tokens), hidden)
+    tensor("output_norm.weight", hidden)
+    for part in ("attn_norm", "ffn_norm"):
+        tensor(f"blk.0.{part}.weight", hidden)
+    for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        tensor(f"blk.0.{part}.weight", hidden, hidden)
+    for part in ("ffn_gate", "ffn_up"):
+        tensor(f"blk.0.{part}.weight", 2 * hidden, hidden)
+    tensor("blk.0.ffn_down.weight", hidden, 2 * hidden)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 @pytest.fixture
@@ -138,3 +207,71 @@ def test_a_gguf_path_relative_to_the_project_is_accepted_from_any_working_direct
     with pytest.raises(ParamsError, match=r"model.gguf_file: other.gguf is neither in .*downloads nor a file"):
         check_local_files(load_params(REPO / "params/tiny.yaml", [
             "model.name_or_path=downloads", "model.gguf_file=other.gguf", "model.build_tiny_model=false"]), project)
+
+
+def test_a_quantized_gguf_becomes_the_model_and_tokenizer_that_transformers_reads_from_it(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = write_gguf(tmp_path / "tiny.Q8_0.gguf", "Q8_0")
+    converted = converted_gguf(path, cache=tmp_path / "cache").directory
+    assert sorted(p.name for p in converted.glob("*.safetensors")) == ["model.safetensors"]
+    assert not list(converted.glob("*.bin")) and "quantization_config" not in (converted / "config.json").read_text()
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    ours = AutoTokenizer.from_pretrained(converted)
+    for attribute in ("bos_token", "eos_token", "pad_token", "chat_template"):
+        assert getattr(ours, attribute) == getattr(theirs, attribute), attribute
+    chat = [{"role": "user", "content": "the cat sat"}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True) == theirs.apply_chat_template(
+        chat, add_generation_prompt=True
+    )
+    ids = torch.tensor([theirs("the cat sat")["input_ids"]])
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(converted, use_safetensors=True)
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def cut_short(path: Path) -> Path:
+    path.write_bytes(write_gguf(path).read_bytes()[:60_000])  # a download that stopped part-way
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        (cut_short, "cannot reshape"),
+        (lambda path: path.write_text("<html>404 Not Found</html>") and path, "GGUF magic"),
+        (lambda path: write_gguf(path, architecture="phi2"), "architecture phi2 is not supported"),
+    ],
+    ids=["cut short", "not a GGUF", "an architecture transformers cannot read"],
+)
+def test_a_gguf_that_cannot_be_converted_is_named_with_what_would_work_and_leaves_nothing(tmp_path, make, said):
+    path = make(tmp_path / "my model.gguf")
+    with pytest.raises(GgufConversionError) as error:
+        converted_gguf(path, cache=tmp_path / "cache")
+    message = str(error.value)
+    assert str(path) in message and said in message and "llama" in message and "model.name_or_path" in message
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # no half-written copy left behind
+
+
+def test_a_conversion_whose_process_died_is_cleared_by_the_next_one(tmp_path):
+    path = write_gguf(tmp_path / "tiny.gguf")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    key = f"tiny-{gguf.sha256_of(path)[:16]}"
+    cache = tmp_path / "cache" / "gguf"
+    killed = cache / f"{key}.partial-{socket.gethostname()}-{gone.pid}"
+    running = cache / f"{key}.partial-{socket.gethostname()}-{os.getppid()}"
+    elsewhere = cache / f"{key}.partial-another-host-{gone.pid}"
+    for staging in (killed, running, elsewhere):
+        staging.mkdir(parents=True)
+        (staging / "model.safetensors").write_bytes(b"half")
+    converted_gguf(path, cache=tmp_path / "cache")
+    assert sorted(p.name for p in cache.iterdir()) == sorted([key, running.name, elsewhere.name])
+
+
+def test_a_cache_that_cannot_be_written_names_dpo_kit_cache(tmp_path):
+    path = write_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "not-a-directory").write_text("")
+    with pytest.raises(GgufConversionError, match=r"tiny.gguf: cannot write .* Set DPO_KIT_CACHE to a writable"):
+        converted_gguf(path, cache=tmp_path / "not-a-directory")

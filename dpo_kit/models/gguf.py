@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -136,17 +137,79 @@ def converted_gguf(gguf_path: str | Path, cache: str | Path | None = None) -> Co
     return ConvertedGguf(directory=directory, gguf_path=str(gguf_path), gguf_sha256=sha)
 
 
+class GgufConversionError(ValueError):
+    """A GGUF file that cannot be converted (not a GGUF, cut short, an architecture transformers cannot read) or a
+    cache that cannot hold the conversion; the message names the file and what would work."""
+
+
+PARTIAL = ".partial-"  # <directory>.partial-<host>-<pid>: a conversion in progress, renamed into place when complete
+
+
 def _convert(gguf_path: Path, sha: str, directory: Path) -> None:
+    # Built in a sibling directory and renamed into place: a crash never leaves a half-written cache behind, and
+    # a failed conversion removes its own; one killed (kill -9, out of memory) is removed by the next conversion.
+    _remove_abandoned_conversions(directory)
+    staging = directory.with_name(f"{directory.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.mkdir(parents=True)
+        except OSError as error:
+            raise _cache_error(gguf_path, directory, error) from error
+        _convert_into(gguf_path, sha, staging, directory)
+        if directory.exists():
+            shutil.rmtree(directory)  # an incomplete or stale conversion: it has no valid marker
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _cache_error(gguf_path: Path, directory: Path, error: OSError) -> GgufConversionError:
+    return GgufConversionError(
+        f"converting the GGUF file {gguf_path}: cannot write its safetensors copy in {directory.parent}"
+        f" ({type(error).__name__}: {error}). Set DPO_KIT_CACHE to a writable directory with room for the model's"
+        " fp32 weights (about 4 bytes a parameter)."
+    )
+
+
+def _unreadable_error(gguf_path: Path, error: Exception) -> GgufConversionError:
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        architectures = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # not architectures
+        readable = f" ({', '.join(architectures)})"
+    except ImportError:
+        readable = ""
+    said = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return GgufConversionError(
+        f"model.gguf_file: transformers cannot read the GGUF file {gguf_path} ({type(error).__name__}: {said})."
+        f" It reads complete GGUF files of the architectures it supports{readable}; a download cut short fails"
+        " like this (compare the file's size or sha256 with its source). Otherwise train the same model from its"
+        " hub repo or a safetensors directory: set model.name_or_path to it and leave model.gguf_file empty."
+    )
+
+
+def _remove_abandoned_conversions(directory: Path) -> None:
+    """Staging directories of conversions on this host whose process has ended (they hold up to the whole model)."""
+    import psutil
+
+    host = socket.gethostname()
+    for staging in directory.parent.glob(f"{directory.name}{PARTIAL}*"):
+        owner, _, pid = staging.name[len(directory.name) + len(PARTIAL) :].rpartition("-")
+        if owner == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _convert_into(gguf_path: Path, sha: str, staging: Path, directory: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Built in a sibling directory and renamed into place: a crash never leaves a half-written cache behind.
-    staging = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as error:  # noqa: BLE001 - not a GGUF, cut short, unknown architecture: all reported alike
+        raise _unreadable_error(gguf_path, error) from error
     config = loaded.config
     # The de-quantized weights are plain fp32 tensors; only the gguf quantization_config blocks saving.
     if hasattr(config, "quantization_config"):
@@ -157,16 +220,18 @@ def _convert(gguf_path: Path, sha: str, directory: Path) -> None:
     # Tied output embeddings are absent from a state dict by design; anything else missing is a real loss.
     missing = [key for key in missing if key not in _tied_keys(plain)]
     if missing or unexpected:
-        raise RuntimeError(f"converting {gguf_path}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
+        raise GgufConversionError(
+            f"converting the GGUF file {gguf_path}: missing weights {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     plain.generation_config = loaded.generation_config
-    plain.save_pretrained(staging)  # safetensors
-    tokenizer.save_pretrained(staging)
-    (staging / CONVERTED_MARKER).write_text(
-        json.dumps({"gguf_file": str(gguf_path), "gguf_sha256": sha}, indent=2) + "\n"
-    )
-    if directory.exists():
-        shutil.rmtree(directory)  # an incomplete or stale conversion: it has no valid marker
-    staging.rename(directory)
+    try:
+        plain.save_pretrained(staging)  # safetensors
+        tokenizer.save_pretrained(staging)
+        (staging / CONVERTED_MARKER).write_text(
+            json.dumps({"gguf_file": str(gguf_path), "gguf_sha256": sha}, indent=2) + "\n"
+        )
+    except OSError as error:
+        raise _cache_error(gguf_path, directory, error) from error
 
 
 def _tied_keys(model) -> set[str]:
