@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -251,7 +254,7 @@ def test_a_gguf_that_cannot_be_converted_is_named_with_what_would_work_and_leave
         converted_gguf(path, cache=tmp_path / "cache")
     message = str(error.value)
     assert str(path) in message and said in message and "llama" in message and "model.name_or_path" in message
-    assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # no half-written copy left behind
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()] == []  # no half-written copy
 
 
 def test_a_conversion_whose_process_died_is_cleared_by_the_next_one(tmp_path):
@@ -267,7 +270,7 @@ def test_a_conversion_whose_process_died_is_cleared_by_the_next_one(tmp_path):
         staging.mkdir(parents=True)
         (staging / "model.safetensors").write_bytes(b"half")
     converted_gguf(path, cache=tmp_path / "cache")
-    assert sorted(p.name for p in cache.iterdir()) == sorted([key, running.name, elsewhere.name])
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == sorted([key, running.name, elsewhere.name])
 
 
 def test_a_cache_that_cannot_be_written_names_dpo_kit_cache(tmp_path):
@@ -275,3 +278,49 @@ def test_a_cache_that_cannot_be_written_names_dpo_kit_cache(tmp_path):
     (tmp_path / "not-a-directory").write_text("")
     with pytest.raises(GgufConversionError, match=r"tiny.gguf: cannot write .* Set DPO_KIT_CACHE to a writable"):
         converted_gguf(path, cache=tmp_path / "not-a-directory")
+
+
+def test_a_conversion_finishing_second_keeps_the_copy_another_process_placed(tmp_path, monkeypatch):
+    """Where no lock holds (Windows, some network file systems) two processes convert side by side: the second to
+    finish must not remove the first one's complete copy, which that process may be loading at that moment."""
+    path = write_gguf(tmp_path / "tiny.gguf")
+    sha = gguf.sha256_of(path)
+    directory = tmp_path / "cache" / "gguf" / f"tiny-{sha[:16]}"
+    convert_into = gguf._convert_into
+
+    def another_process_finishes_first(gguf_path, sha, staging, directory):
+        convert_into(gguf_path, sha, staging, directory)
+        shutil.copytree(staging, directory)
+        (directory / "in use").write_text("")
+
+    monkeypatch.setattr(gguf, "_convert_into", another_process_finishes_first)
+    gguf._convert(path, sha, directory)
+    assert (directory / "in use").is_file() and (directory / CONVERTED_MARKER).is_file()
+    assert [p.name for p in directory.parent.iterdir() if p.is_dir()] == [directory.name]
+
+
+def test_processes_converting_the_same_gguf_at_once_convert_it_once(tmp_path, monkeypatch):
+    """Every rank of a launched training reaches the conversion together; one converts, the others wait for it."""
+    path = write_gguf(tmp_path / "tiny.gguf")
+    started, calls, results = threading.Event(), [], []
+    convert_into = gguf._convert_into
+
+    def slow_convert_into(*args):
+        calls.append(args[2])
+        started.set()
+        time.sleep(1)  # the other caller arrives while this conversion runs
+        convert_into(*args)
+
+    monkeypatch.setattr(gguf, "_convert_into", slow_convert_into)
+
+    def convert():
+        results.append(converted_gguf(path, cache=tmp_path / "cache"))
+
+    first = threading.Thread(target=convert)
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=convert)
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]

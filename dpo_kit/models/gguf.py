@@ -14,6 +14,7 @@ needs no path: `model.name_or_path: smollm2-135m-instruct`. The wheel is located
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -131,10 +132,43 @@ def converted_gguf(gguf_path: str | Path, cache: str | Path | None = None) -> Co
     gguf_path = Path(gguf_path)
     sha = sha256_of(gguf_path)
     directory = Path(cache or cache_root()) / "gguf" / f"{gguf_path.stem}-{sha[:16]}"
-    marker = directory / CONVERTED_MARKER
-    if not (marker.is_file() and json.loads(marker.read_text()).get("gguf_sha256") == sha):
-        _convert(gguf_path, sha, directory)
+    if not _complete(directory, sha):
+        # Every rank of a launched training, or two runs started together, may get here at once: one converts
+        # while the others wait (a conversion holds the whole model in fp32), then they find its copy.
+        with _conversion_lock(gguf_path, directory):
+            if not _complete(directory, sha):
+                _convert(gguf_path, sha, directory)
     return ConvertedGguf(directory=directory, gguf_path=str(gguf_path), gguf_sha256=sha)
+
+
+def _complete(directory: Path, sha: str) -> bool:
+    marker = directory / CONVERTED_MARKER
+    try:
+        return json.loads(marker.read_text()).get("gguf_sha256") == sha
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _conversion_lock(gguf_path: Path, directory: Path):
+    """An exclusive lock on <directory>.lock where the OS has flock (not Windows, not every network file system:
+    there the conversions run side by side, and _convert keeps whichever copy is placed first)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(directory.with_name(f"{directory.name}.lock"), "a")  # noqa: SIM115 - closed below
+    except OSError as error:
+        raise _cache_error(gguf_path, directory, error) from error
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks: unlocked, as on Windows
+        yield
 
 
 class GgufConversionError(ValueError):
@@ -157,9 +191,15 @@ def _convert(gguf_path: Path, sha: str, directory: Path) -> None:
         except OSError as error:
             raise _cache_error(gguf_path, directory, error) from error
         _convert_into(gguf_path, sha, staging, directory)
-        if directory.exists():
-            shutil.rmtree(directory)  # an incomplete or stale conversion: it has no valid marker
-        staging.rename(directory)
+        # Another process may have placed its copy meanwhile, and may be loading from it: never remove a complete one.
+        if not _complete(directory, sha):
+            if directory.exists():
+                shutil.rmtree(directory, ignore_errors=True)  # an incomplete conversion: it has no valid marker
+            try:
+                staging.rename(directory)
+            except OSError:
+                if not _complete(directory, sha):  # placed by another process between the check and the rename
+                    raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
