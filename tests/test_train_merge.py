@@ -176,3 +176,25 @@ def test_params_that_differ_from_the_runs_first_stage_are_refused(tmp_path, tiny
     overrides = formatted_run(tmp_path, tiny_model_dir)
     with pytest.raises(ParamsError, match="dpo.beta: 0.1 -> 0.5"):
         open_stage("train", TINY, [*overrides, "dpo.beta=0.5"], str(REPO))
+
+
+def test_lora_on_tied_input_embeddings_merges_into_an_untied_output_layer(tmp_path, tiny_model_dir):
+    """The tiny model ties its output layer to the embeddings, as SmolLM2 does. LoRA on embed_tokens adapts the
+    lookup alone; merged into the shared tensor it moved the output layer too, and the merge check refused the
+    merged model ("merged logits differ from the trained model's by 4.43e+00")."""
+    from safetensors.torch import load_file
+
+    from dpo_kit.training.merge import merge_adapter
+    from dpo_kit.training.train import train_dpo
+
+    overrides = formatted_run(tmp_path, tiny_model_dir, "lora.target_modules=[q_proj,embed_tokens]")
+    stage = open_stage("train", TINY, overrides, str(REPO))
+    stage.complete(**train_dpo(stage).summary())
+    merged = merge_adapter(open_stage("merge", TINY, overrides, str(REPO)))
+    assert merged.max_abs_logit_diff <= merged.tolerance and merged.max_abs_reload_diff <= merged.tolerance
+    config = json.loads((stage.run_dir / "merged" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    base, weights = load_file(Path(tiny_model_dir) / "model.safetensors"), load_file(Path(merged.merged_dir) / "model.safetensors")
+    embedding = next(name for name in base if "embed_tokens" in name)
+    assert (weights["lm_head.weight"] == base[embedding]).all()  # the output layer as trained: the base's
+    assert not (weights[embedding] == base[embedding]).all()  # the lookup, with the adapter merged in

@@ -124,6 +124,7 @@ def merge_adapter(stage) -> MergeResult:
 
         base = load_causal_lm(model_source(params, stage.project_dir), params, dtype=params.merge.dtype,
                               hardware=stage.hardware)  # never quantized, whatever training used
+        untie_adapted_embeddings(base, trained_dir)
         with deprecated_checkpointing_alias_quiet():
             trained = PeftModel.from_pretrained(base, str(trained_dir)).eval()
         # Taken before merging: merge_and_unload rewrites the base weights in place.
@@ -133,6 +134,31 @@ def merge_adapter(stage) -> MergeResult:
         trained_logits = logits_of(load_causal_lm(str(trained_dir), params, dtype="float32", hardware=stage.hardware), batch)
         exported = load_causal_lm(str(trained_dir), params, dtype=params.merge.dtype, hardware=stage.hardware).eval()
     return save_verified(stage, exported, tokenizer, trained_logits, batch)
+
+
+def untie_adapted_embeddings(base, adapter_dir: Path) -> bool:
+    """Give the output layer its own copy of the embedding weights where the adapter adapts the input embeddings
+    of a model that ties the two (SmolLM2, Qwen2.5-0.5B, Llama 3.2 1B, the tiny model). True where it did.
+
+    LoRA on a tied embedding adapts only the lookup: the output layer's weight stays the base one, in training
+    and in the adapter model. Merging wrote the delta into the shared tensor, so the output layer moved with it
+    and the merge check refused the merged model (logits 4.4 apart on the tiny model, peft#2777). Untied first,
+    the merged model computes what the adapter model does; merged/ then holds both matrices, and its config says
+    they are not tied."""
+    import torch
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    inputs, outputs = base.get_input_embeddings(), base.get_output_embeddings()
+    if inputs is None or outputs is None or outputs.weight is not inputs.weight:
+        return False
+    name = next(name for name, module in base.named_modules() if module is inputs)
+    if not check_target_module_exists(PeftConfig.from_pretrained(str(adapter_dir)), name):
+        return False
+    outputs.weight = torch.nn.Parameter(inputs.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    return True
 
 
 def save_verified(stage, model, tokenizer, trained_logits, batch) -> MergeResult:
