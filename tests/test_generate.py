@@ -183,3 +183,31 @@ def test_sampling_is_shaped_by_the_params_alone(tiny_model_dir, model_config):
 
     assert share_beyond_top_50(0) == pytest.approx(beyond, abs=0.07)  # 5 standard errors of a share over 500 draws
     assert share_beyond_top_50(50) == 0.0
+
+
+def test_a_response_that_continues_a_standard_prompt_keeps_its_leading_space(tiny_model_dir, tmp_path):
+    """A standard-format prompt (the sentiment recipe's, ending inside the reply) and its response are joined as text,
+    by TRL and by a reward-model judge; the pairs keep the response's leading space. The generate stage stripped it,
+    so "...I think" + " so" reached the judge as "...I thinkso"."""
+    from transformers import AutoTokenizer
+
+    from dpo_kit.chat_templates import render_prompt
+    from dpo_kit.evaluation.generate import response_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{**row, "prompt": render_prompt(tokenizer, [*row["prompt"], {"role": "assistant", "content": "I think"}])}
+            for row in EVAL_ROWS[:4]]  # fmt: skip
+    run_dir = make_shared_run_dir(tmp_path / "standard", tiny_model_dir, 0.05, rows)
+    generate_comparisons(make_params(tiny_model_dir), run_dir)
+    records = read_jsonl(run_dir / GENERATIONS_FILE)
+    texts = {}
+    for record in records:
+        assert record["prompt_text"] == record["prompt"] and record["prompt"].endswith("I think")
+        for model in ("reference", "policy"):
+            texts[record[model]] = tokenizer.decode(record[f"{model}_token_ids"], skip_special_tokens=True)
+    assert all(shown == text.rstrip() for shown, text in texts.items())
+    assert any(shown[:1].isspace() for shown in texts)  # the check above meets a leading space
+    # A new assistant turn is still stripped.
+    ids = tokenizer(" so", add_special_tokens=False)["input_ids"]
+    assert response_text(tokenizer, ids, [{"role": "user", "content": "Hi"}]) == "so"
+    assert response_text(tokenizer, ids, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "I"}]) == " so"

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dpo_kit.chat_templates import ends_with_prefill
 from dpo_kit.data.on_policy import HELD_OUT_PROMPTS
 from dpo_kit.judges import Prompt, judge_name, make_judge
 from dpo_kit.models.loading import free_memory, load_causal_lm, load_tokenizer, model_source
@@ -74,6 +75,14 @@ def display_prompt(prompt: Prompt) -> str:
     return f"{user} → {prompt[-1]['content']}…" if prompt[-1]["role"] == "assistant" else user
 
 
+def response_text(tokenizer, ids: list[int], prompt: Prompt) -> str:
+    """A generated response as text. One that continues its prompt's text keeps its leading space: a standard-format
+    prompt (TRL joins it and the response as text) or an assistant prefill, as the format stage keeps it in the pairs
+    ("...this film, I" + " was"). A new assistant turn is stripped."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text.rstrip() if isinstance(prompt, str) or ends_with_prefill(prompt) else text.strip()
+
+
 def generate_continuations(
     source: str,
     params: Params,
@@ -134,18 +143,18 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
     policy_ids, _ = generate_continuations(policy_source, params, tokenizer, prompts_ids, "policy (DPO)")
     free_memory()
 
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-    references = [decode(ids) for ids in reference_ids]
-    policies = [decode(ids) for ids in policy_ids]
+    # A reward-model judge reads a standard prompt and its response joined as text: stripped, "...this film, I" and
+    # " was great" read "...this film, Iwas great", a text the format stage's pairs never held.
+    references = [response_text(tokenizer, ids, prompt) for ids, prompt in zip(reference_ids, prompts, strict=True)]
+    policies = [response_text(tokenizer, ids, prompt) for ids, prompt in zip(policy_ids, prompts, strict=True)]
     # Scored here, once, so the table shows the judge's verdicts. Each record names its judge: the evaluate stage
     # reads these scores only while evaluate.judge is still that judge (it is not one of this stage's inputs).
     judge, judged_by = make_judge(params, project_dir), judge_name(params.evaluate)
     reference_scores = judge.score(prompts, references)
     policy_scores = judge.score(prompts, policies)
     if best_of_n:
-        samples = [[decode(ids) for ids in per_prompt] for per_prompt in reference_samples_ids]
+        samples = [[response_text(tokenizer, ids, prompt) for ids in per_prompt]
+                   for per_prompt, prompt in zip(reference_samples_ids, prompts, strict=True)]
         scores = judge.score([p for p in prompts for _ in range(best_of_n)], [t for texts in samples for t in texts])
         write_jsonl(run_dir / REFERENCE_SAMPLES_FILE, [
             {"prompt": prompt, "judge": judged_by, "samples": texts,
