@@ -211,3 +211,24 @@ def test_a_response_that_continues_a_standard_prompt_keeps_its_leading_space(tin
     ids = tokenizer(" so", add_special_tokens=False)["input_ids"]
     assert response_text(tokenizer, ids, [{"role": "user", "content": "Hi"}]) == "so"
     assert response_text(tokenizer, ids, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "I"}]) == " so"
+
+
+def test_greedy_decoding_is_shaped_by_the_params_alone(tiny_model_dir):
+    """With generate.do_sample false, a model's own repetition penalty (Qwen2.5-Instruct ships 1.05) or
+    no_repeat_ngram_size still reshaped the 'greedy' responses: on the tiny model, other tokens than greedy's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_kit.models.sampling import prompt_token_ids, sample_continuations
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts_ids = [prompt_token_ids(tokenizer, row["prompt"]) for row in EVAL_ROWS[:4]]
+
+    def greedy(**generation_config):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        for key, value in generation_config.items():
+            setattr(model.generation_config, key, value)
+        return sample_continuations(model, tokenizer, prompts_ids, max_new_tokens=20, do_sample=False, batch_size=4)
+
+    plain = greedy()
+    assert greedy(repetition_penalty=3.0) == plain
+    assert greedy(no_repeat_ngram_size=2) == plain

@@ -13,7 +13,10 @@ from dpo_kit.models.loading import device_of
 from dpo_kit.params import DEFAULT_TOP_K
 
 # Sampling shapers the params have no key for, at the values that leave the distribution as it is.
-NEUTRAL_SAMPLING_KNOBS = {"min_p": None, "typical_p": 1.0, "repetition_penalty": 1.0}
+NEUTRAL_SAMPLING_KNOBS = {"min_p": None, "typical_p": 1.0}
+# What a model's generation config may set that reshapes greedy decoding as well as sampling (Qwen2.5-Instruct ships
+# repetition_penalty 1.05): neutral whether or not the params sample.
+NEUTRAL_DECODING_KNOBS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_beams": 1}
 
 
 def prompt_token_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
@@ -113,9 +116,11 @@ def sample_continuations(
     # Sampling knobs only when sampling: transformers warns about temperature/top_p under greedy decoding. Every
     # knob is named, so the params say all of what shapes a draw: left out, transformers adds top_k=50 where the
     # model's generation config names none, and takes a model's own top_k, min_p, typical_p or repetition penalty.
-    sampling = (
-        {"temperature": temperature, "top_p": top_p, "top_k": top_k, **NEUTRAL_SAMPLING_KNOBS} if do_sample else {}
-    )
+    # Greedy decoding took a model's repetition penalty too, so its side-by-side responses were not greedy ones.
+    sampling = {
+        **({"temperature": temperature, "top_p": top_p, "top_k": top_k, **NEUTRAL_SAMPLING_KNOBS} if do_sample else {}),
+        **NEUTRAL_DECODING_KNOBS,
+    }
     eos_ids = eos_token_ids(model, tokenizer)
     # Each prompt repeated num_samples times, so a batch holds whole sequences, not whole prompts.
     owners = [index for index in range(len(prompts_ids)) for _ in range(num_samples)]
