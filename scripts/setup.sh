@@ -8,11 +8,64 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 PYTHON=${PYTHON:-python3}
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+fail() {
+  echo "dpo-kit setup: $*" >&2
+  exit 1
+}
+
+# .venv is used as it is when its python runs, is 3.10+ and has pip and bin/activate. Anything else (a `python -m venv`
+# that stopped at ensurepip or was interrupted, a venv of an older or since-removed Python) is made again with --clear.
+venv_problem() {
+  [ -e .venv ] || { echo missing; return; }
+  .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
+    || { echo "has no python 3.10+ that runs"; return; }
+  .venv/bin/python -c 'import pip' 2>/dev/null || { echo "has no pip"; return; }
+  [ -f .venv/bin/activate ] || echo "has no bin/activate"
+}
+problem=$(venv_problem)
+if [ -n "$problem" ]; then
+  command -v "$PYTHON" >/dev/null 2>&1 \
+    || fail "'$PYTHON' was not found. Install Python 3.10 or newer, or name one: PYTHON=/path/to/python3.11 bash $0"
+  version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || fail "'$PYTHON' does not run"
+  major=${version%%.*} minor=${version#*.}
+  if [ "$major" -lt 3 ] || { [ "$major" -eq 3 ] && [ "$minor" -lt 10 ]; }; then
+    fail "'$PYTHON' is Python $version; dpo-kit needs 3.10 or newer. Name one: PYTHON=python3.11 bash $0"
+  fi
+  [ "$problem" = missing ] || echo "dpo-kit setup: .venv $problem (an interrupted or failed set-up?); making it again"
+  "$PYTHON" -m venv --clear .venv || fail "'$PYTHON -m venv .venv' failed (its message is above). On Debian or Ubuntu" \
+    "the venv module is a package of its own: sudo apt install python${version}-venv, then run this again"
+fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-if ! python -c "import torch" 2>/dev/null; then
+# torch==TORCH_VERSION, installed first. A torch that does not import (an interrupted install) is installed again, and a
+# torch of another version is replaced: kept, it could fall below a dependency's floor (accelerate wants 2.6+), and pip
+# would then fetch PyPI's default build, CUDA's, over it. TORCH_VERSION=<its version> keeps a torch of your own.
+torch_state=$(python - "$TORCH_VERSION" <<'PY' 2>/dev/null || echo "broken ?"
+import sys
+from importlib import metadata
+
+try:
+    installed = metadata.version("torch")
+except metadata.PackageNotFoundError:
+    raise SystemExit(print("missing"))
+try:
+    import torch
+
+    version = torch.__version__  # a torch/ folder left without its __init__.py imports, as a namespace package
+except Exception:
+    raise SystemExit(print(f"broken {installed}")) from None
+print("ok" if version.split("+")[0] == sys.argv[1] else f"other {version}")
+PY
+)
+if [ "$torch_state" != ok ]; then
+  case "$torch_state" in
+    broken*) echo "dpo-kit setup: torch ${torch_state#broken } in .venv does not import (an interrupted install?);" \
+                  "installing torch==${TORCH_VERSION} again"
+             python -m pip uninstall -q -y torch || true ;;
+    other*) echo "dpo-kit setup: .venv has torch ${torch_state#other }; installing torch==${TORCH_VERSION} in its place" \
+                 "(TORCH_VERSION=${torch_state#other } bash $0 keeps it)" ;;
+  esac
   python -m pip install -q --upgrade pip
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     python -m pip install -q "torch==${TORCH_VERSION}"
