@@ -36,3 +36,14 @@ def test_a_machine_without_a_gpu_got_no_cuda_wheels():
         return  # on a GPU machine the CUDA wheels are wanted
     cuda = sorted(d.metadata["Name"] for d in metadata.distributions() if (d.metadata["Name"] or "").startswith("nvidia-"))
     assert cuda == [] and "+cpu" in torch.__version__
+
+
+def test_the_build_requirement_reads_pyprojects_license_string():
+    """setuptools before 77 refuses `license = "Apache-2.0"` (PEP 639) with "`project.license` must be valid exactly by
+    one definition", so `pip wheel --no-build-isolation` or a build with an older setuptools failed."""
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    (setuptools,) = [Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    if isinstance(pyproject["project"]["license"], str):
+        assert not setuptools.specifier.contains("76.1.0") and setuptools.specifier.contains("77.0.3"), setuptools
