@@ -436,6 +436,17 @@ def test_a_stage_that_fills_the_disk_is_reported_with_the_run_directory_and_the_
     assert mf.read_manifest(tmp_path)["stages"]["merge"]["status"] == "failed"
 
 
+def run_holding_three_held_out_prompts(tmp_path: Path, num_prompts: int) -> tuple[Path, Path]:
+    """A run directory whose format stage held out 3 prompts, and its params asking generate.num_prompts."""
+    run_dir = tmp_path / "run"
+    (run_dir / "data").mkdir(parents=True)
+    held_out = [{"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": "a", "rejected": "b"} for i in range(3)]
+    (run_dir / "data" / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in held_out))
+    params_file = run_dir / "params.yaml"
+    save_params(params_to_dict(load_params(TINY_PARAMS, [f"generate.num_prompts={num_prompts}"])), params_file)
+    return run_dir, params_file
+
+
 def test_a_run_that_would_generate_for_more_prompts_than_were_held_out_stops_before_training(tmp_path, monkeypatch):
     """The generate stage refuses generate.num_prompts above the held-out prompts; the runner says so once the format
     stage has split the pairs, before a train stage that may take hours, and starts no kernel for it."""
@@ -443,12 +454,7 @@ def test_a_run_that_would_generate_for_more_prompts_than_were_held_out_stops_bef
 
     from dpo_kit.run import runner
 
-    run_dir = tmp_path / "run"
-    (run_dir / "data").mkdir(parents=True)
-    held_out = [{"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": "a", "rejected": "b"} for i in range(3)]
-    (run_dir / "data" / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in held_out))
-    params_file = run_dir / "params.yaml"
-    save_params(params_to_dict(load_params(TINY_PARAMS, ["generate.num_prompts=8"])), params_file)
+    run_dir, params_file = run_holding_three_held_out_prompts(tmp_path, num_prompts=8)
     started = []
     monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: started.append(args))
     monkeypatch.setattr(runner, "SharedKernel", lambda *args: started.append("kernel"))
@@ -486,12 +492,7 @@ def test_the_check_before_training_refuses_from_the_kernel_as_in_the_runner(tmp_
 
     from dpo_kit.run import runner
 
-    run_dir = tmp_path / "run"
-    (run_dir / "data").mkdir(parents=True)
-    held_out = [{"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": "a", "rejected": "b"} for i in range(3)]
-    (run_dir / "data" / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in held_out))
-    params_file = run_dir / "params.yaml"
-    save_params(params_to_dict(load_params(TINY_PARAMS, ["generate.num_prompts=8"])), params_file)
+    run_dir, params_file = run_holding_three_held_out_prompts(tmp_path, num_prompts=8)
     started = []
     monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: started.append(args))
     kernel = runner.SharedKernel(tmp_path)
