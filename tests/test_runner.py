@@ -506,3 +506,20 @@ def test_the_check_before_training_refuses_from_the_kernel_as_in_the_runner(tmp_
     finally:
         kernel.shutdown()
     assert started == []
+
+
+def test_a_relative_kit_cache_means_the_directory_the_run_was_started_in(tmp_path, monkeypatch):
+    """The kernel runs in notebooks/: DPO_KIT_CACHE=cache put the converted models and reference log-probs under
+    notebooks/cache there, not under ./cache where the command was typed."""
+    from dpo_kit.run.runner import SharedKernel
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DPO_KIT_CACHE", "kit-cache")
+    kernel_dir = tmp_path / "notebooks"
+    kernel_dir.mkdir()
+    kernel = SharedKernel(kernel_dir)
+    try:
+        cell = kernel.run_cell("from dpo_kit.models.gguf import cache_root\nprint(cache_root())")
+    finally:
+        kernel.shutdown()
+    assert "".join(output.get("text", "") for output in cell.outputs).strip() == str(tmp_path / "kit-cache")

@@ -112,7 +112,7 @@ def locate_gguf(name_or_path: str, gguf_file: str | None, project_dir: str | Pat
 
 def cache_root() -> Path:
     """DPO_KIT_CACHE, else ~/.cache/dpo-kit: converted models outlive any one run or checkout."""
-    return Path(os.environ.get("DPO_KIT_CACHE") or Path.home() / ".cache" / "dpo-kit")
+    return Path(os.environ.get("DPO_KIT_CACHE") or Path.home() / ".cache" / "dpo-kit").expanduser()
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,16 @@ def remove_abandoned_kernel_tmpdirs(parent: Path) -> list[Path]:
     return removed
 
 
+def kernel_environment(tmpdir: str) -> dict[str, str]:
+    """The environment a batch kernel starts with: the runner's, text progress bars, its own $TMPDIR, and a
+    relative DPO_KIT_CACHE made absolute. The kernel runs in notebooks/, so `DPO_KIT_CACHE=cache dpo-kit run ...`
+    would otherwise put the converted models and reference log-probs under notebooks/cache, not ./cache."""
+    env = {**os.environ, **BATCH_KERNEL_ENV, "TMPDIR": tmpdir}
+    if env.get("DPO_KIT_CACHE"):
+        env["DPO_KIT_CACHE"] = os.path.abspath(os.path.expanduser(env["DPO_KIT_CACHE"]))
+    return env
+
+
 class SharedKernel:
     """One kernel for all stages: torch, transformers, TRL and peft are imported once, not five times.
 
@@ -141,7 +151,7 @@ class SharedKernel:
             # Who owns it, so that the next runner removes it if this one is killed with kill -9 (no shutdown()).
             (Path(self.tmpdir) / KERNEL_TMPDIR_OWNER).write_text(json.dumps(mf.this_process()))
             # Batch kernels draw text progress bars (dpo_kit/progress.py): nobody renders widgets here.
-            run_sync(self.manager.start_kernel)(cwd=str(cwd), env={**os.environ, **BATCH_KERNEL_ENV, "TMPDIR": self.tmpdir})
+            run_sync(self.manager.start_kernel)(cwd=str(cwd), env=kernel_environment(self.tmpdir))
         except BaseException:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             raise
