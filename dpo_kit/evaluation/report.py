@@ -219,18 +219,23 @@ GENERATION_SETTINGS = ("generate.max_new_tokens", "generate.do_sample", "generat
                        "generate.top_k")  # fmt: skip
 
 
-def _groups(runs: list[RunRecord], key) -> list[list[str]]:
-    """Run names grouped by `key(run)` (runs whose key is None are left out), in the order first met."""
-    groups: dict[str, list[str]] = {}
+def _groups(runs: list[RunRecord], key) -> list[list[RunRecord]]:
+    """Runs grouped by `key(run)` (runs whose key is None are left out), in the order first met."""
+    groups: dict[str, list[RunRecord]] = {}
     for run in runs:
         value = key(run)
         if value is not None:
-            groups.setdefault(value, []).append(run.name)
+            groups.setdefault(value, []).append(run)
     return list(groups.values())
 
 
-def _described(groups: list[list[str]]) -> str:
-    return "; ".join(f"{index}: {', '.join(names)}" for index, names in enumerate(groups, start=1))
+def _described(groups: list[list[RunRecord]]) -> str:
+    return "; ".join(f"{index}: {', '.join(run.name for run in group)}" for index, group in enumerate(groups, start=1))
+
+
+def _params_but_the_seed(run: RunRecord) -> str:
+    flat = {k: v for k, v in flatten(run.params).items() if k not in UNCOMPARED_KEYS and k != "run.seed"}
+    return json.dumps(flat, sort_keys=True, default=str)
 
 
 def _evaluated_prompts(run: RunRecord) -> str | None:
@@ -350,12 +355,8 @@ def seed_summary_table(runs: list[RunRecord]):
 
     import pandas as pd
 
-    groups: dict[str, list[RunRecord]] = {}
-    for run in runs:
-        flat = {k: v for k, v in flatten(run.params).items() if k not in UNCOMPARED_KEYS and k != "run.seed"}
-        groups.setdefault(json.dumps(flat, sort_keys=True, default=str), []).append(run)
     rows = {}
-    for members in (group for group in groups.values() if len(group) > 1):
+    for members in (group for group in _groups(runs, _params_but_the_seed) if len(group) > 1):
         row: dict[str, Any] = {"runs": len(members),
                                "seed values": ", ".join(str(lookup(run.params, "run.seed")) for run in members)}  # fmt: skip
         for label, key in HEADLINE_METRICS.items():
