@@ -4,6 +4,11 @@
 # Extra arguments go to `dpo-kit run`, e.g. --set run.name=my-demo or --overwrite.
 # DEMO_PARAMS=params/tiny.yaml runs the tiny smoke run instead (seconds).
 set -euo pipefail
+params=${DEMO_PARAMS:-params/smollm2-135m-sentiment.yaml}
+# A DEMO_PARAMS of your own is a path from where you started the script, which the `cd` below would change.
+if [ -n "${DEMO_PARAMS:-}" ] && [ "${params#/}" = "$params" ] && [ -e "$params" ]; then
+  params="$PWD/$params"
+fi
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/dpo-kit run "${DEMO_PARAMS:-params/smollm2-135m-sentiment.yaml}" "$@"
+exec .venv/bin/dpo-kit run "$params" "$@"

@@ -112,3 +112,30 @@ exec "{sys.executable}" "$@"
     done = setup(project, sys.executable, wheels)
     assert done.returncode == 0 and done.stdout.splitlines() == ["dpo-kit setup: torch 9.9.9, CUDA available: False,"
                                                                  " nvidia wheels installed: 0"], done.stdout + done.stderr
+
+
+def test_demo_params_of_your_own_is_read_from_where_the_demo_was_started(tmp_path):
+    root = tmp_path / "dpo kit"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "demo.sh", root / "scripts" / "demo.sh")
+    executable(root / "scripts" / "setup.sh", "#!/bin/sh\nexit 0\n")  # set-up itself is tested above
+    (root / ".venv" / "bin").mkdir(parents=True)
+    executable(root / ".venv" / "bin" / "dpo-kit", '#!/bin/sh\necho "cwd=$PWD"; for a in "$@"; do echo "arg=$a"; done\n')
+    (root / "params").mkdir()
+    (root / "params" / "tiny.yaml").write_text("{}\n")
+    elsewhere = tmp_path / "my experiments"
+    elsewhere.mkdir()
+    (elsewhere / "mine.yaml").write_text("{}\n")
+
+    def demo(params: str | None) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if k != "DEMO_PARAMS"} | ({"DEMO_PARAMS": params} if params else {})
+        done = subprocess.run(["bash", str(root / "scripts" / "demo.sh"), "--set", "run.name=x"], cwd=elsewhere,
+                              env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    # Your own file, relative to where you are; the kit's params, relative to the repo (the README's example).
+    assert demo("mine.yaml") == [f"cwd={root}", "arg=run", f"arg={elsewhere / 'mine.yaml'}", "arg=--set", "arg=run.name=x"]
+    assert demo("params/tiny.yaml") == [f"cwd={root}", "arg=run", "arg=params/tiny.yaml", "arg=--set", "arg=run.name=x"]
+    assert demo(None) == [f"cwd={root}", "arg=run", "arg=params/smollm2-135m-sentiment.yaml", "arg=--set",
+                          "arg=run.name=x"]
