@@ -9,6 +9,7 @@ from dpo_kit.bundled import bundled_preference_rows
 from dpo_kit.evaluation.generate import (
     GENERATIONS_FILE,
     REFERENCE_SAMPLES_FILE,
+    comparisons_frame,
     generate_comparisons,
     read_jsonl,
     side_by_side_table,
@@ -183,6 +184,27 @@ def test_sampling_is_shaped_by_the_params_alone(tiny_model_dir, model_config):
 
     assert share_beyond_top_50(0) == pytest.approx(beyond, abs=0.07)  # 5 standard errors of a share over 500 draws
     assert share_beyond_top_50(50) == 0.0
+
+
+def test_a_standard_prompt_is_shown_in_the_table_without_its_chat_template_markup(tiny_model_dir, tmp_path):
+    """The demo's prompts are rendered ChatML (standard format). Notebook 04's table showed them markup and all."""
+    from transformers import AutoTokenizer
+
+    from dpo_kit.chat_templates import render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{**row, "prompt": render_prompt(tokenizer, [*row["prompt"], {"role": "assistant", "content": "I think"}])}
+            for row in EVAL_ROWS[:4]]  # fmt: skip
+    assert all("<|im_start|>" in row["prompt"] for row in rows)  # the markup this test is about
+    run_dir = make_shared_run_dir(tmp_path / "standard", tiny_model_dir, 0.05, rows)
+    frame = generate_comparisons(make_params(tiny_model_dir), run_dir)
+    for shown, row in zip(frame["user_prompt"], EVAL_ROWS[:4], strict=True):
+        assert "<|" not in shown and row["prompt"][-1]["content"] in shown and shown.endswith("assistant\nI think")
+    records = read_jsonl(run_dir / GENERATIONS_FILE)
+    assert list(comparisons_frame(records)["user_prompt"]) == list(frame["user_prompt"])  # a notebook re-run shows it
+    # generations.jsonl of an earlier kit, without the field: shown as written.
+    old = [{k: v for k, v in record.items() if k != "prompt_display"} for record in records]
+    assert list(comparisons_frame(old)["user_prompt"]) == [row["prompt"] for row in rows]
 
 
 def test_a_response_that_continues_a_standard_prompt_keeps_its_leading_space(tiny_model_dir, tmp_path):

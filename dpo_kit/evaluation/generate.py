@@ -66,11 +66,15 @@ def comparison_prompts(params: Params, run_dir: str | Path) -> list[Prompt]:
     return [row["prompt"] for row in rows[:wanted]]
 
 
-def display_prompt(prompt: Prompt) -> str:
-    """The last user message, for tables, followed by an assistant prefill the responses continue; a
-    standard-format prompt is shown as written."""
+def display_prompt(prompt: Prompt, tokenizer=None) -> str:
+    """The last user message, for tables, followed by an assistant prefill the responses continue. A standard-format
+    prompt is its text; given the tokenizer, without the chat template's special tokens (the demo's prompts are
+    rendered ChatML: "<|im_start|>user\nReview a heist movie.<|im_end|>..." reads "user\nReview a heist movie.")."""
     if isinstance(prompt, str):
-        return prompt
+        if tokenizer is None:
+            return prompt
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
     user = [message["content"] for message in prompt if message["role"] == "user"][-1]
     return f"{user} → {prompt[-1]['content']}…" if prompt[-1]["role"] == "assistant" else user
 
@@ -121,7 +125,7 @@ def generate_continuations(
 def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str | Path = ".") -> pandas.DataFrame:
     """Generate with the reference (base) and the DPO policy (<run_dir>/merged) on the same prompts.
 
-    Writes <run_dir>/generations.jsonl, one line per prompt with the prompt (messages and rendered text),
+    Writes <run_dir>/generations.jsonl, one line per prompt with the prompt (messages, rendered text, and as tables show it),
     both responses, their token ids and token counts, and returns a DataFrame for a side-by-side table.
     With generate.best_of_n, also <run_dir>/reference_samples.jsonl: that many more judged reference responses
     per prompt.
@@ -168,6 +172,7 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
         {
             "prompt": prompt,
             "prompt_text": tokenizer.decode(prompt_ids),
+            "prompt_display": display_prompt(prompt, tokenizer),
             "reference": reference_text,
             "policy": policy_text,
             "reference_score": reference_score,
@@ -194,7 +199,9 @@ def comparisons_frame(records: list[dict]) -> pandas.DataFrame:
     import pandas as pd
 
     frame = pd.DataFrame(records)
-    frame.insert(0, "user_prompt", [display_prompt(prompt) for prompt in frame["prompt"]])
+    # Records of an earlier kit have no prompt_display: their prompts are shown as written.
+    shown = [record.get("prompt_display") or display_prompt(record["prompt"]) for record in records]
+    frame.insert(0, "user_prompt", shown)
     columns = ["user_prompt", "reference", "policy", "prompt_tokens", "reference_tokens", "policy_tokens"]
     return frame[columns + [c for c in ("reference_score", "policy_score", "judge") if c in frame]]
 
