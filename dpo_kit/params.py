@@ -269,7 +269,10 @@ class DataParams(Section):
         "conversational",
         description="TRL format written to data/*.jsonl; 'standard' renders prompts with the chat template.",
     )
-    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of kept pairs held out for evaluation.")
+    eval_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0,
+        description="Fraction of kept pairs held out for evaluation, by whole prompts: pairs that share a prompt stay in one split.",
+    )
     max_rows: int | None = Field(None, gt=0, description="Read at most this many source rows (None = all).")
     deduplicate: bool = Field(True, description="Drop exact duplicate (prompt, chosen, rejected) pairs.")
     max_length: int | None = Field(

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import random
 from pathlib import Path
 
 import pandas as pd
@@ -86,12 +87,45 @@ def test_same_seed_same_split_and_another_seed_another(tokenizer, tmp_path):
 
 
 def test_split_sizes_and_that_no_pair_is_lost_or_shared():
-    kept = [(i, {"id": i}) for i in range(10)]
+    kept = [(i, {"prompt": f"p{i}", "id": i}) for i in range(10)]
     train, eval_ = split_rows(kept, 0.2, seed=0)
     assert (len(train), len(eval_)) == (8, 2)
     assert sorted(r["id"] for r in train + eval_) == list(range(10))
-    assert split_rows(kept[:1], 0.2, seed=0) == ([{"id": 0}], [])
+    assert split_rows(kept[:1], 0.2, seed=0) == ([{"prompt": "p0", "id": 0}], [])
     assert len(split_rows(kept[:2], 0.01, seed=0)[1]) == 1  # at least one held out
+
+
+def test_pairs_that_share_a_prompt_stay_in_one_split():
+    # hh-rlhf, UltraFeedback and orca ask one question more than once. A pair-level shuffle of 30 pairs over 10
+    # prompts held out 6 pairs, 5 of whose prompts were trained on too: the eval pairs measured seen prompts.
+    kept = [(i, {"prompt": [{"role": "user", "content": f"q{i % 10}"}], "id": i}) for i in range(30)]
+    for seed in range(20):
+        train, eval_ = split_rows(kept, 0.2, seed)
+        assert sorted(r["id"] for r in train + eval_) == list(range(30))
+        train_prompts = {r["prompt"][0]["content"] for r in train}
+        eval_prompts = {r["prompt"][0]["content"] for r in eval_}
+        assert not train_prompts & eval_prompts, f"seed {seed}: prompts in both splits"
+        assert len(eval_) == 6 and len(eval_prompts) == 2, "whole prompts, 3 pairs each, fill the 20% held out"
+        assert split_rows(kept, 0.2, seed) == (train, eval_), "the same seed gives the same split"
+    # Every prompt has more pairs than the share held out: the smallest is held out rather than none.
+    uneven = [(i, {"prompt": "big" if i < 8 else "small", "id": i}) for i in range(10)]
+    assert [r["id"] for r in split_rows(uneven, 0.1, seed=0)[1]] == [8, 9]
+    # With every prompt distinct it is the pair-level split it always was, so earlier runs' splits still hold.
+    distinct = [(i, {"prompt": f"p{i}", "id": i}) for i in range(40)]
+    order = list(range(40))
+    random.Random(42).shuffle(order)
+    assert [r["id"] for r in split_rows(distinct, 0.25, seed=42)[1]] == sorted(order[:10])
+
+
+def test_pairs_that_all_share_one_prompt_are_refused_naming_why(tokenizer, tmp_path):
+    rows = [{"prompt": "Hello", "chosen": f"Hi, how can I help? ({n})", "rejected": "Go away."} for n in range(5)]
+    write_source(rows, tmp_path / "one-prompt.jsonl")
+    with pytest.raises(NoPairsLeftError) as caught:
+        prepare_data(make_params(source="one-prompt.jsonl", format="standard"), tokenizer, tmp_path / "run",
+                     project_dir=tmp_path)
+    message = str(caught.value)
+    assert "The split gives train 5, held out 0" in message
+    assert "at least 2 distinct prompts must be kept: the 5 pairs kept all have one prompt" in message
 
 
 def test_load_split_gives_trl_ready_datasets(tokenizer, tmp_path):

@@ -29,6 +29,7 @@ from dpo_kit.data.on_policy import (
     HELD_OUT_PROMPTS,
     cut_responses,
     judge_floor_pairs,
+    prompt_key,
     ranked_pair,
     sample_scored_rows,
     sampler_run_held_out_prompts,
@@ -282,25 +283,47 @@ def raise_if_a_split_is_empty(result, train: list, eval_: list, params, dropped_
     dropped = ", ".join(f"{reason}: {count}" for reason, count in result.dropped_by_reason.items()) or "none"
     more = "prompts to data.generate.prompts" if data.source == "generate" else "rows to data.source"
     limit = f" or raise data.max_rows (now {data.max_rows})" if data.max_rows else ""
+    prompts = len({prompt_key(row) for _, row in result.kept})
+    if len(result.kept) > 1 and prompts < 2:
+        # split_rows keeps the pairs of one prompt together, so pairs that all share one prompt cannot be split.
+        need = (f"so at least 2 distinct prompts must be kept: the {len(result.kept)} pairs kept all have one prompt,"
+                " and pairs that share a prompt stay in one split so that no held-out prompt is trained on")  # fmt: skip
+    else:
+        need = "so at least 2 pairs must be kept"
     raise NoPairsLeftError(
         f"{describe_source(data)}: {result.rows_read} rows read, {len(result.kept)} kept, {len(result.dropped)}"
         f" dropped (by reason: {dropped}; every dropped row, with its reason, is in {dropped_path}). The split gives train"
         f" {len(train)}, held out {len(eval_)}, but training needs at least one pair and the"
-        f" evaluate and generate stages at least one held-out pair, so at least 2 pairs must be kept. Add {more}"
+        f" evaluate and generate stages at least one held-out pair, {need}. Add {more}"
         f"{limit}, or fix what made rows drop; data.eval_fraction (now {data.eval_fraction})"
         " sets the share held out once 2 or more pairs are kept."
     )
 
 
 def split_rows(kept: list[tuple[int, dict]], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded train/eval split; each split stays in source order so the files read naturally.
+    """Seeded train/eval split by prompt; each split stays in source order so the files read naturally.
 
-    At least one pair is held out (and one trained on) whenever there are two or more.
+    Pairs that share a prompt (hh-rlhf, UltraFeedback and orca ask one question more than once) go to the
+    same split, so no held-out prompt is trained on: a pair-level shuffle put 5 of 6 such held-out prompts
+    in train as well. Prompts are held out whole, in seeded order, while they fit in `eval_fraction` of the
+    pairs; with every prompt distinct this is exactly the seeded pair-level split. At least one pair is held
+    out (and one trained on) whenever the pairs have two or more distinct prompts.
     """
     order = list(range(len(kept)))
     random.Random(seed).shuffle(order)
     n_eval = min(max(round(len(kept) * eval_fraction), 1), len(kept) - 1) if len(kept) > 1 else 0
-    held_out = set(order[:n_eval])
+    groups: dict[str, list[int]] = {}
+    for position, (_, row) in enumerate(kept):
+        groups.setdefault(prompt_key(row), []).append(position)
+    held_out: set[int] = set()
+    for position in order:
+        group = groups[prompt_key(kept[position][1])]
+        if position not in held_out and len(held_out) + len(group) <= n_eval:
+            held_out.update(group)
+    if not held_out and len(groups) > 1:
+        # Every prompt has more pairs than the share held out: hold out the smallest prompt (the first in seeded
+        # order among equals) rather than none, since the evaluate and generate stages need a held-out pair.
+        held_out.update(min((groups[prompt_key(kept[position][1])] for position in order), key=len))
     train = [row for position, (_, row) in enumerate(kept) if position not in held_out]
     eval_ = [row for position, (_, row) in enumerate(kept) if position in held_out]
     return train, eval_
