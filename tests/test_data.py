@@ -290,6 +290,10 @@ UNREADABLE_FILES = {
     "corrupt.parquet": (b"PAR1 not really parquet", "not a readable Parquet file (ArrowInvalid"),
     "broken.json": (b'[{"prompt": "a",\n "chosen": }]', "line 2: not valid JSON (Expecting value, column 12)"),
     "broken.jsonl": (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a"\n', "line 2: not valid JSON"),
+    # JSON Lines under a .json name (pandas' to_json(lines=True), many hub exports) said only "Extra data".
+    "lines.json": (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "d", "chosen": "e", "rejected": "f"}\n',
+                   "line 2: not valid JSON (Extra data, column 1). The file holds one JSON object per line (JSON Lines),"
+                   " which is read from a .jsonl file: rename it to lines.jsonl, or make it one list of row objects"),
 }
 
 

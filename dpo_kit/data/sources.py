@@ -212,11 +212,20 @@ def _read_jsonl(path: Path, max_rows: int | None, key: str) -> list[dict[str, An
 
 
 def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
+    text = _read_text(path, key)
     try:
-        content = json.loads(_read_text(path, key), object_pairs_hook=_object_once_per_key)
+        content = json.loads(text, object_pairs_hook=_object_once_per_key)
     except json.JSONDecodeError as error:
+        hint = ""
+        if error.msg == "Extra data" and _holds_an_object(text[: error.pos]):
+            # One object per line, as `to_json(orient="records", lines=True)` and many hub exports write under a
+            # .json name: `json` reads the first one and stops at the second, which says nothing of what to do.
+            hint = (
+                ". The file holds one JSON object per line (JSON Lines), which is read from a .jsonl file: rename"
+                f" it to {path.stem}.jsonl, or make it one list of row objects"
+            )
         raise SourceError(
-            f"{key}: {path}, line {error.lineno}: not valid JSON ({error.msg}, column {error.colno})"
+            f"{key}: {path}, line {error.lineno}: not valid JSON ({error.msg}, column {error.colno}){hint}"
         ) from None
     except RepeatedKeyError as error:
         raise SourceError(f"{key}: {path}: {_repeated_key_message(str(error))}") from None
@@ -239,6 +248,14 @@ def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
             raise SourceError(f"{key}: {path}: the column lists differ in length ({shown}); {valid}")
         return [dict(zip(content, values, strict=True)) for values in zip(*content.values(), strict=True)]
     raise SourceError(f"{key}: {path}: the file holds {type(content).__name__} {content!r:.60}; {valid}")
+
+
+def _holds_an_object(text: str) -> bool:
+    """True when `text` is one JSON object: the first row of a JSON Lines file."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def read_hub_dataset(source: str, split: str, revision: str | None, max_rows: int | None) -> list[dict[str, Any]]:
