@@ -372,6 +372,24 @@ def test_hh_rlhf_file_end_to_end_with_dropped_rows_written(tokenizer, tmp_path):
     assert table.iloc[-1].tolist() == ["total", 3, 60.0, "every dropped row is in data/dropped.jsonl, with its reason"]
 
 
+@pytest.mark.parametrize("data_format", ["conversational", "standard"])
+def test_message_lists_written_out_as_csv_text_are_refused_not_trained_on_as_text(tokenizer, tmp_path, data_format):
+    # pandas' to_csv writes a column of message lists as their Python repr. Read as 'conversational' every row was
+    # dropped with the hint to set data.format 'standard', which then trained on "[{'role': 'user', ...}]" as words.
+    rows = [{"prompt": [{"role": "user", "content": f"Q{n}?"}], "chosen": [{"role": "assistant", "content": f"A{n}."}],
+             "rejected": [{"role": "assistant", "content": "No."}]} for n in range(3)]
+    pd.DataFrame(rows).to_csv(tmp_path / "pairs.csv", index=False)
+    with pytest.raises(NoPairsLeftError) as caught:
+        prepare_data(make_params(source="pairs.csv", format=data_format), tokenizer, tmp_path / "run", project_dir=tmp_path)
+    message = str(caught.value)
+    assert "malformed_messages: 3 rows" in message and "holds messages written out as text" in message
+    assert "keep message lists in a .jsonl, .json or .parquet file" in message
+    assert "but the rows have the shape of data.format" not in message
+    # The same rows in a file that keeps lists are read as they are.
+    write_source(rows, tmp_path / "pairs.jsonl")
+    assert prepare_data(make_params(source="pairs.jsonl"), tokenizer, tmp_path / "run", project_dir=tmp_path).rows_kept == 3
+
+
 @pytest.mark.parametrize(
     "rows, data, hint",
     [

@@ -16,6 +16,8 @@ The 'standard' output format is rendered from this shape with the model tokenize
 
 from __future__ import annotations
 
+import ast
+import json
 import re
 from typing import Any, Callable
 
@@ -55,7 +57,39 @@ def _text(row: Row, column: str) -> str:
     value = _column(row, column)
     if not isinstance(value, str):
         raise DropRow("non_string_value", f"column '{column}' should hold text, got {_describe(value)}")
+    _refuse_messages_as_text(value, column)
     return value
+
+
+def _messages_as_text(value: str) -> bool:
+    """True when text is a list of {role, content} messages (or ShareGPT {from, value} turns) written out: as JSON,
+    or as Python's repr, which pandas' to_csv writes for a column of lists."""
+    text = value.strip()
+    if not (text.startswith(("[", "{")) and text.endswith(("]", "}"))):
+        return False
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            parsed = parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        items = parsed if isinstance(parsed, list) else [parsed]
+        return bool(items) and all(
+            isinstance(item, dict) and ({"role", "content"} <= item.keys() or {"from", "value"} <= item.keys())
+            for item in items
+        )
+    return False
+
+
+def _refuse_messages_as_text(value: str, column: str) -> None:
+    """A CSV cell (or a column saved as strings) cannot hold a list: read as text, the messages' JSON would be
+    trained on as the words of one turn, so such a row is dropped saying where message lists are kept."""
+    if _messages_as_text(value):
+        raise DropRow(
+            "malformed_messages",
+            f"column '{column}' holds messages written out as text ({_describe(value)}), not a list of messages;"
+            " a CSV cell holds only text, so keep message lists in a .jsonl, .json or .parquet file and read it"
+            " with a message data.format (conversational, messages, sharegpt)",
+        )
 
 
 def _optional_system(row: Row, column: str | None) -> str | None:
@@ -75,6 +109,8 @@ def _describe(value: Any) -> str:
 
 def checked_messages(value: Any, column: str) -> list[Message]:
     """Validate a list of {role, content} messages; extra keys are dropped so every row has one schema."""
+    if isinstance(value, str):
+        _refuse_messages_as_text(value, column)
     if not isinstance(value, list) or not value:
         raise DropRow(
             "malformed_messages", f"column '{column}' should be a non-empty list of {{role, content}} messages, got {_describe(value)}"
@@ -145,6 +181,7 @@ def _conversational(row: Row, prompt_column: str, chosen_column: str, rejected_c
         return _pair(prompt, chosen_reply, rejected_reply, system)
     prompt = _column(row, prompt_column)
     if isinstance(prompt, str):
+        _refuse_messages_as_text(prompt, prompt_column)
         prompt = [{"role": "user", "content": prompt}]
     return _pair(checked_messages(prompt, prompt_column), chosen[0], rejected[0], system)
 
@@ -263,6 +300,7 @@ def from_sharegpt(row: Row) -> Row:
 def _one_reply(value: Any, column: str) -> Message:
     """A reply given as text, as one {role, content} message, or as a list holding exactly one."""
     if isinstance(value, str):
+        _refuse_messages_as_text(value, column)
         return {"role": "assistant", "content": value}
     messages = checked_messages(value if isinstance(value, list) else [value], column)
     if len(messages) != 1:
