@@ -167,6 +167,25 @@ def test_every_preset_ends_a_base_models_assistant_turn_in_its_eos(tiny, preset)
     assert (checks["double_bos"], checks["double_eos"], checks["prompt_not_prefix"]) == (0, 0, 0)
 
 
+@pytest.mark.parametrize("preset", CHAT_TEMPLATE_PRESETS)
+def test_a_standard_pair_is_the_text_the_preset_renders(tiny, preset):
+    # The human-assistant and instruct-output generation prompts end at 'Assistant:' / 'Output:', and a reply renders
+    # after a space; TRL joins a standard prompt and response as text, so the pairs trained "Assistant:Paris.".
+    base = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tiny.backend_tokenizer.to_str()),
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>")  # fmt: skip
+    base.chat_template = resolve_chat_template(preset)
+    result = audit([pair(prompt=SYSTEM_PROMPT)], base, "standard")
+    [(_, row)] = result.kept
+    rendered = base.apply_chat_template(SYSTEM_PROMPT + pair()["chosen"], tokenize=False)
+    assert rendered.startswith(row["prompt"] + row["chosen"]), (row, rendered)
+    assert row["chosen"].strip() == "Paris." and row["rejected"].strip() == "I have no idea, honestly."
+    assert result.checks["prompt_not_prefix"] == 0
+    # A prefill is continued as written: nothing goes between it and the continuation.
+    prefill = [*PROMPT, {"role": "assistant", "content": "The capital is"}]
+    [(_, continued)] = audit([pair(prompt=prefill, chosen=" Paris.")], base, "standard").kept
+    assert continued["chosen"] == " Paris." and continued["prompt"].endswith("The capital is")
+
+
 def test_llama3_standard_prompt_would_start_with_two_bos_without_the_fix(families):
     tokenizer = families["llama-3"]
     rendered = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)

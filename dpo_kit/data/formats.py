@@ -21,7 +21,7 @@ import json
 import re
 from typing import Any, Callable
 
-from dpo_kit.chat_templates import render_prompt
+from dpo_kit.chat_templates import ends_with_prefill, render_prompt
 from dpo_kit.data.drops import DropRow
 
 Message = dict[str, str]
@@ -380,10 +380,41 @@ def converter(data_format: str, columns=None) -> Callable[[Row], Row]:
 
 def render_standard(row: Row, tokenizer) -> Row:
     """TRL standard row: the prompt rendered by the tokenizer's own chat template with the generation prompt
-    (or continuing a final assistant prefill), the responses as plain text (TRL appends the eos token to them).
+    (or continuing a final assistant prefill), the responses as plain text (TRL appends the eos token to them),
+    each after the whitespace the template writes between its generation prompt and a reply (`reply_opening`).
 
     TRL tokenizes this prompt with special tokens on; `dpo_kit.data.audit` removes a BOS the template writes
     itself when the tokenizer adds one too, so the sequence does not start with two.
     """
     prompt = render_prompt(tokenizer, row["prompt"])
-    return {"prompt": prompt, "chosen": row["chosen"][0]["content"], "rejected": row["rejected"][0]["content"]}
+    opening = "" if ends_with_prefill(row["prompt"]) else reply_opening(tokenizer, row["prompt"], prompt)
+    return {
+        "prompt": prompt,
+        "chosen": opening + row["chosen"][0]["content"],
+        "rejected": opening + row["rejected"][0]["content"],
+    }
+
+
+REPLY_MARKER = "DPO_KIT_REPLY_MARKER"
+
+
+def reply_opening(tokenizer, prompt: list[Message], rendered_prompt: str) -> str:
+    """The whitespace the chat template writes between its generation prompt and a reply's text: ' ' for the
+    human-assistant and instruct-output presets, whose generation prompt ends at 'Assistant:' / 'Output:' (a
+    trailing space there would tokenize apart from the reply) while a reply renders as 'Assistant: text'.
+
+    TRL joins a standard row's prompt and response as text, so without it the pairs trained 'Assistant:text', a
+    format the template never writes. Anything but whitespace (a template's think block, say) is left to the
+    template's own conversational rendering, and a template that does not render the reply after its generation
+    prompt gets nothing added.
+    """
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [*prompt, {"role": "assistant", "content": REPLY_MARKER}], tokenize=False
+        )
+    except Exception:  # noqa: BLE001 - a template raises whatever it likes; the prompt alone rendered
+        return ""
+    if not rendered.startswith(rendered_prompt) or REPLY_MARKER not in rendered[len(rendered_prompt) :]:
+        return ""
+    opening = rendered[len(rendered_prompt) : rendered.index(REPLY_MARKER, len(rendered_prompt))]
+    return opening if not opening.strip() else ""
