@@ -86,6 +86,21 @@ def test_same_seed_same_split_and_another_seed_another(tokenizer, tmp_path):
     assert read_jsonl(tmp_path / "a/data/eval.jsonl") != read_jsonl(tmp_path / "c/data/eval.jsonl")
 
 
+def test_text_holding_unicode_line_breaks_reads_back_one_row_per_line(tokenizer, tmp_path):
+    # json writes U+2028, U+2029 and U+0085 raw; str.splitlines() breaks there, so load_split (the train stage) and
+    # the other readers of these files failed with JSONDecodeError on a pair of web text that held one.
+    rows = [{"prompt": f"Line one\u2028line two {n}?", "chosen": "Yes\x85indeed.", "rejected": "No\u2029."} for n in range(5)]
+    write_source(rows, tmp_path / "pairs.jsonl")
+    prepare_data(make_params(source="pairs.jsonl", format="standard"), tokenizer, tmp_path / "run", project_dir=tmp_path)
+    for split in ("train", "eval"):
+        text = (tmp_path / "run" / "data" / f"{split}.jsonl").read_text(encoding="utf-8")
+        assert all(json.loads(line) for line in text.splitlines()), "every line, as any reader splits them, is a row"
+        assert len(load_split(tmp_path / "run", split)) == len(text.splitlines())
+    pairs = [*load_split(tmp_path / "run", "train"), *load_split(tmp_path / "run", "eval")]
+    assert sorted(pair["prompt"][0]["content"] for pair in pairs) == [row["prompt"] for row in rows], "text kept exactly"
+    assert {pair["chosen"][0]["content"] for pair in pairs} == {"Yes\x85indeed."}
+
+
 def test_split_sizes_and_that_no_pair_is_lost_or_shared():
     kept = [(i, {"prompt": f"p{i}", "id": i}) for i in range(10)]
     train, eval_ = split_rows(kept, 0.2, seed=0)

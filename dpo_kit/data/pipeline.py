@@ -329,11 +329,17 @@ def split_rows(kept: list[tuple[int, dict]], eval_fraction: float, seed: int) ->
     return train, eval_
 
 
+# json.dumps(ensure_ascii=False) writes these three line breaks raw inside strings, and str.splitlines(), which the
+# kit's readers of these files use (load_split, merge, evaluate, iterative DPO), breaks a line at each: a pair holding
+# one (web text often does) read back as two halves of invalid JSON. Escaped, each line is one row for every reader.
+LINE_BREAKS_JSON_KEEPS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _write_jsonl(path: Path, rows) -> None:
     with path.open("w", encoding="utf-8") as out:
         for row in rows:
             # default=str: source rows may hold dates or other values JSON has no type for.
-            out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            out.write(json.dumps(row, ensure_ascii=False, default=str).translate(LINE_BREAKS_JSON_KEEPS) + "\n")
 
 
 def load_split(run_dir: str | Path, split: str):
@@ -345,7 +351,8 @@ def load_split(run_dir: str | Path, split: str):
     path = Path(run_dir) / "data" / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the format stage (prepare_data / notebook 01) for this run first")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # split at "\n" only, as the file was written: splitlines() would also break at a U+2028 inside a row's text
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     if not rows:
         return Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
     return Dataset.from_list(rows)
