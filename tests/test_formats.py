@@ -136,6 +136,18 @@ def test_implicit_prompt_with_no_shared_messages_is_unsplittable():
     assert drop_reason(from_conversational, row).reason == "unsplittable_transcript"
 
 
+def test_several_replies_after_an_explicit_prompt_name_the_prompt_and_the_roles():
+    # Read as whole conversations, these were "chosen and rejected share no leading messages, so there is no prompt".
+    row = {"prompt": [user("Hi")], "chosen": [assistant("Hello."), assistant("And more.")], "rejected": [assistant("No")]}
+    problem = drop_reason(from_conversational, row)
+    assert problem.reason == "roles_not_alternating"
+    assert "with the prompt in 'prompt', 'chosen' and 'rejected' should each be one assistant message" in problem.detail
+    assert "chosen: assistant, assistant; rejected: assistant" in problem.detail
+    # UltraFeedback keeps the first user text in 'prompt' next to whole conversations: still the implicit prompt.
+    ultra = {"prompt": "Hi", "chosen": [user("Hi"), assistant("Hello.")], "rejected": [user("Hi"), assistant("No")]}
+    assert from_conversational(ultra)["prompt"] == [user("Hi")]
+
+
 @pytest.mark.parametrize(
     "chosen, reason",
     [

@@ -177,6 +177,17 @@ def _conversational(row: Row, prompt_column: str, chosen_column: str, rejected_c
     rejected = checked_messages(_column(row, rejected_column), rejected_column)
     system = _optional_system(row, system_column)
     if len(chosen) > 1 or len(rejected) > 1:
+        if prompt_column in row and chosen[0]["role"] == rejected[0]["role"] == "assistant":
+            # Replies after a prompt column, not whole conversations: the implicit-prompt split would report that
+            # they "share no leading messages, so there is no prompt", next to the prompt the row has.
+            found = "; ".join(f"{name}: {', '.join(m['role'] for m in messages)}"
+                              for name, messages in ((chosen_column, chosen), (rejected_column, rejected)))  # fmt: skip
+            raise DropRow(
+                "roles_not_alternating",
+                f"with the prompt in '{prompt_column}', '{chosen_column}' and '{rejected_column}' should each be one"
+                f" assistant message, got roles: {found} (or give whole conversations that share the prompt, for an"
+                " implicit prompt)",
+            )
         prompt, chosen_reply, rejected_reply = _split_shared_prefix(chosen, rejected)
         return _pair(prompt, chosen_reply, rejected_reply, system)
     prompt = _column(row, prompt_column)
