@@ -400,6 +400,12 @@ def test_message_lists_written_out_as_csv_text_are_refused_not_trained_on_as_tex
     assert "malformed_messages: 3 rows" in message and "holds messages written out as text" in message
     assert "keep message lists in a .jsonl, .json or .parquet file" in message
     assert "but the rows have the shape of data.format" not in message
+    # A text response that is a JSON list of messages (one was asked for) is text, and kept.
+    asked = [{"prompt": f"Write a chat as JSON ({n}).", "chosen": '[{"role": "user", "content": "Hi"}]',
+              "rejected": "No."} for n in range(3)]
+    write_source(asked, tmp_path / "asked.jsonl")
+    assert prepare_data(make_params(source="asked.jsonl", format="standard"), tokenizer, tmp_path / "asked",
+                        project_dir=tmp_path).rows_kept == 3
     # The same rows in a file that keeps lists are read as they are.
     write_source(rows, tmp_path / "pairs.jsonl")
     assert prepare_data(make_params(source="pairs.jsonl"), tokenizer, tmp_path / "run", project_dir=tmp_path).rows_kept == 3

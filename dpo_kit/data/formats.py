@@ -57,7 +57,6 @@ def _text(row: Row, column: str) -> str:
     value = _column(row, column)
     if not isinstance(value, str):
         raise DropRow("non_string_value", f"column '{column}' should hold text, got {_describe(value)}")
-    _refuse_messages_as_text(value, column)
     return value
 
 
@@ -82,7 +81,8 @@ def _messages_as_text(value: str) -> bool:
 
 def _refuse_messages_as_text(value: str, column: str) -> None:
     """A CSV cell (or a column saved as strings) cannot hold a list: read as text, the messages' JSON would be
-    trained on as the words of one turn, so such a row is dropped saying where message lists are kept."""
+    trained on as the words of one turn, so such a row is dropped saying where message lists are kept. Applied where
+    messages are expected and to prompts, not to a text response, which may be a JSON list that was asked for."""
     if _messages_as_text(value):
         raise DropRow(
             "malformed_messages",
@@ -148,6 +148,8 @@ def _reply(response: str | Message) -> Message:
 def _text_pair(row: Row, prompt: str, chosen: str, rejected: str, system: str | None = None) -> Row:
     """A row of plain texts: the prompt is the user's turn, the responses are assistant turns."""
     user = {"role": "user", "content": _text(row, prompt)}
+    # Only the prompt is checked: a response may well be a JSON list of messages (asked for one, say).
+    _refuse_messages_as_text(user["content"], prompt)
     return _pair([user], _text(row, chosen), _text(row, rejected), _optional_system(row, system))
 
 
@@ -311,7 +313,6 @@ def from_sharegpt(row: Row) -> Row:
 def _one_reply(value: Any, column: str) -> Message:
     """A reply given as text, as one {role, content} message, or as a list holding exactly one."""
     if isinstance(value, str):
-        _refuse_messages_as_text(value, column)
         return {"role": "assistant", "content": value}
     messages = checked_messages(value if isinstance(value, list) else [value], column)
     if len(messages) != 1:
