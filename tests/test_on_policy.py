@@ -370,8 +370,10 @@ def test_a_prefilled_prompt_is_sampled_and_trained_as_one_continued_reply(tiny_m
     from dpo_kit.models.sampling import prompt_token_ids
 
     opening = [{"role": "user", "content": "Review the film."}, {"role": "assistant", "content": "The pacing was"}]
+    # Two prompts: pairs of one prompt stay in one split, and the run needs a pair on each side.
+    other = [{"role": "user", "content": "Review the play."}, opening[1]]
     path = tmp_path / "prefills.jsonl"
-    path.write_text("".join(json.dumps({"prompt": opening}) + "\n" for _ in range(2)))
+    path.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in (opening, other)))
     params = generate_params(tiny_model_dir, path, "data.output_format=standard", "data.deduplicate=false")
     tokenizer = load_tokenizer(str(tiny_model_dir), params)
     report = prepare_data(params, tokenizer, tmp_path / "run", REPO)
@@ -383,8 +385,8 @@ def test_a_prefilled_prompt_is_sampled_and_trained_as_one_continued_reply(tiny_m
     samples = [json.loads(line) for line in (tmp_path / "run" / "data" / "samples.jsonl").read_text().splitlines()]
     pairs = [json.loads(line) for split in ("train", "eval") for line in
              (tmp_path / "run" / "data" / f"{split}.jsonl").read_text().splitlines()]  # fmt: skip
+    assert sorted(pair["prompt"] for pair in pairs) == [rendered, render_prompt(tokenizer, other)]
     for pair in pairs:
-        assert pair["prompt"] == rendered
         assert pair["chosen"] in samples[0]["samples"] + samples[1]["samples"]
     # Whatever the tiny model sampled is kept as decoded: only trailing whitespace goes.
     assert all(text == text.rstrip() for row in samples for text in row["samples"])
