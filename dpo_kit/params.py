@@ -800,7 +800,9 @@ def redact_secrets(text: str) -> str:
 
 
 def find_secret_values(raw: Any, path: str = "") -> list[str]:
-    """Dotted keys whose value holds a secret: one from the environment or shaped like a token."""
+    """Dotted keys whose value holds a secret: one from the environment, one shaped like a token, or a URL's
+    password (https://user:TOKEN@host/...), which redact_secrets hides in what the kit says but which params would
+    carry into params.yaml, the manifest and the notebooks."""
     if isinstance(raw, dict):
         return [key for k, v in raw.items() for key in find_secret_values(v, f"{path}.{k}" if path else str(k))]
     if isinstance(raw, list):
@@ -808,7 +810,8 @@ def find_secret_values(raw: Any, path: str = "") -> list[str]:
     if isinstance(raw, str):
         known = secret_values()
         # Inside a longer value too ("proj-<token>"): the runner would find it in the run's files, after the fact.
-        if any(secret in raw for secret in known) or any(pattern.search(raw) for pattern in SECRET_PATTERNS):
+        if (any(secret in raw for secret in known) or any(pattern.search(raw) for pattern in SECRET_PATTERNS)
+                or URL_PASSWORD.search(raw)):
             return [path]
     return []
 
@@ -819,9 +822,9 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
     secrets = find_secret_values(raw)
     if secrets:
         raise ParamsError(
-            f"{source}: {', '.join(secrets)} holds a secret (a token or API key). Secrets never go in params files,"
-            f" which are copied into the run and into executed notebooks: set {' / '.join(SECRET_ENV_VARS)} in the"
-            " environment instead."
+            f"{source}: {', '.join(secrets)} holds a secret (a token, an API key or the password in a URL). Secrets"
+            " never go in params files, which are copied into the run and into executed notebooks: set"
+            f" {' / '.join(SECRET_ENV_VARS)} in the environment instead."
         )
     try:
         return Params.model_validate(raw)

@@ -374,6 +374,21 @@ def test_secrets_in_params_are_refused_naming_the_key(monkeypatch):
     assert "merge.hub_model_id holds a secret" in error_for(raw)
 
 
+def test_the_password_of_a_url_in_params_is_refused_naming_the_key_not_quoting_it():
+    # Accepted before: the format stage wrote it into params.yaml, the manifest and its notebook, and the runner's scan
+    # (which looks for the environment's values) did not see it. The error message names the key and shows ***.
+    raw = raw_tiny()
+    raw["model"]["name_or_path"] = "https://user:s3cretpassw0rd@example.com/model"
+    message = error_for(raw)
+    assert "model.name_or_path holds a secret" in message and "s3cretpassw0rd" not in message
+    raw = raw_tiny()
+    raw["data"]["source"] = "https://me:s3cretpassw0rd@example.com/pairs.jsonl"
+    assert "data.source holds a secret" in error_for(raw)
+    raw = raw_tiny()
+    raw["model"]["name_or_path"] = "https://example.com/model"  # a URL without credentials is not a secret
+    assert parse_params(raw).model.name_or_path == "https://example.com/model"
+
+
 def test_a_refusal_never_quotes_the_secret_it_refuses(tmp_path, monkeypatch):
     """The message reaches the terminal, logs and a notebook's saved outputs: a secret in an override that is not
     valid YAML, or on the line of a params file that YAML cannot read, is shown as ***."""
