@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_kit.params import load_params, params_to_dict, save_params
+from dpo_kit.params import ParamsError, load_params, params_to_dict, save_params
 from dpo_kit.run.runner import RunError, check_prerequisites, find_secrets, guard_existing_run, parse_stages
 from dpo_kit.run.stage import params_fingerprint
 
@@ -154,6 +154,27 @@ def test_shared_kernel_reset_leaves_no_user_names_or_outputs(tmp_path):
         assert cell.outputs[0]["text"].strip() == "[] 0"
     finally:
         kernel.shutdown()
+
+
+def test_a_refused_secret_override_is_not_kept_in_the_kernels_ipython_history(tmp_path, monkeypatch):
+    """The runner validates --set values in its kernel by executing them as code, and IPython wrote every executed
+    cell to history.sqlite in its profile: `dpo-kit run ... --set tracking.project=<WANDB_API_KEY>` was refused, and
+    the key stayed in ~/.ipython/profile_default/history.sqlite. The runner's kernels keep no history."""
+    from dpo_kit.run.runner import SharedKernel
+
+    secret = "FAKEwandbkey0123456789abcdef0123456789ab"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    kernel = SharedKernel(tmp_path)
+    try:
+        with pytest.raises(ParamsError, match="tracking.project holds a secret"):
+            kernel.resolve_run(REPO / "params/tiny.yaml", [f"tracking.project=x-{secret}"], REPO)
+        cell = kernel.run_cell("print(get_ipython().history_manager.enabled)")
+        assert cell.outputs[0].text.strip() == "False"
+    finally:
+        kernel.shutdown()
+    written = [path for path in (tmp_path / "ipython").rglob("*") if path.is_file()]
+    assert not [path for path in written if secret.encode() in path.read_bytes()], written
 
 
 def test_a_stopped_kernel_leaves_nothing_in_tmpdir(tmp_path, monkeypatch):

@@ -98,6 +98,10 @@ def remove_abandoned_kernel_tmpdirs(parent: Path) -> list[Path]:
     return removed
 
 
+# ipykernel's command-line options for the runner's kernels: IPython keeps no history of what they execute.
+KERNEL_ARGUMENTS = ["--HistoryManager.enabled=False"]
+
+
 def kernel_environment(tmpdir: str) -> dict[str, str]:
     """The environment a batch kernel starts with: the runner's, text progress bars, its own $TMPDIR, and a
     relative DPO_KIT_CACHE made absolute. The kernel runs in notebooks/, so `DPO_KIT_CACHE=cache dpo-kit run ...`
@@ -150,8 +154,11 @@ class SharedKernel:
         try:
             # Who owns it, so that the next runner removes it if this one is killed with kill -9 (no shutdown()).
             (Path(self.tmpdir) / KERNEL_TMPDIR_OWNER).write_text(json.dumps(mf.this_process()))
-            # Batch kernels draw text progress bars (dpo_kit/progress.py): nobody renders widgets here.
-            run_sync(self.manager.start_kernel)(cwd=str(cwd), env=kernel_environment(self.tmpdir))
+            # Batch kernels draw text progress bars (dpo_kit/progress.py): nobody renders widgets here. No IPython
+            # history: IPython writes every executed cell to ~/.ipython/profile_default/history.sqlite, and `call`
+            # executes the --set/--grid values as code, so a secret that params then refused stayed there on disk.
+            run_sync(self.manager.start_kernel)(cwd=str(cwd), env=kernel_environment(self.tmpdir),
+                                                extra_arguments=KERNEL_ARGUMENTS)  # fmt: skip
         except BaseException:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             raise
