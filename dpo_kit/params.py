@@ -665,6 +665,8 @@ def validate_dpo_section(section: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"dpo.{key} is set by the kit from {DPO_KEYS_OWNED_ELSEWHERE[key]}; set it there")
         if key in DPO_KEYS_REMOVED_FROM_TRL and key not in types:
             raise ValueError(f"dpo.{key} was removed from TRL's DPOTrainer: {DPO_KEYS_REMOVED_FROM_TRL[key]}")
+        if key not in types and SECRET_KEY_NAME.match(key):
+            raise ValueError(f"unknown key 'dpo.{key}', not a field of trl.DPOConfig{_unknown_key_hint(key, types)}")
         if key not in types:
             raise ValueError(f"unknown key 'dpo.{key}'{_did_you_mean(key, types, 'dpo.')}: not a field of trl.DPOConfig")
         if key == "loss_type" and isinstance(value, str):
@@ -700,6 +702,20 @@ def _did_you_mean(key: str, candidates, prefix: str = "") -> str:
     return f"; did you mean '{prefix}{close[0]}'?" if close else ""
 
 
+# Names people give a token or API key when they put it in a params file (hf_token, wandb_api_key, ...). The closest
+# real key is never what they meant (`model.token` was told "did you mean 'model.dtype'?").
+SECRET_KEY_NAME = re.compile(r"^(hf_|hub_|wandb_|auth_|access_|use_auth_|huggingface_)?(token|api_?key|key|password|secret)$",
+                             re.IGNORECASE)
+
+
+def _unknown_key_hint(key: str, candidates, prefix: str = "") -> str:
+    """What to say after "unknown key": where a secret goes, for a key named like one; else the closest key."""
+    if SECRET_KEY_NAME.match(key):
+        return (f"; secrets never go in params, which are copied into the run and its notebooks: set"
+                f" {' / '.join(SECRET_ENV_VARS)} in the environment")
+    return _did_you_mean(key, candidates, prefix)
+
+
 def _section_keys(path: list[str]) -> list[str]:
     """The keys of the section at a dotted path: ['lora'] -> LoraParams' fields, ['data', 'generate'] ->
     OnPolicyParams' (through `OnPolicyParams | None`). Each level is walked, so a typo in a nested section is
@@ -723,7 +739,7 @@ def _describe(error: dict, source: str) -> str:
         candidates = _section_keys(parts[:-1])
         valid = ", ".join(candidates)
         prefix = f"{parent}." if parent else ""
-        return f"{source}: unknown key '{location}'{_did_you_mean(parts[-1], candidates, prefix)} (valid keys: {valid})"
+        return f"{source}: unknown key '{location}'{_unknown_key_hint(parts[-1], candidates, prefix)} (valid keys: {valid})"
     if kind == "missing":
         return f"{source}: missing required key '{location}'"
     if kind in ("value_error", "assertion_error"):

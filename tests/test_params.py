@@ -374,6 +374,26 @@ def test_secrets_in_params_are_refused_naming_the_key(monkeypatch):
     assert "merge.hub_model_id holds a secret" in error_for(raw)
 
 
+@pytest.mark.parametrize(("section", "key"), [("tracking", "wandb_api_key"), ("model", "token"), ("dpo", "wandb_api_key"),
+                                            (None, "hf_token")])
+def test_a_key_named_like_a_secret_is_refused_saying_where_secrets_go(section, key):
+    # A key that is not a secret's value here (a W&B key whose value is in no environment variable) was refused as
+    # an unknown key only, `model.token` with "did you mean 'model.dtype'?": the message now says where it goes.
+    raw = raw_tiny()
+    (raw.setdefault(section, {}) if section else raw)[key] = "0123456789abcdef0123456789abcdef01234567"
+    message = error_for(raw)
+    assert f"unknown key '{section + '.' if section else ''}{key}'" in message
+    assert "secrets never go in params" in message and "WANDB_API_KEY in the environment" in message
+    assert "did you mean" not in message
+
+
+def test_a_misspelled_key_that_only_ends_in_token_still_gets_the_closest_key():
+    raw = raw_tiny()
+    raw["generate"]["max_new_token"] = 32
+    assert "did you mean 'generate.max_new_tokens'?" in (message := error_for(raw))
+    assert "secrets never go" not in message
+
+
 def test_the_password_of_a_url_in_params_is_refused_naming_the_key_not_quoting_it():
     # Accepted before: the format stage wrote it into params.yaml, the manifest and its notebook, and the runner's scan
     # (which looks for the environment's values) did not see it. The error message names the key and shows ***.
