@@ -797,11 +797,35 @@ SECRET_PATTERNS = (re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}(?![A-Za-z0-9
 URL_PASSWORD = re.compile(r"(?P<user>[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s/@]+(?=@)")
 
 
+def stored_credentials() -> list[str]:
+    """The keys that a login left on disk, which the libraries use where the environment holds none: `hf auth login`
+    writes huggingface_hub's token file, `wandb login` an entry for its host in ~/.netrc (or $NETRC). A secret the
+    kit never reads is still one the hub and wandb send, so it is refused in params and looked for in run files."""
+    import netrc
+    from urllib.parse import urlparse
+
+    values = []
+    try:
+        from huggingface_hub import constants
+
+        values.append(Path(constants.HF_TOKEN_PATH).read_text().strip())
+    except (ImportError, OSError, UnicodeDecodeError):
+        pass
+    try:
+        host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+        entry = netrc.netrc(os.environ.get("NETRC") or Path.home() / ".netrc").authenticators(host)
+        if entry and entry[2]:
+            values.append(entry[2])
+    except (OSError, netrc.NetrcParseError, UnicodeDecodeError):  # no ~/.netrc, or one netrc cannot read
+        pass
+    return values
+
+
 def secret_values() -> list[str]:
-    """The values of the secret environment variables that are set (8 characters or more: a shorter one would be
-    found everywhere), longest first."""
-    values = {os.environ[name] for name in SECRET_ENV_VARS if len(os.environ.get(name, "")) >= 8}
-    return sorted(values, key=len, reverse=True)
+    """The values of the secret environment variables that are set and of the stored logins (8 characters or more:
+    a shorter one would be found everywhere), longest first."""
+    candidates = [os.environ.get(name, "") for name in SECRET_ENV_VARS] + stored_credentials()
+    return sorted({value for value in candidates if len(value) >= 8}, key=len, reverse=True)
 
 
 def redact_secrets(text: str) -> str:
@@ -815,16 +839,16 @@ def redact_secrets(text: str) -> str:
     return URL_PASSWORD.sub(r"\g<user>***", text)
 
 
-def find_secret_values(raw: Any, path: str = "") -> list[str]:
+def find_secret_values(raw: Any, path: str = "", known: list[str] | None = None) -> list[str]:
     """Dotted keys whose value holds a secret: one from the environment, one shaped like a token, or a URL's
     password (https://user:TOKEN@host/...), which redact_secrets hides in what the kit says but which params would
     carry into params.yaml, the manifest and the notebooks."""
+    known = secret_values() if known is None else known  # read once: the stored logins are files
     if isinstance(raw, dict):
-        return [key for k, v in raw.items() for key in find_secret_values(v, f"{path}.{k}" if path else str(k))]
+        return [key for k, v in raw.items() for key in find_secret_values(v, f"{path}.{k}" if path else str(k), known)]
     if isinstance(raw, list):
-        return [key for i, v in enumerate(raw) for key in find_secret_values(v, f"{path}[{i}]")]
+        return [key for i, v in enumerate(raw) for key in find_secret_values(v, f"{path}[{i}]", known)]
     if isinstance(raw, str):
-        known = secret_values()
         # Inside a longer value too ("proj-<token>"): the runner would find it in the run's files, after the fact.
         if (any(secret in raw for secret in known) or any(pattern.search(raw) for pattern in SECRET_PATTERNS)
                 or URL_PASSWORD.search(raw)):

@@ -130,6 +130,29 @@ def test_secret_values_from_the_environment_are_found_in_run_files(tmp_path, mon
     assert find_secrets(tmp_path) == [str(tmp_path / "notebooks" / "leak.ipynb")]
 
 
+def test_the_keys_of_a_stored_login_are_found_in_run_files_and_refused_in_params(tmp_path, monkeypatch):
+    """`hf auth login` and `wandb login` keep the key on disk, and huggingface_hub and wandb use it where the environment
+    holds none: the scan looked only for the environment's values, so with the usual logins it found nothing."""
+    from huggingface_hub import constants
+
+    hf_key, wandb_key = "hf_storedLoginToken0123456789", "fedcba9876543210fedcba9876543210fedcba98"
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "token").write_text(hf_key + "\n")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    (tmp_path / "netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {wandb_key}\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "clean.json").write_text("{}")
+    assert find_secrets(run_dir) == []
+    (run_dir / "hf.log").write_text(f"Authorization: Bearer {hf_key}")
+    (run_dir / "wandb.log").write_text(f"api_key={wandb_key}")
+    assert sorted(find_secrets(run_dir)) == [str(run_dir / "hf.log"), str(run_dir / "wandb.log")]
+    # A W&B key is 40 hex digits, like a commit hash, so only its value tells it apart; a login's value is known now.
+    with pytest.raises(ParamsError, match="tracking.project holds a secret"):
+        load_params(TINY_PARAMS, [f"tracking.project=runs-{wandb_key}"])
+
 
 def test_a_secret_in_the_metadata_of_a_safetensors_file_is_found(tmp_path, monkeypatch):
     import torch

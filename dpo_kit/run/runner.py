@@ -24,13 +24,13 @@ from typing import Any
 
 from dpo_kit import manifest as mf
 from dpo_kit.params import (
-    SECRET_ENV_VARS,
     ParamsError,
     check_local_files,
     load_params,
     params_to_dict,
     run_directory,
     save_or_check_params,
+    secret_values,
 )
 from dpo_kit.progress import BATCH_KERNEL_ENV
 from dpo_kit.run.stage import (
@@ -392,8 +392,8 @@ def check_prerequisites(run_dir: Path, stages: list[str], resolved: dict, provid
 
 
 def find_secrets(run_dir: Path) -> list[str]:
-    """Files in the run that contain the value of a secret environment variable."""
-    secrets = [os.environ[name] for name in SECRET_ENV_VARS if len(os.environ.get(name, "")) >= 8]
+    """Files in the run that contain a secret: the value of a secret environment variable, or a stored login's."""
+    secrets = secret_values()
     if not secrets:
         return []
     leaks = []
