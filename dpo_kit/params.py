@@ -412,6 +412,10 @@ class EvaluateParams(Section):
     batch_size: int = Field(8, gt=0, description="Pairs per forward pass.")
 
 
+# Characters wandb refuses in a project name (wandb.init: "Invalid project name").
+TRACKER_PROJECT_FORBIDDEN = ("/", "\\", "#", "?", "%", ":")
+
+
 class TrackingParams(Section):
     report_to: list[Literal["none", "wandb", "trackio", "tensorboard"]] = Field(
         ["none"],
@@ -424,6 +428,20 @@ class TrackingParams(Section):
     @classmethod
     def _one_string_is_a_list(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _project_the_trackers_accept(self):
+        # wandb refuses these at wandb.init() ("Invalid project name"), in the train stage after the format stage
+        # has run. `entity/project`, the way wandb's own pages write a project, is the likely one.
+        if "wandb" in self.report_to:
+            bad = " ".join(sorted({c for c in self.project if c in TRACKER_PROJECT_FORBIDDEN}))
+            if bad or not self.project.strip() or len(self.project) > 128:
+                found = f" (found {bad})" if bad else ""
+                entity = ("; the wandb entity (team or user) comes from WANDB_ENTITY in the environment, not from the"
+                          " project name") if "/" in self.project else ""
+                raise ValueError(f"tracking.project {self.project!r}: wandb takes a project name of 1 to 128"
+                                 f" characters without {' '.join(TRACKER_PROJECT_FORBIDDEN)}{found}{entity}")
+        return self
 
 
 # Where a run happens, not what it computes: the same run on other machines or ports is the same run. The stage

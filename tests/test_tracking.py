@@ -204,6 +204,16 @@ def test_report_to_names_the_trackers_it_accepts():
     assert all(name in str(error.value) for name in ("wandb", "trackio", "tensorboard"))
 
 
+@pytest.mark.parametrize("project", ["my-team/dpo", "dpo:v2", "", "x" * 129])
+def test_a_project_name_wandb_refuses_is_refused_when_the_params_are_read(project):
+    # wandb.init() refused it (UsageError "Invalid project name") in the train stage, after the format stage had run.
+    with pytest.raises(ValueError, match=r"tracking.project .*wandb takes a project name of 1 to 128 characters") as error:
+        load_params(TINY, ["tracking.report_to=[wandb]", f"tracking.project='{project}'"])
+    assert ("WANDB_ENTITY" in str(error.value)) == ("/" in project)
+    # Without wandb it is not refused: trackio takes "my-team/dpo" (its store is my-teamdpo.db).
+    assert load_params(TINY, ["tracking.report_to=[trackio,tensorboard]", f"tracking.project='{project}'"])
+
+
 @pytest.mark.notebook
 def test_tracker_files_belong_to_the_train_stage_so_a_rerun_moves_them_aside(tracked_run):
     from dpo_kit.run.stage import RUN_FILES, STAGE_OUTPUTS
