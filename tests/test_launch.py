@@ -124,6 +124,26 @@ def test_a_rendezvous_port_in_use_is_refused_with_a_free_one_to_use(tmp_path):
     assert not any(tmp_path.iterdir()), "refused before the launcher started"
 
 
+def test_a_failed_worker_s_error_is_named_in_the_launch_error(tmp_path):
+    """Both workers fail reading the stage's parameter set. The launcher's output ends with its own traceback and
+    torch's failure summary (40 lines): without an error file from the workers, the error the train stage raised
+    (and the manifest recorded) held only "exitcode: 1", never the workers' ParamsError."""
+    import json
+    from types import SimpleNamespace
+
+    from dpo_kit.training.launch import run_launched
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {"train": {"params_file": "gone.yaml"}}}))
+    params = load_params(TINY, ["launch.num_processes=2", f"launch.main_process_port={free_port()}"])
+    stage = SimpleNamespace(params=params, hardware=choose_hardware(), project_dir=REPO, run_dir=tmp_path,
+                            resume_from=None)  # fmt: skip
+    with pytest.raises(LaunchError) as failed:
+        run_launched(stage)
+    first_line = str(failed.value).splitlines()[0]
+    assert first_line.startswith("accelerate launch exited with 1 (")
+    assert f"ParamsError: params file not found: {tmp_path / 'gone.yaml'})" in first_line
+
+
 def test_a_worker_refuses_to_train_unsharded_when_its_config_asks_for_sharding(monkeypatch):
     check_strategy_set_up("MULTI_CPU")  # no sharding asked: DDP or one process, nothing to check
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets in the workers for an FSDP config

@@ -228,8 +228,12 @@ def run_launched(stage) -> dict[str, Any]:
         stop_process_group(process)
         raise
     if returncode != 0:
+        # torch's summary of the failure ends with the first failed worker's exception (worker.main is @record), or
+        # with the signal that ended it: said first, so a one-line report of the stage names the cause.
+        said = [line.strip() for line in tail if line.strip() and set(line.strip()) != {"="}]
         raise LaunchError(
-            f"accelerate launch exited with {returncode}; its last lines:\n" + "\n".join(tail)
+            f"accelerate launch exited with {returncode}" + (f" ({said[-1]})" if said else "")
+            + "; its last lines:\n" + "\n".join(tail)
         )
     if not result_path.is_file():
         raise LaunchError(f"the launched training ended without writing {result_path}")

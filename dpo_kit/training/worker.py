@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 
 @dataclass
 class WorkerStage:
@@ -26,6 +28,10 @@ class WorkerStage:
     name: str = "train"
 
 
+# torch's elastic agent then names a failed worker's exception (its traceback's last lines) in the summary it prints
+# last: without an error file that summary says only "exitcode: 1", and the last lines of the launcher's output, which
+# the train stage's error and the manifest carry, held the launcher's own traceback and not the worker's error.
+@record
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dpo_kit.training.worker")
     parser.add_argument("run_dir", type=Path)
