@@ -231,6 +231,32 @@ def test_the_launch_command_carries_every_value_from_params(tmp_path):
     assert launch_command(stage, None)[-2:] == ["--resume-from", str(stage.resume_from)]
 
 
+def test_a_default_accelerate_config_on_the_machine_does_not_shape_a_launch_without_config_file(tmp_path, monkeypatch):
+    """accelerate reads ~/.cache/huggingface/accelerate/default_config.yaml whenever no --config_file is given: the
+    plain DDP launch (launch.num_processes 2, no launch.config_file) took its gpu_ids, use_cpu and debug, and with the
+    gpu_ids '0' of a one-GPU `accelerate config` it refused to start ("Less than two GPU ids were configured")."""
+    import accelerate.commands.launch as accelerate_launch
+    from accelerate.commands.config import config_args
+
+    from dpo_kit.training.worker import WorkerStage
+
+    left_on_the_machine = tmp_path / "default_config.yaml"
+    left_on_the_machine.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\ngpu_ids: '0'\nuse_cpu: true\ndebug: true\n"
+        "mixed_precision: fp16\nnum_machines: 1\nnum_processes: 1\nmachine_rank: 0\n"
+    )
+    for module in (accelerate_launch, config_args):  # where launch looks for it, and where it reads it from
+        monkeypatch.setattr(module, "default_config_file", str(left_on_the_machine))
+    params = load_params(TINY, ["launch.num_processes=2"])
+    stage = WorkerStage(params=params, run_dir=tmp_path, project_dir=REPO, hardware=gpu_hardware(), resume_from=None)
+    command = launch_command(stage, None)
+    args = accelerate_launch.launch_command_parser().parse_args(command[command.index("accelerate.commands.launch") + 1 :])
+    args, _, _ = accelerate_launch._validate_launch_command(args)
+    assert args.multi_gpu and not args.use_deepspeed and not args.use_fsdp
+    assert (args.gpu_ids, args.use_cpu, args.debug) == ("all", False, False)
+    assert (args.num_processes, args.mixed_precision) == (2, "bf16")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -177,11 +177,12 @@ def launch_command(stage, config_path: Path | None) -> list[str]:
 
     launch = stage.params.launch
     precision = mixed_precision(stage.params, stage.hardware)  # dpo.bf16/fp16 win, as in the workers' DPOConfig
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    if config_path is not None:
-        command += ["--config_file", str(config_path)]
-    elif launch.num_processes > 1 or launch.num_machines > 1:
-        command += ["--multi_gpu"]  # torch.distributed.run; on a CPU the workers choose gloo (DPOConfig use_cpu)
+    # Without launch.config_file, the shipped ddp.yaml: torch.distributed.run, and on a CPU the workers choose gloo
+    # (DPOConfig use_cpu). Named rather than `--multi_gpu`, since accelerate reads its default config
+    # (~/.cache/huggingface/accelerate/default_config.yaml, from an earlier `accelerate config`) whenever no config
+    # file is given, and took gpu_ids, use_cpu and debug from it: gpu_ids '0' refused to launch two processes.
+    command = [sys.executable, "-m", "accelerate.commands.launch",
+               "--config_file", str(config_path or CONFIGS_DIR / "ddp.yaml")]  # fmt: skip
     command += [
         "--num_processes", str(launch.num_processes), "--num_machines", str(launch.num_machines),
         "--machine_rank", str(launch.machine_rank), "--main_process_port", str(launch.main_process_port),
