@@ -17,6 +17,7 @@ from dpo_kit.training.launch import (
     CONFIGS_DIR,
     LaunchError,
     check_launch,
+    check_launch_when_read,
     check_strategy_set_up,
     launch_command,
     read_config,
@@ -181,6 +182,37 @@ def test_accelerate_runs_the_fsdp2_config_as_plain_ddp_on_cpu_and_the_worker_che
     # Each process prints its type; the first to fail may stop the other before it prints.
     assert "distributed type MULTI_CPU" in output and "distributed type FSDP" not in output, output[-3000:]
     assert done.returncode != 0 and "asks for FSDP, and accelerate set up MULTI_CPU instead" in output
+
+
+@pytest.mark.parametrize("distributed_type", ["'NO'", "MULTI_CPU"])
+def test_a_config_that_accelerate_runs_as_one_process_is_refused_for_more(distributed_type, tmp_path):
+    """A config from `accelerate config` answered "no distributed training" (or multi-CPU, which accelerate spreads
+    only through mpirun) with launch.num_processes 2: accelerate started one process and said nothing, so the run
+    trained with half the global batch while its manifest said 2 processes."""
+    import subprocess
+    import sys
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: {distributed_type}\nmixed_precision: 'no'\n"
+                    "num_machines: 1\nnum_processes: 2\nuse_cpu: true\n")  # fmt: skip
+    # The premise, against the installed accelerate: one process, no world.
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\nprint('world size', os.environ.get('WORLD_SIZE'))\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(mine), "--num_processes", "2",
+         "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", str(probe)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.count("world size None") == 1, done.stdout + done.stderr[-2000:]
+
+    name = distributed_type.strip("'")
+    params = load_params(TINY, ["launch.config_file=mine.yaml", "launch.num_processes=2"])
+    with pytest.raises(LaunchError, match=rf"mine.yaml has distributed_type {name}, for which accelerate starts one"
+                                          r" process, not the 2 of launch.num_processes: set distributed_type: MULTI_GPU"):
+        check_launch(params, choose_hardware(), tmp_path)
+    with pytest.raises(ParamsError, match=f"distributed_type {name}"):  # `dpo-kit validate`, and `dpo-kit run` at once
+        check_launch_when_read(params, tmp_path)
+    assert check_launch(load_params(TINY, ["launch.config_file=mine.yaml"]), choose_hardware(), tmp_path)["kind"] == "DDP"
 
 
 def test_deepspeed_configs_say_how_to_install_deepspeed(monkeypatch):

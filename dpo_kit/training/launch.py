@@ -30,6 +30,9 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "accelerate_configs"
 WORKER_ENV = "DPO_KIT_LAUNCHED"  # set in the workers: train there, never launch again
 RESULT_FILE = "train_result.json"  # what the main worker hands back to the notebook
 SHARDED_KINDS = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP"}  # accelerate's distributed types that shard the model
+# accelerate's distributed types that it launches as one process whatever --num_processes says (its simple launcher;
+# MULTI_CPU starts more only through an mpirun hostfile): what `accelerate config` writes for "no distributed training".
+ONE_PROCESS_KINDS = ("NO", "MULTI_CPU")
 
 
 class LaunchError(RuntimeError):
@@ -97,6 +100,12 @@ def check_launch(params: Params, hardware, project_dir: str | Path) -> dict[str,
     if config_path is not None:
         distributed_type = str(read_config(config_path).distributed_type).rsplit(".", 1)[-1]
         kind = SHARDED_KINDS.get(distributed_type, "DDP")
+        if distributed_type in ONE_PROCESS_KINDS and (launch.num_processes > 1 or launch.num_machines > 1):
+            raise LaunchError(
+                f"launch.config_file {launch.config_file} has distributed_type {distributed_type}, for which accelerate"
+                f" starts one process, not the {launch.num_processes} of launch.num_processes: set distributed_type:"
+                " MULTI_GPU in it (DDP, over gloo on a CPU), or leave launch.config_file empty for DDP"
+            )
         if kind == "DeepSpeed":
             import importlib.util
 
