@@ -215,6 +215,21 @@ def test_a_config_that_accelerate_runs_as_one_process_is_refused_for_more(distri
     assert check_launch(load_params(TINY, ["launch.config_file=mine.yaml"]), choose_hardware(), tmp_path)["kind"] == "DDP"
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [("distributed_type: MULTI_GPU\nnum_processes: 2\nfsdp_sharding: FULL\n", r"unknown keys \(\['fsdp_sharding'\]\)"),
+     ("distributed_type: MULTI_GPU\n  num_processes: 2\n", "ScannerError: mapping values are not allowed here")],
+    ids=["unknown key", "broken yaml"],
+)
+def test_a_config_accelerate_cannot_read_is_a_params_error_naming_the_file(text, said, tmp_path):
+    """A key accelerate does not know, or broken YAML, in the user's own config: `dpo-kit validate` (and `dpo-kit run`)
+    ended in a traceback from accelerate's parser instead of the refusal that names launch.config_file."""
+    (tmp_path / "mine.yaml").write_text(text)
+    params = load_params(TINY, ["launch.config_file=mine.yaml", "launch.num_processes=2"])
+    with pytest.raises(ParamsError, match=rf"launch.config_file {tmp_path / 'mine.yaml'}: accelerate cannot read it \(.*{said}"):
+        check_launch_when_read(params, tmp_path)
+
+
 def test_deepspeed_configs_say_how_to_install_deepspeed(monkeypatch):
     deepspeed_installed(monkeypatch, False)
     params = load_params(TINY, ["launch.config_file=zero3", "launch.num_processes=2"])

@@ -89,7 +89,14 @@ def read_config(path: Path):
     """The config as accelerate's own parser reads it (unknown keys are refused there)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    return load_config_from_file(str(path))
+    try:
+        return load_config_from_file(str(path))
+    except Exception as error:  # noqa: BLE001 - bad YAML, unknown keys, a value accelerate does not know: all unusable
+        # Otherwise a traceback from `dpo-kit validate` and `dpo-kit run` (ParamsError and LaunchError are what they say).
+        raise LaunchError(
+            f"launch.config_file {path}: accelerate cannot read it ({type(error).__name__}: {error}). Write it with"
+            " `accelerate config --config_file PATH`, or name a shipped one (" + ", ".join(SHIPPED_ACCELERATE_CONFIGS) + ")"
+        ) from None
 
 
 def check_launch(params: Params, hardware, project_dir: str | Path) -> dict[str, Any]:
