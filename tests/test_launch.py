@@ -194,7 +194,7 @@ def test_a_config_that_accelerate_runs_as_one_process_is_refused_for_more(distri
 
     mine = tmp_path / "mine.yaml"
     mine.write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: {distributed_type}\nmixed_precision: 'no'\n"
-                    "num_machines: 1\nnum_processes: 2\nuse_cpu: true\n")  # fmt: skip
+                    "num_machines: 1\nnum_processes: 1\nuse_cpu: true\n")  # fmt: skip
     # The premise, against the installed accelerate: one process, no world.
     probe = tmp_path / "probe.py"
     probe.write_text("import os\nprint('world size', os.environ.get('WORLD_SIZE'))\n")
@@ -213,6 +213,51 @@ def test_a_config_that_accelerate_runs_as_one_process_is_refused_for_more(distri
     with pytest.raises(ParamsError, match=f"distributed_type {name}"):  # `dpo-kit validate`, and `dpo-kit run` at once
         check_launch_when_read(params, tmp_path)
     assert check_launch(load_params(TINY, ["launch.config_file=mine.yaml"]), choose_hardware(), tmp_path)["kind"] == "DDP"
+
+
+def test_a_config_whose_own_settings_params_would_override_is_refused(tmp_path, monkeypatch):
+    """The launch command carries params' values, and accelerate takes them over the file's: a config written by
+    `accelerate config` for 8 GPUs in bf16, with launch.num_processes left at 1 on a GPU the kit runs in fp16, launched
+    one process in fp16 without a word."""
+    import accelerate.commands.launch as accelerate_launch
+
+    from dpo_kit.training.worker import WorkerStage
+
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 8)
+    fp16_gpu = HardwareChoice(device="cuda", device_name="a T4", device_count=8, bf16_supported=False, bf16=False,
+                              fp16=True, gradient_checkpointing=True, dtype="float16", reason="a test GPU")  # fmt: skip
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nmixed_precision: bf16\n"
+                    "num_machines: 1\nnum_processes: 8\ngpu_ids: all\n")  # fmt: skip
+    params = load_params(TINY, ["launch.config_file=mine.yaml"])
+    # The premise: what accelerate launch makes of the kit's command and that file.
+    stage = WorkerStage(params=params, run_dir=tmp_path, project_dir=tmp_path, hardware=fp16_gpu, resume_from=None)
+    command = launch_command(stage, mine)
+    args = accelerate_launch.launch_command_parser().parse_args(command[command.index("accelerate.commands.launch") + 1 :])
+    with pytest.MonkeyPatch.context() as bf16:
+        bf16.setattr(accelerate_launch, "is_bf16_available", lambda *a: True)
+        args, _, _ = accelerate_launch._validate_launch_command(args)
+    assert (args.num_processes, args.mixed_precision) == (1, "fp16")
+
+    with pytest.raises(LaunchError) as refused:
+        check_launch(params, fp16_gpu, tmp_path)
+    said = str(refused.value)
+    assert said.startswith("launch.config_file mine.yaml disagrees with params, which decide the launch:")
+    assert "num_processes: 8 in the file, launch.num_processes 1 in params: set launch.num_processes: 8" in said
+    assert "mixed_precision: bf16 in the file, fp16 for the train stage" in said and "set dpo.bf16: true" in said
+    # Agreeing, it launches; a file leaving them at accelerate's defaults (as the shipped ones do) agrees with anything.
+    agreeing = load_params(TINY, ["launch.config_file=mine.yaml", "launch.num_processes=8", "dpo.bf16=true"])
+    assert check_launch(agreeing, fp16_gpu, tmp_path)["num_processes"] == 8
+    assert check_launch(load_params(TINY, ["launch.config_file=ddp", "launch.num_processes=4"]), fp16_gpu, tmp_path)
+
+    deepspeed_installed(monkeypatch, True)
+    mine.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_processes: 2\n"
+                    "deepspeed_config:\n  gradient_accumulation_steps: 1\n  zero_stage: 2\n")  # fmt: skip
+    params = load_params(TINY, ["launch.config_file=mine.yaml", "launch.num_processes=2",
+                                "dpo.gradient_accumulation_steps=4"])  # fmt: skip
+    with pytest.raises(ParamsError, match="deepspeed_config gradient_accumulation_steps: 1 in the file, dpo.gradient_accu"
+                                          "mulation_steps 4 in params: set dpo.gradient_accumulation_steps: 1"):
+        check_launch_when_read(params, tmp_path, fp16_gpu)
 
 
 @pytest.mark.parametrize(

@@ -99,13 +99,47 @@ def read_config(path: Path):
         ) from None
 
 
+def refuse_settings_params_override(config, params: Params, hardware) -> None:
+    """A setting that the config file gives a value of its own (not accelerate's default, as the shipped files leave
+    them) and that params decide otherwise. The launch command carries params' values, which accelerate takes over the
+    file's: a config from `accelerate config` for 8 GPUs, with launch.num_processes left at 1, trained in one process
+    without a word; a DeepSpeed gradient_accumulation_steps other than dpo's failed only once the workers had loaded the
+    model (transformers' "DeepSpeed config values that mismatch TrainingArguments values")."""
+    from dpo_kit.training.train import mixed_precision
+
+    launch, name = params.launch, params.launch.config_file
+    conflicts = []
+    for key in ("num_processes", "num_machines"):
+        theirs, ours = getattr(config, key, None), getattr(launch, key)
+        if isinstance(theirs, int) and theirs > 1 and theirs != ours:
+            conflicts.append(f"{key}: {theirs} in the file, launch.{key} {ours} in params: set launch.{key}: {theirs}")
+    theirs = str(getattr(config, "mixed_precision", None) or "no").rsplit(".", 1)[-1].lower()
+    ours = mixed_precision(params, hardware)
+    if theirs != "no" and theirs != ours:
+        fix = f"set dpo.{theirs}: true" if theirs in ("bf16", "fp16") else "dpo-kit trains in bf16, fp16 or fp32 (no)"
+        conflicts.append(f"mixed_precision: {theirs} in the file, {ours} for the train stage (dpo.bf16 and dpo.fp16 choose,"
+                         f" else the hardware): {fix}")  # fmt: skip
+    theirs = (getattr(config, "deepspeed_config", None) or {}).get("gradient_accumulation_steps")
+    ours = params.dpo.get("gradient_accumulation_steps", 1)
+    if theirs not in (None, "auto") and str(theirs) != str(ours):
+        conflicts.append(f"deepspeed_config gradient_accumulation_steps: {theirs} in the file, dpo.gradient_accumulation_steps"
+                         f" {ours} in params: set dpo.gradient_accumulation_steps: {theirs}")  # fmt: skip
+    if conflicts:
+        raise LaunchError(
+            f"launch.config_file {name} disagrees with params, which decide the launch: " + "; ".join(conflicts)
+            + " (or change the file to agree)."
+        )
+
+
 def check_launch(params: Params, hardware, project_dir: str | Path) -> dict[str, Any]:
     """Refuse the combinations that cannot work, before any process starts; returns what will be launched."""
     launch = params.launch
     config_path = resolve_config_file(params, project_dir)
     kind = "DDP"
     if config_path is not None:
-        distributed_type = str(read_config(config_path).distributed_type).rsplit(".", 1)[-1]
+        config = read_config(config_path)
+        refuse_settings_params_override(config, params, hardware)
+        distributed_type = str(config.distributed_type).rsplit(".", 1)[-1]
         kind = SHARDED_KINDS.get(distributed_type, "DDP")
         if distributed_type in ONE_PROCESS_KINDS and (launch.num_processes > 1 or launch.num_machines > 1):
             raise LaunchError(
