@@ -458,7 +458,9 @@ class LaunchParams(Section):
         1, ge=1, description="Training processes over all machines (one per GPU; on CPU, DDP with gloo). 1 = in process."
     )
     num_machines: int = Field(1, ge=1, description="Machines taking part; each runs the same command with its rank.")
-    machine_rank: int = Field(0, ge=0, description="This machine's rank, 0 on the main one. Place only: not fingerprinted.")
+    machine_rank: int = Field(
+        0, ge=0, description="This machine's rank: 0 for `dpo-kit run`; `dpo-kit join` sets the others'. Not fingerprinted."
+    )
     main_process_ip: str | None = Field(
         None, description="Address of machine 0, reachable from every machine; required when num_machines > 1."
     )

@@ -81,6 +81,27 @@ def test_launch_params_are_checked_at_load(overrides, message):
         load_params(TINY, overrides)
 
 
+def test_a_machine_rank_other_than_0_is_refused_to_dpo_kit_run_and_given_to_join(tmp_path):
+    """launch.machine_rank 1 in the params of `dpo-kit run` started a run of its own and launched rank 1 of it, which
+    waited for a rank 0 that no machine would start; machines other than 0 join with `dpo-kit join`."""
+    from types import SimpleNamespace
+
+    from dpo_kit.training.launch import run_launched
+
+    machine_1 = ["launch.num_machines=2", "launch.num_processes=2", "launch.main_process_ip=10.0.0.1",
+                 "launch.machine_rank=1"]  # fmt: skip
+    params = load_params(TINY, machine_1)
+    joining = r"launch.machine_rank 1: the train stage starts machine 0 .* `dpo-kit join RUN_DIR --machine-rank 1`"
+    with pytest.raises(ParamsError, match=joining):  # `dpo-kit validate`, and `dpo-kit run` before its first stage
+        check_launch_when_read(params, REPO, choose_hardware())
+    stage = SimpleNamespace(params=params, hardware=choose_hardware(), project_dir=REPO, run_dir=tmp_path,
+                            resume_from=None)  # fmt: skip
+    with pytest.raises(LaunchError, match=joining):  # notebook 02 run by hand
+        run_launched(stage)
+    assert not any(tmp_path.iterdir())
+    check_launch_when_read(load_params(TINY, machine_1[:-1]), REPO, choose_hardware())  # machine 0: launched as before
+
+
 def test_processes_must_split_evenly_over_machines():
     with pytest.raises(ParamsError, match="launch.num_processes 3 .* multiple of launch.num_machines 2"):
         load_params(TINY, ["launch.num_processes=3", "launch.num_machines=2", "launch.main_process_ip=10.0.0.1"])

@@ -190,9 +190,23 @@ def check_launch_when_read(params: Params, project_dir: str | Path, hardware=Non
     from dpo_kit.params import ParamsError
 
     try:
+        refuse_joining_rank(params)
         check_launch(params, hardware or choose_hardware(), project_dir)
     except LaunchError as error:
         raise ParamsError(str(error)) from None
+
+
+def refuse_joining_rank(params: Params) -> None:
+    """The train stage launches machine 0's share (it opens the stage, holds the rendezvous and writes the results);
+    the other machines join with `dpo-kit join`, which sets their rank. With launch.machine_rank 1 in params,
+    `dpo-kit run` on machine 1 ran the format stage of a run of its own, then launched rank 1 of it, and on machine 0
+    it launched a rank 1 that waited for a rank 0 no machine would start."""
+    rank = params.launch.machine_rank
+    if rank != 0:
+        raise LaunchError(
+            f"launch.machine_rank {rank}: the train stage starts machine 0 (leave launch.machine_rank at 0 there);"
+            f" machine {rank} joins the run once machine 0 has started it: `dpo-kit join RUN_DIR --machine-rank {rank}`"
+        )
 
 
 def refuse_busy_port(port: int) -> None:
@@ -256,6 +270,7 @@ def worker_environment() -> dict[str, str]:
 
 def run_launched(stage) -> dict[str, Any]:
     """Start the launcher, show its output line by line, and return what the main worker wrote back."""
+    refuse_joining_rank(stage.params)
     launched = check_launch(stage.params, stage.hardware, stage.project_dir)
     refuse_busy_port(stage.params.launch.main_process_port)  # this is machine 0: it holds the rendezvous
     config_path = Path(launched["config_file"]) if launched["config_file"] else None
