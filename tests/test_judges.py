@@ -202,6 +202,27 @@ def test_reward_model_judge_scores_a_rendered_string_prompt_followed_by_the_resp
     assert score == pytest.approx(expected, abs=1e-5)
 
 
+def test_reward_model_judge_scores_a_prefill_and_its_continuation_as_one_reply(reward_model_dir):
+    # The on-policy source hands the judge a prompt ending in the reply's opening and the sampled continuation of it.
+    # The reward model must see the one reply the pair trains, not the opening as a finished turn and a second turn
+    # after it (the chat template), nor the continuation without its opening (no template).
+    from transformers import AutoTokenizer
+
+    judge = RewardModelJudge(str(reward_model_dir))
+    prefilled = [{"role": "user", "content": "Review a war drama."},
+                 {"role": "assistant", "content": "The pacing of this movie was"}]  # fmt: skip
+    whole = [{"role": "user", "content": "Review a war drama."},
+             {"role": "assistant", "content": "The pacing of this movie was great and tense."}]  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
+    expected = tokenizer.apply_chat_template(whole, tokenize=False)
+    assert tokenizer.decode(judge._encode([prefilled], [" great and tense."])["input_ids"][0]) == expected
+    assert judge.score([prefilled], [" great and tense."]) == pytest.approx(judge.score([whole[:1]], [whole[1]["content"]]))
+
+    judge.tokenizer.chat_template = None  # a reward model that takes (prompt, response) as a text pair
+    pair = tokenizer.decode(judge._encode([prefilled], [" great and tense."])["input_ids"][0])
+    assert pair == tokenizer.decode(tokenizer("Review a war drama.", "The pacing of this movie was great and tense.")["input_ids"])
+
+
 def test_reward_model_judge_refuses_a_classifier_with_several_labels(tmp_path):
     path = build_reward_model(tmp_path / "two-labels", num_labels=2)
     with pytest.raises(ValueError, match="2 labels; a reward model has 1"):

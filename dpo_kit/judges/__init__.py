@@ -9,7 +9,8 @@ Every judge has one method, `judge.score(prompts, responses) -> list[float]` (hi
 - `SentimentJudge` ('sentiment'): the VADER compound score of the response, in [-1, 1], offline. It stands
   in for the sentiment classifier of the DPO paper's controlled-sentiment task (section 6.1).
 - `RewardModelJudge` (a hub id or local path): a sequence-classification reward model with a single
-  logit, scoring the prompt and response rendered with the reward model's own chat template.
+  logit, scoring the prompt and response rendered with the reward model's own chat template. A response to a prompt
+  that ends in an assistant prefill is scored as one reply: the prefill followed by the response.
 
 A prompt is what a TRL row holds: a list of chat messages (conversational format) or a string
 (standard format, already rendered with the policy's chat template).
@@ -24,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Protocol, Sequence, Union
 
+from dpo_kit.chat_templates import ends_with_prefill
 from dpo_kit.params import SENTIMENT_MIN_WORDS
 from dpo_kit.safe_weights import PickledWeightsRefused, from_pretrained_safetensors
 
@@ -179,16 +181,22 @@ class RewardModelJudge:
         self.batch_size = batch_size
 
     def _encode(self, prompts: Sequence[Prompt], responses: Sequence[str]):
+        # A prompt ending in an assistant prefill ("The pacing of this movie was") is continued by the response, so
+        # the reply the reward model judges is the two joined: as a turn of their own, the prefill was rendered as a
+        # finished assistant turn and the continuation as a second one, and without a template the prefill was lost.
+        replies = [prompt[-1]["content"] + response if ends_with_prefill(prompt) else response
+                   for prompt, response in zip(prompts, responses, strict=True)]  # fmt: skip
         if self.tokenizer.chat_template is None:
             return self.tokenizer(
-                [prompt_text(p) for p in prompts], list(responses), padding=True, truncation=True, return_tensors="pt"
+                [prompt_text(p) for p in prompts], replies, padding=True, truncation=True, return_tensors="pt"
             )
         texts = []
-        for prompt, response in zip(prompts, responses, strict=True):
+        for prompt, reply in zip(prompts, replies, strict=True):
             if isinstance(prompt, str):  # rendered with the policy's template; the best we can do is append
-                texts.append(prompt + response)
+                texts.append(prompt + reply)
             else:
-                conversation = prompt + [{"role": "assistant", "content": response}]
+                turns = prompt[:-1] if ends_with_prefill(prompt) else prompt
+                conversation = turns + [{"role": "assistant", "content": reply}]
                 texts.append(self.tokenizer.apply_chat_template(conversation, tokenize=False))
         # The template already wrote any BOS; adding special tokens again would double it.
         return self.tokenizer(texts, padding=True, truncation=True, add_special_tokens=False, return_tensors="pt")
