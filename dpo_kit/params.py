@@ -274,7 +274,11 @@ class DataParams(Section):
         description="Fraction of kept pairs held out for evaluation, by whole prompts: pairs that share a prompt stay in one split.",
     )
     max_rows: int | None = Field(None, gt=0, description="Read at most this many source rows (None = all).")
-    deduplicate: bool = Field(True, description="Drop exact duplicate (prompt, chosen, rejected) pairs.")
+    deduplicate: bool = Field(
+        True,
+        description="Drop exact duplicate (prompt, chosen, rejected) pairs; with data.source 'generate', a prompt"
+        " repeated in data.generate.prompts is sampled once and its later rows dropped (duplicate_prompt).",
+    )
     max_length: int | None = Field(
         None, gt=0, description="Token limit for prompt+response; None = dpo.max_length, the limit TRL trains with."
     )

@@ -143,6 +143,34 @@ def test_format_stage_keeps_or_drops_every_prompt_with_its_reason(tiny_model_dir
     assert len(samples) == 5, "every prompt's samples and scores are written, kept or not"
 
 
+def test_a_repeated_prompt_is_sampled_once_so_it_is_never_both_trained_on_and_held_out(tiny_model_dir, tmp_path):
+    # Every copy of a repeated prompt used to be sampled into a pair of its own. Their responses differ, so the audit's
+    # de-duplication of whole pairs kept them all, and the seeded split held out one copy and trained on another.
+    from dpo_kit.data.pipeline import prepare_data
+    from dpo_kit.models.loading import load_tokenizer
+
+    texts = [f"Tell me about topic number {i}, with some detail." for i in range(6)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in texts + texts))
+    params = generate_params(tiny_model_dir, prompts, "data.eval_fraction=0.3")
+    tokenizer = load_tokenizer(str(tiny_model_dir), params)
+    report = prepare_data(params, tokenizer, tmp_path / "run", REPO)
+    data_dir = tmp_path / "run" / "data"
+    train, eval_ = ({json.dumps(json.loads(line)["prompt"]) for line in (data_dir / f"{split}.jsonl").open()}
+                    for split in ("train", "eval"))  # fmt: skip
+    assert not train & eval_
+    assert report.rows_read == 12 and report.dropped_by_reason["duplicate_prompt"] == 6
+    dropped = [json.loads(line) for line in (data_dir / "dropped.jsonl").open()]
+    dropped = [row for row in dropped if row["reason"] == "duplicate_prompt"]
+    assert [row["index"] for row in dropped] == [6, 7, 8, 9, 10, 11]
+    assert dropped[0]["detail"].startswith("the same prompt as row 0, which was sampled instead")
+    samples = [json.loads(line) for line in (data_dir / "samples.jsonl").open()]
+    assert [len(row.get("samples", [])) for row in samples] == [3] * 6 + [0] * 6, "a repeat is not sampled again"
+
+    kept = prepare_data(generate_params(tiny_model_dir, prompts, "data.deduplicate=false"), tokenizer, tmp_path / "all", REPO)
+    assert "duplicate_prompt" not in kept.dropped_by_reason  # data.deduplicate: false samples every row
+
+
 @pytest.fixture
 def stopping_model_dir(tiny_model_dir, tmp_path):
     """The tiny model with every thirtieth token id an eos of its generation config, so that within 12 new tokens some

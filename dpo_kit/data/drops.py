@@ -24,6 +24,7 @@ REASONS = {
     " format cannot express (it opens a new assistant turn); data.output_format: standard renders it",
     "identical_responses": "chosen and rejected are the same text (ignoring surrounding whitespace)",
     "duplicate": "an exact copy of an earlier (prompt, chosen, rejected) pair",
+    "duplicate_prompt": "data.source generate: the same prompt as an earlier row, which alone was sampled",
     "chat_template_error": "the model's chat template refused to render the conversation",
     "too_long": "prompt+response is longer than the max_length TRL trains with",
     "score_gap_too_small": "the judge scored the best and worst sampled responses too closely to prefer one",

@@ -4,7 +4,9 @@ As in the DPO paper's controlled-sentiment experiment, the pairs come from the m
 each prompt, `num_samples` responses are sampled from the sampler (the reference model, unless
 `data.generate.sampler` names another), the judge scores them, and the best becomes `chosen`, the worst
 `rejected`. A prompt whose best and worst scores are closer than `min_score_gap` carries no clear
-preference and is dropped, with its samples and scores, to dropped.jsonl (reason `score_gap_too_small`).
+preference and is dropped, with its samples and scores, to dropped.jsonl (reason `score_gap_too_small`). A prompt
+repeated in the prompts file is sampled once (reason `duplicate_prompt` for the later rows), so that no prompt is
+both trained on and held out.
 
 Naming a previous run's merged policy as the sampler gives round 2 of iterative DPO: pairs sampled from
 the round-one policy, trained against the same reference. Round 2 holds out the prompts that round 1 held
@@ -39,6 +41,8 @@ from dpo_kit.params import BUNDLED_PROMPT_SETS, Params, is_local_path
 # Written by the format stage of a round 2 (data/): the held-out prompts of the sampler's run, which the generate
 # stage compares the models on.
 HELD_OUT_PROMPTS = "held_out_prompts.jsonl"
+# Marks the row of samples.jsonl for a prompt that repeats an earlier row's and was not sampled (data.deduplicate).
+REPEAT_OF = "repeat_of_row"
 
 
 def prompt_rows(params: Params, project_dir: str | Path = ".") -> list[dict]:
@@ -192,11 +196,21 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
     settings = params.data.generate
     rows = prompt_rows(params, project_dir)
     usable: dict[int, list[dict]] = {}
+    first_seen: dict[str, int] = {}  # each prompt's first row
+    repeats: dict[int, int] = {}  # a repeated prompt's row -> its first row
     for index, row in enumerate(rows):
         try:
-            usable[index] = as_messages(row)
+            messages = as_messages(row)
         except DropRow:
             continue  # ranked_pair raises the same DropRow inside the audit, which records it
+        # Each copy of a repeated prompt gave a pair of its own, and the audit's de-duplication compares whole pairs,
+        # whose sampled responses differ: the seeded split could then hold out one copy and train on another.
+        key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+        if params.data.deduplicate and key in first_seen:
+            repeats[index] = first_seen[key]
+            continue
+        first_seen.setdefault(key, index)
+        usable[index] = messages
     model = load_causal_lm(sampler_source(params, project_dir), params).eval()
     samples_ids = sample_continuations(
         model,
@@ -226,6 +240,8 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
                          "cut": [was_cut(one, eos_ids) for one in ids]}  # fmt: skip
         if floored is not None:
             scored[index]["floored"] = [floored(text) for text in texts]
+    for index, first in repeats.items():  # not sampled: ranked_pair drops them
+        scored[index] = {"prompt": as_messages(rows[index]), REPEAT_OF: first}
     return scored
 
 
@@ -292,6 +308,12 @@ def ranked_pair(min_score_gap: float):
 
     def convert(row: dict) -> dict:
         messages = as_messages(row)
+        if REPEAT_OF in row:
+            raise DropRow(
+                "duplicate_prompt",
+                f"the same prompt as row {row[REPEAT_OF]}, which was sampled instead: one prompt gives one pair, so it"
+                " is never both trained on and held out (data.deduplicate)",
+            )
         samples, scores = row.get("samples"), row.get("scores")
         if not samples or not scores or len(samples) != len(scores):
             raise DropRow("missing_column", "no scored samples for this prompt")
