@@ -246,7 +246,8 @@ class OnPolicyParams(Section):
     top_k: int = Field(DEFAULT_TOP_K, ge=0, description=TOP_K_HELP)
     max_new_tokens: int = Field(40, gt=0, description="Tokens per sampled response.")
     min_score_gap: float = Field(
-        0.3, ge=0.0, description="Drop a prompt (recorded in dropped.jsonl) when best - worst score is below this."
+        0.3, ge=0.0, description="Drop a prompt (recorded in dropped.jsonl) when best - worst score is below this; one"
+        " whose samples all score alike is dropped even at 0."
     )
     batch_size: int = Field(32, gt=0, description="Sequences per generate() call.")
 

@@ -90,6 +90,21 @@ def test_ranked_pair_drops_a_prompt_whose_scores_are_too_close():
     assert drop.value.reason == "score_gap_too_small" and "0.050 < data.generate.min_score_gap 0.1" in drop.value.detail
 
 
+def test_samples_the_judge_scores_alike_are_dropped_for_their_score_gap_even_with_no_minimum_gap():
+    # All scores equal made the best and the worst sample the same one; with min_score_gap 0 that pair was then dropped
+    # as identical_responses, "chosen and rejected have the same text", though the two samples differ.
+    with pytest.raises(DropRow) as drop:
+        ranked_pair(0.0)({"prompt": "Review it.", "samples": ["fine film", "good film"], "scores": [0.5, 0.5]})
+    assert drop.value.reason == "score_gap_too_small" and drop.value.detail == "all 2 samples scored 0.500: the judge prefers none"
+    # Samples that are all one text (a temperature near 0) say so, whatever the gap asked.
+    for gap in (0.0, 0.3):
+        with pytest.raises(DropRow) as drop:
+            ranked_pair(gap)({"prompt": "Review it.", "samples": ["fine film"] * 3, "scores": [0.2] * 3})
+        assert drop.value.reason == "score_gap_too_small" and "all 3 samples are the same text" in drop.value.detail
+    tied_at_top = ranked_pair(0.0)({"prompt": "Review it.", "samples": ["a b", "c d", "e f"], "scores": [0.5, 0.5, 0.1]})
+    assert tied_at_top["chosen"][0]["content"] == "a b" and tied_at_top["rejected"][0]["content"] == "e f"
+
+
 @pytest.mark.parametrize("message", [{"role": "user", "content": None}, {"role": "user", "content": 5},
                                      {"role": None, "content": "Review it."}])
 def test_a_prompt_message_that_is_not_text_is_dropped_with_its_position_not_a_crash(message):

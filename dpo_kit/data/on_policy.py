@@ -319,11 +319,15 @@ def ranked_pair(min_score_gap: float):
             raise DropRow("missing_column", "no scored samples for this prompt")
         best, worst = best_and_worst(scores)
         gap = scores[best] - scores[worst]
-        if gap < min_score_gap:
-            raise DropRow(
-                "score_gap_too_small",
-                f"best - worst score = {gap:.3f} < data.generate.min_score_gap {min_score_gap}",
-            )
+        # All scores equal make best and worst the same sample: with min_score_gap 0 that pair of one response with
+        # itself was dropped as identical_responses, "the same text", though the samples differed.
+        if gap < min_score_gap or best == worst:
+            detail = (f"best - worst score = {gap:.3f} < data.generate.min_score_gap {min_score_gap}" if gap < min_score_gap
+                      else f"all {len(scores)} samples scored {scores[best]:.3f}: the judge prefers none")  # fmt: skip
+            if len({sample.strip() for sample in samples}) == 1:
+                detail += (f"; all {len(samples)} samples are the same text: sampling that leaves the model one likely"
+                           " token (a data.generate.temperature near 0, a small top_p or top_k 1) draws no alternatives")
+            raise DropRow("score_gap_too_small", detail)
         return {
             "prompt": messages,
             "chosen": [{"role": "assistant", "content": samples[best]}],
