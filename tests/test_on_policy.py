@@ -383,6 +383,21 @@ def test_a_named_sampler_that_is_missing_is_an_error_not_a_substitute(tiny_model
         check_local_files(params, REPO)
 
 
+def test_a_sampler_with_another_tokenizer_is_refused_before_it_samples(tiny_model_dir, prompts_file, tmp_path):
+    # The run's tokenizer encodes the prompts and decodes the samples; another model's ids used to be read as other
+    # text ('rKqq?@ADBA' from SmolLM2 for the tiny model), which the judge then ranked into pairs without an error.
+    from dpo_kit.models.loading import load_tokenizer
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    sampler = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, sampler)
+    build_tiny_tokenizer(vocab_size=700).save_pretrained(sampler)  # ids the model can embed, meaning other text
+    params = generate_params(tiny_model_dir, prompts_file, f"data.generate.sampler={sampler}")
+    with pytest.raises(ValueError, match=r"data.generate.sampler '.*other-model' has another tokenizer than"
+                                         r" model.name_or_path '.*' \(700 tokens, not 873\)"):  # fmt: skip
+        sample_scored_rows(params, load_tokenizer(str(tiny_model_dir), params), REPO)
+
+
 def test_round_two_samples_from_the_named_policy(tiny_model_dir, prompts_file, tmp_path):
     """Iterative DPO: a sampler directory other than the reference gives other samples from the same seed."""
     import torch

@@ -90,6 +90,35 @@ def sampler_source(params: Params, project_dir: str | Path = ".") -> str:
     return sampler
 
 
+# Files that hold a tokenizer: a model directory with none of them has no vocabulary of its own to compare.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def refuse_sampler_with_another_vocabulary(params: Params, source: str, tokenizer) -> None:
+    """Refuse a data.generate.sampler whose tokenizer is not the run's. The prompts are encoded and the samples decoded
+    with the run's tokenizer (the pairs are trained with it), so another model's token ids turned into other text: a
+    SmolLM2 sampler for the tiny model wrote 'rKqq?@ADBA' and the judge ranked that, without an error."""
+    if params.data.generate.sampler is None:
+        return  # the run's own model
+    from transformers import AutoTokenizer
+
+    from dpo_kit.models.loading import from_pretrained, hub_kwargs
+
+    local = Path(source)
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        return  # e.g. a checkpoint saved without its tokenizer: the run's is the only one it has
+    own = from_pretrained(AutoTokenizer, source, **hub_kwargs(params))
+    if own.get_vocab() == tokenizer.get_vocab():
+        return
+    sizes = f"{len(own)} tokens, not {len(tokenizer)}" if len(own) != len(tokenizer) else "its tokens map to other text"
+    raise ValueError(
+        f"data.generate.sampler '{params.data.generate.sampler}' has another tokenizer than model.name_or_path"
+        f" '{params.model.name_or_path}' ({sizes}). The prompts are encoded and the samples decoded with the run's"
+        " tokenizer, which the pairs are trained with, so that model's token ids would be read as other text. Sample"
+        " with a policy of the same model (an earlier run's merged/) or another model that shares its tokenizer."
+    )
+
+
 @dataclass(frozen=True)
 class HeldOutPrompts:
     """The held-out prompts of the run whose policy samples this round, read from `source_file`."""
@@ -211,7 +240,9 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
             continue
         first_seen.setdefault(key, index)
         usable[index] = messages
-    model = load_causal_lm(sampler_source(params, project_dir), params).eval()
+    source = sampler_source(params, project_dir)
+    refuse_sampler_with_another_vocabulary(params, source, tokenizer)
+    model = load_causal_lm(source, params).eval()
     samples_ids = sample_continuations(
         model,
         tokenizer,
