@@ -186,6 +186,36 @@ def test_a_repeated_prompt_is_sampled_once_so_it_is_never_both_trained_on_and_he
     assert "duplicate_prompt" not in kept.dropped_by_reason  # data.deduplicate: false samples every row
 
 
+def test_a_prompt_the_template_refuses_or_too_long_alone_is_dropped_with_its_reason_before_sampling(tiny_model_dir, tmp_path):
+    # A template that refuses a prompt (Gemma's raises "System role not supported") stopped the whole format stage with
+    # its TemplateError from inside sampling; a prompt over max_length alone was sampled at full length, then dropped.
+    from dpo_kit.data.pipeline import prepare_data
+    from dpo_kit.models.loading import load_tokenizer
+
+    rows = [{"prompt": "Can you give me a few tips on baking bread?"},
+            {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Say hello."}]},
+            {"prompt": "Give me a word. " * 120},
+            {"prompt": "Explain composting at home to a complete beginner."},
+            {"prompt": "What is the first step in learning Python?"}]  # fmt: skip
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    params = generate_params(tiny_model_dir, prompts, "data.max_length=128", "data.eval_fraction=0.4")
+    tokenizer = load_tokenizer(str(tiny_model_dir), params)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    prepare_data(params, tokenizer, tmp_path / "run", REPO)
+    data_dir = tmp_path / "run" / "data"
+    dropped = {row["index"]: row for row in map(json.loads, (data_dir / "dropped.jsonl").open())}
+    assert (dropped[1]["reason"], dropped[1]["detail"]) == ("chat_template_error", "TemplateError: System role not supported")
+    assert dropped[2]["reason"] == "too_long" and dropped[2]["detail"].endswith("over max_length 128, so no response can"
+                                                                                " follow it: not sampled")  # fmt: skip
+    samples = [json.loads(line) for line in (data_dir / "samples.jsonl").open()]
+    assert ["samples" in row for row in samples] == [True, False, False, True, True]
+
+
 @pytest.fixture
 def stopping_model_dir(tiny_model_dir, tmp_path):
     """The tiny model with every thirtieth token id an eos of its generation config, so that within 12 new tokens some

@@ -41,8 +41,9 @@ from dpo_kit.params import BUNDLED_PROMPT_SETS, Params, is_local_path
 # Written by the format stage of a round 2 (data/): the held-out prompts of the sampler's run, which the generate
 # stage compares the models on.
 HELD_OUT_PROMPTS = "held_out_prompts.jsonl"
-# Marks the row of samples.jsonl for a prompt that repeats an earlier row's and was not sampled (data.deduplicate).
-REPEAT_OF = "repeat_of_row"
+# Marks the row of samples.jsonl for a prompt that was not sampled, with the reason and detail ranked_pair drops it
+# for: a repeat of an earlier row's prompt (data.deduplicate), one the chat template refuses, or one too long alone.
+NOT_SAMPLED = "not_sampled"
 
 
 def prompt_rows(params: Params, project_dir: str | Path = ".") -> list[dict]:
@@ -216,7 +217,8 @@ def split_as_sampler_run(kept: list[tuple[int, dict]], held_out: HeldOutPrompts)
 def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".") -> list[dict]:
     """One row per prompt: the prompt as read, `num_samples` sampled responses and the judge's score of each.
 
-    A prompt that is not usable is passed through unsampled, so the audit drops it with its reason.
+    A prompt that is not usable is passed through unsampled, so the audit drops it with its reason. So is one that
+    could give no pair: a repeat, one the chat template refuses, or one longer alone than the audit's max_length.
     """
     from dpo_kit.judges import make_judge
     from dpo_kit.models.loading import free_memory, load_causal_lm
@@ -225,8 +227,9 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
     settings = params.data.generate
     rows = prompt_rows(params, project_dir)
     usable: dict[int, list[dict]] = {}
+    prompts_ids: dict[int, list[int]] = {}
     first_seen: dict[str, int] = {}  # each prompt's first row
-    repeats: dict[int, int] = {}  # a repeated prompt's row -> its first row
+    not_sampled: dict[int, DropRow] = {}
     for index, row in enumerate(rows):
         try:
             messages = as_messages(row)
@@ -236,17 +239,36 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
         # whose sampled responses differ: the seeded split could then hold out one copy and train on another.
         key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
         if params.data.deduplicate and key in first_seen:
-            repeats[index] = first_seen[key]
+            not_sampled[index] = DropRow(
+                "duplicate_prompt",
+                f"the same prompt as row {first_seen[key]}, which was sampled instead: one prompt gives one pair, so it"
+                " is never both trained on and held out (data.deduplicate)",
+            )
             continue
         first_seen.setdefault(key, index)
-        usable[index] = messages
+        # Rendered here, before any sampling: a template that refuses a prompt (Gemma's refuses a system message)
+        # stopped the whole stage with its exception, and a prompt over max_length alone, which the audit drops, was
+        # sampled num_samples times at its full length (and past the context of a model with learned positions).
+        try:
+            ids = prompt_token_ids(tokenizer, messages)
+        except Exception as error:  # noqa: BLE001 - a template raises whatever it likes
+            not_sampled[index] = DropRow("chat_template_error", f"{type(error).__name__}: {error}")
+            continue
+        if params.max_length is not None and len(ids) > params.max_length:
+            not_sampled[index] = DropRow(
+                "too_long",
+                f"the prompt alone is {len(ids)} tokens, over max_length {params.max_length}, so no response can follow"
+                " it: not sampled",
+            )
+            continue
+        usable[index], prompts_ids[index] = messages, ids
     source = sampler_source(params, project_dir)
     refuse_sampler_with_another_vocabulary(params, source, tokenizer)
     model = load_causal_lm(source, params).eval()
     samples_ids = sample_continuations(
         model,
         tokenizer,
-        [prompt_token_ids(tokenizer, messages) for messages in usable.values()],
+        list(prompts_ids.values()),
         max_new_tokens=settings.max_new_tokens,
         do_sample=True,
         temperature=settings.temperature,
@@ -271,8 +293,8 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
                          "cut": [was_cut(one, eos_ids) for one in ids]}  # fmt: skip
         if floored is not None:
             scored[index]["floored"] = [floored(text) for text in texts]
-    for index, first in repeats.items():  # not sampled: ranked_pair drops them
-        scored[index] = {"prompt": as_messages(rows[index]), REPEAT_OF: first}
+    for index, drop in not_sampled.items():
+        scored[index] = {"prompt": as_messages(rows[index]), NOT_SAMPLED: {"reason": drop.reason, "detail": drop.detail}}
     return scored
 
 
@@ -339,12 +361,8 @@ def ranked_pair(min_score_gap: float):
 
     def convert(row: dict) -> dict:
         messages = as_messages(row)
-        if REPEAT_OF in row:
-            raise DropRow(
-                "duplicate_prompt",
-                f"the same prompt as row {row[REPEAT_OF]}, which was sampled instead: one prompt gives one pair, so it"
-                " is never both trained on and held out (data.deduplicate)",
-            )
+        if NOT_SAMPLED in row:
+            raise DropRow(row[NOT_SAMPLED]["reason"], row[NOT_SAMPLED]["detail"])
         samples, scores = row.get("samples"), row.get("scores")
         if not samples or not scores or len(samples) != len(scores):
             raise DropRow("missing_column", "no scored samples for this prompt")
