@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -103,6 +104,17 @@ def test_samples_the_judge_scores_alike_are_dropped_for_their_score_gap_even_wit
         assert drop.value.reason == "score_gap_too_small" and "all 3 samples are the same text" in drop.value.detail
     tied_at_top = ranked_pair(0.0)({"prompt": "Review it.", "samples": ["a b", "c d", "e f"], "scores": [0.5, 0.5, 0.1]})
     assert tied_at_top["chosen"][0]["content"] == "a b" and tied_at_top["rejected"][0]["content"] == "e f"
+
+
+@pytest.mark.parametrize("scores", [[float("nan"), 0.9, -0.8], [0.1, float("nan"), -0.8], [0.1, 0.9, float("inf")]])
+def test_a_sample_the_judge_scored_nan_or_infinite_drops_its_prompt_naming_the_sample(scores):
+    # A NaN first in the list was both best and worst (a tie); anywhere else it was silently left out of the ranking.
+    row = {"prompt": "Review it.", "samples": ["meh", "loved it", "hated it"], "scores": scores}
+    with pytest.raises(DropRow) as drop:
+        ranked_pair(0.0)(row)
+    bad = next(i for i, value in enumerate(scores) if not math.isfinite(value))
+    assert drop.value.reason == "judge_score_not_finite"
+    assert drop.value.detail.startswith(f"the judge scored sample {bad} (0-based) {scores[bad]!r}: check the judge")
 
 
 @pytest.mark.parametrize("message", [{"role": "user", "content": None}, {"role": "user", "content": 5},

@@ -28,6 +28,7 @@ REASONS = {
     "chat_template_error": "the model's chat template refused to render the conversation",
     "too_long": "prompt+response is longer than the max_length TRL trains with",
     "score_gap_too_small": "the judge scored the best and worst sampled responses too closely to prefer one",
+    "judge_score_not_finite": "the judge scored a sampled response NaN or infinite, so the samples cannot be ranked",
 }
 
 

@@ -30,6 +30,8 @@ token: the data report counts them (`judge_floor`), so that shows too.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -366,6 +368,15 @@ def ranked_pair(min_score_gap: float):
         samples, scores = row.get("samples"), row.get("scores")
         if not samples or not scores or len(samples) != len(scores):
             raise DropRow("missing_column", "no scored samples for this prompt")
+        # A NaN compares false with every score: first in the list it was both best and worst, elsewhere never either,
+        # so the pair was ranked without that sample, or dropped as a tie.
+        for position, value in enumerate(scores):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise DropRow(
+                    "judge_score_not_finite",
+                    f"the judge scored sample {position} (0-based) {value!r}: check the judge (a reward model in"
+                    " float16 can overflow to NaN: try model.dtype float32)",
+                )
         best, worst = best_and_worst(scores)
         gap = scores[best] - scores[worst]
         # All scores equal make best and worst the same sample: with min_score_gap 0 that pair of one response with
