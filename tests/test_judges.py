@@ -12,6 +12,8 @@ from dpo_kit.judges import (
     EMPTY_SCORE,
     RewardModelJudge,
     RuleJudge,
+    SentimentJudge,
+    _words,
     make_judge,
     prompt_text,
     topic_words,
@@ -280,6 +282,15 @@ def test_an_empty_or_one_word_answer_cannot_beat_a_real_continuation():
         outcome = win_rate(judge, [REVIEW], [degenerate], [real])
         assert outcome["losses"] == 1, f"{degenerate!r} beat a real continuation"
     assert judge.score([REVIEW], ["Great!"]) == [-1.0]
+
+
+def test_the_sentiment_floor_counts_accented_words_once():
+    # An accent used to split a word ("très" -> "tr", "s"): 4 Spanish words counted 8 and escaped the 8-word floor, and
+    # with a floor of 2 the one word "Magnífico" was no longer floored.
+    assert _words("Magnífico, increíble, espléndido, fantástico") == ["magnífico", "increíble", "espléndido", "fantástico"]
+    assert SentimentJudge().score_one("Magnífico, increíble, espléndido, fantástico") == -1.0
+    assert SentimentJudge(min_words=2).floored("Magnífico!")
+    assert _words("I don't think it's 2 good_ish 😍") == ["i", "don't", "think", "it's", "2", "good", "ish"]  # as before
 
 
 def test_the_sentiment_judge_says_which_scores_its_length_floor_set():

@@ -58,7 +58,9 @@ CURT_WORDS = 3  # replies this short are curt whatever they say ("No.", "Look it
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
+    # Letters of any script: with ASCII letters only, an accent split a word in two ("très" -> "tr", "s"), so a reply
+    # of 4 accented words counted 8 and passed the sentiment judge's 8-word floor. On ASCII text this is [a-z0-9']+.
+    return re.findall(r"(?:[^\W_]|')+", text.lower())
 
 
 def prompt_text(prompt: Prompt) -> str:
