@@ -61,6 +61,11 @@ def test_a_directory_without_manifest_is_not_taken_over(tmp_path):
     for resume in (False, True):
         with pytest.raises(RunError, match="already holds files but no dpo-kit run"):
             guard_existing_run(tmp_path / "run", ["format"], overwrite=False, resume=resume)
+    # --overwrite archives an earlier run; a folder of the user's is neither run nor moved aside.
+    with pytest.raises(RunError, match="already holds files but no dpo-kit run.*--overwrite either"):
+        guard_existing_run(tmp_path / "run", ["format"], overwrite=True)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 def test_resuming_a_run_that_is_not_there_is_refused_unless_a_sweep_may_start_it(tmp_path):

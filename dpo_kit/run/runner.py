@@ -309,12 +309,15 @@ def guard_existing_run(run_dir: Path, stages: list[str], overwrite: bool, resume
                 f" run directory; check run.name and run.output_dir). Run without --resume to start it."
             )
         return None
-    if overwrite:
-        return f"archived the earlier run to {archive_run(run_dir)}"
     manifest = mf.read_manifest(run_dir)
     if not manifest:
+        # Checked before --overwrite: it archives an earlier run, never a folder of the user's that a run.name
+        # happens to name (run.output_dir "." and run.name "params" would otherwise move the project's params away).
         raise RunError(f"run directory {run_dir} exists and already holds files but no dpo-kit run (no manifest.json):"
-                       " it is not taken over. Choose a new name (--set run.name=...) or another run.output_dir.")
+                       " it is not taken over, with --overwrite either (which archives only an earlier run)."
+                       " Choose a new name (--set run.name=...) or another run.output_dir.")
+    if overwrite:
+        return f"archived the earlier run to {archive_run(run_dir)}"
     done = completed_stages(run_dir, stages)
     if resume:
         entries = manifest.get("stages", {})
