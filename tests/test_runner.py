@@ -126,6 +126,22 @@ def test_stages_whose_prerequisites_are_neither_completed_nor_requested_are_refu
         check_prerequisites(run_dir, ["generate"], resolved)
 
 
+def test_a_refused_stages_run_does_not_say_it_continues(tmp_path, capsys):
+    """`--stages generate` on a run whose merge has not run is refused with "Nothing was run"; it used to print
+    "continuing an unfinished run; its unfinished stages start over" first, which said the opposite."""
+    from dpo_kit.run.runner import run_pipeline
+
+    overrides = [f"run.output_dir={tmp_path}", "run.name=partial"]
+    resolved = params_to_dict(load_params(TINY_PARAMS, overrides))
+    stages_made_with(tmp_path / "partial", resolved, format="completed", train="completed")
+    for resume in (False, True):
+        with pytest.raises(RunError, match="'generate' needs stage 'merge'.*Nothing was run"):
+            run_pipeline(TINY_PARAMS, overrides, stages=["generate"], project_dir=REPO, progress=False,
+                         isolate_stages=True, resume=resume)  # fmt: skip
+        printed = capsys.readouterr().out
+        assert "continuing" not in printed and "resuming" not in printed, printed
+
+
 def test_secret_values_from_the_environment_are_found_in_run_files(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijklmnop")
     (tmp_path / "clean.json").write_text("{}")

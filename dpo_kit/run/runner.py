@@ -473,9 +473,11 @@ def run_pipeline(
         if overwrite:  # the run starts afresh: refused before the old one is moved aside, not after
             check_prerequisites(run_dir, stages, params, provided, fresh=True)
         note = guard_existing_run(run_dir, stages, overwrite, resume, start_if_missing)
-        if note:
+        if note and overwrite:  # the old run has been moved aside: said whatever follows
             print(f"dpo-kit: {note}")
         check_prerequisites(run_dir, stages, params, provided)
+        if note and not overwrite:  # "continuing ..." or "resuming ...": said only once it is so, not before a refusal
+            print(f"dpo-kit: {note}")
         if reuse_format:
             source = Path(reuse_format).resolve()
             if not (source / "manifest.json").is_file():
