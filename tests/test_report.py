@@ -212,6 +212,11 @@ def test_runs_differing_in_the_seed_alone_are_summarised_with_mean_and_spread():
     assert row["win-rate sd"] == pytest.approx(statistics.stdev([0.86, 0.79, 0.71]))
     assert not any("CI" in column for column in table.columns)  # interval bounds do not average
     assert seed_summary_table(runs[2:]).empty
+    # Three runs of one seed are repeats (the same numbers, give or take): no spread over seeds to show.
+    repeats = [seeded(f"again-{i}", 42, 0.1, 13.4, 0.71) for i in range(3)]
+    assert seed_summary_table(repeats).empty
+    assert seed_summary_table([*repeats, seeded("other-seed", 7, 0.1, 18.7, 0.86)]).iloc[0]["seed values"] == (
+        "42, 42, 42, 7")
 
 
 def test_the_report_says_when_runs_were_evaluated_on_other_prompts_pairs_or_settings(tmp_path):

@@ -350,13 +350,16 @@ def seed_summary_table(runs: list[RunRecord]):
     """Runs that differ in run.seed alone (UNCOMPARED_KEYS aside), one row per such group of two or more: how many
     seeds, and each headline metric's mean and sample standard deviation over them (as bench/sentiment_seeds.py
     gives its 'mean ± sd'), so that a difference between settings can be read against the spread between seeds.
-    Empty when no two runs share their params but for the seed."""
+    Empty when no two runs share their params but for the seed, or when such runs share the seed too (repeats)."""
     import statistics
 
     import pandas as pd
 
     rows = {}
-    for members in (group for group in _groups(runs, _params_but_the_seed) if len(group) > 1):
+    # Runs that share their seed too are repeats of one run, not a spread over seeds: a group needs two seeds.
+    seeded = (group for group in _groups(runs, _params_but_the_seed)
+              if len({json.dumps(lookup(run.params, "run.seed")) for run in group}) > 1)  # fmt: skip
+    for members in seeded:
         row: dict[str, Any] = {"runs": len(members),
                                "seed values": ", ".join(str(lookup(run.params, "run.seed")) for run in members)}  # fmt: skip
         for label, key in HEADLINE_METRICS.items():
