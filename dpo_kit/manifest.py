@@ -6,6 +6,7 @@ at a time, so every write re-reads the file and replaces it atomically.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -348,6 +349,27 @@ class StageHeartbeat:
             (self.run_dir / HEARTBEAT_FILE).unlink(missing_ok=True)
         if StageHeartbeat.current is self:
             StageHeartbeat.current = None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path):
+    """An exclusive lock on the run directory itself (a lock on a folder leaves no file behind) while a process
+    checks whether a stage may start and claims it in the manifest. Without it two processes started together
+    (two `dpo-kit run --resume`, a notebook and a runner) both read the stage as not running and both claimed it:
+    two trainings resumed into one checkpoints/ folder. Where the OS or file system has no flock (Windows, some
+    network file systems) the check runs unlocked, as before."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    descriptor = os.open(run_dir, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # a file system without locks: unlocked
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
 
 
 def mark_dead_stages_interrupted(run_dir: str | Path) -> list[str]:

@@ -263,6 +263,83 @@ def test_a_stage_running_in_a_live_process_is_not_taken_over(tmp_path, tiny_mode
     assert f"process {other.pid}" in attempt["reason"] and "ended without finishing" in attempt["reason"]
 
 
+CLAIMING_PROCESS = """
+import ast, pathlib, sys, time
+from dpo_kit.training import checkpoints
+from dpo_kit.run.stage import open_stage
+
+find = checkpoints.find_resume_point
+def slow_find(*args, **kwargs):  # holds this process inside the check, as hashing a large model's checkpoint does
+    pathlib.Path(sys.argv[1], "inside").touch()
+    while not pathlib.Path(sys.argv[1], "go").exists():
+        time.sleep(0.05)
+    return find(*args, **kwargs)
+checkpoints.find_resume_point = slow_find
+params, overrides, project, run_dir = sys.argv[2:6]
+stage = open_stage("train", params, ast.literal_eval(overrides), project, run_dir, "resume")
+print("resumed", stage.resume_from.name, flush=True)
+time.sleep(3600)
+"""
+
+
+def test_two_processes_resuming_at_once_do_not_both_train(tmp_path, tiny_model_dir, monkeypatch):
+    """Two `dpo-kit run --resume` started together both read the train stage as interrupted, and both resumed it into
+    one checkpoints/ folder: the check and the claim are one step under a lock on the run directory, so the second
+    waits, finds the first running, and is refused."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from dpo_kit.run.stage import StageError, open_stage
+
+    overrides = [f"model.name_or_path={tiny_model_dir}"]
+    run_dir = tmp_path / "run"
+    interrupted_train_run(run_dir, overrides)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, "-c", CLAIMING_PROCESS, str(tmp_path), str(TINY), repr(overrides),
+                              str(REPO), str(run_dir)], stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    waiting, outcome = threading.Event(), {}
+    real_flock = fcntl.flock
+
+    def flock(descriptor, operation):
+        waiting.set()
+        return real_flock(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+    def second() -> None:
+        try:
+            outcome["stage"] = open_stage("train", str(TINY), overrides, str(REPO), str(run_dir), "resume")
+        except StageError as error:
+            outcome["error"] = error
+
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "inside").exists():  # the first process is between its check and its claim
+            assert first.poll() is None and time.monotonic() < deadline, "the first process did not reach its check"
+            time.sleep(0.05)
+        thread = threading.Thread(target=second)
+        thread.start()
+        while not waiting.is_set() and thread.is_alive():  # the second waits for the lock (or, unlocked, is done)
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        said = [first.stdout.readline() for _ in range(2)]  # open_stage's "resuming from ...", then ours
+        assert said[-1].split() == ["resumed", "checkpoint-4"], said
+        thread.join(timeout=120)
+        assert "stage" not in outcome, "a second process resumed the train stage the first had just resumed"
+        assert f"running in process {first.pid}" in str(outcome["error"])
+        entry = mf.read_manifest(run_dir)["stages"]["train"]
+        assert entry["status"] == "running" and entry["pid"] == first.pid and len(entry["attempts"]) == 1
+    finally:
+        first.kill()
+        first.wait()
+        if mf.StageHeartbeat.current is not None:
+            mf.StageHeartbeat.current.stop()
+
+
 def test_an_output_directory_that_cannot_be_written_is_named(tmp_path, tiny_model_dir):
     from dpo_kit.run.stage import StageError, open_stage
 

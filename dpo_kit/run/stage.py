@@ -520,85 +520,89 @@ def open_stage(
         mf.ensure_writable_dir(run_path)
     except mf.OutputNotWritable as error:
         raise StageError(str(error)) from None
-    resolved = params_to_dict(params)
-    source = f"{params_file} + overrides"
-    if on_rerun in ("refuse", "resume"):
-        save_or_check_params(resolved, run_path / "params.yaml", source)
+    # From the first read of the manifest to the stage claimed as running (or shown), one process at a time: two
+    # started together would otherwise both find the stage free and both run it (two trainings resumed into one
+    # checkpoints/ folder). The second then finds the first's live process and is refused (StageBusy).
+    with mf.run_lock(run_path):
+        resolved = params_to_dict(params)
+        source = f"{params_file} + overrides"
+        if on_rerun in ("refuse", "resume"):
+            save_or_check_params(resolved, run_path / "params.yaml", source)
 
-    hardware = choose_hardware()
-    manifest = mf.read_manifest(run_path)
-    if not manifest:
-        manifest = mf.new_manifest(params.run.name, params.run.seed, project, hardware.to_dict())
-        mf.write_manifest(run_path, manifest)
-    manifest = _name_parameter_sets(run_path, manifest)
-    batch = on_rerun in ("refuse", "resume")
-    _check_earlier_stages(run_path, name, resolved, manifest, "" if batch else " (its notebook)")
-    if mf.mark_dead_stages_interrupted(run_path):
+        hardware = choose_hardware()
         manifest = mf.read_manifest(run_path)
+        if not manifest:
+            manifest = mf.new_manifest(params.run.name, params.run.seed, project, hardware.to_dict())
+            mf.write_manifest(run_path, manifest)
+        manifest = _name_parameter_sets(run_path, manifest)
+        batch = on_rerun in ("refuse", "resume")
+        _check_earlier_stages(run_path, name, resolved, manifest, "" if batch else " (its notebook)")
+        if mf.mark_dead_stages_interrupted(run_path):
+            manifest = mf.read_manifest(run_path)
 
-    previous = manifest.get("stages", {}).get(name, {})
-    refuse_if_running_elsewhere(run_path, name, previous)
-    same_params = bool(previous) and _entry_fingerprint(run_path, name, previous) == params_fingerprint(resolved, name)
-    # The same params over an edited data file are another input: computed again, not shown stale.
-    changed_files = (
-        changed_input_files(previous, resolved["data"], project)
-        if same_params and name == "format" else []
-    )
-    if previous.get("status") == "completed" and batch:
-        raise StageError(
-            f"stage '{name}' of run '{params.run.name}' already completed in {run_path} at {previous.get('finished')};"
-            " an earlier result is never overwritten. Choose a new run.name (e.g. overrides=['run.name=...'])."
+        previous = manifest.get("stages", {}).get(name, {})
+        refuse_if_running_elsewhere(run_path, name, previous)
+        same_params = bool(previous) and _entry_fingerprint(run_path, name, previous) == params_fingerprint(resolved, name)
+        # The same params over an edited data file are another input: computed again, not shown stale.
+        changed_files = (
+            changed_input_files(previous, resolved["data"], project)
+            if same_params and name == "format" else []
         )
-    unreadable = None
-    if previous.get("status") == "completed" and same_params and not changed_files and on_rerun == "show":
-        stage = Stage(name=name, params=params, run_dir=run_path, project_dir=project, hardware=hardware, reused=True)
-        try:
-            stage.stored = STORED_RESULT_LOADERS[name](stage)
-        except (OSError, KeyError, TypeError, ValueError) as error:  # e.g. written by an older dpo-kit
-            unreadable = f"its stored result could not be read ({type(error).__name__}: {error})"
-        else:
-            print(
-                f"stage '{name}' already completed in {run_path} at {previous.get('finished')} with these params:"
-                " showing its stored result, nothing is recomputed. Set on_rerun = \"recompute\" to compute it"
-                f" again (the stored result is then moved to {run_path / PREVIOUS})."
+        if previous.get("status") == "completed" and batch:
+            raise StageError(
+                f"stage '{name}' of run '{params.run.name}' already completed in {run_path} at {previous.get('finished')};"
+                " an earlier result is never overwritten. Choose a new run.name (e.g. overrides=['run.name=...'])."
             )
-            return stage
+        unreadable = None
+        if previous.get("status") == "completed" and same_params and not changed_files and on_rerun == "show":
+            stage = Stage(name=name, params=params, run_dir=run_path, project_dir=project, hardware=hardware, reused=True)
+            try:
+                stage.stored = STORED_RESULT_LOADERS[name](stage)
+            except (OSError, KeyError, TypeError, ValueError) as error:  # e.g. written by an older dpo-kit
+                unreadable = f"its stored result could not be read ({type(error).__name__}: {error})"
+            else:
+                print(
+                    f"stage '{name}' already completed in {run_path} at {previous.get('finished')} with these params:"
+                    " showing its stored result, nothing is recomputed. Set on_rerun = \"recompute\" to compute it"
+                    f" again (the stored result is then moved to {run_path / PREVIOUS})."
+                )
+                return stage
 
-    if name == "train" and previous.get("status") in mf.UNFINISHED and same_params and on_rerun in RESUMES:
-        resumed = _resume_train(run_path, resolved, previous, project, params, hardware)
-        if resumed is not None:
-            return resumed
+        if name == "train" and previous.get("status") in mf.UNFINISHED and same_params and on_rerun in RESUMES:
+            resumed = _resume_train(run_path, resolved, previous, project, params, hardware)
+            if resumed is not None:
+                return resumed
 
-    # From here on the stage computes. Whatever an earlier attempt or another parameter set left of this
-    # stage, and everything later stages made from it, moves aside first: it is kept, never mixed in.
-    if unreadable:
-        reason = f"{unreadable}: computed again with the same params"
-    elif changed_files and previous.get("status") == "completed":
-        reason = f"{'; '.join(changed_files)}: computed again with the same params"
-    elif previous.get("status") == "completed" and same_params:
-        reason = "on_rerun='recompute': computed again with the same params"
-    elif previous and not same_params:
-        old = _entry_params(run_path, previous)
-        reason = f"params changed: {'; '.join(stage_differences(old, resolved, name)) or 'not recorded before'}"
-    elif previous:
-        reason = f"an unfinished earlier attempt (status {previous.get('status')!r}), started {previous.get('started')}"
-    else:
-        reason = f"made from an earlier '{name}' stage"
-    stale = ([name] if previous else []) + _later_stages_present(manifest, name)
-    if stale:
-        target = move_stages_aside(run_path, stale, reason)
-        print(f"moved the earlier output of stage(s) {', '.join(stale)} to {target} ({reason})")
+        # From here on the stage computes. Whatever an earlier attempt or another parameter set left of this
+        # stage, and everything later stages made from it, moves aside first: it is kept, never mixed in.
+        if unreadable:
+            reason = f"{unreadable}: computed again with the same params"
+        elif changed_files and previous.get("status") == "completed":
+            reason = f"{'; '.join(changed_files)}: computed again with the same params"
+        elif previous.get("status") == "completed" and same_params:
+            reason = "on_rerun='recompute': computed again with the same params"
+        elif previous and not same_params:
+            old = _entry_params(run_path, previous)
+            reason = f"params changed: {'; '.join(stage_differences(old, resolved, name)) or 'not recorded before'}"
+        elif previous:
+            reason = f"an unfinished earlier attempt (status {previous.get('status')!r}), started {previous.get('started')}"
+        else:
+            reason = f"made from an earlier '{name}' stage"
+        stale = ([name] if previous else []) + _later_stages_present(manifest, name)
+        if stale:
+            target = move_stages_aside(run_path, stale, reason)
+            print(f"moved the earlier output of stage(s) {', '.join(stale)} to {target} ({reason})")
 
-    set_file = _save_parameter_set(run_path, resolved)
-    if on_rerun != "refuse":
-        save_params(resolved, run_path / "params.yaml")  # the params of the newest stage; earlier sets stay
-    inputs = {"input_files": format_input_files(resolved["data"], project)} if name == "format" else {}
-    mf.update_stage(
-        run_path, name, status="running", started=mf.now_iso(), params_id=set_file.stem, params_file=str(set_file),
-        params_fingerprint=params_fingerprint(resolved, name), **inputs, **mf.this_process(),
-    )
-    mf.update_manifest(run_path, status="running")
-    return Stage(name=name, params=params, run_dir=run_path, project_dir=project, hardware=hardware)
+        set_file = _save_parameter_set(run_path, resolved)
+        if on_rerun != "refuse":
+            save_params(resolved, run_path / "params.yaml")  # the params of the newest stage; earlier sets stay
+        inputs = {"input_files": format_input_files(resolved["data"], project)} if name == "format" else {}
+        mf.update_stage(
+            run_path, name, status="running", started=mf.now_iso(), params_id=set_file.stem, params_file=str(set_file),
+            params_fingerprint=params_fingerprint(resolved, name), **inputs, **mf.this_process(),
+        )
+        mf.update_manifest(run_path, status="running")
+        return Stage(name=name, params=params, run_dir=run_path, project_dir=project, hardware=hardware)
 
 
 def refuse_if_running_elsewhere(run_dir: Path, name: str, entry: dict[str, Any]) -> None:
