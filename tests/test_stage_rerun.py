@@ -314,3 +314,35 @@ def base_value(resolved: dict, dotted: str):
     for part in dotted.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return value
+
+
+def test_a_moved_run_shows_its_stored_training_and_merge_from_where_it_is_now(tmp_path, tiny_model_dir, capsys):
+    """The train and merge entries name their weights by the absolute path they were saved to. A run directory moved
+    (or copied) to another folder or machine read those paths: the first run's weights where it still was, and where
+    it was gone, an "unreadable" stored result that notebook 02 trained again. The weights are read where the run is."""
+    overrides = [f"model.name_or_path={tiny_model_dir}"]
+    resolved = params_to_dict(load_params(TINY, overrides))
+    first, moved = tmp_path / "first" / "run", tmp_path / "moved" / "run"
+    manifest = mf.new_manifest("tiny", 42, REPO, {})
+    merge = {"dtype": "float32", "max_abs_logit_diff": 0.0, "max_abs_reload_diff": 0.0, "tolerance": 1e-4,
+             "pushed_to": None}  # fmt: skip
+    manifest["stages"] = {
+        "train": {"status": "completed", "params_fingerprint": params_fingerprint(resolved, "train"),
+                  "model_dir": str(first / "adapter"), "precision": {}, "trainable_parameters": 1, "total_parameters": 2},
+        "merge": {"status": "completed", "params_fingerprint": params_fingerprint(resolved, "merge"),
+                  "merged_dir": str(first / "merged"), **merge},
+    }  # fmt: skip
+    for folder in ("adapter", "merged"):
+        (first / folder).mkdir(parents=True)
+    (first / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.69}) + "\n")
+    mf.write_manifest(first, manifest)
+    shutil.copytree(first.parent, moved.parent)
+    shutil.rmtree(first.parent)
+
+    train = open_stage("train", str(TINY), overrides, str(REPO), str(moved), "show")
+    assert train.reused, capsys.readouterr().out
+    assert train.stored_result().model_dir == moved / "adapter"
+    merged = open_stage("merge", str(TINY), overrides, str(REPO), str(moved), "show")
+    assert merged.reused and merged.stored_result().merged_dir == str(moved / "merged")
+    assert "previous" not in mf.read_manifest(moved) and sorted(p.name for p in moved.iterdir()) == [
+        "adapter", "manifest.json", "merged", "train_log.jsonl"]

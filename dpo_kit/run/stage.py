@@ -158,9 +158,11 @@ def _load_merge_result(stage: Stage):
     from dpo_kit.training.merge import MergeResult
 
     entry = _stored_entry(stage)
-    if not Path(entry["merged_dir"]).is_dir():
-        raise FileNotFoundError(f"the merged model {entry['merged_dir']} is gone")
-    return MergeResult(**{key: entry[key] for key in MergeResult.__dataclass_fields__})
+    # Where the run is now (a run moved or copied elsewhere), not the path the entry recorded (load_train_result).
+    merged_dir = stage.path(Path(entry["merged_dir"]).name)
+    if not merged_dir.is_dir():
+        raise FileNotFoundError(f"the merged model {merged_dir} is gone")
+    return MergeResult(**{**{key: entry[key] for key in MergeResult.__dataclass_fields__}, "merged_dir": str(merged_dir)})
 
 
 def _load_comparisons(stage: Stage):

@@ -448,13 +448,17 @@ def load_train_result(run_dir: str | Path, summary: dict[str, Any]) -> TrainResu
     """The TrainResult of a completed train stage: its log from train_log.jsonl, the rest from its manifest
     entry (`summary`, what `TrainResult.summary()` recorded)."""
     log_path = Path(run_dir) / "train_log.jsonl"
-    if not Path(summary["model_dir"]).is_dir():
-        raise FileNotFoundError(f"the trained weights {summary['model_dir']} are gone")
+    # The entry names the weights by the path they were saved to: read them from this run directory, where they are
+    # now. A run moved or copied to another folder (or machine) otherwise read the weights of the run it was copied
+    # from, or, that one gone, counted as unreadable and was trained again.
+    model_dir = Path(run_dir) / Path(summary["model_dir"]).name
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"the trained weights {model_dir} are gone")
     history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     return TrainResult(
         log_history=history,
         final_metrics=final_train_metrics(history),
-        model_dir=Path(summary["model_dir"]),
+        model_dir=model_dir,
         precision=summary["precision"],
         trainable_parameters=summary["trainable_parameters"],
         total_parameters=summary["total_parameters"],
