@@ -382,6 +382,22 @@ def test_a_stage_running_on_another_host_is_judged_by_its_heartbeat(tmp_path, ti
     assert attempt["reason"].startswith("no heartbeat from process 4242 on another-machine since")
 
 
+def test_a_live_stage_on_another_host_with_this_process_s_pid_is_not_taken_over(tmp_path, tiny_model_dir):
+    """Containers started from one image give their processes the same pids: a stage running on another host under
+    this process's pid was read as this process's own and taken over, though its heartbeat was fresh."""
+    import os
+
+    from dpo_kit.run.stage import StageError, open_stage
+
+    overrides = [f"model.name_or_path={tiny_model_dir}"]
+    interrupted_train_run(tmp_path / "run", overrides)
+    mf.update_stage(tmp_path / "run", "train", status="running", pid=os.getpid(), host="another-container",
+                    pid_started=1.0, heartbeat=mf.now_iso())  # fmt: skip
+    with pytest.raises(StageError, match=f"running in process {os.getpid()} on host another-container"):
+        open_stage("train", str(TINY), overrides, str(REPO), str(tmp_path / "run"), "resume")
+    assert mf.read_manifest(tmp_path / "run")["stages"]["train"]["host"] == "another-container"
+
+
 def test_every_stage_beats_while_it_runs_and_stops_when_it_completes(tmp_path, tiny_model_dir, monkeypatch):
     """A merge or generate that takes longer than STALE_AFTER_SECONDS on one machine must not count as gone on
     another sharing the run directory: the process running any stage rewrites the heartbeat file."""

@@ -610,9 +610,12 @@ def open_stage(
 def refuse_if_running_elsewhere(run_dir: Path, name: str, entry: dict[str, Any]) -> None:
     """Two processes never write one stage: a stage still running in another live process is refused."""
     import os
+    import socket
 
-    if (entry.get("status") != "running" or mf.running_state(entry, run_dir, name) != "alive"
-            or entry.get("pid") == os.getpid()):  # fmt: skip
+    # This process itself (a notebook's kernel running the cell again) is told by its pid on this host: a pid alone
+    # is another host's too (containers started alike give their kernels the same pids), whose live stage was taken.
+    ours = entry.get("pid") == os.getpid() and entry.get("host") == socket.gethostname()
+    if entry.get("status") != "running" or mf.running_state(entry, run_dir, name) != "alive" or ours:
         return
     if mf.process_alive(entry):
         raise StageBusy(
