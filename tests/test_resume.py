@@ -215,3 +215,44 @@ def test_a_full_disk_while_saving_the_trained_weights_names_them_and_resume_trai
     assert train["status"] == "completed" and train["resumed_from"] == "checkpoint-60"
     assert train["cost"]["steps"] == 0 and not (run_dir / "checkpoints" / "checkpoint-61").exists()
     assert_same_training(run_dir, uninterrupted, 60)
+
+
+class KilledBeforeTheRecord(BaseException):
+    """Stands for a kill between the Trainer's save of a checkpoint and the kit's record of it."""
+
+
+def test_with_save_total_limit_1_the_recorded_checkpoint_stays_until_the_next_one_is_recorded(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """transformers deletes the checkpoints beyond save_total_limit right after saving the new one, before on_save
+    records it: with save_total_limit 1 a kill in between left checkpoint-8 unrecorded and checkpoint-4 deleted,
+    nothing to resume from. checkpoint-4 now goes only once checkpoint-8 is recorded."""
+    from dpo_kit.run.stage import open_stage
+    from dpo_kit.training import checkpoints
+    from dpo_kit.training.train import train_dpo
+
+    settings = [*overrides(tmp_path, tiny_model_dir, "limit"), "dpo.max_steps=12", "dpo.save_total_limit=1"]
+    run_dir = tmp_path / "limit"
+    run_pipeline(TINY, settings, ["format"], project_dir=REPO, progress=False)
+    record = checkpoints.record_checkpoint
+
+    def killed_at_step_8(run, checkpoint, identity, step):
+        if step == 8:
+            raise KilledBeforeTheRecord()
+        return record(run, checkpoint, identity, step)
+
+    monkeypatch.setattr(checkpoints, "record_checkpoint", killed_at_step_8)
+    try:
+        with pytest.raises(KilledBeforeTheRecord):
+            train_dpo(open_stage("train", str(TINY), settings, str(REPO), str(run_dir), "refuse"))
+        assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+        monkeypatch.setattr(checkpoints, "record_checkpoint", record)
+        mf.update_stage(run_dir, "train", status="interrupted")  # as the next start finds the killed process
+        stage = open_stage("train", str(TINY), settings, str(REPO), str(run_dir), "resume")
+        assert stage.resume_from == run_dir / "checkpoints" / "checkpoint-4"
+        train_dpo(stage)
+    finally:
+        if mf.StageHeartbeat.current is not None:
+            mf.StageHeartbeat.current.stop()
+    # The limit still holds: one checkpoint is kept, the newest, and it is recorded.
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-12"]
+    assert "checkpoint-12" in mf.read_manifest(run_dir)["stages"]["train"]["checkpoints"]

@@ -87,13 +87,22 @@ def record_checkpoint(run_dir: Path, checkpoint: Path, identity: RunIdentity, st
 def checkpoint_recorder(run_dir: Path, identity: RunIdentity):
     """A TrainerCallback that records every checkpoint right after the Trainer has saved it."""
     from transformers import TrainerCallback
+    from transformers.trainer_utils import rotate_checkpoints
 
     class RecordCheckpoint(TrainerCallback):
+        rotates_checkpoints = True  # the kit's trainer leaves save_total_limit to it (KitDPOTrainer._save_checkpoint)
+
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
                 checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if checkpoint.is_dir():
                     record_checkpoint(run_dir, checkpoint, identity, state.global_step)
+            if args.should_save:
+                # The checkpoints beyond save_total_limit go only once the new one is recorded (the kit's trainer
+                # leaves them to this callback): until then the newest recorded one is what a resume needs. As the
+                # Trainer does it; nothing is left to do where the Trainer has done it already.
+                rotate_checkpoints(output_dir=args.output_dir, save_total_limit=args.save_total_limit,
+                                   best_model_checkpoint=state.best_model_checkpoint, use_mtime=True)
 
     return RecordCheckpoint()
 

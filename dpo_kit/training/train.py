@@ -393,6 +393,19 @@ def kit_trainer_class() -> type:
             with offline_wandb_run_hidden():
                 return super().create_model_card(*args, **kwargs)
 
+        def _save_checkpoint(self, model, trial):
+            # transformers deletes the checkpoints beyond save_total_limit here, right after writing the new one and
+            # before on_save records it (checkpoints.checkpoint_recorder, which deletes them once it has): with
+            # save_total_limit 1, a process killed in between (the record hashes every file: seconds for a large
+            # model) left nothing to resume from, the recorded checkpoint deleted and the new one not trusted.
+            if not any(getattr(callback, "rotates_checkpoints", False) for callback in self.callback_handler.callbacks):
+                return super()._save_checkpoint(model, trial)  # no recorder (a bench's training): the Trainer's way
+            limit, self.args.save_total_limit = self.args.save_total_limit, None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+
         def _run_epoch(self, *args, **kwargs):
             # Resumed from the checkpoint of the last step (the run stopped while saving the trained weights, or
             # after): the Trainer asks whether max_steps is reached only after a step, so it trained one more
