@@ -231,7 +231,9 @@ class OnPolicyParams(Section):
         None,
         description="Model that samples the responses; None = model.name_or_path, the reference (on-policy, round 1)."
         " A previous run's merged/ directory samples from that policy: round 2 of iterative DPO, which holds out the"
-        " prompts that run held out. It must share the run's tokenizer, which encodes the prompts and decodes its samples.",
+        " prompts that run held out. It must share the run's tokenizer, which encodes the prompts and decodes its samples."
+        " A hub id other than model.name_or_path is loaded at its default revision and without running its code:"
+        " model.revision and model.trust_remote_code are the policy repo's.",
     )
     judge: str = Field(
         "sentiment",

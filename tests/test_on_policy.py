@@ -440,6 +440,42 @@ def test_a_sampler_with_another_tokenizer_is_refused_before_it_samples(tiny_mode
         sample_scored_rows(params, load_tokenizer(str(tiny_model_dir), params), REPO)
 
 
+@pytest.mark.parametrize("local", [False, True])
+def test_a_sampler_gets_neither_the_policy_repos_revision_nor_its_trust_unless_it_is_a_local_directory(
+    tiny_model_dir, prompts_file, tmp_path, monkeypatch, local
+):
+    """model.revision and model.trust_remote_code are the policy repo's. A hub sampler of another repo was loaded at
+    the policy's revision and ran its own code on the policy's yes. A local one (an earlier run's merged/) keeps it."""
+    from dpo_kit.models import loading
+
+    sampler = str(tmp_path / "round-1") if local else "some-org/another-model"
+    if local:
+        shutil.copytree(tiny_model_dir, sampler)
+    params = generate_params(tiny_model_dir, prompts_file, f"data.generate.sampler={sampler}",
+                             "model.trust_remote_code=true", "model.revision=policy-branch")  # fmt: skip
+    tokenizer = loading.load_tokenizer(str(tiny_model_dir), params)
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_from_pretrained(cls, source, **kwargs):
+        seen["tokenizer"] = (source, kwargs)
+        return tokenizer  # the same vocabulary: the check passes
+
+    def fake_load_causal_lm(source, params, *args, **kwargs):
+        seen["model"] = (source, loading.hub_kwargs(params))
+        raise Loaded
+
+    monkeypatch.setattr(loading, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(loading, "load_causal_lm", fake_load_causal_lm)
+    with pytest.raises(Loaded):
+        sample_scored_rows(params, tokenizer, REPO)
+    for source, kwargs in seen.values():
+        assert source == sampler and "revision" not in kwargs and kwargs["trust_remote_code"] is local
+    assert params.model.revision == "policy-branch" and params.model.trust_remote_code  # the run's own model keeps them
+
+
 def test_round_two_samples_from_the_named_policy(tiny_model_dir, prompts_file, tmp_path):
     """Iterative DPO: a sampler directory other than the reference gives other samples from the same seed."""
     import torch

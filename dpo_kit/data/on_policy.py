@@ -93,6 +93,21 @@ def sampler_source(params: Params, project_dir: str | Path = ".") -> str:
     return sampler
 
 
+def sampler_load_params(params: Params, source: str) -> Params:
+    """The params the sampler at `source` (sampler_source's answer) is loaded with. model.revision and
+    model.trust_remote_code are the policy repo's: a hub sampler that is another repo gets neither (its own default
+    branch, none of its code run), where it had the policy's revision and ran its code on the policy's yes. A local
+    directory (an earlier run's merged/, which holds that model's code if it has any) keeps the trust; a revision
+    means nothing there."""
+    sampler = params.data.generate.sampler
+    if sampler is None or sampler == params.model.name_or_path:
+        return params
+    update = {"revision": None}
+    if not Path(source).exists():
+        update["trust_remote_code"] = False
+    return params.model_copy(update={"model": params.model.model_copy(update=update)})
+
+
 # Files that hold a tokenizer: a model directory with none of them has no vocabulary of its own to compare.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -110,7 +125,7 @@ def refuse_sampler_with_another_vocabulary(params: Params, source: str, tokenize
     local = Path(source)
     if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
         return  # e.g. a checkpoint saved without its tokenizer: the run's is the only one it has
-    own = from_pretrained(AutoTokenizer, source, **hub_kwargs(params))
+    own = from_pretrained(AutoTokenizer, source, **hub_kwargs(sampler_load_params(params, source)))
     if own.get_vocab() == tokenizer.get_vocab():
         return
     sizes = f"{len(own)} tokens, not {len(tokenizer)}" if len(own) != len(tokenizer) else "its tokens map to other text"
@@ -266,7 +281,7 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
         usable[index], prompts_ids[index] = messages, ids
     source = sampler_source(params, project_dir)
     refuse_sampler_with_another_vocabulary(params, source, tokenizer)
-    model = load_causal_lm(source, params).eval()
+    model = load_causal_lm(source, sampler_load_params(params, source)).eval()
     samples_ids = sample_continuations(
         model,
         tokenizer,
