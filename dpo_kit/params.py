@@ -780,11 +780,17 @@ def _describe(error: dict, source: str) -> str:
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load's loader, refusing a key given twice in one mapping: PyYAML keeps the last value without a
-    word, so a params file with `beta: 0.1` and, further down, `beta: 0.5` would train at 0.5."""
+    word, so a params file with `beta: 0.1` and, further down, `beta: 0.5` would train at 0.5. A key written beside
+    a merge key (`<<: *sampling`) is no second key: it overrides the merged one, as YAML means."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # `<<: *anchor` (YAML's merge key, which safe_load takes): the keys written beside it override the
+                # merged ones, as YAML means. It has no constructor of its own (SafeLoader's flatten_mapping removes
+                # it below), so constructing it here failed every params file that used one.
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, Hashable):
                 break  # a mapping or list as a key: PyYAML's own error names it ("found unhashable key")

@@ -672,3 +672,25 @@ def test_every_params_field_has_help_text():
                 if isinstance(hint, type) and issubclass(hint, BaseModel):
                     queue.append((f"{prefix}{name}.", hint))
     assert len(seen) > 10 and not missing, missing
+
+
+def test_anchors_and_merge_keys_read_as_yaml_means_and_a_key_given_twice_beside_them_is_still_refused(tmp_path):
+    """The check for keys given twice constructed `<<` as a key, which has no constructor: every params file with a
+    merge key failed with "could not determine a constructor for the tag 'tag:yaml.org,2002:merge'"."""
+    path = tmp_path / "merge.yaml"
+    head = (
+        "run: {name: merge}\n"
+        "model: {name_or_path: runs/_tiny-chat-model, build_tiny_model: true}\n"
+        "generate: &sampling\n  temperature: 0.7\n  top_p: 0.9\n  max_new_tokens: &tokens 24\n"
+        "evaluate: {judge: sentiment}\n"
+        "data:\n  source: generate\n  generate:\n    <<: *sampling\n    temperature: 1.0\n    judge: sentiment\n"
+    )
+    path.write_text(head + "dpo: {max_length: 128, logging_steps: *tokens}\n")
+    params = load_params(path)
+    # Merged keys are read, the key written beside the merge wins, and a plain alias reads its anchor's value.
+    assert (params.data.generate.top_p, params.data.generate.max_new_tokens) == (0.9, 24)
+    assert (params.data.generate.temperature, params.generate.temperature) == (1.0, 0.7)
+    assert params.dpo["logging_steps"] == 24
+    path.write_text(head + "    judge: rule\n")
+    with pytest.raises(ParamsError, match=r"merge.yaml: not valid YAML(.|\n)*key 'judge' is given twice"):
+        load_params(path)
