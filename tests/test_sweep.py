@@ -75,11 +75,28 @@ def test_grid_values_parse_as_the_params_file_would_read_them():
         (["dpo.loss_type=@a,ipo"], [], r"--grid dpo.loss_type=@a,ipo: the value '@a' is not valid YAML.*"
                                        r"--grid \"dpo.loss_type='@a',...\""),
         ([], ["dpo.beta=%:1"], r"--range dpo.beta=%:1: the value '%' is not valid YAML"),
+        # Optuna refused these only at the first trial, after the sweep had recorded them (next test).
+        ([], ["dpo.learning_rate=0:1e-3:log"], r"dpo.learning_rate=0:1e-3:log: a log range needs LOW above 0.*"
+                                               r"dpo.learning_rate=1e-6:1e-3:log"),
+        ([], ["dpo.beta=.nan:1"], "finite"),
+        ([], ["dpo.beta=0.1:.inf"], "finite"),
     ],
 )
 def test_a_bad_search_space_is_refused_with_what_would_be_valid(grid, ranges, message):
     with pytest.raises(SweepError, match=message):
         SearchSpace.parse(grid, ranges)
+
+
+def test_a_log_range_from_zero_is_refused_before_the_sweep_is_recorded(tmp_path, capsys):
+    """It ended in Optuna's ValueError traceback at the first trial, leaving sweep.json and optuna.db behind, so the
+    corrected command was refused as another sweep of the same name."""
+    from dpo_kit.run.cli import main
+
+    command = ["sweep", str(TINY), "--range", "dpo.learning_rate=0:1e-3:log", "--samples", "2", "--quiet",
+               "--set", f"run.output_dir={tmp_path}"]  # fmt: skip
+    assert main(command) == 1
+    assert "a log range needs LOW above 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing is written for a refused sweep"
 
 
 def test_bad_keys_and_values_are_refused_before_any_trial_runs(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -121,6 +122,13 @@ class SearchSpace:
             low, high = _scalar(parts[0], item, "--range"), _scalar(parts[1], item, "--range")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
                 raise SweepError(f"--range {item}: LOW and HIGH must be numbers with LOW < HIGH")
+            # Optuna refuses these only when the first trial asks for a value, after the sweep has recorded its
+            # space: the sweep ended in a traceback and the corrected command was refused as another sweep.
+            if not all(math.isfinite(v) for v in (low, high)):
+                raise SweepError(f"--range {item}: LOW and HIGH must be finite numbers")
+            if len(parts) == 3 and parts[2] == "log" and low <= 0:
+                raise SweepError(f"--range {item}: a log range needs LOW above 0 (its logarithm is searched),"
+                                 f" e.g. {key}=1e-6:{parts[1]}:log, or a linear range {key}={parts[0]}:{parts[1]}")
             if key in space.grid:
                 raise SweepError(f"{key} is given both as --grid and as --range; give it once")
             space.ranges[key] = [low, high, parts[2] if len(parts) == 3 else "linear"]
