@@ -79,6 +79,9 @@ def test_grid_values_parse_as_the_params_file_would_read_them():
         ([], ["dpo.learning_rate=0:1e-3:log"], r"dpo.learning_rate=0:1e-3:log: a log range needs LOW above 0.*"
                                                r"dpo.learning_rate=1e-6:1e-3:log"),
         ([], ["dpo.beta=.nan:1"], "finite"),
+        # The second --grid (or --range) of a key replaced the first without a word.
+        (["dpo.beta=0.1,0.5", "dpo.beta=0.2,0.3"], [], r"dpo.beta is given twice with --grid; give all its values in one"),
+        ([], ["dpo.beta=0.1:0.5", "dpo.beta=0.2:0.3"], r"dpo.beta is given twice with --range"),
         ([], ["dpo.beta=0.1:.inf"], "finite"),
     ],
 )
@@ -107,6 +110,8 @@ def test_bad_keys_and_values_are_refused_before_any_trial_runs(tmp_path):
         run_sweep(TINY, grid=["dpo.beta=0.1,x"], **common)
     with pytest.raises(SweepError, match="needs --samples"):
         run_sweep(TINY, ranges=["dpo.beta=0.1:0.5"], **common)
+    with pytest.raises(SweepError, match="--samples -3: the number of trials to run must be at least 1"):
+        run_sweep(TINY, ranges=["dpo.beta=0.1:0.5"], samples=-3, **common)  # it ran one trial
     # A key fixed with --set and swept too: each trial's value replaced the --set one without a word.
     with pytest.raises(SweepError, match=r"dpo.beta is given both with --set and as a swept key"):
         run_sweep(TINY, grid=["dpo.beta=0.1,0.2"], **{**common, "overrides": [*common["overrides"], "dpo.beta=0.3"]})

@@ -110,6 +110,8 @@ class SearchSpace:
         space = cls()
         for item in grid:
             key, values = _split(item, "--grid", "dpo.beta=0.05,0.1,0.5")
+            if key in space.grid:  # the second --grid replaced the first without a word
+                raise SweepError(f"{key} is given twice with --grid; give all its values in one: --grid {key}=V1,V2,...")
             space.grid[key] = [_scalar(v, item) for v in values.split(",")]
             if len(set(map(repr, space.grid[key]))) != len(space.grid[key]):
                 raise SweepError(f"--grid {item}: a value appears twice")
@@ -131,6 +133,8 @@ class SearchSpace:
                                  f" e.g. {key}=1e-6:{parts[1]}:log, or a linear range {key}={parts[0]}:{parts[1]}")
             if key in space.grid:
                 raise SweepError(f"{key} is given both as --grid and as --range; give it once")
+            if key in space.ranges:
+                raise SweepError(f"{key} is given twice with --range; give it once")
             space.ranges[key] = [low, high, parts[2] if len(parts) == 3 else "linear"]
         for key in [*space.grid, *space.ranges]:
             if key in OWNED_KEYS:
@@ -619,6 +623,8 @@ def run_sweep(
         raise SweepError("a grid sweep takes --grid only; search --range with --sampler random or tpe and --samples N")
     if sampler != "grid" and not samples:
         raise SweepError(f"--sampler {sampler} needs --samples N, the number of trials to run")
+    if samples is not None and samples < 1:  # --samples -3 ran one trial: the budget was reached at the first
+        raise SweepError(f"--samples {samples}: the number of trials to run must be at least 1")
     if direction not in ("maximize", "minimize"):
         raise SweepError(f"--direction {direction}: valid are maximize, minimize")
     check_objective(objective)
