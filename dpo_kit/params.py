@@ -111,10 +111,21 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def expand_home(value: Any) -> Any:
+    """A path written as ~/... is in the user's home, as on a command line. YAML and `--set` keep the ~ as text (only
+    a shell expands it), so run.output_dir ~/runs made a folder named '~' in the project, and model.name_or_path
+    ~/models/m was read as a hub id, valid until the hub refused it at the train stage."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
 class RunParams(Section):
     name: str = Field(description="Run name; the run directory is <output_dir>/<name>. Use model-task-variant.")
     seed: int = Field(42, description="Seed for the data split, LoRA init and training order.")
-    output_dir: str = Field("runs", description="Parent directory of run directories (relative to the project dir).")
+    output_dir: str = Field(
+        "runs", description="Parent directory of run directories (relative to the project dir, or absolute, or ~/...)."
+    )
+
+    _home = field_validator("output_dir", mode="before")(expand_home)
 
     @field_validator("name")
     @classmethod
@@ -165,6 +176,8 @@ class ModelParams(Section):
         if self.gguf_file is not None and not self.gguf_file.endswith(".gguf"):
             raise ValueError(f"model.gguf_file '{self.gguf_file}' must name a .gguf file")
         return self
+
+    _home = field_validator("name_or_path", "gguf_file", mode="before")(expand_home)
 
     @field_validator("chat_template")
     @classmethod
@@ -253,6 +266,8 @@ class OnPolicyParams(Section):
     )
     batch_size: int = Field(32, gt=0, description="Sequences per generate() call.")
 
+    _home = field_validator("prompts", "sampler", "judge", mode="before")(expand_home)
+
 
 class DataParams(Section):
     source: str = Field(
@@ -288,6 +303,8 @@ class DataParams(Section):
     generate: OnPolicyParams | None = Field(
         None, description="Sampling and judging settings; required when data.source is 'generate'."
     )
+
+    _home = field_validator("source", mode="before")(expand_home)
 
     @model_validator(mode="after")
     def _columns_match_format(self):
@@ -418,6 +435,8 @@ class EvaluateParams(Section):
     max_pairs: int | None = Field(None, gt=0, description="Evaluate at most this many held-out pairs (None = all).")
     batch_size: int = Field(8, gt=0, description="Pairs per forward pass.")
 
+    _home = field_validator("judge", mode="before")(expand_home)
+
 
 # Characters wandb refuses in a project name (wandb.init: "Invalid project name").
 TRACKER_PROJECT_FORBIDDEN = ("/", "\\", "#", "?", "%", ":")
@@ -477,6 +496,8 @@ class LaunchParams(Section):
         description=f"accelerate config: one shipped with the kit ({', '.join(SHIPPED_ACCELERATE_CONFIGS)}) or a"
         " path to your own YAML (from `accelerate config`). None = plain DDP when num_processes > 1.",
     )
+
+    _home = field_validator("config_file", mode="before")(expand_home)
 
     @model_validator(mode="after")
     def _machines(self):
@@ -938,7 +959,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 
 def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Params:
     """Read, override and validate a params file. Errors name the file and the key."""
-    path = Path(path)
+    path = Path(path).expanduser()  # a notebook's params_path of "~/..." (the shell expands it on a command line)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     text = path.read_text()

@@ -694,3 +694,22 @@ def test_anchors_and_merge_keys_read_as_yaml_means_and_a_key_given_twice_beside_
     path.write_text(head + "    judge: rule\n")
     with pytest.raises(ParamsError, match=r"merge.yaml: not valid YAML(.|\n)*key 'judge' is given twice"):
         load_params(path)
+
+
+def test_a_path_written_with_a_tilde_is_in_the_home_directory_as_on_a_command_line(tmp_path, monkeypatch):
+    """YAML keeps ~ as text: run.output_dir ~/runs made a folder named '~' in the project, model.name_or_path
+    ~/models/m was taken for a hub id (valid until the train stage), and data.source ~/d.jsonl was not found."""
+    from dpo_kit.run.stage import run_dir_for
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tiny.yaml").write_text((REPO / "params/tiny.yaml").read_text())
+    params = load_params("~/tiny.yaml", ["run.output_dir=~/runs", "data.source=~/pairs.jsonl"])
+    assert run_dir_for(params, REPO) == tmp_path / "runs" / "tiny"
+    assert params.data.source == str(tmp_path / "pairs.jsonl")
+    with pytest.raises(ParamsError, match=f"data.source: file not found: {tmp_path / 'pairs.jsonl'}"):
+        check_local_files(params, REPO)
+    params = load_params(REPO / "params/tiny.yaml", ["model.name_or_path=~/models/m", "model.build_tiny_model=false",
+                                                     "evaluate.judge=~/judge"])  # fmt: skip
+    assert (params.model.name_or_path, params.evaluate.judge) == (str(tmp_path / "models/m"), str(tmp_path / "judge"))
+    with pytest.raises(ParamsError, match=f"model.name_or_path: directory not found: {tmp_path / 'models/m'}"):
+        check_local_files(params, REPO)
