@@ -729,6 +729,16 @@ def validate_dpo_section(section: dict[str, Any]) -> dict[str, Any]:
         # Enum-typed fields (lr_scheduler_type, optim, ...) are kept as plain values so they dump to YAML.
         if isinstance(checked[key], enum.Enum):
             checked[key] = checked[key].value
+        # Their type is `SchedulerType | str` (an enum or any string), so `cosinee` passed here and TrainingArguments
+        # refused it only when the train stage built DPOConfig, after the format stage (minutes of sampling).
+        enums = [hint for hint in typing.get_args(types[key]) if isinstance(hint, type) and issubclass(hint, enum.Enum)]
+        if enums and isinstance(checked[key], str):
+            names = [member.value for kind in enums for member in kind if isinstance(member.value, str)]
+            if checked[key] not in names:
+                raise ValueError(
+                    f"dpo.{key}: unknown value '{checked[key]}'{_did_you_mean(checked[key], names)} (DPOConfig.{key}"
+                    f" takes {', '.join(names)})"
+                )
         # Plain strings in DPOConfig, so TRL finds a misspelling only in the train stage, after the pairs are made.
         if key in DPO_NAMED_VALUES:
             names = DPO_NAMED_VALUES[key]

@@ -713,3 +713,28 @@ def test_a_path_written_with_a_tilde_is_in_the_home_directory_as_on_a_command_li
     assert (params.model.name_or_path, params.evaluate.judge) == (str(tmp_path / "models/m"), str(tmp_path / "judge"))
     with pytest.raises(ParamsError, match=f"model.name_or_path: directory not found: {tmp_path / 'models/m'}"):
         check_local_files(params, REPO)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dpo.lr_scheduler_type=cosinee", r"dpo.lr_scheduler_type: unknown value 'cosinee'; did you mean 'cosine'\?"
+                                          r" \(DPOConfig.lr_scheduler_type takes linear, cosine, "),
+        ("dpo.optim=adamw_torh", r"dpo.optim: unknown value 'adamw_torh'; did you mean 'adamw_torch'\?"),
+        ("dpo.eval_strategy=step", r"dpo.eval_strategy: unknown value 'step'; did you mean 'steps'\?.*takes no, steps"),
+        ("dpo.save_strategy=epochs", r"dpo.save_strategy: unknown value 'epochs'; did you mean 'epoch'\?"),
+    ],
+)
+def test_a_misspelled_scheduler_optimizer_or_strategy_is_refused_when_the_params_are_read(override, message, tmp_path):
+    """Typed `SchedulerType | str` in DPOConfig, any string passed the check, and TrainingArguments refused it only
+    when the train stage built DPOConfig, after the format stage; dpo-kit validate called the params valid."""
+    from dpo_kit.hardware import choose_hardware
+    from dpo_kit.training.train import build_dpo_config
+
+    with pytest.raises(ParamsError, match=message):
+        load_params(REPO / "params/tiny.yaml", [override])
+    # The values the installed transformers takes pass, and so does the DPOConfig the train stage builds from them.
+    params = load_params(REPO / "params/tiny.yaml", ["dpo.lr_scheduler_type=cosine_with_min_lr", "dpo.optim=adamw_torch",
+                                                     "dpo.save_strategy=no", "dpo.lr_scheduler_kwargs={min_lr: 0.0}"])
+    config = build_dpo_config(params, tmp_path, choose_hardware())
+    assert (config.lr_scheduler_type.value, config.optim.value) == ("cosine_with_min_lr", "adamw_torch")
