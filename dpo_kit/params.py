@@ -836,18 +836,35 @@ class UniqueKeyLoader(yaml.SafeLoader):
 # Only true and false are booleans (YAML 1.2), not YAML 1.1's yes/no/on/off: TrainingArguments' strategies take "no",
 # and `--set dpo.save_strategy=no` (or `eval_strategy: no` in a file) read as False was refused as "got False". The kit's
 # own bool fields still take yes/no/on/off, which pydantic reads as booleans.
+# Likewise YAML 1.1's octal, sexagesimal and timestamp readings are left out, as YAML 1.2 leaves them out: a leading
+# zero made octal (`--set model.revision=0123` was refused as "got 83", `dpo.save_steps: 010` saved every 8 steps),
+# `1:30` read as 90 and `run.name: 2024-12-07` as a date. Such a value is text, which an int or float field still
+# reads as the decimal number written (010 -> 10); 0x1f, 1_000, 1.5e-3 and .inf read as before.
+YAML_1_1_ONLY = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp"}
 UniqueKeyLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in YAML_1_1_ONLY]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
 
 
 def read_yaml(text: str) -> Any:
-    """A params file or a --set/--grid value as the kit reads it: YAML, a key given twice refused, and only true and
-    false booleans."""
+    """A params file or a --set/--grid value as the kit reads it: YAML, a key given twice refused, only true and false
+    booleans, and no octal, sexagesimal or timestamp values (text instead), as in YAML 1.2."""
     return yaml.load(text, Loader=UniqueKeyLoader)
 
 

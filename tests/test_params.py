@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpo_kit.params import ParamsError, check_local_files, load_params, parse_params, save_params
+from dpo_kit.params import ParamsError, check_local_files, load_params, parse_params, read_yaml, save_params
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS_FILES = sorted((REPO / "params").glob("*.yaml"))
@@ -738,3 +738,18 @@ def test_a_misspelled_scheduler_optimizer_or_strategy_is_refused_when_the_params
                                                      "dpo.save_strategy=no", "dpo.lr_scheduler_kwargs={min_lr: 0.0}"])
     config = build_dpo_config(params, tmp_path, choose_hardware())
     assert (config.lr_scheduler_type.value, config.optim.value) == ("cosine_with_min_lr", "adamw_torch")
+
+
+def test_a_leading_zero_a_colon_or_a_date_is_read_as_written_not_as_yaml_1_1_numbers_and_dates(tmp_path):
+    """YAML 1.1 read 0123 as octal 83 (`--set model.revision=0123` was refused as "got 83", `save_steps: 010` saved
+    every 8 steps), 1:30 as 90 and 2024-12-07 as a date; YAML 1.2, and now the kit, read none of them so."""
+    params = load_params(REPO / "params/tiny.yaml", ["model.revision=0123", "run.name=2024-12-07", "dpo.save_steps=010",
+                                                     "data.split=1:30"])  # fmt: skip
+    assert (params.model.revision, params.run.name, params.dpo["save_steps"]) == ("0123", "2024-12-07", 10)
+    assert params.data.split == "1:30"
+    path = tmp_path / "written.yaml"
+    path.write_text((REPO / "params/tiny.yaml").read_text().replace("name: tiny", "name: 007"))
+    assert load_params(path).run.name == "007"
+    # The numbers YAML 1.2 keeps read as before.
+    assert read_yaml("[0, 0x1f, 1_000, 1.5e-3, .inf, -5, 1e-3, true, no]") == [0, 31, 1000, 0.0015, float("inf"), -5,
+                                                                               "1e-3", True, "no"]  # fmt: skip

@@ -59,6 +59,10 @@ def test_grid_values_parse_as_the_params_file_would_read_them():
     space = SearchSpace.parse(["dpo.save_strategy=no,steps"], [])
     assert space.grid == {"dpo.save_strategy": ["no", "steps"]}
     assert trial_overrides({"dpo.save_strategy": "no"}) == ["dpo.save_strategy='no'"]
+    # A revision with a leading zero is text, as the params read it (float() of every text made it 123.0).
+    space = SearchSpace.parse(["model.revision=0123,main", "dpo.learning_rate=2e-5,1E3"], [])
+    assert space.grid == {"model.revision": ["0123", "main"], "dpo.learning_rate": [2e-5, 1000.0]}
+    assert trial_overrides({"model.revision": "0123"}) == ["model.revision='0123'"]
 
 
 @pytest.mark.parametrize(

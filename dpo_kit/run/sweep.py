@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -87,12 +88,14 @@ def _scalar(text: str, item: str = "", flag: str = "--grid") -> Any:
         message = (f"{flag} {item}: the value {text.strip()!r} is not valid YAML ({problem}); to pass it as text, put"
                    f" it in single quotes inside the shell's double quotes, e.g. {example}")
         raise SweepError(message) from None
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
+    if isinstance(value, str) and EXPONENT.fullmatch(value.strip()):
+        return float(value)
     return value
+
+
+# A number with an exponent and no dot, which PyYAML reads as text. Only this: float() of any text made the revision
+# 0123 (text to read_yaml, as YAML 1.2 reads it) the number 123.0, and 'nan' a number.
+EXPONENT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+")
 
 
 def yaml_text(value: Any) -> str:
