@@ -591,6 +591,14 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         read.setdefault(key, []).append(value)
+    for key, values in space.grid.items():  # 1 and 1.0 for a float key: two run directories, one point trained twice
+        seen: dict[str, Any] = {}
+        for value, resolved in zip(values, read[key], strict=True):
+            text = json.dumps(resolved, sort_keys=True, default=str)
+            if text in seen:
+                raise SweepError(f"--grid {key}: the values {yaml_text(seen[text])} and {yaml_text(value)} are one value"
+                                 f" of {key} ({yaml_text(resolved)}), which would be trained twice; give it once")
+            seen[text] = value
     for key, (low, high, scale) in list(space.ranges.items()):
         if all(isinstance(v, float) for v in read[key]):
             space.ranges[key] = [float(low), float(high), scale]
