@@ -579,3 +579,20 @@ def test_a_random_search_stops_at_its_budget_even_when_every_trial_fails(tmp_pat
     assert all(0.05 <= r["dpo.beta"] <= 0.5 for r in rows)
     assert "stage 'generate' failed" in rows[0]["note"] and str(judge) in rows[0]["note"], rows[0]["note"]
     assert "FAIL" in capsys.readouterr().out
+
+
+
+def test_a_grid_of_lists_is_split_at_its_top_level_commas_and_runs_each_list_as_one_point(tmp_path, fake_trials):
+    """--grid dpo.loss_type=[sigmoid,sft],ipo was cut at every comma ('[sigmoid' is not valid YAML), and no quoting
+    could pass a list; Optuna, which stores only scalars, gets the list as its YAML text and warns of nothing."""
+    import warnings
+
+    space = SearchSpace.parse(["dpo.loss_type=[sigmoid,sft],ipo", "lora.target_modules='q,k',{a: [1, 2]},x"], [])
+    assert space.grid == {"dpo.loss_type": [["sigmoid", "sft"], "ipo"], "lora.target_modules": ["q,k", {"a": [1, 2]}, "x"]}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", module="optuna")
+        run_sweep(TINY, grid=["dpo.loss_type=[sigmoid,sft],ipo"], overrides=[f"run.output_dir={tmp_path}"],
+                  project_dir=REPO, progress=False, name="losses")  # fmt: skip
+    rows = trial_rows(tmp_path / "losses")
+    assert sorted((row["run_dir"], row["state"]) for row in rows) == [("loss_type=[sigmoid, sft]", "COMPLETE"),
+                                                                      ("loss_type=ipo", "COMPLETE")]  # fmt: skip

@@ -98,6 +98,31 @@ def _scalar(text: str, item: str = "", flag: str = "--grid") -> Any:
 EXPONENT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+")
 
 
+def grid_values(text: str) -> list[str]:
+    """The values of `--grid KEY=V1,V2,...`, split at the commas outside brackets, braces and quotes: a list value
+    (`dpo.loss_type=[sigmoid,sft],ipo`) was cut at its own comma, and no quoting could pass it."""
+    values, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"" and not text[start:i].strip():  # a quote opens only a value, not "don't"
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    return [*values, text[start:]]
+
+
+def optuna_choice(value: Any) -> Any:
+    """A grid value as Optuna stores it: a list or mapping (dpo.loss_type [sigmoid, sft]) as its YAML text, since
+    Optuna's storage and GridSampler take only None, bool, int, float and str (and warn at every trial otherwise)."""
+    return yaml_text(value) if isinstance(value, (list, dict)) else value
+
+
 def yaml_text(value: Any) -> str:
     """`value` written so that an override (parsed as YAML) reads it back equal: 1e-05 -> '1.0e-05'."""
     return yaml.safe_dump(value, default_flow_style=True).split("\n")[0]
@@ -115,7 +140,7 @@ class SearchSpace:
             key, values = _split(item, "--grid", "dpo.beta=0.05,0.1,0.5")
             if key in space.grid:  # the second --grid replaced the first without a word
                 raise SweepError(f"{key} is given twice with --grid; give all its values in one: --grid {key}=V1,V2,...")
-            space.grid[key] = [_scalar(v, item) for v in values.split(",")]
+            space.grid[key] = [_scalar(v, item) for v in grid_values(values)]
             if len(set(map(repr, space.grid[key]))) != len(space.grid[key]):
                 raise SweepError(f"--grid {item}: a value appears twice")
         for item in ranges:
@@ -287,7 +312,8 @@ def make_sampler(spec: SweepSpec):
     import optuna
 
     if spec.sampler == "grid":
-        return optuna.samplers.GridSampler(spec.space["grid"], seed=spec.seed)
+        grid = {key: [optuna_choice(value) for value in values] for key, values in spec.space["grid"].items()}
+        return optuna.samplers.GridSampler(grid, seed=spec.seed)
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=spec.seed)
     return optuna.samplers.TPESampler(seed=spec.seed)
@@ -501,7 +527,8 @@ class Sweep:
     def suggest(self, trial) -> dict[str, Any]:
         values = {}
         for key, choices in self.spec.space["grid"].items():
-            values[key] = trial.suggest_categorical(key, choices)
+            stored = [optuna_choice(choice) for choice in choices]
+            values[key] = choices[stored.index(trial.suggest_categorical(key, stored))]
         for key, (low, high, scale) in self.spec.space["ranges"].items():
             if isinstance(low, int) and isinstance(high, int):
                 values[key] = trial.suggest_int(key, low, high, log=scale == "log")
