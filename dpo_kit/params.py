@@ -987,9 +987,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Params:
     """Read, override and validate a params file. Errors name the file and the key."""
     path = Path(path).expanduser()  # a notebook's params_path of "~/..." (the shell expands it on a command line)
+    if path.is_dir():
+        raise ParamsError(f"{path} is a folder; name a params file in it, e.g. {path / 'tiny.yaml'}")
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:  # a model's weights or a GGUF named by mistake: a traceback said no more
+        raise ParamsError(f"{path}: not a params file (not UTF-8 text: byte {error.start}); name a YAML file") from None
     try:
         raw = read_yaml(text) or {}
     except yaml.YAMLError as error:

@@ -329,6 +329,12 @@ def test_cross_section_check_runs_at_construction():
 def test_missing_params_file_names_the_path(tmp_path):
     with pytest.raises(ParamsError, match="not found: .*nope.yaml"):
         load_params(tmp_path / "nope.yaml")
+    # A folder, or a binary file named by mistake, is said to be one (a binary file ended in UnicodeDecodeError).
+    with pytest.raises(ParamsError, match=f"{tmp_path} is a folder; name a params file in it"):
+        load_params(tmp_path)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF\xb4\x00\xff")
+    with pytest.raises(ParamsError, match=r"model.gguf: not a params file \(not UTF-8 text: byte 4\)"):
+        load_params(tmp_path / "model.gguf")
 
 
 def test_missing_data_file_names_the_path(tmp_path):
