@@ -123,6 +123,9 @@ def test_bad_keys_and_values_are_refused_before_any_trial_runs(tmp_path):
     with pytest.raises(SweepError, match=r"--grid model.revision: the values org/main and org_main would share the run"
                                          r" directory 'revision=org_main'"):
         run_sweep(TINY, grid=["model.revision=org/main,org_main"], **common)
+    for name in ("..", ".", "a/b", ""):  # `--name ..` wrote the sweep into the project folder itself
+        with pytest.raises(SweepError, match=f"--name '{name}': the sweep's directory under run.output_dir must be"):
+            run_sweep(TINY, grid=["dpo.beta=0.1,0.2"], **{**common, "name": name})
     # Two values the params read as one (beta is a float; a loss is a list of one): one point trained twice.
     with pytest.raises(SweepError, match=r"--grid dpo.beta: the values 1 and 1.0 are one value of dpo.beta \(1.0\)"):
         run_sweep(TINY, grid=["dpo.beta=0.5,1,1.0"], **common)

@@ -666,6 +666,11 @@ def run_sweep(
     if direction not in ("maximize", "minimize"):
         raise SweepError(f"--direction {direction}: valid are maximize, minimize")
     check_objective(objective)
+    if name is not None and (not name or "/" in name or name.startswith(".")):
+        # As run.name: `--name ..` put the sweep's database, records and trials in the project folder itself, and
+        # `--name .` among the runs of run.output_dir.
+        raise SweepError(f"--name {name!r}: the sweep's directory under run.output_dir must be a non-empty directory"
+                         " name without '/' and not starting with '.'")
     fixed = {item.split("=", 1)[0].strip() for item in overrides}
     both = [key for key in [*space.grid, *space.ranges] if key in fixed]
     if both:  # each trial's own value would silently replace the --set one
