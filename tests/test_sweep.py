@@ -116,6 +116,8 @@ def test_bad_keys_and_values_are_refused_before_any_trial_runs(tmp_path):
         run_sweep(TINY, ranges=["dpo.beta=0.1:0.5"], **common)
     with pytest.raises(SweepError, match="--samples -3: the number of trials to run must be at least 1"):
         run_sweep(TINY, ranges=["dpo.beta=0.1:0.5"], samples=-3, **common)  # it ran one trial
+    with pytest.raises(SweepError, match="--samples 1 is for --sampler random or tpe; a grid sweep runs each of its 3"):
+        run_sweep(TINY, grid=["dpo.beta=0.1,0.2,0.5"], sampler="grid", samples=1, **common)  # it ran all 3
     # A key fixed with --set and swept too: each trial's value replaced the --set one without a word.
     with pytest.raises(SweepError, match=r"dpo.beta is given both with --set and as a swept key"):
         run_sweep(TINY, grid=["dpo.beta=0.1,0.2"], **{**common, "overrides": [*common["overrides"], "dpo.beta=0.3"]})

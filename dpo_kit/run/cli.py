@@ -179,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="values to try, e.g. dpo.beta=0.05,0.1,0.5; several --grid give their product")
     sweep.add_argument("--range", action="append", default=[], metavar="SECTION.KEY=LOW:HIGH[:log]",
                        help="a numeric range for random or TPE search, e.g. dpo.learning_rate=1e-5:1e-3:log")
-    sweep.add_argument("--samples", type=int, help="trials to run with --sampler random or tpe")
+    sweep.add_argument("--samples", type=int,
+                       help="trials to run with --sampler random or tpe (a grid runs each point once)")
     sweep.add_argument("--sampler", choices=("grid", "random", "tpe"),
-                       help="grid (the default for --grid alone), random, or tpe (the default with --range)")
+                       help="grid (the default for --grid without --samples), random, or tpe (the default with"
+                       " --range or --samples)")
     sweep.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a key in every trial")
     sweep.add_argument("--name", help="the sweep's directory name (default <run.name>-sweep)")

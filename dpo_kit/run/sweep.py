@@ -663,6 +663,9 @@ def run_sweep(
         raise SweepError(f"--sampler {sampler} needs --samples N, the number of trials to run")
     if samples is not None and samples < 1:  # --samples -3 ran one trial: the budget was reached at the first
         raise SweepError(f"--samples {samples}: the number of trials to run must be at least 1")
+    if sampler == "grid" and samples is not None:  # it was dropped without a word: the grid ran every point
+        raise SweepError(f"--samples {samples} is for --sampler random or tpe; a grid sweep runs each of its"
+                         f" {space.grid_size()} points once. Leave --samples out, or choose --sampler random or tpe")
     if direction not in ("maximize", "minimize"):
         raise SweepError(f"--direction {direction}: valid are maximize, minimize")
     check_objective(objective)
