@@ -59,6 +59,15 @@ def test_grid_values_parse_as_the_params_file_would_read_them():
     space = SearchSpace.parse(["dpo.save_strategy=no,steps"], [])
     assert space.grid == {"dpo.save_strategy": ["no", "steps"]}
     assert trial_overrides({"dpo.save_strategy": "no"}) == ["dpo.save_strategy='no'"]
+    # A value past 80 characters, or with a line break, reaches the trial whole: PyYAML folded it, and the trial got
+    # its first line only (a prompt cut short, a chat template cut at its first line).
+    from dpo_kit.params import read_yaml
+
+    long_prompt = "Write a long review of a film that you saw last week, and say what you liked about it most of all"
+    template = "{% for m in messages %}{{ m.content }}\n{% endfor %}"
+    for value in (long_prompt, [long_prompt, "hi"], template):
+        (override,) = trial_overrides({"generate.prompts": value})
+        assert read_yaml(override.split("=", 1)[1]) == value
     # A revision with a leading zero is text, as the params read it (float() of every text made it 123.0).
     space = SearchSpace.parse(["model.revision=0123,main", "dpo.learning_rate=2e-5,1E3"], [])
     assert space.grid == {"model.revision": ["0123", "main"], "dpo.learning_rate": [2e-5, 1000.0]}

@@ -125,7 +125,11 @@ def optuna_choice(value: Any) -> Any:
 
 def yaml_text(value: Any) -> str:
     """`value` written so that an override (parsed as YAML) reads it back equal: 1e-05 -> '1.0e-05'."""
-    return yaml.safe_dump(value, default_flow_style=True).split("\n")[0]
+    # On one line whatever its length: PyYAML folds a long value at 80 characters, and the first line alone was
+    # taken, so a trial of a value longer than that trained with it cut short (or failed as unclosed YAML).
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).removesuffix("\n").removesuffix("\n...")
+    # A value with a line break still takes two lines in YAML's quotes; JSON escapes it, and YAML reads JSON.
+    return json.dumps(value, ensure_ascii=False) if "\n" in text else text
 
 
 @dataclass
