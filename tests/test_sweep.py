@@ -134,6 +134,10 @@ def test_bad_keys_and_values_are_refused_before_any_trial_runs(tmp_path):
     with pytest.raises(SweepError, match=r"--grid model.revision: the values org/main and org_main would share the run"
                                          r" directory 'revision=org_main'"):
         run_sweep(TINY, grid=["model.revision=org/main,org_main"], **common)
+    # A run directory's name past what a file name can hold ended the first trial in an OSError traceback.
+    long_prompt = "Write a long review of a film that you saw last week, " * 5
+    with pytest.raises(SweepError, match=r"a trial's run directory would be named 'prompts=\[.*\.\.\.', 2\d\d bytes, above"):
+        run_sweep(TINY, grid=[f"generate.prompts=['{long_prompt}'],[hi]"], **common)
     for name in ("..", ".", "a/b", ""):  # `--name ..` wrote the sweep into the project folder itself
         with pytest.raises(SweepError, match=f"--name '{name}': the sweep's directory under run.output_dir must be"):
             run_sweep(TINY, grid=["dpo.beta=0.1,0.2"], **{**common, "name": name})

@@ -63,6 +63,9 @@ OBJECTIVE_METRICS = (
 )  # fmt: skip
 HEARTBEAT_SECONDS = 60  # Optuna's heartbeat: a trial silent for GRACE_SECONDS on another host is failed and retried
 GRACE_SECONDS = 600
+# A file name has 255 bytes at most; a trial's claim (<name>.json.stale-<pid>-<ns>) and an archived run
+# (<name>.archived-<time>) add up to about 40 to its run directory's name.
+MAX_TRIAL_NAME_BYTES = 200
 OWNED_KEYS = ("run.name", "run.output_dir") + PLACE_ONLY_KEYS  # the sweep names and places its trials
 
 
@@ -610,6 +613,15 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
                 raise SweepError(f"--grid {key}: the values {yaml_text(other)} and {yaml_text(value)} would share the"
                                  f" run directory '{trial_name({key: value})}' ('/' is written as '_' in its name);"
                                  " sweep one of them, then the other with another --name")  # fmt: skip
+    # The longest point's name (a range's value at its longest, as a float's text may be): a trial directory is
+    # one file name, with its claim's and an archived copy's suffixes. Past that, the first trial ended in
+    # "OSError: File name too long" and a traceback.
+    longest = {key: max(values, key=lambda v: len(yaml_text(v))) for key, values in space.grid.items()}
+    name = trial_name({**longest, **{key: -1.2345678901234567e-05 for key in space.ranges}})
+    if len(name.encode()) > MAX_TRIAL_NAME_BYTES:
+        raise SweepError(f"a trial's run directory would be named '{name[:80]}...', {len(name.encode())} bytes, above"
+                         f" the {MAX_TRIAL_NAME_BYTES} a file name leaves room for: sweep shorter values (a long text"
+                         " from a file the params name, such as data.generate.prompts) or fewer keys at once")
     probes = [(k, [*spec.overrides, f"{k}={yaml_text(v)}"]) for k, values in space.grid.items() for v in values]
     probes += [(k, [*spec.overrides, f"{k}={yaml_text(v)}"]) for k, (lo, hi, _) in space.ranges.items() for v in (lo, hi)]
     read: dict[str, list[Any]] = {}
