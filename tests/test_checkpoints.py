@@ -457,6 +457,26 @@ def test_a_full_disk_while_saving_is_named_with_what_is_intact(tmp_path):
     assert resume_point(tmp_path / "run", identity).checkpoint.name == "checkpoint-4"
 
 
+def test_a_checkpoint_whose_record_is_written_but_not_yet_in_the_manifest_is_not_called_intact(tmp_path):
+    """The disk can fill between a checkpoint's record file and the manifest that lists it. A resume skips such a
+    checkpoint, so the error must not name it as one to resume from (it did: it read the record files alone)."""
+    import errno
+    import os
+
+    from dpo_kit.training.train import CheckpointWriteError, clear_write_errors
+
+    identity = make_run(tmp_path / "run")
+    unlisted = tmp_path / "run" / "checkpoints" / "checkpoint-6"
+    unlisted.mkdir()
+    (unlisted / RECORD_FILE).write_text("{}")  # the record made it to disk, the manifest write did not
+    with pytest.raises(CheckpointWriteError) as raised:
+        with clear_write_errors(tmp_path / "run" / "checkpoints"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    message = str(raised.value)
+    assert message.startswith(f"could not write {unlisted} (") and "intact: checkpoint-2, checkpoint-4." in message
+    assert resume_point(tmp_path / "run", identity).checkpoint.name == "checkpoint-4"  # what the message promises
+
+
 def test_other_errors_pass_through_unchanged(tmp_path):
     from dpo_kit.training.train import clear_write_errors
 

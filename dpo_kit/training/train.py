@@ -22,7 +22,7 @@ from dpo_kit.hardware import HardwareChoice
 from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet
 from dpo_kit.params import Params, ParamsError
 from dpo_kit.tracking import finish_trackers, offline_wandb_run_hidden, tracker_environment, trackers
-from dpo_kit.training.checkpoints import RECORD_FILE, checkpoint_step
+from dpo_kit.training.checkpoints import RECORD_FILE, checkpoint_step, recorded_checkpoints
 
 # The metrics the train notebook plots; names are TRL's, unchanged.
 PLOTTED_METRICS = ("loss", "rewards/margins", "rewards/accuracies")
@@ -247,9 +247,17 @@ def clear_write_errors(checkpoints_dir: Path, writing: Path | None = None):
             raise
         free = mf.free_space(checkpoints_dir.parent)
         steps = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0), key=checkpoint_step)
-        intact = [p.name for p in steps if (p / RECORD_FILE).is_file()]
-        # The newest checkpoint without its record is the save that failed.
-        failed = writing or next((p for p in reversed(steps) if not (p / RECORD_FILE).is_file()), checkpoints_dir.parent)
+        # Intact is what a resume would take: listed in the manifest, not only holding its record file (the disk
+        # may fill between the record and the manifest, and a resume skips a checkpoint the manifest does not list).
+        try:
+            entry = mf.read_manifest(checkpoints_dir.parent).get("stages", {}).get("train", {})
+        except (OSError, ValueError):
+            entry = {}
+        listed = recorded_checkpoints(entry)
+        recorded = [p for p in steps if p.name in listed and (p / RECORD_FILE).is_file()]
+        intact = [p.name for p in recorded]
+        # The newest checkpoint the manifest does not list is the save that failed.
+        failed = writing or next((p for p in reversed(steps) if p not in recorded), checkpoints_dir.parent)
         raise CheckpointWriteError(
             f"could not write {failed} ({free} on that filesystem): {error}. Checkpoints"
             f" recorded before are intact: {', '.join(intact) or 'none yet'}."
