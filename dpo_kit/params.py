@@ -38,6 +38,11 @@ LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 TINY_MODEL_DIRNAME = "_tiny-chat-model"
 
 
+def is_directory_name(name: str) -> bool:
+    """A name that makes one directory inside its parent (run.name, a sweep's --name): not '..', '.' or a path."""
+    return bool(name) and "/" not in name and not name.startswith(".")
+
+
 def is_local_path(name: str) -> bool:
     """A data file or model directory on disk rather than a hub id.
 
@@ -130,7 +135,7 @@ class RunParams(Section):
     @field_validator("name")
     @classmethod
     def _name_is_a_directory_name(cls, value: str) -> str:
-        if not value or "/" in value or value.startswith("."):
+        if not is_directory_name(value):
             raise ValueError("must be a non-empty directory name without '/' and not starting with '.'")
         return value
 

@@ -254,7 +254,7 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
             continue  # ranked_pair raises the same DropRow inside the audit, which records it
         # Each copy of a repeated prompt gave a pair of its own, and the audit's de-duplication compares whole pairs,
         # whose sampled responses differ: the seeded split could then hold out one copy and train on another.
-        key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+        key = prompt_key({"prompt": messages})
         if params.data.deduplicate and key in first_seen:
             not_sampled[index] = DropRow(
                 "duplicate_prompt",

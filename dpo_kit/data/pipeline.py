@@ -312,18 +312,19 @@ def split_rows(kept: list[tuple[int, dict]], eval_fraction: float, seed: int) ->
     order = list(range(len(kept)))
     random.Random(seed).shuffle(order)
     n_eval = min(max(round(len(kept) * eval_fraction), 1), len(kept) - 1) if len(kept) > 1 else 0
+    keys = [prompt_key(row) for _, row in kept]
     groups: dict[str, list[int]] = {}
-    for position, (_, row) in enumerate(kept):
-        groups.setdefault(prompt_key(row), []).append(position)
+    for position, key in enumerate(keys):
+        groups.setdefault(key, []).append(position)
     held_out: set[int] = set()
     for position in order:
-        group = groups[prompt_key(kept[position][1])]
+        group = groups[keys[position]]
         if position not in held_out and len(held_out) + len(group) <= n_eval:
             held_out.update(group)
     if not held_out and len(groups) > 1:
         # Every prompt has more pairs than the share held out: hold out the smallest prompt (the first in seeded
         # order among equals) rather than none, since the evaluate and generate stages need a held-out pair.
-        held_out.update(min((groups[prompt_key(kept[position][1])] for position in order), key=len))
+        held_out.update(min((groups[keys[position]] for position in order), key=len))
     train = [row for position, (_, row) in enumerate(kept) if position not in held_out]
     eval_ = [row for position, (_, row) in enumerate(kept) if position in held_out]
     return train, eval_

@@ -33,6 +33,7 @@ from dpo_kit import manifest as mf
 from dpo_kit.params import (
     PLACE_ONLY_KEYS,
     ParamsError,
+    is_directory_name,
     load_params,
     params_to_dict,
     read_yaml,
@@ -685,7 +686,7 @@ def run_sweep(
     if direction not in ("maximize", "minimize"):
         raise SweepError(f"--direction {direction}: valid are maximize, minimize")
     check_objective(objective)
-    if name is not None and (not name or "/" in name or name.startswith(".")):
+    if name is not None and not is_directory_name(name):
         # As run.name: `--name ..` put the sweep's database, records and trials in the project folder itself, and
         # `--name .` among the runs of run.output_dir.
         raise SweepError(f"--name {name!r}: the sweep's directory under run.output_dir must be a non-empty directory"
