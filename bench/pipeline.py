@@ -76,8 +76,8 @@ def main() -> None:
             kit_runs.append(run_measured(
                 [str(Path(sys.executable).parent / "dpo-kit"), "run", "params/tiny.yaml", "--quiet", *sets(f"notebooks-{attempt}")]
             ))
-        plain_seconds, plain_peak = (statistics.median(values) for values in zip(*plain_runs))
-        kit_seconds, kit_peak = (statistics.median(values) for values in zip(*kit_runs))
+        plain_seconds, plain_peak = (statistics.median(values) for values in zip(*plain_runs, strict=True))
+        kit_seconds, kit_peak = (statistics.median(values) for values in zip(*kit_runs, strict=True))
         print("wall times (s), plain:", [round(t, 1) for t, _ in plain_runs], " dpo-kit run:", [round(t, 1) for t, _ in kit_runs])
         notebook_manifest = json.loads((scratch / "notebooks-0" / "manifest.json").read_text())
         plain_manifest = json.loads((scratch / "plain-0" / "manifest.json").read_text())

@@ -111,7 +111,11 @@ def families(tiny):
 
 
 def pair(prompt=PROMPT, chosen="Paris.", rejected="I have no idea, honestly."):
-    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": rejected}]}
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
 
 
 def audit(rows, tokenizer, output_format="conversational", max_length=None):
@@ -277,10 +281,10 @@ def test_lengths_and_silent_drops_match_trl(families, trl_prepare, tmp_path, nam
     survivors = [pair for pair in ours if pair.prompt < limit]
     assert len(prepared) == len(survivors)
     assert [len(p) for p in prepared["prompt_ids"]] == [pair.prompt for pair in survivors]
-    assert [len(p) + len(c) for p, c in zip(prepared["prompt_ids"], prepared["chosen_ids"])] == [
+    assert [len(p) + len(c) for p, c in zip(prepared["prompt_ids"], prepared["chosen_ids"], strict=True)] == [
         pair.prompt_chosen for pair in survivors
     ]
-    assert [len(p) + len(r) for p, r in zip(prepared["prompt_ids"], prepared["rejected_ids"])] == [
+    assert [len(p) + len(r) for p, r in zip(prepared["prompt_ids"], prepared["rejected_ids"], strict=True)] == [
         pair.prompt_rejected for pair in survivors
     ]
     kept_by_audit = audit(rows, tokenizer, output_format, max_length=limit).kept

@@ -57,7 +57,8 @@ def test_bundled_run_writes_files_and_a_consistent_report(tokenizer, tmp_path):
     train, eval_ = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "eval.jsonl")
     assert report.rows_read == 400 and report.rows_kept + report.rows_dropped == report.rows_read
     assert (report.n_train, report.n_eval) == (len(train), len(eval_)) == (360, 40)
-    assert report.fingerprint == hashlib.sha256((data_dir / "train.jsonl").read_bytes() + (data_dir / "eval.jsonl").read_bytes()).hexdigest()
+    written = (data_dir / "train.jsonl").read_bytes() + (data_dir / "eval.jsonl").read_bytes()
+    assert report.fingerprint == hashlib.sha256(written).hexdigest()
     stored = json.loads((data_dir / "report.json").read_text())
     assert stored["pair_token_lengths"]["prompt_lengths"] == report.prompt_lengths
     assert {k: v for k, v in stored.items() if k != "pair_token_lengths"} == json.loads(json.dumps(report.to_dict()))
@@ -296,7 +297,10 @@ def test_csv_quoted_fields_are_read_exactly(tmp_path):
 UNREADABLE_FILES = {
     # name: (file bytes, what the message must say besides data.source and the path)
     "empty.csv": (b"", "the CSV file is empty; its first line must be a header"),
-    "open_quote.csv": (b'prompt,chosen,rejected\n"Hi,Fine,No\nHello,Ok,No\n', "line 2: cannot be parsed as CSV (a quoted field opened on line 2 is never closed)"),
+    "open_quote.csv": (
+        b'prompt,chosen,rejected\n"Hi,Fine,No\nHello,Ok,No\n',
+        "line 2: cannot be parsed as CSV (a quoted field opened on line 2 is never closed)",
+    ),
     "latin1.csv": ("prompt,chosen,rejected\nHello,Fine,No\nCafé,Oui,Non\n".encode("latin-1"), "line 3: not UTF-8 text (byte 0xe9"),
     "latin1.jsonl": ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "é"}\n'.encode("latin-1"), "line 2: not UTF-8 text"),
     "latin1.json": ('[{"prompt": "é"}]'.encode("latin-1"), "line 1: not UTF-8 text"),
@@ -382,7 +386,7 @@ def test_hh_rlhf_file_end_to_end_with_dropped_rows_written(tokenizer, tmp_path):
 
     table = dropped_summary_table(report)
     assert list(table.columns) == ["reason", "count", "percent_of_read", "meaning"]
-    assert dict(zip(table["reason"][:-1], table["count"][:-1])) == report.dropped_by_reason
+    assert dict(zip(table["reason"][:-1], table["count"][:-1], strict=True)) == report.dropped_by_reason
     assert table["percent_of_read"][:-1].sum() == pytest.approx(60.0)
     assert table.iloc[-1].tolist() == ["total", 3, 60.0, "every dropped row is in data/dropped.jsonl, with its reason"]
 

@@ -125,10 +125,10 @@ def test_perturbed_policy_has_positive_kl_and_consistent_rewards(perturbed):
     assert metrics["kl"] > 0.1
     for side in ("chosen", "rejected"):
         assert pairs[f"{side}_rewards"] == pytest.approx(
-            [BETA * (p - r) for p, r in zip(pairs[f"policy_{side}_logps"], pairs[f"reference_{side}_logps"])]
+            [BETA * (p - r) for p, r in zip(pairs[f"policy_{side}_logps"], pairs[f"reference_{side}_logps"], strict=True)]
         )
         assert metrics[f"logps_per_token/{side}"] == pytest.approx(
-            sum(l / n for l, n in zip(pairs[f"policy_{side}_logps"], pairs[f"{side}_tokens"])) / 8
+            sum(logps / n for logps, n in zip(pairs[f"policy_{side}_logps"], pairs[f"{side}_tokens"], strict=True)) / 8
         )
     margins = pairs["reward_margins"]
     assert metrics["rewards/margins"] == pytest.approx(metrics["rewards/chosen"] - metrics["rewards/rejected"])
@@ -152,7 +152,7 @@ def test_kl_is_the_exact_per_token_kl_summed_along_the_policy_continuation(pertu
     policy = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     records = read_jsonl(run_dir / GENERATIONS_FILE)
-    for record, kl in zip(records, metrics["per_generation"]["kl"]):
+    for record, kl in zip(records, metrics["per_generation"]["kl"], strict=True):
         ids = torch.tensor([record["prompt_token_ids"] + record["policy_token_ids"]])
         predicting_generated = slice(len(record["prompt_token_ids"]) - 1, -1)  # one unpadded sequence at a time
         with torch.no_grad():

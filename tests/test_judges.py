@@ -51,7 +51,7 @@ def test_rule_judge_prefers_chosen_over_rejected_on_every_bundled_row():
     prompts = [row["prompt"] for row in rows]
     chosen = RuleJudge().score(prompts, [row["chosen"][0]["content"] for row in rows])
     rejected = RuleJudge().score(prompts, [row["rejected"][0]["content"] for row in rows])
-    losing = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if c <= r]
+    losing = [i for i, (c, r) in enumerate(zip(chosen, rejected, strict=True)) if c <= r]
     assert not losing, f"rule judge does not prefer chosen on rows {losing[:5]}"
 
 
@@ -65,6 +65,7 @@ def test_rule_judge_rewards_politeness_topic_and_penalises_dismissal_and_empty()
         zip(
             ["polite_on_topic", "polite_off_topic", "plain_on_topic", "dismissive", "curt", "empty"],
             judge.score([PROMPT] * 6, [polite_on_topic, polite_off_topic, plain_on_topic, dismissive, "No.", "  "]),
+            strict=True,
         )
     )
     assert scores["polite_on_topic"] > scores["polite_off_topic"]
@@ -183,7 +184,7 @@ def test_reward_model_judge_scores_the_chat_templated_conversation(reward_model_
     # Each score is the single logit of the unpadded rendered conversation: padding and batching change nothing.
     tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
-    for prompt, response, score in zip(prompts, responses, scores):
+    for prompt, response, score in zip(prompts, responses, scores, strict=True):
         ids = tokenizer.apply_chat_template(
             prompt + [{"role": "assistant", "content": response}], tokenize=True, return_dict=True, return_tensors="pt"
         )

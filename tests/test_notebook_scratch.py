@@ -135,7 +135,7 @@ def test_notebook_runs_and_trl_matches_the_scratch_loop(tmp_path, tiny_model_dir
     assert [entry["step"] for entry in scratch_run] == [entry["step"] for entry in trl_run] == list(range(1, steps + 1))
     assert scratch_run[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert trl_run[-1]["loss"] < trl_run[0]["loss"] - 0.05  # it learns...
-    for mine, theirs in zip(scratch_run, trl_run):  # ...and the two implementations learn identically
+    for mine, theirs in zip(scratch_run, trl_run, strict=True):  # ...and the two implementations learn identically
         assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
         assert mine["rewards/margins"] == pytest.approx(theirs["rewards/margins"], abs=1e-4)
     assert curves["gaps"]["loss"] < 1e-4

@@ -8,12 +8,11 @@ import json
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import nbformat
 import pytest
-
+import tomllib
 from nbval_expected import EXPECTED_OUTPUTS, NOTEBOOKS, is_checked
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,8 +65,9 @@ def test_every_checked_cell_has_a_captured_output_with_the_same_source():
 
 
 def test_sanitize_keeps_a_real_gap_and_hides_rounding():
-    from nbval.plugin import get_sanitize_patterns
     import re
+
+    from nbval.plugin import get_sanitize_patterns
 
     patterns = get_sanitize_patterns(SANITIZE.read_text())
 

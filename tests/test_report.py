@@ -404,7 +404,7 @@ def test_runs_sharing_samples_give_one_best_of_n_curve_unless_evaluated_on_other
 
 
 def test_a_run_whose_files_cannot_be_read_is_listed_as_incomplete_naming_the_file(tmp_path):
-    good = write_run(tmp_path / "good", params("good", 0.1), metrics(1.0, 0.5))
+    write_run(tmp_path / "good", params("good", 0.1), metrics(1.0, 0.5))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "manifest.json").write_text('{"run": "broken", "stat')  # cut short by hand

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from dpo_kit import manifest as mf
