@@ -10,7 +10,7 @@ Where they order a pair the other way, the pair's order is a matter of which lex
 learnt "positive sentiment" in general, rather than VADER's word list, could not be expected to match it. The
 script prints how often each lexicon agrees with VADER, and the held-out implicit-reward accuracy of the run's
 DPO model (from its metrics.json) on the pairs that both, one or neither of the other lexicons order as VADER
-does. If the accuracy were far higher on the pairs all three agree on, the 0.9 bar (README, "Not reached")
+does. If the accuracy were far higher on the pairs all three agree on, the 0.9 bar (docs/implicit-reward-accuracy.md)
 would be out of reach because of the judge's idiosyncrasies; if it is about the same, the misses are the
 model's. Seconds, no model is loaded.
 """

@@ -10,7 +10,7 @@ best-of-4 / worst-of-4 pairs. `--times N` trains on the pairs of the first N see
 (seed 0's own pairs first: N = 1 is the recipe's data), one epoch, with seed 0's params, the kit's trainer
 and TRL's evaluation of seed 0's held-out pairs every 11 steps. Seed 0's held-out prompts are never trained
 on: a pair of seeds 1 and 2 is taken only for a prompt that seed 0 trained on. It answers whether more
-distinct pairs than the CPU demo can sample would reach an accuracy of 0.9 (README, "Not reached").
+distinct pairs than the CPU demo can sample would reach an accuracy of 0.9 (docs/implicit-reward-accuracy.md).
 Each N writes runs/sentiment-more-pairs/<N>x/ and is skipped when its result exists. About 6, 11 and
 15 minutes for N = 1, 2, 3 on 2 CPU cores.
 

@@ -6,7 +6,7 @@ The bundled set holds 384 prompts (16 kinds of film x 24 openings); this one hol
 openings, the bundled ones among them), in the same prefill form. The recipe runs on it unchanged but for
 data.max_rows (all 1,152 prompts, a quarter held out), one epoch of all the training pairs instead of 34 steps,
 and TRL's evaluation of the held-out pairs every 25 steps; format and train stages only, about 25 minutes on 2
-CPU cores. It answers the question bench/sentiment_more_pairs.py left open (README, "Not reached"): do more
+CPU cores. It answers the question bench/sentiment_more_pairs.py left open (docs/implicit-reward-accuracy.md): do more
 distinct prompts, rather than more pairs per prompt, raise the held-out accuracy towards 0.9?
 Writes runs/sentiment-more-prompts/ (the prompts file) and runs/smollm2-135m-sentiment-1152-prompts/.
 """

@@ -4,7 +4,7 @@ the same pairs, says.
     .venv/bin/python bench/sentiment_reward_model.py [RUN_DIR] [--learning-rates 1e-4 5e-4] [--seeds 0 1 2]
 
 DPO's implicit reward, beta * log(pi / pi_ref) of a response, reaches 0.72-0.80 on the recipe's held-out pairs
-(README, "Not reached"). Lin et al. (2024, "On the limited generalization capability of the implicit reward model
+(docs/implicit-reward-accuracy.md). Lin et al. (2024, "On the limited generalization capability of the implicit reward model
 induced by DPO") found that an explicit Bradley-Terry reward model trained on the same pairs ranks held-out pairs
 better than DPO's implicit one. This script trains that explicit reward model: the same SmolLM2-135M-Instruct with a
 one-output score head, LoRA as in the recipe (r 16, alpha 32, every linear layer; the head trained in full), with
@@ -18,7 +18,7 @@ runs/smollm2-135m-sentiment, what `bash scripts/demo.sh` writes). One result per
 of the score head's init, the LoRA init and the data order; the pairs stay RUN_DIR's) goes to
 runs/sentiment-reward-model/<RUN_DIR's name>/lr<lr>-seed<seed>/result.json; an existing one is never overwritten
 (that configuration is skipped). The table printed at the end covers every result in that folder. 4-5 minutes
-per configuration on 2 CPU cores. The answer, over three seeds' pairs, is in the README ("Not reached").
+per configuration on 2 CPU cores. The answer, over three seeds' pairs, is in docs/implicit-reward-accuracy.md.
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ def reference_agreement(per_pair: dict[str, list]) -> dict:
     need equal log-probs to the last bit). An accuracy is left out where its set is empty, which keeps NaN out of
     metrics.json. A policy that only learnt the preference ranks both sets alike; one that also narrowed onto what
     the reference finds likely (both log-ratios fall, the less typical response's further) ranks the second set
-    worse. In the sentiment recipe the two sets rank alike over three seeds (README, "Not reached").
+    worse. In the sentiment recipe the two sets rank alike over three seeds (docs/implicit-reward-accuracy.md).
     """
     import torch
 
