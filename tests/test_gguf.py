@@ -37,8 +37,10 @@ CHATML = (
 )
 
 
-def write_gguf(path: Path, quantization: str = "F32", architecture: str = "llama", hidden: int = 32) -> Path:
-    """A one-layer llama GGUF with random weights and a byte-level BPE tokenizer, as llama.cpp exports write them."""
+def write_gguf(path: Path, quantization: str = "F32", architecture: str = "llama", hidden: int = 32,
+               eos: bool = True, pad: bool = True) -> Path:  # fmt: skip
+    """A one-layer llama GGUF with random weights and a byte-level BPE tokenizer, as llama.cpp exports write them;
+    eos=False or pad=False leaves that token out of the tokenizer, as some exports do."""
     import gguf as gguf_py
     import numpy as np
     from tokenizers.pre_tokenizers import ByteLevel
@@ -59,8 +61,10 @@ def write_gguf(path: Path, quantization: str = "F32", architecture: str = "llama
     writer.add_token_types([gguf_py.TokenType.CONTROL] * 3 + [gguf_py.TokenType.NORMAL] * (len(tokens) - 3))
     writer.add_token_merges(["Ġ t"])
     writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(0)
+    if eos:
+        writer.add_eos_token_id(2)
+    if pad:
+        writer.add_pad_token_id(0)
     writer.add_chat_template(CHATML)
     rng = np.random.default_rng(0)
     kind = getattr(gguf_py.GGMLQuantizationType, quantization)
@@ -232,6 +236,27 @@ def test_a_quantized_gguf_becomes_the_model_and_tokenizer_that_transformers_read
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(converted, use_safetensors=True)
     assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_a_gguf_tokenizer_without_eos_pads_with_dpo_pad_token_or_is_refused_naming_the_file(tmp_path):
+    from dpo_kit.models.loading import load_tokenizer
+
+    def tokenizer_of(path: Path, *overrides: str):
+        params = load_params(REPO / "params/tiny.yaml", list(overrides))
+        return load_tokenizer(str(converted_gguf(path, cache=tmp_path / "cache").directory), params)
+
+    # No pad token: the eos pads, as TRL's DPOTrainer chooses.
+    assert tokenizer_of(write_gguf(tmp_path / "no pad.gguf", pad=False)).pad_token == "<|im_end|>"
+    # No pad and no eos: nothing to pad with, so it is refused, naming the file and what to set.
+    bare = write_gguf(tmp_path / "bare.gguf", eos=False, pad=False)
+    with pytest.raises(ValueError, match="has neither a pad token nor an eos token") as error:
+        tokenizer_of(bare)
+    assert f"the GGUF file {bare}" in str(error.value) and "dpo.pad_token" in str(error.value)
+    # dpo.pad_token, which TRL pads with, is the pad token of every stage; one outside the vocabulary is named.
+    tokenizer = tokenizer_of(bare, "dpo.pad_token=<|endoftext|>")
+    assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<|endoftext|>", 0)
+    with pytest.raises(ValueError, match=rf"dpo.pad_token '<pad>' is not a token of the tokenizer of the GGUF file {bare}"):
+        tokenizer_of(bare, "dpo.pad_token=<pad>")
 
 
 def cut_short(path: Path) -> Path:

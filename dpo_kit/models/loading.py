@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import warnings
 from pathlib import Path
@@ -105,15 +106,41 @@ def hub_kwargs(params: Params) -> dict:
 
 
 def load_tokenizer(source: str, params: Params):
-    """Tokenizer with a pad token (eos as fallback) and params.model.chat_template applied when set."""
+    """Tokenizer with a pad token and params.model.chat_template applied when set.
+
+    The pad token is chosen as TRL's DPOTrainer chooses it, so every stage pads with the one training used:
+    dpo.pad_token, else the tokenizer's own, else its eos. A tokenizer with none of them (a GGUF that declares no
+    eos, say) is refused here, naming the file, rather than left to fail later in TRL or generate."""
     from transformers import AutoTokenizer
 
     tokenizer = from_pretrained(AutoTokenizer, source, **hub_kwargs(params))
-    if tokenizer.pad_token is None:
+    chosen = params.dpo.get("pad_token")
+    if chosen is not None:
+        if chosen not in tokenizer.get_vocab():
+            raise ValueError(f"dpo.pad_token '{chosen}' is not a token of the tokenizer of {_described(source)}:"
+                             " name one of its tokens, or leave dpo.pad_token out to pad with its pad or eos token")
+        tokenizer.pad_token = chosen
+    elif tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"the tokenizer of {_described(source)} has neither a pad token nor an eos token, and DPO pads every"
+                " batch. Set dpo.pad_token to one of its tokens (its unk token, say; padding is masked out, so any"
+                " token does), or train a model whose tokenizer declares an eos token"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     if params.model.chat_template:
         tokenizer.chat_template = resolve_chat_template(params.model.chat_template)
     return tokenizer
+
+
+def _described(source: str) -> str:
+    """A model source as the user named it: a GGUF's cached conversion is named by its GGUF file."""
+    from dpo_kit.models.gguf import CONVERTED_MARKER
+
+    try:
+        return f"the GGUF file {json.loads((Path(source) / CONVERTED_MARKER).read_text())['gguf_file']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"'{source}'"
 
 
 def quantization_config(params: Params, hardware: HardwareChoice):
