@@ -126,7 +126,7 @@ def dropout_model_dir(tokenizer, tmp_path_factory):
     return path
 
 
-def trl_run(model_dir, tokenizer, rows, steps, output_dir, learning_rate=1e-3):
+def trl_run(model_dir, tokenizer, rows, steps, output_dir, learning_rate=1e-3, **more_args):
     """TRL's per-step history for `steps` steps of 4 pairs from `model_dir`, configured as notebook 00 does."""
     import datasets
     from trl import DPOConfig, DPOTrainer
@@ -136,6 +136,7 @@ def trl_run(model_dir, tokenizer, rows, steps, output_dir, learning_rate=1e-3):
         learning_rate=learning_rate, lr_scheduler_type="constant", optim="adamw_torch",
         train_sampling_strategy="sequential", use_cpu=True, bf16=False, activation_checkpointing=False,
         dataloader_pin_memory=False, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        **more_args,
     )
     trainer = DPOTrainer(model=str(model_dir), args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tokenizer)
@@ -526,6 +527,36 @@ def test_a_tokenizer_without_pad_token_pads_with_eos_as_trl_does(tiny_model_dir,
     trl_history = trl_run(tiny_model_dir, no_pad, rows, steps=2, output_dir=tmp_path)  # TRL sets its pad to eos
     gaps = scratch.history_gaps(history, trl_history, metrics=("loss", "rewards/margins", "grad_norm"))
     assert history[-1]["rewards/margins"] != 0 and max(gaps.values()) < 1e-5, gaps
+
+
+def test_long_pairs_are_cut_and_dropped_at_max_length_as_trl_does(tiny_model_dir, tokenizer, rows, tmp_path, capsys):
+    """The loop trained every pair in full, where TRL's DPOTrainer cuts each sequence to max_length (1024 by
+    default) and drops a pair whose prompt alone fills it: a long pair blew up the batch, and the curves parted."""
+    from trl import DPOConfig
+
+    assert scratch.MAX_LENGTH == DPOConfig.__dataclass_fields__["max_length"].default  # notebook 00's TRL run's
+    pairs = [scratch.tokenize_pair(row, tokenizer) for row in rows]
+    prompts = [len(pair["prompt_ids"]) for pair in pairs]
+    max_length = 30  # two of the 8 prompts are 32 tokens; every chosen response is longer than 30 - 20
+    assert sorted(prompts)[-2:] == [32, 32] and max(sorted(prompts)[:-2]) < 30
+    batch = scratch.collate_pairs(pairs[1:3], tokenizer.pad_token_id, max_length=max_length)
+    assert batch["input_ids"].shape[1] == max_length and batch["completion_mask"].sum() > 0
+    ends = scratch.collate_pairs(pairs[1:3], tokenizer.pad_token_id, max_length=max_length, truncation_mode="keep_end")
+    assert torch.equal(ends["input_ids"][0], torch.tensor((pairs[1]["prompt_ids"] + pairs[1]["chosen_ids"])[-30:]))
+
+    history = scratch.train_loop(load(tiny_model_dir), load(tiny_model_dir), rows, tokenizer, steps=2,
+                                 batch_size=BATCH_SIZE, learning_rate=1e-3, max_length=max_length)
+    assert "max_length 30 (keep_start, as TRL's DPOTrainer): 2 of 8 pairs dropped, their prompt alone filling it;" \
+           " 6 of the 6 kept cut to fit" in capsys.readouterr().out
+    trl_history = trl_run(tiny_model_dir, tokenizer, rows, steps=2, output_dir=tmp_path, max_length=max_length)
+    gaps = scratch.history_gaps(history, trl_history, metrics=("loss", "rewards/margins", "grad_norm", "logps/chosen"))
+    assert history[-1]["rewards/margins"] != 0 and max(gaps.values()) < 1e-5, gaps
+    with pytest.raises(ValueError, match="truncation_mode must be one of"):
+        scratch.train_loop(load(tiny_model_dir), load(tiny_model_dir), rows, tokenizer, steps=1, truncation_mode="end")
+    with pytest.raises(ValueError, match="every one of the 8 pairs has a prompt of max_length 10 tokens or more"):
+        scratch.train_loop(load(tiny_model_dir), load(tiny_model_dir), rows, tokenizer, steps=1, max_length=10)
+    with pytest.raises(ValueError, match="rows is empty"):
+        scratch.train_loop(load(tiny_model_dir), load(tiny_model_dir), [], tokenizer, steps=1)
 
 
 def test_beta_sweep_margin_is_linear_in_beta():

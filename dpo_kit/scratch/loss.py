@@ -29,6 +29,10 @@ import torch.nn.functional as F
 from dpo_kit.data.audit import common_prefix_length
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+# TRL's DPOConfig default: notebook 00's TRL run truncates there, so the from-scratch loop does too. Untruncated, one
+# long pair made the batch as wide as itself (memory) and the two runs trained on different tokens.
+MAX_LENGTH = 1024
+TRUNCATION_MODES = ("keep_start", "keep_end")  # as TRL's DataCollatorForPreference; TRL deprecates keep_end
 # Only these losses have a noisy-label parameter; for ipo and hinge a non-zero value would be silently
 # meaningless (TRL ignores it), so it is refused instead.
 LOSS_TYPES_WITH_LABEL_SMOOTHING = ("sigmoid", "robust")
@@ -218,22 +222,39 @@ def pad_token_id(tokenizer) -> int:
     return pad_id
 
 
-def collate_pairs(pairs: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def _kept(max_length: int | None, truncation_mode: str) -> slice:
+    """The part of a sequence that max_length keeps, as TRL's collator slices it."""
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    if max_length is None:
+        return slice(None)
+    return slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+
+
+def collate_pairs(
+    pairs: list[dict[str, list[int]]],
+    pad_token_id: int,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+) -> dict[str, torch.Tensor]:
     """Stack B tokenized pairs into one batch of 2B rows: all chosen first, then all rejected.
 
     Returns input_ids, attention_mask and completion_mask (1 on response tokens), right-padded.
     Putting both halves in one batch lets a single forward pass score chosen and rejected, which is
     what TRL does: half the kernel launches, and both halves see identical weights and dropout masks.
     `pad_token_id(tokenizer)` gives the id to pad with, also for a tokenizer without a pad token.
+    Each prompt+response longer than `max_length` is cut to it, its start kept ("keep_start") or its end
+    ("keep_end"), before padding, as TRL's DataCollatorForPreference does; None keeps every token.
     """
     if pad_token_id is None:
         raise ValueError("pad_token_id is None (the tokenizer has no pad token): pass pad_token_id(tokenizer),"
                          " which pads with the eos as TRL does")
+    kept = _kept(max_length, truncation_mode)
     sequences, masks = [], []
     for half in ("chosen_ids", "rejected_ids"):
         for pair in pairs:
-            sequences.append(pair["prompt_ids"] + pair[half])
-            masks.append([0] * len(pair["prompt_ids"]) + [1] * len(pair[half]))
+            sequences.append((pair["prompt_ids"] + pair[half])[kept])
+            masks.append(([0] * len(pair["prompt_ids"]) + [1] * len(pair[half]))[kept])
     width = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -344,6 +365,8 @@ def train_loop(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     max_grad_norm: float | None = 1.0,
+    max_length: int | None = MAX_LENGTH,
+    truncation_mode: str = "keep_start",
 ) -> list[dict[str, float]]:
     """Train for `steps` updates with AdamW at a constant learning rate; returns one metrics dict per step.
 
@@ -351,19 +374,46 @@ def train_loop(
     TRL run with `train_sampling_strategy="sequential"`, so the two loss curves can be compared.
     AdamW uses the Trainer's defaults (betas 0.9/0.999, eps 1e-8, no weight decay). The default
     learning rate suits a pretrained model; the randomly initialised tiny model needs ~1e-4.
+    `max_length` and `truncation_mode` are DPOConfig's and act as there: a pair longer than max_length is cut
+    to it (see `collate_pairs`), and with "keep_start" a pair whose prompt alone fills it is dropped, since no
+    response token would be left. How many pairs were cut and dropped is printed.
     """
+    if not rows:
+        raise ValueError("rows is empty: train_loop needs at least one preference pair")
+    if max_length is not None and not (isinstance(max_length, int) and not isinstance(max_length, bool) and max_length >= 1):
+        raise ValueError(f"max_length must be a whole number of at least 1 or None, got {max_length!r}")
+    _kept(max_length, truncation_mode)  # an unknown mode is refused before anything trains
     freeze(reference)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=0.0)
     pairs = [tokenize_pair(row, tokenizer) for row in rows]
+    pairs = _fit_to_max_length(pairs, max_length, truncation_mode)
     batches_per_epoch = math.ceil(len(pairs) / batch_size)
     history = []
     for step in range(steps):
         start = (step % batches_per_epoch) * batch_size
-        batch = collate_pairs(pairs[start : start + batch_size], pad_token_id(tokenizer))
+        batch = collate_pairs(pairs[start : start + batch_size], pad_token_id(tokenizer), max_length, truncation_mode)
         metrics = train_step(policy, reference, batch, optimizer, beta=beta, loss_type=loss_type,
                              label_smoothing=label_smoothing, max_grad_norm=max_grad_norm)
         history.append({"step": step + 1, **metrics})
     return history
+
+
+def _fit_to_max_length(pairs: list[dict], max_length: int | None, truncation_mode: str) -> list[dict]:
+    """The pairs TRL would train at max_length, with a line saying how many were dropped and how many cut."""
+    if max_length is None:
+        return pairs
+    # As DPOTrainer's dataset filter: a prompt of max_length tokens or more leaves no response under keep_start.
+    kept = [pair for pair in pairs if truncation_mode != "keep_start" or len(pair["prompt_ids"]) < max_length]
+    dropped = len(pairs) - len(kept)
+    cut = sum(len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"])) > max_length
+              for pair in kept)  # fmt: skip
+    if not kept:
+        raise ValueError(f"every one of the {len(pairs)} pairs has a prompt of max_length {max_length} tokens or more,"
+                         " so none has a response left to train on: raise max_length, or shorten the prompts")
+    if dropped or cut:
+        print(f"max_length {max_length} ({truncation_mode}, as TRL's DPOTrainer): {dropped} of {len(pairs)} pairs"
+              f" dropped, their prompt alone filling it; {cut} of the {len(kept)} kept cut to fit")
+    return kept
 
 
 def check_comparable_with_trl(loss_type: str, label_smoothing: float) -> None:
