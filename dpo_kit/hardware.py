@@ -53,7 +53,9 @@ def choose_hardware() -> HardwareChoice:
     import torch
 
     if torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
+        # Native bf16 only (Ampere and later). torch's default also counts emulation, and answers True on a T4 or V100,
+        # which then trained in emulated bf16, slower than fp16 on their tensor cores.
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         return HardwareChoice(
             device="cuda",
             device_name=torch.cuda.get_device_name(0),

@@ -101,11 +101,17 @@ def test_the_kits_torch_requirement_lets_pip_keep_colabs_torch():
 
 
 def mock_cuda(monkeypatch, name: str, bf16: bool) -> None:
-    """What choose_hardware asks torch.cuda, answered as that GPU would."""
+    """What choose_hardware asks torch.cuda, answered as that GPU would: torch's own is_bf16_supported runs, on a
+    compute capability of 8 (Ampere, native bf16) or 7 (T4, V100), where a bf16 tensor is still made (emulation)."""
+    import types
+
     import torch
 
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *args: types.SimpleNamespace(major=8 if bf16 else 7))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda *args: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: name)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
 
