@@ -1055,6 +1055,38 @@ def gguf_candidates(name_or_path: str, gguf_file: str, project_dir: str | Path =
     return project / gguf_file, project / name_or_path / gguf_file
 
 
+def sampler_is_local(params: Params, project_dir: str | Path = ".") -> bool:
+    """Whether data.generate.sampler names a directory on disk rather than a hub id. Besides is_local_path's marks,
+    a name of more than two parts, or one under run.output_dir, is a path: a hub id is 'name' or 'owner/name', and
+    README's round 2 names 'runs/<round 1>/merged' without './'. Taken for a hub id when missing, it was loaded from
+    the hub, and the error said to download it under model.name_or_path."""
+    sampler = params.data.generate.sampler if params.data.generate is not None else None
+    if not sampler:
+        return False
+    parts = Path(sampler).parts
+    under_runs = (Path(project_dir) / sampler).resolve().is_relative_to((Path(project_dir) / params.run.output_dir).resolve())
+    return is_local_path(sampler) or len(parts) > 2 or under_runs or (Path(project_dir) / sampler).exists()
+
+
+def missing_sampler_directory(params: Params, project_dir: str | Path = ".") -> str | None:
+    """Why a local data.generate.sampler cannot be sampled from, or None: the directory is missing, and where it is in a
+    kit run (round 1's merged/, say), which stage of that run would write it."""
+    if not sampler_is_local(params, project_dir):
+        return None
+    local = Path(project_dir) / params.data.generate.sampler
+    if local.exists():
+        return None
+    problem = f"data.generate.sampler: directory not found: {local}"
+    run = next((folder for folder in local.parents if (folder / "manifest.json").is_file()), None)
+    if run is not None:
+        problem += (
+            f". It is inside the run {run}, which has not written it: a run's merged/ is written by its merge stage"
+            f" (adapter/ and trained/ by its train stage). Finish that run (dpo-kit run {run / 'params.yaml'} --resume),"
+            " or name the model directory it has."
+        )
+    return problem
+
+
 def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
     """Files named in params must exist; raise naming the key and the path."""
     source = params.data.source
@@ -1065,9 +1097,8 @@ def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
     if generate is not None and generate.prompts not in BUNDLED_PROMPT_SETS:
         if problem := missing_data_file("data.generate.prompts", Path(project_dir) / generate.prompts):
             raise ParamsError(problem)
-    if generate is not None and generate.sampler and is_local_path(generate.sampler):
-        if not (Path(project_dir) / generate.sampler).exists():
-            raise ParamsError(f"data.generate.sampler: directory not found: {Path(project_dir) / generate.sampler}")
+    if problem := missing_sampler_directory(params, project_dir):
+        raise ParamsError(problem)
     name = params.model.name_or_path
     local_model = Path(project_dir) / name
     if is_local_path(name) and not local_model.exists() and not params.model.builds_tiny_model:

@@ -425,6 +425,33 @@ def test_a_named_sampler_that_is_missing_is_an_error_not_a_substitute(tiny_model
         check_local_files(params, REPO)
 
 
+def test_a_missing_round_one_policy_named_as_readme_names_it_is_not_taken_for_a_hub_id(tiny_model_dir, prompts_file, tmp_path):
+    """README's round 2 names 'runs/<round 1>/merged' without './'. Before round 1 was merged (or with a typo) that name
+    passed the file check as a hub id, and sampling failed with 'model.name_or_path ... download it from the hub'."""
+    from dpo_kit.data.on_policy import sampler_run_held_out_prompts, sampler_source
+    from dpo_kit.params import check_local_files
+
+    (tmp_path / "runs" / "round-1").mkdir(parents=True)
+    (tmp_path / "runs" / "round-1" / "manifest.json").write_text("{}")  # round 1 ran, but its merge stage did not
+    params = generate_params(tiny_model_dir, prompts_file, "data.generate.sampler=runs/round-1/merged")
+    missing = r"data.generate.sampler: directory not found: .*runs/round-1/merged\. It is inside the run .*round-1"
+    with pytest.raises(ParamsError, match=missing):
+        check_local_files(params, tmp_path)
+    with pytest.raises(FileNotFoundError, match=missing):
+        sampler_run_held_out_prompts(params, tmp_path)
+    with pytest.raises(FileNotFoundError, match=missing):
+        sampler_source(params, tmp_path)
+    # Three parts cannot be a hub id, inside run.output_dir or not; 'owner/name' still is one.
+    deeper = generate_params(tiny_model_dir, prompts_file, "data.generate.sampler=elsewhere/round-1/merged")
+    with pytest.raises(ParamsError, match="data.generate.sampler: directory not found"):
+        check_local_files(deeper, tmp_path)
+    hub = generate_params(tiny_model_dir, prompts_file, "data.generate.sampler=some-org/another-model")
+    check_local_files(hub, tmp_path)
+    assert sampler_source(hub, tmp_path) == "some-org/another-model"
+    shutil.copytree(tiny_model_dir, tmp_path / "runs" / "round-1" / "merged")
+    assert sampler_source(params, tmp_path) == str(tmp_path / "runs" / "round-1" / "merged")
+
+
 def test_a_sampler_with_another_tokenizer_is_refused_before_it_samples(tiny_model_dir, prompts_file, tmp_path):
     # The run's tokenizer encodes the prompts and decodes the samples; another model's ids used to be read as other
     # text ('rKqq?@ADBA' from SmolLM2 for the tiny model), which the judge then ranked into pairs without an error.

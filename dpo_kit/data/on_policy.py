@@ -38,7 +38,7 @@ from pathlib import Path
 from dpo_kit.chat_templates import ends_with_prefill
 from dpo_kit.data.drops import DropRow
 from dpo_kit.data.formats import checked_messages, present_columns
-from dpo_kit.params import BUNDLED_PROMPT_SETS, Params, is_local_path
+from dpo_kit.params import BUNDLED_PROMPT_SETS, Params, missing_sampler_directory, sampler_is_local
 
 # Written by the format stage of a round 2 (data/): the held-out prompts of the sampler's run, which the generate
 # stage compares the models on.
@@ -85,12 +85,9 @@ def sampler_source(params: Params, project_dir: str | Path = ".") -> str:
     sampler = params.data.generate.sampler
     if sampler is None:
         return model_source(params, project_dir)
-    local = Path(project_dir) / sampler
-    if local.exists():
-        return str(local)
-    if is_local_path(sampler):
-        raise FileNotFoundError(f"data.generate.sampler: directory not found: {local}")
-    return sampler
+    if problem := missing_sampler_directory(params, project_dir):
+        raise FileNotFoundError(problem)
+    return str(Path(project_dir) / sampler) if sampler_is_local(params, project_dir) else sampler
 
 
 def sampler_load_params(params: Params, source: str) -> Params:
@@ -161,6 +158,8 @@ def sampler_run_held_out_prompts(params: Params, project_dir: str | Path = ".") 
     round 1's training prompts. Rounds share one held-out set instead.
     """
     sampler = params.data.generate.sampler
+    if problem := missing_sampler_directory(params, project_dir):
+        raise FileNotFoundError(problem)  # before any split: a missing round 1 is not a reason for a seeded one
     if sampler is None or not (Path(project_dir) / sampler).is_dir():
         return None  # the reference itself, or a hub id: no earlier run to stay consistent with
     policy = (Path(project_dir) / sampler).resolve()
