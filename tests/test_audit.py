@@ -274,7 +274,7 @@ def test_nothing_left_error_lists_top_reasons_with_counts_and_an_example(tokeniz
     message = str(caught.value)
     assert "all 7 rows read from 'pairs.jsonl' were dropped" in message
     assert "missing_column: 5 rows" in message and "empty_response: 2 rows" in message
-    assert "e.g. row 0: column 'chosen' is missing" in message
+    assert "e.g. row 0 (counting from 0): column 'chosen' is missing" in message
     assert message.index("missing_column") < message.index("empty_response")
     assert "runs/x/data/dropped.jsonl" in message
 

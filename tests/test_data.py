@@ -370,6 +370,38 @@ def test_hub_errors_other_than_the_network_keep_their_cause(monkeypatch):
 # --- drops end to end -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_dropped_row_names_its_line_in_the_file_as_an_editor_numbers_it(tokenizer, tmp_path, suffix):
+    """dropped.jsonl's `index` counts rows from 0; a user opening the file sees lines from 1, past a CSV's header, a
+    quoted field that spans lines and blank lines. Each dropped row records its line, and messages name both."""
+    rows = [("Hi there", "Hello,\nfriend", "Go away"), ("What is 2+2?", "4", "5"), ("Hi there", "Hello,\nfriend", "Go away"),
+            ("Empty", "", "no"), ("Q", "a", "b")]  # fmt: skip
+    path = tmp_path / f"pairs{suffix}"
+    if suffix == ".csv":
+        records = [",".join(f'"{field}"' for field in row) for row in rows]  # quoted: "Hello,<line break>friend"
+        path.write_text("prompt,chosen,rejected\n" + records[0] + "\n\n" + "\n".join(records[1:]) + "\n")
+        lines = {2: 6, 3: 8}  # the header is line 1, row 0 spans lines 2-3, line 4 is blank
+    else:
+        records = [json.dumps(dict(zip(("prompt", "chosen", "rejected"), row, strict=True))) for row in rows]
+        path.write_text(records[0] + "\n\n" + "\n".join(records[1:]) + "\n")
+        lines = {2: 4, 3: 5}
+    report = prepare_data(make_params(source=str(path), format="standard"), tokenizer, tmp_path / "run")
+    dropped = read_jsonl(tmp_path / "run/data/dropped.jsonl")
+    assert report.dropped_by_reason == {"duplicate": 1, "empty_response": 1}
+    assert [(d["index"], d["line"], d["reason"]) for d in dropped] == [(2, lines[2], "duplicate"), (3, lines[3], "empty_response")]
+    first = "line 2" if suffix == ".csv" else "line 1"
+    assert dropped[0]["detail"] == f"same prompt, chosen and rejected as row 0 ({first})"
+    assert path.read_text().splitlines()[lines[3] - 1].startswith(('"Empty"', '{"prompt": "Empty"'))
+
+    # A source without lines (a .json list, Parquet, the hub) records none, and messages say the index counts from 0.
+    as_json = tmp_path / "pairs.json"
+    as_json.write_text(json.dumps([dict(zip(("prompt", "chosen", "rejected"), row, strict=True)) for row in rows]))
+    prepare_data(make_params(source=str(as_json), format="standard"), tokenizer, tmp_path / "json-run")
+    dropped = read_jsonl(tmp_path / "json-run/data/dropped.jsonl")
+    assert [(d["index"], d["line"]) for d in dropped] == [(2, None), (3, None)]
+    assert dropped[0]["detail"] == "same prompt, chosen and rejected as row 0 (counting from 0)"
+
+
 def test_hh_rlhf_file_end_to_end_with_dropped_rows_written(tokenizer, tmp_path):
     params = make_params(source=str(FIXTURES / "hh_rlhf_sample.jsonl"), format="hh-rlhf")
     report = prepare_data(params, tokenizer, tmp_path)

@@ -190,7 +190,8 @@ def test_a_repeated_prompt_is_sampled_once_so_it_is_never_both_trained_on_and_he
     dropped = [json.loads(line) for line in (data_dir / "dropped.jsonl").open()]
     dropped = [row for row in dropped if row["reason"] == "duplicate_prompt"]
     assert [row["index"] for row in dropped] == [6, 7, 8, 9, 10, 11]
-    assert dropped[0]["detail"].startswith("the same prompt as row 0, which was sampled instead")
+    assert dropped[0]["detail"].startswith("the same prompt as row 0 (line 1), which was sampled instead")
+    assert [row["line"] for row in dropped] == [7, 8, 9, 10, 11, 12]
     samples = [json.loads(line) for line in (data_dir / "samples.jsonl").open()]
     assert [len(row.get("samples", [])) for row in samples] == [3] * 6 + [0] * 6, "a repeat is not sampled again"
 

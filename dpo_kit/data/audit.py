@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dpo_kit.chat_templates import ends_with_prefill
-from dpo_kit.data.drops import REASONS, DroppedRow, DropRow
+from dpo_kit.data.drops import REASONS, DroppedRow, DropRow, row_name
 from dpo_kit.data.formats import render_standard
 
 ROLES = ("system", "user", "assistant")
@@ -244,13 +244,17 @@ class AuditResult:
     # Every pair that reached the length check, kept or too_long, so a plot shows what the limit cuts.
     lengths: list[PairLengths] = field(default_factory=list)
     checks: dict = field(default_factory=dict)
+    lines: list[int] | None = None  # each source row's line in its file (sources.read_rows_and_lines), or None
 
     @property
     def dropped_by_reason(self) -> dict[str, int]:
         return dict(Counter(d.reason for d in self.dropped).most_common())
 
     def drop(self, index: int, row: Any, problem: DropRow) -> None:
-        self.dropped.append(DroppedRow(index, problem.reason, problem.detail, row))
+        self.dropped.append(DroppedRow(index, problem.reason, problem.detail, row, self.line(index)))
+
+    def line(self, index: int) -> int | None:
+        return self.lines[index] if self.lines is not None else None
 
 
 def audit_rows(
@@ -261,14 +265,18 @@ def audit_rows(
     max_length: int | None,
     output_format: str = "conversational",
     deduplicate: bool = True,
+    lines: list[int] | None = None,
 ) -> AuditResult:
     """Convert, check, fix, de-duplicate and length-check every row; each ends up kept or dropped with a reason.
 
     `convert` maps a source row to the conversational shape (see dpo_kit.data.formats.converter). Kept rows
-    are in `output_format` ('conversational' or 'standard'), in source order.
+    are in `output_format` ('conversational' or 'standard'), in source order. `lines`, where the rows come from a
+    .jsonl or .csv file, is each row's line there: drops record it and name it.
     """
+    if lines is not None and len(lines) != len(raw_rows):
+        raise ValueError(f"{len(lines)} line numbers for {len(raw_rows)} rows")
     traits = tokenizer_traits(tokenizer)
-    result = AuditResult(rows_read=len(raw_rows))
+    result = AuditResult(rows_read=len(raw_rows), lines=lines)
     fixes: Counter = Counter()
     first_seen: dict[str, int] = {}
     candidates: list[tuple[int, dict]] = []
@@ -279,7 +287,8 @@ def audit_rows(
             if deduplicate:
                 key = json.dumps(row, sort_keys=True, ensure_ascii=False)
                 if key in first_seen:
-                    raise DropRow("duplicate", f"same prompt, chosen and rejected as row {first_seen[key]}")
+                    first = row_name(first_seen[key], result.line(first_seen[key]))
+                    raise DropRow("duplicate", f"same prompt, chosen and rejected as {first}")
                 first_seen[key] = index
             fixes.update(row_fixes)
             fixes["special_token_text_in_content"] += has_special_text(row, traits)
@@ -394,7 +403,7 @@ def raise_if_nothing_left(result: AuditResult, source: str, dropped_path: str | 
     lines = [f"all {result.rows_read} rows read from {source} were dropped, so nothing is left to train on. Top reasons:"]
     for reason, count in list(result.dropped_by_reason.items())[:3]:
         example = examples[reason]
-        lines.append(f"  {reason}: {count} rows ({REASONS[reason]}); e.g. row {example.index}: {example.detail}")
+        lines.append(f"  {reason}: {count} rows ({REASONS[reason]}); e.g. {row_name(example.index, example.line)}: {example.detail}")
     if hint:
         lines.append(hint)
     if dropped_path:

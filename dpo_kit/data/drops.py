@@ -43,12 +43,20 @@ class DropRow(Exception):
         self.detail = detail
 
 
+def row_name(index: int, line: int | None = None) -> str:
+    """How a message names a source row: its line in the file where it has one (a .jsonl or .csv file, which an editor
+    numbers from 1, past a CSV's header and a JSONL's blank lines), and always its position counting from 0, the
+    `index` of dropped.jsonl (a row of a hub dataset, a .json list's element, a Parquet table's row)."""
+    return f"row {index} (line {line})" if line is not None else f"row {index} (counting from 0)"
+
+
 @dataclass
 class DroppedRow:
     index: int  # position of the row in the source, counting from 0
     reason: str
     detail: str
     row: Any  # the source row as read, unchanged
+    line: int | None = None  # the line of a .jsonl or .csv source where the row starts, counting from 1; else None
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "reason": self.reason, "detail": self.detail, "row": self.row}
+        return {"index": self.index, "line": self.line, "reason": self.reason, "detail": self.detail, "row": self.row}

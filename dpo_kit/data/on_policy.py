@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpo_kit.chat_templates import ends_with_prefill
-from dpo_kit.data.drops import DropRow
+from dpo_kit.data.drops import DropRow, row_name
 from dpo_kit.data.formats import checked_messages, present_columns
 from dpo_kit.params import BUNDLED_PROMPT_SETS, Params, missing_sampler_directory, sampler_is_local
 
@@ -50,15 +50,24 @@ NOT_SAMPLED = "not_sampled"
 
 def prompt_rows(params: Params, project_dir: str | Path = ".") -> list[dict]:
     """The prompts of `data.generate.prompts`, at most `data.max_rows`, each as {"prompt": ...} as read."""
+    return prompt_rows_and_lines(params, project_dir)[0]
+
+
+def prompt_rows_and_lines(params: Params, project_dir: str | Path = ".") -> tuple[list[dict], list[int] | None]:
+    """prompt_rows, and the line of a .jsonl or .csv prompts file where each starts (None for other files)."""
     from dpo_kit.bundled import movie_review_prompts
-    from dpo_kit.data.sources import read_local_file
+    from dpo_kit.data.sources import read_local_file_and_lines
 
     settings = params.data.generate
+    lines = None
     if settings.prompts in BUNDLED_PROMPT_SETS:
         rows = movie_review_prompts(prefill=settings.prompts == "movie-review-openings")
     else:
-        rows = read_local_file(Path(project_dir) / settings.prompts, params.data.max_rows, key="data.generate.prompts")
-    return rows[: params.data.max_rows] if params.data.max_rows else rows
+        path = Path(project_dir) / settings.prompts
+        rows, lines = read_local_file_and_lines(path, params.data.max_rows, key="data.generate.prompts")
+    if params.data.max_rows:
+        rows, lines = rows[: params.data.max_rows], lines and lines[: params.data.max_rows]
+    return rows, lines
 
 
 def as_messages(row: dict) -> list[dict]:
@@ -241,7 +250,7 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
     from dpo_kit.models.sampling import eos_token_ids, prompt_token_ids, sample_continuations, was_cut
 
     settings = params.data.generate
-    rows = prompt_rows(params, project_dir)
+    rows, lines = prompt_rows_and_lines(params, project_dir)
     usable: dict[int, list[dict]] = {}
     prompts_ids: dict[int, list[int]] = {}
     first_seen: dict[str, int] = {}  # each prompt's first row
@@ -257,7 +266,8 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
         if params.data.deduplicate and key in first_seen:
             not_sampled[index] = DropRow(
                 "duplicate_prompt",
-                f"the same prompt as row {first_seen[key]}, which was sampled instead: one prompt gives one pair, so it"
+                f"the same prompt as {row_name(first_seen[key], lines and lines[first_seen[key]])}, which was sampled"
+                " instead: one prompt gives one pair, so it"
                 " is never both trained on and held out (data.deduplicate)",
             )
             continue

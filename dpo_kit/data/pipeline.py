@@ -4,7 +4,8 @@ Notebook 01 calls `prepare_data`, shows `dropped_summary_table` and `plot_token_
 stage reads the result back with `load_split`. Files written under `<run_dir>/data/`:
 
 - train.jsonl, eval.jsonl: prompt/chosen/rejected rows in TRL's conversational (default) or standard format
-- dropped.jsonl: one line per dropped row: source index, reason code, detail and the row as read
+- dropped.jsonl: one line per dropped row: source index (from 0), line (in a .jsonl or .csv file, from 1; else
+  null), reason code, detail and the row as read
 - samples.jsonl (data.source 'generate'): per prompt, every sampled response and its judge score
 - held_out_prompts.jsonl (round 2 of iterative DPO and later): the held-out prompts of round 1, in its
   order, those whose pair this round dropped among them; the generate stage compares the models on them, so
@@ -30,12 +31,13 @@ from dpo_kit.data.on_policy import (
     cut_responses,
     judge_floor_pairs,
     prompt_key,
+    prompt_rows_and_lines,
     ranked_pair,
     sample_scored_rows,
     sampler_run_held_out_prompts,
     split_as_sampler_run,
 )
-from dpo_kit.data.sources import describe_source, read_rows
+from dpo_kit.data.sources import describe_source, read_rows_and_lines
 
 SPLITS = ("train", "eval")
 
@@ -183,8 +185,9 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         rows = sample_scored_rows(params, tokenizer, project_dir)
         _write_jsonl(data_dir / "samples.jsonl", rows)  # every sample and its score, kept or not
         convert = ranked_pair(data.generate.min_score_gap)
+        lines = prompt_rows_and_lines(params, project_dir)[1]  # the prompts file again: a few KB, read for its lines
     else:
-        rows = read_rows(data, project_dir)
+        rows, lines = read_rows_and_lines(data, project_dir)
         convert = converter(data.format, data.columns)
     result = audit_rows(
         rows,
@@ -193,6 +196,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         max_length=params.max_length,
         output_format=data.output_format,
         deduplicate=data.deduplicate,
+        lines=lines,
     )
     _write_jsonl(paths["dropped"], (dropped.to_dict() for dropped in result.dropped))
     raise_if_nothing_left(result, describe_source(data), str(paths["dropped"]), format_hint(result, data))

@@ -37,28 +37,45 @@ def describe_source(data: DataParams) -> str:
 
 def read_rows(data: DataParams, project_dir: str | Path = ".") -> list[dict[str, Any]]:
     """At most `data.max_rows` rows of `data.source`; a relative local path resolves against `project_dir`."""
+    return read_rows_and_lines(data, project_dir)[0]
+
+
+def read_rows_and_lines(data: DataParams, project_dir: str | Path = ".") -> tuple[list[dict[str, Any]], list[int] | None]:
+    """read_rows, and the line of a .jsonl or .csv source where each row starts (None for other sources)."""
+    lines = None
     if data.source == "bundled":
         from dpo_kit.bundled import bundled_preference_rows
 
         rows = bundled_preference_rows()
     elif is_local_path(data.source):
-        rows = read_local_file(Path(project_dir) / data.source, data.max_rows)
+        rows, lines = read_local_file_and_lines(Path(project_dir) / data.source, data.max_rows)
     else:
         rows = read_hub_dataset(data.source, data.split, data.revision, data.max_rows)
-    return rows[: data.max_rows] if data.max_rows else rows
+    if data.max_rows:
+        rows, lines = rows[: data.max_rows], lines and lines[: data.max_rows]
+    return rows, lines
 
 
 def read_local_file(path: Path, max_rows: int | None = None, key: str = "data.source") -> list[dict[str, Any]]:
     """The rows of a local file; `key` is the setting that names it, which every SourceError starts with."""
+    return read_local_file_and_lines(path, max_rows, key)[0]
+
+
+def read_local_file_and_lines(
+    path: Path, max_rows: int | None = None, key: str = "data.source"
+) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """read_local_file, and each row's line in a .jsonl or .csv file, counting from 1 as an editor does: a CSV's
+    header and a JSONL's blank lines are lines too, so the row's position alone does not find it. None for a .json
+    file (a row is an element of its list) or a Parquet file (no lines)."""
     if problem := missing_data_file(key, path):
         raise SourceError(problem)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(path, max_rows, key)
     if suffix == ".json":
-        return _read_json(path, key)
+        return _read_json(path, key), None
     if suffix == ".parquet":
-        return _read_parquet(path, max_rows, key)
+        return _read_parquet(path, max_rows, key), None
     if suffix == ".csv":
         return _read_csv(path, max_rows, key)
     raise SourceError(f"{key} '{path}': unsupported file type '{suffix}'; use one of {', '.join(LOCAL_DATA_SUFFIXES)}")
@@ -107,7 +124,7 @@ CSV_QUOTING_HINT = (
 )
 
 
-def _read_csv(path: Path, max_rows: int | None, key: str) -> list[dict[str, Any]]:
+def _read_csv(path: Path, max_rows: int | None, key: str) -> tuple[list[dict[str, Any]], list[int]]:
     """Every cell as text, empty cells as "", so the audit sees what the file holds; the first line is the header.
 
     Each row must have exactly as many fields as the header: pandas would take a longer row's first field as
@@ -121,11 +138,12 @@ def _read_csv(path: Path, max_rows: int | None, key: str) -> list[dict[str, Any]
         csv.field_size_limit(field_limit)
 
 
-def _read_csv_records(path: Path, max_rows: int | None, key: str) -> list[dict[str, Any]]:
+def _read_csv_records(path: Path, max_rows: int | None, key: str) -> tuple[list[dict[str, Any]], list[int]]:
     with path.open(encoding="utf-8-sig", newline="") as text:
         # strict: a stray quote (an unclosed quoted field, text after a closing quote) is an error, not guessed at
         reader = csv.reader(text, strict=True)
         rows: list[dict[str, Any]] = []
+        starts: list[int] = []  # the line each row starts on: a quoted field may span lines
         header: list[str] | None = None
         while not (max_rows and len(rows) >= max_rows):
             line = reader.line_num + 1  # where the next record starts: csv counts the lines it has consumed
@@ -157,9 +175,10 @@ def _read_csv_records(path: Path, max_rows: int | None, key: str) -> list[dict[s
                     f" ({', '.join(header)}); the fields read: {shown}. {CSV_QUOTING_HINT}"
                 )
             rows.append(dict(zip(header, record, strict=True)))
+            starts.append(line)
     if header is None:
         raise SourceError(f"{key}: {path}: the CSV file is empty; its first line must be a header naming the columns")
-    return rows
+    return rows, starts
 
 
 class RepeatedKeyError(ValueError):
@@ -183,8 +202,8 @@ def _repeated_key_message(key_name: str) -> str:
     )
 
 
-def _read_jsonl(path: Path, max_rows: int | None, key: str) -> list[dict[str, Any]]:
-    rows = []
+def _read_jsonl(path: Path, max_rows: int | None, key: str) -> tuple[list[dict[str, Any]], list[int]]:
+    rows, numbers = [], []
     with path.open(encoding="utf-8-sig") as lines:
         try:
             for number, line in enumerate(lines, start=1):
@@ -206,9 +225,10 @@ def _read_jsonl(path: Path, max_rows: int | None, key: str) -> list[dict[str, An
                         f"{key}: {path}, line {number}: expected a JSON object per line, got {type(row).__name__}"
                     )
                 rows.append(row)
+                numbers.append(number)
         except UnicodeDecodeError:
             _raise_not_utf8(path, key)
-    return rows
+    return rows, numbers
 
 
 def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
