@@ -50,6 +50,26 @@ def test_an_unreadable_prompts_file_names_data_generate_prompts(tmp_path):
         prompt_rows(generate_params(tmp_path / "model", bad), tmp_path)
 
 
+def test_an_empty_prompt_in_a_one_column_csv_is_a_row_dropped_with_its_reason_not_skipped(tmp_path):
+    # A quoted "" or a line of spaces was skipped as a blank line, so it vanished from the rows read, uncounted. In a
+    # file of one column it is a row with an empty prompt; only an empty line holds no row.
+    from dpo_kit.data.on_policy import as_messages, prompt_rows_and_lines
+
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text('prompt\nHello there\n""\n   \n\nWorld\n')
+    rows, lines = prompt_rows_and_lines(generate_params(tmp_path / "model", prompts), tmp_path)
+    assert rows == [{"prompt": "Hello there"}, {"prompt": ""}, {"prompt": "   "}, {"prompt": "World"}]
+    assert lines == [2, 3, 4, 6]
+    for row in rows[1:3]:
+        with pytest.raises(DropRow, match="empty_prompt"):
+            as_messages(row)
+    # With several columns a line of spaces is still a blank line, not a row of one field.
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("prompt,chosen,rejected\nQ,a,b\n   \nR,c,d\n")
+    assert prompt_rows(generate_params(tmp_path / "model", pairs), tmp_path) == [
+        {"prompt": "Q", "chosen": "a", "rejected": "b"}, {"prompt": "R", "chosen": "c", "rejected": "d"}]
+
+
 def test_bundled_movie_review_prompts_are_several_hundred_distinct_openings():
     prompts = movie_review_prompts()
     texts = [row["prompt"][0]["content"] for row in prompts]

@@ -158,8 +158,12 @@ def _read_csv_records(path: Path, max_rows: int | None, key: str) -> tuple[list[
                 raise SourceError(
                     f"{key}: {path}, line {line}: cannot be parsed as CSV ({what}). {CSV_QUOTING_HINT}"
                 ) from None
-            if not any(field.strip() for field in record) and len(record) <= 1:
-                continue  # a blank line holds no row
+            # An empty line holds no row, nor does a line of spaces where the header has several columns. In a file of
+            # one column (a prompts file) a quoted "" or a line of spaces is a row with an empty value: the audit counts
+            # and drops it (empty_prompt), where skipped here it vanished from the count of rows read.
+            one_column = header is not None and len(header) == 1
+            if not record or (len(record) == 1 and not record[0].strip() and not one_column):
+                continue
             if header is None:
                 header = record
                 repeated = sorted({name for name in header if header.count(name) > 1})
