@@ -182,10 +182,12 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
             stale.unlink(missing_ok=True)  # a failed rerun must not leave the last run's split looking current
 
     if data.source == "generate":
+        # The prompts file's lines, read just before sample_scored_rows reads its rows (a few KB), not after minutes of
+        # sampling, when an edited file could give lines for other rows.
+        lines = prompt_rows_and_lines(params, project_dir)[1]
         rows = sample_scored_rows(params, tokenizer, project_dir)
         _write_jsonl(data_dir / "samples.jsonl", rows)  # every sample and its score, kept or not
         convert = ranked_pair(data.generate.min_score_gap)
-        lines = prompt_rows_and_lines(params, project_dir)[1]  # the prompts file again: a few KB, read for its lines
     else:
         rows, lines = read_rows_and_lines(data, project_dir)
         convert = converter(data.format, data.columns)
