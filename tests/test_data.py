@@ -212,7 +212,8 @@ def test_missing_local_file_names_the_path(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ([{"prompt": "a", "chosen": "b", "rejected": "c"}, "oops"], "element 1 of the list is str 'oops', not a row object"),
+        ([{"prompt": "a", "chosen": "b", "rejected": "c"}, "oops"],
+         "element 1 \\(counting from 0\\) of the list is str 'oops', not a row object"),
         ({"prompt": ["a", "b"], "chosen": ["c"], "rejected": ["e", "f"]},
          "the column lists differ in length \\('prompt' 2, 'chosen' 1, 'rejected' 2\\)"),
         ({"prompt": "a", "chosen": "b", "rejected": "c"}, "the value of 'prompt' is not a list of column values"),

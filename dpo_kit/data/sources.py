@@ -259,7 +259,7 @@ def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
         if stray is None:
             return content
         raise SourceError(
-            f"{key}: {path}: element {stray} of the list is {type(content[stray]).__name__} {content[stray]!r:.60},"
+            f"{key}: {path}: element {stray} (counting from 0) of the list is {type(content[stray]).__name__} {content[stray]!r:.60},"
             f" not a row object; {valid}"
         )
     if isinstance(content, dict) and content:
