@@ -65,6 +65,12 @@ def test_lora_train_then_merge_gives_equal_logits(tmp_path, tiny_model_dir):
     assert (stage.run_dir / "checkpoints" / "checkpoint-3").is_dir()
     logged = [row for row in result.log_history if "loss" in row]
     assert len(logged) == 3 and all(k in logged[0] for k in ("rewards/margins", "rewards/accuracies", "logps/chosen"))
+    # The manifest's final_metrics are the last step's (each step's row carries a train_runtime too, with the tokens
+    # counted: that row is no summary row), and the summary row's runtime.
+    final = json.loads((stage.run_dir / "manifest.json").read_text())["stages"]["train"]["final_metrics"]
+    assert {key: final[key] for key in ("loss", "rewards/margins", "rewards/accuracies")} == {
+        key: logged[-1][key] for key in ("loss", "rewards/margins", "rewards/accuracies")}
+    assert final["train_runtime"] == result.log_history[-1]["train_runtime"] and "train_loss" not in final
 
     stage = open_stage("merge", TINY, overrides, str(REPO))
     merged = merge_adapter(stage)

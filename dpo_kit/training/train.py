@@ -489,11 +489,16 @@ def load_train_result(run_dir: str | Path, summary: dict[str, Any]) -> TrainResu
 
 
 def final_train_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
-    """The last logged value of each training metric (TRL names), ignoring eval rows and the summary row."""
+    """The last logged value of each training metric (TRL names), ignoring eval rows and the summary row.
+
+    The summary row is the one with train_loss (the Trainer's last, from _finalize_training): with the tokens
+    counted (the kit's include_num_input_tokens_seen) every step's row carries a train_runtime too, and taking
+    that for the mark of the summary row left the loss and rewards out of the manifest's final_metrics."""
     latest: dict[str, float] = {}
     for row in history:
-        if "train_runtime" in row:
-            latest["train_runtime"] = row["train_runtime"]
+        if "train_loss" in row:
+            if "train_runtime" in row:
+                latest["train_runtime"] = row["train_runtime"]
             continue
         for key, value in row.items():
             if not key.startswith("eval_") and isinstance(value, (int, float)):
