@@ -79,6 +79,30 @@ def test_a_damaged_entry_is_detected_and_deleted(tmp_path, damage, reason):
     assert not store.path(KEY).exists(), "deleted, so the recomputed values replace it"
 
 
+def test_a_damaged_or_unreadable_entry_in_a_cache_that_cannot_be_written_is_recomputed_not_fatal(tmp_path, monkeypatch):
+    """A cache on a read-only mount (shared, filled by someone else): deleting a damaged entry fails with EROFS, and
+    an entry the run may not read fails on the read. Both are recomputed, as a cache that cannot store is; the train
+    stage failed instead, on the deletion's OSError out of DPOTrainer's __init__."""
+    store = RefLogpsStore(tmp_path)
+    store.save(KEY, FIELDS, *values())
+    flip_byte(store.path(KEY), -3)
+
+    def read_only(self, missing_ok=False):
+        raise OSError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    read, status = store.load(KEY, 5)
+    assert read is None and status.startswith("corrupt: sha256 mismatch") and "not deleted" in status
+    assert "Read-only file system" in status and store.path(KEY).exists()
+
+    def not_permitted(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", not_permitted)
+    read, status = store.load(KEY, 5)
+    assert read is None and status.startswith("corrupt: unreadable (PermissionError") and "not deleted" in status
+
+
 def test_every_byte_of_the_header_is_checked(tmp_path):
     """A flipped bit anywhere in the header is either unreadable or changes something the reader checks."""
     store = RefLogpsStore(tmp_path)

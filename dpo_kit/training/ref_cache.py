@@ -18,7 +18,8 @@ Loss settings (beta, loss_type, learning rate) are not in it: they do not change
 An entry is one safetensors file (never pickle), written to a temporary name, synced and renamed into place.
 Its metadata holds the key, the key fields, the row count and the sha256 of the two tensors. On read every one
 is checked (key fields hash to the key, rows and shapes match the dataset, the data hashes to the recorded
-sha256); an entry that fails any check is deleted and recomputed, and the manifest says so.
+sha256); an entry that fails any check, or cannot be read, is deleted (where the cache can be written) and
+recomputed, and the manifest says so.
 """
 
 from __future__ import annotations
@@ -155,15 +156,23 @@ class RefLogpsStore:
 
     def load(self, key: str, rows: int):
         """((chosen, rejected), "hit"); (None, "miss") when there is no entry; (None, "corrupt: why") when the
-        entry fails a check: it is then deleted, so the caller recomputes and stores a good one."""
+        entry fails a check or cannot be read: it is then deleted, so the caller recomputes and stores a good one.
+        In a cache that cannot be written (a read-only mount shared by a team) the entry stays, and the status
+        says so: the run recomputes, as it does when it cannot store, rather than failing on the deletion."""
         path = self.path(key)
         if not path.is_file():
             return None, "miss"
         try:
             return self._read(path, key, rows), "hit"
         except CorruptEntry as error:
+            status = f"corrupt: {error}"
+        except OSError as error:  # a read error, or a file the run may not read
+            status = f"corrupt: unreadable ({type(error).__name__}: {error})"
+        try:
             path.unlink(missing_ok=True)
-            return None, f"corrupt: {error}"
+        except OSError as error:
+            status += f"; not deleted ({type(error).__name__}: {error})"
+        return None, status
 
     def _read(self, path: Path, key: str, rows: int):
         import torch
