@@ -343,3 +343,28 @@ def test_two_processes_share_the_cache_written_by_the_main_one(tmp_path, tiny_mo
     assert (first["status"], second["status"]) == ("miss", "hit") and first["key"] == second["key"]
     assert [p.name for p in cache.iterdir()] == [f"{first['key']}.safetensors"], "one entry, no temporary file left"
     assert logged_losses(first_dir) == logged_losses(second_dir)
+
+
+def test_full_fine_tuning_with_precomputed_log_probs_holds_no_reference_model_and_trains_the_same(
+    tmp_path, tiny_model_dir, cache, monkeypatch
+):
+    """With precompute_ref_log_probs TRL needs no reference while training: the kit's frozen copy for full fine-tuning
+    stayed loaded (on a GPU: on the GPU) for the whole run all the same. The log-probs TRL then takes from the policy
+    before its first step train as the copy's do."""
+    import dpo_kit.training.train as train_module
+
+    built = {}
+    build_trainer = train_module.build_trainer
+
+    def recorded(params, *args, **kwargs):
+        trainer = build_trainer(params, *args, **kwargs)
+        built[params.run.output_dir] = trainer.ref_model
+        return trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", recorded)
+    precomputed = train(tmp_path, "precomputed", "lora.enabled=false", model=tiny_model_dir)
+    inline = train(tmp_path, "inline", "lora.enabled=false", "dpo.precompute_ref_log_probs=false", model=tiny_model_dir)
+    assert built[str(tmp_path / "precomputed")] is None, "no reference model held while training"
+    assert built[str(tmp_path / "inline")] is not None, "computed each step, from the frozen copy"
+    assert {e["status"] for e in precomputed.ref_logps_cache["splits"].values()} == {"miss"}
+    assert_same_metrics(precomputed, inline)

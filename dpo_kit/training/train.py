@@ -367,14 +367,21 @@ def build_trainer(params: Params, source, hardware: HardwareChoice, config, toke
     test builds it for every params file (tests/test_params.py). `trainer_class`: a subclass of
     `kit_trainer_class()` for a bench's variant of the training (the train stage never passes one)."""
     from dpo_kit.models.loading import load_causal_lm, lora_config
+    from dpo_kit.training.launch import sharding_strategy
 
     # Full fine-tuning keeps fp32 master weights (bf16/fp16 stay autocast only): AdamW steps of ~1e-6 vanish
     # in bf16 weights, and fp16 weights cannot be unscaled. LoRA's adapters are fp32 on any base dtype.
     dtype = "float32" if not params.lora.enabled and params.model.dtype == "auto" else None
     model = load_causal_lm(source, params, dtype=dtype, quantized=True, hardware=hardware)
     # Loaded here rather than by TRL, so it gets the same revision and trust_remote_code as the policy. It is
-    # frozen, so it stays in the hardware's dtype (bf16 on a GPU): half the memory of an fp32 copy.
-    reference = None if params.lora.enabled else load_causal_lm(source, params, hardware=hardware)
+    # frozen, so it stays in the hardware's dtype (bf16 on a GPU): half the memory of an fp32 copy. With
+    # precompute_ref_log_probs there is none: TRL takes the reference log-probs from the policy before its first
+    # step and needs no reference while training, but a copy passed in stayed loaded (on the GPU) the whole run,
+    # the memory precompute is there to save. Sharded (ZeRO, FSDP) the copy is passed still: under FSDP the policy
+    # is not sharded before train(), so TRL would load a reference itself, by name only, and the copy is sharded
+    # like the policy under ZeRO-3; the policy's own precompute there is a path this kit has not run.
+    precomputed = config.precompute_ref_log_probs and sharding_strategy() is None
+    reference = None if params.lora.enabled or precomputed else load_causal_lm(source, params, hardware=hardware)
     return (trainer_class or kit_trainer_class())(
         ref_logps_store=ref_logps_store,
         model_record=model_record,
