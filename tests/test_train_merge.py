@@ -204,3 +204,36 @@ def test_lora_on_tied_input_embeddings_merges_into_an_untied_output_layer(tmp_pa
     embedding = next(name for name in base if "embed_tokens" in name)
     assert (weights["lm_head.weight"] == base[embedding]).all()  # the output layer as trained: the base's
     assert not (weights[embedding] == base[embedding]).all()  # the lookup, with the adapter merged in
+
+
+@pytest.mark.parametrize("logging_steps", [1, 3], ids=["logged-at-the-checkpoint", "not-logged-at-the-checkpoint"])
+def test_a_resumed_training_logs_trls_num_tokens_from_the_checkpoints_count(tmp_path, tiny_model_dir, monkeypatch,
+                                                                            logging_steps):
+    """TRL keeps num_tokens in the trainer, not in the checkpoint: a resumed run logged it from 0 again. It goes on
+    from the checkpoint's count, as the Trainer's num_input_tokens_seen (the same attention masks) does."""
+    import dpo_kit.training.checkpoints as checkpoints
+    from dpo_kit.training.train import train_dpo
+
+    overrides = formatted_run(tmp_path, tiny_model_dir, "dpo.max_steps=6", "dpo.save_steps=2",
+                              f"dpo.logging_steps={logging_steps}")  # fmt: skip
+    record = checkpoints.record_checkpoint
+
+    def interrupted_after_checkpoint_4(run_dir, checkpoint, identity, step):
+        digest = record(run_dir, checkpoint, identity, step)
+        if step == 4:
+            raise KeyboardInterrupt
+        return digest
+
+    monkeypatch.setattr(checkpoints, "record_checkpoint", interrupted_after_checkpoint_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(open_stage("train", TINY, overrides, str(REPO)))
+    monkeypatch.setattr(checkpoints, "record_checkpoint", record)
+    stage = open_stage("train", TINY, overrides, str(REPO), on_rerun="resume")
+    assert stage.resume_from.name == "checkpoint-4"
+    result = train_dpo(stage)
+    stage.complete(**result.summary())
+    rows = [row for row in result.log_history if "loss" in row]
+    assert [row["step"] for row in rows] == list(range(logging_steps, 7, logging_steps))
+    assert all(row["num_tokens"] == row["num_input_tokens_seen"] for row in rows), [
+        (row["step"], row["num_tokens"], row["num_input_tokens_seen"]) for row in rows]
+    assert result.final_metrics["num_tokens"] == result.log_history[-1]["num_input_tokens_seen"]

@@ -428,7 +428,23 @@ def kit_trainer_class() -> type:
             if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
                 self.control.should_training_stop = True
                 return None
+            self._resume_trl_token_count()
             return super()._run_epoch(*args, **kwargs)
+
+        def _resume_trl_token_count(self):
+            """TRL counts its `num_tokens` metric in the trainer (`_total_train_tokens`), which no checkpoint keeps: a
+            resumed run logged it from 0 again (measured with TRL 1.16: 2793 at step 4, 690 at step 5 after resuming
+            from checkpoint-4), in train_log.jsonl and the manifest's final_metrics. It continues from the checkpoint's
+            count: the value TRL logged at that step, or else the Trainer's, which counts the same attention masks
+            (include_num_input_tokens_seen "non_padding", the kit's setting) and is kept in the checkpoint."""
+            if self.state.global_step == 0 or self._total_train_tokens:  # a fresh run, or counting already
+                return
+            logged = [row["num_tokens"] for row in self.state.log_history
+                      if row.get("step") == self.state.global_step and "loss" in row and "num_tokens" in row]  # fmt: skip
+            if logged:
+                self._total_train_tokens = int(logged[-1])
+            elif self.args.include_num_input_tokens_seen == "non_padding":
+                self._total_train_tokens = self.state.num_input_tokens_seen // self._tp_size
 
     return KitDPOTrainer
 
