@@ -47,9 +47,13 @@ def is_local_path(name: str) -> bool:
     """A data file or model directory on disk rather than a hub id.
 
     Suffixes alone would misread hub ids such as 'jondurbin/truthy-dpo-v0.1' (suffix '.1'), so only the
-    data suffixes the kit reads, or an explicit ./ ../ / prefix, mark a local path.
+    data suffixes the kit reads, or an explicit ./ ../ / prefix, mark a local path; so does a name of more than
+    two parts, since a hub id is 'name' or 'owner/name': 'runs/round-1/merged' taken for one, when missing, was
+    looked up on the hub and failed with a message about the network.
     """
-    return Path(name).suffix.lower() in LOCAL_DATA_SUFFIXES or name.startswith((".", "/"))
+    return (
+        Path(name).suffix.lower() in LOCAL_DATA_SUFFIXES or name.startswith((".", "/")) or len(Path(name).parts) > 2
+    )
 
 
 def run_directory(project_dir: str | Path, output_dir: str, name: str) -> Path:
@@ -1056,16 +1060,15 @@ def gguf_candidates(name_or_path: str, gguf_file: str, project_dir: str | Path =
 
 
 def sampler_is_local(params: Params, project_dir: str | Path = ".") -> bool:
-    """Whether data.generate.sampler names a directory on disk rather than a hub id. Besides is_local_path's marks,
-    a name of more than two parts, or one under run.output_dir, is a path: a hub id is 'name' or 'owner/name', and
-    README's round 2 names 'runs/<round 1>/merged' without './'. Taken for a hub id when missing, it was loaded from
+    """Whether data.generate.sampler names a directory on disk rather than a hub id. Besides is_local_path's marks
+    (a name of more than two parts among them), one under run.output_dir is a path: README's round 2 names
+    'runs/<round 1>/merged' without './'. Taken for a hub id when missing, it was loaded from
     the hub, and the error said to download it under model.name_or_path."""
     sampler = params.data.generate.sampler if params.data.generate is not None else None
     if not sampler:
         return False
-    parts = Path(sampler).parts
     under_runs = (Path(project_dir) / sampler).resolve().is_relative_to((Path(project_dir) / params.run.output_dir).resolve())
-    return is_local_path(sampler) or len(parts) > 2 or under_runs or (Path(project_dir) / sampler).exists()
+    return is_local_path(sampler) or under_runs or (Path(project_dir) / sampler).exists()
 
 
 def missing_sampler_directory(params: Params, project_dir: str | Path = ".") -> str | None:

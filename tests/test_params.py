@@ -593,6 +593,21 @@ def test_a_misspelled_judge_is_refused_when_the_params_are_read_not_after_traini
         check_local_files(parse_params({**raw, "evaluate": {"judge": "./my-reward-model"}}))
 
 
+def test_a_name_of_more_than_two_parts_is_a_path_not_a_hub_id(tmp_path):
+    """A hub id is 'name' or 'owner/name'. A round-1 run's merged model named as README names it ('runs/<run>/merged',
+    no './') was taken for a hub id when missing, and the stage failed saying the hub could not be reached."""
+    raw = raw_tiny()
+    raw["model"] = {**raw["model"], "name_or_path": "runs/round-1/merged", "build_tiny_model": False}
+    with pytest.raises(ParamsError, match=f"model.name_or_path: directory not found: {tmp_path / 'runs/round-1/merged'}"):
+        check_local_files(parse_params(raw), tmp_path)
+    raw = raw_tiny()
+    raw["evaluate"]["judge"] = "runs/reward/model"  # was refused as 'no judge', a local directory being valid
+    with pytest.raises(ParamsError, match="evaluate.judge: reward-model directory not found"):
+        check_local_files(parse_params(raw), tmp_path)
+    raw["evaluate"]["judge"] = "OpenAssistant/reward-model-deberta-v3-large-v2"
+    check_local_files(parse_params(raw), tmp_path)  # two parts: still a hub id
+
+
 def test_a_reward_model_directory_without_a_config_is_refused(tmp_path):
     raw = raw_tiny()
     raw["evaluate"]["judge"] = str(tmp_path)
