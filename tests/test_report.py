@@ -415,3 +415,30 @@ def test_a_run_whose_files_cannot_be_read_is_listed_as_incomplete_naming_the_fil
     reasons = {run.name: run.incomplete for run in report.incomplete}
     assert f"{broken / 'manifest.json'} is not valid JSON" in reasons["broken"]
     assert f"{bad_params / 'params.yaml'} is not valid YAML" in reasons["bad-params"]
+
+
+def test_runs_evaluated_on_other_prompts_are_set_against_their_own_reference():
+    """Two seeds hold out other prompts, so their references generated other answers; the length and repetition
+    table showed the first run's reference only, and the second run's policy read as beating a reference it was
+    never compared with."""
+    from dpo_kit.evaluation.report import overoptimization_table, plot_overoptimization
+
+    def text(reference_score, reference_words, **extra):
+        return {"judge/reference_score": reference_score, "text/reference_words": reference_words,
+                "text/reference_distinct_2": 0.9, "text/reference_repeated_3grams": 0.0, "text/policy_words": 12.0,
+                "text/policy_distinct_2": 1.0, "text/policy_repeated_3grams": 0.0, **extra}  # fmt: skip
+
+    runs = [RunRecord("seed-42", Path("a"), params("seed-42", 0.1), metrics(0.65, 0.60, **text(0.51, 12.9))),
+            RunRecord("beta-0.5", Path("b"), params("beta-0.5", 0.5), metrics(0.30, 0.55, beta=0.5, **text(0.51, 12.9))),
+            RunRecord("seed-7", Path("c"), params("seed-7", 0.1), metrics(0.64, 0.76, **text(0.19, 12.6)))]  # fmt: skip
+    table = overoptimization_table(runs)
+    assert table.index.tolist() == ["reference (seed-42's generations)", "reference (seed-7's generations)",
+                                    "seed-42", "beta-0.5", "seed-7"]  # fmt: skip
+    assert table["judged reward"].tolist()[:2] == [0.51, 0.19]
+    assert table["label"].tolist()[:2] == ["reference of seed-42, beta-0.5", "reference of seed-7"]
+    assert {text.get_text() for text in plot_overoptimization(runs).axes[0].texts} >= {
+        "reference of seed-42, beta-0.5", "reference of seed-7"}
+    # Runs sharing their prompts share one reference, shown as before.
+    shared = overoptimization_table(runs[:2])
+    assert shared.index.tolist()[0] == "reference (seed-42's generations)" and shared["label"].iloc[0] == "reference"
+    assert len(shared) == 3

@@ -435,19 +435,30 @@ OVEROPTIMIZATION = {
 }
 
 
+def overoptimization_references(runs: list[RunRecord]) -> list[tuple[list[str], dict[str, Any]]]:
+    """The reference's own generations, once per distinct set (runs of one sweep share theirs; another run.seed
+    holds out other prompts, so its reference generated other answers): the runs that share it, and its values."""
+    groups: dict[str, tuple[list[str], dict[str, Any]]] = {}
+    for run in runs:
+        values = {k: run.metrics.get(v.format("reference")) for k, v in OVEROPTIMIZATION.items()}
+        groups.setdefault(json.dumps(values, sort_keys=True), ([], values))[0].append(run.name)
+    return list(groups.values())
+
+
 def overoptimization_table(runs: list[RunRecord]):
-    """Judged reward next to length and repetition, per run and for the reference (the first run's generations):
-    a reward bought with longer or repetitive answers shows here as rising words or repeated 3-grams, falling
+    """Judged reward next to length and repetition, per run and for the reference (its generations, one row per
+    distinct set: runs evaluated on other prompts each have their own, labelled with the runs it belongs to): a
+    reward bought with longer or repetitive answers shows here as rising words or repeated 3-grams, falling
     distinct-2."""
     import pandas as pd
 
     rows = {}
     with_text = [run for run in runs if "text/policy_words" in run.metrics]
-    if with_text:
-        first = with_text[0].metrics
-        rows[f"reference ({with_text[0].name}'s generations)"] = {
-            "label": "reference", "KL (nats)": 0.0, **{k: first.get(v.format("reference")) for k, v in OVEROPTIMIZATION.items()}
-        }
+    references = overoptimization_references(with_text)
+    for names, values in references:
+        # One reference: "reference", as before. Several: which runs each one goes with, as plot_frontier says it.
+        label = f"reference of {', '.join(names)}" if len(references) > 1 else "reference"
+        rows[f"reference ({names[0]}'s generations)"] = {"label": label, "KL (nats)": 0.0, **values}
     labels = point_labels(with_text)
     for run in with_text:
         rows[run.name] = {"label": labels[run.name], "KL (nats)": run.metrics.get("kl"),
@@ -703,15 +714,17 @@ def plot_overoptimization(runs: list[RunRecord]):
     from matplotlib.figure import Figure
 
     table = overoptimization_table(runs)
+    # overoptimization_table puts the reference rows first, one per distinct set of reference generations.
+    references = len(overoptimization_references([run for run in runs if "text/policy_words" in run.metrics]))
     panels = [key for key in OVEROPTIMIZATION if key != "judged reward"]
     figure = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
     for axis, key in zip(figure.subplots(1, len(panels)), panels, strict=True):
         for position, (_, row) in enumerate(table.iterrows()):
-            is_reference = position == 0  # overoptimization_table puts the reference first
+            is_reference = position < references
             axis.plot(row["KL (nats)"], row[key], "*" if is_reference else "o", color="black" if is_reference else None,
                       ms=10 if is_reference else 6)  # fmt: skip
-            axis.annotate("reference" if is_reference else row["label"], (row["KL (nats)"], row[key]),
-                          textcoords="offset points", xytext=(5, 4), fontsize=7)  # fmt: skip
+            axis.annotate(row["label"], (row["KL (nats)"], row[key]), textcoords="offset points", xytext=(5, 4),
+                          fontsize=7)  # fmt: skip
         axis.set(title=key, xlabel="KL (nats per response)")
         axis.grid(alpha=0.3)
     return figure
