@@ -88,6 +88,30 @@ def test_same_params_show_the_stored_result_and_recompute_moves_it_aside(tmp_pat
     assert manifest["stages"]["format"]["finished"] >= entry["finished"]
 
 
+def test_a_stage_notebooks_last_output_is_one_line_not_the_manifest_entry(tmp_path, tiny_model_dir):
+    """Each stage notebook ends with `stage.complete(...)`, and showed the whole entry it returns: the pid, boot id
+    and start ticks that find a dead stage, the heartbeat, and in 05 every metric to 16 digits."""
+    from IPython.lib.pretty import pretty
+
+    from dpo_kit.data.pipeline import prepare_data
+    from dpo_kit.models.loading import load_tokenizer, model_source
+
+    run_dir = tmp_path / "run"
+    for shown in (False, True):
+        stage = open_stage("format", str(TINY), [f"model.name_or_path={tiny_model_dir}"], str(REPO), str(run_dir),
+                           "show")  # fmt: skip
+        assert stage.reused == shown
+        if not shown:
+            prepare_data(stage.params, load_tokenizer(model_source(stage.params, stage.project_dir), stage.params),
+                         stage.run_dir, stage.project_dir)  # fmt: skip
+        entry = stage.complete(rows_kept=1)
+        assert entry == mf.read_manifest(run_dir)["stages"]["format"] and entry["rows_kept"] == 1  # a dict to code
+        line = pretty(entry)  # what IPython shows as the cell's output
+        assert "\n" not in line and "pid" not in line and "boot_id" not in line, line
+        assert "stages.format" in line and str(mf.manifest_path(run_dir)) in line
+        assert ("nothing recomputed" in line) == shown and ("completed in" in line) == (not shown)
+
+
 def test_changed_params_move_the_earlier_result_aside_and_the_manifest_tells_them_apart(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     _, first = open_format(run_dir, tiny_model_dir)

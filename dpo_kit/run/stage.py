@@ -88,6 +88,30 @@ class StageBusy(StageError):
     """The stage runs now in another live process: refused, and that process's entry is left as it is."""
 
 
+class StageEntry(dict):
+    """A stage's manifest entry, as `Stage.complete` returns it: a plain dict to code, one line in a notebook.
+
+    It is each stage notebook's last output. Shown whole, it was a dump of the kit's bookkeeping (the pid, boot id
+    and process start ticks that find a dead stage, the heartbeat, every metric at full precision) that a reader
+    has no use for there; the line says what happened and where the entry is kept."""
+
+    def __init__(self, entry: dict[str, Any], stage: str, manifest: Path, shown: bool) -> None:
+        super().__init__(entry)
+        self.stage, self.manifest, self.shown = stage, manifest, shown
+
+    def summary(self) -> str:
+        params = f" (parameter set {self['params_id']})" if self.get("params_id") else ""
+        where = f"its entry{params} is under stages.{self.stage} in {self.manifest}"
+        if self.shown:
+            finished = f", completed {self['finished']}" if self.get("finished") else ""
+            return f"{self.stage} stage: the stored result shown above{finished}, nothing recomputed; {where}"
+        seconds = f" in {self['seconds']:.1f} s" if isinstance(self.get("seconds"), (int, float)) else ""
+        return f"{self.stage} stage completed{seconds}; {where}"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython's display hook; repr() stays a dict's
+        printer.text(self.summary())
+
+
 @dataclass
 class Stage:
     name: str
@@ -119,12 +143,14 @@ class Stage:
             raise StageError(f"stage '{self.name}' has no stored result to show in {self.run_dir}; compute it")
         return self.stored
 
-    def complete(self, **summary: Any) -> dict[str, Any]:
+    def complete(self, **summary: Any) -> StageEntry:
         """Mark the stage completed in manifest.json with its wall time and a JSON-able summary.
 
-        For a shown stored result the manifest stays as it was: the entry returned is the stored one."""
+        For a shown stored result the manifest stays as it was: the entry returned is the stored one. The entry is
+        a dict, which a notebook shows as one line saying so (StageEntry)."""
+        manifest_path = mf.manifest_path(self.run_dir)
         if self.reused:
-            return mf.read_manifest(self.run_dir)["stages"][self.name]
+            return StageEntry(mf.read_manifest(self.run_dir)["stages"][self.name], self.name, manifest_path, shown=True)
         if mf.StageHeartbeat.current is not None and mf.StageHeartbeat.current.run_dir == self.run_dir:
             mf.StageHeartbeat.current.stop()  # before the entry says completed: a late beat must not follow it
         manifest = mf.update_stage(
@@ -139,7 +165,7 @@ class Stage:
             mf.update_manifest(self.run_dir, status="completed", finished=mf.now_iso())
         else:  # no stage runs now: the rest are still to come, or were not asked for (--stages), so not "running"
             mf.update_manifest(self.run_dir, status="partial")
-        return manifest["stages"][self.name]
+        return StageEntry(manifest["stages"][self.name], self.name, manifest_path, shown=False)
 
 
 def _load_data_report(stage: Stage):
