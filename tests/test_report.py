@@ -188,6 +188,10 @@ def test_runs_that_share_beta_and_loss_type_are_labelled_by_name():
     assert frontier_points(runs)["label"].tolist() == ["round-1", "round-2", "β=0.5 sigmoid"]
     assert win_rate_table(runs)["label"].tolist() == ["round-1", "round-2", "β=0.5 sigmoid"]
     assert {text.get_text() for text in plot_frontier(runs).axes[0].texts} >= {"round-1", "round-2", "β=0.5 sigmoid"}
+    from dpo_kit.evaluation.report import plot_win_rates
+
+    ticks = [tick.get_text() for tick in plot_win_rates(runs).axes[0].get_yticklabels()]
+    assert ticks == ["round-1", "round-2", "beta-0.5  (β=0.5 sigmoid)"]  # not 'round-1  (round-1)'
 
 
 def test_runs_differing_in_the_seed_alone_are_summarised_with_mean_and_spread():

@@ -699,7 +699,9 @@ def plot_win_rates(runs: list[RunRecord]):
     low = (table["win-rate"] - table["CI low"]).clip(lower=0)
     high = (table["CI high"] - table["win-rate"]).clip(lower=0)
     axis.errorbar(table["win-rate"], list(positions), xerr=[low, high], fmt="o", capsize=4)
-    axis.set_yticks(list(positions), [f"{run}  ({label})" for run, label in zip(table.index, table["label"], strict=True)])
+    # A run labelled by its name (other runs share its β and loss type, see point_labels) is named once, not twice.
+    names = [run if label == run else f"{run}  ({label})" for run, label in zip(table.index, table["label"], strict=True)]
+    axis.set_yticks(list(positions), names)
     axis.axvline(0.5, color="gray", lw=0.8, ls=":")
     level = table["CI level"].dropna()
     axis.set(xlim=(-0.02, 1.02), xlabel="win-rate over the reference" + (f" ({level.iloc[0]:.0%} interval)" if len(level) else ""),
