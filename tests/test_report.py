@@ -440,8 +440,9 @@ def test_runs_evaluated_on_other_prompts_are_set_against_their_own_reference():
                                     "seed-42", "beta-0.5", "seed-7"]  # fmt: skip
     assert table["judged reward"].tolist()[:2] == [0.51, 0.19]
     assert table["label"].tolist()[:2] == ["reference of seed-42, beta-0.5", "reference of seed-7"]
-    assert {text.get_text() for text in plot_overoptimization(runs).axes[0].texts} >= {
-        "reference of seed-42, beta-0.5", "reference of seed-7"}
+    legend = [text.get_text() for text in plot_overoptimization(runs).axes[0].get_legend().get_texts()]
+    # Each point named once, in a legend: names written beside tied points (no repeated 3-grams) overlapped.
+    assert legend == ["reference of seed-42, beta-0.5", "reference of seed-7", "seed-42", "β=0.5 sigmoid", "seed-7"]
     # Runs sharing their prompts share one reference, shown as before.
     shared = overoptimization_table(runs[:2])
     assert shared.index.tolist()[0] == "reference (seed-42's generations)" and shared["label"].iloc[0] == "reference"

@@ -712,7 +712,10 @@ def plot_win_rates(runs: list[RunRecord]):
 
 
 def plot_overoptimization(runs: list[RunRecord]):
-    """Length and repetition of each run's generations against its KL, the reference at KL 0."""
+    """Length and repetition of each run's generations against its KL, the reference at KL 0.
+
+    Each run keeps one colour in every panel and is named once, in a legend: runs often tie on a panel (every short
+    answer has no repeated 3-gram), and names written beside the points then lay one over another."""
     from matplotlib.figure import Figure
 
     table = overoptimization_table(runs)
@@ -720,15 +723,18 @@ def plot_overoptimization(runs: list[RunRecord]):
     references = len(overoptimization_references([run for run in runs if "text/policy_words" in run.metrics]))
     panels = [key for key in OVEROPTIMIZATION if key != "judged reward"]
     figure = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
-    for axis, key in zip(figure.subplots(1, len(panels)), panels, strict=True):
+    axes = figure.subplots(1, len(panels))
+    for axis, key in zip(axes, panels, strict=True):
         for position, (_, row) in enumerate(table.iterrows()):
-            is_reference = position < references
-            axis.plot(row["KL (nats)"], row[key], "*" if is_reference else "o", color="black" if is_reference else None,
-                      ms=10 if is_reference else 6)  # fmt: skip
-            axis.annotate(row["label"], (row["KL (nats)"], row[key]), textcoords="offset points", xytext=(5, 4),
-                          fontsize=7)  # fmt: skip
+            if position < references:  # black, one marker per reference
+                style = {"marker": "*PXDsv"[position % 6], "color": "black", "ms": 10 if position == 0 else 8}
+            else:
+                style = {"marker": "o", "color": f"C{(position - references) % 10}", "ms": 6}
+            axis.plot(row["KL (nats)"], row[key], ls="none", label=row["label"], **style)
         axis.set(title=key, xlabel="KL (nats per response)")
         axis.grid(alpha=0.3)
+    if len(table):
+        axes[0].legend(fontsize=7)
     return figure
 
 
