@@ -282,3 +282,24 @@ def test_nothing_left_error_lists_top_reasons_with_counts_and_an_example(tokeniz
 def test_nothing_left_error_for_an_empty_source(tokenizer):
     with pytest.raises(NoPairsLeftError, match="has no rows"):
         raise_if_nothing_left(audit([], tokenizer), "'empty.jsonl'")
+
+
+def test_notebook_01_shows_every_chat_template_check_with_what_it_measures(tokenizer):
+    """01 showed report.chat_template as a raw dict: fourteen keys (template_bos_text_removed, missing_bos...) that
+    nothing explained. Its table names each check, its value and its meaning, and each warning on a row of its own."""
+    from types import SimpleNamespace
+
+    from dpo_kit.data.audit import TEMPLATE_CHECKS
+    from dpo_kit.data.pipeline import chat_template_table
+
+    eos = tokenizer.eos_token
+    checks = audit([good(), good(prompt="<|im_start|>user\nHi<|im_end|>")], tokenizer).checks
+    assert checks["special_token_text_in_content"] == 1 and checks["warnings"]
+    table = chat_template_table(SimpleNamespace(chat_template=checks)).data
+    assert set(checks) <= set(TEMPLATE_CHECKS), "every check has a meaning"
+    assert all(table["meaning"].str.len() > 0)
+    rows = dict(zip(table["check"], table["value"], strict=False))
+    assert rows["eos_token"] == eos and rows["bos_token"] == "None" and rows["special_token_text_in_content"] == "1"
+    assert table[table["check"] == "warning"]["value"].tolist() == checks["warnings"]
+    clean = chat_template_table(SimpleNamespace(chat_template=audit([good()], tokenizer).checks)).data
+    assert clean[clean["check"] == "warning"]["value"].tolist() == ["none"]

@@ -349,6 +349,25 @@ def _too_long(lengths: PairLengths, max_length: int) -> DropRow:
     return DropRow("too_long", detail)
 
 
+# What each key of template_checks measures, for notebook 01's table (dpo_kit.data.pipeline.chat_template_table).
+TEMPLATE_CHECKS = {
+    "bos_token": "the tokenizer's beginning-of-sequence token (None: it has none)",
+    "eos_token": "its end-of-sequence token, which closes each response",
+    "tokenizer_adds_bos": "the tokenizer puts BOS before any text it is given",
+    "tokenizer_adds_eos": "the tokenizer puts EOS after any text it is given (a standard-format prompt then ends in EOS)",
+    "prompt_bos_text_removed": "BOS written as text at the start of a prompt message, removed: the template adds it",
+    "response_eos_text_removed": "EOS written as text at the end of a response, removed: the template or TRL adds it",
+    "template_bos_text_removed": "standard format: BOS the chat template wrote, removed as the tokenizer adds it too",
+    "special_token_text_in_content": "pairs with special-token text inside a message (a source already templated?)",
+    "double_bos": "pairs whose tokens start with two BOS (trl#1073, #2054, #4481)",
+    "double_eos": "pairs with more than one EOS in a response",
+    "missing_bos": "pairs starting without BOS though the tokenizer adds it to plain text",
+    "prompt_not_prefix": "pairs whose tokenized prompt is not a prefix of prompt+response (TRL's 'Mismatch' warning)",
+    "prompt_not_prefix_example": "the first such pair's text that TRL leaves out of the training context",
+    "warnings": "what needs a look, one line each",
+}
+
+
 def template_checks(traits: TokenizerTraits, fixes: Counter, lengths: list[PairLengths]) -> dict:
     """JSON-able findings about the chat template and special tokens, with a warning line per problem."""
     mismatched = [pair for pair in lengths if not pair.prompt_is_prefix]

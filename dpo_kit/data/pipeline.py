@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo_kit.data.audit import NoPairsLeftError, audit_rows, raise_if_nothing_left
+from dpo_kit.data.audit import TEMPLATE_CHECKS, NoPairsLeftError, audit_rows, raise_if_nothing_left
 from dpo_kit.data.drops import REASONS
 from dpo_kit.data.formats import SHAPE_REASONS, converter, formats_that_fit
 from dpo_kit.data.on_policy import (
@@ -388,6 +388,24 @@ def plot_token_lengths(report: DataReport):
     over = report.dropped_by_reason.get("too_long", 0)
     figure.suptitle(f"Token lengths of {len(report.prompt_lengths)} pairs ({over} dropped as too_long)")
     return figure
+
+
+def chat_template_table(report: DataReport):
+    """The chat-template checks (report.chat_template) as notebook 01 shows them: each check, its value and what it
+    measures. Shown as the raw dict, its fourteen keys (template_bos_text_removed, missing_bos...) went unexplained.
+    Each warning is a row of its own; "none" where the template raised nothing."""
+    import pandas as pd
+
+    rows = []
+    for key, value in report.chat_template.items():
+        if key == "warnings":
+            for line in value or ["none"]:
+                rows.append({"check": "warning", "value": line, "meaning": TEMPLATE_CHECKS[key]})
+            continue
+        rows.append({"check": key, "value": "None" if value is None else str(value),
+                     "meaning": TEMPLATE_CHECKS.get(key, "")})  # fmt: skip
+    # A Styler, not a DataFrame: pandas would cut a warning or a meaning at 50 characters.
+    return pd.DataFrame(rows, columns=["check", "value", "meaning"]).style.hide(axis="index")
 
 
 def dropped_summary_table(report: DataReport):
