@@ -271,6 +271,10 @@ def test_the_figure_calls_generations_on_explicit_generate_prompts_so_and_not_he
               for kind in ("held-out", "generate.prompts")}  # fmt: skip
     assert "held-out" in titles["held-out"]
     assert "held-out" not in titles["generate.prompts"] and "generate.prompts" in titles["generate.prompts"]
+    # The y axes count pairs and prompts: 2 generations drew ticks at 0.25, 0.5, ... prompts.
+    for axis in plot_evaluation(metrics).axes:
+        ticks = axis.get_yticks()
+        assert all(float(tick).is_integer() for tick in ticks), (axis.get_title(), ticks)
 
 
 def test_generation_kl_matches_a_hand_computed_case():

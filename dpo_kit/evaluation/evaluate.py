@@ -410,6 +410,7 @@ def plot_evaluation(metrics: dict):
     """
     import numpy as np
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     pairs = metrics["per_pair"]
     figure = Figure(figsize=(17, 3.8), layout="constrained")
@@ -457,4 +458,7 @@ def plot_evaluation(metrics: dict):
     else:
         judge_axis.text(0.5, 0.5, "no generations.jsonl:\nrun generate first", ha="center", va="center")
         judge_axis.set_axis_off()
+    # Every y axis counts pairs or prompts: whole-number ticks (matplotlib's own put 2.5 prompts on 8 generations).
+    for axis in figure.axes:
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     return figure
