@@ -40,7 +40,7 @@ def main() -> None:
 
     stage = opened("train")
     result = train_dpo(stage)
-    plot_training_curves(result.log_history, stage.path("training_curves.png"))
+    plot_training_curves(result.log_history, stage.path("training_curves.png"), stage.params)
     stage.complete(**result.summary())
 
     stage = opened("merge")

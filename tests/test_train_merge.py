@@ -237,3 +237,22 @@ def test_a_resumed_training_logs_trls_num_tokens_from_the_checkpoints_count(tmp_
     assert all(row["num_tokens"] == row["num_input_tokens_seen"] for row in rows), [
         (row["step"], row["num_tokens"], row["num_input_tokens_seen"]) for row in rows]
     assert result.final_metrics["num_tokens"] == result.log_history[-1]["num_input_tokens_seen"]
+
+
+def test_the_training_curves_mark_ln_2_only_for_a_loss_that_starts_there():
+    """The ln 2 line says 'a loss parked here learnt nothing'. It was drawn for every loss type, where IPO starts at
+    (1/(2 beta))^2 and hinge at 1, so a reader of an IPO run saw a curve far from it and took that for learning."""
+    from dpo_kit.params import load_params
+    from dpo_kit.training.train import plot_training_curves
+
+    history = [{"step": 1, "loss": 0.69, "rewards/margins": 0.0, "rewards/accuracies": 0.5}]
+
+    def marked(overrides):
+        figure = plot_training_curves(history, None, load_params(TINY, overrides))
+        return [line.get_label() for line in figure.axes[0].get_lines() if "ln 2" in line.get_label()]
+
+    assert marked([]) == ["ln 2 (no learning)"]  # sigmoid, TRL's default
+    assert marked(["dpo.loss_type=robust", "dpo.label_smoothing=0.1"]) == ["ln 2 (no learning)"]
+    assert marked(["dpo.loss_type=ipo"]) == []
+    assert marked(["dpo.loss_type=hinge"]) == []
+    assert marked(["dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0,1.0]"]) == []

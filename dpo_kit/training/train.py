@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import signal
 import threading
@@ -20,7 +21,7 @@ from typing import Any
 from dpo_kit import manifest as mf
 from dpo_kit.hardware import HardwareChoice
 from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet
-from dpo_kit.params import Params, ParamsError
+from dpo_kit.params import Params, ParamsError, dpo_config_defaults
 from dpo_kit.tracking import finish_trackers, offline_wandb_run_hidden, tracker_environment, trackers
 from dpo_kit.training.checkpoints import RECORD_FILE, checkpoint_step, recorded_checkpoints
 
@@ -529,8 +530,18 @@ def final_train_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
     return latest
 
 
-def plot_training_curves(history: list[dict[str, Any]], path: str | Path | None = None):
-    """Loss, rewards/margins and rewards/accuracies against step; saved to `path` when given."""
+def starts_at_ln2(params: Params) -> bool:
+    """Whether the run's training loss is ln 2 where the policy equals the reference: DPO's sigmoid loss and robust
+    DPO's, alone and unweighted. IPO starts at (1/(2 beta))^2, hinge at 1, a mixture elsewhere again."""
+    losses = params.dpo.get("loss_type", dpo_config_defaults()["loss_type"])
+    losses = [losses] if isinstance(losses, str) else list(losses)
+    weights = params.dpo.get("loss_weights")
+    return len(losses) == 1 and losses[0] in ("sigmoid", "robust") and weights in (None, [1.0], [1])
+
+
+def plot_training_curves(history: list[dict[str, Any]], path: str | Path | None = None, params: Params | None = None):
+    """Loss, rewards/margins and rewards/accuracies against step; saved to `path` when given. With the run's
+    `params`, the loss panel marks ln 2, where a loss that starts there and stays has learnt nothing."""
     from matplotlib.figure import Figure
 
     # A bare Figure (not pyplot): nothing global to close, and it shows inline once, as a cell's value.
@@ -545,7 +556,8 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | Path | None 
         axis.set_title(metric)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    axes[0].axhline(0.6931, color="grey", lw=0.8, ls=":", label="ln 2 (no learning)")
+    if params is not None and starts_at_ln2(params):
+        axes[0].axhline(math.log(2), color="grey", lw=0.8, ls=":", label="ln 2 (no learning)")
     axes[0].legend()
     figure.tight_layout()
     if path is not None:
