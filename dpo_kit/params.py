@@ -17,6 +17,7 @@ import re
 import typing
 from collections.abc import Hashable
 from pathlib import Path
+from types import UnionType
 from typing import Any, Literal
 
 import yaml
@@ -116,8 +117,51 @@ class ParamsError(ValueError):
         super().__init__(redact_secrets(str(message)))
 
 
+def number_kind(hint: Any) -> str | None:
+    """'an integer' or 'a number' for a type hint that takes numbers but not booleans (int, float | None, int | str),
+    else None (bool among its types, Any, or no number at all)."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, UnionType) else (hint,)
+    if bool in members or Any in members:
+        return None
+    return "an integer" if int in members else "a number" if float in members else None
+
+
+def bool_where_number(hint: Any, value: Any) -> str | None:
+    """What `hint` takes, when `value` is a boolean (or a list holding one) where only numbers are valid; else None.
+
+    pydantic's lax mode reads true as 1 and false as 0 in an int or float field, so `--set lora.r=true` trained at
+    rank 1 and `dpo.beta=true` at beta 1.0, without a word: a boolean there is a slip (a key mixed up with another,
+    a value from the wrong line), never a way to write a number."""
+    if isinstance(value, bool):
+        return number_kind(hint)
+    if isinstance(value, list):
+        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, UnionType) else (hint,)
+        for member in members:
+            if typing.get_origin(member) is list and typing.get_args(member):
+                kind = number_kind(typing.get_args(member)[0])
+                if kind and any(isinstance(item, bool) for item in value):
+                    return f"a list of {'integers' if kind == 'an integer' else 'numbers'}"
+    return None
+
+
+BOOL_IS_NO_NUMBER = "a boolean is not read as a number here (pydantic would take true as 1, false as 0); write the number"
+
+
+def _shown(value: Any) -> str:
+    """A refused value as it was written in YAML: true/false, not Python's True/False."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info) -> Any:
+        expected = bool_where_number(cls.model_fields[info.field_name].annotation, value)
+        if expected:
+            raise ValueError(f"expected {expected}, got {_shown(value)}: {BOOL_IS_NO_NUMBER}")
+        return value
 
 
 def expand_home(value: Any) -> Any:
@@ -728,6 +772,11 @@ def validate_dpo_section(section: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"unknown key 'dpo.{key}'{_did_you_mean(key, types, 'dpo.')}: not a field of trl.DPOConfig")
         if key == "loss_type" and isinstance(value, str):
             value = [value]  # TRL accepts both; a list keeps weighted multi-loss recipes uniform
+        if expected := bool_where_number(types[key], value):
+            raise ValueError(
+                f"dpo.{key}: expected {expected} ({_type_name(types[key])}, the type of DPOConfig.{key}), got"
+                f" {_shown(value)}: {BOOL_IS_NO_NUMBER}"
+            )
         try:
             checked[key] = TypeAdapter(types[key]).validate_python(value)
         except ValidationError as error:

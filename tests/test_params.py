@@ -774,3 +774,64 @@ def test_a_leading_zero_a_colon_or_a_date_is_read_as_written_not_as_yaml_1_1_num
     # The numbers YAML 1.2 keeps read as before.
     assert read_yaml("[0, 0x1f, 1_000, 1.5e-3, .inf, -5, 1e-3, true, no]") == [0, 31, 1000, 0.0015, float("inf"), -5,
                                                                                "1e-3", True, "no"]  # fmt: skip
+
+
+def number_fields() -> list[str]:
+    """The dotted keys of the kit's own sections whose type takes numbers but not booleans (int, float, int | None)."""
+    from dpo_kit.params import OnPolicyParams, Params
+
+    found = []
+    for section, model in [*((name, f.annotation) for name, f in Params.model_fields.items() if name != "dpo"),
+                           ("data.generate", OnPolicyParams)]:  # fmt: skip
+        for key, field in model.model_fields.items():
+            members = typing.get_args(field.annotation) or (field.annotation,)
+            if bool not in members and ({int, float} & set(members)):
+                found.append(f"{section}.{key}")
+    return found
+
+
+def test_the_number_fields_are_found():
+    keys = number_fields()
+    assert {"lora.r", "lora.dropout", "run.seed", "data.max_length", "data.generate.temperature",
+            "launch.main_process_port", "merge.verify_atol"} <= set(keys)  # fmt: skip
+    assert "lora.enabled" not in keys and "quantization.bits" not in keys  # a bool; a Literal of 4 and 8
+
+
+@pytest.mark.parametrize("key", number_fields())
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_a_boolean_is_refused_where_a_number_is_expected(key, value):
+    """pydantic's lax mode read true as 1 and false as 0 in an int or float field: `--set lora.r=true` trained a rank-1
+    adapter, `generate.temperature=true` sampled at 1.0, without a word."""
+    path = REPO / ("params/smollm2-135m-sentiment.yaml" if key.startswith("data.generate.") else "params/tiny.yaml")
+    with pytest.raises(ParamsError) as caught:
+        load_params(path, [f"{key}={value}"])
+    message = str(caught.value)
+    assert f"{key}: expected " in message and f"got {value}" in message, message
+    assert "an integer" in message or "a number" in message, message
+    assert "boolean is not read as a number" in message, message
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("dpo.beta=true", "dpo.beta: expected a number (float, the type of DPOConfig.beta), got true"),
+    ("dpo.max_steps=false", "dpo.max_steps: expected an integer (int, the type of DPOConfig.max_steps), got false"),
+    ("dpo.max_length=true", "dpo.max_length: expected an integer (int | None"),
+    ("dpo.learning_rate=true", "dpo.learning_rate: expected a number"),
+    ("dpo.loss_weights=[true]", "dpo.loss_weights: expected a list of numbers"),
+])  # fmt: skip
+def test_a_boolean_is_refused_where_dpo_config_expects_a_number(override, expected):
+    with pytest.raises(ParamsError, match=re.escape(expected)):
+        load_params(REPO / "params/tiny.yaml", [override])
+
+
+def test_numbers_still_read_where_booleans_are_refused(tmp_path):
+    params = load_params(REPO / "params/tiny.yaml", ["lora.r=32", "lora.alpha='16'", "dpo.beta=1", "dpo.learning_rate=1e-4",
+                                                     "dpo.max_steps=40.0", "generate.temperature=1", "data.max_length=null",
+                                                     "dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1, 0.5]",
+                                                     "lora.enabled=yes", "dpo.bf16=false"])  # fmt: skip
+    assert (params.lora.r, params.lora.alpha, params.generate.temperature, params.data.max_length) == (32, 16, 1.0, None)
+    assert params.dpo["beta"] == 1.0 and params.dpo["learning_rate"] == 1e-4 and params.dpo["max_steps"] == 40
+    assert params.dpo["loss_weights"] == [1.0, 0.5] and params.lora.enabled is True and params.dpo["bf16"] is False
+    path = tmp_path / "yes.yaml"  # in a file too: `r: True` is a boolean, as true is
+    path.write_text((REPO / "params/tiny.yaml").read_text().replace("  r: 8\n", "  r: True\n"))
+    with pytest.raises(ParamsError, match=f"{re.escape(str(path))}: lora.r: expected an integer, got true"):
+        load_params(path)
