@@ -1064,7 +1064,51 @@ def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                     mark.buffer = None
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     raw = apply_overrides(raw, overrides)
-    return parse_params(raw, source=str(path))
+    params = parse_params(raw, source=str(path))
+    refuse_overrides_of_switched_off_keys(params, overrides, source=str(path))
+    return params
+
+
+# A switch and the keys of its section that take effect only while it is on: (keys, on?, why they are unused, what
+# turns it on). Each key is used, in the stage that reads it, only where `on` holds (models/loading.py, generate.py,
+# merge.py, tracking.py).
+SWITCHED_KEYS: dict[str, tuple[tuple[str, ...], Any, Any, str]] = {
+    "lora.enabled": (("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.bias"),
+                     lambda p: p.lora.enabled, lambda p: "lora.enabled is false (full fine-tuning: no adapter)",
+                     "lora.enabled=true"),
+    "quantization.bits": (("quantization.quant_type", "quantization.double_quant", "quantization.compute_dtype"),
+                          lambda p: p.quantization.bits == 4,
+                          lambda p: f"quantization.bits is {_shown(p.quantization.bits)}, and only 4-bit loading reads them",
+                          "quantization.bits=4"),
+    "generate.do_sample": (("generate.temperature", "generate.top_p", "generate.top_k"), lambda p: p.generate.do_sample,
+                           lambda p: "generate.do_sample is false (greedy decoding samples nothing)",
+                           "generate.do_sample=true"),
+    "merge.push_to_hub": (("merge.hub_model_id", "merge.private"), lambda p: p.merge.push_to_hub,
+                          lambda p: "merge.push_to_hub is false (nothing is pushed)", "merge.push_to_hub=true"),
+    "tracking.report_to": (("tracking.project",), lambda p: {"wandb", "trackio"} & set(p.tracking.report_to),
+                           lambda p: f"only wandb and trackio take a project, and tracking.report_to is"
+                           f" {_shown(p.tracking.report_to)}", "tracking.report_to=[wandb] (or trackio)"),
+}  # fmt: skip
+
+
+def refuse_overrides_of_switched_off_keys(params: Params, overrides: list[str] | tuple[str, ...], source: str) -> None:
+    """Refuse a `--set` (or a sweep's value) of a key whose section is switched off by the params file or by default:
+    `--set lora.r=32` on a full fine-tuning recipe was read, recorded in params.yaml and never used, and the run
+    looked like a rank-32 LoRA run. A switch given in the same overrides is a choice made there (`--set
+    lora.enabled=false` on a LoRA recipe, a sweep over lora.enabled with lora.r fixed): the file's keys, and the
+    overrides', then stay unused as asked. Keys written in the params file itself are not refused: the run's own
+    params.yaml, which the train stage reads back, holds every key of a switched-off section."""
+    given = {item.split("=", 1)[0].strip(): item for item in overrides}
+    for switch, (keys, on, why, turn_on) in SWITCHED_KEYS.items():
+        if switch in given or on(params):
+            continue
+        unused = [key for key in keys if key in given]
+        if unused:
+            raise ParamsError(
+                f"{source}: override '{given[unused[0]]}' would change nothing: {why(params)}, so"
+                f" {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used. Set {turn_on} as well, or"
+                f" leave {', '.join(unused)} out"
+            )
 
 
 def params_to_dict(params: Params) -> dict[str, Any]:

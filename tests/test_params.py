@@ -835,3 +835,53 @@ def test_numbers_still_read_where_booleans_are_refused(tmp_path):
     path.write_text((REPO / "params/tiny.yaml").read_text().replace("  r: 8\n", "  r: True\n"))
     with pytest.raises(ParamsError, match=f"{re.escape(str(path))}: lora.r: expected an integer, got true"):
         load_params(path)
+
+
+@pytest.mark.parametrize(("path", "override", "switch"), [
+    ("phi-2-truthy-dpo-full", "lora.r=32", "lora.enabled=true"),
+    ("phi-2-truthy-dpo-full", "lora.target_modules=[q_proj,v_proj]", "lora.enabled=true"),
+    ("tiny", "quantization.quant_type=fp4", "quantization.bits=4"),
+    ("stablelm-2-1_6b-hh-rlhf-lora-8bit", "quantization.double_quant=false", "quantization.bits=4"),  # 8-bit reads none
+    ("smollm2-135m-sentiment", "generate.temperature=0.5", None),  # do_sample is on there: allowed
+    ("tiny", "tracking.project=mine", "tracking.report_to=[wandb]"),
+    ("phi-2-truthy-dpo-full", "tracking.project=mine", None),  # wandb: allowed
+    ("tiny", "merge.hub_model_id=me/tiny", "merge.push_to_hub=true"),
+])  # fmt: skip
+def test_a_set_key_of_a_switched_off_section_is_refused(path, override, switch):
+    """`--set lora.r=32` on a full fine-tuning recipe was read, written into params.yaml and never used: the run looked
+    like a rank-32 LoRA run. A key given with --set while its section is off in the file is refused, naming the switch."""
+    file = REPO / "params" / f"{path}.yaml"
+    if switch is None:
+        load_params(file, [override])
+        return
+    key = override.split("=")[0]
+    with pytest.raises(ParamsError, match=rf"override '{re.escape(override)}' would change nothing: .*"
+                                          rf"{re.escape(key)} is not used. Set {re.escape(switch)}"):
+        load_params(file, [override])
+
+
+def test_generate_settings_are_refused_under_greedy_decoding(tmp_path):
+    path = tmp_path / "greedy.yaml"
+    path.write_text((REPO / "params/tiny.yaml").read_text().replace("  max_new_tokens: 32\n",
+                                                                    "  max_new_tokens: 32\n  do_sample: false\n"))
+    with pytest.raises(ParamsError, match=r"override 'generate.top_k=0' would change nothing: generate.do_sample is false"):
+        load_params(path, ["generate.top_k=0"])
+
+
+def test_a_switch_given_with_the_keys_keeps_them_unused_as_asked():
+    """Switching a section off with --set keeps the file's (and the overrides') keys unused without refusing them: the
+    README's `--set lora.enabled=false` on a LoRA recipe, a sweep over lora.enabled with lora.r fixed by --set. The run's
+    own params.yaml, read back by the train stage, holds every key of a switched-off section and loads as well."""
+    tiny = REPO / "params/tiny.yaml"
+    assert load_params(tiny, ["lora.enabled=false"]).lora.r == 8
+    assert load_params(tiny, ["lora.r=32", "lora.enabled=false"]).lora.enabled is False
+    assert load_params(REPO / "params/phi-2-truthy-dpo-full.yaml", ["lora.enabled=true", "lora.r=32"]).lora.r == 32
+    assert load_params(tiny, ["tracking.report_to=[trackio]", "tracking.project=mine"]).tracking.project == "mine"
+    assert load_params(tiny, ["generate.do_sample=false", "generate.temperature=0.5"]).generate.temperature == 0.5
+
+
+def test_a_full_fine_tuning_run_params_file_reads_back(tmp_path):
+    params = load_params(REPO / "params/tiny.yaml", ["lora.enabled=false"])
+    save_params(params, tmp_path / "params.yaml")
+    assert "  r: 8\n" in (tmp_path / "params.yaml").read_text()
+    assert load_params(tmp_path / "params.yaml") == params
