@@ -885,3 +885,22 @@ def test_a_full_fine_tuning_run_params_file_reads_back(tmp_path):
     save_params(params, tmp_path / "params.yaml")
     assert "  r: 8\n" in (tmp_path / "params.yaml").read_text()
     assert load_params(tmp_path / "params.yaml") == params
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0]"], "`loss_weights` must have the same length as `loss_type`"),
+    (["dpo.load_best_model_at_end=true"], "--load_best_model_at_end requires the save and eval strategy to match"),
+    (["dpo.warmup_steps=-1"], "warmup_steps >= 0"),
+])  # fmt: skip
+def test_what_dpo_config_refuses_is_refused_when_the_params_are_read(overrides, expected, tmp_path, capsys):
+    """DPOConfig's and TrainingArguments' own checks across keys ran only when the train stage built the config, after
+    the format stage had sampled or downloaded the pairs; `dpo-kit validate` said the params were valid."""
+    from dpo_kit.run.cli import main
+    from dpo_kit.run.runner import resolve_run
+
+    with pytest.raises(ParamsError, match=r"dpo: trl.DPOConfig refuses these settings .*" + re.escape(expected)):
+        resolve_run(REPO / "params/tiny.yaml", overrides, tmp_path)
+    assert main(["validate", str(REPO / "params/tiny.yaml"), *[a for o in overrides for a in ("--set", o)]]) == 1
+    assert expected in capsys.readouterr().err
+    assert resolve_run(REPO / "params/tiny.yaml", overrides, tmp_path, ["generate"])  # no train stage: not built
+    assert not list(tmp_path.iterdir())

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,17 @@ def refuse_training_this_machine_cannot_do(params: Params, project_dir: str | Pa
 
     refuse_precision_the_hardware_lacks(params, hardware)
     check_launch_when_read(params, project_dir, hardware)
+    # DPOConfig's and TrainingArguments' own checks across keys (loss_weights against loss_type, load_best_model_at_end
+    # against the save and eval strategies, a negative warmup_steps, ...) run when the config is built: at the train
+    # stage, after the format stage had sampled or downloaded the pairs. Built here too, into a folder it never writes.
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            build_dpo_config(params, folder, hardware)
+        except ValueError as error:
+            if isinstance(error, ParamsError):
+                raise
+            raise ParamsError(f"dpo: trl.DPOConfig refuses these settings (TRL checks them only when the train stage"
+                              f" builds its config, after the format stage): {error}") from None
 
 
 def precision_defaults(params: Params, hardware: HardwareChoice) -> dict[str, bool]:
