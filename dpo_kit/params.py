@@ -1005,6 +1005,16 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
             " never go in params files, which are copied into the run and into executed notebooks: set"
             f" {' / '.join(SECRET_ENV_VARS)} in the environment instead."
         )
+    empty = [name for name, value in raw.items() if value is None and name in Params.model_fields]
+    if empty:
+        # YAML reads a section whose keys are all commented out as null; pydantic said only "Input should be a valid
+        # dictionary or instance of LoraParams". Not read as the defaults: an empty `lora:` may mean "no LoRA",
+        # and LoRA is the default.
+        raise ParamsError(
+            f"{source}: section '{empty[0]}' is empty (YAML reads a section with no keys under it as null): give it"
+            f" keys, or remove the line '{empty[0]}:' to take its defaults"
+            + (" (for full fine-tuning, write lora: {enabled: false})" if empty[0] == "lora" else "")
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as error:
@@ -1033,8 +1043,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
                 f"override '{override}': unknown section '{parts[0]}'{_did_you_mean(parts[0], Params.model_fields)}"
                 f" (valid sections: {', '.join(Params.model_fields)})"
             )
+        if "" in parts:
+            raise ParamsError(f"override '{override}': the key {dotted.strip()!r} has an empty part between its dots")
         node = raw
         for part in parts[:-1]:
+            if part in node and node[part] is None:
+                node[part] = {}  # a section left empty in the file (null in YAML) takes the override's key
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ParamsError(f"override '{override}': '{part}' is not a section")

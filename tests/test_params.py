@@ -904,3 +904,25 @@ def test_what_dpo_config_refuses_is_refused_when_the_params_are_read(overrides, 
     assert expected in capsys.readouterr().err
     assert resolve_run(REPO / "params/tiny.yaml", overrides, tmp_path, ["generate"])  # no train stage: not built
     assert not list(tmp_path.iterdir())
+
+
+def test_a_section_left_empty_is_named_and_takes_an_override(tmp_path):
+    """A section whose keys are all commented out is null in YAML: pydantic said "Input should be a valid dictionary or
+    instance of QuantizationParams", and `--set quantization.bits=4` on it was refused as "'quantization' is not a
+    section". An empty `lora:` is not read as the defaults, which train a LoRA: it may mean "no LoRA"."""
+    text = (REPO / "params/tiny.yaml").read_text()
+    path = tmp_path / "empty.yaml"
+    path.write_text(text + "quantization:\n#  bits: 4\n")
+    with pytest.raises(ParamsError, match=rf"{re.escape(str(path))}: section 'quantization' is empty .* remove the line"
+                                          " 'quantization:' to take its defaults"):
+        load_params(path)
+    assert load_params(path, ["quantization.bits=4"]).quantization.bits == 4
+    path.write_text(re.sub(r"lora:\n(  .*\n)+", "lora:\n", text))
+    with pytest.raises(ParamsError, match=r"section 'lora' is empty .*lora: \{enabled: false\}"):
+        load_params(path)
+    assert load_params(path, ["lora.enabled=false"]).lora.enabled is False
+
+
+def test_an_override_key_with_an_empty_part_is_refused():
+    with pytest.raises(ParamsError, match=r"override 'dpo\.\.beta=1': the key 'dpo\.\.beta' has an empty part"):
+        load_params(REPO / "params/tiny.yaml", ["dpo..beta=1"])
