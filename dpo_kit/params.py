@@ -173,7 +173,11 @@ def expand_home(value: Any) -> Any:
 
 class RunParams(Section):
     name: str = Field(description="Run name; the run directory is <output_dir>/<name>. Use model-task-variant.")
-    seed: int = Field(42, description="Seed for the data split, LoRA init and training order.")
+    # transformers' set_seed seeds numpy, which takes 0 to 2**32 - 1 only, and the generate stage seeds its best-of-N
+    # draws with seed + 1: a seed outside was refused by the train stage (or the sampler), after the format stage.
+    seed: int = Field(
+        42, ge=0, le=2**32 - 2, description="Seed for the data split, LoRA init and training order (0 to 2**32 - 2)."
+    )
     output_dir: str = Field(
         "runs", description="Parent directory of run directories (relative to the project dir, or absolute, or ~/...)."
     )

@@ -926,3 +926,16 @@ def test_a_section_left_empty_is_named_and_takes_an_override(tmp_path):
 def test_an_override_key_with_an_empty_part_is_refused():
     with pytest.raises(ParamsError, match=r"override 'dpo\.\.beta=1': the key 'dpo\.\.beta' has an empty part"):
         load_params(REPO / "params/tiny.yaml", ["dpo..beta=1"])
+
+
+@pytest.mark.parametrize(("seed", "expected"), [("-1", "greater than or equal to 0"),
+                                                ("4294967295", "less than or equal to 4294967294")])
+def test_a_seed_numpy_cannot_take_is_refused_when_the_params_are_read(seed, expected):
+    """transformers' set_seed (numpy) refused `run.seed: -1` only in the train stage, after the format stage."""
+    from transformers import set_seed
+
+    with pytest.raises(ValueError, match="Seed must be between 0 and 2\\*\\*32 - 1"):
+        set_seed(int(seed) if seed == "-1" else int(seed) + 1)  # the premise; + 1: the generate stage's best-of-N seed
+    with pytest.raises(ParamsError, match=f"run.seed: Input should be {expected} \\(got {seed}\\)"):
+        load_params(REPO / "params/tiny.yaml", [f"run.seed={seed}"])
+    assert load_params(REPO / "params/tiny.yaml", ["run.seed=4294967294"]).run.seed == 4294967294
