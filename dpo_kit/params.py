@@ -721,6 +721,14 @@ class Params(Section):
 # The `dpo` section against trl.DPOConfig
 
 
+# Integer keys of DPOConfig that it takes at any value but that fail, or train nothing, below 1: found only by the
+# train stage (a DataLoader refusing batch_size 0, a division by the accumulation steps), after the format stage.
+DPO_KEYS_AT_LEAST_ONE = {
+    "per_device_train_batch_size": "pairs per step on each device",
+    "per_device_eval_batch_size": "pairs per evaluation batch on each device",
+    "gradient_accumulation_steps": "batches per optimizer step (1 = no accumulation)",
+    "max_length": "the token limit of prompt + response; null for none",
+}
 # The losses of TRL 1.x's DPOTrainer that read DPOConfig.label_smoothing (dpo_trainer.py); every other ignores it.
 LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
 # The values TRL 1.x's DPOTrainer accepts (it checks them only in the loss computation; a test reads its source).
@@ -788,6 +796,8 @@ def validate_dpo_section(section: dict[str, Any]) -> dict[str, Any]:
                 f"dpo.{key}: expected {_type_name(types[key])} (the type of DPOConfig.{key}), got {value!r}"
                 f" ({error.errors()[0]['msg']})"
             ) from None
+        if key in DPO_KEYS_AT_LEAST_ONE and checked[key] is not None and checked[key] < 1:
+            raise ValueError(f"dpo.{key} {checked[key]} must be at least 1: {DPO_KEYS_AT_LEAST_ONE[key]}")
         # Enum-typed fields (lr_scheduler_type, optim, ...) are kept as plain values so they dump to YAML.
         if isinstance(checked[key], enum.Enum):
             checked[key] = checked[key].value

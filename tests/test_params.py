@@ -939,3 +939,18 @@ def test_a_seed_numpy_cannot_take_is_refused_when_the_params_are_read(seed, expe
     with pytest.raises(ParamsError, match=f"run.seed: Input should be {expected} \\(got {seed}\\)"):
         load_params(REPO / "params/tiny.yaml", [f"run.seed={seed}"])
     assert load_params(REPO / "params/tiny.yaml", ["run.seed=4294967294"]).run.seed == 4294967294
+
+
+@pytest.mark.parametrize("key", ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                                 "max_length"])  # fmt: skip
+def test_a_dpo_count_below_one_is_refused_when_the_params_are_read(key):
+    """DPOConfig takes 0 for these; the train stage then failed (a DataLoader refuses batch_size 0, the Trainer divides
+    by the accumulation steps) or the audit dropped every pair, after the format stage."""
+    from torch.utils.data import DataLoader
+
+    with pytest.raises(ValueError, match="batch_size should be a positive integer"):
+        DataLoader([1, 2], batch_size=0)  # the premise, for the batch sizes
+    for value in ("0", "-1"):
+        with pytest.raises(ParamsError, match=rf"dpo.{key} {value} must be at least 1"):
+            load_params(REPO / "params/tiny.yaml", [f"dpo.{key}={value}"])
+    assert load_params(REPO / "params/tiny.yaml", [f"dpo.{key}=1"]).dpo[key] == 1
