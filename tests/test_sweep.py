@@ -31,6 +31,7 @@ from dpo_kit.run.sweep import (
     trial_name,
     trial_overrides,
     trial_rows,
+    validate_points,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -614,3 +615,16 @@ def test_a_grid_of_lists_is_split_at_its_top_level_commas_and_runs_each_list_as_
     rows = trial_rows(tmp_path / "losses")
     assert sorted((row["run_dir"], row["state"]) for row in rows) == [("loss_type=[sigmoid, sft]", "COMPLETE"),
                                                                       ("loss_type=ipo", "COMPLETE")]  # fmt: skip
+
+
+def test_a_sweep_over_a_key_its_params_switch_off_is_refused_before_anything_is_written(tmp_path):
+    """Every trial of `--grid lora.r=8,16` on a full fine-tuning recipe would train the same model; a sweep that
+    switches the section itself (lora.enabled swept, lora.r fixed) is a choice and runs."""
+    full = REPO / "params" / "phi-2-truthy-dpo-full.yaml"
+    with pytest.raises(SweepError, match=r"override 'lora.r=8' would change nothing: lora.enabled is false .*"
+                                         r"\(from the sweep's lora.r=8\)"):
+        run_sweep(full, grid=["lora.r=8,16"], project_dir=tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())
+    space = SearchSpace.parse(["lora.enabled=true,false"], [])
+    validate_points(SweepSpec(params=str(TINY), overrides=["lora.r=4"], space={}, sampler="grid", samples=None,
+                              objective="x", direction="maximize", seed=0), space, REPO)  # fmt: skip
