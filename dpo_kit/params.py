@@ -1099,7 +1099,7 @@ def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 # A switch and the keys of its section that take effect only while it is on: (keys, on?, why they are unused, what
 # turns it on). Each key is used, in the stage that reads it, only where `on` holds (models/loading.py, generate.py,
-# merge.py, tracking.py).
+# merge.py, tracking.py, data/sources.py).
 SWITCHED_KEYS: dict[str, tuple[tuple[str, ...], Any, Any, str]] = {
     "lora.enabled": (("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.bias"),
                      lambda p: p.lora.enabled, lambda p: "lora.enabled is false (full fine-tuning: no adapter)",
@@ -1113,6 +1113,10 @@ SWITCHED_KEYS: dict[str, tuple[tuple[str, ...], Any, Any, str]] = {
                            "generate.do_sample=true"),
     "merge.push_to_hub": (("merge.hub_model_id", "merge.private"), lambda p: p.merge.push_to_hub,
                           lambda p: "merge.push_to_hub is false (nothing is pushed)", "merge.push_to_hub=true"),
+    "data.source": (("data.split", "data.revision"),
+                    lambda p: p.data.source not in ("bundled", "generate") and not is_local_path(p.data.source),
+                    lambda p: f"data.source {p.data.source!r} is no hub dataset, the only source read by split and"
+                    " revision (data.max_rows limits the rows read)", "data.source=<a hub dataset id>"),
     "tracking.report_to": (("tracking.project",), lambda p: {"wandb", "trackio"} & set(p.tracking.report_to),
                            lambda p: f"only wandb and trackio take a project, and tracking.report_to is"
                            f" {_shown(p.tracking.report_to)}", "tracking.report_to=[wandb] (or trackio)"),

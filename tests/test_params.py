@@ -764,10 +764,10 @@ def test_a_misspelled_scheduler_optimizer_or_strategy_is_refused_when_the_params
 def test_a_leading_zero_a_colon_or_a_date_is_read_as_written_not_as_yaml_1_1_numbers_and_dates(tmp_path):
     """YAML 1.1 read 0123 as octal 83 (`--set model.revision=0123` was refused as "got 83", `save_steps: 010` saved
     every 8 steps), 1:30 as 90 and 2024-12-07 as a date; YAML 1.2, and now the kit, read none of them so."""
-    params = load_params(REPO / "params/tiny.yaml", ["model.revision=0123", "run.name=2024-12-07", "dpo.save_steps=010",
-                                                     "data.split=1:30"])  # fmt: skip
+    params = load_params(REPO / "params/tiny.yaml", ["model.revision=0123", "run.name=2024-12-07", "dpo.save_steps=010"])
     assert (params.model.revision, params.run.name, params.dpo["save_steps"]) == ("0123", "2024-12-07", 10)
-    assert params.data.split == "1:30"
+    hub = REPO / "params/qwen2.5-0.5b-instruct-ultrafeedback-lora.yaml"  # data.split is a hub dataset's
+    assert load_params(hub, ["data.split=1:30"]).data.split == "1:30"
     path = tmp_path / "written.yaml"
     path.write_text((REPO / "params/tiny.yaml").read_text().replace("name: tiny", "name: 007"))
     assert load_params(path).run.name == "007"
@@ -846,6 +846,9 @@ def test_numbers_still_read_where_booleans_are_refused(tmp_path):
     ("tiny", "tracking.project=mine", "tracking.report_to=[wandb]"),
     ("phi-2-truthy-dpo-full", "tracking.project=mine", None),  # wandb: allowed
     ("tiny", "merge.hub_model_id=me/tiny", "merge.push_to_hub=true"),
+    ("tiny", "data.split=train[:100]", "data.source=<a hub dataset id>"),  # bundled: no split read
+    ("smollm2-135m-sentiment", "data.revision=main", "data.source=<a hub dataset id>"),  # sampled pairs
+    ("qwen2.5-0.5b-instruct-ultrafeedback-lora", "data.split=train[:100]", None),  # a hub dataset: allowed
 ])  # fmt: skip
 def test_a_set_key_of_a_switched_off_section_is_refused(path, override, switch):
     """`--set lora.r=32` on a full fine-tuning recipe was read, written into params.yaml and never used: the run looked
