@@ -5,9 +5,9 @@ Run it after changing such a cell or what it prints, and commit the result:
     .venv/bin/python scripts/capture_notebook_outputs.py
 
 Every notebook in notebooks/ runs, in order, in a fresh copy of notebooks/ and params/ (so nothing stored
-under the checkout's runs/ is shown instead of computed), with its own defaults, as nbval runs it. The copy written to tests/notebook_outputs/<notebook> keeps the outputs of the checked
-cells only, images left out (nbval does not compare them); nbval compares the rest through
-tests/notebook_outputs/sanitize.cfg.
+under the checkout's runs/ is shown instead of computed), with its own defaults, as nbval runs it. The copy
+written to tests/notebook_outputs/<notebook> keeps the outputs of the checked cells only, images left out (nbval
+does not compare them); nbval compares the rest through tests/notebook_outputs/sanitize.cfg.
 """
 
 from __future__ import annotations
