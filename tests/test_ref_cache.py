@@ -130,6 +130,18 @@ def test_an_entry_under_another_name_or_with_other_rows_is_refused(tmp_path):
 # --- the key ---------------------------------------------------------------------------------------------------
 
 
+def test_the_key_names_the_versions_of_every_package_that_computes_the_reference():
+    """A QLoRA reference is de-quantized by bitsandbytes and a LoRA one is the base with peft's adapters disabled: an
+    entry computed under other versions of either was a hit."""
+    from importlib.metadata import version
+
+    from dpo_kit.training.ref_cache import versions
+
+    found = versions()
+    assert {"torch", "transformers", "trl", "peft", "bitsandbytes"} <= set(found)
+    assert (found["peft"], found["bitsandbytes"]) == (version("peft"), version("bitsandbytes"))
+
+
 def test_the_data_hash_follows_the_token_ids_and_their_order():
     from datasets import Dataset
 

@@ -12,7 +12,8 @@ The key is the sha256 of every input the numbers depend on (`key_fields`): the r
 (names, dtypes and bytes of the base model's state dict, LoRA adapters excluded, quantization state
 included) and its config; the token ids TRL feeds it (prompt/chosen/rejected ids, which carry the chat
 template, and the row order); the collator's max_length, truncation_mode, padding; the precompute batch
-size, mixed precision, device, attention implementation, ld_alpha; and the torch/transformers/trl versions.
+size, mixed precision, device, attention implementation, ld_alpha; and the torch/transformers/trl/peft/bitsandbytes
+versions.
 Loss settings (beta, loss_type, learning rate) are not in it: they do not change the reference.
 
 An entry is one safetensors file (never pickle), written to a temporary name, synced and renamed into place.
@@ -121,11 +122,20 @@ def data_sha256(dataset, columns=TOKEN_COLUMNS) -> str:
 
 
 def versions() -> dict[str, str]:
+    """The packages whose code computes the reference log-probs: peft disables the adapters for a LoRA run's
+    reference, and bitsandbytes de-quantizes a QLoRA run's weights (read from the metadata: importing it here would
+    load its CUDA probe)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
     import transformers
     import trl
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
+    found = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
+    for package in ("peft", "bitsandbytes"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[package] = version(package)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------
