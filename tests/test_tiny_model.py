@@ -67,6 +67,31 @@ def test_ensure_builds_over_what_a_build_cut_short_left_at_the_kits_path(tmp_pat
     assert (ensure_tiny_model(path) / "config.json").exists()
     with pytest.raises(FileExistsError, match="not empty"):
         build_tiny_model(path)
+    # save_pretrained writes config.json first: a build killed in the weights left it beside half the weights.
+    (path / "model.safetensors").write_bytes(b"half-written")
+    (path / "tokenizer.json").unlink()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(ensure_tiny_model(path))  # loads: built over, not reused
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_tiny-chat-model"], "no staging copy left"
+
+
+def test_a_build_that_dies_leaves_nothing_at_the_kits_path(tmp_path, monkeypatch):
+    """A build killed half-way must not leave a directory that later runs take for a model (they load it and fail)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from dpo_kit.models.tiny import ensure_tiny_model
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C between the weights and the tokenizer
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", killed)
+    path = tmp_path / "_tiny-chat-model"
+    with pytest.raises(KeyboardInterrupt):
+        ensure_tiny_model(path)
+    assert list(tmp_path.iterdir()) == [], "neither the model's path nor a staging copy"
+    monkeypatch.undo()
+    assert (ensure_tiny_model(path) / "tokenizer.json").is_file()
 
 
 # Real models' shapes, built at random for the GPU checks (bench/gpu_train.py): the parameter counts of the real

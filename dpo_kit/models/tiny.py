@@ -6,6 +6,8 @@ It is saved with `save_pretrained` and used only through `AutoModelForCausalLM.f
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from dpo_kit.chat_templates import CHAT_TEMPLATE_PRESETS
@@ -99,13 +101,37 @@ def refuse_occupied(output_dir: Path, overwrite: bool = False) -> None:
         )
 
 
+# What a complete build leaves; save_pretrained writes config.json before the weights, so it alone proves nothing.
+TINY_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                    "tokenizer_config.json")  # fmt: skip
+
+
 def ensure_tiny_model(path: str | Path, seed: int = 0) -> Path:
-    """Build the tiny model at `path` unless a model is already saved there. The path is the kit's own (e.g.
-    model.build_tiny_model's `_tiny-chat-model`): what a build cut short left there without a config.json is
-    built over."""
+    """Build the tiny model at `path` unless a complete one is already saved there. The path is the kit's own (e.g.
+    model.build_tiny_model's `_tiny-chat-model`), shared by every run of a project.
+
+    The model is built beside it and renamed into place, so `path` never holds a half-written model: a build killed
+    after save_pretrained wrote config.json but not the weights left a directory that every later run loaded and
+    failed on. Processes that build at once (the ranks of a launched training, parallel sweep trials) each build their
+    own copy; the first rename wins and the others, the same bytes for the same seed, are removed. What an older
+    build cut short left at `path` is built over."""
     path = Path(path)
-    if not (path / "config.json").exists():
-        build_tiny_model(path, seed=seed, overwrite=True)
+    if all((path / name).is_file() for name in TINY_MODEL_FILES):
+        return path
+    staging = path.with_name(f".{path.name}.building-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        build_tiny_model(staging, seed=seed)
+        if path.exists() and not all((path / name).is_file() for name in TINY_MODEL_FILES):
+            shutil.rmtree(path)  # cut short by a kit that built in place
+        try:
+            os.rename(staging, path)
+        except OSError:
+            if not all((path / name).is_file() for name in TINY_MODEL_FILES):
+                raise
+            # Another process renamed its build into place first.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
