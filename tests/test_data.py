@@ -226,6 +226,14 @@ def test_a_json_file_of_the_wrong_shape_names_what_is_wrong(tmp_path, content, m
         read_rows(make_params(source="pairs.json", format="standard").data, tmp_path)
 
 
+def test_a_json_file_written_by_pandas_default_to_json_says_how_to_write_it(tmp_path):
+    """DataFrame.to_json() writes each column as an object keyed by row index; the message says which orient reads."""
+    import pandas as pd  # datasets depends on it
+    pd.DataFrame({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}).to_json(tmp_path / "pairs.json")
+    with pytest.raises(SourceError, match=r"DataFrame.to_json\(\) default .*orient='records'"):
+        read_rows(make_params(source="pairs.json", format="standard").data, tmp_path)
+
+
 def test_broken_jsonl_line_is_named(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{not json\n')
     with pytest.raises(SourceError, match="bad.jsonl, line 2: not valid JSON"):

@@ -265,7 +265,14 @@ def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
     if isinstance(content, dict) and content:
         not_lists = [name for name, column in content.items() if not isinstance(column, list)]
         if not_lists:
-            raise SourceError(f"{key}: {path}: the value of {not_lists[0]!r} is not a list of column values; {valid}")
+            hint = ""
+            if all(isinstance(column, dict) for column in content.values()):
+                # pandas' DataFrame.to_json() writes orient="columns" by default: each column keyed by row index.
+                hint = (". It looks like pandas' DataFrame.to_json() default (each column an object keyed by row"
+                        " index): write it with to_json(orient='records'), or orient='records', lines=True into a .jsonl")
+            raise SourceError(
+                f"{key}: {path}: the value of {not_lists[0]!r} is not a list of column values; {valid}{hint}"
+            )
         lengths = {name: len(column) for name, column in content.items()}
         if len(set(lengths.values())) > 1:
             shown = ", ".join(f"{name!r} {length}" for name, length in lengths.items())
