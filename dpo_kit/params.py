@@ -514,6 +514,12 @@ class TrackingParams(Section):
 
     @model_validator(mode="after")
     def _project_the_trackers_accept(self):
+        if "none" in self.report_to and len(self.report_to) > 1:
+            # Read as "no trackers" by some and as the other names by others: say which was meant.
+            raise ValueError(f"tracking.report_to {self.report_to}: 'none' means no tracker, so it stands alone;"
+                             " name the trackers ([wandb, trackio, tensorboard], any of them) or write none")
+        if len(set(self.report_to)) < len(self.report_to):
+            raise ValueError(f"tracking.report_to {self.report_to} names a tracker twice; name each once")
         # wandb refuses these at wandb.init() ("Invalid project name"), in the train stage after the format stage
         # has run. `entity/project`, the way wandb's own pages write a project, is the likely one.
         if "wandb" in self.report_to:

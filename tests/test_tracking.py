@@ -202,6 +202,12 @@ def test_report_to_names_the_trackers_it_accepts():
     with pytest.raises(ValueError, match="tracking.report_to") as error:
         load_params(TINY, ["tracking.report_to=[mlflow]"])
     assert all(name in str(error.value) for name in ("wandb", "trackio", "tensorboard"))
+    # 'none' beside a tracker read as either; a tracker twice, as two runs of one tracker.
+    with pytest.raises(ValueError, match="'none' means no tracker, so it stands alone"):
+        load_params(TINY, ["tracking.report_to=[none,wandb]"])
+    with pytest.raises(ValueError, match="names a tracker twice"):
+        load_params(TINY, ["tracking.report_to=[tensorboard,tensorboard]"])
+    assert load_params(TINY, ["tracking.report_to=none"]).tracking.report_to == ["none"]
 
 
 @pytest.mark.parametrize("project", ["my-team/dpo", "dpo:v2", "", "x" * 129])
