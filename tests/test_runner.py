@@ -588,3 +588,35 @@ def test_a_relative_kit_cache_means_the_directory_the_run_was_started_in(tmp_pat
     finally:
         kernel.shutdown()
     assert "".join(output.get("text", "") for output in cell.outputs).strip() == str(tmp_path / "kit-cache")
+
+
+def test_the_shared_kernel_is_waited_for_once_not_before_every_notebook(tmp_path):
+    """nbclient waits for the kernel before every notebook it runs (each stage, each reset, each call in the kernel):
+    a kernel_info round trip, then 0.2 s of silence on iopub (jupyter_client's wait_for_ready), 14 times a run, ~3 s
+    idle of a tiny run's ~18. The shared kernel is waited for once; later notebooks only check that it lives."""
+    import os
+    import signal
+    import time
+
+    from jupyter_core.utils import run_sync
+
+    from dpo_kit.run.runner import SharedKernel
+
+    kernel = SharedKernel(tmp_path)
+    try:
+        kernel.run_cell("1")  # the first waits for the kernel to answer
+        client = kernel.manager.client()
+        asked = []
+        kernel_info = client.kernel_info
+        client.kernel_info = lambda: asked.append(1) or kernel_info()
+        for _ in range(3):
+            assert kernel.run_cell("print(6 * 7)").outputs[0]["text"].strip() == "42"
+        assert len(asked) == 3, "one kernel_info per notebook (nbclient's, for its language_info), none to wait"
+
+        os.kill(kernel.manager.provisioner.process.pid, signal.SIGKILL)
+        while run_sync(kernel.manager.is_alive)():
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match="Kernel died"):  # a dead kernel is still said, as before
+            run_sync(client.wait_for_ready)(timeout=60)
+    finally:
+        kernel.shutdown()

@@ -121,7 +121,7 @@ class SharedKernel:
 
     def __init__(self, cwd: Path) -> None:
         from jupyter_client.manager import AsyncKernelManager
-        from jupyter_core.utils import run_sync
+        from jupyter_core.utils import ensure_async, run_sync
 
         class OneClientKernelManager(AsyncKernelManager):
             # nbclient asks for a new client per notebook, and connecting one costs ~0.5-1.5 s of
@@ -131,9 +131,24 @@ class SharedKernel:
 
             def client(self, **kwargs):
                 if self._client is None:
-                    self._client = super().client(**kwargs)
-                    self._client.start_channels()
-                    self._client.start_channels = lambda *args, **kwargs: None  # already connected
+                    self._client = client = super().client(**kwargs)
+                    client.start_channels()
+                    client.start_channels = lambda *args, **kwargs: None  # already connected
+                    wait_for_ready = client.wait_for_ready
+
+                    async def ready(timeout=None):
+                        # nbclient also waits for every notebook it runs (each stage, each reset and call): a
+                        # kernel_info round trip, then 0.2 s of silence on iopub (jupyter_client's wait_for_ready),
+                        # ~0.25 s idle each, 14 times a run. Once the kernel has answered, only whether it lives.
+                        if client.ready_seen:
+                            if not await ensure_async(client.is_alive()):
+                                raise RuntimeError("Kernel died before replying to kernel_info")
+                            return
+                        await ensure_async(wait_for_ready(timeout=timeout))
+                        client.ready_seen = True
+
+                    client.ready_seen = False
+                    client.wait_for_ready = ready
                 return self._client
 
         import zmq
