@@ -179,11 +179,12 @@ def standard_rows(tokenizer, rows):
 
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")  # raised inside TRL/transformers
 @pytest.mark.parametrize(
-    "data_format, max_length",
-    [("conversational", None), ("standard", None), ("conversational", 30)],
-    ids=["conversational", "standard", "max_length-drops-and-truncates"],
-)
-def test_metrics_agree_with_trl_dpo_trainer_evaluate(tiny_model_dir, tmp_path, data_format, max_length):
+    "data_format, max_length, ld_alpha",
+    [("conversational", None, None), ("standard", None, None), ("conversational", 30, None),
+     ("conversational", None, 0.5)],
+    ids=["conversational", "standard", "max_length-drops-and-truncates", "ld_alpha-weighs-the-longer-tail"],
+)  # fmt: skip
+def test_metrics_agree_with_trl_dpo_trainer_evaluate(tiny_model_dir, tmp_path, data_format, max_length, ld_alpha):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -191,7 +192,8 @@ def test_metrics_agree_with_trl_dpo_trainer_evaluate(tiny_model_dir, tmp_path, d
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = EVAL_ROWS if data_format == "conversational" else standard_rows(tokenizer, EVAL_ROWS)
     run_dir = make_run_dir(tmp_path / "run", tiny_model_dir, noise=0.05, rows=rows)
-    dpo = {"max_length": max_length} if max_length else {}
+    # dpo.ld_alpha (LD-DPO) changes TRL's logps/* and rewards/*: the evaluation must count the tokens as TRL does.
+    dpo = {**({"max_length": max_length} if max_length else {}), **({"ld_alpha": ld_alpha} if ld_alpha else {})}
     with pytest.warns(UserWarning, match="generations.jsonl"):  # none made here: KL and win-rate are skipped
         metrics = evaluate_run(make_params(tiny_model_dir, **dpo), run_dir)
     assert "kl" not in metrics and "win_rate" not in metrics

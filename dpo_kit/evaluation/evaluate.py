@@ -4,7 +4,8 @@
    with log pi(y|x) summed over response tokens, under TRL's metric names (rewards/*, logps/*). Pairs are
    tokenized as TRL 1.16's DPOTrainer does (`tokenize_pair`) and batched by TRL's own collator, so the
    figures agree with the eval metrics TRL logs for the same models and data (a test checks this).
-   TRL averages per batch; here everything is averaged per pair, which is the same for one batch.
+   TRL averages per batch; here everything is averaged per pair, which is the same for one batch. With dpo.ld_alpha
+   (LD-DPO) the log-probs weigh the longer response's tokens beyond the shorter one's length by ld_alpha, as TRL's do.
 
 2. KL(pi || pi_ref) on the generation prompts (generations.jsonl). Estimator: along each continuation y the
    policy generated, the exact KL between the two next-token distributions over the whole vocabulary,
@@ -102,8 +103,30 @@ def _logits(model, input_ids, attention_mask):
     return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
 
 
-def pair_logps(models: dict, examples: list[dict], collator, batch_size: int) -> dict[str, list]:
-    """Summed response log-probs of chosen and rejected under each model, plus response lengths, per pair."""
+def ld_masks(completion_mask, ld_alpha: float | None):
+    """The response tokens of a collated batch (chosen rows, then rejected) split as TRL 1.16's DPOTrainer weighs them
+    under `ld_alpha` (LD-DPO): the first min(chosen, rejected) tokens of each response count fully, the rest of the
+    longer one `ld_alpha` times. Returns (full, tail) masks aligned like completion_mask; tail is None without
+    ld_alpha, where every response token counts fully."""
+    import torch
+
+    if ld_alpha is None:
+        return completion_mask, None
+    # Numbered over labels[:, 1:], the positions TRL (and sequence_logps) score; the first column is never scored.
+    position = completion_mask[:, 1:].cumsum(-1)
+    shared = torch.minimum(*completion_mask[:, 1:].sum(-1).chunk(2)).repeat(2).unsqueeze(-1)
+    scored = completion_mask[:, 1:].bool()
+    first = torch.zeros_like(completion_mask[:, :1])
+    return (torch.cat([first, (scored & (position <= shared)).long()], -1),
+            torch.cat([first, (scored & (position > shared)).long()], -1))  # fmt: skip
+
+
+def pair_logps(
+    models: dict, examples: list[dict], collator, batch_size: int, ld_alpha: float | None = None
+) -> dict[str, list]:
+    """Summed response log-probs of chosen and rejected under each model, plus response lengths, per pair. With
+    `ld_alpha` (dpo.ld_alpha, LD-DPO) the tokens of the longer response beyond the shorter one's length count
+    `ld_alpha` times, as TRL counts them in its log-probs, rewards and loss."""
     import torch
 
     from dpo_kit.scratch.loss import sequence_logps
@@ -115,16 +138,23 @@ def pair_logps(models: dict, examples: list[dict], collator, batch_size: int) ->
         chosen_tokens, rejected_tokens = batch["completion_mask"][:, 1:].sum(-1).chunk(2)
         per_pair["chosen_tokens"] += chosen_tokens.tolist()
         per_pair["rejected_tokens"] += rejected_tokens.tolist()
+        full, tail = ld_masks(batch["completion_mask"], ld_alpha)
         for name, model in models.items():
             with torch.no_grad():
                 logits = _logits(model, batch["input_ids"], batch["attention_mask"])
-                labels, mask = batch["input_ids"].to(logits.device), batch["completion_mask"].to(logits.device)
+                labels, mask = batch["input_ids"].to(logits.device), full.to(logits.device)
                 # One sequence at a time: sequence_logps makes a float32 copy of the logits and its log-softmax over
                 # the vocabulary, each twice the size of half-precision logits. For a whole batch of 8 pairs of 1,024
                 # tokens of Qwen2.5's 151,936-token vocabulary that was 20 GB on top of the logits' 5 GB: more than
                 # the 16 GB GPU that recipe says it fits.
                 logps = torch.cat([sequence_logps(logits[row : row + 1], labels[row : row + 1], mask[row : row + 1])
                                    for row in range(len(logits))])  # fmt: skip
+                if tail is not None:
+                    tail = tail.to(logits.device)
+                    logps += ld_alpha * torch.cat([
+                        sequence_logps(logits[row : row + 1], labels[row : row + 1], tail[row : row + 1])
+                        for row in range(len(logits))
+                    ])  # fmt: skip
             chosen, rejected = logps.cpu().chunk(2)
             per_pair.setdefault(f"{name}_chosen_logps", []).extend(chosen.tolist())
             per_pair.setdefault(f"{name}_rejected_logps", []).extend(rejected.tolist())
@@ -242,7 +272,7 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
         "policy": load_causal_lm(str(run_dir / "merged"), params).eval(),
         "reference": load_causal_lm(model_source(params, project_dir), params).eval(),
     }
-    per_pair = pair_logps(models, examples, collator, params.evaluate.batch_size)
+    per_pair = pair_logps(models, examples, collator, params.evaluate.batch_size, params.dpo.get("ld_alpha"))
     kls = generation_kl(
         models["policy"], models["reference"], records, tokenizer.pad_token_id, params.evaluate.batch_size
     )
