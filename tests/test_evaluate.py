@@ -494,3 +494,21 @@ def test_the_log_probs_and_the_kl_take_no_float32_copy_of_a_whole_batchs_logits(
     # The same numbers as in float32, to bfloat16's precision.
     assert per_pair["policy_chosen_logps"] == pytest.approx(metrics["per_pair"]["policy_chosen_logps"], rel=0.05)
     assert kls == pytest.approx(metrics["per_generation"]["kl"], rel=0.3, abs=0.05)
+
+
+def test_a_nan_log_prob_or_kl_is_refused_naming_the_pair_or_prompt(tiny_model_dir, tmp_path):
+    """A policy whose logits are NaN (weights a diverged training left, float16 overflow) gave NaN margins, which
+    compare false: each pair counted as wrongly ranked, rewards/accuracies read 0.0 as if measured, and the means were
+    NaN in metrics.json. The stage now stops, naming the first pair, and writes no metrics.json."""
+    from dpo_kit.evaluation.evaluate import generation_metrics
+
+    run_dir = make_run_dir(tmp_path / "run", tiny_model_dir, noise=float("nan"))
+    with pytest.warns(UserWarning, match="generations.jsonl"), pytest.raises(
+        ValueError, match=r"the policy's log-prob of the chosen response of held-out pair 0 \(0-based\) is nan"
+    ):
+        evaluate_run(make_params(tiny_model_dir), run_dir)
+    assert not (run_dir / METRICS_FILE).exists()
+
+    records = [{"policy_token_ids": [1], "reference_token_ids": [1], "policy": "a b", "reference": "a b"}] * 2
+    with pytest.raises(ValueError, match=r"response to prompt 1 \(0-based\) is inf"):
+        generation_metrics(records, [0.5, math.inf])

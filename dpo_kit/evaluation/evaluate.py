@@ -191,11 +191,28 @@ def generation_kl(policy, reference, records: list[dict], pad_token_id: int, bat
     return kls
 
 
+def refuse_non_finite(values: list[float], what: str) -> None:
+    """Refuse a NaN or infinite log-prob or KL, naming the first item: a NaN margin compares false and would count as a
+    wrongly ranked pair, and every mean over it would be NaN in metrics.json (which strict JSON readers refuse)."""
+    for index, value in enumerate(values):
+        if not math.isfinite(value):
+            raise ValueError(
+                f"{what} {index} (0-based) is {value}, so no reward, accuracy or KL can be computed from it: the"
+                " model's logits hold NaN or infinity, from weights that a diverged training left (see the train"
+                " stage's loss) or from float16 overflowing in some models (this stage loads both models in"
+                " model.dtype, where 'auto' is float16 on a GPU without bfloat16; model.dtype float32 avoids it)"
+            )
+
+
 def reward_metrics(per_pair: dict[str, list], beta: float) -> dict:
     """TRL's rewards/* and logps/* (policy) metrics, the reference's logps and per-token means, per-pair rewards."""
     import torch
     import torch.nn.functional as F
 
+    for model in ("policy", "reference"):
+        for side in ("chosen", "rejected"):
+            what = f"the {model}'s log-prob of the {side} response of held-out pair"
+            refuse_non_finite(per_pair[f"{model}_{side}_logps"], what)
     logps = {key: torch.tensor(values, dtype=torch.float64) for key, values in per_pair.items()}
     chosen_rewards = beta * (logps["policy_chosen_logps"] - logps["reference_chosen_logps"])
     rejected_rewards = beta * (logps["policy_rejected_logps"] - logps["reference_rejected_logps"])
@@ -364,6 +381,7 @@ def repeated_ngram_share(text: str, n: int = 3) -> float:
 
 def generation_metrics(records: list[dict], kls: list[float]) -> dict:
     """KL, lengths and repetition of the generations: what a reward can be bought with shows next to it."""
+    refuse_non_finite(kls, "the KL(policy || reference) along the policy's response to prompt")
     generated_tokens = sum(len(r["policy_token_ids"]) for r in records)
     metrics = {
         "num_generations": len(records),
