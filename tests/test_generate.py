@@ -145,12 +145,31 @@ def test_more_prompts_than_held_out_or_none_held_out_is_refused_by_name(tiny_mod
     eval_file = tmp_path / "data" / "eval.jsonl"
     eval_file.write_text("".join(json.dumps(row) + "\n" for row in EVAL_ROWS[:3]))
     assert len(comparison_prompts(make_params(tiny_model_dir, num_prompts=3), tmp_path)) == 3
-    with pytest.raises(ValueError, match=r"generate.num_prompts is 4, but .*eval.jsonl holds 3 held-out prompts: set"
+    with pytest.raises(ValueError, match=r"generate.num_prompts is 4, but .*eval.jsonl holds 3 distinct held-out prompts: set"
                                          r" generate.num_prompts to at most 3"):
         comparison_prompts(make_params(tiny_model_dir, num_prompts=4), tmp_path)
     eval_file.write_text("")
     with pytest.raises(ValueError, match=r"eval.jsonl holds no held-out prompts to generate for"):
         generate_comparisons(make_params(tiny_model_dir), tmp_path)
+
+
+def test_pairs_that_share_a_prompt_are_compared_on_that_prompt_once(tiny_model_dir, tmp_path):
+    """The format stage holds out every pair of a prompt together (hh-rlhf, UltraFeedback and orca ask one question
+    more than once), and eval.jsonl lists them in source order: taken row by row, the comparison generated for one
+    prompt twice and the win-rate counted it twice."""
+    import json
+
+    from dpo_kit.evaluation.generate import comparison_prompts
+
+    first, second, third = EVAL_ROWS[:3]
+    rows = [first, {**first, "chosen": second["chosen"]}, second, {**first, "rejected": third["rejected"]}, third]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert comparison_prompts(make_params(tiny_model_dir, num_prompts=3), tmp_path) == [
+        first["prompt"], second["prompt"], third["prompt"]]
+    with pytest.raises(ValueError, match=r"eval.jsonl holds 3 distinct held-out prompts: set generate.num_prompts to"
+                                         r" at most 3"):
+        comparison_prompts(make_params(tiny_model_dir, num_prompts=4), tmp_path)
 
 
 @pytest.mark.parametrize("model_config", [{}, {"top_k": 5, "repetition_penalty": 3.0, "min_p": 0.2}],

@@ -523,7 +523,7 @@ def test_a_run_that_would_generate_for_more_prompts_than_were_held_out_stops_bef
     started = []
     monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: started.append(args))
     monkeypatch.setattr(runner, "SharedKernel", lambda *args: started.append("kernel"))
-    with pytest.raises(RunError, match=r"generate.num_prompts is 8, but .*eval.jsonl holds 3 held-out prompts.*Stopped"
+    with pytest.raises(RunError, match=r"generate.num_prompts is 8, but .*eval.jsonl holds 3 distinct held-out prompts.*Stopped"
                                        r" before the train stage.*--reuse-format .*run --set run.name=NEW"):
         runner._execute_stages(["train", "merge", "generate"], run_dir, params_file, tmp_path, tmp_path, None, False,
                                "refuse")  # fmt: skip
@@ -562,7 +562,7 @@ def test_the_check_before_training_refuses_from_the_kernel_as_in_the_runner(tmp_
     monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: started.append(args))
     kernel = runner.SharedKernel(tmp_path)
     try:
-        with pytest.raises(RunError, match=r"generate.num_prompts is 8, but .*eval.jsonl holds 3 held-out prompts"
+        with pytest.raises(RunError, match=r"generate.num_prompts is 8, but .*eval.jsonl holds 3 distinct held-out prompts"
                                            r".*Stopped before the train stage"):
             runner._execute_stages(["train", "merge", "generate"], run_dir, params_file, tmp_path, tmp_path, kernel,
                                    False, "refuse")  # fmt: skip

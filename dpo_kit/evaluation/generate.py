@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dpo_kit.chat_templates import ends_with_prefill
-from dpo_kit.data.on_policy import HELD_OUT_PROMPTS
+from dpo_kit.data.on_policy import HELD_OUT_PROMPTS, prompt_key
 from dpo_kit.judges import Prompt, judge_name, make_judge
 from dpo_kit.models.loading import free_memory, load_causal_lm, load_tokenizer, model_source
 from dpo_kit.models.sampling import prompt_token_ids, sample_continuations
@@ -41,14 +41,20 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 
 
 def comparison_prompts(params: Params, run_dir: str | Path) -> list[Prompt]:
-    """params.generate.prompts as single user messages, else the first num_prompts held-out prompts: in round 2 of
-    iterative DPO those of the sampler's run (data/held_out_prompts.jsonl), which this round's score-gap filter may
-    have thinned in eval.jsonl, so that both rounds are compared on the same prompts."""
+    """params.generate.prompts as single user messages, else the first num_prompts distinct held-out prompts: in
+    round 2 of iterative DPO those of the sampler's run (data/held_out_prompts.jsonl), which this round's score-gap
+    filter may have thinned in eval.jsonl, so that both rounds are compared on the same prompts."""
     if params.generate.prompts:
         return [[{"role": "user", "content": text}] for text in params.generate.prompts]
     data_dir = Path(run_dir) / "data"
     source = data_dir / HELD_OUT_PROMPTS if (data_dir / HELD_OUT_PROMPTS).is_file() else data_dir / "eval.jsonl"
-    rows = read_jsonl(source)
+    # One row per held-out pair, and pairs that share a prompt (hh-rlhf, UltraFeedback and orca ask one question more
+    # than once) are held out together: taken row by row, one prompt was generated for and judged twice, and counted
+    # twice in the win-rate and its interval. Each prompt once, where it first appears.
+    distinct: dict[str, dict] = {}
+    for row in read_jsonl(source):
+        distinct.setdefault(prompt_key(row), row)
+    rows = list(distinct.values())
     wanted = params.generate.num_prompts
     # Fewer prompts than asked would silently shrink the comparison (the win-rate's interval widens with it), and
     # none would only fail later, in the side-by-side table, with a KeyError.
@@ -59,7 +65,7 @@ def comparison_prompts(params: Params, run_dir: str | Path) -> list[Prompt]:
         )
     if wanted > len(rows):
         raise ValueError(
-            f"generate.num_prompts is {wanted}, but {source} holds {len(rows)} held-out prompts: set"
+            f"generate.num_prompts is {wanted}, but {source} holds {len(rows)} distinct held-out prompts: set"
             f" generate.num_prompts to at most {len(rows)}, hold out more pairs in the format stage (data.eval_fraction;"
             " round 2 of iterative DPO holds out round 1's), or give generate.prompts explicitly"
         )
