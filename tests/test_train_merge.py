@@ -176,6 +176,44 @@ def test_push_to_hub_reaches_the_hub_call(monkeypatch, tiny_model_dir):
         push_merged(params, model, tokenizer)
 
 
+def test_a_push_without_a_token_is_refused_before_the_first_stage_not_after_the_merge(monkeypatch, tmp_path):
+    """merge.push_to_hub without HF_TOKEN was found only by the push, at the end of the merge stage: `dpo-kit run`
+    formatted and trained first, then failed."""
+    from types import SimpleNamespace
+
+    import papermill
+
+    from dpo_kit import manifest as mf
+    from dpo_kit.params import load_params
+    from dpo_kit.run.runner import RunError, run_pipeline
+    from dpo_kit.training.merge import merge_adapter
+
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: started.append(args[0]))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    pushing = [f"run.output_dir={tmp_path}", "run.name=pushed", "merge.push_to_hub=true",
+               "merge.hub_model_id=someone/tiny-dpo"]  # fmt: skip
+
+    def run(stages=None, **kwargs):
+        return run_pipeline(TINY, pushing, stages, project_dir=REPO, progress=False, isolate_stages=True, **kwargs)
+
+    with pytest.raises(RunError, match="merge.push_to_hub is true but HF_TOKEN is not set.*Nothing was run"):
+        run()
+    assert started == [] and not (tmp_path / "pushed").exists()
+    # The merge stage itself asks before it loads a model: here there is none to load.
+    stage = SimpleNamespace(params=load_params(TINY, pushing), run_dir=tmp_path, project_dir=REPO)
+    with pytest.raises(RuntimeError, match="HF_TOKEN is not set in the environment: set HF_TOKEN"):
+        merge_adapter(stage)
+    # Without the merge stage, or resuming a run whose merge stage completed (and pushed), no token is needed.
+    run(["format"])
+    run_dir = tmp_path / "pushed"
+    for stage_name in ("format", "train", "merge"):
+        mf.update_stage(run_dir, stage_name, status="completed")
+    run(resume=True)
+    assert [Path(notebook).name for notebook in started] == ["01_format_data.ipynb", "04_generate.ipynb",
+                                                               "05_evaluate.ipynb"]  # fmt: skip
+
+
 def test_params_that_differ_from_the_runs_first_stage_are_refused(tmp_path, tiny_model_dir):
     from dpo_kit.params import ParamsError
 

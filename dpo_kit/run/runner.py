@@ -40,6 +40,7 @@ from dpo_kit.run.stage import (
     refuse_if_running_elsewhere,
     why_not_completed,
 )
+from dpo_kit.training.merge import hub_token_for_push
 
 # nbformat validates notebooks with jsonschema, which compiles rfc3987_syntax's lark grammars when it
 # is importable (~1.3 s of every `dpo-kit run`) for IRI formats that the notebook schema never uses.
@@ -487,6 +488,12 @@ def run_pipeline(
         provided = ("format",) if reuse_format else ()
         if overwrite:  # the run starts afresh: refused before the old one is moved aside, not after
             check_prerequisites(run_dir, stages, params, provided, fresh=True)
+        # The push comes last in the merge stage, after training; a resumed run whose merge completed has pushed.
+        if "merge" in stages and not (resume and completed_stages(run_dir, ["merge"])):
+            try:
+                hub_token_for_push(params["merge"]["push_to_hub"])
+            except RuntimeError as error:
+                raise RunError(f"{error}. Nothing was run: the merge stage pushes after training") from None
         note = guard_existing_run(run_dir, stages, overwrite, resume, start_if_missing)
         if note and overwrite:  # the old run has been moved aside: said whatever follows
             print(f"dpo-kit: {note}")

@@ -110,6 +110,7 @@ def merge_adapter(stage) -> MergeResult:
     )
 
     params: Params = stage.params
+    hub_token_for_push(params.merge.push_to_hub)  # before any model is loaded, not after the merge and its checks
     trained_dir = stage.run_dir / ("adapter" if params.lora.enabled else "trained")
     if not trained_dir.exists():
         raise FileNotFoundError(f"no trained model at {trained_dir}: run the train stage first")
@@ -196,11 +197,22 @@ def save_verified(stage, model, tokenizer, trained_logits, batch) -> MergeResult
     )
 
 
-def push_merged(params: Params, model, tokenizer) -> str:
-    """Push to params.merge.hub_model_id with the token from HF_TOKEN (never from params)."""
+def hub_token_for_push(push_to_hub: bool) -> str | None:
+    """The token merge.push_to_hub pushes with (HF_TOKEN, never params), None when it is off. `dpo-kit run` asks
+    before its first stage and the merge stage before it loads a model: found missing only by the push, at the end
+    of the merge stage, it failed a run after its training (hours on a 7B model)."""
+    if not push_to_hub:
+        return None
     token = os.environ.get("HF_TOKEN")
     if not token:
-        raise RuntimeError("merge.push_to_hub is true but HF_TOKEN is not set in the environment")
+        raise RuntimeError("merge.push_to_hub is true but HF_TOKEN is not set in the environment: set HF_TOKEN to a"
+                           " token that may write to merge.hub_model_id, or set merge.push_to_hub: false")
+    return token
+
+
+def push_merged(params: Params, model, tokenizer) -> str:
+    """Push to params.merge.hub_model_id with the token from HF_TOKEN (never from params)."""
+    token = hub_token_for_push(params.merge.push_to_hub)
     repo = params.merge.hub_model_id
     model.push_to_hub(repo, token=token, private=params.merge.private)  # safetensors, as transformers 5 always saves
     tokenizer.push_to_hub(repo, token=token, private=params.merge.private)
