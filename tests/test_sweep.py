@@ -628,3 +628,12 @@ def test_a_sweep_over_a_key_its_params_switch_off_is_refused_before_anything_is_
     space = SearchSpace.parse(["lora.enabled=true,false"], [])
     validate_points(SweepSpec(params=str(TINY), overrides=["lora.r=4"], space={}, sampler="grid", samples=None,
                               objective="x", direction="maximize", seed=0), space, REPO)  # fmt: skip
+
+
+def test_a_sweep_that_would_push_every_trial_to_one_hub_repo_is_refused_before_anything_is_written(tmp_path):
+    """merge.push_to_hub in a sweep: each trial's merge stage pushed to the one merge.hub_model_id, and the repo
+    held whichever trial merged last, not the one the sweep found best."""
+    pushing = ["merge.push_to_hub=true", "merge.hub_model_id=someone/tiny-dpo"]
+    with pytest.raises(SweepError, match=r"merge.push_to_hub: every trial of the sweep would push .* someone/tiny-dpo"):
+        run_sweep(TINY, grid=["dpo.beta=0.1,0.2"], overrides=pushing, project_dir=tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())

@@ -631,6 +631,11 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
             params = load_params(path, overrides)
         except ParamsError as error:
             raise SweepError(f"{error} (from the sweep's {overrides[-1]})") from None
+        if params.merge.push_to_hub and "merge.hub_model_id" not in space.grid:
+            # Every trial's merge stage would push to the one repo, leaving it with whichever trial merged last.
+            raise SweepError(f"merge.push_to_hub: every trial of the sweep would push its merged model to"
+                             f" {params.merge.hub_model_id}, which would end up holding whichever trial merged last."
+                             " Sweep with merge.push_to_hub=false, then push the trial you choose (its merged/ folder)")
         value: Any = params_to_dict(params)
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
