@@ -192,8 +192,15 @@ def _wandb_summary(params, run_dir: Path, folder: Path, summary: dict[str, float
 def _trackio_summary(params, folder: Path, summary: dict[str, float], step: int) -> dict[str, Any]:
     _point_trackio_at(folder)  # before trackio's first import in this process, which reads TRACKIO_DIR
     import trackio
+    from trackio.sqlite_storage import SQLiteStorage
 
+    # trackio stores a run's config at the first log after each init, replacing the stored one: resumed without
+    # it, the training's hyperparameters (stored by the Trainer's callback) would give way to trackio's own three
+    # keys. The stored config goes back in as it is (through config.update, as the callback puts it: init refuses
+    # the model config's `_name_or_path`, a key starting with "_").
+    stored = SQLiteStorage.get_run_config(params.tracking.project, params.run.name) or {}
     trackio.init(project=params.tracking.project, name=params.run.name, resume="allow")
+    trackio.config.update(stored)
     try:
         # trackio numbers its own steps (one per logging call of the Trainer); the Trainer's step rides along
         # under the name its callback uses.

@@ -330,3 +330,39 @@ def test_an_evaluation_run_again_moves_its_tensorboard_summary_aside_with_its_me
     log_summary(params, tmp_path, {"win_rate": 0.75})
     assert summaries(tmp_path / "tracking") == [0.75]  # the new evaluation's value alone, not two at one step
     assert summaries(moved) == [0.25] and (moved / "metrics.json").is_file()
+
+
+def test_the_evaluate_stages_trackio_summary_keeps_the_training_runs_config(tmp_path):
+    """trackio stores a run's config at the first log after each init (INSERT OR REPLACE by run id): the evaluate
+    stage's init, resuming the training's run without a config, replaced the hyperparameters the Trainer's callback
+    had stored with trackio's three bookkeeping keys."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, os, pathlib\n"
+        "os.environ['TRACKIO_DIR'] = str(pathlib.Path(os.environ['RUN_DIR']) / 'tracking' / 'trackio')\n"
+        "import trackio\n"
+        "from dpo_kit.params import load_params\n"
+        "from dpo_kit.tracking import log_summary\n"
+        "params = load_params(os.environ['TINY'], ['tracking.report_to=[trackio]', 'run.name=cfg'])\n"
+        "# As transformers' TrackioCallback starts the training's run: init, then the config (model config keys\n"
+        "# such as _name_or_path included), then the curves.\n"
+        "trackio.init(project=params.tracking.project, name='cfg', resume='allow')\n"
+        "trackio.config.update({'beta': 0.1, 'learning_rate': 0.005, '_name_or_path': 'tiny'})\n"
+        "trackio.log({'train/loss': 0.5, 'train/global_step': 5})\n"
+        "trackio.finish()\n"
+        "log_summary(params, pathlib.Path(os.environ['RUN_DIR']), {'win_rate': 0.75})\n"
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {**os.environ, "RUN_DIR": str(run_dir), "TINY": str(TINY)}
+    env.pop("TRACKIO_DIR", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(run_dir / "tracking" / "trackio" / "dpo-kit.db") as db:
+        configs = [json.loads(row[0]) for row in db.execute("select config from configs where run_name = 'cfg'")]
+        logged = [json.loads(row[0]) for row in db.execute("select metrics from metrics where run_name = 'cfg'")]
+    assert [row.get("eval/win_rate") for row in logged] == [None, 0.75]  # the summary went to the same run
+    assert len(configs) == 1, configs
+    assert {"beta": 0.1, "learning_rate": 0.005, "_name_or_path": "tiny"}.items() <= configs[0].items(), configs[0]
