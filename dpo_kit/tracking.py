@@ -8,7 +8,8 @@ Where each tracker writes, under <run>/tracking/:
 - wandb/: wandb's run folder. Online it also streams to wandb.ai (WANDB_API_KEY from the environment); with
   WANDB_MODE=offline it stays local, for `wandb sync` later. The wandb run id comes from the kit's run id and
   the train stage's params (wandb_run_id), so the evaluate stage and a resumed train stage add to the same wandb
-  run, and a training with other params starts another.
+  run, and a training with other params starts another. wandb's own debug logs go to wandb/logs/ (WANDB_CACHE_DIR,
+  unless the environment sets it).
 - trackio/: trackio's local SQLite store (TRACKIO_DIR); `TRACKIO_DIR=<run>/tracking/trackio trackio show`.
 - tensorboard/: event files; `tensorboard --logdir <run>/tracking/tensorboard`.
 
@@ -79,7 +80,8 @@ def _point_trackio_at(folder: Path) -> None:
 
 # What configure_trackers sets; tracker_environment restores them, so that nothing of this run's trackers is left
 # in a kernel that goes on (the user's own wandb.init() would otherwise resume the kit's run).
-TRACKER_ENV = ("WANDB_PROJECT", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME", "TRACKIO_DIR", "TENSORBOARD_LOGGING_DIR")
+TRACKER_ENV = ("WANDB_PROJECT", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_RUN_ID", "WANDB_RESUME", "TRACKIO_DIR",
+               "TENSORBOARD_LOGGING_DIR")
 
 
 @contextlib.contextmanager
@@ -132,6 +134,11 @@ def configure_trackers(params, run_dir: str | Path) -> dict[str, Any]:
             # stage, its resumption and the evaluate stage one wandb run.
             os.environ.update(WANDB_PROJECT=params.tracking.project, WANDB_DIR=str(folder.parent),
                               WANDB_RUN_ID=wandb_run_id(run_dir), WANDB_RESUME="allow")  # fmt: skip
+            # wandb's service writes a debug log per process (core-debug-*.log, symon-debug-*.log) into its cache
+            # folder, ~/.cache/wandb/logs by default, outside the run and its secret scan: with the run's folder it
+            # lands in tracking/wandb/logs/. A WANDB_CACHE_DIR of the user's own (say, a larger disk for
+            # artifacts) is left as it is.
+            os.environ.setdefault("WANDB_CACHE_DIR", str(folder.parent))
             record[name] = {"project": params.tracking.project, "run_id": os.environ["WANDB_RUN_ID"],
                             "mode": os.environ.get("WANDB_MODE", "online"), "dir": str(folder)}  # fmt: skip
         elif name == "trackio":
@@ -179,14 +186,17 @@ def _last_train_step(run_dir: Path) -> int:
 def _wandb_summary(params, run_dir: Path, folder: Path, summary: dict[str, float]) -> dict[str, Any]:
     import wandb
 
-    # The train stage's wandb run, resumed: the summary sits beside its curves. wandb reads the key itself.
-    run = wandb.init(project=params.tracking.project, id=wandb_run_id(run_dir), resume="allow", dir=str(folder.parent),
-                     name=params.run.name)  # fmt: skip
-    try:
-        run.summary.update(summary)
-        return {"run_id": run.id, "url": None if run.offline else run.url, "metrics": sorted(summary)}
-    finally:
-        run.finish()
+    # The train stage's environment (its cache folder in the run, for wandb's debug logs), torn down afterwards
+    # like the training's, so that the user's own wandb.init() in this kernel is not given the kit's.
+    with tracker_environment(params, run_dir):
+        # The train stage's wandb run, resumed: the summary sits beside its curves. wandb reads the key itself.
+        run = wandb.init(project=params.tracking.project, id=wandb_run_id(run_dir), resume="allow",
+                         dir=str(folder.parent), name=params.run.name)  # fmt: skip
+        try:
+            run.summary.update(summary)
+            return {"run_id": run.id, "url": None if run.offline else run.url, "metrics": sorted(summary)}
+        finally:
+            run.finish()
 
 
 def _trackio_summary(params, folder: Path, summary: dict[str, float], step: int) -> dict[str, Any]:

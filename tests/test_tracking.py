@@ -366,3 +366,35 @@ def test_the_evaluate_stages_trackio_summary_keeps_the_training_runs_config(tmp_
     assert [row.get("eval/win_rate") for row in logged] == [None, 0.75]  # the summary went to the same run
     assert len(configs) == 1, configs
     assert {"beta": 0.1, "learning_rate": 0.005, "_name_or_path": "tiny"}.items() <= configs[0].items(), configs[0]
+
+
+def test_wandbs_own_logs_stay_inside_the_run(tmp_path):
+    """wandb's service writes a debug log of its own per process (core-debug-*.log, symon-debug-*.log) into its
+    cache folder, ~/.cache/wandb/logs by default: outside the run, and outside the runner's secret scan. The train
+    and evaluate stages give it the run's tracking folder, unless WANDB_CACHE_DIR is set (then it is the user's)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, pathlib, wandb\n"
+        "from dpo_kit.params import load_params\n"
+        "from dpo_kit.tracking import log_summary, tracker_environment\n"
+        "run_dir = pathlib.Path(os.environ['RUN_DIR'])\n"
+        "params = load_params(os.environ['TINY'], ['tracking.report_to=[wandb]'])\n"
+        "with tracker_environment(params, run_dir):\n"
+        "    wandb.init().finish()  # as the Trainer's callback starts it\n"
+        "log_summary(params, run_dir, {'win_rate': 0.75})\n"
+        "print(os.environ.get('WANDB_CACHE_DIR'))\n"
+    )
+    home, run_dir = tmp_path / "home", tmp_path / "run"
+    home.mkdir()
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text(json.dumps({"run_id": "abc"}))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "XDG_"))}, "WANDB_MODE": "offline",
+           "HOME": str(home), "RUN_DIR": str(run_dir), "TINY": str(TINY)}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "None"  # the environment is the user's again afterwards
+    assert not [path for path in home.rglob("*") if "wandb" in str(path.relative_to(home))], sorted(home.rglob("*"))
+    logs = sorted(path.name for path in (run_dir / "tracking" / "wandb" / "logs").glob("core-debug-*.log"))
+    assert logs, sorted(run_dir.rglob("*"))
