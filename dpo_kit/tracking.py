@@ -2,7 +2,8 @@
 
 The Trainer's own callbacks log the training curves under TRL's metric names; this module only points them at
 the run directory, so that a run's tracker files sit next to its manifest (and inside the runner's secret scan),
-and adds what the callbacks do not log: the evaluate stage's summary (win-rate, KL, implicit-reward accuracy).
+and adds what the callbacks do not log: the run's resolved params (params_callback) and the evaluate stage's summary
+(win-rate, KL, implicit-reward accuracy).
 
 Where each tracker writes, under <run>/tracking/:
 - wandb/: wandb's run folder. Online it also streams to wandb.ai (WANDB_API_KEY from the environment); with
@@ -81,7 +82,7 @@ def _point_trackio_at(folder: Path) -> None:
 # What configure_trackers sets; tracker_environment restores them, so that nothing of this run's trackers is left
 # in a kernel that goes on (the user's own wandb.init() would otherwise resume the kit's run).
 TRACKER_ENV = ("WANDB_PROJECT", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_RUN_ID", "WANDB_RESUME", "TRACKIO_DIR",
-               "TENSORBOARD_LOGGING_DIR")
+               "TENSORBOARD_LOGGING_DIR")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -148,6 +149,50 @@ def configure_trackers(params, run_dir: str | Path) -> dict[str, Any]:
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder)
             record[name] = {"log_dir": str(folder)}
     return record
+
+
+# The key the run's resolved params (params.yaml) take in each tracker's config, beside the Trainer's own.
+PARAMS_KEY = "dpo_kit"
+
+
+def params_callback(params, trainer_callbacks=None):
+    """A TrainerCallback that adds the run's resolved params to each tracker's record of the run. The Trainer's
+    tracker callbacks record the DPOConfig and the model's config only, so the data (source, split, rows), the
+    model's name, quantization, generation and evaluation settings of a run were nowhere in wandb, trackio or
+    TensorBoard, and runs could not be told apart or compared there by them. Params hold no secret (they are
+    refused there). Registered after the tracker callbacks (the Trainer adds those first), so at train begin the
+    wandb and trackio runs are started and TensorBoard's writer is open; `trainer_callbacks` is the Trainer's
+    callback list, where TensorBoard's writer is found."""
+    from transformers import TrainerCallback
+
+    from dpo_kit.params import params_to_dict
+
+    names = trackers(params)
+    resolved = params_to_dict(params)
+
+    class TrackerParams(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not names or not state.is_world_process_zero:  # the tracker callbacks log from the main process
+                return
+            wandb = sys.modules.get("wandb")
+            if "wandb" in names and getattr(wandb, "run", None) is not None:
+                wandb.run.config.update({PARAMS_KEY: resolved}, allow_val_change=True)
+            trackio = sys.modules.get("trackio")
+            if "trackio" in names and trackio is not None:
+                # Stored with the rest of the config at the run's next log (trackio writes it then).
+                trackio.config.update({PARAMS_KEY: resolved})
+            for callback in trainer_callbacks or ():
+                writer = getattr(callback, "tb_writer", None)
+                if "tensorboard" in names and writer is not None:
+                    writer.add_text(PARAMS_KEY, "```yaml\n" + _yaml(resolved) + "```")
+
+    return TrackerParams()
+
+
+def _yaml(resolved: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(resolved, sort_keys=False)
 
 
 def summary_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -149,6 +149,12 @@ def test_trackio_store_holds_trl_metric_names_and_the_summary(tracked_run):
     assert summary_row["train/global_step"] == max(row.get("train/global_step", 0) for row in logged)
     entry = json.loads((tracked_run / "manifest.json").read_text())["tracking"]["trackio"]
     assert entry["project"] == "dpo-kit-tests" and entry["run"] == "tracked" and entry["dir"] == str(store.parent)
+    # The run's config, as the train stage stored it (the DPOConfig, and the kit's resolved params), outlives the
+    # evaluate stage's summary.
+    with sqlite3.connect(store) as db:
+        (config,) = db.execute("select config from configs where run_name = 'tracked'").fetchone()
+    config = json.loads(config)
+    assert config["beta"] == 0.1 and config["dpo_kit"]["run"]["name"] == "tracked"
 
 
 @pytest.mark.notebook
@@ -398,3 +404,55 @@ def test_wandbs_own_logs_stay_inside_the_run(tmp_path):
     assert not [path for path in home.rglob("*") if "wandb" in str(path.relative_to(home))], sorted(home.rglob("*"))
     logs = sorted(path.name for path in (run_dir / "tracking" / "wandb" / "logs").glob("core-debug-*.log"))
     assert logs, sorted(run_dir.rglob("*"))
+
+
+def test_each_tracker_records_the_runs_resolved_params(tmp_path):
+    """The Trainer's tracker callbacks record the DPOConfig and the model's config only: the data, the model's
+    name, generation and evaluation settings of a run were in no tracker. The kit's callback adds params.yaml's
+    content under `dpo_kit` to the wandb and trackio runs' configs and as a TensorBoard text."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, pathlib, types, wandb\n"
+        "from torch.utils.tensorboard import SummaryWriter\n"
+        "from transformers import TrainerState\n"
+        "from dpo_kit.params import load_params\n"
+        "from dpo_kit.tracking import params_callback, tracker_environment\n"
+        "run_dir = pathlib.Path(os.environ['RUN_DIR'])\n"
+        "params = load_params(os.environ['TINY'], ['tracking.report_to=[wandb,trackio,tensorboard]',\n"
+        "                                          'run.name=recorded', 'data.max_rows=123'])\n"
+        "with tracker_environment(params, run_dir):\n"
+        "    import trackio\n"
+        "    run = wandb.init()  # as the Trainer's callbacks start the runs, before the kit's callback\n"
+        "    trackio.init(project=params.tracking.project, name='recorded', resume='allow')\n"
+        "    tensorboard = types.SimpleNamespace(tb_writer=SummaryWriter(os.environ['TENSORBOARD_LOGGING_DIR']))\n"
+        "    params_callback(params, [tensorboard]).on_train_begin(None, TrainerState(), None)\n"
+        "    run.log({'train/loss': 0.5}); trackio.log({'train/loss': 0.5})\n"
+        "    run.finish(); trackio.finish(); tensorboard.tb_writer.close()\n"
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text(json.dumps({"run_id": "abc"}))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "TRACKIO_"))}, "WANDB_MODE": "offline",
+           "RUN_DIR": str(run_dir), "TINY": str(TINY)}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    resolved = load_params(TINY, ["tracking.report_to=[wandb,trackio,tensorboard]", "run.name=recorded",
+                                  "data.max_rows=123"]).model_dump(mode="json")  # fmt: skip
+    config = {}
+    for path in (run_dir / "tracking").glob("wandb/offline-run-*/run-*.wandb"):
+        for record in wandb_records(path):
+            if record.WhichOneof("record_type") == "config":
+                config.update({item.key: json.loads(item.value_json) for item in record.config.update if item.key})
+    assert config.get("dpo_kit") == resolved, sorted(config)
+    with sqlite3.connect(run_dir / "tracking" / "trackio" / "dpo-kit.db") as db:
+        (stored,) = db.execute("select config from configs where run_name = 'recorded'").fetchone()
+    assert json.loads(stored)["dpo_kit"] == resolved
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (run_dir / "tracking" / "tensorboard").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    text = accumulator.Tensors("dpo_kit/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "max_rows: 123" in text and "name: recorded" in text

@@ -23,7 +23,13 @@ from dpo_kit import manifest as mf
 from dpo_kit.hardware import HardwareChoice
 from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet
 from dpo_kit.params import Params, ParamsError, dpo_config_defaults
-from dpo_kit.tracking import finish_trackers, offline_wandb_run_hidden, tracker_environment, trackers
+from dpo_kit.tracking import (
+    finish_trackers,
+    offline_wandb_run_hidden,
+    params_callback,
+    tracker_environment,
+    trackers,
+)
 from dpo_kit.training.checkpoints import RECORD_FILE, checkpoint_step, recorded_checkpoints
 
 # The metrics the train notebook plots; names are TRL's, unchanged.
@@ -325,6 +331,8 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
         callbacks=[log_line_callback(), checkpoint_recorder(run_dir, RunIdentity.of_run(run_dir)),
                    heartbeat_callback(run_dir)],
     )  # fmt: skip
+    # After the Trainer's tracker callbacks: the run's params go to the tracker runs they start (tracking.py).
+    trainer.add_callback(params_callback(params, trainer.callback_handler.callbacks))
     distributed_type = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]  # e.g. MULTI_CPU, FSDP
     if in_launched_worker():
         check_strategy_set_up(distributed_type)
