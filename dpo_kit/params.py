@@ -611,6 +611,12 @@ class Params(Section):
     def _dpo_matches_trl(cls, value: dict[str, Any]) -> dict[str, Any]:
         return validate_dpo_section(value)
 
+    @property
+    def loss_types(self) -> list[str]:
+        """dpo.loss_type as TRL reads it: a list (validate_dpo_section makes one of a single name), TRL's default
+        where the params leave it out."""
+        return list(self.dpo.get("loss_type", dpo_config_defaults()["loss_type"]))
+
     @model_validator(mode="after")
     def _cross_section_checks(self):
         # A local file may be an export of the bundled task, or hold its prompts; a hub dataset never is, and
@@ -678,7 +684,7 @@ class Params(Section):
                 " policy closer to the reference"
             )
         smoothing = self.dpo.get("label_smoothing", 0.0)
-        losses = self.dpo.get("loss_type", dpo_config_defaults()["loss_type"])  # a list: validate_dpo_section
+        losses = self.loss_types
         if smoothing and not set(losses) & LABEL_SMOOTHING_LOSSES:
             # TRL before 0.29 smoothed the sigmoid loss (conservative DPO); TRL 1.x reads it for these losses only.
             raise ValueError(

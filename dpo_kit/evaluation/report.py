@@ -435,6 +435,11 @@ OVEROPTIMIZATION = {
 }
 
 
+def runs_with_generations(runs: list[RunRecord]) -> list[RunRecord]:
+    """The runs whose evaluate stage measured their generations' length and repetition (metrics text/*)."""
+    return [run for run in runs if "text/policy_words" in run.metrics]
+
+
 def overoptimization_references(runs: list[RunRecord]) -> list[tuple[list[str], dict[str, Any]]]:
     """The reference's own generations, once per distinct set (runs of one sweep share theirs; another run.seed
     holds out other prompts, so its reference generated other answers): the runs that share it, and its values."""
@@ -453,7 +458,7 @@ def overoptimization_table(runs: list[RunRecord]):
     import pandas as pd
 
     rows = {}
-    with_text = [run for run in runs if "text/policy_words" in run.metrics]
+    with_text = runs_with_generations(runs)
     references = overoptimization_references(with_text)
     for names, values in references:
         # One reference: "reference", as before. Several: which runs each one goes with, as plot_frontier says it.
@@ -720,7 +725,7 @@ def plot_overoptimization(runs: list[RunRecord]):
 
     table = overoptimization_table(runs)
     # overoptimization_table puts the reference rows first, one per distinct set of reference generations.
-    references = len(overoptimization_references([run for run in runs if "text/policy_words" in run.metrics]))
+    references = len(overoptimization_references(runs_with_generations(runs)))
     panels = [key for key in OVEROPTIMIZATION if key != "judged reward"]
     figure = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
     axes = figure.subplots(1, len(panels))

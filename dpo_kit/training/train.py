@@ -22,7 +22,7 @@ from typing import Any
 from dpo_kit import manifest as mf
 from dpo_kit.hardware import HardwareChoice
 from dpo_kit.models.loading import deprecated_checkpointing_alias_quiet
-from dpo_kit.params import Params, ParamsError, dpo_config_defaults
+from dpo_kit.params import Params, ParamsError
 from dpo_kit.tracking import (
     finish_trackers,
     offline_wandb_run_hidden,
@@ -553,9 +553,7 @@ def final_train_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
 def starts_at_ln2(params: Params) -> bool:
     """Whether the run's training loss is ln 2 where the policy equals the reference: DPO's sigmoid loss and robust
     DPO's, alone and unweighted. IPO starts at (1/(2 beta))^2, hinge at 1, a mixture elsewhere again."""
-    losses = params.dpo.get("loss_type", dpo_config_defaults()["loss_type"])
-    losses = [losses] if isinstance(losses, str) else list(losses)
-    weights = params.dpo.get("loss_weights")
+    losses, weights = params.loss_types, params.dpo.get("loss_weights")
     return len(losses) == 1 and losses[0] in ("sigmoid", "robust") and weights in (None, [1.0], [1])
 
 
