@@ -66,6 +66,35 @@ class TrackerError(RuntimeError):
     """A tracker cannot write where this run's files go; the message says why and what to do."""
 
 
+# WANDB_MODE's values as wandb 0.2x-0.3x takes them: "dryrun" is offline's old name, "run" online's; "shared" logs
+# online from several processes.
+WANDB_LOCAL_MODES = ("offline", "dryrun", "disabled")
+WANDB_ONLINE_MODES = ("online", "run", "shared")
+
+
+def wandb_key_for_online(report_to) -> None:
+    """Refuse wandb online without WANDB_API_KEY in the environment. `dpo-kit run` asks before its first stage, and
+    the train and evaluate stages before they load a model: wandb.init() found the key missing only when the train
+    stage started, after the format stage (minutes of sampling for an on-policy run). The key comes from the
+    environment only, as every secret of the kit's: a `wandb login` entry in ~/.netrc, which wandb would fall back
+    to, is not read here and does not count. WANDB_MODE=offline (or dryrun) and disabled need no key."""
+    if "wandb" not in report_to:
+        return
+    mode = os.environ.get("WANDB_MODE", "online")  # wandb refuses an empty one too
+    if mode in WANDB_LOCAL_MODES:
+        return
+    if mode not in WANDB_ONLINE_MODES:
+        raise TrackerError(f"WANDB_MODE={mode!r} in the environment is not a mode wandb takes: set it to one of"
+                           f" {', '.join(WANDB_ONLINE_MODES + WANDB_LOCAL_MODES)}, or unset it (online)")
+    if not os.environ.get("WANDB_API_KEY"):
+        raise TrackerError(
+            f"tracking.report_to names wandb, which logs online (WANDB_MODE={mode!r}), but WANDB_API_KEY is not set"
+            " in the environment (the kit reads it from there only, not from a `wandb login` entry in ~/.netrc):"
+            " set WANDB_API_KEY, or set WANDB_MODE=offline to keep the run local (`wandb sync` it later) or"
+            " WANDB_MODE=disabled, or take wandb out of tracking.report_to"
+        )
+
+
 def _point_trackio_at(folder: Path) -> None:
     # trackio reads TRACKIO_DIR once, when it is first imported, and keeps it: in a process that already logged
     # another run, this run's curves would go to that run's store. The sweep gives each trial a fresh kernel.

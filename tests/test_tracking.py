@@ -456,3 +456,60 @@ def test_each_tracker_records_the_runs_resolved_params(tmp_path):
     accumulator.Reload()
     text = accumulator.Tensors("dpo_kit/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "max_rows: 123" in text and "name: recorded" in text
+
+
+def test_wandb_online_without_a_key_is_refused_before_the_first_stage(monkeypatch, tmp_path):
+    """wandb online without WANDB_API_KEY failed only at wandb.init() in the train stage, after the format stage (which
+    samples for minutes for `data.source: generate`). `dpo-kit run` refuses it before any stage, and the train and
+    evaluate stages before they load a model; a `wandb login` entry in a netrc file does not count (the kit's secrets
+    come from the environment only), WANDB_MODE=offline or disabled needs no key."""
+    from types import SimpleNamespace
+
+    import papermill
+
+    from dpo_kit import manifest as mf
+    from dpo_kit.evaluation.evaluate import evaluate_run
+    from dpo_kit.run.runner import RunError
+    from dpo_kit.training.train import train_dpo
+
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: started.append(Path(args[0]).name))
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password fedcba9876543210fedcba9876543210fedcba98\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    overrides = [f"run.output_dir={tmp_path}", "run.name=tracked", "tracking.report_to=[wandb,tensorboard]"]
+
+    def run(stages=None, **kwargs):
+        return run_pipeline(TINY, overrides, stages, project_dir=REPO, progress=False, isolate_stages=True, **kwargs)
+
+    with pytest.raises(RunError, match=r"names wandb, which logs online \(WANDB_MODE='online'\), but WANDB_API_KEY is"
+                                       r" not set in the environment .*set WANDB_API_KEY, or set WANDB_MODE=offline"
+                                       r" .*WANDB_MODE=disabled.*Nothing was run"):
+        run()
+    assert started == [] and not (tmp_path / "tracked").exists()
+    params = load_params(TINY, overrides)
+    with pytest.raises(RuntimeError, match="WANDB_API_KEY is not set in the environment"):
+        train_dpo(SimpleNamespace(params=params, run_dir=tmp_path / "nowhere"))
+    with pytest.raises(RuntimeError, match="WANDB_API_KEY is not set in the environment"):
+        evaluate_run(params, tmp_path / "nowhere", REPO)
+    monkeypatch.setenv("WANDB_MODE", "Offline")
+    with pytest.raises(RunError, match=r"WANDB_MODE='Offline' in the environment is not a mode wandb takes: set it to"
+                                       r" one of online, run, shared, offline, dryrun, disabled"):
+        run()
+    # The format stage alone logs nothing to wandb; a resumed run whose train and evaluate stages completed neither.
+    monkeypatch.delenv("WANDB_MODE")
+    run(["format"])
+    run_dir = tmp_path / "tracked"
+    for stage_name in ("format", "train", "evaluate"):
+        mf.update_stage(run_dir, stage_name, status="completed")
+    run(resume=True)
+    assert started == ["01_format_data.ipynb", "03_merge.ipynb", "04_generate.ipynb"]
+    for mode in ("offline", "disabled"):
+        monkeypatch.setenv("WANDB_MODE", mode)
+        run(["format"], overwrite=True)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "canary0wandb1key2never3in4a5file6789abcd")
+    run(["format"], overwrite=True)
+    assert started[3:] == ["01_format_data.ipynb"] * 3

@@ -38,7 +38,7 @@ from dpo_kit.judges import judge_name, make_judge, win_outcomes, win_rate_from_s
 from dpo_kit.models.loading import device_of, free_memory, load_causal_lm, load_tokenizer, model_source
 from dpo_kit.models.sampling import prompt_token_ids
 from dpo_kit.params import Params, dpo_config_defaults
-from dpo_kit.tracking import log_summary, record_summary
+from dpo_kit.tracking import log_summary, record_summary, wandb_key_for_online
 
 METRICS_FILE = "metrics.json"
 
@@ -273,6 +273,7 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     run_dir = Path(run_dir)
+    wandb_key_for_online(params.tracking.report_to)  # the summary goes to wandb last, after the models have run
     beta = params.dpo.get("beta", dpo_config_defaults()["beta"])
     tokenizer = load_tokenizer(str(run_dir / "merged"), params)  # the one generate.py used
     examples, dropped = held_out_examples(params, run_dir, tokenizer)

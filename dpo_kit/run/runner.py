@@ -40,6 +40,7 @@ from dpo_kit.run.stage import (
     refuse_if_running_elsewhere,
     why_not_completed,
 )
+from dpo_kit.tracking import TrackerError, wandb_key_for_online
 from dpo_kit.training.merge import hub_token_for_push
 
 # nbformat validates notebooks with jsonschema, which compiles rfc3987_syntax's lark grammars when it
@@ -494,6 +495,13 @@ def run_pipeline(
                 hub_token_for_push(params["merge"]["push_to_hub"])
             except RuntimeError as error:
                 raise RunError(f"{error}. Nothing was run: the merge stage pushes after training") from None
+        # wandb logs from the train stage on (and the evaluate stage's summary): its key is asked for before the
+        # format stage, which may sample for minutes, not found missing after it.
+        if [s for s in ("train", "evaluate") if s in stages and not (resume and completed_stages(run_dir, [s]))]:
+            try:
+                wandb_key_for_online(params["tracking"]["report_to"])
+            except TrackerError as error:
+                raise RunError(f"{error}. Nothing was run") from None
         note = guard_existing_run(run_dir, stages, overwrite, resume, start_if_missing)
         if note and overwrite:  # the old run has been moved aside: said whatever follows
             print(f"dpo-kit: {note}")

@@ -29,6 +29,7 @@ from dpo_kit.tracking import (
     params_callback,
     tracker_environment,
     trackers,
+    wandb_key_for_online,
 )
 from dpo_kit.training.checkpoints import RECORD_FILE, checkpoint_step, recorded_checkpoints
 
@@ -289,6 +290,7 @@ def train_dpo(stage) -> TrainResult:
     process, or under `accelerate launch` when params.launch asks for more processes or a config file."""
     from dpo_kit.training.launch import in_launched_worker, run_launched
 
+    wandb_key_for_online(stage.params.tracking.report_to)  # before a worker is launched or a model loaded
     with recording_interruptions(stage.run_dir):
         if stage.params.launch.launched and not in_launched_worker():
             handed_back = run_launched(stage)
