@@ -180,6 +180,21 @@ def configure_trackers(params, run_dir: str | Path) -> dict[str, Any]:
     return record
 
 
+def purge_tensorboard_after(trainer_callbacks, checkpoint_step: int) -> None:
+    """A training resumed from checkpoint-N logs steps N+1... again, which the killed one may have logged already:
+    TensorBoard showed both curves over those steps (its event files are only appended to). The resumed writer is
+    opened with purge_step N+1, which writes TensorBoard's restart marker (SessionLog START): the reader drops the
+    earlier files' events from that step on, so each step shows once, the resumed run's value. Called before
+    trainer.train(), in the main process only (the one TensorBoard's callback writes from); the callback keeps a
+    writer it is given. wandb and trackio have no such marker (README, tracking)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer_callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.tb_writer is None:
+            callback.tb_writer = SummaryWriter(log_dir=callback.logging_dir, purge_step=checkpoint_step + 1)
+
+
 # The key the run's resolved params (params.yaml) take in each tracker's config, beside the Trainer's own.
 PARAMS_KEY = "dpo_kit"
 

@@ -513,3 +513,45 @@ def test_wandb_online_without_a_key_is_refused_before_the_first_stage(monkeypatc
     monkeypatch.setenv("WANDB_API_KEY", "canary0wandb1key2never3in4a5file6789abcd")
     run(["format"], overwrite=True)
     assert started[3:] == ["01_format_data.ipynb"] * 3
+
+
+def test_a_resumed_training_shows_each_step_once_in_tensorboard(tmp_path, tiny_model_dir):
+    """A training killed after checkpoint-3 had logged steps 4-6, and the resumed one logged them again: TensorBoard's
+    Python reader (`--load_fast=false`, EventAccumulator) showed two points per step over 4-6. The resumed writer
+    marks the restart at step 4, and the reader keeps the resumed run's points only."""
+    from dpo_kit import manifest as mf
+    from dpo_kit.data.pipeline import prepare_data
+    from dpo_kit.models.loading import load_tokenizer
+    from dpo_kit.run.stage import open_stage
+    from dpo_kit.training.train import train_dpo
+
+    overrides = [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", "run.name=resumed",
+                 "dpo.max_steps=6", "dpo.logging_steps=1", "dpo.save_steps=3", "tracking.report_to=[tensorboard]"]  # fmt: skip
+    stage = open_stage("format", TINY, overrides, str(REPO))
+    prepare_data(stage.params, load_tokenizer(str(tiny_model_dir), stage.params), stage.run_dir, stage.project_dir)
+    stage.complete()
+    stage = open_stage("train", TINY, overrides, str(REPO))
+    train_dpo(stage)
+    # Killed after step 6 was logged, before checkpoint-6 was recorded: the resume starts from checkpoint-3.
+    train = mf.read_manifest(stage.run_dir)["stages"]["train"]
+    del train["checkpoints"]["checkpoint-6"]
+    mf.update_stage(stage.run_dir, "train", status="interrupted", checkpoints=train["checkpoints"],
+                    last_checkpoint="checkpoint-3")  # fmt: skip
+    first = {s.step: s.value for s in _tensorboard_scalars(stage.run_dir, "train/loss")}
+    resumed = open_stage("train", TINY, overrides, str(REPO), on_rerun="resume")
+    assert resumed.resume_from.name == "checkpoint-3"
+    result = train_dpo(resumed)
+    again = {row["step"]: row["loss"] for row in result.log_history if "loss" in row}
+    assert sorted(again) == sorted(first) == [1, 2, 3, 4, 5, 6]  # the resumed history starts with checkpoint-3's
+    shown = _tensorboard_scalars(stage.run_dir, "train/loss")
+    assert [s.step for s in shown] == [1, 2, 3, 4, 5, 6]
+    assert [s.value for s in shown[3:]] == pytest.approx([again[4], again[5], again[6]])
+    assert len(list((stage.run_dir / "tracking" / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
+def _tensorboard_scalars(run_dir: Path, tag: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tracking" / "tensorboard"))
+    accumulator.Reload()
+    return accumulator.Scalars(tag)

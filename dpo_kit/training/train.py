@@ -27,6 +27,7 @@ from dpo_kit.tracking import (
     finish_trackers,
     offline_wandb_run_hidden,
     params_callback,
+    purge_tensorboard_after,
     tracker_environment,
     trackers,
     wandb_key_for_online,
@@ -349,6 +350,8 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
 
     model_dir = run_dir / ("adapter" if params.lora.enabled else "trained")
     main_process = trainer.is_world_process_zero()
+    if stage.resume_from and main_process:
+        purge_tensorboard_after(trainer.callback_handler.callbacks, checkpoint_step(Path(stage.resume_from)))
     processes = f"process {trainer.args.process_index} of {trainer.args.world_size}"
     with clear_write_errors(Path(config.output_dir)):
         # On resume the Trainer restores the weights, optimizer, scheduler, RNG states and step from the
