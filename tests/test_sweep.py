@@ -637,3 +637,15 @@ def test_a_sweep_that_would_push_every_trial_to_one_hub_repo_is_refused_before_a
     with pytest.raises(SweepError, match=r"merge.push_to_hub: every trial of the sweep would push .* someone/tiny-dpo"):
         run_sweep(TINY, grid=["dpo.beta=0.1,0.2"], overrides=pushing, project_dir=tmp_path, progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_sweep_logging_to_wandb_online_without_a_key_is_refused_before_its_first_trial(tmp_path, monkeypatch):
+    """Each trial's `dpo-kit run` refused wandb online without WANDB_API_KEY before its first stage, so the sweep
+    started trial after trial (a kernel each) only to record each as failed. It is refused before any trial."""
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SweepError, match=r"WANDB_API_KEY is not set in the environment .*set WANDB_MODE=offline.*"
+                                         r"\(from the sweep's dpo.beta=0.1\)\. Nothing was run"):
+        run_sweep(TINY, grid=["dpo.beta=0.1,0.2"], overrides=["tracking.report_to=[wandb]"], project_dir=tmp_path,
+                  progress=False)  # fmt: skip
+    assert not list(tmp_path.iterdir())

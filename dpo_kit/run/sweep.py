@@ -41,6 +41,7 @@ from dpo_kit.params import (
     run_directory,
 )
 from dpo_kit.run.stage import adopt_format_stage, has_completed_format, params_fingerprint
+from dpo_kit.tracking import TrackerError, wandb_key_for_online
 
 SWEEP_FILE = "sweep.json"
 CLAIMS = ".claims"
@@ -636,6 +637,10 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
             raise SweepError(f"merge.push_to_hub: every trial of the sweep would push its merged model to"
                              f" {params.merge.hub_model_id}, which would end up holding whichever trial merged last."
                              " Sweep with merge.push_to_hub=false, then push the trial you choose (its merged/ folder)")
+        try:  # each trial's run would refuse it before its first stage: the sweep does, before its first trial
+            wandb_key_for_online(params.tracking.report_to)
+        except TrackerError as error:
+            raise SweepError(f"{error} (from the sweep's {overrides[-1]}). Nothing was run") from None
         value: Any = params_to_dict(params)
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
