@@ -57,6 +57,11 @@ def is_local_path(name: str) -> bool:
     )
 
 
+def is_hub_dataset(source: str) -> bool:
+    """A data.source that datasets.load_dataset reads: neither 'bundled', 'generate' nor a local file."""
+    return source not in ("bundled", "generate") and not is_local_path(source)
+
+
 def run_directory(project_dir: str | Path, output_dir: str, name: str) -> Path:
     """<project_dir>/<run.output_dir>/<run.name>, absolute."""
     return (Path(project_dir) / output_dir / name).resolve()
@@ -339,6 +344,16 @@ class DataParams(Section):
     )
     split: str = Field("train", description="Split of a hub dataset (or a split slice like 'train[:1000]').")
     revision: str | None = Field(None, description="Hub revision of the dataset.")
+    config: str | None = Field(
+        None,
+        description="Configuration (subset) of a hub dataset that has several, as named on its page:"
+        " datasets.load_dataset's `name`, TRL's dataset_config. None = the dataset's only or default one.",
+    )
+    data_dir: str | None = Field(
+        None,
+        description="Folder inside a hub dataset's repo to read, datasets.load_dataset's `data_dir`: the way"
+        " Anthropic/hh-rlhf's subsets are chosen (e.g. 'harmless-base'). None = the whole dataset.",
+    )
     columns: ColumnMap | None = Field(None, description="Column map; required when format is 'columns'.")
     output_format: Literal["conversational", "standard"] = Field(
         "conversational",
@@ -378,6 +393,16 @@ class DataParams(Section):
             raise ValueError("data.columns is required when data.format is 'columns'")
         if self.format != "columns" and self.columns is not None:
             raise ValueError(f"data.columns is only used with data.format 'columns', not '{self.format}'")
+        hub_only = [key for key in ("config", "data_dir") if getattr(self, key) is not None]
+        if hub_only and not is_hub_dataset(self.source):
+            # Only datasets.load_dataset reads them: on a file, the bundled pairs or sampled ones they would be
+            # recorded in params.yaml and never used, and the run would look like one made on that subset.
+            key = hub_only[0]
+            raise ValueError(
+                f"data.{key} {getattr(self, key)!r} is only read from a hub dataset, and data.source {self.source!r}"
+                f" is {'a local file' if is_local_path(self.source) else 'not one'}; remove data.{key} (or set it"
+                " to null), or name a hub dataset id as data.source"
+            )
         suffix = Path(self.source).suffix.lower()
         if suffix and suffix not in LOCAL_DATA_SUFFIXES and (self.source.startswith((".", "/")) or suffix in {".txt", ".tsv", ".xlsx"}):
             raise ValueError(f"data.source '{self.source}': unsupported file type; use one of {LOCAL_DATA_SUFFIXES}")
@@ -1126,7 +1151,7 @@ SWITCHED_KEYS: dict[str, tuple[tuple[str, ...], Any, Any, str]] = {
     "merge.push_to_hub": (("merge.hub_model_id", "merge.private"), lambda p: p.merge.push_to_hub,
                           lambda p: "merge.push_to_hub is false (nothing is pushed)", "merge.push_to_hub=true"),
     "data.source": (("data.split", "data.revision"),
-                    lambda p: p.data.source not in ("bundled", "generate") and not is_local_path(p.data.source),
+                    lambda p: is_hub_dataset(p.data.source),
                     lambda p: f"data.source {p.data.source!r} is no hub dataset, the only source read by split and"
                     " revision (data.max_rows limits the rows read)", "data.source=<a hub dataset id>"),
     "tracking.report_to": (("tracking.project",), lambda p: {"wandb", "trackio"} & set(p.tracking.report_to),

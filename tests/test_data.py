@@ -355,14 +355,91 @@ def test_hub_dataset_is_loaded_with_split_and_revision(monkeypatch):
 
     calls = []
 
-    def fake_load_dataset(source, split, revision):
-        calls.append((source, split, revision))
+    def fake_load_dataset(source, name, data_dir, split, revision):
+        calls.append((source, name, data_dir, split, revision))
         return datasets.Dataset.from_list(ORCA_ROWS)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     params = make_params(source="jondurbin/truthy-dpo-v0.1", format="truthy", split="train[:10]", revision="abc123", max_rows=3)
     assert read_rows(params.data) == ORCA_ROWS[:3]
-    assert calls == [("jondurbin/truthy-dpo-v0.1", "train[:10]", "abc123")]
+    subset = make_params(source="Anthropic/hh-rlhf", format="hh-rlhf", data_dir="harmless-base", config="default").data
+    read_rows(subset)
+    assert calls == [("jondurbin/truthy-dpo-v0.1", None, None, "train[:10]", "abc123"),
+                     ("Anthropic/hh-rlhf", "default", "harmless-base", "train", None)]  # fmt: skip
+
+
+def write_hub_dataset(root: Path) -> None:
+    """A dataset folder as a hub repo holds one, read by datasets without a network: 'org/prefs' declares two
+    configurations in its README's YAML header, 'org/hh' keeps its subsets in folders (as Anthropic/hh-rlhf does)."""
+    prefs = root / "org" / "prefs"
+    for config in ("alpha", "beta"):
+        (prefs / config).mkdir(parents=True)
+        rows = [{"prompt": f"{config} question {n}?", "chosen": "Yes.", "rejected": "No."} for n in range(3)]
+        (prefs / config / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (prefs / "README.md").write_text(
+        "---\nconfigs:\n" + "".join(
+            f"- config_name: {config}\n  data_files:\n  - split: train\n    path: {config}/*.jsonl\n"
+            for config in ("alpha", "beta")
+        ) + "---\n"
+    )
+    for subset in ("harmless-base", "helpful-base"):
+        (root / "org" / "hh" / subset).mkdir(parents=True)
+        turn = f"\n\nHuman: {subset}?\n\nAssistant:"
+        row = {"chosen": f"{turn} Sure.", "rejected": f"{turn} No."}
+        (root / "org" / "hh" / subset / "train.jsonl").write_text(json.dumps(row) + "\n")
+
+
+@pytest.fixture
+def hub_datasets(tmp_path, monkeypatch):
+    """Hub ids 'org/prefs' and 'org/hh' that load_dataset finds as folders of the working directory, offline."""
+    import datasets
+
+    write_hub_dataset(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    return tmp_path
+
+
+def test_data_config_and_data_dir_read_that_subset_of_a_hub_dataset(hub_datasets):
+    """A hub dataset of several configurations (many multi-config preference sets) or of subsets in folders
+    (Anthropic/hh-rlhf's harmless-base) could not be named in params; data.config and data.data_dir pick one."""
+    beta = read_rows(make_params(source="org/prefs", format="standard", config="beta").data)
+    assert [row["prompt"] for row in beta] == ["beta question 0?", "beta question 1?", "beta question 2?"]
+    assert read_rows(make_params(source="org/prefs", format="standard", config="alpha", max_rows=1).data) == [
+        {"prompt": "alpha question 0?", "chosen": "Yes.", "rejected": "No."}
+    ]
+    harmless = read_rows(make_params(source="org/hh", format="hh-rlhf", data_dir="harmless-base").data)
+    assert [row["chosen"] for row in harmless] == ["\n\nHuman: harmless-base?\n\nAssistant: Sure."]
+    assert len(read_rows(make_params(source="org/hh", format="hh-rlhf").data)) == 2  # no data_dir: every subset
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"config": "gamma"}, "data.config 'gamma': the hub dataset 'org/prefs' has no configuration of that name; valid"
+                          " names: 'alpha', 'beta'"),
+    ({}, "data.config: the hub dataset 'org/prefs' has several configurations and data.config names none; set it to one"
+         " of 'alpha', 'beta'"),
+    ({"config": "alpha", "split": "tset"}, "data.split 'tset': the hub dataset 'org/prefs' (config 'alpha') has no such"
+                                           " split; valid splits: 'train', or a slice"),
+    ({"source": "org/hh", "data_dir": "harmless"}, "data.data_dir 'harmless': no data files were found in that folder"
+                                                   " of the hub dataset 'org/hh'"),
+])  # fmt: skip
+def test_a_subset_a_hub_dataset_lacks_is_refused_naming_the_key_and_the_valid_names(hub_datasets, data, expected):
+    with pytest.raises(SourceError) as refused:
+        read_rows(make_params(**{"source": "org/prefs", "format": "standard", **data}).data)
+    assert str(refused.value).startswith(expected)
+
+
+@pytest.mark.parametrize("source", ["bundled", "pairs.jsonl", "./pairs", "generate"])
+@pytest.mark.parametrize("key", ["config", "data_dir"])
+def test_data_config_and_data_dir_are_refused_where_no_hub_dataset_is_read(source, key):
+    from dpo_kit.params import ParamsError
+
+    raw = {"source": source, key: "harmless-base"}
+    if source == "generate":
+        raw["generate"] = {"prompts": "movie-review-openings", "judge": "sentiment"}
+    with pytest.raises(ParamsError, match=f"data.{key} 'harmless-base' is only read from a hub dataset, and"
+                                          f" data.source '{source}' is"):
+        make_params(**raw)
 
 
 def test_hub_errors_other_than_the_network_keep_their_cause(monkeypatch):

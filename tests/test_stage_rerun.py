@@ -280,6 +280,8 @@ def test_launch_params_left_at_their_defaults_keep_fingerprints_of_earlier_runs(
 
     base = params_to_dict(load_params(TINY))
     before_launch = {key: base_value(base, key) for key in stage_inputs("train") if not key.startswith("launch.")}
+    # nor did such a run hold data.config and data.data_dir, which came later still
+    before_launch["data"] = {k: v for k, v in before_launch["data"].items() if k not in ("config", "data_dir")}
     digest = hashlib.sha256(json.dumps(before_launch, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert params_fingerprint(base, "train") == digest
     launched = params_to_dict(load_params(TINY, ["launch.num_processes=2"]))
@@ -314,6 +316,21 @@ def test_the_sentiment_judges_floor_left_at_its_default_keeps_fingerprints_of_ea
         changed[override] = {s for s in mf.STAGES if params_fingerprint(other, s) != params_fingerprint(base, s)}
     assert changed == {"data.generate.sentiment_min_words=3": set(mf.STAGES),
                        "evaluate.sentiment_min_words=3": {"evaluate"}}  # fmt: skip
+
+
+def test_a_hub_datasets_subset_is_another_format_stage_and_none_keeps_earlier_runs():
+    """data.config and data.data_dir came later: left at None, every stage is that of runs made before them; a subset
+    (hh-rlhf's harmless-base, a configuration) is other data, so no stage of another subset's run is reused."""
+    hh = REPO / "params" / "stablelm-2-1_6b-hh-rlhf-lora-8bit.yaml"
+    base = params_to_dict(load_params(hh))
+    before = json.loads(json.dumps(base))
+    del before["data"]["config"], before["data"]["data_dir"]
+    assert all(params_fingerprint(base, s) == params_fingerprint(before, s) for s in mf.STAGES)
+    harmless = params_to_dict(load_params(hh, ["data.data_dir=harmless-base"]))
+    helpful = params_to_dict(load_params(hh, ["data.data_dir=helpful-base"]))
+    configured = params_to_dict(load_params(hh, ["data.config=default"]))
+    for stage in mf.STAGES:
+        assert len({params_fingerprint(p, stage) for p in (base, harmless, helpful, configured)}) == 4, stage
 
 
 def test_top_k_left_at_50_keeps_fingerprints_of_earlier_runs():

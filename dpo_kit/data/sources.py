@@ -11,8 +11,10 @@ network unless the dataset is already in the local cache.
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,8 +33,13 @@ def describe_source(data: DataParams) -> str:
         return f"on-policy samples for the prompts '{data.generate.prompts}'"
     if data.source == "bundled" or is_local_path(data.source):
         return f"'{data.source}'"
-    revision = f", revision {data.revision}" if data.revision else ""
-    return f"hub dataset '{data.source}' (split {data.split}{revision})"
+    return f"hub dataset '{data.source}' ({_hub_selection(data)})"
+
+
+def _hub_selection(data: DataParams) -> str:
+    """The part of a hub dataset that is read, as the params name it: 'config alpha, split train'."""
+    chosen = {"config": data.config, "data_dir": data.data_dir, "split": data.split, "revision": data.revision}
+    return ", ".join(f"{key} {value!r}" for key, value in chosen.items() if value is not None)
 
 
 def read_rows(data: DataParams, project_dir: str | Path = ".") -> list[dict[str, Any]]:
@@ -50,7 +57,7 @@ def read_rows_and_lines(data: DataParams, project_dir: str | Path = ".") -> tupl
     elif is_local_path(data.source):
         rows, lines = read_local_file_and_lines(Path(project_dir) / data.source, data.max_rows)
     else:
-        rows = read_hub_dataset(data.source, data.split, data.revision, data.max_rows)
+        rows = read_hub_dataset(data)
     if data.max_rows:
         rows, lines = rows[: data.max_rows], lines and lines[: data.max_rows]
     return rows, lines
@@ -289,26 +296,66 @@ def _holds_an_object(text: str) -> bool:
         return False
 
 
-def read_hub_dataset(source: str, split: str, revision: str | None, max_rows: int | None) -> list[dict[str, Any]]:
+def read_hub_dataset(data: DataParams) -> list[dict[str, Any]]:
+    """At most data.max_rows rows of the hub dataset data.source: its data.config and data.data_dir, data.split at
+    data.revision. A dataset that is already in the local cache loads without a network."""
     import datasets
 
-    where = f"hub dataset '{source}' (split '{split}'{f', revision {revision}' if revision else ''})"
+    where = describe_source(data)
     try:
-        dataset = datasets.load_dataset(source, split=split, revision=revision)
+        dataset = datasets.load_dataset(
+            data.source, name=data.config, data_dir=data.data_dir, split=data.split, revision=data.revision
+        )
     except Exception as error:  # noqa: BLE001 - datasets and huggingface_hub raise many types; all are reported
         if _is_network_error(error):
+            # the cache holds each configuration and data_dir apart: another subset of a cached dataset is not cached
+            what = "that part of the dataset" if data.config or data.data_dir else "the dataset"
             raise SourceError(
                 f"data.source: cannot load {where}: the Hugging Face Hub could not be reached (offline, or no"
-                " network) and the dataset is not in the local cache. Use a local .jsonl/.json/.parquet/.csv"
+                f" network) and {what} is not in the local cache. Use a local .jsonl/.json/.parquet/.csv"
                 f" file or 'bundled' as data.source. ({type(error).__name__}: {error})"
             ) from error
+        if problem := _selection_problem(data, error):
+            raise SourceError(problem) from error
         raise SourceError(
-            f"data.source: cannot load {where}: {type(error).__name__}: {error}. Check the dataset id, split and"
-            " revision, or use a local .jsonl/.json/.parquet/.csv file or 'bundled'."
+            f"data.source: cannot load {where}: {type(error).__name__}: {error}. Check the dataset id, split,"
+            " revision, config and data_dir, or use a local .jsonl/.json/.parquet/.csv file or 'bundled'."
         ) from error
-    if max_rows:
-        dataset = dataset.select(range(min(max_rows, len(dataset))))
+    if data.max_rows:
+        dataset = dataset.select(range(min(data.max_rows, len(dataset))))
     return dataset.to_list()
+
+
+def _selection_problem(data: DataParams, error: BaseException) -> str | None:
+    """What is wrong, naming the params key at fault, when datasets refuses the part of the dataset asked for; None
+    for any other error. datasets lists the valid names in its own terms (`load_dataset('prefs', 'alpha')`), so the
+    names are taken from its message and offered as the params key's values."""
+    message = str(error)
+    listed = _listed_names(message)
+    if isinstance(error, ValueError) and "Config name is missing" in message:
+        return (f"data.config: the hub dataset '{data.source}' has several configurations and data.config names none;"
+                f" set it to one of {listed}")  # fmt: skip
+    if isinstance(error, ValueError) and data.config is not None and "BuilderConfig" in message and "not found" in message:
+        return (f"data.config {data.config!r}: the hub dataset '{data.source}' has no configuration of that name;"
+                f" valid names: {listed}")  # fmt: skip
+    if isinstance(error, ValueError) and "Unknown split" in message:
+        config = f" (config {data.config!r})" if data.config else ""
+        return (f"data.split {data.split!r}: the hub dataset '{data.source}'{config} has no such split; valid splits:"
+                f" {listed}, or a slice of one such as 'train[:1000]'")  # fmt: skip
+    if data.data_dir is not None and type(error).__name__ in {"EmptyDatasetError", "DataFilesNotFoundError", "FileNotFoundError"}:
+        return (f"data.data_dir {data.data_dir!r}: no data files were found in that folder of the hub dataset"
+                f" '{data.source}'; name a folder of its repository that holds them, as its Files page shows them"
+                f" ({type(error).__name__}: {message})")  # fmt: skip
+    return None
+
+
+def _listed_names(message: str) -> str:
+    """The names in the first Python list literal of datasets' message ("Available: ['alpha', 'beta']"), or the whole
+    message where it holds none, so no valid name is lost to a changed wording."""
+    found = re.search(r"\[(?:'[^'\]]*'(?:, )?)+\]", message)
+    if found:
+        return ", ".join(map(repr, ast.literal_eval(found.group())))
+    return f"those datasets names: {message}"
 
 
 def _is_network_error(error: BaseException) -> bool:
