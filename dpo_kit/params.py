@@ -331,6 +331,14 @@ class OnPolicyParams(Section):
     _home = field_validator("prompts", "sampler", "judge", mode="before")(expand_home)
 
 
+# The address of a hub dataset, or of a folder of its repository, as its page shows it (hf:// as huggingface_hub's
+# file system writes it).
+HUB_DATASET_PAGE = re.compile(
+    r"(?:(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/|hf://)datasets/(?P<id>[\w.-]+/[\w.-]+)"
+    r"(?:/tree/(?P<revision>[^/]+)(?:/(?P<folder>[^?#]+?))?)?/?"
+)
+
+
 class DataParams(Section):
     source: str = Field(
         "bundled",
@@ -380,6 +388,16 @@ class DataParams(Section):
 
     @model_validator(mode="after")
     def _columns_match_format(self):
+        if page := HUB_DATASET_PAGE.fullmatch(self.source):
+            # Read as a local path (a URL has more than two parts), the address copied from the dataset's page, or an
+            # article, failed as "file not found: https:/huggingface.co/datasets/...", which does not say what to write.
+            dataset_id, revision, folder = page.group("id", "revision", "folder")
+            revision = None if revision == "main" else revision  # the default branch, which data.revision None reads
+            also = "".join(f", data.{key}: {value}" for key, value in (("revision", revision), ("data_dir", folder)) if value)
+            raise ValueError(
+                f"data.source '{self.source}' is the address of the hub dataset '{dataset_id}'; name it by its id:"
+                f" data.source: {dataset_id}{also}"
+            )
         if (self.source == "generate") != (self.generate is not None):
             raise ValueError(
                 "data.generate is required when data.source is 'generate'" if self.source == "generate"

@@ -429,6 +429,26 @@ def test_a_subset_a_hub_dataset_lacks_is_refused_naming_the_key_and_the_valid_na
     assert str(refused.value).startswith(expected)
 
 
+@pytest.mark.parametrize(("source", "expected"), [
+    ("https://huggingface.co/datasets/Anthropic/hh-rlhf", "data.source: Anthropic/hh-rlhf"),
+    ("huggingface.co/datasets/jondurbin/truthy-dpo-v0.1/", "data.source: jondurbin/truthy-dpo-v0.1"),
+    ("hf://datasets/Intel/orca_dpo_pairs", "data.source: Intel/orca_dpo_pairs"),
+    ("https://huggingface.co/datasets/Anthropic/hh-rlhf/tree/main/harmless-base",
+     "data.source: Anthropic/hh-rlhf, data.data_dir: harmless-base"),
+    ("https://hf.co/datasets/org/prefs/tree/v1.0/a/b", "data.source: org/prefs, data.revision: v1.0, data.data_dir: a/b"),
+])  # fmt: skip
+def test_a_hub_datasets_address_as_data_source_is_refused_with_its_id(source, expected):
+    """The address of a dataset's page (seed article 000 gives hh-rlhf's) was read as a local path and refused as
+    "file not found: https:/huggingface.co/...": it now says which id, revision and data_dir to write."""
+    from dpo_kit.params import ParamsError
+
+    with pytest.raises(ParamsError) as refused:
+        make_params(source=source, format="standard")
+    assert str(refused.value).endswith(f"is the address of the hub dataset '{expected.split(', ')[0].split(': ')[1]}';"
+                                       f" name it by its id: {expected}")
+    assert make_params(source="https://example.com/pairs.jsonl").data.source == "https://example.com/pairs.jsonl"
+
+
 @pytest.mark.parametrize("source", ["bundled", "pairs.jsonl", "./pairs", "generate"])
 @pytest.mark.parametrize("key", ["config", "data_dir"])
 def test_data_config_and_data_dir_are_refused_where_no_hub_dataset_is_read(source, key):
