@@ -1276,6 +1276,17 @@ def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
     if source not in ("bundled", "generate") and is_local_path(source):
         if problem := missing_data_file("data.source", Path(project_dir) / source):
             raise ParamsError(problem)
+    elif is_hub_dataset(source) and (Path(project_dir) / source).exists():
+        # 'data/prefs' has the shape of a hub id, so the format stage asked the hub (or, offline, reported it
+        # unreachable) for a dataset of that name, while the user meant the project's folder or file.
+        local = Path(project_dir) / source
+        files = sorted(f.name for f in local.iterdir() if f.suffix.lower() in LOCAL_DATA_SUFFIXES) if local.is_dir() else []
+        example = f" (e.g. ./{Path(source) / files[0]})" if files else ""
+        raise ParamsError(
+            f"data.source '{source}' is read as a hub dataset id (owner/name), but it names {local} in the project. A"
+            f" local source is one {'/'.join(LOCAL_DATA_SUFFIXES)} file, written with its suffix or a ./ prefix"
+            f"{example}; for the hub dataset of that id, move {local} out of the project folder"
+        )
     generate = params.data.generate
     if generate is not None and generate.prompts not in BUNDLED_PROMPT_SETS:
         if problem := missing_data_file("data.generate.prompts", Path(project_dir) / generate.prompts):

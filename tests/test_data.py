@@ -449,6 +449,25 @@ def test_a_hub_datasets_address_as_data_source_is_refused_with_its_id(source, ex
     assert make_params(source="https://example.com/pairs.jsonl").data.source == "https://example.com/pairs.jsonl"
 
 
+def test_a_hub_id_that_names_a_folder_of_the_project_is_refused_before_the_hub_is_asked(tmp_path):
+    """data.source 'data/prefs' has a hub id's shape: validate passed it, and the format stage (whose working directory
+    is notebooks/) asked the hub for a dataset of that name, or said offline that the hub could not be reached, while
+    the user meant the project's folder. Refused up front, naming a file in it as a local source is written."""
+    from dpo_kit.params import ParamsError, check_local_files
+
+    (tmp_path / "data" / "prefs").mkdir(parents=True)
+    (tmp_path / "data" / "prefs" / "train.jsonl").write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n')
+    params = make_params(source="data/prefs", format="standard")
+    with pytest.raises(ParamsError) as refused:
+        check_local_files(params, tmp_path)
+    assert str(refused.value).startswith(
+        f"data.source 'data/prefs' is read as a hub dataset id (owner/name), but it names {tmp_path / 'data/prefs'} in"
+        " the project. A local source is one .jsonl/.json/.parquet/.csv file, written with its suffix or a ./ prefix"
+        " (e.g. ./data/prefs/train.jsonl)"
+    )
+    check_local_files(make_params(source="org/prefs", format="standard"), tmp_path)  # no such folder: a hub id
+
+
 @pytest.mark.parametrize("source", ["bundled", "pairs.jsonl", "./pairs", "generate"])
 @pytest.mark.parametrize("key", ["config", "data_dir"])
 def test_data_config_and_data_dir_are_refused_where_no_hub_dataset_is_read(source, key):
