@@ -193,6 +193,32 @@ def test_reward_model_judge_scores_the_chat_templated_conversation(reward_model_
         assert score == pytest.approx(expected, abs=1e-5)
 
 
+def test_reward_model_judge_scores_do_not_depend_on_the_batch_for_a_tokenizer_that_pads_left(tmp_path):
+    """A reward model with absolute position embeddings (GPT-2) behind a tokenizer that pads on the left: padded, a
+    short response's tokens sat at later positions than alone, so its score changed with the longest text in its
+    batch (by up to 0.17 here), and a win-rate with the batch size."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, num_labels=1,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "padding_side": "left"}))
+
+    rows = bundled_preference_rows()[:5]
+    prompts = [row["prompt"] for row in rows]
+    responses = [row["chosen"][0]["content"] for row in rows[:4]] + ["No."]
+    batched = RewardModelJudge(str(tmp_path), batch_size=5).score(prompts, responses)
+    alone = RewardModelJudge(str(tmp_path), batch_size=1).score(prompts, responses)
+    assert batched == pytest.approx(alone, abs=1e-5)
+
+
 def test_reward_model_judge_scores_a_rendered_string_prompt_followed_by_the_response(reward_model_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -166,6 +166,9 @@ class RewardModelJudge:
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # Padding on the left moves every token of a shorter text to later positions, which a model with absolute
+        # position embeddings (GPT-2) reads as other input: a score then depended on the longest text in its batch.
+        self.tokenizer.padding_side = "right"
         # safetensors only: the kit loads no pickle (pytorch_model.bin) that the run did not write.
         try:
             self.model = from_pretrained_safetensors(AutoModelForSequenceClassification, name_or_path, dtype=dtype,
