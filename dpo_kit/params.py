@@ -268,10 +268,10 @@ JUDGE_TRUST_REMOTE_CODE_HELP = (
     " trusts the policy's repo, not the judge's. Only for a reward-model judge."
 )
 SENTIMENT_MIN_WORDS_HELP = (
-    "The sentiment judge's length floor: a response of fewer words scores -1, the bottom of its scale, so that an"
-    " empty or one-word answer never beats a real one (at least 2). With max_new_tokens leaving room for only about"
-    " this many words, the floor decides most pairs and DPO learns length: the format stage counts those pairs"
-    " (judge_floor in data/report.json). Only for judge 'sentiment'."
+    "The sentiment judge's length floor: a response of fewer words scores -1, the bottom of its scale, as does one"
+    " word repeated or padded to that length, so that an empty or one-word answer never beats a real one (at least 2)."
+    " With max_new_tokens leaving room for only about this many words, the floor decides most pairs and DPO learns"
+    " length: the format stage counts those pairs (judge_floor in data/report.json). Only for judge 'sentiment'."
 )
 
 # transformers samples among the 50 likeliest tokens where a model's generation config names no top_k, and the

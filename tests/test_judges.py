@@ -311,6 +311,27 @@ def test_an_empty_or_one_word_answer_cannot_beat_a_real_continuation():
     assert judge.score([REVIEW], ["Great!"]) == [-1.0]
 
 
+def test_a_one_word_answer_repeated_or_padded_to_the_floor_cannot_beat_a_real_continuation():
+    """The floor counted words, so one word said 8 times ("great" scored 0.99, "love" 2000 times 1.0), or padded with
+    lone apostrophes (a word to _words) or digits (0.66, as "Great!" alone), beat a real continuation; so did 8 lone
+    apostrophes (0.0), text without a letter. A response with two different words is scored as VADER scores it."""
+    judge = SentimentJudge()
+    real = "slow in places, and the ending did not work for me, but the battle scenes were well staged."
+    assert -0.5 < judge.score_one(real) < 0
+    for degenerate in ["great " * 8, "love " * 2000, "Great-great-great-great-great-great-great-great",
+                       "Great! ' ' ' ' ' ' '", "' ' ' ' ' ' ' '", "Great! 1 2 3 4 5 6 7", "Amazing! 10 10 10 10 10 10 10"]:  # fmt: skip
+        assert judge.floored(degenerate) and judge.score_one(degenerate) == -1.0, degenerate
+        assert win_rate(judge, [REVIEW], [degenerate], [real])["losses"] == 1, f"{degenerate!r} beat a real continuation"
+    assert SentimentJudge(min_words=2).floored("Great great") and not SentimentJudge(min_words=2).floored("Great film")
+    # Ordinary text keeps VADER's own score: repeated words, digits and quotes, as long as two different words are there.
+    ordinary = [real, "great, great, great fun for 2 hours, and I would watch it again.", "was 'great.' ' I loved it",
+                *(row[side][0]["content"] for row in bundled_preference_rows() for side in ("chosen", "rejected"))]  # fmt: skip
+    for text in ordinary:
+        assert judge.floored(text) == (len(_words(text)) < 8), text
+        if not judge.floored(text):
+            assert judge.score_one(text) == judge.analyzer.polarity_scores(text)["compound"]
+
+
 def test_the_sentiment_floor_counts_accented_words_once():
     # An accent used to split a word ("très" -> "tr", "s"): 4 Spanish words counted 8 and escaped the 8-word floor, and
     # with a floor of 2 the one word "Magnífico" was no longer floored.

@@ -63,6 +63,12 @@ def _words(text: str) -> list[str]:
     return re.findall(r"(?:[^\W_]|')+", text.lower())
 
 
+def _distinct_words(words: Sequence[str]) -> set[str]:
+    """The different words among `words` that hold a letter: how many things a reply says, which neither repeating a
+    word nor padding it with numbers or lone apostrophes (each a word to `_words`) raises."""
+    return {word for word in words if any(char.isalpha() for char in word)}
+
+
 def prompt_text(prompt: Prompt) -> str:
     """The user's words in a prompt: the user messages, or a rendered prompt with its markup removed."""
     if isinstance(prompt, str):
@@ -116,9 +122,10 @@ class SentimentJudge:
 
     VADER is a lexicon and rule model: no weights, no network, and each score can be explained word by word.
     Its blind spot is the one a policy would exploit: "Great!" alone scores 0.66, more than most real reviews.
-    So a response of fewer than `min_words` words scores -1, the bottom of the scale: an empty or one-word
-    answer can never beat a real continuation. Repetition ("particularly impressive" over and over) still
-    scores high here; the evaluation reports distinct-2 and repeated n-grams beside the score for that reason.
+    So a response of fewer than `min_words` words scores -1, the bottom of the scale, and so does one word repeated
+    or padded to that length: an empty or one-word answer can never beat a real continuation. Repetition
+    ("particularly impressive" over and over) still scores high here; the evaluation reports distinct-2 and
+    repeated n-grams beside the score for that reason.
     """
 
     def __init__(self, min_words: int = SENTIMENT_MIN_WORDS):
@@ -138,10 +145,15 @@ class SentimentJudge:
         return self.analyzer.polarity_scores(response)["compound"]
 
     def floored(self, response: str) -> bool:
-        """Whether the length floor, not the sentiment, gave this response its score: fewer than `min_words` words.
-        The on-policy data source records it per sample, since a pair whose rejected response is floored teaches
-        length (more words per token) rather than sentiment."""
-        return len(_words(response)) < self.min_words
+        """Whether the length floor, not the sentiment, gave this response its score: fewer than `min_words` words,
+        or a one-word answer however long (at most one distinct word with a letter). The on-policy data source
+        records it per sample, since a pair whose rejected response is floored teaches length (more words per token)
+        rather than sentiment."""
+        words = _words(response)
+        # Counting words alone let a one-word answer through at any length: "great" 8 times scored 0.99, and "Great!"
+        # with 7 lone apostrophes or the digits 1 to 7 scored 0.66, as "Great!" alone would without the floor. A
+        # response of min_words words or more that holds two different words is scored as before.
+        return len(words) < self.min_words or len(_distinct_words(words)) < 2
 
 
 # ---------------------------------------------------------------------------------------------
