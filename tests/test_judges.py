@@ -430,3 +430,16 @@ def test_an_empty_one_word_or_curt_answer_cannot_beat_a_real_answer_under_the_ru
         words = sorted(topic_words(row["prompt"]))
         plain = judge.score_one(row["prompt"], "Start small, then practise.")
         assert max(judge.score_one(row["prompt"], reply) for reply in [*words, " ".join(words[:3])]) < plain
+
+
+def test_a_one_word_answer_repeated_or_padded_past_three_words_is_still_curt_under_the_rule_judge():
+    """Curt counted words, so the one topic word said four times, or padded with digits or lone apostrophes, scored
+    2.1 to a real answer's 0.4 on "How do I meditate?"; a reply needs more than 3 different words to escape it."""
+    judge = RuleJudge()
+    prompt = [{"role": "user", "content": "How do I meditate?"}]
+    real = "Sit quietly for ten minutes each morning and follow your breath as it comes and goes."
+    for degenerate in ["Meditate meditate meditate meditate", "Meditate 1 2 3", "' ' ' Meditate", "Meditate " * 30,
+                       "Thanks thanks, meditate meditate"]:  # fmt: skip
+        assert judge.score_one(prompt, degenerate) <= -1.0, degenerate
+        assert win_rate(judge, [prompt], [degenerate], [real])["losses"] == 1, f"{degenerate!r} beat a real answer"
+    assert judge.score_one(prompt, "Meditate daily, breathe slowly.") > 0  # four different words: not curt

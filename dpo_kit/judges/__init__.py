@@ -87,8 +87,9 @@ class RuleJudge:
             +2 x fraction of the prompt's topic words used   on topic rather than generic
             +0.5 x min(words / 20, 1)                        some substance, capped so rambling gains nothing
             -2 per kind of dismissive phrase                 the rejected replies' dismissals
-    A curt reply, of at most 3 words ("No.", "Meditate."), scores min(score, 0) - 1: at most -1, below every longer
-    reply without a dismissal (at least 0.1), whatever topic word or polite phrase its few words hold. An empty reply
+    A curt reply, of at most 3 different words ("No.", "Meditate.", "Meditate meditate meditate meditate"), scores
+    min(score, 0) - 1: at most -1, below every longer reply without a dismissal (at least 0.1), whatever topic word or
+    polite phrase its few words hold. An empty reply
     scores EMPTY_SCORE. Phrases count once however often they repeat, so a degenerate model that loops "Happy to
     help!" does not climb without bound.
     """
@@ -109,8 +110,10 @@ class RuleJudge:
         on_topic = len(topic & set(words)) / len(topic) if topic else 0.0
         score = min(polite, 3) + 2.0 * on_topic + 0.5 * min(len(words) / 20, 1.0) - 2.0 * dismissive
         # Capped, not only penalised: a prompt with one topic word gave the one-word reply naming it 2 - 1 = 1, more
-        # than a real answer in other words (0.5 at most), so an answer of one word could win.
-        return min(score, 0.0) - 1.0 if len(words) <= CURT_WORDS else score
+        # than a real answer in other words (0.5 at most), so an answer of one word could win. Counted in different
+        # words, since "Meditate meditate meditate meditate" or "Meditate 1 2 3" (2.1) is still that one word.
+        curt = len(words) <= CURT_WORDS or len(_distinct_words(words)) <= CURT_WORDS
+        return min(score, 0.0) - 1.0 if curt else score
 
 
 # ---------------------------------------------------------------------------------------------
