@@ -258,6 +258,23 @@ def test_reward_model_judge_refuses_a_classifier_with_several_labels(tmp_path):
         RewardModelJudge(str(path))
 
 
+def test_a_model_without_a_trained_reward_head_is_refused_not_given_a_random_one(tmp_path):
+    """A causal LM saved with num_labels 1 loaded as a sequence classifier with its score head drawn at random (only
+    logged by transformers): the judge scored noise, one text 0.12 or -0.06 by the torch seed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "language-model")
+    tokenizer.save_pretrained(tmp_path / "language-model")
+    with pytest.raises(ValueError, match=r"judge '.*language-model': its weights lack score\.weight.*at random"):
+        RewardModelJudge(str(tmp_path / "language-model"))
+
+
 def test_a_reward_model_with_pickled_weights_only_is_refused(reward_model_dir, tmp_path):
     """The judge loads a model the run did not write: safetensors only, never its pytorch_model.bin (a pickle)."""
     import shutil

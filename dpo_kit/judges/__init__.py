@@ -186,13 +186,22 @@ class RewardModelJudge:
         self.tokenizer.padding_side = "right"
         # safetensors only: the kit loads no pickle (pytorch_model.bin) that the run did not write.
         try:
-            self.model = from_pretrained_safetensors(AutoModelForSequenceClassification, name_or_path, dtype=dtype,
-                                                     **kwargs)  # fmt: skip
+            self.model, loading = from_pretrained_safetensors(AutoModelForSequenceClassification, name_or_path,
+                                                              dtype=dtype, output_loading_info=True, **kwargs)  # fmt: skip
         except PickledWeightsRefused as error:
             raise PickledWeightsRefused(f"reward-model judge {error}") from error.__cause__
         if self.model.config.num_labels != 1:
             raise ValueError(
                 f"evaluate.judge '{name_or_path}' has {self.model.config.num_labels} labels; a reward model has 1"
+            )
+        # transformers fills weights missing from the checkpoint at random and only logs it: a causal LM, or a value
+        # head saved under another name, became a judge whose scores were noise that changed with the torch seed.
+        if loading["missing_keys"]:
+            raise ValueError(
+                f"reward-model judge '{name_or_path}': its weights lack {', '.join(sorted(loading['missing_keys']))},"
+                " which transformers would initialise at random, so the judge would score noise. Name a reward model"
+                " saved with its head as AutoModelForSequenceClassification (TRL's RewardTrainer saves one), not a"
+                " language model or a value-head checkpoint."
             )
         # Sequence classifiers read the logit at the last non-pad token, which needs the pad id.
         if self.model.config.pad_token_id is None:
