@@ -219,6 +219,25 @@ def test_reward_model_judge_scores_do_not_depend_on_the_batch_for_a_tokenizer_th
     assert batched == pytest.approx(alone, abs=1e-5)
 
 
+def test_reward_model_judge_pads_with_the_id_its_classifier_skips_for_a_tokenizer_without_a_pad_token(tmp_path):
+    """The tokenizer has no pad token and the model's config names one: the judge padded with the eos, which the
+    classifier does not skip, so it read a shorter text's logit off its padding (0.065 off for 4 of 5 texts)."""
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    path = build_reward_model(tmp_path / "reward-model")  # its config's pad_token_id is the tiny tokenizer's, 0
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(path)
+    rows = bundled_preference_rows()[:5]
+    prompts = [row["prompt"] for row in rows]
+    responses = [row["chosen"][0]["content"] for row in rows[:4]] + ["No."]
+    judge = RewardModelJudge(str(path), batch_size=5)
+    batched = judge.score(prompts, responses)
+    judge.batch_size = 1
+    assert batched == pytest.approx(judge.score(prompts, responses), abs=1e-5)
+    assert judge.tokenizer.pad_token_id == judge.model.config.pad_token_id == 0
+
+
 def test_reward_model_judge_scores_a_rendered_string_prompt_followed_by_the_response(reward_model_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

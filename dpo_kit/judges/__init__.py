@@ -179,8 +179,6 @@ class RewardModelJudge:
         if os.environ.get("HF_TOKEN"):
             kwargs["token"] = os.environ["HF_TOKEN"]
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         # Padding on the left moves every token of a shorter text to later positions, which a model with absolute
         # position embeddings (GPT-2) reads as other input: a score then depended on the longest text in its batch.
         self.tokenizer.padding_side = "right"
@@ -203,8 +201,15 @@ class RewardModelJudge:
                 " saved with its head as AutoModelForSequenceClassification (TRL's RewardTrainer saves one), not a"
                 " language model or a value-head checkpoint."
             )
-        # Sequence classifiers read the logit at the last non-pad token, which needs the pad id.
-        if self.model.config.pad_token_id is None:
+        # A sequence classifier reads each text's logit at its last token that is not config.pad_token_id, so the
+        # padding must be that id: padded with another (the eos, for a tokenizer without a pad token), a shorter
+        # text's score was read off its padding and changed with the longest text in its batch.
+        model_pad = self.model.config.pad_token_id
+        if isinstance(model_pad, int) and 0 <= model_pad < len(self.tokenizer):
+            self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(model_pad)
+        else:
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self.batch_size = batch_size
