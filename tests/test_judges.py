@@ -273,8 +273,14 @@ def test_reward_model_judge_scores_a_prefill_and_its_continuation_as_one_reply(r
 
 def test_reward_model_judge_refuses_a_classifier_with_several_labels(tmp_path):
     path = build_reward_model(tmp_path / "two-labels", num_labels=2)
-    with pytest.raises(ValueError, match="2 labels; a reward model has 1"):
+    with pytest.raises(ValueError, match="evaluate.judge '.*two-labels' has 2 labels; a reward model has 1"):
         RewardModelJudge(str(path))
+    # The judge that ranks sampled pairs is data.generate.judge: its errors named evaluate.judge, a key set otherwise.
+    params = parse_params({"run": {"name": "judges"}, "model": {"name_or_path": "unused-model"},
+                           "evaluate": {"judge": "sentiment"},
+                           "data": {"source": "generate", "generate": {"judge": str(path)}}})  # fmt: skip
+    with pytest.raises(ValueError, match="^data.generate.judge '.*two-labels' has 2 labels"):
+        make_judge(params, settings=params.data.generate)
 
 
 def test_a_model_without_a_trained_reward_head_is_refused_not_given_a_random_one(tmp_path):

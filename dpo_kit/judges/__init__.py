@@ -170,7 +170,8 @@ class RewardModelJudge:
     DeBERTa reward models) they are passed as a text pair, which is how those models were trained.
     """
 
-    def __init__(self, name_or_path: str, trust_remote_code: bool = False, batch_size: int = 8, dtype=None):
+    def __init__(self, name_or_path: str, trust_remote_code: bool = False, batch_size: int = 8, dtype=None,
+                 key: str = "evaluate.judge"):  # fmt: skip
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -187,16 +188,16 @@ class RewardModelJudge:
             self.model, loading = from_pretrained_safetensors(AutoModelForSequenceClassification, name_or_path,
                                                               dtype=dtype, output_loading_info=True, **kwargs)  # fmt: skip
         except PickledWeightsRefused as error:
-            raise PickledWeightsRefused(f"reward-model judge {error}") from error.__cause__
+            raise PickledWeightsRefused(f"{key}: reward-model judge {error}") from error.__cause__
         if self.model.config.num_labels != 1:
             raise ValueError(
-                f"evaluate.judge '{name_or_path}' has {self.model.config.num_labels} labels; a reward model has 1"
+                f"{key} '{name_or_path}' has {self.model.config.num_labels} labels; a reward model has 1"
             )
         # transformers fills weights missing from the checkpoint at random and only logs it: a causal LM, or a value
         # head saved under another name, became a judge whose scores were noise that changed with the torch seed.
         if loading["missing_keys"]:
             raise ValueError(
-                f"reward-model judge '{name_or_path}': its weights lack {', '.join(sorted(loading['missing_keys']))},"
+                f"{key} '{name_or_path}': its weights lack {', '.join(sorted(loading['missing_keys']))},"
                 " which transformers would initialise at random, so the judge would score noise. Name a reward model"
                 " saved with its head as AutoModelForSequenceClassification (TRL's RewardTrainer saves one), not a"
                 " language model or a value-head checkpoint."
@@ -264,6 +265,7 @@ def make_judge(params, project_dir: str | Path = ".", settings=None) -> Judge:
     source = str(local) if local.exists() else name
     return RewardModelJudge(
         source,
+        key="evaluate.judge" if settings is params.evaluate else "data.generate.judge",  # errors name the key to fix
         trust_remote_code=settings.judge_trust_remote_code,  # its own key: trusting the policy's repo is not this
         batch_size=params.evaluate.batch_size,
         dtype=resolve_dtype(params.model.dtype, choose_hardware()),
