@@ -355,16 +355,18 @@ def test_an_empty_or_one_word_answer_cannot_beat_a_real_continuation():
 
 def test_a_one_word_answer_repeated_or_padded_to_the_floor_cannot_beat_a_real_continuation():
     """The floor counted words, so one word said 8 times ("great" scored 0.99, "love" 2000 times 1.0), or padded with
-    lone apostrophes (a word to _words) or digits (0.66, as "Great!" alone), beat a real continuation; so did 8 lone
+    lone apostrophes (each a word to _words: 0.66, as "Great!" alone), beat a real continuation; so did 8 lone
     apostrophes (0.0), text without a letter. A response with two different words is scored as VADER scores it."""
     judge = SentimentJudge()
     real = "slow in places, and the ending did not work for me, but the battle scenes were well staged."
     assert -0.5 < judge.score_one(real) < 0
     for degenerate in ["great " * 8, "love " * 2000, "Great-great-great-great-great-great-great-great",
-                       "Great! ' ' ' ' ' ' '", "' ' ' ' ' ' ' '", "Great! 1 2 3 4 5 6 7", "Amazing! 10 10 10 10 10 10 10"]:  # fmt: skip
+                       "Great! ' ' ' ' ' ' '", "' ' ' ' ' ' ' '", "Amazing ' amazing ' amazing ' amazing '"]:  # fmt: skip
         assert judge.floored(degenerate) and judge.score_one(degenerate) == -1.0, degenerate
         assert win_rate(judge, [REVIEW], [degenerate], [real])["losses"] == 1, f"{degenerate!r} beat a real continuation"
-    assert SentimentJudge(min_words=2).floored("Great great") and not SentimentJudge(min_words=2).floored("Great film")
+    low_floor = SentimentJudge(min_words=2)
+    assert low_floor.floored("Great great") and low_floor.floored("Great '")
+    assert not low_floor.floored("Great film") and low_floor.score_one("Perfect. 10/10") > 0.5  # a number is a word
     # Ordinary text keeps VADER's own score: repeated words, digits and quotes, as long as two different words are there.
     ordinary = [real, "great, great, great fun for 2 hours, and I would watch it again.", "was 'great.' ' I loved it",
                 *(row[side][0]["content"] for row in bundled_preference_rows() for side in ("chosen", "rejected"))]  # fmt: skip
@@ -475,13 +477,14 @@ def test_an_empty_one_word_or_curt_answer_cannot_beat_a_real_answer_under_the_ru
 
 
 def test_a_one_word_answer_repeated_or_padded_past_three_words_is_still_curt_under_the_rule_judge():
-    """Curt counted words, so the one topic word said four times, or padded with digits or lone apostrophes, scored
-    2.1 to a real answer's 0.4 on "How do I meditate?"; a reply needs more than 3 different words to escape it."""
+    """Curt counted words, so the one topic word said four times, or padded with lone apostrophes, scored 2.1 to a
+    real answer's 0.4 on "How do I meditate?"; a reply needs more than 3 different words to escape it."""
     judge = RuleJudge()
     prompt = [{"role": "user", "content": "How do I meditate?"}]
     real = "Sit quietly for ten minutes each morning and follow your breath as it comes and goes."
-    for degenerate in ["Meditate meditate meditate meditate", "Meditate 1 2 3", "' ' ' Meditate", "Meditate " * 30,
+    for degenerate in ["Meditate meditate meditate meditate", "' ' ' Meditate", "Meditate " * 30,
                        "Thanks thanks, meditate meditate"]:  # fmt: skip
         assert judge.score_one(prompt, degenerate) <= -1.0, degenerate
         assert win_rate(judge, [prompt], [degenerate], [real])["losses"] == 1, f"{degenerate!r} beat a real answer"
     assert judge.score_one(prompt, "Meditate daily, breathe slowly.") > 0  # four different words: not curt
+    assert judge.score_one(prompt, "Meditate 10 minutes daily.") > 0  # a number is a word, as before

@@ -64,9 +64,10 @@ def _words(text: str) -> list[str]:
 
 
 def _distinct_words(words: Sequence[str]) -> set[str]:
-    """The different words among `words` that hold a letter: how many things a reply says, which neither repeating a
-    word nor padding it with numbers or lone apostrophes (each a word to `_words`) raises."""
-    return {word for word in words if any(char.isalpha() for char in word)}
+    """The different words among `words` (from `_words`), lone apostrophes left out: how many things a reply says,
+    which neither repeating a word nor padding it with apostrophes raises. Numbers count, so that "Perfect. 10/10"
+    says two things, as it did before this count existed."""
+    return {word for word in words if word.strip("'")}
 
 
 def prompt_text(prompt: Prompt) -> str:
@@ -111,7 +112,7 @@ class RuleJudge:
         score = min(polite, 3) + 2.0 * on_topic + 0.5 * min(len(words) / 20, 1.0) - 2.0 * dismissive
         # Capped, not only penalised: a prompt with one topic word gave the one-word reply naming it 2 - 1 = 1, more
         # than a real answer in other words (0.5 at most), so an answer of one word could win. Counted in different
-        # words, since "Meditate meditate meditate meditate" or "Meditate 1 2 3" (2.1) is still that one word.
+        # words, since "Meditate meditate meditate meditate" (2.1) is still that one word.
         curt = len(words) <= CURT_WORDS or len(_distinct_words(words)) <= CURT_WORDS
         return min(score, 0.0) - 1.0 if curt else score
 
@@ -149,13 +150,13 @@ class SentimentJudge:
 
     def floored(self, response: str) -> bool:
         """Whether the length floor, not the sentiment, gave this response its score: fewer than `min_words` words,
-        or a one-word answer however long (at most one distinct word with a letter). The on-policy data source
+        or a one-word answer however long (at most one distinct word). The on-policy data source
         records it per sample, since a pair whose rejected response is floored teaches length (more words per token)
         rather than sentiment."""
         words = _words(response)
         # Counting words alone let a one-word answer through at any length: "great" 8 times scored 0.99, and "Great!"
-        # with 7 lone apostrophes or the digits 1 to 7 scored 0.66, as "Great!" alone would without the floor. A
-        # response of min_words words or more that holds two different words is scored as before.
+        # with 7 lone apostrophes 0.66, as "Great!" alone would without the floor. A response of min_words words or
+        # more that holds two different words (a number is one) is scored as before.
         return len(words) < self.min_words or len(_distinct_words(words)) < 2
 
 
