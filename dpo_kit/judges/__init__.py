@@ -90,9 +90,8 @@ class RuleJudge:
             -2 per kind of dismissive phrase                 the rejected replies' dismissals
     A curt reply, of at most 3 different words ("No.", "Meditate.", "Meditate meditate meditate meditate"), scores
     min(score, 0) - 1: at most -1, below every longer reply without a dismissal (at least 0.1), whatever topic word or
-    polite phrase its few words hold. An empty reply
-    scores EMPTY_SCORE. Phrases count once however often they repeat, so a degenerate model that loops "Happy to
-    help!" does not climb without bound.
+    polite phrase its few words hold. An empty reply scores EMPTY_SCORE. Phrases count once however often they
+    repeat, so a degenerate model that loops "Happy to help!" does not climb without bound.
     """
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
@@ -113,8 +112,7 @@ class RuleJudge:
         # Capped, not only penalised: a prompt with one topic word gave the one-word reply naming it 2 - 1 = 1, more
         # than a real answer in other words (0.5 at most), so an answer of one word could win. Counted in different
         # words, since "Meditate meditate meditate meditate" (2.1) is still that one word.
-        curt = len(words) <= CURT_WORDS or len(_distinct_words(words)) <= CURT_WORDS
-        return min(score, 0.0) - 1.0 if curt else score
+        return min(score, 0.0) - 1.0 if len(_distinct_words(words)) <= CURT_WORDS else score
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,9 +148,9 @@ class SentimentJudge:
 
     def floored(self, response: str) -> bool:
         """Whether the length floor, not the sentiment, gave this response its score: fewer than `min_words` words,
-        or a one-word answer however long (at most one distinct word). The on-policy data source
-        records it per sample, since a pair whose rejected response is floored teaches length (more words per token)
-        rather than sentiment."""
+        or a one-word answer however long (at most one distinct word). The on-policy data source records it per
+        sample, since a pair whose rejected response is floored teaches length (more words per token) rather than
+        sentiment."""
         words = _words(response)
         # Counting words alone let a one-word answer through at any length: "great" 8 times scored 0.99, and "Great!"
         # with 7 lone apostrophes 0.66, as "Great!" alone would without the floor. A response of min_words words or
