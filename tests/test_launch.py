@@ -450,3 +450,42 @@ def test_two_machines_on_one_host_match_one_process(tmp_path, tiny_model_dir):
     assert launch["world_size"] == 2 and launch["num_machines"] == 2
     ours, theirs = logged_losses(run_dir), logged_losses(one)
     assert sorted(ours) == list(range(1, 7)) and max(abs(ours[s] - theirs[s]) for s in ours) <= 1e-4
+
+
+def test_stopping_a_launch_leaves_no_worker_behind(tmp_path):
+    """torch starts every worker in a session of its own, so SIGKILL to the launcher's process group, once the grace
+    had passed, left the workers that had not stopped on SIGTERM (dpo.enable_jit_checkpoint catches it to save first;
+    a worker waits in a collective) running without a parent. Here both workers ignore SIGTERM."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from dpo_kit.training.launch import stop_process_group, worker_environment
+
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                     "os.write(1, f'worker {os.getpid()}\\n'.encode())\ntime.sleep(300)\n")  # fmt: skip
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS_DIR / "ddp.yaml"),
+               "--num_processes", "2", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(probe)]  # fmt: skip
+    launcher = subprocess.Popen(command, env=worker_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)  # as run_launched starts it  # fmt: skip
+    workers = []
+    try:
+        for line in launcher.stdout:
+            if line.startswith("worker "):
+                workers.append(psutil.Process(int(line.split()[1])))
+                if len(workers) == 2:
+                    break
+        assert len(workers) == 2, "the workers never started"
+        assert all(os.getpgid(w.pid) not in (os.getpgid(launcher.pid), os.getpgid(0)) for w in workers)  # the premise
+        stop_process_group(launcher, grace=2)
+        assert launcher.returncode is not None
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"workers left running after the launcher was stopped: {[w.pid for w in alive]}"
+    finally:
+        for process in [*workers, psutil.Process(launcher.pid) if launcher.poll() is None else None]:
+            if process is not None and process.is_running():
+                process.kill()

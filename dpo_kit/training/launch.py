@@ -3,7 +3,7 @@
 With `launch.num_processes` > 1 (or a `launch.config_file`), the notebook does not train in its own kernel:
 it starts `accelerate launch ... -m dpo_kit.training.worker`, prints the workers' lines as they come, and
 reads the result back from the run directory. GPUs are then never forked from a kernel, and an interrupt in
-the notebook stops the whole process group. Nothing changes for a run without `launch`.
+the notebook stops the launcher and every worker. Nothing changes for a run without `launch`.
 
 Before starting, the combination is checked, and the ones that cannot work are refused with a message that
 says what to change: ZeRO/FSDP without GPUs, DeepSpeed not installed, more processes than GPUs, QLoRA under
@@ -15,6 +15,7 @@ kit's part is to load the models without a device_map under both, so that ZeRO-3
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -282,7 +283,7 @@ def run_launched(stage) -> dict[str, Any]:
     tail: deque[str] = deque(maxlen=30)
     process = subprocess.Popen(
         command, cwd=stage.project_dir, env=worker_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, bufsize=1, start_new_session=True,  # its own process group: an interrupt stops every worker
+        text=True, bufsize=1, start_new_session=True,  # a group of its own, which stop_process_group signals
         preexec_fn=_end_with_parent if sys.platform.startswith("linux") else None,
     )  # fmt: skip
     try:
@@ -318,15 +319,31 @@ def _end_with_parent() -> None:
 
 
 def stop_process_group(process: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM the launcher and its workers (torch.distributed.run forwards it), SIGKILL after `grace` seconds."""
+    """SIGTERM the launcher's process group (torch.distributed.run forwards it to the workers), and SIGKILL after
+    `grace` seconds the launcher and every process it started. torch starts each worker in a session of its own, so
+    SIGKILL to the launcher's group alone left workers that outlived the grace (ones that catch SIGTERM, as
+    dpo.enable_jit_checkpoint does, or wait in a collective) running with no parent, holding memory and the port."""
+    import psutil
+
+    def descendants() -> list[psutil.Process]:
+        with contextlib.suppress(psutil.Error):
+            return psutil.Process(process.pid).children(recursive=True)
+        return []
+
+    started = descendants()  # taken while the launcher lives: once it is gone, its workers are nobody's children
     try:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        started += descendants()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     except ProcessLookupError:
         pass
+    for child in started:
+        with contextlib.suppress(psutil.Error):  # gone already; psutil refuses a pid that another process now holds
+            child.kill()
 
 
 def join_command(run_dir: str | Path, project_dir: str | Path, machine_rank: int) -> list[str]:
