@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 import socket
 from pathlib import Path
 
@@ -164,6 +165,11 @@ def test_a_failed_worker_s_error_is_named_in_the_launch_error(tmp_path):
     first_line = str(failed.value).splitlines()[0]
     assert first_line.startswith("accelerate launch exited with 1 (")
     assert f"ParamsError: params file not found: {tmp_path / 'gone.yaml'})" in first_line
+    # And the command that failed, whole, to run again by hand: the error said only its exit code and output.
+    last_line = str(failed.value).splitlines()[-1]
+    assert last_line.startswith(f"The command (run in {REPO}, with DPO_KIT_LAUNCHED=1): ")
+    command = shlex.split(last_line.split(": ", 1)[1])
+    assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[-3:] == ["dpo_kit.training.worker", str(tmp_path), str(REPO)]
 
 
 def test_a_worker_refuses_to_train_unsharded_when_its_config_asks_for_sharding(monkeypatch):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -301,6 +302,8 @@ def run_launched(stage) -> dict[str, Any]:
         raise LaunchError(
             f"accelerate launch exited with {returncode}" + (f" ({said[-1]})" if said else "")
             + "; its last lines:\n" + "\n".join(tail)
+            # The whole command, to run by hand: the tail holds 30 lines of what may be thousands.
+            + f"\nThe command (run in {stage.project_dir}, with {WORKER_ENV}=1): {shlex.join(command)}"
         )
     if not result_path.is_file():
         raise LaunchError(f"the launched training ended without writing {result_path}")
