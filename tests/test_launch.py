@@ -287,6 +287,33 @@ def test_a_config_whose_own_settings_params_would_override_is_refused(tmp_path, 
         check_launch_when_read(params, tmp_path, fp16_gpu)
 
 
+def test_a_config_whose_machine_0_address_params_would_override_is_refused(tmp_path):
+    """`accelerate config` for two machines writes machine 0's address and port. The launch command carries params'
+    (the port 29500 unless set), which accelerate takes over the file's: the rendezvous moved to a port the file's
+    author never opened, without a word."""
+    import accelerate.commands.launch as accelerate_launch
+
+    from dpo_kit.training.worker import WorkerStage
+
+    (tmp_path / "mine.yaml").write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 2\n"
+                                        "num_processes: 2\nmain_process_ip: 10.0.0.1\nmain_process_port: 29600\n")  # fmt: skip
+    two = ["launch.config_file=mine.yaml", "launch.num_processes=2", "launch.num_machines=2"]
+    params = load_params(TINY, [*two, "launch.main_process_ip=10.0.0.2"])
+    # The premise: what accelerate launch makes of the kit's command and that file.
+    stage = WorkerStage(params=params, run_dir=tmp_path, project_dir=tmp_path, hardware=choose_hardware(), resume_from=None)
+    command = launch_command(stage, tmp_path / "mine.yaml")
+    args = accelerate_launch.launch_command_parser().parse_args(command[command.index("accelerate.commands.launch") + 1 :])
+    args, _, _ = accelerate_launch._validate_launch_command(args)
+    assert (args.main_process_ip, args.main_process_port) == ("10.0.0.2", 29500)
+
+    with pytest.raises(ParamsError) as refused:
+        check_launch_when_read(params, tmp_path)
+    said = str(refused.value)
+    assert "main_process_ip: 10.0.0.1 in the file, launch.main_process_ip 10.0.0.2 in params: set launch.main_process_ip: 10.0.0.1" in said
+    assert "main_process_port: 29600 in the file, launch.main_process_port 29500 in params: set launch.main_process_port: 29600" in said
+    check_launch_when_read(load_params(TINY, [*two, "launch.main_process_ip=10.0.0.1", "launch.main_process_port=29600"]), tmp_path)
+
+
 @pytest.mark.parametrize(
     ("text", "said"),
     [("distributed_type: MULTI_GPU\nnum_processes: 2\nfsdp_sharding: FULL\n", r"unknown keys \(\['fsdp_sharding'\]\)"),

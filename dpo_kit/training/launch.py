@@ -115,6 +115,14 @@ def refuse_settings_params_override(config, params: Params, hardware) -> None:
         theirs, ours = getattr(config, key, None), getattr(launch, key)
         if isinstance(theirs, int) and theirs > 1 and theirs != ours:
             conflicts.append(f"{key}: {theirs} in the file, launch.{key} {ours} in params: set launch.{key}: {theirs}")
+    # Where machine 0 listens: `accelerate config` writes both for a multi-machine run, and params' port (29500 unless
+    # set) replaced the file's without a word, so a firewall opened for the file's port held the other machines back
+    # and the rendezvous timed out naming no setting.
+    for key, theirs in (("main_process_ip", getattr(config, "main_process_ip", None)),
+                        ("main_process_port", getattr(config, "main_process_port", None))):  # fmt: skip
+        ours = getattr(launch, key)
+        if theirs not in (None, "") and ours is not None and str(theirs) != str(ours):
+            conflicts.append(f"{key}: {theirs} in the file, launch.{key} {ours} in params: set launch.{key}: {theirs}")
     theirs = str(getattr(config, "mixed_precision", None) or "no").rsplit(".", 1)[-1].lower()
     ours = mixed_precision(params, hardware)
     if theirs != "no" and theirs != ours:
