@@ -522,3 +522,51 @@ def test_stopping_a_launch_leaves_no_worker_behind(tmp_path):
         for process in [*workers, psutil.Process(launcher.pid) if launcher.poll() is None else None]:
             if process is not None and process.is_running():
                 process.kill()
+
+
+@pytest.mark.parametrize(("stop", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_stopping_dpo_kit_join_stops_its_launcher_and_workers(stop, code, tmp_path):
+    """`dpo-kit join` ran its launcher with subprocess.run: SIGTERM on it (a scheduler, `kill`) ended join alone, and
+    the launcher and workers of machine 1 kept training, then waited in a collective for a machine 0 that had stopped.
+    Here join_command is swapped for a launch of two sleeping workers; the rest is `dpo-kit join` as it runs."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os, time\nos.write(1, f'worker {os.getpid()}\\n'.encode())\ntime.sleep(300)\n")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS_DIR / "ddp.yaml"),
+               "--num_processes", "2", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(probe)]  # fmt: skip
+    join = tmp_path / "join.py"
+    join.write_text(
+        "import sys\nimport dpo_kit.training.launch as launch\n"
+        f"launch.join_command = lambda *args: {command!r}\n"
+        "from dpo_kit.run.cli import main\n"
+        f"sys.exit(main(['join', {str(tmp_path)!r}, '--machine-rank', '1', '--project-dir', {str(tmp_path)!r}]))\n"
+    )
+    joined = subprocess.Popen([sys.executable, str(join)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    started = []
+    try:
+        for line in joined.stdout:
+            if line.startswith("worker "):
+                started.append(psutil.Process(int(line.split()[1])))
+                if len(started) == 2:
+                    break
+        assert len(started) == 2, joined.stderr.read()[-2000:]
+        started += psutil.Process(joined.pid).children()  # the launcher
+        joined.send_signal(getattr(signal, stop))
+        returncode = joined.wait(timeout=120)
+        gone, alive = psutil.wait_procs(started, timeout=10)
+        assert not alive, f"left running after `dpo-kit join` was stopped: {[p.pid for p in alive]}"
+        assert returncode == code
+        assert f"dpo-kit join: {stop}; this machine's launcher and workers are stopped" in joined.stderr.read()
+    finally:
+        for process in started:
+            if process.is_running():
+                process.kill()
+        if joined.poll() is None:
+            joined.kill()

@@ -90,9 +90,7 @@ def _validate(args) -> int:
 
 
 def _join(args) -> int:
-    import subprocess
-
-    from dpo_kit.training.launch import LaunchError, join_command, worker_environment
+    from dpo_kit.training.launch import LaunchError, Terminated, join_command, run_joined
 
     try:
         command = join_command(args.run_dir, args.project_dir, args.machine_rank)
@@ -100,7 +98,12 @@ def _join(args) -> int:
         print(f"dpo-kit join: {error}", file=sys.stderr)
         return 1
     print(f"dpo-kit join: {' '.join(command)}", flush=True)
-    return subprocess.run(command, cwd=args.project_dir, env=worker_environment()).returncode
+    try:
+        return run_joined(command, args.project_dir)
+    except (KeyboardInterrupt, Terminated) as stopped:
+        signal_name, code = ("SIGINT", 130) if isinstance(stopped, KeyboardInterrupt) else ("SIGTERM", 143)
+        print(f"dpo-kit join: {signal_name}; this machine's launcher and workers are stopped", file=sys.stderr)
+        return code
 
 
 def _tiny_model(args) -> int:

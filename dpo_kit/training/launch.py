@@ -357,6 +357,33 @@ def stop_process_group(process: subprocess.Popen, grace: float = 30.0) -> None:
             child.kill()
 
 
+class Terminated(BaseException):
+    """SIGTERM in `dpo-kit join`, raised where it waits for its launcher, so that it stops the launcher and workers."""
+
+
+def run_joined(command: list[str], project_dir: str | Path) -> int:
+    """`dpo-kit join`'s launcher, run to its end and stopped as the train stage's is: with subprocess.run, SIGTERM
+    (or kill -9) on `dpo-kit join` left the launcher and its workers training on unseen, and Ctrl-C SIGKILLed the
+    launcher a quarter of a second later, leaving the workers that had not stopped by then without a parent."""
+    import threading
+
+    def on_sigterm(signum, frame):
+        raise Terminated
+
+    process = subprocess.Popen(command, cwd=project_dir, env=worker_environment(), start_new_session=True,
+                               preexec_fn=_end_with_parent if sys.platform.startswith("linux") else None)  # fmt: skip
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    try:
+        return process.wait()
+    except BaseException:
+        stop_process_group(process)
+        raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def join_command(run_dir: str | Path, project_dir: str | Path, machine_rank: int) -> list[str]:
     """The launch command for machine `machine_rank` of a multi-machine train stage that machine 0 has started
     (`dpo-kit run` there opened the stage): the same params set, checkpoint and address, this machine's rank."""
