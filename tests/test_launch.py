@@ -344,6 +344,21 @@ def test_qlora_under_zero3_or_fsdp_is_refused_with_the_alternative(monkeypatch):
             check_launch(params, gpu_hardware(), REPO)
 
 
+@pytest.mark.parametrize("key", ["gradient_checkpointing", "activation_checkpointing"])
+def test_trainer_checkpointing_under_fsdp_that_checkpoints_itself_is_refused_when_read(key, monkeypatch):
+    """fsdp2 checkpoints activations itself (fsdp_activation_checkpointing), and transformers' Trainer refuses its own
+    checkpointing on top ("can't both be set to True"); with dpo.gradient_checkpointing: true in params that came in
+    every worker, after the format stage and the model loads. The kit turns the Trainer's off only when params don't
+    set it."""
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    params = load_params(TINY, ["launch.config_file=fsdp2", "launch.num_processes=2", f"dpo.{key}=true"])
+    with pytest.raises(ParamsError, match=rf"dpo.{key}: true under launch.config_file fsdp2, whose"
+                                          rf" fsdp_activation_checkpointing is true.* Leave dpo.{key} out"):  # fmt: skip
+        check_launch_when_read(params, REPO, gpu_hardware())
+    for fine in (["launch.config_file=fsdp2", f"dpo.{key}=false"], ["launch.config_file=ddp", f"dpo.{key}=true"]):
+        check_launch_when_read(load_params(TINY, [*fine, "launch.num_processes=2"]), REPO, gpu_hardware())
+
+
 def test_more_processes_than_gpus_is_refused(monkeypatch):
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
     params = load_params(TINY, ["launch.num_processes=8", "launch.config_file=ddp"])

@@ -7,8 +7,9 @@ the notebook stops the launcher and every worker. Nothing changes for a run with
 
 Before starting, the combination is checked, and the ones that cannot work are refused with a message that
 says what to change: ZeRO/FSDP without GPUs, DeepSpeed not installed, more processes than GPUs, QLoRA under
-ZeRO-3/FSDP. Each worker then checks that accelerate set up the sharding its config asked for: on CPU it runs
-an FSDP config as plain DDP without a word. TRL 1.x itself wraps a full fine-tuning reference model for ZeRO-3
+ZeRO-3/FSDP, the Trainer's checkpointing under an FSDP config that checkpoints activations itself. Each
+worker then checks that accelerate set up the sharding its config asked for: on CPU it runs an FSDP config as
+plain DDP without a word. TRL 1.x itself wraps a full fine-tuning reference model for ZeRO-3
 and FSDP and runs `precompute_ref_log_probs` through a DeepSpeed engine (the traps of trl#1117 and #1497); the
 kit's part is to load the models without a device_map under both, so that ZeRO-3 and FSDP can place the shards.
 """
@@ -170,6 +171,17 @@ def check_launch(params: Params, hardware, project_dir: str | Path) -> dict[str,
                 f"launch.config_file {launch.config_file} shards the model over GPUs ({kind}), and this machine has"
                 " none (accelerate would run it as plain DDP here, every process holding the whole model). On CPU,"
                 " leave launch.config_file empty: launch.num_processes > 1 then runs DDP over gloo."
+            )
+        checkpointing = [key for key in ("gradient_checkpointing", "activation_checkpointing") if params.dpo.get(key)]
+        fsdp_checkpoints = str((getattr(config, "fsdp_config", None) or {}).get("fsdp_activation_checkpointing")).lower()
+        if kind == "FSDP" and checkpointing and fsdp_checkpoints == "true":
+            # transformers' Trainer refuses the two at once, but only in the workers, once each has loaded the model
+            # (after the format stage): the kit turns the Trainer's off under FSDP unless params set it.
+            raise LaunchError(
+                f"dpo.{checkpointing[0]}: true under launch.config_file {launch.config_file}, whose"
+                " fsdp_activation_checkpointing is true: transformers refuses both at once (FSDP checkpoints the"
+                f" activations itself). Leave dpo.{checkpointing[0]} out, or use a config of your own with"
+                " fsdp_activation_checkpointing: false"
             )
         if kind != "DDP" and params.quantization.bits:
             raise LaunchError(
