@@ -1,4 +1,4 @@
-"""GGUF models: locating the file, converting it once to safetensors, and the cache keyed by sha256.
+"""GGUF models: locating the file, converting it once to safetensors, the cache keyed by sha256, and that sha256's record.
 
 The conversion runs on the real SmolLM2 GGUF in tests/test_real_model.py (the real-model tier); here the cache
 logic runs with a stand-in converter, so it is checked in milliseconds, and the conversion on tiny GGUF files
@@ -125,6 +125,83 @@ def test_a_changed_file_at_the_same_path_is_converted_again(tmp_path, fake_conve
     second = converted_gguf(model, cache=tmp_path / "cache")
     assert first.directory != second.directory and len(fake_conversions) == 2
     assert first.gguf_sha256 != second.gguf_sha256
+
+
+@pytest.fixture
+def counted_hashes(monkeypatch):
+    """Count the reads of a GGUF's bytes for its sha256; files count as long settled (see the racy test below)."""
+    reads = []
+    sha256_of = gguf.sha256_of
+    monkeypatch.setattr(gguf, "sha256_of", lambda path: reads.append(Path(path).name) or sha256_of(path))
+    monkeypatch.setattr(gguf, "RACY_SECONDS", -1.0)
+    return reads
+
+
+def rewrite_keeping_size_and_mtime(path: Path, content: bytes) -> None:
+    """Another file's bytes in place, with the old size and mtime, as `cp -p` or `rsync -t` of a same-size export
+    leaves it: only the ctime tells, and it moves by the file system's clock tick, so wait for that tick."""
+    before = path.stat()
+    assert len(content) == before.st_size
+    path.write_bytes(content)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    while path.stat().st_ctime_ns == before.st_ctime_ns:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_an_unchanged_gguf_is_not_read_again_for_its_sha256(tmp_path, fake_conversions, counted_hashes):
+    import hashlib
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF one")
+    first = converted_gguf(model, cache=tmp_path / "cache")
+    second = converted_gguf(model, cache=tmp_path / "cache")
+    assert counted_hashes == ["model.gguf"] and len(fake_conversions) == 1
+    # The manifest still records the file's own sha256, not a hash of its stat.
+    assert first == second and second.gguf_sha256 == hashlib.sha256(b"GGUF one").hexdigest()
+
+
+def test_a_changed_gguf_is_hashed_again_though_its_size_and_mtime_are_the_same(tmp_path, fake_conversions,
+                                                                                counted_hashes):  # fmt: skip
+    import hashlib
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF one")
+    first = converted_gguf(model, cache=tmp_path / "cache")
+    rewrite_keeping_size_and_mtime(model, b"GGUF two")
+    second = converted_gguf(model, cache=tmp_path / "cache")
+    assert counted_hashes == ["model.gguf", "model.gguf"] and len(fake_conversions) == 2
+    assert second.gguf_sha256 == hashlib.sha256(b"GGUF two").hexdigest() != first.gguf_sha256
+    # Another file at another path is hashed on its own, however alike.
+    (tmp_path / "copy").mkdir()
+    shutil.copy2(model, tmp_path / "copy" / "model.gguf")
+    assert converted_gguf(tmp_path / "copy" / "model.gguf", cache=tmp_path / "cache").gguf_sha256 == second.gguf_sha256
+    assert len(counted_hashes) == 3
+
+
+def test_a_gguf_written_moments_ago_keeps_no_sha256_record(tmp_path, fake_conversions, counted_hashes, monkeypatch):
+    """A file written within the last RACY_SECONDS (a download still finishing) could be written again within the
+    same timestamp tick, with its size and times unchanged: its hash is taken again at every call, not kept."""
+    monkeypatch.setattr(gguf, "RACY_SECONDS", 3600.0)
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF one")
+    converted_gguf(model, cache=tmp_path / "cache")
+    converted_gguf(model, cache=tmp_path / "cache")
+    assert counted_hashes == ["model.gguf", "model.gguf"]
+    assert not list((tmp_path / "cache" / "gguf").glob("*.json"))
+
+
+def test_a_damaged_sha256_record_is_replaced(tmp_path, fake_conversions, counted_hashes):
+    import hashlib
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF one")
+    converted_gguf(model, cache=tmp_path / "cache")
+    (record,) = (tmp_path / "cache" / "gguf").glob("model.sha256-*.json")
+    record.write_text('{"path": "elsewhere", "sha')
+    sha = hashlib.sha256(b"GGUF one").hexdigest()
+    assert converted_gguf(model, cache=tmp_path / "cache").gguf_sha256 == sha
+    assert json.loads(record.read_text())["sha256"] == sha and counted_hashes == ["model.gguf", "model.gguf"]
 
 
 def test_a_conversion_without_its_marker_is_incomplete_and_redone(tmp_path, fake_conversions):

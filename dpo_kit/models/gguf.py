@@ -15,11 +15,14 @@ needs no path: `model.name_or_path: smollm2-135m-instruct`. The wheel is located
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import socket
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -130,8 +133,9 @@ def converted_gguf(gguf_path: str | Path, cache: str | Path | None = None) -> Co
     """The safetensors copy of a GGUF, converting it on first use. Keyed by sha256, so a changed file at the
     same path is converted again and never confused with the old one."""
     gguf_path = Path(gguf_path)
-    sha = sha256_of(gguf_path)
-    directory = Path(cache or cache_root()) / "gguf" / f"{gguf_path.stem}-{sha[:16]}"
+    root = Path(cache or cache_root()) / "gguf"
+    sha = gguf_sha256(gguf_path, root)
+    directory = root / f"{gguf_path.stem}-{sha[:16]}"
     if not _complete(directory, sha):
         # Every rank of a launched training, or two runs started together, may get here at once: one converts
         # while the others wait (a conversion holds the whole model in fp32), then they find its copy.
@@ -139,6 +143,50 @@ def converted_gguf(gguf_path: str | Path, cache: str | Path | None = None) -> Co
             if not _complete(directory, sha):
                 _convert(gguf_path, sha, directory)
     return ConvertedGguf(directory=directory, gguf_path=str(gguf_path), gguf_sha256=sha)
+
+
+# A file modified this soon before its hash was taken may be modified again within the same timestamp tick (file
+# systems stamp with a coarse clock; FAT's mtime has 2 s steps) and keep its size and times: its hash is not kept.
+RACY_SECONDS = 2.0
+
+
+def gguf_sha256(gguf_path: Path, root: Path) -> str:
+    """The file's sha256, kept in <root>/<name>.sha256-<path key>.json with the file's stat, and read again only
+    when the file's path, size, inode, mtime or ctime changed: hashing a 7B model's 4 GB takes seconds, and every
+    stage asks. The ctime also changes when a tool restores the mtime (cp -p, rsync -t, touch -d) over the file."""
+    resolved = gguf_path.resolve()
+    key = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
+    record_path = root / f"{gguf_path.stem}.sha256-{key}.json"
+    before = _stat_key(resolved)
+    try:
+        record = json.loads(record_path.read_text())
+        if record.get("path") == str(resolved) and record.get("stat") == before and len(record.get("sha256", "")) == 64:
+            return record["sha256"]
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass  # no record, or an unreadable one: hash the file
+    sha = sha256_of(resolved)
+    changed_since = max(before["mtime_ns"], before["ctime_ns"])
+    # Written while being hashed (a download still running), or so recently that a rewrite could keep its stat: not kept.
+    if _stat_key(resolved) == before and time.time_ns() - changed_since > RACY_SECONDS * 1e9:
+        _write_atomically(record_path, {"path": str(resolved), "stat": before, "sha256": sha})
+    return sha
+
+
+def _stat_key(path: Path) -> dict[str, int]:
+    stat = path.stat()
+    return {"size": stat.st_size, "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+
+
+def _write_atomically(path: Path, record: dict) -> None:
+    # Only a shortcut: a cache that cannot take it costs a hash per stage, and its conversion names the cache.
+    staging = path.with_name(f"{path.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging.write_text(json.dumps(record, indent=2) + "\n")
+        staging.replace(path)  # another process reading it sees the old record or the new one, never half of one
+    except OSError:
+        with contextlib.suppress(OSError):
+            staging.unlink()
 
 
 def _complete(directory: Path, sha: str) -> bool:
