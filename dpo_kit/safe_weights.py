@@ -4,6 +4,7 @@ Shared by the model loaders (models.loading) and the reward-model judge (judges)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -31,11 +32,14 @@ def pickled_weights_refused(source: str) -> PickledWeightsRefused:
 
 
 SAFETENSORS_WEIGHTS = (".safetensors", ".safetensors.index.json")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def refuse_weights_named_by_config(source: str, **kwargs) -> None:
     """transformers loads the file that config.json's `transformers_weights` names ahead of use_safetensors, and
-    accepts `adapter_model.bin` there: a pickle. Read config.json alone (no model code) and refuse that."""
+    accepts `adapter_model.bin` there: a pickle. Read config.json alone (no model code) and refuse that, and a
+    safetensors index (the one named there, else model.safetensors.index.json) naming shards that are not
+    safetensors (refuse_pickled_shards)."""
     from transformers import PretrainedConfig
 
     download = {key: value for key, value in kwargs.items() if key in ("revision", "token")}
@@ -46,12 +50,42 @@ def refuse_weights_named_by_config(source: str, **kwargs) -> None:
             " safetensors file; the kit loads no pickle that the run did not write itself, since unpickling a file"
             " can run code."
         )
+    index = str(named) if named is not None and str(named).endswith(".safetensors.index.json") else SAFETENSORS_INDEX
+    refuse_pickled_shards(source, index, **kwargs)
+
+
+def refuse_pickled_shards(source: str, index_name: str = SAFETENSORS_INDEX, **kwargs) -> None:
+    """With use_safetensors=True transformers still loads whatever shard files a safetensors index's weight_map names,
+    and reads one not ending in .safetensors with torch.load: an index naming pytorch_model.bin unpickles it. Read
+    the index alone (a local file, or the hub's as transformers would fetch it) and refuse that."""
+    from transformers.utils import cached_file
+
+    download = {key: value for key, value in kwargs.items() if key in ("revision", "token")}
+    index = cached_file(source, index_name, _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False, **download)  # fmt: skip
+    if index is None:
+        return  # no index here: transformers loads model.safetensors, or finds no weights and says so
+    try:
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"'{source}': its {index_name} cannot be read as a safetensors index ({type(error).__name__}: {error}):"
+            " it must be JSON with a weight_map from parameter names to .safetensors shard files"
+        ) from error
+    pickled = [shard for shard in shards if not str(shard).endswith(".safetensors")]
+    if pickled:
+        raise PickledWeightsRefused(
+            f"'{source}': its {index_name} names {pickled[:3]} as weight shards, which are not safetensors files;"
+            " the kit loads no pickle that the run did not write itself, since unpickling a file can run code. Its"
+            " weight_map must name .safetensors shards only."
+        )
 
 
 def from_pretrained_safetensors(loader, source: str, **kwargs):
-    """`loader.from_pretrained(source, use_safetensors=True)`, refusing a config.json that names pickled weights,
-    and a model whose weights are only pickled (PickledWeightsRefused, with what to do). A local directory with no
-    weights at all gets transformers' own message, which says so."""
+    """`loader.from_pretrained(source, use_safetensors=True)`, refusing a config.json or a safetensors index that
+    names pickled weights, and a model whose weights are only pickled (PickledWeightsRefused, with what to do). A
+    local directory with no weights at all gets transformers' own message, which says so."""
     refuse_weights_named_by_config(source, **kwargs)
     try:
         return loader.from_pretrained(source, use_safetensors=True, **kwargs)

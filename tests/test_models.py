@@ -87,6 +87,38 @@ def test_a_model_the_run_did_not_write_is_loaded_from_safetensors_only(tiny_mode
     assert load_causal_lm(str(tiny_model_dir), params) is not None  # safetensors: loaded as before
 
 
+def test_a_safetensors_index_naming_pickled_shards_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    """use_safetensors=True makes transformers read model.safetensors.index.json, but it loads the shards its
+    weight_map names whatever they are, a .bin with torch.load: the kit reads the index first and refuses that, also
+    an index that config.json's transformers_weights names; sharded safetensors load as before."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from dpo_kit.models.loading import PickledWeightsRefused, load_causal_lm
+
+    params = load_params(TINY)
+    unpickled = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: unpickled.append(args[0]) or real_load(*args, **kwargs))
+    for index_name, named in (("model.safetensors.index.json", None), ("weights.safetensors.index.json", True)):
+        model = pickled_copy(tiny_model_dir, tmp_path / index_name)
+        keys = load_file(tiny_model_dir / "model.safetensors")
+        (model / index_name).write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(keys, "pytorch_model.bin")}))
+        if named:
+            config = json.loads((model / "config.json").read_text())
+            (model / "config.json").write_text(json.dumps({**config, "transformers_weights": index_name}))
+        with pytest.raises(PickledWeightsRefused, match=rf"its {index_name} names \['pytorch_model.bin'\] as weight shards"):
+            load_causal_lm(str(model), params)
+    assert unpickled == []
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert load_causal_lm(str(sharded), params) is not None and unpickled == []
+
+
 # No silent substitution: a named model is loaded or the run fails; the random tiny model is built only at the
 # kit's own tiny-model path, whatever build_tiny_model says.
 
