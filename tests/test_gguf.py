@@ -248,6 +248,25 @@ def test_the_offline_alias_refuses_another_file_name():
         locate_gguf("smollm2-135m-instruct", "other.gguf")
 
 
+def test_a_revision_is_refused_for_a_gguf_that_has_none(tmp_path, monkeypatch, fake_conversions):
+    """model.revision pins a hub repo's revision; the wheel's file and a file on disk have none, and were loaded as
+    they are while the manifest recorded the revision as if it had been read."""
+    from dpo_kit.models.loading import model_source
+
+    monkeypatch.setenv("DPO_KIT_CACHE", str(tmp_path / "cache"))
+    params = load_params(REPO / "params/smollm2-135m-sentiment.yaml", ["model.revision=v2"])
+    with pytest.raises(ValueError, match=r"model.revision 'v2': the offline model 'smollm2-135m-instruct' is the single"
+                                         r" file .* the hub model 'HuggingFaceTB/SmolLM2-135M-Instruct'"):  # fmt: skip
+        model_source(params, REPO)
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "model.gguf").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"model.revision 'v2' pins a hub revision, but model.gguf_file is the local"
+                                         r" file .*downloads/model.gguf"):  # fmt: skip
+        locate_gguf("downloads", "model.gguf", tmp_path, revision="v2")
+    assert locate_gguf("downloads", "model.gguf", tmp_path) == (tmp_path / "downloads" / "model.gguf").resolve()
+    assert fake_conversions == []
+
+
 def test_the_wheel_is_located_without_importing_it():
     import sys
 

