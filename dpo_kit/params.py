@@ -1301,6 +1301,13 @@ def check_local_files(params: Params, project_dir: str | Path = ".") -> None:
         raise ParamsError(f"model.name_or_path: {local_model} is a file; it names a model directory (one saved with"
                           " save_pretrained, such as a run's merged/) or a hub id. For a .gguf file set model.gguf_file")
     gguf_file = params.model.gguf_file
+    if params.model.revision and not gguf_file and (is_local_path(name) or local_model.is_dir()):
+        # transformers ignores a revision for a local directory: the run would record a pin it never read.
+        raise ParamsError(
+            f"model.revision '{params.model.revision}' pins a hub revision, but model.name_or_path {name} is the"
+            f" local directory {local_model.resolve()}, read as it is. Leave model.revision empty, or name the hub id"
+            " in model.name_or_path to load that revision"
+        )
     building = params.model.builds_tiny_model  # the kit's tiny model: built there when missing
     if local_model.is_dir() and not gguf_file and not building and not (local_model / "config.json").is_file():
         raise ParamsError(f"model.name_or_path: {local_model} holds no config.json, so it is no model directory (one"

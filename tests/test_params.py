@@ -960,3 +960,15 @@ def test_a_dpo_count_below_one_is_refused_when_the_params_are_read(key):
         with pytest.raises(ParamsError, match=rf"dpo.{key} {value} must be at least 1"):
             load_params(REPO / "params/tiny.yaml", [f"dpo.{key}={value}"])
     assert load_params(REPO / "params/tiny.yaml", [f"dpo.{key}=1"]).dpo[key] == 1
+
+
+def test_a_revision_is_refused_for_a_local_model_directory(tmp_path):
+    """transformers ignores `revision` for a local directory: the run recorded a pin it never read."""
+    (tmp_path / "config.json").write_text("{}")
+    overrides = [f"model.name_or_path={tmp_path}", "model.build_tiny_model=false"]
+    params = load_params(REPO / "params/tiny.yaml", [*overrides, "model.revision=v1.0"])
+    with pytest.raises(ParamsError, match=f"model.revision 'v1.0' pins a hub revision, but model.name_or_path {tmp_path}"):
+        check_local_files(params)
+    check_local_files(load_params(REPO / "params/tiny.yaml", overrides))  # no revision: loaded as it is
+    check_local_files(load_params(REPO / "params/tiny.yaml", [*overrides[1:], "model.name_or_path=owner/name",
+                                                              "model.revision=v1.0"]))  # fmt: skip
