@@ -438,6 +438,26 @@ def test_an_interrupted_trial_does_not_use_up_one_of_the_samples(tmp_path, fake_
     assert len(calls) == 3, "the finished sweep started again runs nothing"
 
 
+@pytest.mark.filterwarnings("ignore:Trial")
+def test_a_point_whose_combination_of_values_the_params_refuse_fails_with_its_reason_and_the_others_run(
+        tmp_path, fake_trials):
+    """Each swept value is valid alone (validate_points reads them one at a time), but dpo.logging_steps=30 with
+    dpo.max_steps=6 is refused by the params. That refusal ended the sweep with a traceback (the points after it did
+    not run) and left its trial FAIL with no reason in the sweep's table."""
+    from dpo_kit.run.sweep import summary
+
+    sweep_dir = run_sweep(TINY, grid=["dpo.max_steps=6,30", "dpo.logging_steps=5,30"],
+                          overrides=[f"run.output_dir={tmp_path}"], project_dir=REPO, progress=False)
+    rows = {r["run_dir"]: r for r in trial_rows(sweep_dir)}
+    assert sorted(rows) == ["max_steps=30,logging_steps=30", "max_steps=30,logging_steps=5",
+                            "max_steps=6,logging_steps=30", "max_steps=6,logging_steps=5"], rows
+    failed = rows.pop("max_steps=6,logging_steps=30")
+    assert failed["state"] == "FAIL" and "dpo.logging_steps 30 > dpo.max_steps 6" in failed["note"], failed
+    assert {r["state"] for r in rows.values()} == {"COMPLETE"}, rows
+    table, any_failed = summary(sweep_dir)
+    assert any_failed and "dpo.logging_steps 30 > dpo.max_steps 6" in table
+
+
 # ---------------------------------------------------------------------------------------------
 # Sweeps of the tiny model
 

@@ -502,7 +502,17 @@ class Sweep:
             overrides = [*self.spec.overrides, *trial_overrides(values), f"run.name={name}",
                          f"run.output_dir={self.output_dir()}"]
             run_dir = self.sweep_dir / name
-            resolved = resolve_run(self.spec.params, overrides, self.project)
+            try:
+                resolved = resolve_run(self.spec.params, overrides, self.project)
+            except (RunError, ParamsError) as error:
+                if isinstance(error, RunInterrupted):
+                    raise
+                # validate_points reads each swept value alone, so a combination (dpo.max_steps=6 with
+                # dpo.logging_steps=30) is first refused here: it is this point's failure, recorded on the trial,
+                # and the other points still run. Raised as itself, it ended the sweep with a traceback and a
+                # failed trial that gave no reason.
+                trial.set_user_attr("error", str(error))
+                raise TrialFailed(f"trial {trial.number} ({name}): {error}") from None
             shared, format_claim = share_format_stage(self.sweep_dir, run_dir, resolved["params"], self.project,
                                                       resolved["hardware"], trial.number, self.holder_running)
             if shared is not None:
