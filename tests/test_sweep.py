@@ -458,6 +458,44 @@ def test_a_point_whose_combination_of_values_the_params_refuse_fails_with_its_re
     assert any_failed and "dpo.logging_steps 30 > dpo.max_steps 6" in table
 
 
+@pytest.mark.filterwarnings("ignore:Trial 0 failed")
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_restarted_random_search_draws_new_points_not_the_first_ones_again(tmp_path, fake_trials, sampler):
+    """Optuna's samplers draw from one generator per process, seeded with run.seed: the sweep started again after
+    an interruption drew its first trial's point once more, found that run directory complete, and counted it as one
+    of --samples, so two samples tried one point."""
+    interrupts, _ = fake_trials
+    interrupts.append("run_pipeline")
+    common = {"ranges": ["dpo.beta=0.05:0.5"], "sampler": sampler, "samples": 2,
+              "overrides": [f"run.output_dir={tmp_path}"], "project_dir": REPO, "progress": False}  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(TINY, **common)
+    run_sweep(TINY, **common)
+    completed = [r["run_dir"] for r in trial_rows(tmp_path / "tiny-sweep") if r["state"] == "COMPLETE"]
+    assert len(completed) == 2 and len(set(completed)) == 2, completed
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() here
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_two_workers_of_a_random_search_draw_different_points(tmp_path, sampler):
+    """A second worker started with the same command (the same seed) drew the very points of the first, one trial
+    behind it: each of its trials was refused as running elsewhere or found complete and counted again."""
+    import optuna
+
+    from dpo_kit.run.sweep import make_sampler, open_storage
+
+    spec = SweepSpec(params=str(TINY), overrides=[], space={"grid": {}, "ranges": {"dpo.beta": [0.05, 0.5, "linear"]}},
+                     sampler=sampler, samples=4, objective="rewards/accuracies", direction="maximize", seed=0)
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    workers = [optuna.create_study(study_name="s", storage=storage, sampler=make_sampler(spec), load_if_exists=True)
+               for _ in range(2)]  # fmt: skip
+    drawn = [worker.ask().suggest_float("dpo.beta", 0.05, 0.5) for worker in workers]
+    assert drawn[0] != drawn[1], drawn
+    # The same trial number draws the same point, whichever process draws it: the sweep stays seeded by run.seed.
+    again = optuna.create_study(study_name="t", storage=storage, sampler=make_sampler(spec))
+    assert again.ask().suggest_float("dpo.beta", 0.05, 0.5) == drawn[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Sweeps of the tiny model
 

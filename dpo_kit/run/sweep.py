@@ -324,8 +324,30 @@ def make_sampler(spec: SweepSpec):
         grid = {key: [optuna_choice(value) for value in values] for key, values in spec.space["grid"].items()}
         return optuna.samplers.GridSampler(grid, seed=spec.seed)
     if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
-    return optuna.samplers.TPESampler(seed=spec.seed)
+        return per_trial_seed(optuna.samplers.RandomSampler, spec.seed)
+    return per_trial_seed(optuna.samplers.TPESampler, spec.seed)
+
+
+def per_trial_seed(sampler_class, seed: int):
+    """`sampler_class` whose random numbers for a trial come from (seed, trial number) alone.
+
+    Optuna's RandomSampler and TPESampler draw from one generator per process, seeded once. A restarted sweep or a
+    second worker started with the same command began that sequence again, so its first new trial drew the first
+    trial's point: its run directory was found complete, and the trial counted as one of --samples without a new
+    point being tried. Trial numbers are unique in a study, so a trial's draws are too, whichever worker makes them
+    and however often the sweep is started. (GridSampler is left as it is: it draws among the points not yet tried.)"""
+    import numpy as np
+
+    class Sampler(sampler_class):
+        def before_trial(self, study, trial) -> None:
+            # Seeded from an array (MT19937's init_by_array), which mixes the seed better than one 32-bit number.
+            self._rng.rng.seed(np.random.SeedSequence([seed, trial.number, 0]).generate_state(4))
+            if hasattr(self, "_random_sampler"):  # TPESampler's startup trials are drawn by its own RandomSampler
+                self._random_sampler._rng.rng.seed(np.random.SeedSequence([seed, trial.number, 1]).generate_state(4))
+            super().before_trial(study, trial)
+
+    Sampler.__name__ = Sampler.__qualname__ = sampler_class.__name__
+    return Sampler(seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------
