@@ -496,6 +496,53 @@ def test_two_workers_of_a_random_search_draw_different_points(tmp_path, sampler)
     assert again.ask().suggest_float("dpo.beta", 0.05, 0.5) == drawn[0]
 
 
+@pytest.mark.filterwarnings("ignore:Trial")
+def test_a_retried_trial_that_fails_with_an_error_is_not_retried_again_and_a_completed_one_keeps_no_old_note(
+        tmp_path, fake_trials, monkeypatch):
+    """Optuna's retry copies the interrupted trial's user attributes, its 'interrupted' note too. A retry that then
+    failed with an error still read as interrupted: every start of the sweep queued it once more (a trial that failed
+    with an error is not run again), --samples did not count it, and a retry that completed showed the interruption's
+    note, which says to resume it."""
+    import dpo_kit.run.runner as runner
+    from dpo_kit.run.sweep import summary
+
+    interrupts, calls = fake_trials
+    interrupts.append("run_pipeline")
+    common = {"grid": ["dpo.beta=0.1,0.5"], "overrides": [f"run.output_dir={tmp_path}"], "project_dir": REPO,
+              "progress": False}  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(TINY, **common)
+    (interrupted,) = trial_rows(tmp_path / "tiny-sweep")
+    completing = runner.run_pipeline
+
+    def failing_once_more(params, overrides, **kwargs):
+        if f"run.name={interrupted['run_dir']}" in overrides:
+            calls.append("failed")
+            raise runner.RunError("stage 'train' failed: a checkpoint could not be read")
+        return completing(params, overrides, **kwargs)
+
+    monkeypatch.setattr(runner, "run_pipeline", failing_once_more)
+    run_sweep(TINY, **common)
+    assert calls.count("failed") == 1
+    run_sweep(TINY, **common)
+    assert calls.count("failed") == 1, "a trial that failed with an error is not run again"
+    rows = trial_rows(tmp_path / "tiny-sweep")
+    assert [r["state"] for r in rows if r["run_dir"] == interrupted["run_dir"]] == ["FAIL", "FAIL"], rows
+    (retry,) = [r for r in rows if r["retry_of"] == interrupted["trial"]]
+    assert "checkpoint could not be read" in retry["note"], retry
+    assert summary(tmp_path / "tiny-sweep")[1] is True
+
+    # A retry that completes shows no note: the interruption's says to resume a run that is complete.
+    interrupts.append("run_pipeline")
+    monkeypatch.setattr(runner, "run_pipeline", completing)
+    other = {**common, "name": "second"}
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(TINY, **other)
+    run_sweep(TINY, **other)
+    done = [r for r in trial_rows(tmp_path / "second") if r["state"] == "COMPLETE"]
+    assert len(done) == 2 and [r["note"] for r in done] == [None, None], done
+
+
 # ---------------------------------------------------------------------------------------------
 # Sweeps of the tiny model
 

@@ -483,6 +483,9 @@ def share_format_stage(sweep_dir: Path, run_dir: Path, resolved: dict, project: 
         time.sleep(wait_seconds)
 
 
+TRIAL_OUTCOME_NOTES = ("interrupted", "error", "duplicate")  # how a trial's attempt ended; each attempt sets its own
+
+
 @dataclass
 class Sweep:
     spec: SweepSpec
@@ -496,6 +499,13 @@ class Sweep:
     def objective(self, trial) -> float:
         from dpo_kit.run.runner import RunInterrupted
 
+        # A retry is created with the user attributes of the trial it retries (Optuna copies them all), and these
+        # say how that attempt ended, not this one: with 'interrupted' left on, a retry that failed with an error
+        # was queued again at every start and not counted against --samples, and a completed one showed the note
+        # that says to resume it. Optuna cannot delete an attribute; None reads as absent everywhere here.
+        for note in TRIAL_OUTCOME_NOTES:
+            if trial.user_attrs.get(note) is not None:
+                trial.set_user_attr(note, None)
         try:
             return self.run_trial(trial)
         except (RunInterrupted, KeyboardInterrupt) as error:
