@@ -301,6 +301,32 @@ def test_a_trial_whose_worker_died_is_failed_and_queued_again_once(tmp_path):
     assert recover_interrupted_trials(study) == [], "queued once, not at every start"
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() here
+def test_a_retry_that_was_itself_retried_does_not_use_up_a_sample(tmp_path):
+    """Optuna's heartbeat fails a trial whose worker on another host went silent and queues a retry; a retry failed
+    so is retried again. Every retry's 'failed_trial' names the first trial of the chain, so the middle one (failed,
+    then retried) was counted as a spent sample, and the sweep ended a point short."""
+    import copy
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from dpo_kit.run.sweep import open_storage, retry_callback, samples_spent
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"), study_name="s",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    first = study.ask()
+    first.suggest_float("dpo.beta", 0.05, 0.5)
+    for _ in range(2):  # the heartbeat fails the running trial (no note of ours) and queues its retry
+        running = study.get_trials(deepcopy=False)[-1]
+        study._storage.set_trial_state_values(running._trial_id, state=TrialState.FAIL)
+        retry_callback()(study, copy.deepcopy(study.get_trials()[running.number]))
+        study.ask()  # the retry starts
+    study.tell(study.get_trials(deepcopy=False)[-1].number, 1.0)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert samples_spent(study) == 1
+
+
 @pytest.fixture
 def fake_trials(monkeypatch):
     """A sweep whose trials run no notebook: the pipeline writes metrics.json (accuracy = beta), and each call of

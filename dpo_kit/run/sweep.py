@@ -817,7 +817,9 @@ def samples_spent(study) -> int:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    retried = {trial.system_attrs.get("failed_trial") for trial in trials}  # by us, or by Optuna's heartbeat
+    # Every trial that was retried, by us or by Optuna's heartbeat: a retry's history lists its whole chain, while
+    # its 'failed_trial' names only the first, so a retry that failed and was retried again counted as spent.
+    retried = {number for trial in trials for number in trial.system_attrs.get("retry_history", [])}
     return sum(trial.state == TrialState.COMPLETE
                or (trial.state == TrialState.FAIL and not trial.user_attrs.get("interrupted")
                    and trial.number not in retried) for trial in trials)  # fmt: skip
