@@ -180,6 +180,25 @@ def test_frontier_points_are_labelled_by_beta_and_loss_type_and_preferred_ft_is_
     assert {text.get_text() for text in axis.texts} == {"β=0.1 sigmoid", "preferred-FT (sft)"}
 
 
+def test_a_run_that_a_table_or_figure_leaves_out_is_named_with_the_reason():
+    """A run evaluated without generations has no point on the frontier and no win-rate, and one evaluated before the
+    kit measured length and repetition has no row in the over-optimization table: each was left out without a word."""
+    from dpo_kit.evaluation.report import left_out_notes, overoptimization_table
+
+    text = {"text/policy_words": 9.0, "text/reference_words": 8.0, "text/policy_distinct_2": 0.9,
+            "text/reference_distinct_2": 0.8, "text/policy_repeated_3grams": 0.0, "text/reference_repeated_3grams": 0.0}
+    runs = [RunRecord("measured", Path("m"), params("measured", 0.1), metrics(2.0, 0.5, **text)),
+            RunRecord("older", Path("o"), params("older", 0.5), metrics(1.0, 0.4, beta=0.5)),
+            RunRecord("no-generations", Path("n"), params("n", 0.2), {"beta": 0.2, "rewards/accuracies": 0.5})]  # fmt: skip
+    assert "older" not in overoptimization_table(runs).index
+    notes = left_out_notes(runs)
+    assert len(notes) == 3, notes
+    assert notes[0].startswith("no-generations: no judged reward or KL") and "reward-against-KL figure" in notes[0]
+    assert notes[1].startswith("no-generations: no win_rate") and "win-rate table" in notes[1]
+    assert notes[2].startswith("older: no words per response") and "evaluate the run again" in notes[2]
+    assert left_out_notes(runs[:1]) == []
+
+
 def test_runs_that_share_beta_and_loss_type_are_labelled_by_name():
     """Two rounds of iterative DPO (or two learning rates) at the same β and loss: points named so, not twins."""
     runs = [RunRecord("round-1", Path("r1"), params("round-1", 0.1), metrics(18.7, 0.86)),

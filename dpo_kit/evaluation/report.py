@@ -286,6 +286,28 @@ def comparability_notes(runs: list[RunRecord]) -> list[str]:
     return notes
 
 
+def left_out_notes(runs: list[RunRecord]) -> list[str]:
+    """Which compared runs a table or figure leaves out, and why, one sentence each (empty when none is): a run
+    evaluated without generations has no judged reward, KL or win-rate, and one evaluated before the kit measured
+    length and repetition (text/*) has no row in the over-optimization table. They were left out without a word, so a
+    figure with a point missing read as the whole comparison."""
+    notes = []
+    unplotted = [run.name for run in runs if "kl" not in run.metrics or "judge/policy_score" not in run.metrics]
+    if unplotted:
+        notes.append(f"{', '.join(unplotted)}: no judged reward or KL in metrics.json (evaluated without generations),"
+                     " so not on the reward-against-KL figure")  # fmt: skip
+    no_win_rate = [run.name for run in runs if "win_rate" not in run.metrics]
+    if no_win_rate:
+        notes.append(f"{', '.join(no_win_rate)}: no win_rate in metrics.json, so not in the win-rate table and figure")
+    with_text = {run.name for run in runs_with_generations(runs)}
+    no_text = [run.name for run in runs if run.name not in with_text and "win_rate" in run.metrics]
+    if no_text:
+        notes.append(f"{', '.join(no_text)}: no words per response, distinct-2 or repeated 3-grams (text/*) in"
+                     " metrics.json (evaluated before the kit measured them), so not in the reward-next-to-length"
+                     " table and figure; evaluate the run again to add them")  # fmt: skip
+    return notes
+
+
 def incomplete_table(comparison: Comparison):
     """The runs left out and why, each reason in full (a Styler: pandas would cut a long cell at 50 characters)."""
     import pandas as pd
