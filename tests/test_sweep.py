@@ -8,6 +8,7 @@ stage, a sweep killed with kill -9 and started again, and two workers on one stu
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -567,6 +568,28 @@ def test_a_retried_trial_that_fails_with_an_error_is_not_retried_again_and_a_com
     run_sweep(TINY, **other)
     done = [r for r in trial_rows(tmp_path / "second") if r["state"] == "COMPLETE"]
     assert len(done) == 2 and [r["note"] for r in done] == [None, None], done
+
+
+@pytest.mark.filterwarnings("ignore:Trial")
+def test_an_objective_that_is_not_finite_fails_its_trial_with_the_reason(tmp_path, fake_trials, monkeypatch):
+    """A NaN objective (a judge whose scores overflowed) was handed to Optuna, which failed the trial with no note of
+    ours: the sweep's table showed FAIL and nothing else."""
+    import dpo_kit.run.runner as runner
+    from dpo_kit.run.sweep import summary
+
+    def nan_metrics(params, overrides, **kwargs):
+        values = dict(o.split("=", 1) for o in overrides)
+        run_dir = Path(values["run.output_dir"]) / values["run.name"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"rewards/accuracies": 0.5, "judge/policy_score": math.nan}))
+        return run_dir
+
+    monkeypatch.setattr(runner, "run_pipeline", nan_metrics)
+    sweep_dir = run_sweep(TINY, grid=["dpo.beta=0.1"], objective="judge/policy_score",
+                          overrides=[f"run.output_dir={tmp_path}"], project_dir=REPO, progress=False)
+    (row,) = trial_rows(sweep_dir)
+    assert row["state"] == "FAIL" and "'judge/policy_score' is nan" in row["note"], row
+    assert summary(sweep_dir)[1] is True
 
 
 # ---------------------------------------------------------------------------------------------

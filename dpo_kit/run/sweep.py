@@ -459,6 +459,9 @@ def read_objective(run_dir: Path, key: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
         raise SweepError(f"objective {key!r} is not a number in {path}; valid: {', '.join(numeric)}")
+    if not math.isfinite(value):
+        # Optuna fails a trial whose objective is NaN (and would rank an infinity first); the reason is kept here.
+        raise SweepError(f"objective {key!r} is {value} in {path}: a trial needs a finite value to be compared")
     return float(value)
 
 
