@@ -688,6 +688,18 @@ class Params(Section):
                     f"{section}.sentiment_min_words {settings.sentiment_min_words} would have no effect: it is the"
                     f" sentiment judge's length floor, and {key} is '{judge}'. Remove it, or set {key}: sentiment"
                 )
+            if judge == "rule" and not rule_task and generate is None:
+                # The source is then read as a hub dataset id, and a misspelt 'bundled' is one: told only about the
+                # judge, the user of params/tiny.yaml never learnt that data.source was the key to fix.
+                source = self.data.source
+                close = difflib.get_close_matches(source, ["bundled", "generate"], n=1)
+                raise ValueError(
+                    f"{key} 'rule' only scores the bundled task (polite against dismissive replies), and data.source"
+                    f" '{source}' is read as a hub dataset id{f' (did you mean {close[0]!r}?)' if close else ''}."
+                    " data.source takes 'bundled', 'generate', a local .jsonl, .json, .parquet or .csv file, or a hub"
+                    f" dataset id; for a hub dataset, set {key} to a reward model (an"
+                    " AutoModelForSequenceClassification hub id or local directory)"
+                )
             if judge == "rule" and not rule_task:
                 raise ValueError(
                     f"{key} 'rule' only scores the bundled task (polite against dismissive replies); use"

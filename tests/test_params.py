@@ -445,6 +445,14 @@ def test_rule_judge_is_only_for_the_bundled_task_and_commit_revisions_are_not_se
     assert parse_params(raw).model.revision.startswith("0123")
 
 
+def test_a_misspelt_bundled_source_is_named_not_only_the_rule_judge():
+    raw = raw_tiny()
+    raw["data"]["source"] = "bundeld"
+    error = error_for(raw)
+    assert "data.source 'bundeld' is read as a hub dataset id (did you mean 'bundled'?)" in error
+    assert "data.source takes 'bundled', 'generate', a local .jsonl" in error
+
+
 def test_a_run_that_would_log_no_step_is_refused_with_the_limit():
     tiny = REPO / "params" / "tiny.yaml"  # logging_steps 5
     with pytest.raises(ParamsError, match="dpo.logging_steps 5 > dpo.max_steps 4.*at most 4"):
