@@ -1237,11 +1237,33 @@ def save_or_check_params(resolved: dict[str, Any], path: str | Path, source: str
         )
 
 
+# What each key that names a data file takes instead, for the message that says the file is not there.
+DATA_FILE_KEYS_TAKE = {
+    "data.source": "'bundled', 'generate', a local .jsonl, .json, .parquet or .csv file, or a hub dataset id",
+    "data.generate.prompts": f"{', '.join(repr(name) for name in BUNDLED_PROMPT_SETS)} (bundled), or a local .jsonl,"
+    " .json, .parquet or .csv file with a 'prompt' column",
+}
+
+
 def missing_data_file(key: str, path: Path) -> str | None:
     """Why a data file named by `key` cannot be read, or None: a folder is told apart from a missing file."""
     if path.is_dir():
         return f"{key}: {path} is a folder; name one file in it ({', '.join(LOCAL_DATA_SUFFIXES)})"
-    return None if path.is_file() else f"{key}: file not found: {path}"
+    if path.is_file():
+        return None
+    # The path as given is relative to the project, which a notebook's kernel (in notebooks/) is not in: the absolute
+    # one says where it was looked for, and the data files beside it catch a misspelt name.
+    problem = f"{key}: file not found: {path}"
+    if str(path.resolve()) != str(path):
+        problem += f" ({path.resolve()})"
+    if path.parent.is_dir():
+        beside = sorted(p.name for p in path.parent.iterdir() if p.suffix.lower() in LOCAL_DATA_SUFFIXES)
+        close = difflib.get_close_matches(path.name, beside, n=3)
+        if close:
+            problem += f" (did you mean {' or '.join(repr(name) for name in close)} in {path.parent}?)"
+    if key in DATA_FILE_KEYS_TAKE:
+        problem += f". {key} takes {DATA_FILE_KEYS_TAKE[key]}"
+    return problem
 
 
 def gguf_candidates(name_or_path: str, gguf_file: str, project_dir: str | Path = ".") -> tuple[Path, Path]:

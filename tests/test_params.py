@@ -351,6 +351,24 @@ def test_missing_data_file_names_the_path(tmp_path):
         check_local_files(params, tmp_path)
 
 
+def test_a_missing_data_file_says_where_it_was_looked_for_and_what_the_key_takes(tmp_path, monkeypatch):
+    from dpo_kit.params import check_local_files
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prefs.jsonl").write_text("{}\n")
+    params = load_params(REPO / "params/tiny.yaml", ["data.source=data/pref.jsonl"])
+    with pytest.raises(ParamsError) as refused:
+        check_local_files(params, ".")
+    message = str(refused.value)
+    assert f"data.source: file not found: data/pref.jsonl ({tmp_path / 'data' / 'pref.jsonl'})" in message
+    assert "did you mean 'prefs.jsonl' in data?" in message
+    assert "data.source takes 'bundled', 'generate', a local .jsonl, .json, .parquet or .csv file, or a hub" in message
+    params = load_params(REPO / "params/smollm2-135m-sentiment.yaml", ["data.generate.prompts=prompts.csv"])
+    with pytest.raises(ParamsError, match="data.generate.prompts takes 'movie-reviews', 'movie-review-openings'"):
+        check_local_files(params, ".")
+
+
 def test_overrides_set_any_key_with_yaml_typed_values():
     params = load_params(REPO / "params/tiny.yaml", ["dpo.beta=0.25", "lora.enabled=false", "tracking.report_to=[wandb]",
                                                      "dpo.loss_type=ipo", "data.columns=null"])
