@@ -848,7 +848,7 @@ def validate_dpo_section(section: dict[str, Any]) -> dict[str, Any]:
         if key not in types and SECRET_KEY_NAME.match(key):
             raise ValueError(f"unknown key 'dpo.{key}', not a field of trl.DPOConfig{_unknown_key_hint(key, types)}")
         if key not in types:
-            raise ValueError(f"unknown key 'dpo.{key}'{_did_you_mean(key, types, 'dpo.')}: not a field of trl.DPOConfig")
+            raise ValueError(f"unknown key 'dpo.{key}', not a field of trl.DPOConfig{_did_you_mean(key, types, 'dpo.')}")
         if key == "loss_type" and isinstance(value, str):
             value = [value]  # TRL accepts both; a list keeps weighted multi-loss recipes uniform
         if expected := bool_where_number(types[key], value):
@@ -1137,6 +1137,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     return raw
 
 
+def _name_the_override(message: str, source: str, overrides: list[str] | tuple[str, ...]) -> str:
+    """Each line of a refusal whose key came from an override says so: `--set dpo.betta=0.1` was refused as
+    "params/tiny.yaml: unknown key 'dpo.betta'", and the file holds no such key. Only the key is named, never the
+    value, which may hold a secret."""
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    lines = []
+    for line in message.split("\n"):
+        rest = line.removeprefix(f"{source}: ")
+        found = re.match(r"unknown key '([^']+)'|([\w.]+):", rest) if rest != line else None
+        if found and found.group(1) in given:
+            line = f"{source}, in an override: {rest}"
+        elif found and found.group(2) in given:
+            line = f"{source}, override {rest}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Params:
     """Read, override and validate a params file. Errors name the file and the key."""
     path = Path(path).expanduser()  # a notebook's params_path of "~/..." (the shell expands it on a command line)
@@ -1159,7 +1176,10 @@ def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                     mark.buffer = None
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     raw = apply_overrides(raw, overrides)
-    params = parse_params(raw, source=str(path))
+    try:
+        params = parse_params(raw, source=str(path))
+    except ParamsError as error:
+        raise ParamsError(_name_the_override(str(error), str(path), overrides)) from None
     refuse_overrides_of_switched_off_keys(params, overrides, source=str(path))
     return params
 

@@ -369,6 +369,20 @@ def test_a_missing_data_file_says_where_it_was_looked_for_and_what_the_key_takes
         check_local_files(params, ".")
 
 
+def test_a_refused_key_from_an_override_is_said_to_come_from_it_not_the_file(tmp_path):
+    with pytest.raises(ParamsError) as refused:
+        load_params(REPO / "params/tiny.yaml", ["dpo.betta=0.1"])
+    assert str(refused.value) == (f"{REPO / 'params/tiny.yaml'}, in an override: unknown key 'dpo.betta', not a field"
+                                  " of trl.DPOConfig; did you mean 'dpo.beta'?")
+    with pytest.raises(ParamsError, match=r"tiny.yaml, override dpo.beta: expected a number"):
+        load_params(REPO / "params/tiny.yaml", ["dpo.beta=true"])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text((REPO / "params/tiny.yaml").read_text().replace("  beta: 0.1", "  betta: 0.1"))
+    with pytest.raises(ParamsError) as refused:  # the key is the file's, though another one is overridden
+        load_params(typo, ["dpo.beta=0.2"])
+    assert str(refused.value).startswith(f"{typo}: unknown key 'dpo.betta'")
+
+
 def test_overrides_set_any_key_with_yaml_typed_values():
     params = load_params(REPO / "params/tiny.yaml", ["dpo.beta=0.25", "lora.enabled=false", "tracking.report_to=[wandb]",
                                                      "dpo.loss_type=ipo", "data.columns=null"])
