@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test suite: set up, then unit tests (seconds), every notebook under nbval, and the real-model tier.
-# Extra arguments go to one pytest over all tiers, e.g. -m "not notebook" for the unit tests alone.
+# The test suite: set up, then unit tests, every notebook under nbval, and the real-model tier.
+# Extra arguments go to one pytest over all tiers, e.g. -m "not notebook and not real_model" for the unit tests alone
+# (-m "not notebook" would run the real-model tier too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
