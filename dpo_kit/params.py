@@ -1154,13 +1154,24 @@ def _name_the_override(message: str, source: str, overrides: list[str] | tuple[s
     return "\n".join(lines)
 
 
+def _close_params_files(path: Path) -> str:
+    """The params files a missing one was probably meant to be: 'params/tiny.yml' for params/tiny.yaml, 'tiny.yaml'
+    typed outside params/. Said only where there are some, so the bare "not found" stays for a path with none."""
+    folders = [path.parent] + ([path.parent / "params"] if (path.parent / "params").is_dir() else [])
+    files = [f for folder in folders if folder.is_dir() for f in sorted(folder.iterdir())
+             if f.suffix in (".yaml", ".yml") and f.is_file()]
+    close = difflib.get_close_matches(path.stem, [f.stem for f in files], n=3, cutoff=0.6)  # stems: .yml or .yaml
+    paths = [str(f) for stem in close for f in files if f.stem == stem]
+    return f"; did you mean {' or '.join(dict.fromkeys(paths))}?" if paths else ""
+
+
 def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Params:
     """Read, override and validate a params file. Errors name the file and the key."""
     path = Path(path).expanduser()  # a notebook's params_path of "~/..." (the shell expands it on a command line)
     if path.is_dir():
         raise ParamsError(f"{path} is a folder; name a params file in it, e.g. {path / 'tiny.yaml'}")
     if not path.is_file():
-        raise ParamsError(f"params file not found: {path}")
+        raise ParamsError(f"params file not found: {path}{_close_params_files(path)}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:  # a model's weights or a GGUF named by mistake: a traceback said no more

@@ -369,6 +369,21 @@ def test_a_missing_data_file_says_where_it_was_looked_for_and_what_the_key_takes
         check_local_files(params, ".")
 
 
+def test_a_missing_params_file_names_the_close_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params").mkdir()
+    for name in ("tiny.yaml", "smollm2-135m-sentiment.yaml"):
+        (tmp_path / "params" / name).write_text((REPO / "params" / name).read_text())
+    with pytest.raises(ParamsError, match=r"^params file not found: params/tiny.yml; did you mean params/tiny.yaml\?$"):
+        load_params("params/tiny.yml")
+    with pytest.raises(ParamsError, match=r"^params file not found: tiny.yaml; did you mean params/tiny.yaml\?$"):
+        load_params("tiny.yaml")  # typed from the project root, without params/
+    with pytest.raises(ParamsError, match=r"did you mean params/smollm2-135m-sentiment.yaml\?$"):
+        load_params("params/smollm2-sentiment.yaml")
+    with pytest.raises(ParamsError, match=r"^params file not found: params/other.yaml$"):
+        load_params("params/other.yaml")  # nothing close: no guess
+
+
 def test_a_refused_key_from_an_override_is_said_to_come_from_it_not_the_file(tmp_path):
     with pytest.raises(ParamsError) as refused:
         load_params(REPO / "params/tiny.yaml", ["dpo.betta=0.1"])
