@@ -1102,11 +1102,26 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
         raise ParamsError("\n".join(_describe(e, source) for e in error.errors())) from None
 
 
+def sections_of_bare_key(override: str) -> str:
+    """For `beta=0.1`, the override with its section: 'dpo.beta=0.1'. A key alone is what a user of other tools
+    types, and the sections' keys are many; the value is not repeated, since it may hold a secret."""
+    if "=" not in override:
+        return ""
+    key = override.split("=", 1)[0].strip()
+    sections = [name for name in Params.model_fields if key in _section_keys([name])]
+    if key in dpo_config_types() and key not in DPO_KEYS_OWNED_ELSEWHERE:
+        sections.append("dpo")
+    if not sections:
+        return ""
+    return f"; '{key}' is a key of {' and of '.join(sections)}: {' or '.join(f'{name}.{key}=...' for name in sections)}"
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply `section.key=value` strings (values parsed as YAML, `read_yaml`) to a raw params mapping."""
     for override in overrides:
         if "=" not in override or "." not in override.split("=", 1)[0]:
-            raise ParamsError(f"override '{override}': expected section.key=value, e.g. dpo.beta=0.2")
+            raise ParamsError(f"override '{override}': expected section.key=value, e.g. dpo.beta=0.2"
+                              f"{sections_of_bare_key(override)}")
         dotted, text = override.split("=", 1)
         try:
             value = read_yaml(text) if text.strip() else None

@@ -79,7 +79,8 @@ def test_grid_values_parse_as_the_params_file_would_read_them():
 @pytest.mark.parametrize(
     ("grid", "ranges", "message"),
     [
-        (["beta=0.1"], [], "expected SECTION.KEY"),
+        (["beta=0.1"], [], r"expected SECTION.KEY=\.\.\., e.g. --grid dpo.beta=0.05,0.1,0.5; 'beta' is a key of dpo: dpo.beta="),
+        ([], ["learning_rate=1e-5:1e-3"], r"'learning_rate' is a key of dpo: dpo.learning_rate="),
         (["dpo.beta=0.1,0.1"], [], "appears twice"),
         (["run.name=a,b"], [], "cannot be swept"),
         (["run.output_dir=a,b"], [], "cannot be swept"),

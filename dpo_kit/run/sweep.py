@@ -39,6 +39,7 @@ from dpo_kit.params import (
     read_yaml,
     redact_secrets,
     run_directory,
+    sections_of_bare_key,
 )
 from dpo_kit.run.stage import adopt_format_stage, has_completed_format, params_fingerprint
 from dpo_kit.tracking import TrackerError, wandb_key_for_online
@@ -190,7 +191,7 @@ class SearchSpace:
 
 def _split(item: str, flag: str, example: str) -> tuple[str, str]:
     if "=" not in item or "." not in item.split("=", 1)[0]:
-        raise SweepError(f"{flag} {item!r}: expected SECTION.KEY=..., e.g. {flag} {example}")
+        raise SweepError(f"{flag} {item!r}: expected SECTION.KEY=..., e.g. {flag} {example}{sections_of_bare_key(item)}")
     key, values = item.split("=", 1)
     return key.strip(), values
 
