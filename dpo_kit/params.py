@@ -1194,12 +1194,14 @@ def load_params(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         raw = read_yaml(text) or {}
     except yaml.YAMLError as error:
-        if redact_secrets(text) != text:
-            # YAML quotes the offending line, cut to its width, so *** could not replace a secret there in full:
-            # the line and column are named, the line is not shown.
-            for mark in (getattr(error, "context_mark", None), getattr(error, "problem_mark", None)):
-                if mark is not None:
-                    mark.buffer = None
+        for mark in (getattr(error, "context_mark", None), getattr(error, "problem_mark", None)):
+            if mark is None:
+                continue
+            mark.name = str(path)  # YAML read a string, and named the place 'in "<unicode string>", line 21'
+            if redact_secrets(text) != text:
+                # YAML quotes the offending line, cut to its width, so *** could not replace a secret there in full:
+                # the line and column are named, the line is not shown.
+                mark.buffer = None
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     raw = apply_overrides(raw, overrides)
     try:

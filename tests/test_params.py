@@ -379,6 +379,15 @@ def test_an_override_without_its_section_names_the_sections_that_hold_the_key():
         load_params(REPO / "params/tiny.yaml", ["nonsense=1"])
 
 
+def test_a_params_file_yaml_cannot_read_is_named_at_the_line_not_as_a_unicode_string(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("dpo:\n  beta 0.1\n  loss_type: sigmoid\n")  # the colon after beta left out
+    with pytest.raises(ParamsError) as refused:
+        load_params(broken)
+    assert f'in "{broken}", line 3, column 12' in str(refused.value)
+    assert "<unicode string>" not in str(refused.value)
+
+
 def test_a_missing_params_file_names_the_close_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params").mkdir()
