@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import shlex
 import socket
+import threading
 from pathlib import Path
 
 import nbformat
@@ -564,21 +567,38 @@ def test_stopping_dpo_kit_join_stops_its_launcher_and_workers(stop, code, tmp_pa
     )
     joined = subprocess.Popen([sys.executable, str(join)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)  # fmt: skip
-    started = []
-    try:
+    # Both pipes are read to their end on threads: the launcher and workers write to them too (torch's shutdown
+    # messages), and a pipe nobody reads could stall them and the join that waits for them.
+    stderr_lines, worker_lines = [], queue.Queue()
+
+    def read_stdout():
         for line in joined.stdout:
             if line.startswith("worker "):
-                started.append(psutil.Process(int(line.split()[1])))
-                if len(started) == 2:
-                    break
-        assert len(started) == 2, joined.stderr.read()[-2000:]
+                worker_lines.put(int(line.split()[1]))
+
+    readers = [threading.Thread(target=read_stdout, daemon=True),
+               threading.Thread(target=lambda: stderr_lines.extend(joined.stderr), daemon=True)]  # fmt: skip
+    for reader in readers:
+        reader.start()
+    started = []
+    try:
+        with contextlib.suppress(queue.Empty):
+            while len(started) < 2:
+                started.append(psutil.Process(worker_lines.get(timeout=120)))
+        assert len(started) == 2, "".join(stderr_lines)[-2000:]
         started += psutil.Process(joined.pid).children()  # the launcher
         joined.send_signal(getattr(signal, stop))
-        returncode = joined.wait(timeout=120)
+        try:
+            returncode = joined.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"`dpo-kit join` still running 120 s after {stop}:\n{''.join(stderr_lines)[-3000:]}") from None
         gone, alive = psutil.wait_procs(started, timeout=10)
         assert not alive, f"left running after `dpo-kit join` was stopped: {[p.pid for p in alive]}"
         assert returncode == code
-        assert f"dpo-kit join: {stop}; this machine's launcher and workers are stopped" in joined.stderr.read()
+        for reader in readers:
+            reader.join(timeout=30)
+        stderr = "".join(stderr_lines)
+        assert f"dpo-kit join: {stop}; this machine's launcher and workers are stopped" in stderr, stderr[-2000:]
     finally:
         for process in started:
             if process.is_running():
