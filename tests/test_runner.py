@@ -55,6 +55,25 @@ def test_overwrite_archives_instead_of_deleting(tmp_path):
     assert not run_dir.exists() and str(archived[0]) in note
 
 
+def test_two_overwrites_within_one_second_archive_side_by_side(tmp_path, monkeypatch):
+    """The archive's name has a one-second stamp: a second --overwrite in the same second moved the run *into* the
+    first archive (shutil.move into an existing directory), nesting one run in another."""
+    from datetime import datetime
+
+    from dpo_kit.run import runner
+
+    monkeypatch.setattr(runner, "datetime", type("Frozen", (), {"now": staticmethod(lambda: datetime(2026, 1, 2))}))
+    run_dir = tmp_path / "run"
+    for attempt in ("first", "second", "third"):
+        write_manifest(run_dir, format="completed")
+        (run_dir / "attempt.txt").write_text(attempt)
+        guard_existing_run(run_dir, ["format"], overwrite=True)
+    archived = sorted(p.name for p in tmp_path.iterdir())
+    assert archived == ["run.archived-20260102-000000", "run.archived-20260102-000000-2",
+                        "run.archived-20260102-000000-3"]  # fmt: skip
+    assert [(tmp_path / name / "attempt.txt").read_text() for name in archived] == ["first", "second", "third"]
+
+
 def test_a_directory_without_manifest_is_not_taken_over(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")

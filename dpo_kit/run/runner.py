@@ -303,7 +303,12 @@ def parse_stages(text: str | None) -> list[str]:
 def archive_run(run_dir: Path) -> Path:
     """Move a run aside instead of deleting it: an earlier run is never lost."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    archived = run_dir.with_name(f"{run_dir.name}.archived-{stamp}")
+    archived, suffix = run_dir.with_name(f"{run_dir.name}.archived-{stamp}"), 1
+    # Two --overwrite runs within one second: shutil.move into an existing directory moves the run *inside* the
+    # first archive, so the second archive gets a -2, -3, ... suffix instead (as manifest.new_previous_dir does).
+    while archived.exists():
+        suffix += 1
+        archived = run_dir.with_name(f"{run_dir.name}.archived-{stamp}-{suffix}")
     shutil.move(str(run_dir), archived)
     return archived
 
