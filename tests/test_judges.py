@@ -271,6 +271,67 @@ def test_reward_model_judge_scores_a_prefill_and_its_continuation_as_one_reply(r
     assert pair == tokenizer.decode(tokenizer("Review a war drama.", "The pacing of this movie was great and tense.")["input_ids"])
 
 
+def with_model_max_length(path, limit):
+    """The reward model at `path` behind a tokenizer saved with `limit` as its model_max_length (None: no limit)."""
+    tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("model_max_length", None)
+    if limit is not None:
+        tokenizer_config["model_max_length"] = limit
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return path
+
+
+LONG_PROMPT = [{"role": "user", "content": " ".join(["word"] * 100)}]  # over 100 tokens with its template
+
+
+def test_a_prompt_longer_than_the_reward_model_reads_is_cut_from_its_start_keeping_the_response(tmp_path):
+    """Cut on the right, the tokenizer's default, a prompt as long as the reward model's limit left no room for the
+    response: the classifier read the prompt's last token for every answer, and an empty answer tied a real one."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = with_model_max_length(build_reward_model(tmp_path / "reward-model"), 64)
+    judge = RewardModelJudge(str(path))
+    responses = ["", "Knead the dough for ten minutes, then let it rise."]
+    with pytest.warns(UserWarning, match=r"2 of 3 prompts with their responses were longer than the 64 tokens"):
+        scores = judge.score([LONG_PROMPT, LONG_PROMPT, PROMPT], [*responses, "Short."])
+    assert scores[0] != pytest.approx(scores[1], abs=1e-4)
+    assert judge.truncated([LONG_PROMPT, PROMPT], responses) == [True, False]
+
+    # Each score is the model's on the conversation's last 64 tokens: the response whole, the prompt's end before it.
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    for response, score in zip(responses, scores[:2], strict=True):
+        conversation = LONG_PROMPT + [{"role": "assistant", "content": response}]
+        ids = tokenizer.apply_chat_template(conversation, return_dict=True)["input_ids"]
+        assert len(ids) > 64
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([ids[-64:]])).logits[0, 0].item()
+        assert score == pytest.approx(expected, abs=1e-5)
+    assert tokenizer.truncation_side == "right"  # the judge's own tokenizer was set, not how the directory loads
+
+
+def test_a_text_pair_reward_model_cuts_the_prompt_not_the_response(tmp_path):
+    """Without a chat template the prompt and response are a text pair; the tokenizer's default cut the longer of the
+    two, so a response longer than its prompt lost its end, the token the classifier reads."""
+    path = with_model_max_length(build_reward_model(tmp_path / "reward-model"), 64)
+    judge = RewardModelJudge(str(path))
+    judge.tokenizer.chat_template = None
+    reply = " ".join(["dough"] * 40) + " The end."
+    for prompt in (PROMPT, LONG_PROMPT):
+        ids = judge._encode([prompt], [reply])["input_ids"][0]
+        assert len(ids) <= 64
+        assert judge.tokenizer.decode(ids).endswith(judge.tokenizer.decode(judge.tokenizer(reply)["input_ids"]))
+    assert judge.truncated([PROMPT, LONG_PROMPT], [reply, reply]) == [False, True]
+
+
+def test_a_response_longer_than_the_reward_model_reads_is_refused_naming_its_prompt(tmp_path):
+    path = with_model_max_length(build_reward_model(tmp_path / "reward-model"), 64)
+    judge = RewardModelJudge(str(path), batch_size=2)
+    with pytest.raises(ValueError, match=r"reads at most 64 tokens, and the response to prompt 2 \(0-based\) alone is"
+                                         r" 201.*Lower generate\.max_new_tokens"):  # fmt: skip
+        judge.score([PROMPT] * 3, ["Fine.", "Fine.", " ".join(["word"] * 100)])
+
+
 def test_reward_model_judge_refuses_a_classifier_with_several_labels(tmp_path):
     path = build_reward_model(tmp_path / "two-labels", num_labels=2)
     with pytest.raises(ValueError, match="evaluate.judge '.*two-labels' has 2 labels; a reward model has 1"):

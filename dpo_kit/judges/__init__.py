@@ -22,6 +22,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Protocol, Sequence, Union
 
@@ -167,6 +168,9 @@ class RewardModelJudge:
 
     With a chat template the prompt and response are rendered as a conversation; without one (e.g. the
     DeBERTa reward models) they are passed as a text pair, which is how those models were trained.
+    A text longer than the reward model reads (`max_length`, the tokenizer's model_max_length) loses the start of its
+    prompt, so that the response is scored whole; `score` warns how many were cut, `truncated` says which. A response
+    that alone is longer is refused.
     """
 
     def __init__(self, name_or_path: str, trust_remote_code: bool = False, batch_size: int = 8, dtype=None,
@@ -213,17 +217,26 @@ class RewardModelJudge:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self.batch_size = batch_size
+        self.name, self.key = name_or_path, key
+        # transformers' sentinel for a tokenizer saved without a limit is 1e30; no model reads a billion tokens.
+        limit = self.tokenizer.model_max_length
+        self.max_length = limit if isinstance(limit, int) and limit < 10**9 else None
+        # The classifier reads the last token that is not padding, so a text cut on the right (the tokenizer's default)
+        # lost its response: after a prompt as long as the limit, an empty answer and a real one read the same tokens
+        # and tied. Cut on the left, a text keeps its response and as much of the prompt's end as fits. The judge's
+        # tokenizer is its own object, loaded above, so no other code sees this.
+        self.tokenizer.truncation_side = "left"
 
-    def _encode(self, prompts: Sequence[Prompt], responses: Sequence[str]):
+    def _texts(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> tuple[list, list[str]]:
+        """What the reward model reads, per response: the rendered conversation, or (prompt, reply) as a text pair
+        without a chat template; and the reply on its own."""
         # A prompt ending in an assistant prefill ("The pacing of this movie was") is continued by the response, so
         # the reply the reward model judges is the two joined: as a turn of their own, the prefill was rendered as a
         # finished assistant turn and the continuation as a second one, and without a template the prefill was lost.
         replies = [prompt[-1]["content"] + response if ends_with_prefill(prompt) else response
                    for prompt, response in zip(prompts, responses, strict=True)]  # fmt: skip
         if self.tokenizer.chat_template is None:
-            return self.tokenizer(
-                [prompt_text(p) for p in prompts], replies, padding=True, truncation=True, return_tensors="pt"
-            )
+            return [(prompt_text(p), reply) for p, reply in zip(prompts, replies, strict=True)], replies
         texts = []
         for prompt, reply in zip(prompts, replies, strict=True):
             if isinstance(prompt, str):  # rendered with the policy's template; the best we can do is append
@@ -232,20 +245,72 @@ class RewardModelJudge:
                 turns = prompt[:-1] if ends_with_prefill(prompt) else prompt
                 conversation = turns + [{"role": "assistant", "content": reply}]
                 texts.append(self.tokenizer.apply_chat_template(conversation, tokenize=False))
+        return texts, replies
+
+    def _tokenize(self, texts: list, **kwargs):
+        if self.tokenizer.chat_template is None:
+            # Only the prompt is cut ("only_first"): the default cut the longer of the two, which could be the response.
+            if kwargs.get("truncation"):
+                kwargs["truncation"] = "only_first"
+            return self.tokenizer([t[0] for t in texts], [t[1] for t in texts], **kwargs)
         # The template already wrote any BOS; adding special tokens again would double it.
-        return self.tokenizer(texts, padding=True, truncation=True, add_special_tokens=False, return_tensors="pt")
+        return self.tokenizer(texts, add_special_tokens=False, **kwargs)
+
+    def truncated(self, prompts: Sequence[Prompt], responses: Sequence[str], first_index: int = 0) -> list[bool]:
+        """Whether each prompt and response together are longer than the reward model reads (`max_length` tokens), so
+        that the start of the prompt is cut away before scoring. A response that alone is longer is refused, naming
+        its prompt (`first_index` is the index of the first in the caller's list): no part of it could be cut
+        without scoring another response than the one given."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if not prompts:
+            return []
+        if self.max_length is None:
+            return [False] * len(prompts)
+        texts, replies = self._texts(prompts, responses)
+        lengths = [len(ids) for ids in self._tokenize(texts, verbose=False)["input_ids"]]
+        flags = [length > self.max_length for length in lengths]
+        if any(flags):
+            # Around a pair the tokenizer adds its own tokens ([CLS] prompt [SEP] reply [SEP]); the template's markup
+            # around a reply may be cut, the reply's end (the token the classifier reads) is kept.
+            around = self.tokenizer.num_special_tokens_to_add(pair=True) if self.tokenizer.chat_template is None else 0
+            reply_ids = self.tokenizer(replies, add_special_tokens=False, verbose=False)["input_ids"]
+            for index, (flag, ids) in enumerate(zip(flags, reply_ids, strict=True)):
+                if flag and len(ids) + around > self.max_length:
+                    # The responses the evaluation judges come from generate, the sampled pairs' from data.generate.
+                    section = "data.generate" if self.key.startswith("data.") else "generate"
+                    raise ValueError(
+                        f"{self.key} '{self.name}' reads at most {self.max_length} tokens, and the response to prompt"
+                        f" {first_index + index} (0-based) alone is {len(ids) + around}: it cannot be scored whole."
+                        f" Lower {section}.max_new_tokens, or name a reward model that reads"
+                        " longer texts."
+                    )
+        return flags
+
+    def _encode(self, prompts: Sequence[Prompt], responses: Sequence[str]):
+        texts, _ = self._texts(prompts, responses)
+        limit = {"truncation": True, "max_length": self.max_length} if self.max_length is not None else {}
+        return self._tokenize(texts, padding=True, return_tensors="pt", **limit)
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         import torch
 
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        scores = []
+        scores, truncated = [], 0
         for start in range(0, len(prompts), self.batch_size):
             end = start + self.batch_size
+            truncated += sum(self.truncated(prompts[start:end], responses[start:end], first_index=start))
             inputs = self._encode(prompts[start:end], responses[start:end]).to(self.model.device)
             with torch.no_grad():
                 scores.extend(self.model(**inputs).logits[:, 0].float().tolist())
+        if truncated:
+            warnings.warn(
+                f"{self.key} '{self.name}': {truncated} of {len(prompts)} prompts with their responses were longer than"
+                f" the {self.max_length} tokens the reward model reads; the start of each such prompt was cut away and"
+                " its response scored whole",
+                stacklevel=2,
+            )
         return scores
 
 
