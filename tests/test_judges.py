@@ -332,6 +332,32 @@ def test_a_response_longer_than_the_reward_model_reads_is_refused_naming_its_pro
         judge.score([PROMPT] * 3, ["Fine.", "Fine.", " ".join(["word"] * 100)])
 
 
+def test_a_reward_model_whose_tokenizer_has_no_limit_reads_up_to_its_position_embeddings(tmp_path):
+    """A tokenizer saved without model_max_length (transformers' 1e30) cut nothing, and a text past GPT-2's
+    n_positions crashed inside the model with an IndexError instead of being cut to fit."""
+    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, num_labels=1,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    judge = RewardModelJudge(str(with_model_max_length(tmp_path, None)))
+    assert judge.tokenizer.model_max_length > 10**9 and judge.max_length == 64
+    response = "Knead the dough for ten minutes."
+    with pytest.warns(UserWarning, match="1 of 1 prompts .* longer than the 64 tokens"):
+        (score,) = judge.score([LONG_PROMPT], [response])
+    ids = judge.tokenizer.apply_chat_template(LONG_PROMPT + [{"role": "assistant", "content": response}],
+                                              return_dict=True)["input_ids"]  # fmt: skip
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert score == pytest.approx(model(input_ids=torch.tensor([ids[-64:]])).logits[0, 0].item(), abs=1e-5)
+
+
 def test_reward_model_judge_refuses_a_classifier_with_several_labels(tmp_path):
     path = build_reward_model(tmp_path / "two-labels", num_labels=2)
     with pytest.raises(ValueError, match="evaluate.judge '.*two-labels' has 2 labels; a reward model has 1"):
