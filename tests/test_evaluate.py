@@ -390,11 +390,12 @@ def test_evaluate_rescores_the_generations_when_evaluate_judge_changed_after_the
     prompts = [record["prompt"] for record in records]
     rule = make_params(run_dir.parent)
     assert judge_scores(rule, records, tmp_path) == ([r["policy_score"] for r in records],
-                                                     [r["reference_score"] for r in records])  # fmt: skip
+                                                     [r["reference_score"] for r in records], None)  # fmt: skip
     assert capsys.readouterr().out == ""  # the stored scores, read as they are
 
     sentiment = parse_params({**rule.model_dump(mode="json"), "evaluate": {"judge": "sentiment"}})
-    policy, reference = judge_scores(sentiment, records, tmp_path)
+    policy, reference, truncated = judge_scores(sentiment, records, tmp_path)
+    assert truncated is None  # a judge that reads a text whole cuts none, and no count is recorded
     assert policy == SentimentJudge().score(prompts, [r["policy"] for r in records])
     assert reference == SentimentJudge().score(prompts, [r["reference"] for r in records])
     assert policy != [r["policy_score"] for r in records]

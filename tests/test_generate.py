@@ -273,3 +273,39 @@ def test_greedy_decoding_is_shaped_by_the_params_alone(tiny_model_dir):
     plain = greedy()
     assert greedy(repetition_penalty=3.0) == plain
     assert greedy(no_repeat_ngram_size=2) == plain
+
+
+def test_a_reward_model_judge_records_which_texts_it_cut_to_the_length_it_reads(tiny_model_dir, tmp_path):
+    """A reward model that reads 40 tokens cuts the start of a longer prompt; each record says whether its score is
+    of such a text, and the evaluate stage counts them, from the stored flags or when it scores again."""
+    from test_judges import build_reward_model, with_model_max_length
+    from transformers import AutoTokenizer
+
+    from dpo_kit.evaluation.evaluate import evaluate_run, judge_scores
+
+    judge_dir = with_model_max_length(build_reward_model(tmp_path / "reward-model"), 40)
+    run_dir = make_run_dir(tmp_path / "run", tiny_model_dir, noise=0.05)
+    params = parse_params({"run": {"name": "gen", "seed": 7}, "model": {"name_or_path": str(tiny_model_dir)},
+                           "generate": {"num_prompts": 4, "max_new_tokens": 12, "batch_size": 3, "best_of_n": 2},
+                           "evaluate": {"judge": str(judge_dir)}})  # fmt: skip
+    with pytest.warns(UserWarning, match="longer than the 40 tokens the reward model reads"):
+        generate_comparisons(params, run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(judge_dir)
+
+    def longer(prompt, text):
+        conversation = prompt + [{"role": "assistant", "content": text}]
+        return len(tokenizer.apply_chat_template(conversation, return_dict=True)["input_ids"]) > 40
+
+    records = read_jsonl(run_dir / GENERATIONS_FILE)
+    expected = [(longer(r["prompt"], r["reference"]), longer(r["prompt"], r["policy"])) for r in records]
+    assert [(r["reference_judge_truncated"], r["policy_judge_truncated"]) for r in records] == expected
+    assert any(map(any, expected))
+    samples = read_jsonl(run_dir / REFERENCE_SAMPLES_FILE)
+    assert [s["judge_truncated"] for s in samples] == [[longer(s["prompt"], t) for t in s["samples"]] for s in samples]
+
+    count = sum(map(sum, expected))
+    assert evaluate_run(params, run_dir, tmp_path)["judge/truncated"] == count
+    assert judge_scores(params, records, tmp_path)[2] == count
+    unrecorded = [{key: value for key, value in r.items() if key != "judge"} for r in records]  # scored again
+    with pytest.warns(UserWarning, match=f"{sum(e[1] for e in expected)} of 4 prompts"):
+        assert judge_scores(params, unrecorded, tmp_path)[2] == count

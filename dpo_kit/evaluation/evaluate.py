@@ -301,7 +301,7 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
     per_generation = {}
     if records:
         metrics.update(generation_metrics(records, kls))
-        policy_scores, reference_scores = judge_scores(params, records, project_dir)
+        policy_scores, reference_scores, truncated = judge_scores(params, records, project_dir)
         per_generation = {"kl": kls, "policy_score": policy_scores, "reference_score": reference_scores}
         outcome = win_rate_from_scores(policy_scores, reference_scores)
         metrics["judge"] = judge_name(params.evaluate)
@@ -315,26 +315,36 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
                         "win_rate/ci_method": "wilson"})  # fmt: skip
         metrics["judge/policy_score"] = sum(policy_scores) / len(records)
         metrics["judge/reference_score"] = sum(reference_scores) / len(records)
+        if truncated is not None:  # a reward-model judge: how many of the 2 x num_generations texts it cut to fit
+            metrics["judge/truncated"] = truncated
     metrics.update(per_pair=per_pair, per_generation=per_generation)
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     record_summary(run_dir, log_summary(params, run_dir, metrics))  # the trackers get the headline numbers too
     return metrics
 
 
-def judge_scores(params: Params, records: list[dict], project_dir: str | Path) -> tuple[list[float], list[float]]:
+def judge_scores(
+    params: Params, records: list[dict], project_dir: str | Path
+) -> tuple[list[float], list[float], int | None]:
     """The judge's scores of policy and reference generations: those the generate stage stored when evaluate.judge
     gave them, else scored now (evaluate.judge changed after the generate stage, which does not redo that stage,
-    or generations.jsonl from before the kit recorded each score's judge)."""
+    or generations.jsonl from before the kit recorded each score's judge). Third, how many of those texts (policy's
+    and reference's) a reward-model judge cut to the length it reads; None for a judge that cuts nothing, or
+    stored scores from before the kit recorded it."""
     judged_by = judge_name(params.evaluate)
     if all(r.get("judge") == judged_by and "policy_score" in r and "reference_score" in r for r in records):
-        return [r["policy_score"] for r in records], [r["reference_score"] for r in records]
+        flags = [r.get(f"{side}_judge_truncated") for r in records for side in ("policy", "reference")]
+        truncated = None if None in flags else sum(flags)
+        return [r["policy_score"] for r in records], [r["reference_score"] for r in records], truncated
     stored = sorted({str(r.get("judge", "an unrecorded judge")) for r in records})
     print(f"{GENERATIONS_FILE} was scored by {', '.join(stored)} in the generate stage; scoring its generations again"
           f" with evaluate.judge {judged_by}")
     judge = make_judge(params, project_dir)
     prompts = [r["prompt"] for r in records]
-    policy = judge.score(prompts, [r["policy"] for r in records])
-    return policy, judge.score(prompts, [r["reference"] for r in records])
+    policies, references = [r["policy"] for r in records], [r["reference"] for r in records]
+    cut = getattr(judge, "truncated", None)
+    truncated = sum(cut(prompts, policies)) + sum(cut(prompts, references)) if cut else None
+    return judge.score(prompts, policies), judge.score(prompts, references), truncated
 
 
 def win_rate_interval(outcomes: list[float], level: float = 0.95) -> tuple[float, float]:

@@ -162,13 +162,22 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
     judge, judged_by = make_judge(params, project_dir), judge_name(params.evaluate)
     reference_scores = judge.score(prompts, references)
     policy_scores = judge.score(prompts, policies)
+    # A reward model says which texts it cut to the length it reads (the start of their prompt), so a record shows
+    # when its score was of less than the whole prompt; the other judges cut nothing and record nothing.
+    truncated = getattr(judge, "truncated", None)
+    judge_cut = [{"reference_judge_truncated": reference, "policy_judge_truncated": policy}
+                 for reference, policy in zip(truncated(prompts, references), truncated(prompts, policies), strict=True)
+                 ] if truncated else [{} for _ in prompts]  # fmt: skip
     if best_of_n:
         samples = [[response_text(tokenizer, ids, prompt) for ids in per_prompt]
                    for per_prompt, prompt in zip(reference_samples_ids, prompts, strict=True)]
-        scores = judge.score([p for p in prompts for _ in range(best_of_n)], [t for texts in samples for t in texts])
+        repeated, flat = [p for p in prompts for _ in range(best_of_n)], [t for texts in samples for t in texts]
+        scores = judge.score(repeated, flat)
+        sample_cut = truncated(repeated, flat) if truncated else None
         write_jsonl(run_dir / REFERENCE_SAMPLES_FILE, [
             {"prompt": prompt, "judge": judged_by, "samples": texts,
-             "scores": scores[i * best_of_n : (i + 1) * best_of_n], "tokens": [len(ids) for ids in per_prompt]}
+             "scores": scores[i * best_of_n : (i + 1) * best_of_n], "tokens": [len(ids) for ids in per_prompt],
+             **({"judge_truncated": sample_cut[i * best_of_n : (i + 1) * best_of_n]} if sample_cut else {})}
             for i, (prompt, texts, per_prompt) in enumerate(zip(prompts, samples, reference_samples_ids, strict=True))
         ])  # fmt: skip
     del judge
@@ -184,6 +193,7 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
             "reference_score": reference_score,
             "policy_score": policy_score,
             "judge": judged_by,
+            **cut,
             "prompt_tokens": len(prompt_ids),
             "reference_tokens": len(reference),
             "policy_tokens": len(policy),
@@ -191,9 +201,9 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
             "reference_token_ids": reference,
             "policy_token_ids": policy,
         }
-        for prompt, prompt_ids, reference, policy, reference_text, policy_text, reference_score, policy_score in zip(
+        for prompt, prompt_ids, reference, policy, reference_text, policy_text, reference_score, policy_score, cut in zip(
             prompts, prompts_ids, reference_ids, policy_ids, references, policies, reference_scores, policy_scores,
-            strict=True,
+            judge_cut, strict=True,
         )
     ]
     write_jsonl(run_dir / GENERATIONS_FILE, records)
