@@ -12,7 +12,14 @@ import pytest
 
 from dpo_kit.bundled import movie_review_prompts
 from dpo_kit.data.drops import DropRow
-from dpo_kit.data.on_policy import cut_responses, judge_floor_pairs, prompt_rows, ranked_pair, sample_scored_rows
+from dpo_kit.data.on_policy import (
+    cut_responses,
+    judge_floor_pairs,
+    judge_truncated_responses,
+    prompt_rows,
+    ranked_pair,
+    sample_scored_rows,
+)
 from dpo_kit.data.sources import SourceError
 from dpo_kit.params import ParamsError, load_params
 
@@ -414,6 +421,54 @@ def test_a_judge_with_a_length_floor_records_what_it_floored_and_the_report_says
 
     rule = prepare_data(generate_params(tiny_model_dir, prompts_file), tokenizer, tmp_path / "rule", REPO)
     assert rule.judge_floor is None and rule.judge_floor_line() is None  # the rule judge has no floor
+
+
+def test_judge_truncated_responses_counts_the_samples_and_the_kept_pairs_responses_a_reward_model_cut():
+    rows = [
+        {"prompt": "a", "samples": ["x", "y", "z"], "scores": [0.1, 0.9, -0.5], "judge_truncated": [False, True, True]},
+        {"prompt": "   "},  # unusable, never sampled
+        {"prompt": "c", "samples": ["x", "y"], "scores": [-0.3, 0.4], "judge_truncated": [True, False]},
+    ]
+    # Prompt a's pair is samples 1 (chosen) and 2 (rejected), both cut; c's is 1 (not cut) and 0 (cut).
+    assert judge_truncated_responses(rows, [0, 2]) == {
+        "samples": 5, "samples_truncated": 3, "pair_responses": 4, "pair_responses_truncated": 3,
+    }  # fmt: skip
+    unrecorded = [{key: value for key, value in row.items() if key != "judge_truncated"} for row in rows]
+    assert judge_truncated_responses(unrecorded, [0, 2]) is None  # a judge that reads every text whole
+
+
+def test_a_reward_model_judge_records_which_samples_it_cut_and_the_report_counts_them(
+    tiny_model_dir, prompts_file, tmp_path
+):
+    """Sampled pairs ranked by a reward model that reads 30 tokens: each sample says whether its prompt's start was
+    cut to fit, and data/report.json counts them, as it counts the responses max_new_tokens cut."""
+    from test_judges import build_reward_model, with_model_max_length
+    from transformers import AutoTokenizer
+
+    from dpo_kit.data.pipeline import load_data_report, prepare_data
+    from dpo_kit.models.loading import load_tokenizer
+
+    judge_dir = with_model_max_length(build_reward_model(tmp_path / "reward-model"), 30)
+    params = generate_params(tiny_model_dir, prompts_file, f"data.generate.judge={judge_dir}",
+                             f"evaluate.judge={judge_dir}")  # fmt: skip
+    tokenizer = load_tokenizer(str(tiny_model_dir), params)
+    judge_tokenizer = AutoTokenizer.from_pretrained(judge_dir)
+
+    def longer(prompt, text):
+        conversation = prompt + [{"role": "assistant", "content": text}]
+        return len(judge_tokenizer.apply_chat_template(conversation, return_dict=True)["input_ids"]) > 30
+
+    with pytest.warns(UserWarning, match="longer than the 30 tokens the reward model reads"):
+        rows = [row for row in sample_scored_rows(params, tokenizer, REPO) if "samples" in row]
+    flags = [row["judge_truncated"] for row in rows]
+    assert flags == [[longer(row["prompt"], text) for text in row["samples"]] for row in rows]
+    assert any(map(any, flags))
+
+    with pytest.warns(UserWarning, match="the reward model reads"):
+        report = prepare_data(params, tokenizer, tmp_path / "run", REPO)
+    assert report.judge_truncated["samples"] == sum(map(len, flags))
+    assert report.judge_truncated["samples_truncated"] == sum(map(sum, flags))
+    assert load_data_report(tmp_path / "run").judge_truncated == report.judge_truncated
 
 
 def test_the_judge_floor_line_says_so_when_most_pairs_were_decided_by_length():

@@ -25,6 +25,10 @@ default, -1) adds `floored`: which samples the floor scored. A pair whose reject
 chosen is not was decided by length, not by what the judge measures. With a max_new_tokens that leaves room for only
 about as many words as the floor asks, nearly every pair is such a pair, and DPO learns to write more words per
 token: the data report counts them (`judge_floor`), so that shows too.
+
+A reward-model judge adds `judge_truncated`: which samples it scored with the start of their prompt cut away, the
+prompt and response together being longer than the reward model reads. The data report counts them
+(`judge_truncated`).
 """
 
 from __future__ import annotations
@@ -312,6 +316,7 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
     judge = make_judge(params, project_dir, settings)
     scored = list(rows)
     floored = getattr(judge, "floored", None)  # a judge with a length floor says which scores it set
+    truncated = getattr(judge, "truncated", None)  # a reward model says which texts it cut to the length it reads
     for (index, messages), ids in zip(usable.items(), samples_ids, strict=True):
         texts = [response_text(tokenizer, one, messages) for one in ids]
         scores = judge.score([messages] * len(texts), texts)
@@ -319,6 +324,8 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
                          "cut": [was_cut(one, eos_ids) for one in ids]}  # fmt: skip
         if floored is not None:
             scored[index]["floored"] = [floored(text) for text in texts]
+        if truncated is not None:
+            scored[index]["judge_truncated"] = truncated([messages] * len(texts), texts)
     for index, drop in not_sampled.items():
         scored[index] = {"prompt": as_messages(rows[index]), NOT_SAMPLED: {"reason": drop.reason, "detail": drop.detail}}
     return scored
@@ -363,6 +370,23 @@ def cut_responses(rows: list[dict], kept_indices: list[int], max_new_tokens: int
         "samples_cut": sum(sum(row) for row in sampled),
         "pair_responses": 2 * len(pairs),
         "pair_responses_cut": sum(chosen + rejected for chosen, rejected in pairs),
+    }
+
+
+def judge_truncated_responses(rows: list[dict], kept_indices: list[int]) -> dict | None:
+    """How many samples a reward-model judge scored with the start of their prompt cut away, among all samples and
+    among the chosen and rejected responses of the kept pairs (`kept_indices`: their rows in `rows`). None for rows
+    without `judge_truncated` (a judge that reads every text whole, or a samples.jsonl from before the kit recorded
+    it)."""
+    flags = pair_flags(rows, kept_indices, "judge_truncated")
+    if flags is None:
+        return None
+    sampled, pairs = flags
+    return {
+        "samples": sum(len(row) for row in sampled),
+        "samples_truncated": sum(sum(row) for row in sampled),
+        "pair_responses": 2 * len(pairs),
+        "pair_responses_truncated": sum(chosen + rejected for chosen, rejected in pairs),
     }
 
 

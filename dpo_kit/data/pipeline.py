@@ -30,6 +30,7 @@ from dpo_kit.data.on_policy import (
     HELD_OUT_PROMPTS,
     cut_responses,
     judge_floor_pairs,
+    judge_truncated_responses,
     prompt_key,
     prompt_rows_and_lines,
     ranked_pair,
@@ -72,6 +73,9 @@ class DataReport:
     # data.source: generate with a judge that has a length floor: the samples it scored and the kept pairs it
     # decided (dpo_kit.data.on_policy.judge_floor_pairs); None otherwise.
     judge_floor: dict | None = None
+    # data.source: generate with a reward-model judge: the samples it scored with their prompt's start cut away to
+    # fit the reward model (dpo_kit.data.on_policy.judge_truncated_responses); None otherwise.
+    judge_truncated: dict | None = None
 
     def responses_cut_line(self) -> str | None:
         """One line for the notebook: the sampled responses cut short, and what TRL does with them."""
@@ -135,6 +139,7 @@ class DataReport:
             "held_out_from": self.held_out_from,
             "responses_cut": self.responses_cut,
             "judge_floor": self.judge_floor,
+            "judge_truncated": self.judge_truncated,
         }
 
 
@@ -215,6 +220,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
     kept_rows = [index for index, _ in result.kept]
     cut = cut_responses(rows, kept_rows, data.generate.max_new_tokens) if data.source == "generate" else None
     floor = judge_floor_pairs(rows, kept_rows) if data.source == "generate" else None
+    truncated = judge_truncated_responses(rows, kept_rows) if data.source == "generate" else None
 
     report = DataReport(
         source=data.source,
@@ -238,6 +244,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         held_out_from=None if held_out is None else str(held_out.source_file),
         responses_cut=cut,
         judge_floor=floor,
+        judge_truncated=truncated,
     )
     stored = {**report.to_dict(), PAIR_LENGTHS: {key: getattr(report, key) for key in LENGTH_FIELDS}}
     (data_dir / "report.json").write_text(json.dumps(stored, indent=2, ensure_ascii=False) + "\n")
@@ -256,7 +263,8 @@ def load_data_report(run_dir: str | Path) -> DataReport:
     stored = json.loads(path.read_text())
     lengths = stored[PAIR_LENGTHS]
     fields = {name for name in DataReport.__dataclass_fields__ if name not in LENGTH_FIELDS}
-    # a report written before a field existed (held_out_from, responses_cut, judge_floor) reads back with that field's default
+    # a report written before a field existed (held_out_from, responses_cut, judge_floor, judge_truncated) reads back
+    # with that field's default
     found = {key: stored[key] for key in fields if key in stored}
     return DataReport(**found, **{key: lengths[key] for key in LENGTH_FIELDS})
 
