@@ -324,11 +324,11 @@ def test_a_text_pair_reward_model_cuts_the_prompt_not_the_response(tmp_path):
     assert judge.truncated([PROMPT, LONG_PROMPT], [reply, reply]) == [False, True]
 
 
-def test_a_response_longer_than_the_reward_model_reads_is_refused_naming_its_prompt(tmp_path):
+def test_a_response_longer_than_the_reward_model_reads_is_refused_naming_it(tmp_path):
     path = with_model_max_length(build_reward_model(tmp_path / "reward-model"), 64)
     judge = RewardModelJudge(str(path), batch_size=2)
-    with pytest.raises(ValueError, match=r"reads at most 64 tokens, and the response to prompt 2 \(0-based\) alone is"
-                                         r" 201.*Lower generate\.max_new_tokens"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"reads at most 64 tokens, and response 2 \(0-based\) of those it was given,"
+                                         r" 'word word word.*\.\.\.', alone is 201.*Lower generate\.max_new_tokens"):  # fmt: skip
         judge.score([PROMPT] * 3, ["Fine.", "Fine.", " ".join(["word"] * 100)])
 
 

@@ -163,6 +163,10 @@ class SentimentJudge:
 # Reward-model judge
 
 
+def preview(text: str, length: int = 60) -> str:
+    return repr(text if len(text) <= length else text[:length] + "...")
+
+
 class RewardModelJudge:
     """A reward model (AutoModelForSequenceClassification with one label) as a judge.
 
@@ -265,7 +269,9 @@ class RewardModelJudge:
     def truncated(self, prompts: Sequence[Prompt], responses: Sequence[str], first_index: int = 0) -> list[bool]:
         """Whether each prompt and response together are longer than the reward model reads (`max_length` tokens), so
         that the start of the prompt is cut away before scoring. A response that alone is longer is refused, naming
-        its prompt (`first_index` is the index of the first in the caller's list): no part of it could be cut
+        its index (`first_index` is the index of the first in the caller's list) and its start: the index alone did
+        not say which sample of which prompt the on-policy source, which scores one prompt's samples at a time,
+        meant. No part of it could be cut
         without scoring another response than the one given."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -286,8 +292,9 @@ class RewardModelJudge:
                     # The responses the evaluation judges come from generate, the sampled pairs' from data.generate.
                     section = "data.generate" if self.key.startswith("data.") else "generate"
                     raise ValueError(
-                        f"{self.key} '{self.name}' reads at most {self.max_length} tokens, and the response to prompt"
-                        f" {first_index + index} (0-based) alone is {len(ids) + around}: it cannot be scored whole."
+                        f"{self.key} '{self.name}' reads at most {self.max_length} tokens, and response"
+                        f" {first_index + index} (0-based) of those it was given, {preview(responses[index])}, alone is"
+                        f" {len(ids) + around}: it cannot be scored whole."
                         f" Lower {section}.max_new_tokens, or name a reward model that reads"
                         " longer texts."
                     )
