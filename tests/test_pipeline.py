@@ -203,13 +203,16 @@ def test_a_notebook_runs_under_plain_papermill_with_p(tmp_path, tiny_model_dir):
 
 
 def test_a_named_hub_model_offline_fails_clearly_and_nothing_is_built_in_its_place(tmp_path):
-    """The issue's reproduction: tiny.yaml (build_tiny_model: true) with a hub id, and no network."""
+    """The issue's reproduction: tiny.yaml (build_tiny_model: true) with a hub id, and no network. HF_HUB_OFFLINE is
+    set, so the cache is looked in before the first stage (tests/test_hub_cache.py); the format stage's own message,
+    for a hub that cannot be reached, is tested in tests/test_models.py."""
     overrides = [f"run.output_dir={tmp_path / 'runs'}", "model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct"]
     with pytest.raises(RunError) as caught:
         run_pipeline(TINY, overrides, stages=["format"], project_dir=tmp_path, progress=False)
     message = str(caught.value)
-    assert "stage 'format' failed (ModelNotAvailableError: model.name_or_path 'Qwen/Qwen2.5-0.5B-Instruct'" in message
-    assert "HF_HUB_OFFLINE is set" in message
+    assert "model.name_or_path: 'Qwen/Qwen2.5-0.5B-Instruct' at revision main: no config.json for it" in message
+    assert "HF_HUB_OFFLINE is set" in message and message.endswith("Nothing was run")
+    assert not (tmp_path / "runs").exists()
     assert not (tmp_path / "Qwen").exists() and not (REPO / "Qwen").exists()
 
 

@@ -74,6 +74,7 @@ def _sweep(args) -> int:
 
 def _validate(args) -> int:
     from dpo_kit.hardware import choose_hardware
+    from dpo_kit.models.hub_cache import check_offline_cache
     from dpo_kit.params import check_local_files, load_params
     from dpo_kit.run.stage import run_dir_for
     from dpo_kit.training.train import refuse_training_this_machine_cannot_do
@@ -81,6 +82,7 @@ def _validate(args) -> int:
     try:
         params = load_params(args.params, args.set)
         check_local_files(params)
+        check_offline_cache(params)
         refuse_training_this_machine_cannot_do(params, ".", choose_hardware())
     except ParamsError as error:
         print(f"dpo-kit validate: {error}", file=sys.stderr)

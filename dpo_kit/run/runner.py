@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from dpo_kit import manifest as mf
+from dpo_kit.models.hub_cache import check_offline_cache, datasets_offline_variable, models_offline_variable
 from dpo_kit.params import (
     ParamsError,
     check_local_files,
     load_params,
     params_to_dict,
+    parse_params,
     run_directory,
     save_or_check_params,
     secret_values,
@@ -274,6 +276,12 @@ def resolve_run(params_path: str | Path, overrides: list[str], project_dir: str 
     return {"params": params_to_dict(params), "hardware": hardware.to_dict()}
 
 
+def refuse_hub_ids_not_cached(params: dict[str, Any], project_dir: str, stages: list[str]) -> None:
+    """check_offline_cache for resolved params (resolve_run's dict), in the kernel when there is one: parse_params
+    checks the dpo section against TRL's DPOConfig, and TRL is kept out of the runner process."""
+    check_offline_cache(parse_params(params), project_dir, stages)
+
+
 def notebooks_dir(project_dir: Path) -> Path:
     """The stage notebooks: the project's own copy if it has one, else the kit's: the copy packaged in an
     installed wheel, or the checkout's notebooks/ (a checkout or an editable install)."""
@@ -506,6 +514,19 @@ def run_pipeline(
             try:
                 wandb_key_for_online(params["tracking"]["report_to"])
             except TrackerError as error:
+                raise RunError(f"{error}. Nothing was run") from None
+        # Offline, a hub id missing from the cache failed the first stage that loaded it, after the format stage had
+        # worked for a while; only the stages still to run count (a resumed run's or --reuse-format's done format
+        # stage reads no dataset).
+        if models_offline_variable() or datasets_offline_variable():
+            to_run = [s for s in stages if not (resume and completed_stages(run_dir, [s]))
+                      and not (reuse_format and s == "format")]
+            try:
+                if kernel:
+                    kernel.call("refuse_hub_ids_not_cached", params, str(project), to_run)
+                else:
+                    refuse_hub_ids_not_cached(params, str(project), to_run)
+            except ParamsError as error:
                 raise RunError(f"{error}. Nothing was run") from None
         note = guard_existing_run(run_dir, stages, overwrite, resume, start_if_missing)
         if note and overwrite:  # the old run has been moved aside: said whatever follows

@@ -1,0 +1,171 @@
+"""Offline (HF_HUB_OFFLINE), a hub id the params name that is not in the local cache is refused by `dpo-kit validate`
+and by `dpo-kit run` before its first stage: validate said "valid", and the format stage failed half a minute in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpo_kit.models.hub_cache import check_offline_cache, datasets_offline_variable, models_offline_variable
+from dpo_kit.params import ParamsError, load_params
+from dpo_kit.run.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "params" / "tiny.yaml"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    """An empty HF_HOME, offline; the caches inside it are where huggingface_hub and datasets would look."""
+    home = tmp_path / "hf"
+    home.mkdir()
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", *OFFLINE_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def cache_model(home: Path, repo_id: str, *files: str, branch: str | None = "main") -> Path:
+    """The snapshot layout huggingface_hub writes: refs/<branch> holds the commit, snapshots/<commit>/ the files."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for name in files:
+        (snapshot / name).write_text("{}")
+    if branch:
+        (repo / "refs").mkdir()
+        (repo / "refs" / branch).write_text(COMMIT)
+    return snapshot
+
+
+def validate(capsys, *overrides: str) -> tuple[int, str]:
+    code = main(["validate", str(TINY), *[a for o in overrides for a in ("--set", o)]])
+    return code, capsys.readouterr().err
+
+
+def test_validate_offline_refuses_a_hub_model_that_is_not_cached_and_passes_one_that_is(hf_home, capsys):
+    code, error = validate(capsys, "model.name_or_path=someone/model")
+    assert code == 1
+    assert "model.name_or_path: 'someone/model' at revision main: no config.json for it in the Hugging Face cache" \
+        f" {hf_home / 'hub'} (HF_HUB_OFFLINE is set)" in error
+    assert "`hf download someone/model`" in error and "or unset HF_HUB_OFFLINE" in error
+
+    cache_model(hf_home, "someone/model", "config.json")
+    assert validate(capsys, "model.name_or_path=someone/model") == (0, "")
+    # a revision is looked up as huggingface_hub looks it up: a branch by its ref, a commit by its snapshot
+    code, error = validate(capsys, "model.name_or_path=someone/model", "model.revision=v2")
+    assert code == 1 and "'someone/model' at revision v2: no config.json" in error
+    assert "`hf download someone/model --revision v2`" in error
+    assert validate(capsys, "model.name_or_path=someone/model", f"model.revision={COMMIT}") == (0, "")
+
+
+def test_online_nothing_is_looked_up(hf_home, capsys, monkeypatch):
+    import huggingface_hub
+
+    def asked(*args, **kwargs):
+        raise AssertionError("the cache was looked in without an offline variable set")
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", asked)
+    for value in ("0", "false", ""):  # values huggingface_hub reads as online
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert validate(capsys, "model.name_or_path=someone/model", "evaluate.judge=someone/reward-model") == (0, "")
+
+
+def test_the_offline_variables_are_read_as_the_libraries_read_them(monkeypatch):
+    for name in OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert models_offline_variable() is None and datasets_offline_variable() is None
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "yes")
+    assert models_offline_variable() == "TRANSFORMERS_OFFLINE" == datasets_offline_variable()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # set, so huggingface_hub reads it and not TRANSFORMERS_OFFLINE
+    assert models_offline_variable() is None
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")  # datasets: its own variable, when set, wins
+    assert models_offline_variable() == "HF_HUB_OFFLINE" and datasets_offline_variable() is None
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert models_offline_variable() is None and datasets_offline_variable() == "HF_DATASETS_OFFLINE"
+
+
+def test_judges_a_sampler_and_a_hub_gguf_are_looked_up_for_the_stages_that_load_them(hf_home):
+    params = load_params(TINY, ["evaluate.judge=someone/reward-model"])
+    with pytest.raises(ParamsError, match="evaluate.judge: 'someone/reward-model' at revision main: no config.json"):
+        check_offline_cache(params, REPO)
+    check_offline_cache(params, REPO, ["format", "train", "merge"])  # only generate and evaluate judge
+
+    params = load_params(REPO / "params" / "smollm2-135m-sentiment.yaml", [
+        "data.generate.judge=someone/reward-model", "data.generate.sampler=someone/sampler"])
+    with pytest.raises(ParamsError) as caught:
+        check_offline_cache(params, REPO)
+    assert "\n- data.generate.sampler: 'someone/sampler' at revision main" in str(caught.value)
+    assert "\n- data.generate.judge: 'someone/reward-model' at revision main" in str(caught.value)
+    check_offline_cache(params, REPO, ["train", "merge", "generate", "evaluate"])  # only the format stage samples
+    cache_model(hf_home, "someone/sampler", "config.json")
+    cache_model(hf_home, "someone/reward-model", "config.json")
+    check_offline_cache(params, REPO)
+
+    params = load_params(TINY, ["model.name_or_path=someone/gguf-repo", "model.gguf_file=model.Q4.gguf",
+                                "model.build_tiny_model=false"])
+    with pytest.raises(ParamsError, match=r"model.gguf_file: 'someone/gguf-repo' at revision main: no model.Q4.gguf"
+                                          r"(.|\n)*`hf download someone/gguf-repo model.Q4.gguf`"):
+        check_offline_cache(params, REPO)
+    cache_model(hf_home, "someone/gguf-repo", "model.Q4.gguf")
+    check_offline_cache(params, REPO)
+
+
+def test_a_hub_dataset_is_looked_up_where_datasets_itself_looks_offline(hf_home, monkeypatch):
+    from datasets.load import CachedDatasetModuleFactory
+
+    params = load_params(TINY, ["data.source=someone/MyPrefs", "data.format=orca", "evaluate.judge=sentiment",
+                                "data.revision=v1"])  # fmt: skip
+    cache = hf_home / "datasets"
+    with pytest.raises(ParamsError, match=rf"data.source: the hub dataset 'someone/MyPrefs', data.revision v1: nothing"
+                                          rf" prepared for it, at any revision, in the datasets cache {cache}"):
+        check_offline_cache(params, REPO)
+    with pytest.raises(FileNotFoundError):  # datasets, offline, would not find it either
+        CachedDatasetModuleFactory("someone/MyPrefs", cache_dir=str(cache)).get_module()
+    check_offline_cache(params, REPO, ["train"])  # only the format stage reads the dataset
+
+    (cache / "someone___my_prefs" / "default" / "0.0.0" / COMMIT).mkdir(parents=True)  # load_dataset's Arrow cache
+    CachedDatasetModuleFactory("someone/MyPrefs", cache_dir=str(cache)).get_module()
+    check_offline_cache(params, REPO)
+
+    (cache / "someone___my_prefs").rename(cache / "elsewhere")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")  # datasets online, whatever HF_HUB_OFFLINE says
+    check_offline_cache(params, REPO)
+
+
+def test_run_refuses_before_its_first_stage_and_skips_the_stages_it_will_not_run(hf_home, tmp_path, monkeypatch):
+    import papermill
+
+    from dpo_kit.run.runner import RunError, run_pipeline
+
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: started.append(Path(args[0]).name))
+    overrides = [f"run.output_dir={tmp_path / 'runs'}", "run.name=offline", "model.name_or_path=someone/model"]
+    with pytest.raises(RunError, match=r"model.name_or_path: 'someone/model' at revision main: no config.json(.|\n)*"
+                                       r"Nothing was run"):
+        run_pipeline(TINY, overrides, project_dir=REPO, progress=False, isolate_stages=True)
+    assert started == [] and not (tmp_path / "runs").exists()
+
+    # a resumed run whose format stage is done loads no dataset: a hub dataset missing from the cache is no reason
+    cache_model(hf_home, "someone/model", "config.json")
+    overrides += ["data.source=someone/prefs", "data.format=orca", "evaluate.judge=sentiment"]
+    with pytest.raises(RunError, match="data.source: the hub dataset 'someone/prefs'"):
+        run_pipeline(TINY, overrides, project_dir=REPO, progress=False, isolate_stages=True)
+    from dpo_kit import manifest as mf
+    from dpo_kit.params import params_to_dict, save_params
+    from dpo_kit.run.stage import params_fingerprint
+
+    run_dir = tmp_path / "runs" / "offline"
+    resolved = params_to_dict(load_params(TINY, overrides))
+    run_dir.mkdir(parents=True)
+    save_params(resolved, run_dir / "params.yaml")
+    mf.write_manifest(run_dir, {"status": "partial", "stages": {
+        "format": {"status": "completed", "params_fingerprint": params_fingerprint(resolved, "format")}}})
+    run_pipeline(TINY, overrides, project_dir=REPO, progress=False, isolate_stages=True, resume=True)
+    assert started == ["02_train_dpo.ipynb", "03_merge.ipynb", "04_generate.ipynb", "05_evaluate.ipynb"]
