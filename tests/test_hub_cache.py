@@ -169,3 +169,24 @@ def test_run_refuses_before_its_first_stage_and_skips_the_stages_it_will_not_run
         "format": {"status": "completed", "params_fingerprint": params_fingerprint(resolved, "format")}}})
     run_pipeline(TINY, overrides, project_dir=REPO, progress=False, isolate_stages=True, resume=True)
     assert started == ["02_train_dpo.ipynb", "03_merge.ipynb", "04_generate.ipynb", "05_evaluate.ipynb"]
+
+
+def test_a_push_to_the_hub_offline_is_refused_before_the_first_stage_not_after_training(tmp_path, monkeypatch):
+    """merge.push_to_hub with HF_HUB_OFFLINE set: the push at the end of the merge stage failed (OfflineModeIsEnabled)
+    after format and train had run, though the runner asks for HF_TOKEN before the first stage for that reason."""
+    import papermill
+
+    from dpo_kit.run.runner import RunError, run_pipeline
+
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: started.append(Path(args[0]).name))
+    monkeypatch.setenv("HF_TOKEN", "hf-token-for-the-test")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    overrides = [f"run.output_dir={tmp_path / 'runs'}", "merge.push_to_hub=true", "merge.hub_model_id=someone/tiny-dpo"]
+    with pytest.raises(RunError, match=r"merge.push_to_hub is true, and TRANSFORMERS_OFFLINE is set.*someone/tiny-dpo"
+                                       r".*Nothing was run: the merge stage pushes after training"):
+        run_pipeline(TINY, overrides, project_dir=REPO, progress=False, isolate_stages=True)
+    assert started == [] and not (tmp_path / "runs").exists()
+    run_pipeline(TINY, overrides, ["format", "train"], project_dir=REPO, progress=False, isolate_stages=True)
+    assert started == ["01_format_data.ipynb", "02_train_dpo.ipynb"]  # no merge stage, no push

@@ -506,6 +506,13 @@ def run_pipeline(
         if "merge" in stages and not (resume and completed_stages(run_dir, ["merge"])):
             try:
                 hub_token_for_push(params["merge"]["push_to_hub"])
+                offline = models_offline_variable()
+                if params["merge"]["push_to_hub"] and offline:  # the push would meet OfflineModeIsEnabled
+                    raise RuntimeError(
+                        f"merge.push_to_hub is true, and {offline} is set, so the push to"
+                        f" {params['merge']['hub_model_id']} would fail. Unset {offline}, or set merge.push_to_hub:"
+                        " false and upload the run's merged/ later (`hf upload`)"
+                    )
             except RuntimeError as error:
                 raise RunError(f"{error}. Nothing was run: the merge stage pushes after training") from None
         # wandb logs from the train stage on (and the evaluate stage's summary): its key is asked for before the
