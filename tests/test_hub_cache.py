@@ -190,3 +190,17 @@ def test_a_push_to_the_hub_offline_is_refused_before_the_first_stage_not_after_t
     assert started == [] and not (tmp_path / "runs").exists()
     run_pipeline(TINY, overrides, ["format", "train"], project_dir=REPO, progress=False, isolate_stages=True)
     assert started == ["01_format_data.ipynb", "02_train_dpo.ipynb"]  # no merge stage, no push
+
+
+def test_a_sweep_offline_with_a_hub_model_not_cached_is_refused_before_its_first_trial(hf_home, tmp_path):
+    """Each trial's `dpo-kit run` refuses it before its first stage, so the sweep started trial after trial (a kernel
+    each) only to record each as failed. It is refused before any trial, naming the point."""
+    from dpo_kit.run.sweep import SweepError, run_sweep
+
+    project = tmp_path / "project"
+    project.mkdir()
+    with pytest.raises(SweepError, match=r"model.name_or_path: 'someone/model' at revision main: no config.json"
+                                         r"(.|\n)*\(from the sweep's dpo.beta=0.1\)\. Nothing was run"):
+        run_sweep(TINY, grid=["dpo.beta=0.1,0.2"], overrides=["model.name_or_path=someone/model"], project_dir=project,
+                  progress=False)  # fmt: skip
+    assert not list(project.iterdir())

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from dpo_kit import manifest as mf
+from dpo_kit.models.hub_cache import check_offline_cache
 from dpo_kit.params import (
     PLACE_ONLY_KEYS,
     ParamsError,
@@ -686,6 +687,10 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
         try:  # each trial's run would refuse it before its first stage: the sweep does, before its first trial
             wandb_key_for_online(params.tracking.report_to)
         except TrackerError as error:
+            raise SweepError(f"{error} (from the sweep's {overrides[-1]}). Nothing was run") from None
+        try:  # offline, a hub id missing from the cache: the same
+            check_offline_cache(params, project)
+        except ParamsError as error:
             raise SweepError(f"{error} (from the sweep's {overrides[-1]}). Nothing was run") from None
         value: Any = params_to_dict(params)
         for part in key.split("."):
