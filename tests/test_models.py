@@ -155,3 +155,9 @@ def test_an_unreachable_hub_id_fails_naming_the_id_and_why(monkeypatch):
     message = str(caught.value)
     assert "'dpo-kit-tests/no-such-model'" in message and "HF_HUB_OFFLINE is set" in message
     assert "not in the Hugging Face cache" in message and "hf download dpo-kit-tests/no-such-model" in message
+
+    # TRANSFORMERS_OFFLINE alone makes huggingface_hub offline too: the message said the hub could not be reached
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailableError, match="TRANSFORMERS_OFFLINE is set, so the hub was not asked"):
+        load_tokenizer("dpo-kit-tests/no-such-model", params)

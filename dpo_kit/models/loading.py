@@ -16,6 +16,7 @@ from pathlib import Path
 from dpo_kit.chat_templates import resolve_chat_template
 from dpo_kit.hardware import HardwareChoice, choose_hardware, resolve_dtype
 from dpo_kit.models.gguf import OFFLINE_GGUF_MODELS
+from dpo_kit.models.hub_cache import models_offline_variable
 from dpo_kit.params import Params, is_local_path
 from dpo_kit.safe_weights import PickledWeightsRefused, from_pretrained_safetensors
 
@@ -63,10 +64,6 @@ class ModelNotAvailableError(OSError):
     """The model that params name is not on disk, and the hub (or its local cache) could not provide it."""
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
 def from_pretrained(loader, source: str, **kwargs):
     """`loader.from_pretrained(source)`; a hub id that cannot be loaded raises ModelNotAvailableError, which names
     the id, says whether the hub was offline or unreachable, and what to do instead. With `use_safetensors=True`
@@ -82,8 +79,10 @@ def from_pretrained(loader, source: str, **kwargs):
             raise  # a local model that fails to load: transformers' own message is the right one
         from huggingface_hub.constants import HF_HUB_CACHE
 
+        # read as huggingface_hub reads it: TRANSFORMERS_OFFLINE counts, HF_HUB_OFFLINE=2 does not
+        offline = models_offline_variable()
         why = (
-            "HF_HUB_OFFLINE is set, so the hub was not asked" if hub_offline()
+            f"{offline} is set, so the hub was not asked" if offline
             else "the hub could not be reached (no network?) or does not hold it"
         )
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
