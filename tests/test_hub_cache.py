@@ -56,6 +56,10 @@ def test_validate_offline_refuses_a_hub_model_that_is_not_cached_and_passes_one_
 
     cache_model(hf_home, "someone/model", "config.json")
     assert validate(capsys, "model.name_or_path=someone/model") == (0, "")
+    from huggingface_hub import hf_hub_download  # the layout made by hand is one huggingface_hub reads offline
+
+    assert hf_hub_download("someone/model", "config.json", cache_dir=hf_home / "hub", local_files_only=True).endswith(
+        f"{COMMIT}/config.json")
     # a revision is looked up as huggingface_hub looks it up: a branch by its ref, a commit by its snapshot
     code, error = validate(capsys, "model.name_or_path=someone/model", "model.revision=v2")
     assert code == 1 and "'someone/model' at revision v2: no config.json" in error
