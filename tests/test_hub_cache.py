@@ -100,6 +100,7 @@ def test_judges_a_sampler_and_a_hub_gguf_are_looked_up_for_the_stages_that_load_
     with pytest.raises(ParamsError, match="evaluate.judge: 'someone/reward-model' at revision main: no config.json"):
         check_offline_cache(params, REPO)
     check_offline_cache(params, REPO, ["format", "train", "merge"])  # only generate and evaluate judge
+    check_offline_cache(load_params(TINY, ["model.name_or_path=someone/model"]), REPO, [])  # nothing left to run
 
     params = load_params(REPO / "params" / "smollm2-135m-sentiment.yaml", [
         "data.generate.judge=someone/reward-model", "data.generate.sampler=someone/sampler"])

@@ -16,12 +16,20 @@ import glob
 import os
 from pathlib import Path
 
-from dpo_kit.params import JUDGE_NAMES, Params, gguf_candidates, is_hub_dataset, is_local_path, sampler_is_local
+from dpo_kit.params import (
+    JUDGE_NAMES,
+    Params,
+    ParamsError,
+    gguf_candidates,
+    is_hub_dataset,
+    is_local_path,
+    sampler_is_local,
+)
 
 # huggingface_hub.constants' and datasets.config's ENV_VARS_TRUE_VALUES: "2" or "y" leave both libraries online.
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 # The stages that load each kind of hub id: the model in every stage (the format stage takes its tokenizer).
-FORMAT_STAGE = ("format",)
+FORMAT_STAGE = "format"
 JUDGE_STAGES = ("generate", "evaluate")
 
 
@@ -90,6 +98,8 @@ def hub_ids_to_load(params: Params, project_dir: str | Path = ".", stages=None) 
     from dpo_kit.models.gguf import OFFLINE_GGUF_MODELS
 
     project = Path(project_dir)
+    if stages is not None and not stages:  # a resumed run with nothing left to do loads nothing
+        return []
 
     def runs(names) -> bool:
         return stages is None or any(stage in stages for stage in names)
@@ -103,7 +113,7 @@ def hub_ids_to_load(params: Params, project_dir: str | Path = ".", stages=None) 
         elif not any(path.is_file() for path in gguf_candidates(model.name_or_path, model.gguf_file, project)):
             found.append(("model.gguf_file", model.name_or_path, model.gguf_file, model.revision))
     generate = params.data.generate
-    if generate is not None and runs(FORMAT_STAGE):
+    if generate is not None and runs([FORMAT_STAGE]):
         sampler = generate.sampler
         if sampler and not sampler_is_local(params, project) and sampler != model.name_or_path:
             # on_policy.sampler_load_params: another repo than the policy's is read at its default branch
@@ -119,8 +129,6 @@ def hub_ids_to_load(params: Params, project_dir: str | Path = ".", stages=None) 
 def check_offline_cache(params: Params, project_dir: str | Path = ".", stages=None) -> None:
     """Refuse, naming each params key, id, revision and the cache looked in, a hub model or dataset that the given
     stages (None: all) load and that, offline, is not in the local cache. Online it does nothing."""
-    from dpo_kit.params import ParamsError
-
     missing, fills, variables = [], [], []
     variable = models_offline_variable()
     if variable:
@@ -135,7 +143,7 @@ def check_offline_cache(params: Params, project_dir: str | Path = ".", stages=No
     source = params.data.source
     variable = datasets_offline_variable()
     if variable and is_hub_dataset(source) and not (Path(project_dir) / source).exists() and (
-            stages is None or FORMAT_STAGE[0] in stages):
+            stages is None or FORMAT_STAGE in stages):
         cache = datasets_cache_dir()
         if not dataset_cached(source, cache):
             asked = "".join(f", data.{key} {value}" for key in ("revision", "config", "data_dir")
