@@ -565,8 +565,11 @@ def test_stopping_dpo_kit_join_stops_its_launcher_and_workers(stop, code, tmp_pa
         "from dpo_kit.run.cli import main\n"
         f"sys.exit(main(['join', {str(tmp_path)!r}, '--machine-rank', '1', '--project-dir', {str(tmp_path)!r}]))\n"
     )
+    # Started as from a terminal, with SIGINT at its default: an ignored SIGINT is inherited through exec, and a test
+    # process may hold one (a library of an earlier test in the same pytest-xdist worker set it), under which join,
+    # as any Python program, rightly keeps ignoring Ctrl-C (nohup's way). That made this test fail at random.
     joined = subprocess.Popen([sys.executable, str(join)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)  # fmt: skip
+                              text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     # Both pipes are read to their end on threads: the launcher and workers write to them too (torch's shutdown
     # messages), and a pipe nobody reads could stall them and the join that waits for them.
     stderr_lines, worker_lines = [], queue.Queue()
