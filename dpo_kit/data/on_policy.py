@@ -356,38 +356,33 @@ def pair_flags(
     return sampled, [(row[key][best], row[key][worst]) for row, (best, worst) in sides]
 
 
-def cut_responses(rows: list[dict], kept_indices: list[int], max_new_tokens: int) -> dict | None:
-    """How many responses max_new_tokens cut before the model ended them, among all samples and among the chosen and
-    rejected responses of the kept pairs (`kept_indices`: their rows in `rows`). None for rows without `cut` (a
-    samples.jsonl written before the kit recorded it)."""
-    flags = pair_flags(rows, kept_indices, "cut")
+def flagged_responses(rows: list[dict], kept_indices: list[int], key: str, word: str) -> dict | None:
+    """How many samples carry the flag `key`, among all samples and among the chosen and rejected responses of the
+    kept pairs (`kept_indices`: their rows in `rows`), counted as samples_<word> and pair_responses_<word>. None for
+    rows without the flag."""
+    flags = pair_flags(rows, kept_indices, key)
     if flags is None:
         return None
     sampled, pairs = flags
     return {
-        "max_new_tokens": max_new_tokens,
         "samples": sum(len(row) for row in sampled),
-        "samples_cut": sum(sum(row) for row in sampled),
+        f"samples_{word}": sum(sum(row) for row in sampled),
         "pair_responses": 2 * len(pairs),
-        "pair_responses_cut": sum(chosen + rejected for chosen, rejected in pairs),
+        f"pair_responses_{word}": sum(chosen + rejected for chosen, rejected in pairs),
     }
+
+
+def cut_responses(rows: list[dict], kept_indices: list[int], max_new_tokens: int) -> dict | None:
+    """How many responses max_new_tokens cut before the model ended them. None for rows without `cut` (a
+    samples.jsonl written before the kit recorded it)."""
+    counts = flagged_responses(rows, kept_indices, "cut", "cut")
+    return None if counts is None else {"max_new_tokens": max_new_tokens, **counts}
 
 
 def judge_truncated_responses(rows: list[dict], kept_indices: list[int]) -> dict | None:
-    """How many samples a reward-model judge scored with the start of their prompt cut away, among all samples and
-    among the chosen and rejected responses of the kept pairs (`kept_indices`: their rows in `rows`). None for rows
-    without `judge_truncated` (a judge that reads every text whole, or a samples.jsonl from before the kit recorded
-    it)."""
-    flags = pair_flags(rows, kept_indices, "judge_truncated")
-    if flags is None:
-        return None
-    sampled, pairs = flags
-    return {
-        "samples": sum(len(row) for row in sampled),
-        "samples_truncated": sum(sum(row) for row in sampled),
-        "pair_responses": 2 * len(pairs),
-        "pair_responses_truncated": sum(chosen + rejected for chosen, rejected in pairs),
-    }
+    """How many samples a reward-model judge scored with the start of their prompt cut away. None for rows without
+    `judge_truncated` (a judge that reads every text whole, or a samples.jsonl from before the kit recorded it)."""
+    return flagged_responses(rows, kept_indices, "judge_truncated", "truncated")
 
 
 def judge_floor_pairs(rows: list[dict], kept_indices: list[int]) -> dict | None:
