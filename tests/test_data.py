@@ -360,12 +360,17 @@ def test_hub_dataset_is_loaded_with_split_and_revision(monkeypatch):
         return datasets.Dataset.from_list(ORCA_ROWS)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    # an online load: offline, the copy loaded is checked against data.revision (tests/test_hub_cache.py)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
     params = make_params(source="jondurbin/truthy-dpo-v0.1", format="truthy", split="train[:10]", revision="abc123", max_rows=3)
     assert read_rows(params.data) == ORCA_ROWS[:3]
     subset = make_params(source="Anthropic/hh-rlhf", format="hh-rlhf", data_dir="harmless-base", config="default").data
     read_rows(subset)
     assert calls == [("jondurbin/truthy-dpo-v0.1", None, None, "train[:10]", "abc123"),
                      ("Anthropic/hh-rlhf", "default", "harmless-base", "train", None)]  # fmt: skip
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # offline, a dataset from no cached file has no commit to check
+    with pytest.raises(SourceError, match="datasets loaded it from no cached file, so which commit it is cannot be told"):
+        read_rows(params.data)
 
 
 def write_hub_dataset(root: Path) -> None:

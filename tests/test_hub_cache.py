@@ -3,6 +3,7 @@ and by `dpo-kit run` before its first stage: validate said "valid", and the form
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,10 @@ def test_a_hub_dataset_is_looked_up_where_datasets_itself_looks_offline(hf_home,
 
     (cache / "someone___my_prefs" / "default" / "0.0.0" / COMMIT).mkdir(parents=True)  # load_dataset's Arrow cache
     CachedDatasetModuleFactory("someone/MyPrefs", cache_dir=str(cache)).get_module()
+    # a copy is there, but offline datasets cannot tell which revision v1 is (the test below: the revision is checked)
+    with pytest.raises(ParamsError, match="data.revision 'v1' is no full 40-hex commit"):
+        check_offline_cache(params, REPO)
+    params.data.revision = None
     check_offline_cache(params, REPO)
 
     (cache / "someone___my_prefs").rename(cache / "elsewhere")
@@ -209,3 +214,99 @@ def test_a_sweep_offline_with_a_hub_model_not_cached_is_refused_before_its_first
         run_sweep(TINY, grid=["dpo.beta=0.1,0.2"], overrides=["model.name_or_path=someone/model"], project_dir=project,
                   progress=False)  # fmt: skip
     assert not list(project.iterdir())
+
+
+OLDER, NEWER = "a" * 40, "b" * 40
+
+
+def cache_dataset_copy(home: Path, commit: str, question: str, mtime: int) -> Path:
+    """A prepared copy of the fake hub dataset someone/prefs at `commit`, as datasets writes it: datasets' own json
+    builder prepares a one-row file, moved to <HF_DATASETS_CACHE>/someone___prefs/default/0.0.0/<commit>/ with the
+    Arrow file under the dataset's name; `mtime` orders the copies as an earlier and a later download would."""
+    import datasets
+
+    source = home / f"{commit[:8]}.jsonl"
+    source.write_text(f'{{"question": "{question}", "chosen": "yes", "rejected": "no"}}\n')
+    builder = datasets.load_dataset_builder("json", data_files={"train": str(source)}, cache_dir=str(home / "build"))
+    builder.download_and_prepare()
+    copy = home / "datasets" / "someone___prefs" / "default" / "0.0.0" / commit
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    Path(builder.cache_dir).rename(copy)
+    (copy / "json-train.arrow").rename(copy / "prefs-train.arrow")
+    os.utime(copy, (mtime, mtime))
+    return copy
+
+
+def cache_dataset_ref(home: Path, revision: str, commit: str) -> None:
+    """refs/<revision> of the dataset repo in huggingface_hub's cache, as datasets' online load leaves it."""
+    ref = home / "hub" / "datasets--someone--prefs" / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit)
+
+
+@pytest.fixture
+def two_cached_revisions(hf_home, monkeypatch):
+    """someone/prefs cached at an older and a newer commit; datasets' import-time constants made offline to match."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf_home / "datasets")
+    older = cache_dataset_copy(hf_home, OLDER, "older", 1_000_000_000)
+    newer = cache_dataset_copy(hf_home, NEWER, "newer", 1_000_000_100)
+    return older, newer
+
+
+def test_offline_a_pinned_data_revision_that_datasets_would_not_load_is_refused(hf_home, two_cached_revisions):
+    """Offline, datasets ignores `revision` and loads the newest cached copy: data.revision pinned to the older commit
+    trained on the newer one without a word. It is refused unless the copy datasets loads is data.revision's."""
+    import datasets
+
+    older, newer = two_cached_revisions
+    # what is refused: datasets itself, asked for the older commit, loads the newer copy
+    loaded = datasets.load_dataset("someone/prefs", split="train", revision=OLDER)
+    assert loaded.to_list()[0]["question"] == "newer" and NEWER in loaded.cache_files[0]["filename"]
+
+    def check(*overrides: str) -> None:
+        check_offline_cache(load_params(TINY, ["data.source=someone/prefs", "data.format=standard",
+                                               "evaluate.judge=sentiment", *overrides]), REPO)  # fmt: skip
+
+    with pytest.raises(ParamsError) as caught:
+        check(f"data.revision={OLDER}")
+    message = str(caught.value)
+    assert message.startswith("data.revision: offline (HF_HUB_OFFLINE is set), datasets ignores the revision of the"
+                              f" hub dataset 'someone/prefs': datasets loads the newest cached copy, of commit {NEWER}"
+                              f" ({newer}); data.revision is commit {OLDER}.")
+    assert f"Commits cached in {newer.parents[2]}: {OLDER}, {NEWER}." in message
+    assert "Run once with a network (unset HF_HUB_OFFLINE)" in message
+    assert "set data.revision to the commit datasets loads offline" in message and "leave data.revision empty" in message
+
+    check(f"data.revision={NEWER}")
+    check()  # no revision named: the newest cached copy, as the README says
+    with pytest.raises(ParamsError, match=r"data.revision 'bbbbbbb' is no full 40-hex commit, and the Hugging Face"
+                                          rf" cache {hf_home / 'hub'} records no branch or tag of that name"):
+        check("data.revision=bbbbbbb")  # a prefix could as well be a branch's name
+    with pytest.raises(ParamsError, match="data.revision 'v1' is no full 40-hex commit"):
+        check("data.revision=v1")
+    cache_dataset_ref(hf_home, "v1", OLDER)  # a tag is the commit huggingface_hub recorded for it
+    with pytest.raises(ParamsError, match=f"data.revision is 'v1', commit {OLDER}"):
+        check("data.revision=v1")
+    cache_dataset_ref(hf_home, "v1", NEWER)
+    check("data.revision=v1")
+    with pytest.raises(ParamsError, match=r"datasets loads no copy of it: Couldn't find cache for someone/prefs for"
+                                          r" config 'beta'"):
+        check(f"data.revision={NEWER}", "data.config=beta")
+
+
+def test_offline_the_format_stage_refuses_a_loaded_copy_that_is_not_data_revisions(hf_home, two_cached_revisions):
+    """The cache can change after validate looked, and a notebook run by hand is not looked at before: the copy that
+    load_dataset did load is checked against data.revision too."""
+    from dpo_kit.data.sources import SourceError, read_hub_dataset
+
+    older, newer = two_cached_revisions
+    params = load_params(TINY, ["data.source=someone/prefs", "data.format=standard", "evaluate.judge=sentiment",
+                                f"data.revision={OLDER}"])  # fmt: skip
+    with pytest.raises(SourceError, match=rf"datasets loads the newest cached copy, of commit {NEWER} \({newer}\);"
+                                          rf" data.revision is commit {OLDER}"):
+        read_hub_dataset(params.data)
+    os.utime(older, (1_000_000_200, 1_000_000_200))  # the older commit's copy is now the newest: that is loaded
+    assert read_hub_dataset(params.data)[0]["question"] == "older"

@@ -321,6 +321,14 @@ def read_hub_dataset(data: DataParams) -> list[dict[str, Any]]:
             f"data.source: cannot load {where}: {type(error).__name__}: {error}. Check the dataset id, split,"
             " revision, config and data_dir, or use a local .jsonl/.json/.parquet/.csv file or 'bundled'."
         ) from error
+    from dpo_kit.models.hub_cache import datasets_offline_variable, offline_revision_problem
+
+    # Offline datasets ignores `revision` and loads the newest cached copy: the copy it did load is checked, since the
+    # cache may have changed since validate looked, and a notebook run by hand had no such look at all.
+    if (variable := datasets_offline_variable()) and data.revision is not None:
+        loaded = str(Path(dataset.cache_files[0]["filename"]).parent) if dataset.cache_files else ""
+        if problem := offline_revision_problem(data, variable, loaded):
+            raise SourceError(problem)
     if data.max_rows:
         dataset = dataset.select(range(min(data.max_rows, len(dataset))))
     return dataset.to_list()

@@ -13,11 +13,14 @@ the stage kernels start from this process's environment, so that is what their l
 from __future__ import annotations
 
 import glob
+import logging
 import os
+import re
 from pathlib import Path
 
 from dpo_kit.params import (
     JUDGE_NAMES,
+    DataParams,
     Params,
     ParamsError,
     gguf_candidates,
@@ -30,6 +33,7 @@ from dpo_kit.params import (
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 # The stages that load each kind of hub id: the model in every stage (the format stage takes its tokenizer).
 FORMAT_STAGE = "format"
+FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
 JUDGE_STAGES = ("generate", "evaluate")
 
 
@@ -78,14 +82,91 @@ def hub_file_cached(repo_id: str, filename: str, revision: str | None, cache_dir
 def dataset_cached(dataset_id: str, cache_dir: str) -> bool:
     """Whether datasets, offline, has any prepared copy of the hub dataset: offline, load_dataset never reads the hub
     cache of the dataset repo, only <HF_DATASETS_CACHE>/<owner>___<name>/<config>/<version>/<commit>/
-    (datasets.load.CachedDatasetModuleFactory), and with none there it fails. Which configuration, data_dir and
-    revision it then takes is its own choice, reported by the format stage."""
+    (datasets.load.CachedDatasetModuleFactory), and with none there it fails. Which configuration and data_dir it then
+    takes is its own choice, reported by the format stage; a data.revision it ignores is offline_revision_problem's."""
+    root = _dataset_root(dataset_id, cache_dir)
+    return any(os.path.isdir(path) for path in glob.glob(os.path.join(glob.escape(root), "*", "*", "*")))
+
+
+def _dataset_root(dataset_id: str, cache_dir: str) -> str:
     from datasets.naming import camelcase_to_snakecase
 
     parts = dataset_id.split("/")
     parts[-1] = camelcase_to_snakecase(parts[-1])
-    root = os.path.join(cache_dir, "___".join(parts))
-    return any(os.path.isdir(path) for path in glob.glob(os.path.join(glob.escape(root), "*", "*", "*")))
+    return os.path.join(cache_dir, "___".join(parts))
+
+
+def cached_dataset_commits(dataset_id: str, cache_dir: str) -> list[str]:
+    """The commits of the dataset repo of which datasets' cache holds a prepared copy (any configuration)."""
+    root = _dataset_root(dataset_id, cache_dir)
+    return sorted({os.path.basename(path) for path in glob.glob(os.path.join(glob.escape(root), "*", "*", "*"))
+                   if os.path.isdir(path)})
+
+
+def dataset_revision_commit(dataset_id: str, revision: str, hub_cache: str) -> str | None:
+    """The commit that data.revision names, found without the hub: a full commit hash is itself; a branch or tag is
+    the commit huggingface_hub recorded for it (refs/<revision> of the dataset repo in its cache, written when datasets
+    last loaded that revision online), as huggingface_hub resolves a revision offline. None when neither says. A
+    shorter hex string is not taken as a commit prefix: it may as well be a branch or tag, which offline cannot be told."""
+    if FULL_COMMIT.fullmatch(revision):
+        return revision
+    from huggingface_hub.file_download import repo_folder_name
+
+    ref = Path(hub_cache) / repo_folder_name(repo_id=dataset_id, repo_type="dataset") / "refs" / revision
+    try:
+        commit = ref.read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):
+        return None
+    return commit if FULL_COMMIT.fullmatch(commit) else None
+
+
+def dataset_copy_loaded_offline(data: DataParams, cache_dir: str) -> str:
+    """The folder of the prepared copy that datasets.load_dataset loads offline for data.source, data.config and
+    data.data_dir: offline it never resolves the revision, and its cache builder takes the newest (by mtime) copy of
+    that configuration, whatever the revision. Asked of the function that builder calls, so the answer is the one the
+    load will reach; its ValueError (no copy of that configuration, or several configurations and none named) passes."""
+    from datasets.packaged_modules.cache.cache import _find_hash_in_cache
+
+    logger = logging.getLogger(_find_hash_in_cache.__module__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its "Found the latest cached dataset" warning is the load's to show, not validate's
+    try:
+        config_id, version, commit = _find_hash_in_cache(
+            dataset_name=data.source, config_name=data.config, cache_dir=cache_dir,
+            config_kwargs={} if data.data_dir is None else {"data_dir": data.data_dir}, custom_features=None)
+    finally:
+        logger.setLevel(level)
+    return os.path.join(_dataset_root(data.source, cache_dir), config_id, version, commit)
+
+
+def offline_revision_problem(data: DataParams, variable: str, loaded: str | None = None) -> str | None:
+    """Why, offline, the copy of the hub dataset that datasets loads (`loaded`, its folder, "" for none; None: the one
+    it will load) is not data.revision's, or None when it is or data.revision is unset (the newest cached copy, knowingly)."""
+    if data.revision is None:
+        return None
+    cache, hub_cache = datasets_cache_dir(), hub_cache_dir()
+    commit = dataset_revision_commit(data.source, data.revision, hub_cache)
+    try:
+        loaded = dataset_copy_loaded_offline(data, cache) if loaded is None else loaded
+    except (ValueError, OSError) as error:  # OSError: a copy without its dataset_info.json, which the load fails on too
+        took = f"datasets loads no copy of it: {error}"
+    else:
+        if commit is not None and os.path.basename(loaded) == commit:
+            return None
+        took = (f"datasets loads the newest cached copy, of commit {os.path.basename(loaded)} ({loaded})" if loaded
+                else "datasets loaded it from no cached file, so which commit it is cannot be told")
+    if commit is None:
+        named = (f"data.revision {data.revision!r} is no full 40-hex commit, and the Hugging Face cache {hub_cache}"
+                 f" records no branch or tag of that name for the dataset")
+    else:
+        named = f"data.revision is {'' if commit == data.revision else f'{data.revision!r}, '}commit {commit}"
+    chosen = "".join(f", data.{key} {value!r}" for key in ("config", "data_dir") if (value := getattr(data, key)))
+    cached = ", ".join(cached_dataset_commits(data.source, cache)) or "none"
+    return (f"data.revision: offline ({variable} is set), datasets ignores the revision of the hub dataset"
+            f" '{data.source}'{chosen}: {took}; {named}. Commits cached in"
+            f" {_dataset_root(data.source, cache)}: {cached}. Run once with a network (unset {variable}), where datasets"
+            " loads data.revision itself; or set data.revision to the commit datasets loads offline; or leave"
+            " data.revision empty to take the newest cached copy knowingly")
 
 
 def _hub_model(name: str | None, project_dir: Path) -> bool:
@@ -130,6 +211,7 @@ def check_offline_cache(params: Params, project_dir: str | Path = ".", stages=No
     """Refuse, naming each params key, id, revision and the cache looked in, a hub model or dataset that the given
     stages (None: all) load and that, offline, is not in the local cache. Online it does nothing."""
     missing, fills, variables = [], [], []
+    revision_problem = None
     variable = models_offline_variable()
     if variable:
         cache = hub_cache_dir()
@@ -152,6 +234,8 @@ def check_offline_cache(params: Params, project_dir: str | Path = ".", stages=No
                            f" in the datasets cache {cache} ({variable} is set)")
             fills.append(f"a run's format stage (or datasets.load_dataset('{source}'))")
             variables.append(variable)
+        else:
+            revision_problem = offline_revision_problem(params.data, variable)
     if missing:
         unset = " and ".join(dict.fromkeys(variables))
         raise ParamsError(
@@ -160,3 +244,5 @@ def check_offline_cache(params: Params, project_dir: str | Path = ".", stages=No
             + f"\nRun once with a network to fill the cache ({'; '.join(fills)}), or unset {unset}, or name a local"
             " model directory or data file instead"
         )
+    if revision_problem:
+        raise ParamsError(revision_problem)
