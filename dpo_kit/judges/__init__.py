@@ -173,9 +173,8 @@ class RewardModelJudge:
     With a chat template the prompt and response are rendered as a conversation; without one (e.g. the
     DeBERTa reward models) they are passed as a text pair, which is how those models were trained.
     A text longer than the reward model reads (`max_length`: the tokenizer's model_max_length, else the model config's
-    max_position_embeddings or n_positions) loses the start of its
-    prompt, so that the response is scored whole; `score` warns how many were cut, `truncated` says which. A response
-    that alone is longer is refused.
+    max_position_embeddings or n_positions) loses the start of its prompt, so that the response is scored whole;
+    `score` warns how many were cut, `truncated` says which. A response that alone is longer is refused.
     """
 
     def __init__(self, name_or_path: str, trust_remote_code: bool = False, batch_size: int = 8, dtype=None,
@@ -271,8 +270,7 @@ class RewardModelJudge:
         that the start of the prompt is cut away before scoring. A response that alone is longer is refused, naming
         its index (`first_index` is the index of the first in the caller's list) and its start: the index alone did
         not say which sample of which prompt the on-policy source, which scores one prompt's samples at a time,
-        meant. No part of it could be cut
-        without scoring another response than the one given."""
+        meant. No part of it could be cut without scoring another response than the one given."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if not prompts:
