@@ -502,8 +502,12 @@ def run_pipeline(
         provided = ("format",) if reuse_format else ()
         if overwrite:  # the run starts afresh: refused before the old one is moved aside, not after
             check_prerequisites(run_dir, stages, params, provided, fresh=True)
-        # The push comes last in the merge stage, after training; a resumed run whose merge completed has pushed.
-        if "merge" in stages and not (resume and completed_stages(run_dir, ["merge"])):
+        # What the checks below ask for is what the stages still to run need: a resumed run's completed stages have
+        # run (its merge has pushed), and --reuse-format's format stage reads no dataset.
+        done = completed_stages(run_dir, stages) if resume else []
+        to_run = [s for s in stages if s not in done and not (reuse_format and s == "format")]
+        # The push comes last in the merge stage, after training.
+        if "merge" in to_run:
             try:
                 hub_token_for_push(params["merge"]["push_to_hub"])
                 offline = models_offline_variable()
@@ -517,17 +521,14 @@ def run_pipeline(
                 raise RunError(f"{error}. Nothing was run: the merge stage pushes after training") from None
         # wandb logs from the train stage on (and the evaluate stage's summary): its key is asked for before the
         # format stage, which may sample for minutes, not found missing after it.
-        if [s for s in ("train", "evaluate") if s in stages and not (resume and completed_stages(run_dir, [s]))]:
+        if "train" in to_run or "evaluate" in to_run:
             try:
                 wandb_key_for_online(params["tracking"]["report_to"])
             except TrackerError as error:
                 raise RunError(f"{error}. Nothing was run") from None
         # Offline, a hub id missing from the cache failed the first stage that loaded it, after the format stage had
-        # worked for a while; only the stages still to run count (a resumed run's or --reuse-format's done format
-        # stage reads no dataset).
+        # worked for a while.
         if models_offline_variable() or datasets_offline_variable():
-            to_run = [s for s in stages if not (resume and completed_stages(run_dir, [s]))
-                      and not (reuse_format and s == "format")]
             try:
                 if kernel:
                     kernel.call("refuse_hub_ids_not_cached", params, str(project), to_run)
