@@ -19,6 +19,7 @@ Secrets are never passed here: wandb reads WANDB_API_KEY itself, and the kit wri
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import hashlib
 import json
@@ -72,26 +73,60 @@ WANDB_LOCAL_MODES = ("offline", "dryrun", "disabled")
 WANDB_ONLINE_MODES = ("online", "run", "shared")
 
 
+def wandb_mode() -> tuple[str, str]:
+    """The mode wandb logs in, and where that was set, read in wandb's order: WANDB_MODE in the environment, else
+    the settings file that `wandb offline`, `wandb disabled` and `wandb online` write in the folder the process runs
+    in (./wandb/settings, or ./.wandb/settings where that folder exists), else the global one (WANDB_CONFIG_DIR, or
+    ~/.config/wandb). A user who ran `wandb offline`, as wandb's docs tell, was refused for want of WANDB_API_KEY."""
+    if "WANDB_MODE" in os.environ:
+        return os.environ["WANDB_MODE"], "WANDB_MODE in the environment"
+    workspace = Path(".wandb" if Path(".wandb").is_dir() else "wandb", "settings")
+    global_settings = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser() / "settings"
+    for settings in (workspace, global_settings):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(settings)
+        except (OSError, configparser.Error):  # wandb warns and goes on without it
+            continue
+        if mode := parser.get("default", "mode", fallback=None):
+            return mode, f"mode = {mode} in {settings}"
+    return "online", "wandb's default"
+
+
+def pin_wandb_mode(report_to) -> None:
+    """Put a mode that only a wandb settings file names into WANDB_MODE, for every process of the run: each reads the
+    settings file of the folder it runs in, and the stages' kernels run in notebooks/ and launched workers in the
+    project folder, so `wandb offline` in the folder `dpo-kit run` started in would have reached some and not
+    others. `dpo-kit run` and `dpo-kit sweep` call it after wandb_key_for_online has accepted the mode, in the folder
+    the user started in."""
+    mode, source = wandb_mode()
+    if "wandb" in report_to and source.startswith("mode = "):
+        os.environ["WANDB_MODE"] = mode
+
+
 def wandb_key_for_online(report_to) -> None:
     """Refuse wandb online without WANDB_API_KEY in the environment. `dpo-kit run` asks before its first stage, and
     the train and evaluate stages before they load a model: wandb.init() found the key missing only when the train
     stage started, after the format stage (minutes of sampling for an on-policy run). The key comes from the
     environment only, as every secret of the kit's: a `wandb login` entry in ~/.netrc, which wandb would fall back
-    to, is not read here and does not count. WANDB_MODE=offline (or dryrun) and disabled need no key."""
+    to, is not read here and does not count. Offline (or dryrun) and disabled need no key, whether WANDB_MODE or a
+    settings file (`wandb offline`) says so."""
     if "wandb" not in report_to:
         return
-    mode = os.environ.get("WANDB_MODE", "online")  # wandb refuses an empty one too
+    mode, source = wandb_mode()  # wandb refuses an empty WANDB_MODE too
     if mode in WANDB_LOCAL_MODES:
         return
+    named = f"WANDB_MODE={mode!r} in the environment" if source.startswith("WANDB_MODE") else source
     if mode not in WANDB_ONLINE_MODES:
-        raise TrackerError(f"WANDB_MODE={mode!r} in the environment is not a mode wandb takes: set it to one of"
+        raise TrackerError(f"{named} is not a mode wandb takes: set it to one of"
                            f" {', '.join(WANDB_ONLINE_MODES + WANDB_LOCAL_MODES)}, or unset it (online)")
     if not os.environ.get("WANDB_API_KEY"):
+        how = f"WANDB_MODE={mode!r}" if not source.startswith("mode = ") else source
         raise TrackerError(
-            f"tracking.report_to names wandb, which logs online (WANDB_MODE={mode!r}), but WANDB_API_KEY is not set"
+            f"tracking.report_to names wandb, which logs online ({how}), but WANDB_API_KEY is not set"
             " in the environment (the kit reads it from there only, not from a `wandb login` entry in ~/.netrc):"
-            " set WANDB_API_KEY, or set WANDB_MODE=offline to keep the run local (`wandb sync` it later) or"
-            " WANDB_MODE=disabled, or take wandb out of tracking.report_to"
+            " set WANDB_API_KEY, or set WANDB_MODE=offline (or run `wandb offline`) to keep the run local (`wandb"
+            " sync` it later) or WANDB_MODE=disabled, or take wandb out of tracking.report_to"
         )
 
 
@@ -170,7 +205,7 @@ def configure_trackers(params, run_dir: str | Path) -> dict[str, Any]:
             # artifacts) is left as it is.
             os.environ.setdefault("WANDB_CACHE_DIR", str(folder.parent))
             record[name] = {"project": params.tracking.project, "run_id": os.environ["WANDB_RUN_ID"],
-                            "mode": os.environ.get("WANDB_MODE", "online"), "dir": str(folder)}  # fmt: skip
+                            "mode": wandb_mode()[0], "dir": str(folder)}  # fmt: skip
         elif name == "trackio":
             _point_trackio_at(folder)
             record[name] = {"project": params.tracking.project, "run": params.run.name, "dir": str(folder)}

@@ -515,6 +515,48 @@ def test_wandb_online_without_a_key_is_refused_before_the_first_stage(monkeypatc
     assert started[3:] == ["01_format_data.ipynb"] * 3
 
 
+def test_a_wandb_settings_file_sets_the_mode_for_every_stage(monkeypatch, tmp_path):
+    """`wandb offline`, as wandb's docs tell, writes its mode into ./wandb/settings, not WANDB_MODE: the kit refused
+    such a user for want of WANDB_API_KEY. It now reads the mode as wandb does (the environment, then the settings
+    file of the folder it runs in, then the global one) and puts it into WANDB_MODE for the stages, whose kernels run
+    in notebooks/, where wandb would not have found it. `wandb online` (which clears the mode) is refused again."""
+    import subprocess
+    import sys
+
+    import papermill
+
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: started.append(Path(args[0]).name))
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))  # the global settings file: none yet
+    folder = tmp_path / "started-here"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    wandb_cli = [sys.executable, "-c", "import sys; from wandb.cli.cli import cli; sys.exit(cli())"]
+
+    def run(name):
+        overrides = [f"run.output_dir={tmp_path / 'runs'}", f"run.name={name}", "tracking.report_to=[wandb]"]
+        run_pipeline(TINY, overrides, ["format", "train"], project_dir=REPO, progress=False, isolate_stages=True)
+
+    subprocess.run([*wandb_cli, "offline"], check=True, capture_output=True)
+    assert (folder / "wandb" / "settings").exists()
+    run("offline-by-settings")
+    assert os.environ["WANDB_MODE"] == "offline" and started == ["01_format_data.ipynb", "02_train_dpo.ipynb"]
+    monkeypatch.delenv("WANDB_MODE")
+    subprocess.run([*wandb_cli, "online"], check=True, capture_output=True)
+    with pytest.raises(RuntimeError, match=r"names wandb, which logs online \(WANDB_MODE='online'\), but WANDB_API_KEY"):
+        run("online-again")
+    assert "WANDB_MODE" not in os.environ and len(started) == 2
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "settings").write_text("[default]\nmode = disabled\n")
+    run("disabled-globally")
+    assert os.environ.pop("WANDB_MODE") == "disabled"
+    (folder / "wandb" / "settings").write_text("[default]\nmode = Offline\n")  # the workspace file wins
+    with pytest.raises(RuntimeError, match=r"mode = Offline in wandb/settings is not a mode wandb takes"):
+        run("bad-mode")
+
+
 def test_a_resumed_training_shows_each_step_once_in_tensorboard(tmp_path, tiny_model_dir):
     """A training killed after checkpoint-3 had logged steps 4-6, and the resumed one logged them again: TensorBoard's
     Python reader (`--load_fast=false`, EventAccumulator) showed two points per step over 4-6. The resumed writer

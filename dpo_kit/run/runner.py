@@ -42,7 +42,7 @@ from dpo_kit.run.stage import (
     refuse_if_running_elsewhere,
     why_not_completed,
 )
-from dpo_kit.tracking import TrackerError, wandb_key_for_online
+from dpo_kit.tracking import TrackerError, pin_wandb_mode, wandb_key_for_online
 from dpo_kit.training.merge import hub_token_for_push
 
 # nbformat validates notebooks with jsonschema, which compiles rfc3987_syntax's lark grammars when it
@@ -526,6 +526,7 @@ def run_pipeline(
                 wandb_key_for_online(params["tracking"]["report_to"])
             except TrackerError as error:
                 raise RunError(f"{error}. Nothing was run") from None
+            pin_wandb_mode(params["tracking"]["report_to"])
         # Offline, a hub id missing from the cache failed the first stage that loaded it, after the format stage had
         # worked for a while.
         if models_offline_variable() or datasets_offline_variable():

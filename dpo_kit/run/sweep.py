@@ -43,7 +43,7 @@ from dpo_kit.params import (
     sections_of_bare_key,
 )
 from dpo_kit.run.stage import adopt_format_stage, has_completed_format, params_fingerprint
-from dpo_kit.tracking import TrackerError, wandb_key_for_online
+from dpo_kit.tracking import TrackerError, pin_wandb_mode, wandb_key_for_online
 
 SWEEP_FILE = "sweep.json"
 CLAIMS = ".claims"
@@ -688,6 +688,7 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
             wandb_key_for_online(params.tracking.report_to)
         except TrackerError as error:
             raise SweepError(f"{error} (from the sweep's {overrides[-1]}). Nothing was run") from None
+        pin_wandb_mode(params.tracking.report_to)  # for the trials, which read the settings of their own folders
         try:  # offline, a hub id missing from the cache: the same
             check_offline_cache(params, project)
         except ParamsError as error:

@@ -27,6 +27,7 @@ from dpo_kit.tracking import (
     finish_trackers,
     offline_wandb_run_hidden,
     params_callback,
+    pin_wandb_mode,
     purge_tensorboard_after,
     tracker_environment,
     trackers,
@@ -292,6 +293,7 @@ def train_dpo(stage) -> TrainResult:
     from dpo_kit.training.launch import in_launched_worker, run_launched
 
     wandb_key_for_online(stage.params.tracking.report_to)  # before a worker is launched or a model loaded
+    pin_wandb_mode(stage.params.tracking.report_to)  # launched workers run in the project folder, not this one
     with recording_interruptions(stage.run_dir):
         if stage.params.launch.launched and not in_launched_worker():
             handed_back = run_launched(stage)
