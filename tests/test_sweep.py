@@ -466,24 +466,48 @@ def test_an_interrupted_trial_does_not_use_up_one_of_the_samples(tmp_path, fake_
     assert len(calls) == 3, "the finished sweep started again runs nothing"
 
 
-@pytest.mark.filterwarnings("ignore:Trial")
-def test_a_point_whose_combination_of_values_the_params_refuse_fails_with_its_reason_and_the_others_run(
-        tmp_path, fake_trials):
+def test_a_grid_whose_points_the_params_refuse_together_is_refused_before_any_trial_naming_each(tmp_path, fake_trials,
+                                                                                                 capsys):
     """Each swept value is valid alone (validate_points reads them one at a time), but dpo.logging_steps=30 with
-    dpo.max_steps=6 is refused by the params. That refusal ended the sweep with a traceback (the points after it did
-    not run) and left its trial FAIL with no reason in the sweep's table."""
+    dpo.max_steps=6 (or 10) is refused by the params. A grid's points are all known before it starts, yet such a
+    point was found only when its trial ran, as a failed trial, maybe hours into the sweep."""
+    from dpo_kit.run.cli import main
+
+    _, calls = fake_trials
+    with pytest.raises(SweepError) as refused:
+        run_sweep(TINY, grid=["dpo.max_steps=6,10,40", "dpo.logging_steps=5,30"],
+                  overrides=[f"run.output_dir={tmp_path}"], project_dir=REPO, progress=False)
+    message = str(refused.value)
+    assert message.startswith("2 of the grid's 6 points are refused by the params"), message
+    assert "- max_steps=6,logging_steps=30: dpo.logging_steps 30 > dpo.max_steps 6" in message, message
+    assert "- max_steps=10,logging_steps=30: dpo.logging_steps 30 > dpo.max_steps 10" in message, message
+    assert "logging_steps=5" not in message and "Nothing was run" in message, message
+    assert calls == [] and not any(tmp_path.iterdir()), "nothing is run or written"
+    command = ["sweep", str(TINY), "--grid", "dpo.max_steps=6,40", "--grid", "dpo.logging_steps=30", "--quiet",
+               "--set", f"run.output_dir={tmp_path}"]  # fmt: skip
+    assert main(command) == 1
+    assert "max_steps=6,logging_steps=30: dpo.logging_steps 30 > dpo.max_steps 6" in capsys.readouterr().err
+    assert calls == [] and not any(tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:Trial")
+def test_a_drawn_point_whose_values_the_params_refuse_together_fails_with_its_reason_and_the_others_run(
+        tmp_path, fake_trials):
+    """A random or TPE search draws its points as it goes: a point the params refuse (dpo.logging_steps=30 with
+    dpo.max_steps below 30) is that trial's failure, with its reason in the table, and the other trials run. The
+    refusal ended the sweep with a traceback (the points after it did not run) and left its trial FAIL with no reason."""
     from dpo_kit.run.sweep import summary
 
-    sweep_dir = run_sweep(TINY, grid=["dpo.max_steps=6,30", "dpo.logging_steps=5,30"],
-                          overrides=[f"run.output_dir={tmp_path}"], project_dir=REPO, progress=False)
-    rows = {r["run_dir"]: r for r in trial_rows(sweep_dir)}
-    assert sorted(rows) == ["max_steps=30,logging_steps=30", "max_steps=30,logging_steps=5",
-                            "max_steps=6,logging_steps=30", "max_steps=6,logging_steps=5"], rows
-    failed = rows.pop("max_steps=6,logging_steps=30")
-    assert failed["state"] == "FAIL" and "dpo.logging_steps 30 > dpo.max_steps 6" in failed["note"], failed
-    assert {r["state"] for r in rows.values()} == {"COMPLETE"}, rows
+    sweep_dir = run_sweep(TINY, grid=["dpo.logging_steps=5,30"], ranges=["dpo.max_steps=6:40"], sampler="random",
+                          samples=8, overrides=[f"run.output_dir={tmp_path}"], project_dir=REPO, progress=False)
+    rows = trial_rows(sweep_dir)
+    assert len(rows) == 8, rows
+    failed = [r for r in rows if r["state"] == "FAIL"]
+    assert failed and all(r["dpo.logging_steps"] == 30 and r["dpo.max_steps"] < 30 for r in failed), rows
+    assert all("dpo.logging_steps 30 > dpo.max_steps" in r["note"] for r in failed), failed
+    assert {r["state"] for r in rows if r not in failed} == {"COMPLETE"}, rows
     table, any_failed = summary(sweep_dir)
-    assert any_failed and "dpo.logging_steps 30 > dpo.max_steps 6" in table
+    assert any_failed and "dpo.logging_steps 30 > dpo.max_steps" in table
 
 
 @pytest.mark.filterwarnings("ignore:Trial 0 failed")

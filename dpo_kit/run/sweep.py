@@ -697,6 +697,8 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         read.setdefault(key, []).append(value)
+    if spec.sampler == "grid":
+        refuse_bad_combinations(path, spec.overrides, space.grid)
     for key, values in space.grid.items():  # 1 and 1.0 for a float key: two run directories, one point trained twice
         seen: dict[str, Any] = {}
         for value, resolved in zip(values, read[key], strict=True):
@@ -710,6 +712,35 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
             space.ranges[key] = [float(low), float(high), scale]
         elif all(isinstance(v, int) and not isinstance(v, bool) for v in read[key]):
             space.ranges[key] = [int(low), int(high), scale]
+
+
+def refuse_bad_combinations(path: str | Path, overrides: list[str], grid: dict[str, list[Any]]) -> None:
+    """Load the params at every point of a grid; refuse the sweep, naming each point the params refuse and why.
+
+    Each value alone was read already; a combination (dpo.max_steps=6 with dpo.logging_steps=30) was found only when
+    its trial ran, as a failed trial, maybe hours into the sweep. A grid's points are all known before the first
+    trial, so they are all read here (a few milliseconds each). Random and TPE searches draw their points as they go:
+    there such a point is still its trial's failure, with the reason."""
+    import itertools
+
+    if len(grid) < 2:
+        return
+    refused = []
+    for combination in itertools.product(*grid.values()):
+        values = dict(zip(grid, combination, strict=True))
+        try:
+            load_params(path, [*overrides, *trial_overrides(values)])
+        except ParamsError as error:
+            reason = str(error).removeprefix(f"{path}: ")
+            refused.append(f"- {trial_name(values)}: {reason}")
+    if refused:
+        total = math.prod(len(values) for values in grid.values())
+        raise SweepError(
+            f"{len(refused)} of the grid's {total} points are refused by the params (each value is valid alone, not"
+            " together with the others):\n" + "\n".join(refused) + "\nNothing was run. A grid runs every combination"
+            " of its values: sweep the points that go together as separate sweeps (each with its own --name) and"
+            " compare them with `dpo-kit report DIR1 DIR2`, or change a --set value so that every point is valid."
+        )
 
 
 def run_sweep(
