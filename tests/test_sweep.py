@@ -510,6 +510,45 @@ def test_a_drawn_point_whose_values_the_params_refuse_together_fails_with_its_re
     assert any_failed and "dpo.logging_steps 30 > dpo.max_steps" in table
 
 
+MULTI_LINE_ERROR = ("the train stage failed: CUDA out of memory (see notebooks/02_train.ipynb)\nTraceback (most recent"
+                    " call last):\n  File \"train.py\", line 1\ntorch.OutOfMemoryError: CUDA out of memory")
+
+
+def fail_before_the_run_directory(monkeypatch, beta: str = "0.5"):
+    """run_pipeline that refuses the point dpo.beta=`beta` with MULTI_LINE_ERROR before it makes a run directory."""
+    import dpo_kit.run.runner as runner
+
+    real = runner.run_pipeline
+
+    def pipeline(params, overrides, **kwargs):
+        if f"dpo.beta={beta}" in overrides:
+            raise runner.RunError(MULTI_LINE_ERROR)
+        return real(params, overrides, **kwargs)
+
+    monkeypatch.setattr(runner, "run_pipeline", pipeline)
+
+
+@pytest.mark.filterwarnings("ignore:Trial")
+def test_a_failed_trials_note_of_several_lines_keeps_the_table_one_line_per_trial(tmp_path, fake_trials, monkeypatch):
+    """A note of several lines (an error quoting a traceback) was written into the table as it was: its other lines
+    came out under the row, in the first column, and the table no longer read one row per trial."""
+    from dpo_kit.run.sweep import summary
+
+    fail_before_the_run_directory(monkeypatch)
+    sweep_dir = run_sweep(TINY, grid=["dpo.beta=0.1,0.5,0.9"], overrides=[f"run.output_dir={tmp_path}"],
+                          project_dir=REPO, progress=False)
+    table, failed = summary(sweep_dir)
+    lines = table.splitlines()
+    assert failed and len(lines) == 4, table  # the header and one line per trial
+    (row,) = [line for line in lines if "FAIL" in line]
+    (trial,) = [r["trial"] for r in trial_rows(sweep_dir) if r["state"] == "FAIL"]
+    note = f"trial_notes/beta=0.5.trial-{trial}.txt"
+    assert row.endswith(f"the train stage failed: CUDA out of memory (see notebooks/02_train.ipynb) [3 more lines, full"
+                        f" note: {note}]"), row
+    assert (sweep_dir / note).read_text() == MULTI_LINE_ERROR + "\n", "the note is kept in full"
+    assert [r["note"] for r in trial_rows(sweep_dir) if r["state"] == "FAIL"] == [MULTI_LINE_ERROR], "and on the trial"
+
+
 @pytest.mark.filterwarnings("ignore:Trial 0 failed")
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_a_restarted_random_search_draws_new_points_not_the_first_ones_again(tmp_path, fake_trials, sampler):

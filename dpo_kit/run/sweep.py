@@ -47,6 +47,10 @@ from dpo_kit.tracking import TrackerError, pin_wandb_mode, wandb_key_for_online
 
 SWEEP_FILE = "sweep.json"
 CLAIMS = ".claims"
+# <sweep>/trial_notes/<run dir>.trial-<number>.txt: a failed trial's error in full (the study keeps it too, on the
+# trial). The sweep's table shows its first line with a pointer here; `dpo-kit report` reads them for the trials that
+# failed before their run directory was made, which it would otherwise not know of.
+TRIAL_NOTES = "trial_notes"
 SAMPLERS = ("grid", "random", "tpe")
 DEFAULT_OBJECTIVE = "rewards/accuracies"  # held-out implicit-reward accuracy, from the evaluate stage
 # The numbers the evaluate stage writes to metrics.json (dpo_kit.evaluation.evaluate: TRL's names where TRL has one),
@@ -548,7 +552,7 @@ class Sweep:
                 # dpo.logging_steps=30) is first refused here: it is this point's failure, recorded on the trial,
                 # and the other points still run. Raised as itself, it ended the sweep with a traceback and a
                 # failed trial that gave no reason.
-                trial.set_user_attr("error", str(error))
+                self.record_error(trial, name, str(error))
                 raise TrialFailed(f"trial {trial.number} ({name}): {error}") from None
             shared, format_claim = share_format_stage(self.sweep_dir, run_dir, resolved["params"], self.project,
                                                       resolved["hardware"], trial.number, self.holder_running)
@@ -563,7 +567,7 @@ class Sweep:
                 self.kernel.shutdown()  # its namespace may hold a half-run stage: the next trial gets a fresh one
                 self.kernel = None
                 if isinstance(error, (RunError, ParamsError)) and not isinstance(error, RunInterrupted):
-                    trial.set_user_attr("error", str(error))
+                    self.record_error(trial, name, str(error))
                     raise TrialFailed(f"trial {trial.number} ({name}): {error}") from None
                 raise
             if "trackio" in resolved["params"]["tracking"]["report_to"]:
@@ -573,12 +577,19 @@ class Sweep:
             try:
                 return read_objective(run_dir, self.spec.objective)
             except SweepError as error:
-                trial.set_user_attr("error", str(error))
+                self.record_error(trial, name, str(error))
                 raise
         finally:
             release_claim(self.sweep_dir, name)
             if format_claim:
                 release_claim(self.sweep_dir, format_claim)
+
+    def record_error(self, trial, name: str, note: str) -> None:
+        """A trial's error: on the trial in the study, and in full in <sweep>/trial_notes/ (trial_note_path)."""
+        trial.set_user_attr("error", note)
+        path = trial_note_path(self.sweep_dir, name, trial.number)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(note + "\n", encoding="utf-8")
 
     def suggest(self, trial) -> dict[str, Any]:
         values = {}
@@ -895,14 +906,36 @@ def trial_rows(sweep_dir: Path, storage: str | None = None) -> list[dict[str, An
     return rows
 
 
+def trial_note_path(sweep_dir: Path, run_dir: str, number: int) -> Path:
+    """Where a failed trial's error is kept in full: <sweep>/trial_notes/<run dir>.trial-<number>.txt."""
+    return sweep_dir / TRIAL_NOTES / f"{run_dir}.trial-{number}.txt"
+
+
+def _cell(row: dict[str, Any], column: str, sweep_dir: Path) -> str:
+    """A table cell on one line: a note of several lines (an error quoting a file, a traceback) is its first line
+    and where the rest is; any other text with a line break (a chat template swept) shows it as \\n."""
+    value = row.get(column)
+    if value is None:
+        return ""
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    lines = text.splitlines() or [""]
+    if len(lines) == 1:
+        return lines[0]
+    if column != "note":
+        return "\\n".join(lines)
+    path = trial_note_path(sweep_dir, str(row.get("run_dir")), row["trial"])
+    where = f"full note: {path.relative_to(sweep_dir)}" if path.is_file() else "on the trial in the study"
+    return f"{lines[0]} [{len(lines) - 1} more line{'s' if len(lines) > 2 else ''}, {where}]"
+
+
 def summary(sweep_dir: Path, storage: str | None = None) -> tuple[str, bool]:
-    """A plain table of the trials, and whether a point ended failed (with no later completed attempt)."""
+    """A plain table of the trials, one line per trial, and whether a point ended failed (with no later completed
+    attempt)."""
     rows = trial_rows(sweep_dir, storage)
     objective = json.loads((sweep_dir / SWEEP_FILE).read_text())["spec"]["objective"]
     columns = [c for c in rows[0] if any(r.get(c) is not None for r in rows)] if rows else []
     cells = [[objective if c == "objective" else c for c in columns]]
-    cells += [["" if r.get(c) is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns]
-              for r in rows]
+    cells += [[_cell(r, c, sweep_dir) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
     completed = {r["run_dir"] for r in rows if r["state"] == "COMPLETE"}
