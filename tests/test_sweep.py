@@ -549,6 +549,48 @@ def test_a_failed_trials_note_of_several_lines_keeps_the_table_one_line_per_tria
     assert [r["note"] for r in trial_rows(sweep_dir) if r["state"] == "FAIL"] == [MULTI_LINE_ERROR], "and on the trial"
 
 
+@pytest.mark.filterwarnings("ignore:Trial")
+def test_the_report_over_a_sweep_lists_a_trial_that_failed_before_its_run_was_made(tmp_path, fake_trials, monkeypatch):
+    """A trial refused before its run started has no run directory: the sweep's table listed it as FAIL with its
+    reason, and `dpo-kit report` over the sweep compared the other trials and said nothing of it."""
+    import yaml
+
+    import dpo_kit.run.runner as runner
+    from dpo_kit.evaluation.report import ReportError, incomplete_table, load_runs
+
+    fake = runner.run_pipeline
+
+    def pipeline(params, overrides, **kwargs):  # a run as the report reads it: manifest, params and metrics
+        run_dir = fake(params, overrides, **kwargs)
+        values = dict(o.split("=", 1) for o in overrides)
+        (run_dir / "manifest.json").write_text(json.dumps({"status": "completed", "stages": {}}))
+        (run_dir / "params.yaml").write_text(yaml.safe_dump({"run": {"name": run_dir.name},
+                                                             "dpo": {"beta": float(values["dpo.beta"])}}))
+        return run_dir
+
+    monkeypatch.setattr(runner, "run_pipeline", pipeline)
+    fail_before_the_run_directory(monkeypatch)
+    sweep_dir = run_sweep(TINY, grid=["dpo.beta=0.1,0.5,0.9"], overrides=[f"run.output_dir={tmp_path}"],
+                          project_dir=REPO, progress=False)
+    assert not (sweep_dir / "beta=0.5").exists()
+    comparison = load_runs([sweep_dir])
+    assert [run.name for run in comparison.runs] == ["beta=0.1", "beta=0.9"]
+    (failed,) = comparison.incomplete
+    (number,) = [r["trial"] for r in trial_rows(sweep_dir) if r["state"] == "FAIL"]
+    assert failed.name == "beta=0.5", failed
+    assert failed.incomplete.startswith(f"trial {number} of the sweep failed before its run was made (no run"
+                                        f" directory): {MULTI_LINE_ERROR}"), failed.incomplete
+    assert str(sweep_dir / "trial_notes" / f"beta=0.5.trial-{number}.txt") in failed.incomplete
+    assert "1 incomplete, left out" in comparison.summary()
+    assert "CUDA out of memory" in incomplete_table(comparison).to_html()
+    # Every trial failed so: the report names them, not "no runs in it".
+    fail_before_the_run_directory(monkeypatch, beta="0.2")
+    sweep_dir = run_sweep(TINY, grid=["dpo.beta=0.2"], overrides=[f"run.output_dir={tmp_path}"], name="all-failed",
+                          project_dir=REPO, progress=False)
+    with pytest.raises(ReportError, match=r"no complete run to compare.*beta=0.2: trial 0 of the sweep failed before"):
+        load_runs([sweep_dir])
+
+
 @pytest.mark.filterwarnings("ignore:Trial 0 failed")
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_a_restarted_random_search_draws_new_points_not_the_first_ones_again(tmp_path, fake_trials, sampler):

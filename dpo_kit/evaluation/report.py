@@ -19,7 +19,8 @@ against its KL to the reference, one point per run, labelled by beta and loss ty
 
 Run directories are found one level deep: a path holding manifest.json is a run; any other directory is
 searched for sub-directories holding one (a sweep directory holds one run per trial). A run without
-metrics.json is listed as incomplete, with the reason, and left out of every table and figure.
+metrics.json is listed as incomplete, with the reason, and left out of every table and figure; so is a sweep's
+trial that failed before its run was made (it has no run directory: its error is read from the sweep's trial_notes/).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dpo_kit.judges import judge_label
 from dpo_kit.params import PLACE_ONLY_KEYS
 
 METRICS_FILE = "metrics.json"  # as dpo_kit.evaluation.evaluate writes it (not imported: that pulls in TRL)
+TRIAL_NOTES = "trial_notes"  # a sweep's failed trials' errors, as dpo_kit.run.sweep writes them (trial_note_path)
 BEST_OF_N = (1, 2, 4, 8, 16)
 # Params the params table leaves out: where a run happens (equal runs differ in them), and where its curves were
 # logged (a run sent to wandb computes the same numbers as one that was not).
@@ -129,7 +131,7 @@ def find_run_dirs(paths: list[str | Path] | str | Path, project_dir: str | Path 
             raise ReportError(f"{path}: not a directory; pass a sweep directory or run directories")
         runs = sorted(child for child in path.iterdir()
                       if (child / "manifest.json").is_file() and ".archived-" not in child.name)  # fmt: skip
-        if not runs:
+        if not runs and not failed_trials(path):
             raise ReportError(
                 f"{path}: no runs in it: neither it nor any directory directly under it holds a manifest.json. Pass a"
                 " sweep directory (one run directory per trial), a directory of runs such as runs/, or run directories"
@@ -141,6 +143,30 @@ def find_run_dirs(paths: list[str | Path] | str | Path, project_dir: str | Path 
     for path in found:
         unique.setdefault(path.resolve(), path)
     return list(unique.values()), searched
+
+
+def failed_trials(directory: Path) -> list[RunRecord]:
+    """The trials of the sweep in `directory` that failed before their run was made (a combination the params refuse,
+    drawn by a random search; a run refused before its first stage), each as an incomplete run with its error. They
+    have no run directory holding a manifest.json, so the report did not know of them: a sweep's table listed a trial
+    that its report left out without a word. Read from <sweep>/trial_notes/<run dir>.trial-<number>.txt, the newest
+    trial of each point; a point whose run directory holds a run is read from there."""
+    notes = directory / TRIAL_NOTES
+    if not notes.is_dir():
+        return []
+    newest: dict[str, tuple[int, Path]] = {}
+    for path in notes.glob("*.txt"):
+        name, separator, number = path.stem.rpartition(".trial-")
+        if separator and number.isdigit() and int(number) >= newest.get(name, (-1, path))[0]:
+            newest[name] = (int(number), path)
+    records = []
+    for name, (number, path) in sorted(newest.items()):
+        if (directory / name / "manifest.json").is_file():
+            continue
+        note = path.read_text(encoding="utf-8", errors="replace").strip()
+        records.append(RunRecord(name=name, path=directory / name, incomplete=(
+            f"trial {number} of the sweep failed before its run was made (no run directory): {note} (in full: {path})")))
+    return records
 
 
 def distinct_names(records: list[RunRecord]) -> None:
@@ -200,6 +226,8 @@ def load_runs(paths: list[str | Path] | str | Path, project_dir: str | Path = ".
     """Find and read the runs; raises ReportError when fewer than one run is complete or the judges differ."""
     run_dirs, searched = find_run_dirs(paths, project_dir)
     records = [read_run(path) for path in run_dirs]
+    sweeps = {path.resolve(): path for path in searched if path.is_dir() and not (path / "manifest.json").is_file()}
+    records += [record for path in sweeps.values() for record in failed_trials(path)]
     distinct_names(records)
     complete = [run for run in records if run.incomplete is None]
     incomplete = [run for run in records if run.incomplete is not None]
