@@ -548,10 +548,10 @@ class Sweep:
             except (RunError, ParamsError) as error:
                 if isinstance(error, RunInterrupted):
                     raise
-                # validate_points reads each swept value alone, so a combination (dpo.max_steps=6 with
-                # dpo.logging_steps=30) is first refused here: it is this point's failure, recorded on the trial,
-                # and the other points still run. Raised as itself, it ended the sweep with a traceback and a
-                # failed trial that gave no reason.
+                # A grid's points were all read before the sweep started (refuse_bad_combinations); a point that a
+                # random or TPE search draws is read first here, and a combination (dpo.max_steps=6 with
+                # dpo.logging_steps=30) is this point's failure, recorded on the trial, and the other points still
+                # run. Raised as itself, it ended the sweep with a traceback and a failed trial that gave no reason.
                 self.record_error(trial, name, str(error))
                 raise TrialFailed(f"trial {trial.number} ({name}): {error}") from None
             shared, format_claim = share_format_stage(self.sweep_dir, run_dir, resolved["params"], self.project,
