@@ -358,6 +358,31 @@ def test_a_continuation_is_cut_when_it_ends_without_an_eos():
     assert was_cut([5, 6, 8], eos) and was_cut([], eos)
 
 
+def test_a_character_max_new_tokens_cut_in_two_leaves_no_replacement_character():
+    """max_new_tokens may stop inside a character of several bytes; the byte-level tokenizer decodes its first bytes as
+    U+FFFD, and that stray character was judged and written to samples.jsonl and generations.jsonl. Only the cut's
+    trailing run goes: one before an eos, or mid-text, was decoded from what the model ended or went on from."""
+    from dpo_kit.models.sampling import response_text
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    eos = {tokenizer.eos_token_id}
+    whole = tokenizer(" great \u2615", add_special_tokens=False)["input_ids"]  # a hot beverage: three bytes
+    cut = whole[:-1]
+    assert tokenizer.decode(cut).endswith("\ufffd"), "the cup's bytes are tokens of their own, and the cut splits them"
+    new_turn = [{"role": "user", "content": "Review it."}]
+    prefill = [*new_turn, {"role": "assistant", "content": "It was"}]
+    assert response_text(tokenizer, cut, new_turn, eos) == "great"
+    assert response_text(tokenizer, cut, prefill, eos) == " great"
+    assert response_text(tokenizer, cut, "a standard prompt", eos) == " great"
+    assert response_text(tokenizer, whole, new_turn, eos) == "great \u2615", "a whole character stays"
+    ended = response_text(tokenizer, [*cut, tokenizer.eos_token_id], new_turn, eos)
+    assert ended == tokenizer.decode(cut).strip() and ended.endswith("\ufffd"), "the model ended it there"
+    went_on = [*cut, *tokenizer(" fun", add_special_tokens=False)["input_ids"]]
+    assert response_text(tokenizer, went_on, new_turn, eos) == tokenizer.decode(went_on).strip()
+    assert "\ufffd" in tokenizer.decode(went_on), "mid-text, it stays"
+
+
 def test_cut_responses_counts_the_samples_and_the_kept_pairs_responses():
     rows = [
         {"prompt": "a", "samples": ["x", "y", "z"], "scores": [0.1, 0.9, -0.5], "cut": [False, True, True]},
@@ -627,19 +652,20 @@ def test_a_prefilled_prompt_is_sampled_and_trained_as_one_continued_reply(tiny_m
     assert sorted(pair["prompt"] for pair in pairs) == [rendered, render_prompt(tokenizer, other)]
     for pair in pairs:
         assert pair["chosen"] in samples[0]["samples"] + samples[1]["samples"]
-    # Whatever the tiny model sampled is kept as decoded: only trailing whitespace goes.
+    # Whatever the tiny model sampled is kept as decoded: only trailing whitespace goes (and a cut character's U+FFFD).
     assert all(text == text.rstrip() for row in samples for text in row["samples"])
 
 
 def test_a_continuation_keeps_its_leading_space_and_a_new_turn_is_stripped():
-    from dpo_kit.data.on_policy import response_text
+    from dpo_kit.models.sampling import response_text
     from dpo_kit.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     ids = tokenizer(" great fun \n")["input_ids"]
     prefill = [{"role": "user", "content": "Review it."}, {"role": "assistant", "content": "It was"}]
-    assert response_text(tokenizer, ids, prefill) == " great fun"
-    assert response_text(tokenizer, ids, prefill[:1]) == "great fun"
+    eos = {tokenizer.eos_token_id}
+    assert response_text(tokenizer, ids, prefill, eos) == " great fun"
+    assert response_text(tokenizer, ids, prefill[:1], eos) == "great fun"
 
 
 def iterative_prompts_file(path: Path, *first: str) -> Path:

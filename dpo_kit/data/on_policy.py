@@ -39,7 +39,6 @@ import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpo_kit.chat_templates import ends_with_prefill
 from dpo_kit.data.drops import DropRow, row_name
 from dpo_kit.data.formats import checked_messages, present_columns
 from dpo_kit.params import BUNDLED_PROMPT_SETS, Params, missing_sampler_directory, sampler_is_local
@@ -251,7 +250,7 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
     """
     from dpo_kit.judges import make_judge
     from dpo_kit.models.loading import free_memory, load_causal_lm
-    from dpo_kit.models.sampling import eos_token_ids, prompt_token_ids, sample_continuations, was_cut
+    from dpo_kit.models.sampling import eos_token_ids, prompt_token_ids, response_text, sample_continuations, was_cut
 
     settings = params.data.generate
     rows, lines = prompt_rows_and_lines(params, project_dir)
@@ -318,7 +317,7 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
     floored = getattr(judge, "floored", None)  # a judge with a length floor says which scores it set
     truncated = getattr(judge, "truncated", None)  # a reward model says which texts it cut to the length it reads
     for (index, messages), ids in zip(usable.items(), samples_ids, strict=True):
-        texts = [response_text(tokenizer, one, messages) for one in ids]
+        texts = [response_text(tokenizer, one, messages, eos_ids) for one in ids]
         scores = judge.score([messages] * len(texts), texts)
         scored[index] = {"prompt": messages, "samples": texts, "scores": scores,
                          "cut": [was_cut(one, eos_ids) for one in ids]}  # fmt: skip
@@ -329,13 +328,6 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
     for index, drop in not_sampled.items():
         scored[index] = {"prompt": as_messages(rows[index]), NOT_SAMPLED: {"reason": drop.reason, "detail": drop.detail}}
     return scored
-
-
-def response_text(tokenizer, ids: list[int], messages: list[dict]) -> str:
-    """A sampled response as text. A continued prefill keeps its leading space ("was" + " great"), since the
-    pair's prompt and response are joined as text; a new assistant turn is stripped."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    return text.rstrip() if ends_with_prefill(messages) else text.strip()
 
 
 def best_and_worst(scores: list[float]) -> tuple[int, int]:

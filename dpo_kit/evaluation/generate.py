@@ -12,11 +12,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dpo_kit.chat_templates import ends_with_prefill
 from dpo_kit.data.on_policy import HELD_OUT_PROMPTS, prompt_key
 from dpo_kit.judges import Prompt, judge_name, make_judge
 from dpo_kit.models.loading import free_memory, load_causal_lm, load_tokenizer, model_source
-from dpo_kit.models.sampling import prompt_token_ids, sample_continuations
+from dpo_kit.models.sampling import eos_token_ids, prompt_token_ids, response_text, sample_continuations
 from dpo_kit.params import Params
 
 if TYPE_CHECKING:
@@ -85,14 +84,6 @@ def display_prompt(prompt: Prompt, tokenizer=None) -> str:
     return f"{user} → {prompt[-1]['content']}…" if prompt[-1]["role"] == "assistant" else user
 
 
-def response_text(tokenizer, ids: list[int], prompt: Prompt) -> str:
-    """A generated response as text. One that continues its prompt's text keeps its leading space: a standard-format
-    prompt (TRL joins it and the response as text) or an assistant prefill, as the format stage keeps it in the pairs
-    ("...this film, I" + " was"). A new assistant turn is stripped."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    return text.rstrip() if isinstance(prompt, str) or ends_with_prefill(prompt) else text.strip()
-
-
 def generate_continuations(
     source: str,
     params: Params,
@@ -100,9 +91,10 @@ def generate_continuations(
     prompts_ids: list[list[int]],
     description: str | None = None,
     best_of_n: int = 0,
-) -> tuple[list[list[int]], list[list[list[int]]]]:
+) -> tuple[list[list[int]], list[list[list[int]]], set[int]]:
     """Load the model at `source` and generate one continuation per prompt with the `generate` settings; with
-    `best_of_n`, also that many more per prompt from the same model (else an empty list)."""
+    `best_of_n`, also that many more per prompt from the same model (else an empty list). Also the model's eos ids,
+    which tell a continuation max_new_tokens cut (`response_text`)."""
     settings = params.generate
     model = load_causal_lm(source, params).eval()
 
@@ -125,7 +117,7 @@ def generate_continuations(
     continuations = [one for (one,) in sample(1, description, params.run.seed)]
     # Drawn after, from their own seed, so the side-by-side responses are the same with and without them.
     extra = sample(best_of_n, description and f"{description}, best-of-{best_of_n}", params.run.seed + 1) if best_of_n else []
-    return continuations, extra
+    return continuations, extra, eos_token_ids(model, tokenizer)
 
 
 def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str | Path = ".") -> pandas.DataFrame:
@@ -146,17 +138,17 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
 
     # One model in memory at a time: each is dropped when generate_continuations returns.
     best_of_n = params.generate.best_of_n
-    reference_ids, reference_samples_ids = generate_continuations(
+    reference_ids, reference_samples_ids, reference_eos = generate_continuations(
         reference_source, params, tokenizer, prompts_ids, "reference", best_of_n
     )
     free_memory()
-    policy_ids, _ = generate_continuations(policy_source, params, tokenizer, prompts_ids, "policy (DPO)")
+    policy_ids, _, policy_eos = generate_continuations(policy_source, params, tokenizer, prompts_ids, "policy (DPO)")
     free_memory()
 
     # A reward-model judge reads a standard prompt and its response joined as text: stripped, "...this film, I" and
     # " was great" read "...this film, Iwas great", a text the format stage's pairs never held.
-    references = [response_text(tokenizer, ids, prompt) for ids, prompt in zip(reference_ids, prompts, strict=True)]
-    policies = [response_text(tokenizer, ids, prompt) for ids, prompt in zip(policy_ids, prompts, strict=True)]
+    references = [response_text(tokenizer, ids, prompt, reference_eos) for ids, prompt in zip(reference_ids, prompts, strict=True)]
+    policies = [response_text(tokenizer, ids, prompt, policy_eos) for ids, prompt in zip(policy_ids, prompts, strict=True)]
     # Scored here, once, so the table shows the judge's verdicts. Each record names its judge: the evaluate stage
     # reads these scores only while evaluate.judge is still that judge (it is not one of this stage's inputs).
     judge, judged_by = make_judge(params, project_dir), judge_name(params.evaluate)
@@ -169,7 +161,7 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
                  for reference, policy in zip(truncated(prompts, references), truncated(prompts, policies), strict=True)
                  ] if truncated else [{} for _ in prompts]  # fmt: skip
     if best_of_n:
-        samples = [[response_text(tokenizer, ids, prompt) for ids in per_prompt]
+        samples = [[response_text(tokenizer, ids, prompt, reference_eos) for ids in per_prompt]
                    for per_prompt, prompt in zip(reference_samples_ids, prompts, strict=True)]
         repeated, flat = [p for p in prompts for _ in range(best_of_n)], [t for texts in samples for t in texts]
         scores = judge.score(repeated, flat)

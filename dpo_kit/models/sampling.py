@@ -8,7 +8,7 @@ A prompt is a list of chat messages (conversational format) or an already render
 
 from __future__ import annotations
 
-from dpo_kit.chat_templates import render_prompt
+from dpo_kit.chat_templates import ends_with_prefill, render_prompt
 from dpo_kit.models.loading import device_of
 from dpo_kit.params import DEFAULT_TOP_K
 
@@ -40,6 +40,24 @@ def was_cut(ids: list[int], eos_ids: set[int]) -> bool:
     """A continuation (as `sample_continuations` returns it) that ends without an eos: max_new_tokens stopped it
     before the model ended it."""
     return not ids or ids[-1] not in eos_ids
+
+
+def response_text(tokenizer, ids: list[int], prompt: str | list[dict], eos_ids: set[int]) -> str:
+    """A continuation (as `sample_continuations` returns it) as text, for the format stage's samples and the generate
+    stage's responses alike. One that continues its prompt's text keeps its leading space: a standard-format prompt
+    (TRL joins it and the response as text) or an assistant prefill, as the pairs keep it ("...this film, I" + " was").
+    A new assistant turn is stripped.
+
+    A continuation that max_new_tokens cut (`was_cut`) may stop inside a character several bytes long, and a byte-level
+    tokenizer decodes the part it has as U+FFFD: the judge scored, and samples.jsonl and the tables showed, a stray
+    replacement character the model never wrote in full. Its trailing run of them goes, as a streaming decoder
+    (tokenizers' DecodeStream, vLLM) holds such a tail back until the character completes; one mid-text, or before
+    an eos, stays, since the cut did not make it. The token ids and their counts are the ones generated, untouched.
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if was_cut(ids, eos_ids):
+        text = text.rstrip("\ufffd")
+    return text.rstrip() if isinstance(prompt, str) or ends_with_prefill(prompt) else text.strip()
 
 
 def _up_to_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
