@@ -18,13 +18,14 @@ import typing
 from collections.abc import Hashable
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -152,6 +153,42 @@ def bool_where_number(hint: Any, value: Any) -> str | None:
 BOOL_IS_NO_NUMBER = "a boolean is not read as a number here (pydantic would take true as 1, false as 0); write the number"
 
 
+def strict_booleans(hint: Any) -> Any:
+    """`hint` with every bool in it (alone, in a union, in a list or a dict's values) taking only True and False."""
+    if hint is bool:
+        return Annotated[bool, Strict()]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if not args or origin in (Literal, Annotated):
+        return hint
+    strict = tuple(strict_booleans(arg) for arg in args)
+    if strict == args:
+        return hint
+    return typing.Union[strict] if origin in (typing.Union, UnionType) else origin[strict]  # noqa: UP007
+
+
+@functools.cache
+def _strict_boolean_adapter(hint: Any) -> TypeAdapter:
+    return TypeAdapter(strict_booleans(hint))
+
+
+def not_a_boolean(hint: Any, value: Any) -> bool:
+    """Whether `value` is no boolean (1, 0, 'yes', 'off', 'true' in quotes, null) where `hint` takes a boolean and
+    none of its other types takes the value. pydantic's lax mode reads 1, 'yes', 'on' and 'true' as True and 0, 'no',
+    'off' and 'false' as False in a bool field, so `lora.enabled: 0` (meant as a count, or a slip) switched LoRA off
+    without a word, and `--set lora.enabled=no` read as YAML 1.2 text was taken as false all the same. A text a union
+    takes as text stays text (`dpo.include_num_input_tokens_seen: all`)."""
+    if strict_booleans(hint) is hint:
+        return False
+    try:
+        _strict_boolean_adapter(hint).validate_python(value)
+    except ValidationError as error:
+        return any(e["type"] == "bool_type" for e in error.errors())
+    return False
+
+
+NOT_A_BOOLEAN = "only true and false are booleans here (pydantic would take 1, 0, yes, no, on, off and 'true' as one)"
+
+
 def _shown(value: Any) -> str:
     """A refused value as it was written in YAML: true/false, not Python's True/False."""
     return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
@@ -162,10 +199,12 @@ class Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_for_a_number(cls, value: Any, info) -> Any:
+    def _booleans_and_numbers_apart(cls, value: Any, info) -> Any:
         expected = bool_where_number(cls.model_fields[info.field_name].annotation, value)
         if expected:
             raise ValueError(f"expected {expected}, got {_shown(value)}: {BOOL_IS_NO_NUMBER}")
+        if not_a_boolean(cls.model_fields[info.field_name].annotation, value):
+            raise ValueError(f"expected true or false, got {_shown(value)}: {NOT_A_BOOLEAN}")
         return value
 
 
@@ -856,6 +895,11 @@ def validate_dpo_section(section: dict[str, Any]) -> dict[str, Any]:
                 f"dpo.{key}: expected {expected} ({_type_name(types[key])}, the type of DPOConfig.{key}), got"
                 f" {_shown(value)}: {BOOL_IS_NO_NUMBER}"
             )
+        if not_a_boolean(types[key], value):
+            raise ValueError(
+                f"dpo.{key}: expected true or false ({_type_name(types[key])}, the type of DPOConfig.{key}), got"
+                f" {_shown(value)}: {NOT_A_BOOLEAN}"
+            )
         try:
             checked[key] = TypeAdapter(types[key]).validate_python(value)
         except ValidationError as error:
@@ -973,8 +1017,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 # Only true and false are booleans (YAML 1.2), not YAML 1.1's yes/no/on/off: TrainingArguments' strategies take "no",
-# and `--set dpo.save_strategy=no` (or `eval_strategy: no` in a file) read as False was refused as "got False". The kit's
-# own bool fields still take yes/no/on/off, which pydantic reads as booleans.
+# and `--set dpo.save_strategy=no` (or `eval_strategy: no` in a file) read as False was refused as "got False". A bool
+# field, the kit's or DPOConfig's, refuses yes/no/on/off (and 1, 0) by name (`not_a_boolean`) rather than read them.
 # Likewise YAML 1.1's octal, sexagesimal and timestamp readings are left out, as YAML 1.2 leaves them out: a leading
 # zero made octal (`--set model.revision=0123` was refused as "got 83", `dpo.save_steps: 010` saved every 8 steps),
 # `1:30` read as 90 and `run.name: 2024-12-07` as a date. Such a value is text, which an int or float field still

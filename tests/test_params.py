@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from dpo_kit.params import ParamsError, check_local_files, load_params, parse_params, read_yaml, save_params
 
@@ -737,9 +738,10 @@ def test_a_launch_config_or_gguf_file_that_is_not_there_is_refused_before_any_st
 
 def test_a_strategy_of_no_is_text_not_false(tmp_path):
     """TrainingArguments' strategies take "no": YAML 1.1 read `no` as False, and `--set dpo.save_strategy=no` was refused
-    as "expected IntervalStrategy | str, got False". Only true and false are booleans; yes/no still set a bool field."""
-    params = load_params(REPO / "params/tiny.yaml", ["dpo.save_strategy=no", "dpo.eval_strategy=no", "lora.enabled=yes",
-                                                     "generate.do_sample=off", "run.name=no"])  # fmt: skip
+    as "expected IntervalStrategy | str, got False". Only true and false are booleans (yes/no in a bool field: the test
+    below)."""
+    params = load_params(REPO / "params/tiny.yaml", ["dpo.save_strategy=no", "dpo.eval_strategy=no", "lora.enabled=true",
+                                                     "generate.do_sample=false", "run.name=no"])  # fmt: skip
     assert params.dpo["save_strategy"] == "no" and params.dpo["eval_strategy"] == "no"
     assert params.lora.enabled is True and params.generate.do_sample is False and params.run.name == "no"
     assert load_params(REPO / "params/tiny.yaml", ["lora.enabled=false", "dpo.bf16=true"]).dpo["bf16"] is True
@@ -749,6 +751,40 @@ def test_a_strategy_of_no_is_text_not_false(tmp_path):
     # What the run writes reads back the same (the dumper quotes 'no').
     save_params(params, tmp_path / "params.yaml")
     assert load_params(tmp_path / "params.yaml").dpo["save_strategy"] == "no"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("lora.enabled=1", "override lora.enabled: expected true or false, got 1"),
+    ("lora.enabled=0", "override lora.enabled: expected true or false, got 0"),
+    ("lora.enabled=yes", "override lora.enabled: expected true or false, got 'yes'"),
+    ("generate.do_sample=off", "override generate.do_sample: expected true or false, got 'off'"),
+    ("merge.private='true'", "override merge.private: expected true or false, got 'true'"),
+    ("data.generate.judge_trust_remote_code=1", "data.generate.judge_trust_remote_code: expected true or false, got 1"),
+    ("model.trust_remote_code=", "override model.trust_remote_code: expected true or false, got null"),
+    ("dpo.bf16=1", "override dpo.bf16: expected true or false (bool | None, the type of DPOConfig.bf16), got 1"),
+    ("dpo.gradient_checkpointing=no", "dpo.gradient_checkpointing: expected true or false (bool, the type of"),
+    ("dpo.liger_kernel_config={rope: 1}", "dpo.liger_kernel_config: expected true or false"),
+    ("lora.r=2.5", "override lora.r: Input should be a valid integer, got a number with a fractional part (got 2.5)"),
+    ("dpo.max_steps=2.5", "override dpo.max_steps: expected int (the type of DPOConfig.max_steps), got 2.5"),
+])  # fmt: skip
+def test_only_true_and_false_set_a_boolean_and_only_whole_numbers_an_integer(override, expected):
+    """pydantic's lax mode read 1, 0, yes, no, on, off and a quoted 'true' as booleans, so `lora.enabled: 0` switched
+    LoRA off without a word; a bool key, the kit's or DPOConfig's, now refuses them naming the key and true/false."""
+    with pytest.raises(ParamsError, match=re.escape(expected)):
+        load_params(REPO / "params/tiny.yaml", [override])
+
+
+def test_a_boolean_written_1_in_a_file_is_refused_and_true_false_still_read(tmp_path):
+    path = tmp_path / "one.yaml"
+    path.write_text((REPO / "params/tiny.yaml").read_text().replace("lora:\n", "lora:\n  enabled: 1\n"))
+    with pytest.raises(ParamsError, match=f"{re.escape(str(path))}: lora.enabled: expected true or false, got 1: only"):
+        load_params(path)
+    params = load_params(REPO / "params/tiny.yaml", ["lora.enabled=false", "dpo.bf16=null", "data.deduplicate=false",
+                                                     "dpo.include_num_input_tokens_seen=all", "dpo.beta=1"])  # fmt: skip
+    assert params.lora.enabled is False and params.data.deduplicate is False and params.dpo["bf16"] is None
+    assert params.dpo["include_num_input_tokens_seen"] == "all" and params.dpo["beta"] == 1.0
+    with pytest.raises(ValidationError, match="lora.enabled|expected true or false"):
+        params.lora.enabled = 1  # assignment is checked as loading is (validate_assignment)
 
 
 def test_every_params_field_has_help_text():
@@ -904,7 +940,7 @@ def test_numbers_still_read_where_booleans_are_refused(tmp_path):
     params = load_params(REPO / "params/tiny.yaml", ["lora.r=32", "lora.alpha='16'", "dpo.beta=1", "dpo.learning_rate=1e-4",
                                                      "dpo.max_steps=40.0", "generate.temperature=1", "data.max_length=null",
                                                      "dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1, 0.5]",
-                                                     "lora.enabled=yes", "dpo.bf16=false"])  # fmt: skip
+                                                     "lora.enabled=true", "dpo.bf16=false"])  # fmt: skip
     assert (params.lora.r, params.lora.alpha, params.generate.temperature, params.data.max_length) == (32, 16, 1.0, None)
     assert params.dpo["beta"] == 1.0 and params.dpo["learning_rate"] == 1e-4 and params.dpo["max_steps"] == 40
     assert params.dpo["loss_weights"] == [1.0, 0.5] and params.lora.enabled is True and params.dpo["bf16"] is False
