@@ -91,3 +91,52 @@ def test_a_launch_this_machine_cannot_make_is_refused_when_the_params_are_read(t
     err = capsys.readouterr().err
     assert "shards the model over GPUs (FSDP)" in err and "Traceback" not in err, err
     assert not any(tmp_path.iterdir()), "no stage ran"
+
+
+CANARY = "canary-secret-value-for-the-test-0123"  # an HF_TOKEN that no message may show
+PUSH = ["merge.push_to_hub=true", "merge.hub_model_id=someone/tiny-dpo"]
+
+
+@pytest.mark.parametrize(("overrides", "environment", "problem"), [
+    (PUSH, {"WANDB_API_KEY": CANARY}, "merge.push_to_hub is true but HF_TOKEN is not set in the environment"),
+    (PUSH, {"HF_TOKEN": CANARY, "HF_HUB_OFFLINE": "1"},
+     "merge.push_to_hub is true, and HF_HUB_OFFLINE is set, so the push to someone/tiny-dpo would fail"),
+    (["tracking.report_to=wandb"], {"HF_TOKEN": CANARY},
+     "tracking.report_to names wandb, which logs online (WANDB_MODE='online'), but WANDB_API_KEY is not set"),
+    (["model.name_or_path=someone/model", "model.build_tiny_model=false"], {"HF_TOKEN": CANARY, "HF_HUB_OFFLINE": "1"},
+     "model.name_or_path: 'someone/model' at revision main: no config.json for it in the Hugging Face cache"),
+])  # fmt: skip
+def test_validate_refuses_what_run_refuses_before_its_first_stage(overrides, environment, problem, tmp_path, monkeypatch,
+                                                                  capsys):
+    """`dpo-kit validate` called params valid that `dpo-kit run` refused at once, before its first stage, for what the
+    environment lacks: HF_TOKEN (or a hub not offline) for merge.push_to_hub, WANDB_API_KEY for wandb online. Both
+    now make the same checks (validate for a fresh run of every stage), and neither shows a secret's value."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "WANDB_MODE", "HF_HUB_OFFLINE",
+                 "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache, and no stored login
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    runs = tmp_path / "runs"
+    sets = [a for o in [f"run.output_dir={runs}", *overrides] for a in ("--set", o)]
+    assert main(["validate", str(TINY), *sets]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dpo-kit validate: ") and problem in err, err
+    assert "`dpo-kit run` would refuse it before its first stage" in err, err
+    assert CANARY not in err and "Traceback" not in err
+    assert main(["run", str(TINY), *sets, "--quiet", "--isolate-stages"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dpo-kit run: ") and problem in err and "Nothing was run" in err and CANARY not in err, err
+    assert not runs.exists(), "no stage ran"
+
+
+def test_validate_passes_what_the_environment_gives(tmp_path, monkeypatch, capsys):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # wandb kept local needs no key
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    sets = [a for o in [*PUSH, "tracking.report_to=wandb"] for a in ("--set", o)]
+    assert main(["validate", str(TINY), *sets]) == 0
+    out, err = capsys.readouterr()
+    assert "valid" in out and err == "" and CANARY not in out

@@ -73,18 +73,24 @@ def _sweep(args) -> int:
 
 
 def _validate(args) -> int:
+    from pathlib import Path
+
     from dpo_kit.hardware import choose_hardware
-    from dpo_kit.models.hub_cache import check_offline_cache
-    from dpo_kit.params import check_local_files, load_params
+    from dpo_kit.manifest import STAGES
+    from dpo_kit.params import check_local_files, load_params, params_to_dict
+    from dpo_kit.run.runner import RunError, refuse_what_the_environment_lacks
     from dpo_kit.run.stage import run_dir_for
     from dpo_kit.training.train import refuse_training_this_machine_cannot_do
 
     try:
         params = load_params(args.params, args.set)
         check_local_files(params)
-        check_offline_cache(params)
+        # What `dpo-kit run` refuses before its first stage (a token, a wandb key, the offline cache), for a fresh run
+        # of every stage: a run with --stages or --resume asks only for what its stages still to run need.
+        refuse_what_the_environment_lacks(params_to_dict(params), Path(".").resolve(), list(STAGES),
+                                          outcome="`dpo-kit run` would refuse it before its first stage")
         refuse_training_this_machine_cannot_do(params, ".", choose_hardware())
-    except ParamsError as error:
+    except (ParamsError, RunError) as error:
         print(f"dpo-kit validate: {error}", file=sys.stderr)
         return 1
     print(f"{args.params}: valid; run directory would be {run_dir_for(params, '.')}")

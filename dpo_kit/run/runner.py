@@ -282,6 +282,47 @@ def refuse_hub_ids_not_cached(params: dict[str, Any], project_dir: str, stages: 
     check_offline_cache(parse_params(params), project_dir, stages)
 
 
+def refuse_what_the_environment_lacks(params: dict[str, Any], project: Path, to_run: list[str],
+                                      outcome: str = "Nothing was run", kernel: SharedKernel | None = None) -> None:
+    """What `dpo-kit run` refuses before its first stage, for the stages still to run (`to_run`), and `dpo-kit validate`
+    for a fresh run (every stage), about what the environment must give them: HF_TOKEN, and a hub not offline, for
+    merge.push_to_hub (the merge stage pushes after training); WANDB_API_KEY for wandb online (the train stage logs,
+    and the evaluate stage's summary); and, offline, every hub model and dataset the stages load, in the local cache.
+    Each was found missing only by the stage that needs it, after the format stage (minutes of sampling) or after
+    training. `params` are resolved params (resolve_run's dict); the cache is looked in in `kernel` when there is one.
+    Raises RunError, the problem followed by `outcome`; a secret's value is never read into it, only its variable's
+    name."""
+    if "merge" in to_run:
+        try:
+            hub_token_for_push(params["merge"]["push_to_hub"])
+            offline = models_offline_variable()
+            if params["merge"]["push_to_hub"] and offline:  # the push would meet OfflineModeIsEnabled
+                raise RuntimeError(
+                    f"merge.push_to_hub is true, and {offline} is set, so the push to"
+                    f" {params['merge']['hub_model_id']} would fail. Unset {offline}, or set merge.push_to_hub:"
+                    " false and upload the run's merged/ later (`hf upload`)"
+                )
+        except RuntimeError as error:
+            raise RunError(f"{error}. {outcome}: the merge stage pushes after training") from None
+    # wandb logs from the train stage on (and the evaluate stage's summary): its key is asked for before the format
+    # stage, which may sample for minutes, not found missing after it.
+    if "train" in to_run or "evaluate" in to_run:
+        try:
+            wandb_key_for_online(params["tracking"]["report_to"])
+        except TrackerError as error:
+            raise RunError(f"{error}. {outcome}") from None
+    # Offline, a hub id missing from the cache failed the first stage that loaded it, after the format stage had
+    # worked for a while.
+    if models_offline_variable() or datasets_offline_variable():
+        try:
+            if kernel:
+                kernel.call("refuse_hub_ids_not_cached", params, str(project), to_run)
+            else:
+                refuse_hub_ids_not_cached(params, str(project), to_run)
+        except ParamsError as error:
+            raise RunError(f"{error}. {outcome}") from None
+
+
 def notebooks_dir(project_dir: Path) -> Path:
     """The stage notebooks: the project's own copy if it has one, else the kit's: the copy packaged in an
     installed wheel, or the checkout's notebooks/ (a checkout or an editable install)."""
@@ -506,37 +547,9 @@ def run_pipeline(
         # run (its merge has pushed), and --reuse-format's format stage reads no dataset.
         done = completed_stages(run_dir, stages) if resume else []
         to_run = [s for s in stages if s not in done and not (reuse_format and s == "format")]
-        # The push comes last in the merge stage, after training.
-        if "merge" in to_run:
-            try:
-                hub_token_for_push(params["merge"]["push_to_hub"])
-                offline = models_offline_variable()
-                if params["merge"]["push_to_hub"] and offline:  # the push would meet OfflineModeIsEnabled
-                    raise RuntimeError(
-                        f"merge.push_to_hub is true, and {offline} is set, so the push to"
-                        f" {params['merge']['hub_model_id']} would fail. Unset {offline}, or set merge.push_to_hub:"
-                        " false and upload the run's merged/ later (`hf upload`)"
-                    )
-            except RuntimeError as error:
-                raise RunError(f"{error}. Nothing was run: the merge stage pushes after training") from None
-        # wandb logs from the train stage on (and the evaluate stage's summary): its key is asked for before the
-        # format stage, which may sample for minutes, not found missing after it.
-        if "train" in to_run or "evaluate" in to_run:
-            try:
-                wandb_key_for_online(params["tracking"]["report_to"])
-            except TrackerError as error:
-                raise RunError(f"{error}. Nothing was run") from None
+        refuse_what_the_environment_lacks(params, project, to_run, kernel=kernel)
+        if "train" in to_run or "evaluate" in to_run:  # the mode a wandb settings file names, for every stage
             pin_wandb_mode(params["tracking"]["report_to"])
-        # Offline, a hub id missing from the cache failed the first stage that loaded it, after the format stage had
-        # worked for a while.
-        if models_offline_variable() or datasets_offline_variable():
-            try:
-                if kernel:
-                    kernel.call("refuse_hub_ids_not_cached", params, str(project), to_run)
-                else:
-                    refuse_hub_ids_not_cached(params, str(project), to_run)
-            except ParamsError as error:
-                raise RunError(f"{error}. Nothing was run") from None
         note = guard_existing_run(run_dir, stages, overwrite, resume, start_if_missing)
         if note and overwrite:  # the old run has been moved aside: said whatever follows
             print(f"dpo-kit: {note}")
