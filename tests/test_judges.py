@@ -358,6 +358,35 @@ def test_a_reward_model_whose_tokenizer_has_no_limit_reads_up_to_its_position_em
         assert score == pytest.approx(model(input_ids=torch.tensor([ids[-64:]])).logits[0, 0].item(), abs=1e-5)
 
 
+def test_a_reward_model_reads_no_more_than_its_position_embeddings_whatever_its_tokenizer_says(tmp_path):
+    """A tokenizer whose model_max_length (512) is above the model's own n_positions (64) was trusted: a text of 100
+    tokens was not cut, and GPT-2 failed with an index error past its 64 position embeddings."""
+    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, num_labels=1,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    judge = RewardModelJudge(str(with_model_max_length(tmp_path, 512)))
+    assert judge.max_length == 64
+    response = "Knead the dough for ten minutes."
+    with pytest.warns(UserWarning, match="1 of 2 prompts .* longer than the 64 tokens"):
+        long_score, short_score = judge.score([LONG_PROMPT, PROMPT], [response, response])
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    for prompt, score in ((LONG_PROMPT, long_score), (PROMPT, short_score)):
+        ids = judge.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
+                                                  return_dict=True)["input_ids"]  # fmt: skip
+        with torch.no_grad():
+            assert score == pytest.approx(model(input_ids=torch.tensor([ids[-64:]])).logits[0, 0].item(), abs=1e-5)
+    # The smaller of the two, whichever it is: a tokenizer that reads fewer tokens than the model is kept.
+    assert RewardModelJudge(str(with_model_max_length(tmp_path, 32))).max_length == 32
+
+
 def test_reward_model_judge_refuses_a_classifier_with_several_labels(tmp_path):
     path = build_reward_model(tmp_path / "two-labels", num_labels=2)
     with pytest.raises(ValueError, match="evaluate.judge '.*two-labels' has 2 labels; a reward model has 1"):

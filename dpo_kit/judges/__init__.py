@@ -172,8 +172,9 @@ class RewardModelJudge:
 
     With a chat template the prompt and response are rendered as a conversation; without one (e.g. the
     DeBERTa reward models) they are passed as a text pair, which is how those models were trained.
-    A text longer than the reward model reads (`max_length`: the tokenizer's model_max_length, else the model config's
-    max_position_embeddings or n_positions) loses the start of its prompt, so that the response is scored whole;
+    A text longer than the reward model reads (`max_length`: the smaller of the tokenizer's model_max_length and the
+    model config's max_position_embeddings or n_positions, whichever is set) loses the start of its prompt, so that
+    the response is scored whole;
     `score` warns how many were cut, `truncated` says which. A response that alone is longer is refused.
     """
 
@@ -222,14 +223,16 @@ class RewardModelJudge:
         self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self.batch_size = batch_size
         self.name, self.key = name_or_path, key
-        # transformers' sentinel for a tokenizer saved without a limit is 1e30; no model reads a billion tokens.
-        limit = self.tokenizer.model_max_length
-        if not (isinstance(limit, int) and limit < 10**9):
-            # Then nothing was cut, and a text past the position embeddings (GPT-2's n_positions) crashed inside the
-            # model with an index error: the model's own limit is the one a text must fit.
-            config = self.model.config
-            limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        self.max_length = limit if isinstance(limit, int) and 0 < limit < 10**9 else None
+        # The smaller of the tokenizer's limit and the model's own. A tokenizer saved without a limit (transformers'
+        # sentinel, 1e30) cut nothing, and one that claims more than the model's position embeddings (GPT-2's
+        # n_positions) was trusted: either way a longer text crashed inside the model with an index error, or, with
+        # rotary positions, was read at positions it never saw in training. No model reads a billion tokens, so a
+        # limit that large is the sentinel, not a limit.
+        config = self.model.config
+        limits = (self.tokenizer.model_max_length,
+                  getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None))  # fmt: skip
+        limits = [limit for limit in limits if isinstance(limit, int) and 0 < limit < 10**9]
+        self.max_length = min(limits) if limits else None
         # The classifier reads the last token that is not padding, so a text cut on the right (the tokenizer's default)
         # lost its response: after a prompt as long as the limit, an empty answer and a real one read the same tokens
         # and tied. Cut on the left, a text keeps its response and as much of the prompt's end as fits. The judge's
