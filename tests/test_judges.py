@@ -307,7 +307,7 @@ def test_a_prompt_longer_than_the_reward_model_reads_is_cut_from_its_start_keepi
         with torch.no_grad():
             expected = model(input_ids=torch.tensor([ids[-64:]])).logits[0, 0].item()
         assert score == pytest.approx(expected, abs=1e-5)
-    assert tokenizer.truncation_side == "right"  # the judge's own tokenizer was set, not how the directory loads
+    assert tokenizer.truncation_side == "right"  # the judge cuts texts itself; how the directory loads is unchanged
 
 
 def test_a_text_pair_reward_model_cuts_the_prompt_not_the_response(tmp_path):
@@ -356,6 +356,114 @@ def test_a_reward_model_whose_tokenizer_has_no_limit_reads_up_to_its_position_em
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert score == pytest.approx(model(input_ids=torch.tensor([ids[-64:]])).logits[0, 0].item(), abs=1e-5)
+
+
+def build_reward_model_with_bos(path, model_max_length=64):
+    """The tiny reward model behind a tokenizer whose chat template starts every text with a BOS, as Llama's and
+    Gemma's do."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    from dpo_kit.models.tiny import CHATML_TEMPLATE, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    tokenizer.chat_template = "{{ bos_token }}" + CHATML_TEMPLATE
+    tokenizer.model_max_length = model_max_length
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_prompt_cut_to_fit_keeps_the_bos_its_template_starts_with(tmp_path):
+    """Cut from the left, a long prompt lost the BOS the chat template starts every text with, so the reward model read
+    a text that began mid-prompt without the token it always saw first in training."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = build_reward_model_with_bos(tmp_path / "reward-model")
+    judge = RewardModelJudge(str(path), batch_size=3)
+    bos = judge.tokenizer.bos_token_id
+    responses = ["Knead the dough for ten minutes.", "Let it rise.", "Bake it."]
+    prompts = [LONG_PROMPT, PROMPT, LONG_PROMPT]
+    with pytest.warns(UserWarning, match="2 of 3 prompts"):
+        scores = judge.score(prompts, responses)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    for prompt, response, score in zip(prompts, responses, scores, strict=True):
+        ids = judge.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
+                                                  return_dict=True)["input_ids"]  # fmt: skip
+        assert ids[0] == bos
+        kept = ids if len(ids) <= 64 else [bos] + ids[-63:]  # the BOS, then the text's last 63 tokens
+        encoded = judge._encode([prompt], [response])["input_ids"][0].tolist()
+        assert encoded == kept
+        with torch.no_grad():
+            assert score == pytest.approx(model(input_ids=torch.tensor([kept])).logits[0, 0].item(), abs=1e-5)
+    assert judge.truncated(prompts, responses) == [True, False, True]
+
+
+def build_text_pair_reward_model(path, model_max_length=64):
+    """A BERT-shaped reward model without a chat template, whose tokenizer wraps a pair as [CLS] prompt [SEP] reply
+    [SEP] with token types, as the DeBERTa reward models' do."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"cls_token": "[CLS]", "sep_token": "[SEP]"})
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tokenizer.cls_token_id), ("[SEP]", tokenizer.sep_token_id)],
+    )  # fmt: skip
+    tokenizer.chat_template = None
+    tokenizer.model_max_length = model_max_length
+    tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, max_position_embeddings=128, num_labels=1,
+                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_texts_that_fit_are_read_as_the_tokenizer_encodes_them_and_a_pair_keeps_its_cls_when_cut(tmp_path):
+    """The judge cuts texts itself (to keep a BOS); texts that fit are encoded, padded and scored as the tokenizer
+    encodes them, as before, with and without a chat template. A long pair is cut as the tokenizer cuts its first
+    text from the left: [CLS], the prompt's end, [SEP], the reply, [SEP], with the token types alike."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows = bundled_preference_rows()[:4]
+    prompts = [row["prompt"] for row in rows]
+    responses = [row["chosen"][0]["content"] for row in rows[:3]] + ["No."]
+    for path in (build_reward_model_with_bos(tmp_path / "bos", 512), build_text_pair_reward_model(tmp_path / "pair", 512)):
+        judge = RewardModelJudge(str(path), batch_size=4)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "right"
+        if tokenizer.chat_template is None:
+            expected = tokenizer([prompt_text(p) for p in prompts], responses, padding=True, return_tensors="pt")
+        else:
+            texts = [tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+                     for p, r in zip(prompts, responses, strict=True)]  # fmt: skip
+            expected = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        encoded = judge._encode(prompts, responses)
+        assert sorted(encoded) == sorted(expected)
+        assert all(torch.equal(encoded[key], expected[key]) for key in expected)
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        with torch.no_grad():
+            assert judge.score(prompts, responses) == model(**expected).logits[:, 0].tolist()
+
+    judge = RewardModelJudge(str(build_text_pair_reward_model(tmp_path / "pair-64")))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "pair-64")
+    tokenizer.truncation_side, tokenizer.padding_side = "left", "right"
+    reply = "Knead the dough for ten minutes."
+    expected = tokenizer([prompt_text(LONG_PROMPT), prompt_text(PROMPT)], [reply, reply], truncation="only_first",
+                         max_length=64, padding=True, return_tensors="pt")  # fmt: skip
+    encoded = judge._encode([LONG_PROMPT, PROMPT], [reply, reply])
+    assert all(torch.equal(encoded[key], expected[key]) for key in expected)
+    assert encoded["input_ids"][0, 0] == tokenizer.cls_token_id and encoded["input_ids"].shape[1] == 64
+    assert judge.truncated([LONG_PROMPT, PROMPT], [reply, reply]) == [True, False]
 
 
 def test_a_reward_model_reads_no_more_than_its_position_embeddings_whatever_its_tokenizer_says(tmp_path):

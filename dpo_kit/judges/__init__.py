@@ -18,6 +18,7 @@ A prompt is what a TRL row holds: a list of chat messages (conversational format
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import os
@@ -173,8 +174,8 @@ class RewardModelJudge:
     With a chat template the prompt and response are rendered as a conversation; without one (e.g. the
     DeBERTa reward models) they are passed as a text pair, which is how those models were trained.
     A text longer than the reward model reads (`max_length`: the smaller of the tokenizer's model_max_length and the
-    model config's max_position_embeddings or n_positions, whichever is set) loses the start of its prompt, so that
-    the response is scored whole;
+    model config's max_position_embeddings or n_positions, whichever is set) loses the start of its prompt after its
+    opening BOS or CLS, so that the response is scored whole;
     `score` warns how many were cut, `truncated` says which. A response that alone is longer is refused.
     """
 
@@ -233,11 +234,14 @@ class RewardModelJudge:
                   getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None))  # fmt: skip
         limits = [limit for limit in limits if isinstance(limit, int) and 0 < limit < 10**9]
         self.max_length = min(limits) if limits else None
-        # The classifier reads the last token that is not padding, so a text cut on the right (the tokenizer's default)
-        # lost its response: after a prompt as long as the limit, an empty answer and a real one read the same tokens
-        # and tied. Cut on the left, a text keeps its response and as much of the prompt's end as fits. The judge's
-        # tokenizer is its own object, loaded above, so no other code sees this.
-        self.tokenizer.truncation_side = "left"
+        # The tokens that open a text rather than belong to its prompt: the BOS (which a chat template such as Llama's
+        # or Gemma's writes itself), a text pair's CLS, and whatever the tokenizer puts before any text. A text cut to
+        # fit keeps those it starts with: cut after the first token, it began mid-prompt without the token the reward
+        # model saw first in every text it was trained on. Not the template's turn openers (<|im_start|>): kept before
+        # the prompt's cut end, they would read as a turn whose role is whatever word the cut left first.
+        special = set(self.tokenizer.all_special_ids)
+        prefix = itertools.takewhile(special.__contains__, self.tokenizer("x", verbose=False)["input_ids"])
+        self.start_ids = {self.tokenizer.bos_token_id, self.tokenizer.cls_token_id, *prefix} - {None}
 
     def _texts(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> tuple[list, list[str]]:
         """What the reward model reads, per response: the rendered conversation, or (prompt, reply) as a text pair
@@ -261,12 +265,30 @@ class RewardModelJudge:
 
     def _tokenize(self, texts: list, **kwargs):
         if self.tokenizer.chat_template is None:
-            # Only the prompt is cut ("only_first"): the default cut the longer of the two, which could be the response.
-            if kwargs.get("truncation"):
-                kwargs["truncation"] = "only_first"
             return self.tokenizer([t[0] for t in texts], [t[1] for t in texts], **kwargs)
         # The template already wrote any BOS; adding special tokens again would double it.
         return self.tokenizer(texts, add_special_tokens=False, **kwargs)
+
+    def _leading(self, ids: list[int]) -> int:
+        """How many of the tokens `ids` starts with open a text (`start_ids`: BOS, CLS), which a cut keeps."""
+        return sum(1 for _ in itertools.takewhile(self.start_ids.__contains__, ids))
+
+    def _fit(self, encoding) -> list[bool]:
+        """Cuts, in place, each text of `encoding` (the tokenizer's unpadded output) longer than `max_length` tokens,
+        and says which it cut. The classifier reads the last token that is not padding, so a text cut at its end (the
+        tokenizer's default) lost its response: after a prompt as long as the limit, an empty answer and a real one
+        read the same tokens and tied. A cut text keeps its opening tokens (`_leading`), then as many of its last
+        tokens as fit: the response whole and the end of the prompt. Cut here rather than by the tokenizer, whose
+        left truncation drops the BOS a chat template wrote; a text pair's CLS, which the tokenizer adds after its cut,
+        is kept the same way, and only its prompt is cut (the tokenizer's default cut the longer of the two)."""
+        flags = [self.max_length is not None and len(ids) > self.max_length for ids in encoding["input_ids"]]
+        for index, cut in enumerate(flags):
+            if cut:
+                lead = self._leading(encoding["input_ids"][index])
+                for key in encoding:  # input_ids, attention_mask and a pair's token_type_ids, cut alike
+                    values = encoding[key][index]
+                    encoding[key][index] = values[:lead] + values[len(values) - (self.max_length - lead) :]
+        return flags
 
     def truncated(self, prompts: Sequence[Prompt], responses: Sequence[str], first_index: int = 0) -> list[bool]:
         """Whether each prompt and response together are longer than the reward model reads (`max_length` tokens), so
@@ -281,14 +303,16 @@ class RewardModelJudge:
         if self.max_length is None:
             return [False] * len(prompts)
         texts, replies = self._texts(prompts, responses)
-        lengths = [len(ids) for ids in self._tokenize(texts, verbose=False)["input_ids"]]
-        flags = [length > self.max_length for length in lengths]
+        all_ids = self._tokenize(texts, verbose=False)["input_ids"]
+        flags = [len(ids) > self.max_length for ids in all_ids]
         if any(flags):
-            # Around a pair the tokenizer adds its own tokens ([CLS] prompt [SEP] reply [SEP]); the template's markup
-            # around a reply may be cut, the reply's end (the token the classifier reads) is kept.
-            around = self.tokenizer.num_special_tokens_to_add(pair=True) if self.tokenizer.chat_template is None else 0
+            # Around a pair the tokenizer adds its own tokens ([CLS] prompt [SEP] reply [SEP]); a templated text keeps
+            # its opening tokens (BOS) before the reply. The template's markup around a reply may be cut, the reply's
+            # end (the token the classifier reads) is kept.
+            pair = self.tokenizer.chat_template is None
             reply_ids = self.tokenizer(replies, add_special_tokens=False, verbose=False)["input_ids"]
             for index, (flag, ids) in enumerate(zip(flags, reply_ids, strict=True)):
+                around = self.tokenizer.num_special_tokens_to_add(pair=True) if pair else self._leading(all_ids[index])
                 if flag and len(ids) + around > self.max_length:
                     # The responses the evaluation judges come from generate, the sampled pairs' from data.generate.
                     section = "data.generate" if self.key.startswith("data.") else "generate"
@@ -303,8 +327,9 @@ class RewardModelJudge:
 
     def _encode(self, prompts: Sequence[Prompt], responses: Sequence[str]):
         texts, _ = self._texts(prompts, responses)
-        limit = {"truncation": True, "max_length": self.max_length} if self.max_length is not None else {}
-        return self._tokenize(texts, padding=True, return_tensors="pt", **limit)
+        encoding = self._tokenize(texts, verbose=False)
+        self._fit(encoding)
+        return self.tokenizer.pad(encoding, return_tensors="pt", verbose=False)
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         import torch
