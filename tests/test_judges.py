@@ -495,6 +495,24 @@ def test_a_reward_model_reads_no_more_than_its_position_embeddings_whatever_its_
     assert RewardModelJudge(str(with_model_max_length(tmp_path, 32))).max_length == 32
 
 
+def test_a_reward_model_tokenizes_each_text_once_for_its_score_and_whether_it_cut_it(tmp_path, monkeypatch):
+    """score tokenized each batch twice (once to count what it cut, once to read it), and the stages that record which
+    texts it cut (judge_truncated) called truncated after it, a third time: one tokenization serves all three."""
+    from dpo_kit.judges import score_with_cuts
+
+    judge = RewardModelJudge(str(with_model_max_length(build_reward_model(tmp_path / "reward-model"), 64)), batch_size=2)
+    tokenize, batches = judge._tokenize, []
+    monkeypatch.setattr(judge, "_tokenize", lambda texts, **kwargs: batches.append(len(texts)) or tokenize(texts, **kwargs))
+    prompts, responses = [LONG_PROMPT, PROMPT, LONG_PROMPT], ["Knead the dough.", "Let it rise.", ""]
+    with pytest.warns(UserWarning, match="2 of 3 prompts"):
+        scores, cut = score_with_cuts(judge, prompts, responses)
+    assert batches == [2, 1] and cut == [True, False, True]
+    with pytest.warns(UserWarning, match="2 of 3 prompts"):
+        assert scores == judge.score(prompts, responses)
+    assert judge.truncated(prompts, responses) == cut
+    assert score_with_cuts(RuleJudge(), prompts, responses) == (RuleJudge().score(prompts, responses), None)
+
+
 def test_reward_model_judge_refuses_a_classifier_with_several_labels(tmp_path):
     path = build_reward_model(tmp_path / "two-labels", num_labels=2)
     with pytest.raises(ValueError, match="evaluate.judge '.*two-labels' has 2 labels; a reward model has 1"):

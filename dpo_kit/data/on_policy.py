@@ -248,7 +248,7 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
     A prompt that is not usable is passed through unsampled, so the audit drops it with its reason. So is one that
     could give no pair: a repeat, one the chat template refuses, or one longer alone than the audit's max_length.
     """
-    from dpo_kit.judges import make_judge
+    from dpo_kit.judges import make_judge, score_with_cuts
     from dpo_kit.models.loading import free_memory, load_causal_lm
     from dpo_kit.models.sampling import eos_token_ids, prompt_token_ids, response_text, sample_continuations, was_cut
 
@@ -315,16 +315,16 @@ def sample_scored_rows(params: Params, tokenizer, project_dir: str | Path = ".")
     judge = make_judge(params, project_dir, settings)
     scored = list(rows)
     floored = getattr(judge, "floored", None)  # a judge with a length floor says which scores it set
-    truncated = getattr(judge, "truncated", None)  # a reward model says which texts it cut to the length it reads
     for (index, messages), ids in zip(usable.items(), samples_ids, strict=True):
         texts = [response_text(tokenizer, one, messages, eos_ids) for one in ids]
-        scores = judge.score([messages] * len(texts), texts)
+        # A reward model says which texts it cut to the length it reads; the other judges cut none and say None.
+        scores, truncated = score_with_cuts(judge, [messages] * len(texts), texts)
         scored[index] = {"prompt": messages, "samples": texts, "scores": scores,
                          "cut": [was_cut(one, eos_ids) for one in ids]}  # fmt: skip
         if floored is not None:
             scored[index]["floored"] = [floored(text) for text in texts]
         if truncated is not None:
-            scored[index]["judge_truncated"] = truncated([messages] * len(texts), texts)
+            scored[index]["judge_truncated"] = truncated
     for index, drop in not_sampled.items():
         scored[index] = {"prompt": as_messages(rows[index]), NOT_SAMPLED: {"reason": drop.reason, "detail": drop.detail}}
     return scored

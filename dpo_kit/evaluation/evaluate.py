@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 
 from dpo_kit.evaluation.generate import GENERATIONS_FILE, read_jsonl
-from dpo_kit.judges import judge_name, make_judge, win_outcomes, win_rate_from_scores
+from dpo_kit.judges import judge_name, make_judge, score_with_cuts, win_outcomes, win_rate_from_scores
 from dpo_kit.models.loading import device_of, free_memory, load_causal_lm, load_tokenizer, model_source
 from dpo_kit.models.sampling import prompt_token_ids
 from dpo_kit.params import Params, dpo_config_defaults
@@ -342,9 +342,10 @@ def judge_scores(
     judge = make_judge(params, project_dir)
     prompts = [r["prompt"] for r in records]
     policies, references = [r["policy"] for r in records], [r["reference"] for r in records]
-    cut = getattr(judge, "truncated", None)
-    truncated = sum(cut(prompts, policies)) + sum(cut(prompts, references)) if cut else None
-    return judge.score(prompts, policies), judge.score(prompts, references), truncated
+    policy_scores, policy_cut = score_with_cuts(judge, prompts, policies)
+    reference_scores, reference_cut = score_with_cuts(judge, prompts, references)
+    truncated = sum(policy_cut) + sum(reference_cut) if policy_cut is not None else None
+    return policy_scores, reference_scores, truncated
 
 
 def win_rate_interval(outcomes: list[float], level: float = 0.95) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dpo_kit.data.on_policy import HELD_OUT_PROMPTS, prompt_key
-from dpo_kit.judges import Prompt, judge_name, make_judge
+from dpo_kit.judges import Prompt, judge_name, make_judge, score_with_cuts
 from dpo_kit.models.loading import free_memory, load_causal_lm, load_tokenizer, model_source
 from dpo_kit.models.sampling import eos_token_ids, prompt_token_ids, response_text, sample_continuations
 from dpo_kit.params import Params
@@ -152,20 +152,18 @@ def generate_comparisons(params: Params, run_dir: str | Path, project_dir: str |
     # Scored here, once, so the table shows the judge's verdicts. Each record names its judge: the evaluate stage
     # reads these scores only while evaluate.judge is still that judge (it is not one of this stage's inputs).
     judge, judged_by = make_judge(params, project_dir), judge_name(params.evaluate)
-    reference_scores = judge.score(prompts, references)
-    policy_scores = judge.score(prompts, policies)
     # A reward model says which texts it cut to the length it reads (the start of their prompt), so a record shows
     # when its score was of less than the whole prompt; the other judges cut nothing and record nothing.
-    truncated = getattr(judge, "truncated", None)
+    reference_scores, reference_cut = score_with_cuts(judge, prompts, references)
+    policy_scores, policy_cut = score_with_cuts(judge, prompts, policies)
     judge_cut = [{"reference_judge_truncated": reference, "policy_judge_truncated": policy}
-                 for reference, policy in zip(truncated(prompts, references), truncated(prompts, policies), strict=True)
-                 ] if truncated else [{} for _ in prompts]  # fmt: skip
+                 for reference, policy in zip(reference_cut, policy_cut, strict=True)
+                 ] if reference_cut is not None else [{} for _ in prompts]  # fmt: skip
     if best_of_n:
         samples = [[response_text(tokenizer, ids, prompt, reference_eos) for ids in per_prompt]
                    for per_prompt, prompt in zip(reference_samples_ids, prompts, strict=True)]
         repeated, flat = [p for p in prompts for _ in range(best_of_n)], [t for texts in samples for t in texts]
-        scores = judge.score(repeated, flat)
-        sample_cut = truncated(repeated, flat) if truncated else None
+        scores, sample_cut = score_with_cuts(judge, repeated, flat)
         write_jsonl(run_dir / REFERENCE_SAMPLES_FILE, [
             {"prompt": prompt, "judge": judged_by, "samples": texts,
              "scores": scores[i * best_of_n : (i + 1) * best_of_n], "tokens": [len(ids) for ids in per_prompt],

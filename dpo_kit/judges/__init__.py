@@ -176,7 +176,8 @@ class RewardModelJudge:
     A text longer than the reward model reads (`max_length`: the smaller of the tokenizer's model_max_length and the
     model config's max_position_embeddings or n_positions, whichever is set) loses the start of its prompt after its
     opening BOS or CLS, so that the response is scored whole;
-    `score` warns how many were cut, `truncated` says which. A response that alone is longer is refused.
+    `score` warns how many were cut, `truncated` (or `score_truncated`, while scoring) says which. A response that
+    alone is longer is refused.
     """
 
     def __init__(self, name_or_path: str, trust_remote_code: bool = False, batch_size: int = 8, dtype=None,
@@ -292,28 +293,34 @@ class RewardModelJudge:
 
     def truncated(self, prompts: Sequence[Prompt], responses: Sequence[str], first_index: int = 0) -> list[bool]:
         """Whether each prompt and response together are longer than the reward model reads (`max_length` tokens), so
-        that the start of the prompt is cut away before scoring. A response that alone is longer is refused, naming
-        its index (`first_index` is the index of the first in the caller's list) and its start: the index alone did
-        not say which sample of which prompt the on-policy source, which scores one prompt's samples at a time,
-        meant. No part of it could be cut without scoring another response than the one given."""
+        that the start of the prompt is cut away before scoring. A response that alone is longer is refused (see
+        `_prepare`). `score_truncated` says the same while scoring, from the same tokenization."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        if not prompts:
-            return []
-        if self.max_length is None:
+        if not prompts or self.max_length is None:
             return [False] * len(prompts)
+        return self._prepare(prompts, responses, first_index)[1]
+
+    def _prepare(self, prompts: Sequence[Prompt], responses: Sequence[str], first_index: int = 0) -> tuple[object, list[bool]]:
+        """The texts the reward model reads, tokenized once and cut to fit (`_fit`; unpadded), and which were cut.
+
+        A response that alone is longer than `max_length` is refused, naming its index (`first_index` is the index of
+        the first in the caller's list) and its start: the index alone did not say which sample of which prompt the
+        on-policy source, which scores one prompt's samples at a time, meant. No part of it could be cut without
+        scoring another response than the one given."""
         texts, replies = self._texts(prompts, responses)
-        all_ids = self._tokenize(texts, verbose=False)["input_ids"]
-        flags = [len(ids) > self.max_length for ids in all_ids]
-        if any(flags):
+        encoding = self._tokenize(texts, verbose=False)
+        flags = self._fit(encoding)
+        cut = [index for index, flag in enumerate(flags) if flag]
+        if cut:
             # Around a pair the tokenizer adds its own tokens ([CLS] prompt [SEP] reply [SEP]); a templated text keeps
             # its opening tokens (BOS) before the reply. The template's markup around a reply may be cut, the reply's
-            # end (the token the classifier reads) is kept.
+            # end (the token the classifier reads) is kept. Only the replies of cut texts are tokenized again, alone.
             pair = self.tokenizer.chat_template is None
-            reply_ids = self.tokenizer(replies, add_special_tokens=False, verbose=False)["input_ids"]
-            for index, (flag, ids) in enumerate(zip(flags, reply_ids, strict=True)):
-                around = self.tokenizer.num_special_tokens_to_add(pair=True) if pair else self._leading(all_ids[index])
-                if flag and len(ids) + around > self.max_length:
+            reply_ids = self.tokenizer([replies[index] for index in cut], add_special_tokens=False, verbose=False)
+            for index, ids in zip(cut, reply_ids["input_ids"], strict=True):
+                around = self.tokenizer.num_special_tokens_to_add(pair=True) if pair else self._leading(encoding["input_ids"][index])
+                if len(ids) + around > self.max_length:
                     # The responses the evaluation judges come from generate, the sampled pairs' from data.generate.
                     section = "data.generate" if self.key.startswith("data.") else "generate"
                     raise ValueError(
@@ -323,34 +330,44 @@ class RewardModelJudge:
                         f" Lower {section}.max_new_tokens, or name a reward model that reads"
                         " longer texts."
                     )
-        return flags
+        return encoding, flags
 
     def _encode(self, prompts: Sequence[Prompt], responses: Sequence[str]):
-        texts, _ = self._texts(prompts, responses)
-        encoding = self._tokenize(texts, verbose=False)
-        self._fit(encoding)
-        return self.tokenizer.pad(encoding, return_tensors="pt", verbose=False)
+        return self.tokenizer.pad(self._prepare(prompts, responses)[0], return_tensors="pt", verbose=False)
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        return self.score_truncated(prompts, responses)[0]
+
+    def score_truncated(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> tuple[list[float], list[bool]]:
+        """The scores, and which texts were cut to fit (`truncated`), from one tokenization of each batch: counting the
+        cut texts, reading them and recording which were cut (judge_truncated) tokenized every text three times."""
         import torch
 
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        scores, truncated = [], 0
+        scores, truncated = [], []
         for start in range(0, len(prompts), self.batch_size):
             end = start + self.batch_size
-            truncated += sum(self.truncated(prompts[start:end], responses[start:end], first_index=start))
-            inputs = self._encode(prompts[start:end], responses[start:end]).to(self.model.device)
+            encoding, flags = self._prepare(prompts[start:end], responses[start:end], first_index=start)
+            truncated.extend(flags)
+            inputs = self.tokenizer.pad(encoding, return_tensors="pt", verbose=False).to(self.model.device)
             with torch.no_grad():
                 scores.extend(self.model(**inputs).logits[:, 0].float().tolist())
-        if truncated:
+        if any(truncated):
             warnings.warn(
-                f"{self.key} '{self.name}': {truncated} of {len(prompts)} prompts with their responses were longer than"
-                f" the {self.max_length} tokens the reward model reads; the start of each such prompt was cut away and"
-                " its response scored whole",
-                stacklevel=2,
+                f"{self.key} '{self.name}': {sum(truncated)} of {len(prompts)} prompts with their responses were longer"
+                f" than the {self.max_length} tokens the reward model reads; the start of each such prompt was cut away"
+                " and its response scored whole",
+                stacklevel=3,  # the caller of score or score_with_cuts, through which it is called
             )
-        return scores
+        return scores, truncated
+
+
+def score_with_cuts(judge: Judge, prompts: Sequence[Prompt], responses: Sequence[str]) -> tuple[list[float], list[bool] | None]:
+    """The judge's scores, and which texts it cut to the length it reads (a reward model, `score_truncated`); None for
+    a judge that reads every text whole and records nothing."""
+    score_truncated = getattr(judge, "score_truncated", None)
+    return score_truncated(prompts, responses) if score_truncated else (judge.score(prompts, responses), None)
 
 
 def make_judge(params, project_dir: str | Path = ".", settings=None) -> Judge:
