@@ -418,6 +418,25 @@ def test_data_config_and_data_dir_read_that_subset_of_a_hub_dataset(hub_datasets
     assert len(read_rows(make_params(source="org/hh", format="hh-rlhf").data)) == 2  # no data_dir: every subset
 
 
+def test_data_report_names_the_subset_of_the_hub_dataset_it_read(hub_datasets, tokenizer):
+    """data.config and data.data_dir were in params.yaml and the fingerprint but not in data/report.json (the manifest's
+    data block), which named the source alone: a report read on its own did not say which subset was trained on."""
+    run_dir = hub_datasets / "run"
+    for data, subset in (({"source": "org/prefs", "format": "standard", "config": "beta"}, {"config": "beta", "data_dir": None}),
+                         ({"source": "org/hh", "format": "hh-rlhf"}, {"config": None, "data_dir": None}),
+                         ({"source": "org/prefs", "format": "standard", "data_dir": "alpha"}, {"config": None, "data_dir": "alpha"})):
+        report = prepare_data(make_params(**data), tokenizer, run_dir)
+        stored = json.loads((run_dir / "data" / "report.json").read_text())
+        assert {key: stored[key] for key in ("source", "config", "data_dir")} == {"source": data["source"], **subset}
+        assert (report.config, report.data_dir) == (subset["config"], subset["data_dir"])
+        assert load_data_report(run_dir) == report
+    stored.pop("config"), stored.pop("data_dir")  # a report written before they were recorded reads back as unset
+    (run_dir / "data" / "report.json").write_text(json.dumps(stored))
+    assert (load_data_report(run_dir).config, load_data_report(run_dir).data_dir) == (None, None)
+    bundled = prepare_data(make_params(), tokenizer, run_dir).to_dict()
+    assert (bundled["config"], bundled["data_dir"]) == (None, None), "null, not absent, where the source has no subsets"
+
+
 @pytest.mark.parametrize(("data", "expected"), [
     ({"config": "gamma"}, "data.config 'gamma': the hub dataset 'org/prefs' has no configuration of that name; valid"
                           " names: 'alpha', 'beta'"),

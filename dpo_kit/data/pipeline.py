@@ -76,6 +76,10 @@ class DataReport:
     # data.source: generate with a reward-model judge: the samples it scored with their prompt's start cut away to
     # fit the reward model (dpo_kit.data.on_policy.judge_truncated_responses); None otherwise.
     judge_truncated: dict | None = None
+    # The subset of a hub dataset read (data.config, data.data_dir), as params.yaml records it; None when unset, and for
+    # every other source, which has no subsets.
+    config: str | None = None
+    data_dir: str | None = None
 
     def responses_cut_line(self) -> str | None:
         """One line for the notebook: the sampled responses cut short, and what TRL does with them."""
@@ -121,6 +125,8 @@ class DataReport:
         """JSON-able summary for the manifest: everything but the per-pair length arrays."""
         return {
             "source": self.source,
+            "config": self.config,
+            "data_dir": self.data_dir,
             "format": self.format,
             "output_format": self.output_format,
             "rows_read": self.rows_read,
@@ -245,6 +251,8 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         responses_cut=cut,
         judge_floor=floor,
         judge_truncated=truncated,
+        config=data.config,
+        data_dir=data.data_dir,
     )
     stored = {**report.to_dict(), PAIR_LENGTHS: {key: getattr(report, key) for key in LENGTH_FIELDS}}
     (data_dir / "report.json").write_text(json.dumps(stored, indent=2, ensure_ascii=False) + "\n")
@@ -263,8 +271,8 @@ def load_data_report(run_dir: str | Path) -> DataReport:
     stored = json.loads(path.read_text())
     lengths = stored[PAIR_LENGTHS]
     fields = {name for name in DataReport.__dataclass_fields__ if name not in LENGTH_FIELDS}
-    # a report written before a field existed (held_out_from, responses_cut, judge_floor, judge_truncated) reads back
-    # with that field's default
+    # a report written before a field existed (held_out_from, responses_cut, judge_floor, judge_truncated, config,
+    # data_dir) reads back with that field's default
     found = {key: stored[key] for key in fields if key in stored}
     return DataReport(**found, **{key: lengths[key] for key in LENGTH_FIELDS})
 
