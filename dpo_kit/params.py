@@ -407,8 +407,16 @@ class DataParams(Section):
         description="TRL format written to data/*.jsonl; 'standard' renders prompts with the chat template.",
     )
     eval_fraction: float = Field(
-        0.1, gt=0.0, lt=1.0,
-        description="Fraction of kept pairs held out for evaluation, by whole prompts: pairs that share a prompt stay in one split.",
+        0.1, ge=0.0, lt=1.0,
+        description="Fraction of kept pairs held out for evaluation, by whole prompts: pairs that share a prompt stay in one split."
+        " 0 (what it is when left out beside data.eval_split) only with data.eval_split, which holds out that split instead.",
+    )
+    eval_split: str | None = Field(
+        None,
+        description="A split of the same hub dataset (or a slice like 'test[:1000]') whose pairs are held out for evaluation,"
+        " audited and formatted as data.split's are (data.max_rows limits each), in place of data.eval_fraction of"
+        " data.split's pairs; a pair of data.split whose prompt is also held out is dropped (prompt_in_eval_split)."
+        " None = hold out data.eval_fraction.",
     )
     max_rows: int | None = Field(None, gt=0, description="Read at most this many source rows (None = all).")
     deduplicate: bool = Field(
@@ -424,6 +432,15 @@ class DataParams(Section):
     )
 
     _home = field_validator("source", mode="before")(expand_home)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_fraction_beside_a_held_out_split(cls, raw: Any) -> Any:
+        # data.eval_split holds out a split of its own, so data.eval_fraction left out beside it is 0, not its default:
+        # params.yaml then records what the format stage did, and reads back as the same params.
+        if isinstance(raw, dict) and raw.get("eval_split") is not None and "eval_fraction" not in raw:
+            return {**raw, "eval_fraction": 0.0}
+        return raw
 
     @model_validator(mode="after")
     def _columns_match_format(self):
@@ -450,7 +467,7 @@ class DataParams(Section):
             raise ValueError("data.columns is required when data.format is 'columns'")
         if self.format != "columns" and self.columns is not None:
             raise ValueError(f"data.columns is only used with data.format 'columns', not '{self.format}'")
-        hub_only = [key for key in ("config", "data_dir") if getattr(self, key) is not None]
+        hub_only = [key for key in ("config", "data_dir", "eval_split") if getattr(self, key) is not None]
         if hub_only and not is_hub_dataset(self.source):
             # Only datasets.load_dataset reads them: on a file, the bundled pairs or sampled ones they would be
             # recorded in params.yaml and never used, and the run would look like one made on that subset.
@@ -460,10 +477,34 @@ class DataParams(Section):
                 f" is {'a local file' if is_local_path(self.source) else 'not one'}; remove data.{key} (or set it"
                 " to null), or name a hub dataset id as data.source"
             )
+        self._one_held_out_choice()
         suffix = Path(self.source).suffix.lower()
         if suffix and suffix not in LOCAL_DATA_SUFFIXES and (self.source.startswith((".", "/")) or suffix in {".txt", ".tsv", ".xlsx"}):
             raise ValueError(f"data.source '{self.source}': unsupported file type; use one of {LOCAL_DATA_SUFFIXES}")
         return self
+
+
+    def _one_held_out_choice(self) -> None:
+        """data.eval_split or data.eval_fraction chooses the held-out pairs, never both and never neither."""
+        if self.eval_split is None:
+            if not self.eval_fraction:
+                raise ValueError(
+                    "data.eval_fraction 0 holds out no pair, and the evaluate and generate stages need held-out pairs:"
+                    " set it above 0 (e.g. 0.1), or name a split of the hub dataset to hold out as data.eval_split"
+                )
+            return
+        if self.eval_fraction:
+            raise ValueError(
+                f"data.eval_split {self.eval_split!r} and data.eval_fraction {self.eval_fraction} both choose the"
+                " held-out pairs: data.eval_split holds out that split of data.source, data.eval_fraction a share of"
+                " data.split's pairs. Set one: remove data.eval_fraction (or set it to 0) to hold out the split, or"
+                " remove data.eval_split (or set it to null)"
+            )
+        if self.eval_split.strip() == self.split.strip():
+            raise ValueError(
+                f"data.eval_split {self.eval_split!r} is data.split as well, so the held-out pairs would be the pairs"
+                " trained on: name another split (e.g. 'test') or a slice of one (e.g. 'test[:1000]')"
+            )
 
 
 # The output layer's module name in the common architectures (Llama/Qwen/Mistral/Phi/...; GPT-NeoX and Pythia).

@@ -437,6 +437,76 @@ def test_data_report_names_the_subset_of_the_hub_dataset_it_read(hub_datasets, t
     assert (bundled["config"], bundled["data_dir"]) == (None, None), "null, not absent, where the source has no subsets"
 
 
+def write_split_dataset(root: Path) -> None:
+    """'org/splits', a hub dataset of a train and a test split (as Anthropic/hh-rlhf's), read by datasets offline.
+
+    train: three pairs kept, one with an empty response, one whose prompt is also a kept test pair's; test: three pairs
+    kept, one with identical responses, one exact copy of an earlier test pair."""
+    def pair(prompt, chosen="Yes.", rejected="No."):
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+    train = [pair("train question 0?"), pair("train question 1?", chosen=" "), pair("test question 1?"),
+             pair("train question 2?"), pair("train question 3?")]
+    test = [pair("test question 0?"), pair("test question 1?", chosen="Maybe."), pair("test question 2?", "Same.", "Same."),
+            pair("test question 0?"), pair("test question 3?")]
+    (root / "org" / "splits").mkdir(parents=True)
+    for name, rows in (("train", train), ("test", test)):
+        (root / "org" / "splits" / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_data_eval_split_holds_out_that_split_audited_and_recorded_as_the_train_splits_are(hub_datasets, tokenizer):
+    """data.eval_split holds out a split of the same dataset (seed article 000 evaluated on hh-rlhf's test[:1000]), in
+    place of data.eval_fraction of the train split: its rows are audited and their drops counted and recorded with
+    their reason and split, and a train pair whose prompt is held out is dropped, so no held-out prompt is trained on."""
+    write_split_dataset(hub_datasets)
+    run_dir = hub_datasets / "run"
+    params = make_params(source="org/splits", format="standard", eval_split="test")
+    assert params.data.eval_fraction == 0.0, "left out beside data.eval_split, eval_fraction holds out nothing"
+    report = prepare_data(params, tokenizer, run_dir)
+    train, eval_ = read_jsonl(run_dir / "data" / "train.jsonl"), read_jsonl(run_dir / "data" / "eval.jsonl")
+    assert [row["prompt"][0]["content"] for row in train] == ["train question 0?", "train question 2?", "train question 3?"]
+    assert [row["prompt"][0]["content"] for row in eval_] == ["test question 0?", "test question 1?", "test question 3?"]
+    dropped = [(row["split"], row["index"], row["reason"]) for row in read_jsonl(run_dir / "data" / "dropped.jsonl")]
+    assert dropped == [("train", 1, "empty_response"), ("train", 2, "prompt_in_eval_split"),
+                       ("test", 2, "identical_responses"), ("test", 3, "duplicate")]  # fmt: skip
+    assert (report.rows_read, report.rows_kept, report.rows_dropped, report.n_train, report.n_eval) == (10, 6, 4, 3, 3)
+    assert report.dropped_by_reason == {"empty_response": 1, "prompt_in_eval_split": 1, "identical_responses": 1, "duplicate": 1}
+    assert report.by_split == {
+        "train": {"split": "train", "rows_read": 5, "rows_kept": 3, "rows_dropped": 2,
+                  "dropped_by_reason": {"empty_response": 1, "prompt_in_eval_split": 1}},
+        "eval": {"split": "test", "rows_read": 5, "rows_kept": 3, "rows_dropped": 2,
+                 "dropped_by_reason": {"identical_responses": 1, "duplicate": 1}},
+    }  # fmt: skip
+    assert (report.eval_split, report.eval_fraction) == ("test", None)
+    assert len(report.prompt_lengths) == 4 + 3, "both splits' pairs that reached the length check (the leaked one too)"
+    stored = json.loads((run_dir / "data" / "report.json").read_text())
+    assert (stored["eval_split"], stored["by_split"]) == ("test", report.by_split)
+    assert load_data_report(run_dir) == report
+    assert "too_long" not in dropped_summary_table(report)["reason"].tolist()
+    # a slice of the split, as the article's test[:1000]
+    sliced = prepare_data(make_params(source="org/splits", format="standard", eval_split="test[:2]"), tokenizer, run_dir)
+    assert (sliced.n_eval, sliced.by_split["eval"]["rows_read"], sliced.by_split["train"]["rows_dropped"]) == (2, 2, 2)
+    # unset, the report and dropped.jsonl are as before: no split named
+    plain = prepare_data(make_params(source="org/splits", format="standard"), tokenizer, run_dir)
+    assert (plain.eval_split, plain.by_split, plain.eval_fraction) == (None, None, 0.1)
+    assert all("split" not in row for row in read_jsonl(run_dir / "data" / "dropped.jsonl"))
+
+
+def test_a_data_eval_split_that_leaves_nothing_held_out_or_is_missing_is_refused_naming_it(hub_datasets, tokenizer):
+    write_split_dataset(hub_datasets)
+    with pytest.raises(SourceError) as refused:
+        prepare_data(make_params(source="org/splits", format="standard", eval_split="tset"), tokenizer, hub_datasets / "run")
+    assert str(refused.value).startswith("data.eval_split 'tset': the hub dataset 'org/splits' has no such split; valid"
+                                         " splits: 'train', 'test'")  # fmt: skip
+    with pytest.raises(NoPairsLeftError) as refused:
+        prepare_data(make_params(source="org/splits", format="standard", eval_split="test[2:3]"), tokenizer,
+                     hub_datasets / "run")  # fmt: skip
+    assert str(refused.value).startswith("all 1 rows read from hub dataset 'org/splits' (split 'test[2:3]') were dropped,"
+                                         " so nothing is left to hold out. Top reasons:\n  identical_responses: 1 rows")  # fmt: skip
+    assert read_jsonl(hub_datasets / "run" / "data" / "dropped.jsonl")[-1]["split"] == "test[2:3]"
+    assert not (hub_datasets / "run" / "data" / "train.jsonl").exists()
+
+
 @pytest.mark.parametrize(("data", "expected"), [
     ({"config": "gamma"}, "data.config 'gamma': the hub dataset 'org/prefs' has no configuration of that name; valid"
                           " names: 'alpha', 'beta'"),
@@ -493,7 +563,7 @@ def test_a_hub_id_that_names_a_folder_of_the_project_is_refused_before_the_hub_i
 
 
 @pytest.mark.parametrize("source", ["bundled", "pairs.jsonl", "./pairs", "generate"])
-@pytest.mark.parametrize("key", ["config", "data_dir"])
+@pytest.mark.parametrize("key", ["config", "data_dir", "eval_split"])
 def test_data_config_and_data_dir_are_refused_where_no_hub_dataset_is_read(source, key):
     from dpo_kit.params import ParamsError
 

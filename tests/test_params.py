@@ -222,6 +222,29 @@ def test_article_recipes_keep_their_articles_numbers(name, tmp_path):
     assert f"max_prompt_length {limit}" in text and "too_long" in text, f"{path.name} must say how it honours the prompt limit"
 
 
+def test_data_eval_split_and_eval_fraction_are_one_choice_of_the_held_out_pairs(tmp_path):
+    """data.eval_split holds out a split of the hub dataset; eval_fraction, which would hold out a share of data.split's
+    pairs as well, is refused beside it naming both keys, and left out it is 0, which params.yaml records and reads back."""
+    hh = REPO / "params/stablelm-2-1_6b-hh-rlhf-lora-8bit.yaml"
+    base = {"run": {"name": "t"}, "model": {"name_or_path": "unused"}, "data": {"source": "org/prefs", "eval_split": "test"},
+            "evaluate": {"judge": "unused/reward-model"}}
+    params = parse_params(base)
+    assert (params.data.eval_split, params.data.eval_fraction) == ("test", 0.0)
+    saved = save_params(params, tmp_path / "params.yaml")
+    assert load_params(saved).data == params.data, "params.yaml reads back as the same params"
+    both = error_for({**base, "data": {**base["data"], "eval_fraction": 0.1}})
+    assert "data.eval_split 'test' and data.eval_fraction 0.1 both choose the held-out pairs" in both
+    assert "remove data.eval_fraction (or set it to 0) to hold out the split, or remove data.eval_split" in both
+    with pytest.raises(ParamsError, match="data.eval_split 'test' and data.eval_fraction 0.05 both choose"):
+        load_params(hh, ["data.eval_split=test", "data.eval_fraction=0.05"])
+    assert load_params(hh, ["data.eval_split=null", "data.eval_fraction=0.05"]).data.eval_fraction == 0.05
+    same = error_for({**base, "data": {**base["data"], "eval_split": "train"}})
+    assert "data.eval_split 'train' is data.split as well, so the held-out pairs would be the pairs trained on" in same
+    nothing = error_for({**base, "data": {"source": "org/prefs", "eval_fraction": 0}})
+    assert "data.eval_fraction 0 holds out no pair" in nothing and "as data.eval_split" in nothing
+    assert parse_params({**base, "data": {**base["data"], "eval_fraction": 0}}).data.eval_fraction == 0.0
+
+
 def raw_tiny() -> dict:
     return yaml.safe_load((REPO / "params/tiny.yaml").read_text())
 

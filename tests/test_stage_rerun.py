@@ -280,8 +280,8 @@ def test_launch_params_left_at_their_defaults_keep_fingerprints_of_earlier_runs(
 
     base = params_to_dict(load_params(TINY))
     before_launch = {key: base_value(base, key) for key in stage_inputs("train") if not key.startswith("launch.")}
-    # nor did such a run hold data.config and data.data_dir, which came later still
-    before_launch["data"] = {k: v for k, v in before_launch["data"].items() if k not in ("config", "data_dir")}
+    # nor did such a run hold data.config, data.data_dir and data.eval_split, which came later still
+    before_launch["data"] = {k: v for k, v in before_launch["data"].items() if k not in ("config", "data_dir", "eval_split")}
     digest = hashlib.sha256(json.dumps(before_launch, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert params_fingerprint(base, "train") == digest
     launched = params_to_dict(load_params(TINY, ["launch.num_processes=2"]))
@@ -331,6 +331,22 @@ def test_a_hub_datasets_subset_is_another_format_stage_and_none_keeps_earlier_ru
     configured = params_to_dict(load_params(hh, ["data.config=default"]))
     for stage in mf.STAGES:
         assert len({params_fingerprint(p, stage) for p in (base, harmless, helpful, configured)}) == 4, stage
+
+
+def test_data_eval_split_is_another_format_stage_and_none_keeps_earlier_runs():
+    """data.eval_split came later: left at None, every stage is that of runs made before it; set, the held-out pairs
+    are another split's (and eval_fraction 0), so no stage of a run that held out a share of the train split is reused,
+    nor one of a run that held out another slice."""
+    base = params_to_dict(load_params(TINY, ["data.source=org/prefs", "evaluate.judge=unused/reward-model"]))
+    before = json.loads(json.dumps(base))
+    assert before["data"].pop("eval_split") is None
+    assert all(params_fingerprint(base, s) == params_fingerprint(before, s) for s in mf.STAGES)
+    test = params_to_dict(load_params(TINY, ["data.source=org/prefs", "evaluate.judge=unused/reward-model",
+                                             "data.eval_split=test", "data.eval_fraction=0"]))  # fmt: skip
+    sliced = json.loads(json.dumps(test))
+    sliced["data"]["eval_split"] = "test[:1000]"
+    for stage in mf.STAGES:
+        assert len({params_fingerprint(p, stage) for p in (base, test, sliced)}) == 3, stage
 
 
 def test_top_k_left_at_50_keeps_fingerprints_of_earlier_runs():

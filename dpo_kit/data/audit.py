@@ -410,16 +410,19 @@ def template_checks(traits: TokenizerTraits, fixes: Counter, lengths: list[PairL
     return checks
 
 
-def raise_if_nothing_left(result: AuditResult, source: str, dropped_path: str | None = None, hint: str | None = None) -> None:
-    """NoPairsLeftError naming the source, the top reasons with counts and one example detail each, then `hint`."""
+def raise_if_nothing_left(
+    result: AuditResult, source: str, dropped_path: str | None = None, hint: str | None = None, use: str = "train on"
+) -> None:
+    """NoPairsLeftError naming the source, the top reasons with counts and one example detail each, then `hint`.
+    `use` is what the rows were read for ('hold out', for data.eval_split's)."""
     if result.kept:
         return
     if not result.rows_read:
-        raise NoPairsLeftError(f"{source} has no rows: nothing to train on")
+        raise NoPairsLeftError(f"{source} has no rows: nothing to {use}")
     examples: dict[str, DroppedRow] = {}
     for dropped in result.dropped:
         examples.setdefault(dropped.reason, dropped)
-    lines = [f"all {result.rows_read} rows read from {source} were dropped, so nothing is left to train on. Top reasons:"]
+    lines = [f"all {result.rows_read} rows read from {source} were dropped, so nothing is left to {use}. Top reasons:"]
     for reason, count in list(result.dropped_by_reason.items())[:3]:
         example = examples[reason]
         lines.append(f"  {reason}: {count} rows ({REASONS[reason]}); e.g. {row_name(example.index, example.line)}: {example.detail}")

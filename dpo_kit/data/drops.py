@@ -28,6 +28,8 @@ REASONS = {
     "chat_template_error": "the model's chat template refused to render the conversation",
     "too_long": "prompt+response is longer than the max_length TRL trains with",
     "score_gap_too_small": "the judge scored the best and worst sampled responses too closely to prefer one",
+    "prompt_in_eval_split": "data.eval_split: a pair of data.split whose prompt is also a held-out pair's, dropped from"
+    " training so that no held-out prompt is trained on",
     "judge_score_not_finite": "the judge scored a sampled response NaN or infinite, so the samples cannot be ranked",
 }
 

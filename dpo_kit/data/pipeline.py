@@ -5,7 +5,7 @@ stage reads the result back with `load_split`. Files written under `<run_dir>/da
 
 - train.jsonl, eval.jsonl: prompt/chosen/rejected rows in TRL's conversational (default) or standard format
 - dropped.jsonl: one line per dropped row: source index (from 0), line (in a .jsonl or .csv file, from 1; else
-  null), reason code, detail and the row as read
+  null), reason code, detail and the row as read; with data.eval_split, also the split it was read from (`split`)
 - samples.jsonl (data.source 'generate'): per prompt, every sampled response and its judge score
 - held_out_prompts.jsonl (round 2 of iterative DPO and later): the held-out prompts of round 1, in its
   order, those whose pair this round dropped among them; the generate stage compares the models on them, so
@@ -19,12 +19,21 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo_kit.data.audit import TEMPLATE_CHECKS, NoPairsLeftError, audit_rows, raise_if_nothing_left
-from dpo_kit.data.drops import REASONS
+from dpo_kit.data.audit import (
+    TEMPLATE_CHECKS,
+    AuditResult,
+    NoPairsLeftError,
+    audit_rows,
+    raise_if_nothing_left,
+    template_checks,
+    tokenizer_traits,
+)
+from dpo_kit.data.drops import REASONS, DropRow
 from dpo_kit.data.formats import SHAPE_REASONS, converter, formats_that_fit
 from dpo_kit.data.on_policy import (
     HELD_OUT_PROMPTS,
@@ -38,7 +47,7 @@ from dpo_kit.data.on_policy import (
     sampler_run_held_out_prompts,
     split_as_sampler_run,
 )
-from dpo_kit.data.sources import describe_source, read_rows_and_lines
+from dpo_kit.data.sources import describe_source, read_hub_dataset, read_rows_and_lines
 
 SPLITS = ("train", "eval")
 
@@ -55,7 +64,7 @@ class DataReport:
     n_train: int
     n_eval: int
     seed: int  # the split's shuffle, and the samples of data.source: generate
-    eval_fraction: float | None  # None where held_out_from chose the held-out pairs instead
+    eval_fraction: float | None  # None where held_out_from or eval_split chose the held-out pairs instead
     max_length: int | None
     fingerprint: str  # sha256 of train.jsonl + eval.jsonl bytes
     chat_template: dict  # BOS/EOS and prefix findings, see dpo_kit.data.audit.template_checks
@@ -80,6 +89,11 @@ class DataReport:
     # every other source, which has no subsets.
     config: str | None = None
     data_dir: str | None = None
+    # data.eval_split: the split of the hub dataset held out instead of eval_fraction of data.split's pairs; None otherwise.
+    eval_split: str | None = None
+    # With eval_split, each split's own counts ('train': data.split's, 'eval': eval_split's: split, rows_read, rows_kept,
+    # rows_dropped, dropped_by_reason), of which the counts above are the sums; None otherwise.
+    by_split: dict | None = None
 
     def responses_cut_line(self) -> str | None:
         """One line for the notebook: the sampled responses cut short, and what TRL does with them."""
@@ -137,6 +151,8 @@ class DataReport:
             "n_eval": self.n_eval,
             "seed": self.seed,
             "eval_fraction": self.eval_fraction,
+            "eval_split": self.eval_split,
+            "by_split": self.by_split,
             "max_length": self.max_length,
             "fingerprint": self.fingerprint,
             "token_lengths": self.token_length_stats(),
@@ -202,19 +218,26 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
     else:
         rows, lines = read_rows_and_lines(data, project_dir)
         convert = converter(data.format, data.columns)
-    result = audit_rows(
-        rows,
-        convert,
-        tokenizer,
-        max_length=params.max_length,
-        output_format=data.output_format,
-        deduplicate=data.deduplicate,
-        lines=lines,
-    )
-    _write_jsonl(paths["dropped"], (dropped.to_dict() for dropped in result.dropped))
-    raise_if_nothing_left(result, describe_source(data), str(paths["dropped"]), format_hint(result, data))
+    eval_data = data.model_copy(update={"split": data.eval_split}) if data.eval_split is not None else None
+    # data.eval_split's rows, read before either split's audit so that a split the dataset lacks fails at once
+    eval_rows = read_hub_dataset(eval_data, split_key="data.eval_split") if eval_data is not None else None
 
-    if held_out is None:
+    def audit(source_rows: list[dict], source_lines: list[int] | None) -> AuditResult:
+        return audit_rows(source_rows, convert, tokenizer, max_length=params.max_length, output_format=data.output_format,
+                          deduplicate=data.deduplicate, lines=source_lines)  # fmt: skip
+
+    result = audit(rows, lines)
+    held = None if eval_rows is None else audit(eval_rows, None)  # data.eval_split's pairs: the held-out ones
+    if held is not None:
+        drop_prompts_held_out(result, rows, held, data.eval_split)
+    _write_jsonl(paths["dropped"], dropped_lines(result, held, data))
+    raise_if_nothing_left(result, describe_source(data), str(paths["dropped"]), format_hint(result, data))
+    if held is not None:
+        raise_if_nothing_left(held, describe_source(eval_data), str(paths["dropped"]), format_hint(held, data), use="hold out")
+
+    if held is not None:
+        train, eval_ = [row for _, row in result.kept], [row for _, row in held.kept]
+    elif held_out is None:
         train, eval_ = split_rows(result.kept, data.eval_fraction, params.run.seed)
     else:
         train, eval_ = split_as_sampler_run(result.kept, held_out)
@@ -227,6 +250,12 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
     cut = cut_responses(rows, kept_rows, data.generate.max_new_tokens) if data.source == "generate" else None
     floor = judge_floor_pairs(rows, kept_rows) if data.source == "generate" else None
     truncated = judge_truncated_responses(rows, kept_rows) if data.source == "generate" else None
+    by_split = None
+    if held is not None:
+        by_split = {name: {"split": split, "rows_read": part.rows_read, "rows_kept": len(part.kept),
+                           "rows_dropped": len(part.dropped), "dropped_by_reason": part.dropped_by_reason}
+                    for name, split, part in (("train", data.split, result), ("eval", data.eval_split, held))}  # fmt: skip
+        result = merged_audit(result, held, tokenizer)
 
     report = DataReport(
         source=data.source,
@@ -239,7 +268,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         n_train=len(train),
         n_eval=len(eval_),
         seed=params.run.seed,
-        eval_fraction=data.eval_fraction if held_out is None else None,
+        eval_fraction=data.eval_fraction if held_out is None and held is None else None,
         max_length=params.max_length,
         fingerprint=digest,
         chat_template=result.checks,
@@ -253,10 +282,50 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         judge_truncated=truncated,
         config=data.config,
         data_dir=data.data_dir,
+        eval_split=data.eval_split,
+        by_split=by_split,
     )
     stored = {**report.to_dict(), PAIR_LENGTHS: {key: getattr(report, key) for key in LENGTH_FIELDS}}
     (data_dir / "report.json").write_text(json.dumps(stored, indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def drop_prompts_held_out(result: AuditResult, rows: list, held: AuditResult, eval_split: str) -> None:
+    """Drop from `result` (data.split's audit) every kept pair whose prompt is also that of a pair kept in `held`
+    (data.eval_split's), recorded as prompt_in_eval_split: hh-rlhf's and UltraFeedback's splits share some questions,
+    and one trained on would be evaluated as if it were held out."""
+    held_out = {prompt_key(row) for _, row in held.kept}
+    kept = []
+    for index, row in result.kept:
+        if prompt_key(row) in held_out:
+            result.drop(index, rows[index], DropRow(
+                "prompt_in_eval_split", f"its prompt is also that of a held-out pair of data.eval_split {eval_split!r}"))
+        else:
+            kept.append((index, row))
+    result.kept = kept
+    result.dropped.sort(key=lambda dropped: dropped.index)
+
+
+def dropped_lines(result: AuditResult, held: AuditResult | None, data):
+    """dropped.jsonl's lines: data.split's drops, then data.eval_split's, each naming its split where there are two."""
+    if held is None:
+        return [dropped.to_dict() for dropped in result.dropped]
+    return [{**dropped.to_dict(), "split": split}
+            for split, part in ((data.split, result), (data.eval_split, held)) for dropped in part.dropped]  # fmt: skip
+
+
+FIX_COUNTS = ("prompt_bos_text_removed", "response_eos_text_removed", "template_bos_text_removed",
+              "special_token_text_in_content")  # fmt: skip
+
+
+def merged_audit(train: AuditResult, held: AuditResult, tokenizer) -> AuditResult:
+    """One AuditResult for both splits' audits, as the report counts them: rows, drops and lengths of both, and the
+    chat-template checks over both (each split's source index is kept: dropped.jsonl names the split)."""
+    fixes = Counter({key: train.checks[key] + held.checks[key] for key in FIX_COUNTS})
+    merged = AuditResult(rows_read=train.rows_read + held.rows_read, kept=[*train.kept, *held.kept],
+                         dropped=[*train.dropped, *held.dropped], lengths=[*train.lengths, *held.lengths])  # fmt: skip
+    merged.checks = template_checks(tokenizer_traits(tokenizer), fixes, merged.lengths)
+    return merged
 
 
 PAIR_LENGTHS = "pair_token_lengths"

@@ -296,9 +296,11 @@ def _holds_an_object(text: str) -> bool:
         return False
 
 
-def read_hub_dataset(data: DataParams) -> list[dict[str, Any]]:
+def read_hub_dataset(data: DataParams, split_key: str = "data.split") -> list[dict[str, Any]]:
     """At most data.max_rows rows of the hub dataset data.source: its data.config and data.data_dir, data.split at
-    data.revision. A dataset that is already in the local cache loads without a network."""
+    data.revision. A dataset that is already in the local cache loads without a network. `split_key` is the params key
+    that named data.split, which a refused split is reported by (data.eval_split, read as a copy of data whose split
+    it is)."""
     import datasets
 
     where = describe_source(data)
@@ -315,7 +317,7 @@ def read_hub_dataset(data: DataParams) -> list[dict[str, Any]]:
                 f" network) and {what} is not in the local cache. Use a local .jsonl/.json/.parquet/.csv"
                 f" file or 'bundled' as data.source. ({type(error).__name__}: {error})"
             ) from error
-        if problem := _selection_problem(data, error):
+        if problem := _selection_problem(data, error, split_key):
             raise SourceError(problem) from error
         raise SourceError(
             f"data.source: cannot load {where}: {type(error).__name__}: {error}. Check the dataset id, split,"
@@ -334,7 +336,7 @@ def read_hub_dataset(data: DataParams) -> list[dict[str, Any]]:
     return dataset.to_list()
 
 
-def _selection_problem(data: DataParams, error: BaseException) -> str | None:
+def _selection_problem(data: DataParams, error: BaseException, split_key: str = "data.split") -> str | None:
     """What is wrong, naming the params key at fault, when datasets refuses the part of the dataset asked for; None
     for any other error. datasets lists the valid names in its own terms (`load_dataset('prefs', 'alpha')`), so the
     names are taken from its message and offered as the params key's values."""
@@ -348,7 +350,7 @@ def _selection_problem(data: DataParams, error: BaseException) -> str | None:
                 f" valid names: {listed}")  # fmt: skip
     if isinstance(error, ValueError) and "Unknown split" in message:
         config = f" (config {data.config!r})" if data.config else ""
-        return (f"data.split {data.split!r}: the hub dataset '{data.source}'{config} has no such split; valid splits:"
+        return (f"{split_key} {data.split!r}: the hub dataset '{data.source}'{config} has no such split; valid splits:"
                 f" {listed}, or a slice of one such as 'train[:1000]'")  # fmt: skip
     if data.data_dir is not None and type(error).__name__ in {"EmptyDatasetError", "DataFilesNotFoundError", "FileNotFoundError"}:
         return (f"data.data_dir {data.data_dir!r}: no data files were found in that folder of the hub dataset"

@@ -65,8 +65,8 @@ def comparison_prompts(params: Params, run_dir: str | Path) -> list[Prompt]:
     if wanted > len(rows):
         raise ValueError(
             f"generate.num_prompts is {wanted}, but {source} holds {len(rows)} distinct held-out prompts: set"
-            f" generate.num_prompts to at most {len(rows)}, hold out more pairs in the format stage (data.eval_fraction;"
-            " round 2 of iterative DPO holds out round 1's), or give generate.prompts explicitly"
+            f" generate.num_prompts to at most {len(rows)}, hold out more pairs in the format stage (data.eval_fraction,"
+            " or a larger data.eval_split; round 2 of iterative DPO holds out round 1's), or give generate.prompts explicitly"
         )
     return [row["prompt"] for row in rows[:wanted]]
 

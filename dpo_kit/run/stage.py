@@ -258,7 +258,7 @@ INPUTS_ADDED_LATER = {"launch.num_processes": 1, "launch.num_machines": 1, "laun
                       "data.generate.sentiment_min_words": SENTIMENT_MIN_WORDS,
                       "evaluate.judge_trust_remote_code": False, "data.generate.judge_trust_remote_code": False,
                       "generate.top_k": DEFAULT_TOP_K, "data.generate.top_k": DEFAULT_TOP_K,
-                      "data.config": None, "data.data_dir": None}
+                      "data.config": None, "data.data_dir": None, "data.eval_split": None}
 
 
 def params_fingerprint(resolved: dict, stage: str) -> str:
