@@ -172,19 +172,20 @@ ARTICLE_NUMBERS = {
     "stablelm-2-1_6b-hh-rlhf-lora-8bit": {  # 000
         "model.name_or_path": "stabilityai/stablelm-2-1_6b", "data.source": "Anthropic/hh-rlhf", "data.format": "hh-rlhf",
         "data.split": "train", "data.config": None, "data.data_dir": None,  # the whole train split, every subset
+        "data.eval_split": "test[:1000]", "data.eval_fraction": 0.0,  # held out: its test_dataset
         "quantization.bits": 8, "lora.r": 64, "lora.alpha": 16, "lora.dropout": 0.0, "lora.enabled": True,
         "learning_rate": 1e-5, "lr_scheduler_type": "constant", "per_device_train_batch_size": 4,
         "gradient_accumulation_steps": 1, "max_steps": 64, "beta": 0.1, "max_length": 512, "loss_type": ["sigmoid"],
     },
     "phi-2-truthy-dpo-full": {  # 001
         "model.name_or_path": "microsoft/phi-2", "data.source": "jondurbin/truthy-dpo-v0.1", "data.format": "truthy",
-        "data.split": "train", "data.config": None, "data.data_dir": None,
+        "data.split": "train", "data.config": None, "data.data_dir": None, "data.eval_split": None,
         "lora.enabled": False, "learning_rate": 1e-6, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
         "num_train_epochs": 1, "max_steps": -1, "beta": 0.1, "max_length": 1024, "tracking.report_to": ["wandb"],
     },
     "openhermes-2.5-mistral-7b-orca-dpo-qlora-4bit": {  # 004
         "model.name_or_path": "teknium/OpenHermes-2.5-Mistral-7B", "data.source": "Intel/orca_dpo_pairs",
-        "data.split": "train", "data.config": None, "data.data_dir": None,
+        "data.split": "train", "data.config": None, "data.data_dir": None, "data.eval_split": None,
         "data.format": "orca", "quantization.bits": 4, "lora.r": 16, "lora.alpha": 16, "lora.dropout": 0.05,
         "learning_rate": 5e-5, "lr_scheduler_type": "cosine", "warmup_steps": 100, "max_steps": 200,
         "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "optim": "paged_adamw_32bit",
