@@ -402,6 +402,38 @@ def test_a_prompt_cut_to_fit_keeps_the_bos_its_template_starts_with(tmp_path):
     assert judge.truncated(prompts, responses) == [True, False, True]
 
 
+def reply_of(tokenizer, count):
+    """A reply of `count` tokens, as `tokenizer` encodes it alone."""
+    for words in range(1, 4 * count):
+        reply = " ".join(["dough"] * words)
+        if len(tokenizer(reply, add_special_tokens=False)["input_ids"]) == count:
+            return reply
+    raise AssertionError(f"no reply of {count} tokens")
+
+
+def test_a_response_that_fits_only_without_the_markup_after_it_is_refused_not_cut_at_its_start(tmp_path):
+    """The fit check counted the response and the BOS before it but not the markup the chat template closes the reply
+    with (<|im_end|> and a newline, 2 tokens): after a long prompt a response of 62 tokens passed it (1 + 62 <= 64),
+    and the text cut to the BOS and its last 63 tokens lost the response's first token, which the kit promises never
+    to cut. A response that fits with that markup is kept whole with it, the prompt cut before it."""
+    path = build_reward_model_with_bos(tmp_path / "reward-model")
+    judge = RewardModelJudge(str(path))
+    tokenizer, bos = judge.tokenizer, judge.tokenizer.bos_token_id
+    closing = tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert len(closing) == 2
+    with pytest.raises(ValueError, match=r"response 0 \(0-based\) .* alone is 62, 65 with the tokens a cut keeps around it"):
+        judge.score([LONG_PROMPT], [reply_of(tokenizer, 62)])
+    fits = reply_of(tokenizer, 61)  # the BOS, 61 tokens and the closing markup: 64, all the reward model reads
+    with pytest.warns(UserWarning, match="1 of 1 prompts"):
+        assert judge.truncated([LONG_PROMPT], [fits]) == [True] and len(judge.score([LONG_PROMPT], [fits])) == 1
+    encoded = judge._encode([LONG_PROMPT], [fits])["input_ids"][0].tolist()
+    assert encoded == [bos] + tokenizer(fits, add_special_tokens=False)["input_ids"] + closing
+    # A string prompt (rendered by the policy) is followed by its reply alone, with no markup to keep after it.
+    rendered = tokenizer.apply_chat_template(LONG_PROMPT, tokenize=False, add_generation_prompt=True)
+    assert judge._encode([rendered], [reply_of(tokenizer, 63)])["input_ids"][0].tolist()[1:] == tokenizer(
+        reply_of(tokenizer, 63), add_special_tokens=False)["input_ids"]  # fmt: skip
+
+
 def build_text_pair_reward_model(path, model_max_length=64):
     """A BERT-shaped reward model without a chat template, whose tokenizer wraps a pair as [CLS] prompt [SEP] reply
     [SEP] with token types, as the DeBERTa reward models' do."""

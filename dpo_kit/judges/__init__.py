@@ -32,6 +32,9 @@ from dpo_kit.params import SENTIMENT_MIN_WORDS
 from dpo_kit.safe_weights import PickledWeightsRefused, from_pretrained_safetensors
 
 Prompt = Union[str, list[dict]]
+# Stands in for a reply in a chat template, to find where the template puts it (RewardModelJudge._reply_start): private
+# use characters, which no template trims or escapes and no reply is expected to hold.
+REPLY_MARK = "\ue000dpo-kit reply\ue001"
 
 
 class Judge(Protocol):
@@ -175,9 +178,9 @@ class RewardModelJudge:
     DeBERTa reward models) they are passed as a text pair, which is how those models were trained.
     A text longer than the reward model reads (`max_length`: the smaller of the tokenizer's model_max_length and the
     model config's max_position_embeddings or n_positions, whichever is set) loses the start of its prompt after its
-    opening BOS or CLS, so that the response is scored whole;
-    `score` warns how many were cut, `truncated` (or `score_truncated`, while scoring) says which. A response that
-    alone is longer is refused.
+    opening BOS or CLS, so that the response, and the chat template's markup after it, are scored whole;
+    `score` warns how many were cut, `truncated` (or `score_truncated`, while scoring) says which. A response longer
+    than that with what a cut keeps around it (that BOS or CLS, the markup after it) is refused.
     """
 
     def __init__(self, name_or_path: str, trust_remote_code: bool = False, batch_size: int = 8, dtype=None,
@@ -274,22 +277,50 @@ class RewardModelJudge:
         """How many of the tokens `ids` starts with open a text (`start_ids`: BOS, CLS), which a cut keeps."""
         return sum(1 for _ in itertools.takewhile(self.start_ids.__contains__, ids))
 
-    def _fit(self, encoding) -> list[bool]:
-        """Cuts, in place, each text of `encoding` (the tokenizer's unpadded output) longer than `max_length` tokens,
-        and says which it cut. The classifier reads the last token that is not padding, so a text cut at its end (the
+    def _reply_start(self, prompt: Prompt, reply: str, text: str) -> int:
+        """Where, in the rendered `text` (from `_texts`), the reply begins: all after it is the reply and the markup the
+        chat template closes it with (<|im_end|>), which a cut must keep. The conversation is rendered once more with a
+        marker for the reply, and the text before the marker is the part a cut may take from."""
+        if isinstance(prompt, str):
+            return len(prompt)  # prompt + reply: nothing follows the reply
+        turns = prompt[:-1] if ends_with_prefill(prompt) else prompt
+        marked = self.tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": REPLY_MARK}], tokenize=False)
+        before, _, after = marked.rpartition(REPLY_MARK)
+        if len(before) + len(after) <= len(text) and text.startswith(before) and text.endswith(after):
+            return len(before)
+        # A template whose markup depends on the reply itself (none of the presets): the reply's last occurrence, as
+        # the template may have trimmed it; failing that, the whole text, so that a text cut could not lose any of it
+        # (the response is then refused rather than cut).
+        return max(text.rfind(reply.strip()), 0)
+
+    def _tail(self, encoding, index: int, start: int, text: str) -> int:
+        """How many of the last tokens of text `index` of `encoding` (the unpadded tokenization of `texts`) are its
+        reply and what follows it: the tokens from the one holding character `start` (`_reply_start`) to the end."""
+        ids = encoding["input_ids"][index]
+        if encoding.is_fast:
+            # A token that joins the prompt's last characters to the reply's first is kept whole, with the reply.
+            for char in range(start, len(text)):
+                token = encoding.char_to_token(index, char)
+                if token is not None:
+                    return len(ids) - token
+            return 0  # nothing from the reply on maps to a token (an empty reply with no markup after it)
+        # A slow tokenizer gives no character offsets: the reply and its closing markup tokenized alone.
+        return len(self.tokenizer(text[start:], add_special_tokens=False, verbose=False)["input_ids"])
+
+    def _fit(self, encoding, cut: list[int]) -> None:
+        """Cuts, in place, each text of `encoding` (the tokenizer's unpadded output) whose index is in `cut` to
+        `max_length` tokens. The classifier reads the last token that is not padding, so a text cut at its end (the
         tokenizer's default) lost its response: after a prompt as long as the limit, an empty answer and a real one
         read the same tokens and tied. A cut text keeps its opening tokens (`_leading`), then as many of its last
-        tokens as fit: the response whole and the end of the prompt. Cut here rather than by the tokenizer, whose
-        left truncation drops the BOS a chat template wrote; a text pair's CLS, which the tokenizer adds after its cut,
-        is kept the same way, and only its prompt is cut (the tokenizer's default cut the longer of the two)."""
-        flags = [self.max_length is not None and len(ids) > self.max_length for ids in encoding["input_ids"]]
-        for index, cut in enumerate(flags):
-            if cut:
-                lead = self._leading(encoding["input_ids"][index])
-                for key in encoding:  # input_ids, attention_mask and a pair's token_type_ids, cut alike
-                    values = encoding[key][index]
-                    encoding[key][index] = values[:lead] + values[len(values) - (self.max_length - lead) :]
-        return flags
+        tokens as fit: the response whole, with the markup after it, and the end of the prompt (`_prepare` refuses a
+        text whose response does not fit so). Cut here rather than by the tokenizer, whose left truncation drops the
+        BOS a chat template wrote; a text pair's CLS, which the tokenizer adds after its cut, is kept the same way, and
+        only its prompt is cut (the tokenizer's default cut the longer of the two)."""
+        for index in cut:
+            lead = self._leading(encoding["input_ids"][index])
+            for key in encoding:  # input_ids, attention_mask and a pair's token_type_ids, cut alike
+                values = encoding[key][index]
+                encoding[key][index] = values[:lead] + values[len(values) - (self.max_length - lead) :]
 
     def truncated(self, prompts: Sequence[Prompt], responses: Sequence[str], first_index: int = 0) -> list[bool]:
         """Whether each prompt and response together are longer than the reward model reads (`max_length` tokens), so
@@ -304,32 +335,38 @@ class RewardModelJudge:
     def _prepare(self, prompts: Sequence[Prompt], responses: Sequence[str], first_index: int = 0) -> tuple[object, list[bool]]:
         """The texts the reward model reads, tokenized once and cut to fit (`_fit`; unpadded), and which were cut.
 
-        A response that alone is longer than `max_length` is refused, naming its index (`first_index` is the index of
+        A response longer than `max_length` with the tokens a cut keeps around it (the opening BOS or CLS, the chat
+        template's markup after it, a pair's separators) is refused, naming its index (`first_index` is the index of
         the first in the caller's list) and its start: the index alone did not say which sample of which prompt the
-        on-policy source, which scores one prompt's samples at a time, meant. No part of it could be cut without
-        scoring another response than the one given."""
+        on-policy source, which scores one prompt's samples at a time, meant."""
         texts, replies = self._texts(prompts, responses)
         encoding = self._tokenize(texts, verbose=False)
-        flags = self._fit(encoding)
+        flags = [self.max_length is not None and len(ids) > self.max_length for ids in encoding["input_ids"]]
         cut = [index for index, flag in enumerate(flags) if flag]
-        if cut:
-            # Around a pair the tokenizer adds its own tokens ([CLS] prompt [SEP] reply [SEP]); a templated text keeps
-            # its opening tokens (BOS) before the reply. The template's markup around a reply may be cut, the reply's
-            # end (the token the classifier reads) is kept. Only the replies of cut texts are tokenized again, alone.
-            pair = self.tokenizer.chat_template is None
-            reply_ids = self.tokenizer([replies[index] for index in cut], add_special_tokens=False, verbose=False)
-            for index, ids in zip(cut, reply_ids["input_ids"], strict=True):
-                around = self.tokenizer.num_special_tokens_to_add(pair=True) if pair else self._leading(encoding["input_ids"][index])
-                if len(ids) + around > self.max_length:
-                    # The responses the evaluation judges come from generate, the sampled pairs' from data.generate.
-                    section = "data.generate" if self.key.startswith("data.") else "generate"
-                    raise ValueError(
-                        f"{self.key} '{self.name}' reads at most {self.max_length} tokens, and response"
-                        f" {first_index + index} (0-based) of those it was given, {preview(responses[index])}, alone is"
-                        f" {len(ids) + around}: it cannot be scored whole."
-                        f" Lower {section}.max_new_tokens, or name a reward model that reads"
-                        " longer texts."
-                    )
+        pair = self.tokenizer.chat_template is None
+        for index in cut:
+            if pair:
+                # Around a pair the tokenizer adds its own tokens ([CLS] prompt [SEP] reply [SEP]), all kept by a cut.
+                reply = len(self.tokenizer(replies[index], add_special_tokens=False, verbose=False)["input_ids"])
+                needed = reply + self.tokenizer.num_special_tokens_to_add(pair=True)
+            else:
+                # A templated text keeps its opening tokens (BOS), and after the reply the template's closing markup
+                # (<|im_end|>\n): counting the reply alone, a reply that fit only without that markup lost its start.
+                start = self._reply_start(prompts[index], replies[index], texts[index])
+                needed = self._leading(encoding["input_ids"][index]) + self._tail(encoding, index, start, texts[index])
+            if needed > self.max_length:
+                # No part of it could be cut without scoring another response than the one given. The responses the
+                # evaluation judges come from generate, the sampled pairs' from data.generate.
+                section = "data.generate" if self.key.startswith("data.") else "generate"
+                alone = len(self.tokenizer(replies[index], add_special_tokens=False, verbose=False)["input_ids"])
+                raise ValueError(
+                    f"{self.key} '{self.name}' reads at most {self.max_length} tokens, and response"
+                    f" {first_index + index} (0-based) of those it was given, {preview(responses[index])}, alone is"
+                    f" {alone}, {needed} with the tokens a cut keeps around it: it cannot be scored whole."
+                    f" Lower {section}.max_new_tokens, or name a reward model that reads"
+                    " longer texts."
+                )
+        self._fit(encoding, cut)
         return encoding, flags
 
     def _encode(self, prompts: Sequence[Prompt], responses: Sequence[str]):
