@@ -358,6 +358,39 @@ def test_a_reward_model_whose_tokenizer_has_no_limit_reads_up_to_its_position_em
         assert score == pytest.approx(model(input_ids=torch.tensor([ids[-64:]])).logits[0, 0].item(), abs=1e-5)
 
 
+def test_a_roberta_reward_model_reads_two_fewer_tokens_than_its_position_embeddings(tmp_path):
+    """RoBERTa (and XLM-RoBERTa, CamemBERT, ...) numbers positions from its padding id plus one: max_position_embeddings
+    514 reads 512 tokens. Behind a tokenizer with no limit the judge took 514, and a long text failed inside the model
+    with an index error instead of being cut. Here the padding id is 0, so 66 embeddings read 65 tokens."""
+    from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, max_position_embeddings=66, type_vocab_size=1, num_labels=1,
+                           pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    RobertaForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    judge = RewardModelJudge(str(with_model_max_length(tmp_path, None)))
+    assert judge.max_length == 65
+    response = "Knead the dough for ten minutes."
+    with pytest.warns(UserWarning, match="1 of 2 prompts .* longer than the 65 tokens"):
+        long_score, short_score = judge.score([LONG_PROMPT, PROMPT], [response, response])
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    for prompt, score in ((LONG_PROMPT, long_score), (PROMPT, short_score)):
+        ids = judge.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
+                                                  return_dict=True)["input_ids"]  # fmt: skip
+        with torch.no_grad():
+            assert score == pytest.approx(model(input_ids=torch.tensor([ids[-65:]])).logits[0, 0].item(), abs=1e-5)
+    # A position table numbered from 0 (BERT's) reads as many tokens as it has embeddings.
+    from dpo_kit.judges import positions_read
+
+    assert positions_read(judge.model) == 65
+    assert positions_read(AutoModelForSequenceClassification.from_pretrained(build_text_pair_reward_model(tmp_path / "bert"))) is None
+
+
 def build_reward_model_with_bos(path, model_max_length=64):
     """The tiny reward model behind a tokenizer whose chat template starts every text with a BOS, as Llama's and
     Gemma's do."""

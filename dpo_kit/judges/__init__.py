@@ -171,13 +171,32 @@ def preview(text: str, length: int = 60) -> str:
     return repr(text if len(text) <= length else text[:length] + "...")
 
 
+def positions_read(model) -> int | None:
+    """How many tokens a model's learned position embeddings let it read, where that is fewer than their count: None
+    for a model with no such embeddings or none of that kind.
+
+    RoBERTa and the models built like it (XLM-RoBERTa, CamemBERT, Longformer, MPNet, ESM, Data2VecText, ...), after
+    fairseq, number positions from the padding id plus one, with position `padding_idx` kept for padding: their
+    max_position_embeddings (514) is two more than they read (512), and a text of 513 or 514 tokens failed inside the
+    model with an index error. Their position table is the one that marks a padding_idx, which is how this finds them
+    without a list of architectures: a table numbered from 0 (BERT, GPT-2) has none, and one that adds its offset to
+    its size instead (OPT, BART) has none either and a config that gives the length it reads."""
+    import torch
+
+    limits = [module.num_embeddings - module.padding_idx - 1 for name, module in model.named_modules()
+              if name.rsplit(".", 1)[-1] == "position_embeddings" and isinstance(module, torch.nn.Embedding)
+              and module.padding_idx is not None]  # fmt: skip
+    return min(limits, default=None)
+
+
 class RewardModelJudge:
     """A reward model (AutoModelForSequenceClassification with one label) as a judge.
 
     With a chat template the prompt and response are rendered as a conversation; without one (e.g. the
     DeBERTa reward models) they are passed as a text pair, which is how those models were trained.
     A text longer than the reward model reads (`max_length`: the smaller of the tokenizer's model_max_length and the
-    model config's max_position_embeddings or n_positions, whichever is set) loses the start of its prompt after its
+    model config's max_position_embeddings or n_positions, whichever is set, less the positions a RoBERTa-like model
+    keeps for padding, `positions_read`) loses the start of its prompt after its
     opening BOS or CLS, so that the response, and the chat template's markup after it, are scored whole;
     `score` warns how many were cut, `truncated` (or `score_truncated`, while scoring) says which. A response longer
     than that with what a cut keeps around it (that BOS or CLS, the markup after it) is refused.
@@ -235,7 +254,8 @@ class RewardModelJudge:
         # limit that large is the sentinel, not a limit.
         config = self.model.config
         limits = (self.tokenizer.model_max_length,
-                  getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None))  # fmt: skip
+                  getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
+                  positions_read(self.model))  # fmt: skip
         limits = [limit for limit in limits if isinstance(limit, int) and 0 < limit < 10**9]
         self.max_length = min(limits) if limits else None
         # The tokens that open a text rather than belong to its prompt: the BOS (which a chat template such as Llama's
