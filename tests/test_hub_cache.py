@@ -210,7 +210,8 @@ def test_a_sweep_offline_with_a_hub_model_not_cached_is_refused_before_its_first
     project = tmp_path / "project"
     project.mkdir()
     with pytest.raises(SweepError, match=r"model.name_or_path: 'someone/model' at revision main: no config.json"
-                                         r"(.|\n)*\(from the sweep's dpo.beta=0.1\)\. Nothing was run"):
+                                         r"(.|\n)*The sweep's trial beta=0.1 would refuse it before its first"
+                                         r" stage, so nothing was run"):
         run_sweep(TINY, grid=["dpo.beta=0.1,0.2"], overrides=["model.name_or_path=someone/model"], project_dir=project,
                   progress=False)  # fmt: skip
     assert not list(project.iterdir())

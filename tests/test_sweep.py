@@ -25,6 +25,7 @@ from dpo_kit.run.sweep import (
     SweepSpec,
     check_spec,
     recover_interrupted_trials,
+    refuse_what_the_trials_lack,
     release_claim,
     run_sweep,
     storage_lock,
@@ -905,7 +906,76 @@ def test_a_sweep_logging_to_wandb_online_without_a_key_is_refused_before_its_fir
     for name in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(SweepError, match=r"WANDB_API_KEY is not set in the environment .*set WANDB_MODE=offline.*"
-                                         r"\(from the sweep's dpo.beta=0.1\)\. Nothing was run"):
+                                         r"The sweep's trial beta=0.1 would refuse it before its first stage, so"
+                                         r" nothing was run"):
         run_sweep(TINY, grid=["dpo.beta=0.1,0.2"], overrides=["tracking.report_to=[wandb]"], project_dir=tmp_path,
                   progress=False)  # fmt: skip
     assert not list(tmp_path.iterdir())
+
+
+def params_file(tmp_path: Path, **sections: dict) -> Path:
+    """tiny.yaml with some of its sections' keys changed, in a file of its own."""
+    import yaml
+
+    params = yaml.safe_load(TINY.read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_a_sweep_pushing_each_trial_to_its_own_repo_without_hf_token_is_refused_before_its_first_trial(
+        tmp_path, monkeypatch):
+    """merge.push_to_hub with merge.hub_model_id swept: each trial's `dpo-kit run` refused it before its first stage
+    for want of HF_TOKEN (or with the hub offline), and the sweep ran trial after trial, a kernel each, only to record
+    each as failed. The sweep makes the runner's own checks before its first trial."""
+    import dpo_kit.run.runner as runner
+
+    def no_trial(*args, **kwargs):
+        raise AssertionError("a trial started")
+
+    monkeypatch.setattr(runner, "SharedKernel", no_trial)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    path = params_file(tmp_path, merge={"push_to_hub": True, "hub_model_id": "someone/tiny-dpo"})
+    project = tmp_path / "project"
+    project.mkdir()
+    sweep = dict(grid=["merge.hub_model_id=someone/tiny-a,someone/tiny-b"], project_dir=project, progress=False)
+    with pytest.raises(SweepError, match=r"merge.push_to_hub is true but HF_TOKEN is not set.*The sweep's trial"
+                                         r" hub_model_id=someone_tiny-a would refuse it before its first stage, so"
+                                         r" nothing was run: the merge stage pushes after training"):
+        run_sweep(path, **sweep)
+    monkeypatch.setenv("HF_TOKEN", "hf_FAKESECRET123456789")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SweepError, match=r"merge.push_to_hub is true, and HF_HUB_OFFLINE is set, so the push to"
+                                         r" someone/tiny-a would fail"):
+        run_sweep(path, **sweep)
+    assert not list(project.iterdir())
+
+
+def test_the_sweeps_environment_checks_read_each_point_of_the_grid(tmp_path, monkeypatch):
+    """A trial has each swept key's grid value, never the params file's: a grid of trackers over a file naming wandb
+    needs no WANDB_API_KEY, and a grid that puts wandb in one point does. A `wandb offline` settings file in the
+    folder the sweep started in is pinned for the trials after the check, as `dpo-kit run` does."""
+    monkeypatch.setenv("WANDB_MODE", "online")  # recorded, so that what the sweep pins is taken away afterwards
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))  # no global settings file
+    monkeypatch.chdir(tmp_path)
+
+    def check(path, grid):
+        spec = SweepSpec(params=str(path), overrides=[], space={}, sampler="grid", samples=None, objective="x",
+                         direction="maximize", seed=0)  # fmt: skip
+        refuse_what_the_trials_lack(spec, SearchSpace.parse(grid, []), tmp_path)
+
+    check(params_file(tmp_path, tracking={"report_to": ["wandb"]}), ["tracking.report_to=none,tensorboard"])
+    tiny_grid = ["dpo.beta=0.1,0.2", "tracking.report_to=none,wandb"]
+    with pytest.raises(SweepError, match=r"WANDB_API_KEY is not set.*The sweep's trial beta=0.1,report_to=wandb"
+                                         r" would refuse it before its first stage, so nothing was run"):
+        check(TINY, tiny_grid)
+    assert "WANDB_MODE" not in os.environ
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "settings").write_text("[default]\nmode = offline\n")
+    check(TINY, tiny_grid)
+    assert os.environ["WANDB_MODE"] == "offline"

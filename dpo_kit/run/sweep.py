@@ -30,7 +30,6 @@ from typing import Any
 import yaml
 
 from dpo_kit import manifest as mf
-from dpo_kit.models.hub_cache import check_offline_cache
 from dpo_kit.params import (
     PLACE_ONLY_KEYS,
     ParamsError,
@@ -43,7 +42,7 @@ from dpo_kit.params import (
     sections_of_bare_key,
 )
 from dpo_kit.run.stage import adopt_format_stage, has_completed_format, params_fingerprint
-from dpo_kit.tracking import TrackerError, pin_wandb_mode, wandb_key_for_online
+from dpo_kit.tracking import pin_wandb_mode
 
 SWEEP_FILE = "sweep.json"
 CLAIMS = ".claims"
@@ -695,15 +694,6 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
             raise SweepError(f"merge.push_to_hub: every trial of the sweep would push its merged model to"
                              f" {params.merge.hub_model_id}, which would end up holding whichever trial merged last."
                              " Sweep with merge.push_to_hub=false, then push the trial you choose (its merged/ folder)")
-        try:  # each trial's run would refuse it before its first stage: the sweep does, before its first trial
-            wandb_key_for_online(params.tracking.report_to)
-        except TrackerError as error:
-            raise SweepError(f"{error} (from the sweep's {overrides[-1]}). Nothing was run") from None
-        pin_wandb_mode(params.tracking.report_to)  # for the trials, which read the settings of their own folders
-        try:  # offline, a hub id missing from the cache: the same
-            check_offline_cache(params, project)
-        except ParamsError as error:
-            raise SweepError(f"{error} (from the sweep's {overrides[-1]}). Nothing was run") from None
         value: Any = params_to_dict(params)
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
@@ -723,6 +713,40 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
             space.ranges[key] = [float(low), float(high), scale]
         elif all(isinstance(v, int) and not isinstance(v, bool) for v in read[key]):
             space.ranges[key] = [int(low), int(high), scale]
+
+
+def refuse_what_the_trials_lack(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
+    """What each trial's `dpo-kit run` would refuse before its first stage about the environment (HF_TOKEN and a hub
+    not offline for merge.push_to_hub, WANDB_API_KEY for wandb online, the offline cache: the runner's own
+    refuse_what_the_environment_lacks, for every stage), refused before the first trial: the sweep started trial
+    after trial, a kernel each, only to record each as failed for the same reason.
+
+    Checked at every point of the grid, with the values a trial has: a swept key's value in the params file is no
+    trial's (`--grid tracking.report_to=none,tensorboard` over a file naming wandb needs no key), and two swept keys
+    may be needed together (merge.push_to_hub with merge.hub_model_id, model.name_or_path with model.revision).
+    A --range key keeps the params file's value here: ranges are numbers, which none of these checks reads. A point
+    the params refuse is skipped: a grid's were refused already (refuse_bad_combinations), and a random or TPE
+    search's is that trial's own failure. The wandb mode a settings file names is then pinned for the trials."""
+    import itertools
+
+    from dpo_kit.run.runner import RunError, refuse_what_the_environment_lacks
+
+    path = project / spec.params if not Path(spec.params).is_absolute() else spec.params
+    for combination in itertools.product(*space.grid.values()):
+        values = dict(zip(space.grid, combination, strict=True))
+        try:
+            params = load_params(path, [*spec.overrides, *trial_overrides(values)])
+        except ParamsError:
+            continue
+        who = f"The sweep's trial {trial_name(values)}" if values else "Every trial of the sweep"
+        try:  # every stage: a trial starts as a fresh run (a continued one's completed stages aside)
+            refuse_what_the_environment_lacks(params_to_dict(params), project, list(mf.STAGES),
+                                              outcome=f"{who} would refuse it before its first stage, so nothing was run")
+        except RunError as error:
+            raise SweepError(str(error)) from None
+        # After the check, as `dpo-kit run` does: the mode a `wandb offline` settings file in the folder the sweep
+        # started in names, for every trial's stages (their kernels run in notebooks/, where wandb reads other files).
+        pin_wandb_mode(params.tracking.report_to)
 
 
 def refuse_bad_combinations(path: str | Path, overrides: list[str], grid: dict[str, list[Any]]) -> None:
@@ -805,6 +829,7 @@ def run_sweep(
                      sampler=sampler, samples=samples if sampler != "grid" else None, objective=objective,
                      direction=direction, seed=base.run.seed)
     validate_points(spec, space, project)
+    refuse_what_the_trials_lack(spec, space, project)
     spec.space = asdict(space)  # the ranges as the types of their keys
     sweep_name = name or f"{base.run.name}-sweep"
     sweep_dir = run_directory(project, base.run.output_dir, sweep_name)
