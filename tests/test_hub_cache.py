@@ -311,3 +311,28 @@ def test_offline_the_format_stage_refuses_a_loaded_copy_that_is_not_data_revisio
         read_hub_dataset(params.data)
     os.utime(older, (1_000_000_200, 1_000_000_200))  # the older commit's copy is now the newest: that is loaded
     assert read_hub_dataset(params.data)[0]["question"] == "older"
+
+
+def test_a_sweep_offline_looks_for_the_models_its_trials_load_not_the_params_files(hf_home, tmp_path):
+    """A grid over models: each trial loads its own grid value, never the params file's model, which need not be in
+    the cache; a grid value that is not is refused before the first trial, naming the trial."""
+    import yaml
+
+    from dpo_kit.run.sweep import SearchSpace, SweepError, SweepSpec, refuse_what_the_trials_lack
+
+    params = yaml.safe_load(TINY.read_text())
+    params["model"]["name_or_path"] = "someone/not-cached"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    cache_model(hf_home, "someone/a", "config.json")
+    cache_model(hf_home, "someone/b", "config.json")
+
+    def check(*grid):
+        spec = SweepSpec(params=str(path), overrides=[], space={}, sampler="grid", samples=None, objective="x",
+                         direction="maximize", seed=0)  # fmt: skip
+        refuse_what_the_trials_lack(spec, SearchSpace.parse(list(grid), []), tmp_path)
+
+    check("model.name_or_path=someone/a,someone/b", "dpo.beta=0.1,0.2")
+    with pytest.raises(SweepError, match=r"model.name_or_path: 'someone/c' at revision main: no config.json(.|\n)*"
+                                         r"The sweep's trial name_or_path=someone_c,beta=0.1 would refuse it"):
+        check("model.name_or_path=someone/a,someone/c", "dpo.beta=0.1,0.2")
