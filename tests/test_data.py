@@ -492,6 +492,31 @@ def test_data_eval_split_holds_out_that_split_audited_and_recorded_as_the_train_
     assert all("split" not in row for row in read_jsonl(run_dir / "data" / "dropped.jsonl"))
 
 
+def test_notebook_01_shows_each_splits_drops_and_counts_and_the_pairs_plotted_with_data_eval_split(hub_datasets, tokenizer):
+    """With data.eval_split the drop table summed both splits' drops (the held-out split's identical_responses read as
+    the train split's) and showed neither split's rows read or kept; the length plot counts data.split's pairs measured
+    before their prompt was found held out, so its 7 pairs were 6 kept and 0 too_long without a word."""
+    write_split_dataset(hub_datasets)
+    report = prepare_data(make_params(source="org/splits", format="standard", eval_split="test"), tokenizer, hub_datasets / "run")
+    table = dropped_summary_table(report)
+    assert list(table.columns) == ["reason", "count", "data.split 'train'", "data.eval_split 'test'", "percent_of_read", "meaning"]
+    by_reason = {row["reason"]: (row["count"], row["data.split 'train'"], row["data.eval_split 'test'"]) for _, row in table.iterrows()}
+    assert by_reason == {"empty_response": (1, 1, 0), "prompt_in_eval_split": (1, 1, 0), "identical_responses": (1, 0, 1),
+                         "duplicate": (1, 0, 1), "total": (4, 2, 2)}  # fmt: skip
+    assert table.iloc[-1]["meaning"] == (
+        "every dropped row is in data/dropped.jsonl, with its reason and split; data.split 'train': read 5, kept 3"
+        " (train.jsonl), data.eval_split 'test': read 5, kept 3 (eval.jsonl)")
+    assert "so that no held-out prompt is trained on" in table.set_index("reason").loc["prompt_in_eval_split", "meaning"]
+    figure = plot_token_lengths(report)
+    assert sum(patch.get_height() for patch in figure.axes[0].patches) == len(report.prompt_lengths) == 7
+    assert figure._suptitle.get_text() == ("Token lengths of 7 pairs of data.split 'train' and data.eval_split 'test'"
+                                           " (0 dropped as too_long, 1 as prompt_in_eval_split)")  # fmt: skip
+    # unset, the table and title are as before (the tiny run's notebook output is unchanged)
+    plain = prepare_data(make_params(source="org/splits", format="standard"), tokenizer, hub_datasets / "run")
+    assert list(dropped_summary_table(plain).columns) == ["reason", "count", "percent_of_read", "meaning"]
+    assert plot_token_lengths(plain)._suptitle.get_text() == f"Token lengths of {len(plain.prompt_lengths)} pairs (0 dropped as too_long)"
+
+
 def test_a_data_eval_split_that_leaves_nothing_held_out_or_is_missing_is_refused_naming_it(hub_datasets, tokenizer):
     write_split_dataset(hub_datasets)
     with pytest.raises(SourceError) as refused:

@@ -471,7 +471,14 @@ def plot_token_lengths(report: DataReport):
             axes.axvline(report.max_length, color="black", linestyle="--", label=f"max_length = {report.max_length}")
     pair_axes.legend()
     over = report.dropped_by_reason.get("too_long", 0)
-    figure.suptitle(f"Token lengths of {len(report.prompt_lengths)} pairs ({over} dropped as too_long)")
+    title = f"Token lengths of {len(report.prompt_lengths)} pairs ({over} dropped as too_long)"
+    if report.by_split:
+        # both splits' pairs, and data.split's that were measured before their prompt was found held out
+        held = report.dropped_by_reason.get("prompt_in_eval_split", 0)
+        splits = " and ".join(f"{SPLIT_KEYS[name]} {part['split']!r}" for name, part in report.by_split.items())
+        title = (f"Token lengths of {len(report.prompt_lengths)} pairs of {splits} ({over} dropped as too_long,"
+                 f" {held} as prompt_in_eval_split)")  # fmt: skip
+    figure.suptitle(title)
     return figure
 
 
@@ -510,4 +517,20 @@ def dropped_summary_table(report: DataReport):
         "meaning": "every dropped row is in data/dropped.jsonl, with its reason" if report.rows_dropped
         else "no row was dropped",
     })
-    return pd.DataFrame(records, columns=["reason", "count", "percent_of_read", "meaning"])
+    columns = ["reason", "count", "percent_of_read", "meaning"]
+    if report.by_split:
+        # data.eval_split: each split's own drops beside the sums, and what each split read and kept, so that the
+        # held-out split's drops (and data.split's prompt_in_eval_split) are not read as the train split's alone
+        parts = {f"{SPLIT_KEYS[name]} {part['split']!r}": part for name, part in report.by_split.items()}
+        for record in records:
+            for column, part in parts.items():
+                record[column] = part["rows_dropped"] if record["reason"] == "total" else part["dropped_by_reason"].get(record["reason"], 0)
+        records[-1]["meaning"] = records[-1]["meaning"].replace("with its reason", "with its reason and split") + "; " + ", ".join(
+            f"{column}: read {part['rows_read']}, kept {part['rows_kept']} ({SPLIT_FILES[name]})" for (name, part), column
+            in zip(report.by_split.items(), parts, strict=True))  # fmt: skip
+        columns[2:2] = list(parts)
+    return pd.DataFrame(records, columns=columns)
+
+
+SPLIT_KEYS = {"train": "data.split", "eval": "data.eval_split"}  # report.by_split's parts, by the params key that named each
+SPLIT_FILES = {"train": "train.jsonl", "eval": "eval.jsonl"}
