@@ -377,6 +377,23 @@ HUB_DATASET_PAGE = re.compile(
     r"(?:/tree/(?P<revision>[^/]+)(?:/(?P<folder>[^?#]+?))?)?/?"
 )
 
+# What datasets.load_dataset reads as a split: a split name, or a slice of one (rows 'train[:1000]', 'train[10:]',
+# percents 'train[:10%]', a rounding '(pct1_dropremainder)'), and several such joined by '+'; as datasets.arrow_reader's
+# _SUB_SPEC_RE, which refuses anything else only when the dataset is loaded, after the model's tokenizer is.
+SPLIT_PART = re.compile(r"\w+(\.\w+)*(\[((-?[\d_]+)%?)?:((-?[\d_]+)%?)?\])?(\([^)]*\))?")
+
+
+def split_syntax_problem(spec: str) -> str | None:
+    """Why datasets would refuse `spec` as a split (a slice it cannot read, a name it cannot hold); None if it reads it."""
+    parts = re.split(r"\s*\+\s*", spec)
+    bad = [part for part in parts if not SPLIT_PART.fullmatch(part)]
+    if not bad:
+        return None
+    which = f"its part {bad[0]!r} is" if len(parts) > 1 else "it is"
+    return (f"{which} no split or slice of one that datasets can read: name a split (letters, digits, '_'), or a slice"
+            " of one by rows or percent such as 'test[:1000]', 'test[1000:2000]' or 'test[:10%]', or several joined by"
+            " '+'")  # fmt: skip
+
 
 class DataParams(Section):
     source: str = Field(
@@ -477,6 +494,10 @@ class DataParams(Section):
                 f" is {'a local file' if is_local_path(self.source) else 'not one'}; remove data.{key} (or set it"
                 " to null), or name a hub dataset id as data.source"
             )
+        if is_hub_dataset(self.source):  # no other source reads a split
+            for key in ("split", "eval_split"):
+                if getattr(self, key) is not None and (problem := split_syntax_problem(getattr(self, key))):
+                    raise ValueError(f"data.{key} {getattr(self, key)!r}: {problem}")
         self._one_held_out_choice()
         suffix = Path(self.source).suffix.lower()
         if suffix and suffix not in LOCAL_DATA_SUFFIXES and (self.source.startswith((".", "/")) or suffix in {".txt", ".tsv", ".xlsx"}):

@@ -246,6 +246,40 @@ def test_data_eval_split_and_eval_fraction_are_one_choice_of_the_held_out_pairs(
     assert parse_params({**base, "data": {**base["data"], "eval_fraction": 0}}).data.eval_fraction == 0.0
 
 
+@pytest.mark.parametrize("key", ["split", "eval_split"])
+def test_a_split_or_slice_datasets_cannot_read_is_refused_when_params_are_read_naming_the_key(key):
+    """'test[:abc]' passed validate and failed only when the format stage loaded the dataset, after the tokenizer, as
+    "data.source: cannot load ...: Unrecognized instruction format", naming neither data.split nor data.eval_split."""
+    base = {"run": {"name": "t"}, "model": {"name_or_path": "unused"}, "evaluate": {"judge": "unused/reward-model"}}
+    other = {"split": "train"} if key == "eval_split" else {}
+    message = error_for({**base, "data": {"source": "org/prefs", **other, key: "test[:abc]"}})
+    assert f"x.yaml: data.{key} 'test[:abc]': it is no split or slice of one that datasets can read" in message
+    assert "such as 'test[:1000]'" in message
+    with pytest.raises(ParamsError, match=f"data.{key} 'train\\+test\\[:2': its part 'test\\[:2' is no split"):
+        load_params(REPO / "params/stablelm-2-1_6b-hh-rlhf-lora-8bit.yaml", [f"data.{key}=train+test[:2"])
+    # no other source reads a split: data.split is not checked there (data.eval_split is refused there anyway)
+    assert parse_params({**base, "data": {"source": "bundled", "split": "test[:abc]"}}).data.split == "test[:abc]"
+
+
+SPLIT_SPECS = ["train", "test[:1000]", "test[1000:]", "test[-5:]", "test[1_000:2_000]", "test[:10%]", "test[10%:20%](pct1_dropremainder)",
+               "train+test[:5]", "train + test", "validation.clean", "test[:abc]", "test[:2", "test[0:1:2]", "test[]", "test [:5]",
+               "my-split", "", "train+", " train", "test[:5%%]"]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", SPLIT_SPECS)
+def test_the_split_syntax_refused_is_what_datasets_refuses(spec):
+    from datasets import ReadInstruction
+
+    from dpo_kit.params import split_syntax_problem
+
+    try:
+        ReadInstruction.from_spec(spec)
+        refused = False
+    except ValueError as error:
+        refused = "Unrecognized instruction format" in str(error)
+    assert (split_syntax_problem(spec) is not None) == refused
+
+
 def raw_tiny() -> dict:
     return yaml.safe_load((REPO / "params/tiny.yaml").read_text())
 
@@ -903,8 +937,8 @@ def test_a_leading_zero_a_colon_or_a_date_is_read_as_written_not_as_yaml_1_1_num
     every 8 steps), 1:30 as 90 and 2024-12-07 as a date; YAML 1.2, and now the kit, read none of them so."""
     params = load_params(REPO / "params/tiny.yaml", ["model.revision=0123", "run.name=2024-12-07", "dpo.save_steps=010"])
     assert (params.model.revision, params.run.name, params.dpo["save_steps"]) == ("0123", "2024-12-07", 10)
-    hub = REPO / "params/qwen2.5-0.5b-instruct-ultrafeedback-lora.yaml"  # data.split is a hub dataset's
-    assert load_params(hub, ["data.split=1:30"]).data.split == "1:30"
+    hub = REPO / "params/qwen2.5-0.5b-instruct-ultrafeedback-lora.yaml"  # data.revision is a hub dataset's
+    assert load_params(hub, ["data.revision=1:30"]).data.revision == "1:30"  # (as data.split, no split datasets reads)
     path = tmp_path / "written.yaml"
     path.write_text((REPO / "params/tiny.yaml").read_text().replace("name: tiny", "name: 007"))
     assert load_params(path).run.name == "007"
