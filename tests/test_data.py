@@ -517,6 +517,24 @@ def test_notebook_01_shows_each_splits_drops_and_counts_and_the_pairs_plotted_wi
     assert plot_token_lengths(plain)._suptitle.get_text() == f"Token lengths of {len(plain.prompt_lengths)} pairs (0 dropped as too_long)"
 
 
+def test_the_origin_of_the_held_out_pairs_is_named_in_the_params_terms(hub_datasets, tokenizer):
+    """What the evaluate stage records in metrics.json as held_out_pairs: data.eval_split, or data.eval_fraction by
+    run.seed, or round 1's held-out prompts (round 2 of iterative DPO); nothing for a run without data/report.json."""
+    from dpo_kit.data.pipeline import held_out_origin
+
+    write_split_dataset(hub_datasets)
+    run_dir = hub_datasets / "run"
+    assert held_out_origin(run_dir) is None
+    prepare_data(make_params(source="org/splits", format="standard", eval_split="test[:4]"), tokenizer, run_dir)
+    assert held_out_origin(run_dir) == "data.eval_split 'test[:4]' of data.source 'org/splits'"
+    prepare_data(make_params(source="org/splits", format="standard", seed=3), tokenizer, run_dir)
+    assert held_out_origin(run_dir) == "data.eval_fraction 0.1 of the kept pairs of data.source 'org/splits', by run.seed 3"
+    stored = json.loads((run_dir / "data" / "report.json").read_text())
+    stored.update(held_out_from="runs/round-1/data/eval.jsonl", eval_fraction=None)
+    (run_dir / "data" / "report.json").write_text(json.dumps(stored))
+    assert held_out_origin(run_dir) == "the held-out prompts of runs/round-1/data/eval.jsonl"
+
+
 def test_a_data_eval_split_that_leaves_nothing_held_out_or_is_missing_is_refused_naming_it(hub_datasets, tokenizer):
     write_split_dataset(hub_datasets)
     with pytest.raises(SourceError) as refused:

@@ -230,6 +230,31 @@ def test_max_pairs_limits_the_held_out_pairs(tiny_model_dir, perturbed):
     assert metrics["num_pairs"] == 3 and len(metrics["per_pair"]["reward_margins"]) == 3
 
 
+def test_metrics_name_where_the_held_out_pairs_came_from(tiny_model_dir, tmp_path):
+    """With data.eval_split the held-out pairs are another split's: metrics.json, notebook 05's table of scalars and
+    the manifest's evaluate stage said nothing of where they came from (only the format stage's data block did)."""
+    from dpo_kit.data.pipeline import prepare_data
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    run_dir = make_run_dir(tmp_path / "run", tiny_model_dir, noise=0.05)
+    params = make_params(tiny_model_dir)
+    params.evaluate.max_pairs = 3
+    with pytest.warns(UserWarning, match="generations.jsonl"):
+        assert "held_out_pairs" not in evaluate_run(params, run_dir), "no data/report.json: nothing to say"
+    # the format stage's report of a run that held out data.eval_split (the StableLM recipe's)
+    prepare_data(parse_params({"run": {"name": "t"}, "model": {"name_or_path": "unused"}, "data": {"max_length": 256}}),
+                 build_tiny_tokenizer(), tmp_path / "formatted")  # fmt: skip
+    stored = json.loads((tmp_path / "formatted" / "data" / "report.json").read_text())
+    stored.update(source="Anthropic/hh-rlhf", eval_split="test[:1000]", eval_fraction=None)
+    (run_dir / "data" / "report.json").write_text(json.dumps(stored))
+    with pytest.warns(UserWarning, match="generations.jsonl"):
+        metrics = evaluate_run(params, run_dir)
+    held_out = "data.eval_split 'test[:1000]' of data.source 'Anthropic/hh-rlhf'"
+    assert (metrics["held_out_pairs"], metrics["num_pairs"]) == (held_out, 3), "evaluate.max_pairs of eval.jsonl's pairs"
+    assert json.loads((run_dir / METRICS_FILE).read_text())["held_out_pairs"] == held_out
+    assert scalar_metrics(metrics)["held_out_pairs"] == held_out
+
+
 def test_plot_evaluation_draws_margins_rewards_scores_and_verdicts(perturbed):
     _, metrics = perturbed
     figure = plot_evaluation(metrics)

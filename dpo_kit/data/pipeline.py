@@ -346,6 +346,20 @@ def load_data_report(run_dir: str | Path) -> DataReport:
     return DataReport(**found, **{key: lengths[key] for key in LENGTH_FIELDS})
 
 
+def held_out_origin(run_dir: str | Path) -> str | None:
+    """Where the format stage took this run's held-out pairs (data/eval.jsonl) from, in the params' terms, as the
+    evaluate stage records it in metrics.json: data.eval_split, data.eval_fraction by run.seed, or round 1's held-out
+    prompts; None where the run has no data/report.json."""
+    if not (Path(run_dir) / "data" / "report.json").is_file():
+        return None
+    report = load_data_report(run_dir)
+    if report.eval_split is not None:
+        return f"data.eval_split {report.eval_split!r} of data.source {report.source!r}"
+    if report.held_out_from is not None:
+        return f"the held-out prompts of {report.held_out_from}"
+    return f"data.eval_fraction {report.eval_fraction:g} of the kept pairs of data.source {report.source!r}, by run.seed {report.seed}"
+
+
 def format_hint(result, data) -> str | None:
     """When no row was kept and most were dropped for their shape, the data.format values that read the first such
     row: a file of another format than data.format names what would read it, not only the column it lacks."""

@@ -33,6 +33,7 @@ import math
 import warnings
 from pathlib import Path
 
+from dpo_kit.data.pipeline import held_out_origin
 from dpo_kit.evaluation.generate import GENERATIONS_FILE, read_jsonl
 from dpo_kit.judges import judge_name, make_judge, score_with_cuts, win_outcomes, win_rate_from_scores
 from dpo_kit.models.loading import device_of, free_memory, load_causal_lm, load_tokenizer, model_source
@@ -297,7 +298,10 @@ def evaluate_run(params: Params, run_dir: str | Path, project_dir: str | Path = 
     del models
     free_memory()
 
-    metrics = {"beta": beta, "num_pairs": len(examples), "num_pairs_dropped": dropped, **reward_metrics(per_pair, beta)}
+    metrics = {"beta": beta, "num_pairs": len(examples), "num_pairs_dropped": dropped}
+    if origin := held_out_origin(run_dir):  # data.eval_split, or data.eval_fraction by run.seed, or round 1's
+        metrics["held_out_pairs"] = origin
+    metrics.update(reward_metrics(per_pair, beta))
     per_generation = {}
     if records:
         metrics.update(generation_metrics(records, kls))
