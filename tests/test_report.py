@@ -268,6 +268,9 @@ def test_the_report_says_when_runs_were_evaluated_on_other_prompts_pairs_or_sett
     assert "2 different sets of prompts (1: longer, seed-0, seed-0-again; 2: seed-1)" in prompts
     assert "generate.max_new_tokens" in settings and "generate.top_k" not in settings
     assert "2 different sets of held-out pairs" in pairs and "2: seed-1" in pairs
+    # the reason named was run.seed alone; data.eval_split (another split, or none) holds out other pairs as well
+    assert "another run.seed, data.eval_fraction or data.eval_split holds out other prompts" in prompts
+    assert "another run.seed, data.eval_fraction or data.eval_split holds out other pairs" in pairs
     assert "1: longer; 2: seed-0, seed-0-again, seed-1" in methods
 
 

@@ -282,17 +282,18 @@ def _held_out_pairs(run: RunRecord) -> str | None:
 
 def comparability_notes(runs: list[RunRecord]) -> list[str]:
     """What makes the runs' numbers not like for like, one sentence each (empty when nothing does): generations on
-    other prompts (another seed's held-out split, another generate.num_prompts or generate.prompts) or sampled with
-    other settings, other held-out pairs for the implicit reward, another kind of win-rate interval. Each of these
-    changes the numbers without any change in training; the report compares the runs all the same."""
+    other prompts (another seed's held-out split or another data.eval_split, another generate.num_prompts or
+    generate.prompts) or sampled with other settings, other held-out pairs for the implicit reward, another kind of
+    win-rate interval. Each of these changes the numbers without any change in training; the report compares the
+    runs all the same."""
     notes = []
     with_generations = [run for run in runs if "win_rate" in run.metrics]
     prompts = _groups(with_generations, _evaluated_prompts)
     if len(prompts) > 1:
         notes.append(f"the runs' generations were judged on {len(prompts)} different sets of prompts ({_described(prompts)}):"
                      " their judged rewards, win-rates, KLs and the reference's own reward differ with the prompts as"
-                     " well as with the training (another run.seed holds out other prompts), so compare them as"
-                     " estimates with their intervals, not prompt for prompt")  # fmt: skip
+                     " well as with the training (another run.seed, data.eval_fraction or data.eval_split holds out"
+                     " other prompts), so compare them as estimates with their intervals, not prompt for prompt")  # fmt: skip
     kinds = _groups(with_generations, lambda run: run.metrics.get("generate/prompts", "held-out"))
     if len(kinds) > 1:
         notes.append(f"some runs were compared on held-out prompts and others on their own generate.prompts, which"
@@ -306,7 +307,8 @@ def comparability_notes(runs: list[RunRecord]) -> list[str]:
     pairs = _groups(runs, _held_out_pairs)
     if len(pairs) > 1:
         notes.append(f"the implicit-reward accuracy and margin were measured on {len(pairs)} different sets of held-out"
-                     f" pairs ({_described(pairs)})")  # fmt: skip
+                     f" pairs ({_described(pairs)}): another run.seed, data.eval_fraction or data.eval_split holds out"
+                     " other pairs (metrics.json's held_out_pairs says where each run's came from)")  # fmt: skip
     methods = _groups(with_generations, lambda run: run.metrics.get("win_rate/ci_method", "percentile bootstrap"))
     if len(methods) > 1:
         notes.append(f"the win-rate intervals were computed by different methods ({_described(methods)}; see CI method"
