@@ -240,6 +240,14 @@ def test_runs_differing_in_the_seed_alone_are_summarised_with_mean_and_spread():
     assert seed_summary_table(repeats).empty
     assert seed_summary_table([*repeats, seeded("other-seed", 7, 0.1, 18.7, 0.86)]).iloc[0]["seed values"] == (
         "42, 42, 42, 7")
+    # A run made before a key existed has no line for it in its params.yaml; a later run writes its default, null
+    # (data.eval_split). The params table reads the two alike; the seed summary kept them apart, so an old and a new
+    # run of the same params and another seed gave no spread.
+    older, newer = seeded("before-eval-split", 0, 0.1, 18.7, 0.86), seeded("with-eval-split", 1, 0.1, 13.7, 0.79)
+    newer.params.setdefault("data", {})["eval_split"] = None
+    assert seed_summary_table([older, newer]).iloc[0]["seed values"] == "0, 1"
+    newer.params["data"]["eval_split"] = "test"  # held out otherwise: not the same params
+    assert seed_summary_table([older, newer]).empty
 
 
 def test_the_report_says_when_runs_were_evaluated_on_other_prompts_pairs_or_settings(tmp_path):

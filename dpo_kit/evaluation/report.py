@@ -262,7 +262,9 @@ def _described(groups: list[list[RunRecord]]) -> str:
 
 
 def _params_but_the_seed(run: RunRecord) -> str:
-    flat = {k: v for k, v in flatten(run.params).items() if k not in UNCOMPARED_KEYS and k != "run.seed"}
+    # A key left null reads as one the run's params.yaml has no line for, as differing_params reads it: a run made
+    # before the kit had a key (data.eval_split) has no line, and a later one writes its default, null.
+    flat = {k: v for k, v in flatten(run.params).items() if k not in UNCOMPARED_KEYS and k != "run.seed" and v is not None}
     return json.dumps(flat, sort_keys=True, default=str)
 
 
