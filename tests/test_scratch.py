@@ -582,3 +582,17 @@ def test_the_ln2_line_is_drawn_only_where_the_runs_start_at_ln2():
     assert "ln 2" in labels(LN2)  # sigmoid and robust start there
     assert "ln 2" not in labels(1.0)  # hinge starts at relu(1 - 0) = 1
     assert "ln 2" not in labels(25.0)  # ipo at (1 / (2 * 0.1))^2
+
+
+def test_every_run_gets_a_line_however_many_there_are():
+    """The line styles were zipped against the runs, so a fifth run (there are four styles) was left out unsaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dpo_kit.scratch.plots import plot_training_curves
+
+    history = [{"step": 1, "loss": 0.5, "rewards/margins": 0.1}, {"step": 2, "loss": 0.4, "rewards/margins": 0.2}]
+    runs = {f"run {i}": history for i in range(6)}
+    figure = plot_training_curves(runs)
+    for ax in figure.axes:
+        assert [line.get_label() for line in ax.lines] == list(runs)

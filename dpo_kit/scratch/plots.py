@@ -7,6 +7,7 @@ inside the functions so `import dpo_kit.scratch.plots` costs nothing until a fig
 from __future__ import annotations
 
 import math
+from itertools import cycle
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ def plot_training_curves(
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        for (label, history), style in zip(histories.items(), ("-o", "--x", ":s", "-.^"), strict=False):
+        # The styles repeat: zipped against the four of them, a fifth run was dropped from the figure without a word.
+        for (label, history), style in zip(histories.items(), cycle(("-o", "--x", ":s", "-.^"))):
             ax.plot([entry["step"] for entry in history], [entry[metric] for entry in history],
                     style, markersize=3, label=label)
         ax.set(title=metric, xlabel="optimizer step")
