@@ -126,7 +126,7 @@ def dropout_model_dir(tokenizer, tmp_path_factory):
     return path
 
 
-def trl_run(model_dir, tokenizer, rows, steps, output_dir, learning_rate=1e-3, **more_args):
+def trl_run(model_dir, tokenizer, rows, steps, output_dir, learning_rate=1e-3, bf16=False, **more_args):
     """TRL's per-step history for `steps` steps of 4 pairs from `model_dir`, configured as notebook 00 does."""
     import datasets
     from trl import DPOConfig, DPOTrainer
@@ -134,7 +134,7 @@ def trl_run(model_dir, tokenizer, rows, steps, output_dir, learning_rate=1e-3, *
     args = DPOConfig(
         output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=BATCH_SIZE,
         learning_rate=learning_rate, lr_scheduler_type="constant", optim="adamw_torch",
-        train_sampling_strategy="sequential", use_cpu=True, bf16=False, activation_checkpointing=False,
+        train_sampling_strategy="sequential", use_cpu=True, bf16=bf16, activation_checkpointing=False,
         dataloader_pin_memory=False, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
         **more_args,
     )
@@ -596,3 +596,13 @@ def test_every_run_gets_a_line_however_many_there_are():
     figure = plot_training_curves(runs)
     for ax in figure.axes:
         assert [line.get_label() for line in ax.lines] == list(runs)
+
+
+def test_trl_in_its_default_bf16_parts_from_the_fp32_loop(tiny_model_dir, tokenizer, rows, tmp_path):
+    """Why notebook 00 runs TRL with bf16=False: TRL's default bf16 is another precision, not only a slower CPU step
+    (the notebook said so), so its curve leaves the fp32 from-scratch loop's by far more than fp32 rounding."""
+    history = scratch.train_loop(load(tiny_model_dir), load(tiny_model_dir), rows, tokenizer, steps=2,
+                                 batch_size=BATCH_SIZE, learning_rate=2e-4)
+    fp32 = scratch.history_gaps(history, trl_run(tiny_model_dir, tokenizer, rows, 2, tmp_path / "fp32", 2e-4))
+    bf16 = scratch.history_gaps(history, trl_run(tiny_model_dir, tokenizer, rows, 2, tmp_path / "bf16", 2e-4, bf16=True))
+    assert max(fp32.values()) < 1e-5 < min(bf16.values()), (fp32, bf16)
