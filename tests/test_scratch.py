@@ -471,7 +471,10 @@ def test_one_step_gradients_and_weights_match_trl(make_trainer, tiny_model_dir, 
     trl_params = dict(trainer.model.named_parameters())
     for name, param in policy.named_parameters():
         assert param.grad.abs().max() > 0, name  # every weight is trained: a frozen one would be a bug
-        assert torch.allclose(param.grad, grab.grads[name], atol=1e-5, rtol=0), name
+        # Each tensor to its own scale: q/k projections' largest gradients are ~1e-4, where one absolute 1e-5 for all
+        # let a 2% error in them pass (sigmoid). fp32 summation order leaves ~1e-6 of a tensor's largest gradient; 1e-4 is allowed.
+        scale = grab.grads[name].abs().max()
+        assert (param.grad - grab.grads[name]).abs().max() <= 1e-4 * scale, name
         # Adam's first step is lr * g / (|g| + 1e-8): where |g| is itself ~1e-8, fp32 noise in g moves the
         # update by a sizeable fraction of lr, so weights are compared where the step is well-conditioned.
         well_conditioned = param.grad.abs() > 1e-6
