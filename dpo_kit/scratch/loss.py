@@ -484,8 +484,8 @@ def beta_sweep(
 ) -> list[dict[str, float]]:
     """For fixed log-probs, the sigmoid loss and reward margin at each beta.
 
-    The implicit reward is linear in beta (r = beta * log-ratio), so the same trained model shows a
-    beta-times larger margin; the loss -log sigma(beta h) falls faster in h as beta grows.
+    The implicit reward is linear in beta (r = beta * log-ratio), so the same trained model shows a margin
+    beta * h, in proportion to beta; the loss -log sigma(beta h) falls faster in h as beta grows.
     """
     sweep = []
     for beta in betas:
