@@ -38,14 +38,17 @@ CHATML = (
 
 
 def write_gguf(path: Path, quantization: str = "F32", architecture: str = "llama", hidden: int = 32,
-               eos: bool = True, pad: bool = True) -> Path:  # fmt: skip
+               eos: bool = True, pad: bool = True, words_first: bool = False) -> Path:  # fmt: skip
     """A one-layer llama GGUF with random weights and a byte-level BPE tokenizer, as llama.cpp exports write them;
-    eos=False or pad=False leaves that token out of the tokenizer, as some exports do."""
+    eos=False or pad=False leaves that token out of the tokenizer, as some exports do. words_first puts three
+    ordinary words at ids 0-2, where llama's default bos/eos ids (1, 2) are ordinary text, as in most vocabularies."""
     import gguf as gguf_py
     import numpy as np
     from tokenizers.pre_tokenizers import ByteLevel
 
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *sorted(ByteLevel.alphabet()), "Ġt"]
+    words = ["Ġthe", "Ġof", "Ġand"] if words_first else []
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = [*words, *specials, *sorted(ByteLevel.alphabet()), "Ġt"]
     writer = gguf_py.GGUFWriter(str(path), architecture)
     writer.add_block_count(1)
     writer.add_context_length(64)
@@ -58,13 +61,13 @@ def write_gguf(path: Path, quantization: str = "F32", architecture: str = "llama
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf_py.TokenType.CONTROL] * 3 + [gguf_py.TokenType.NORMAL] * (len(tokens) - 3))
+    writer.add_token_types([gguf_py.TokenType.CONTROL if token in specials else gguf_py.TokenType.NORMAL for token in tokens])
     writer.add_token_merges(["Ġ t"])
-    writer.add_bos_token_id(1)
+    writer.add_bos_token_id(tokens.index("<|im_start|>"))
     if eos:
-        writer.add_eos_token_id(2)
+        writer.add_eos_token_id(tokens.index("<|im_end|>"))
     if pad:
-        writer.add_pad_token_id(0)
+        writer.add_pad_token_id(tokens.index("<|endoftext|>"))
     writer.add_chat_template(CHATML)
     rng = np.random.default_rng(0)
     kind = getattr(gguf_py.GGMLQuantizationType, quantization)
@@ -334,25 +337,62 @@ def test_a_quantized_gguf_becomes_the_model_and_tokenizer_that_transformers_read
     assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
-def test_a_gguf_tokenizer_without_eos_pads_with_dpo_pad_token_or_is_refused_naming_the_file(tmp_path):
+def test_a_gguf_tokenizer_without_a_pad_token_pads_with_dpo_pad_token_or_its_eos(tmp_path):
+    from transformers import AutoTokenizer
+
     from dpo_kit.models.loading import load_tokenizer
 
-    def tokenizer_of(path: Path, *overrides: str):
-        params = load_params(REPO / "params/tiny.yaml", list(overrides))
-        return load_tokenizer(str(converted_gguf(path, cache=tmp_path / "cache").directory), params)
+    def tokenizer_of(source: Path, *overrides: str):
+        return load_tokenizer(str(source), load_params(REPO / "params/tiny.yaml", list(overrides)))
 
     # No pad token: the eos pads, as TRL's DPOTrainer chooses.
-    assert tokenizer_of(write_gguf(tmp_path / "no pad.gguf", pad=False)).pad_token == "<|im_end|>"
-    # No pad and no eos: nothing to pad with, so it is refused, naming the file and what to set.
-    bare = write_gguf(tmp_path / "bare.gguf", eos=False, pad=False)
-    with pytest.raises(ValueError, match="has neither a pad token nor an eos token") as error:
-        tokenizer_of(bare)
-    assert f"the GGUF file {bare}" in str(error.value) and "dpo.pad_token" in str(error.value)
+    no_pad = write_gguf(tmp_path / "no pad.gguf", pad=False)
+    converted = converted_gguf(no_pad, cache=tmp_path / "cache").directory
+    assert tokenizer_of(converted).pad_token == "<|im_end|>"
     # dpo.pad_token, which TRL pads with, is the pad token of every stage; one outside the vocabulary is named.
-    tokenizer = tokenizer_of(bare, "dpo.pad_token=<|endoftext|>")
+    tokenizer = tokenizer_of(converted, "dpo.pad_token=<|endoftext|>")
     assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<|endoftext|>", 0)
-    with pytest.raises(ValueError, match=rf"dpo.pad_token '<pad>' is not a token of the tokenizer of the GGUF file {bare}"):
-        tokenizer_of(bare, "dpo.pad_token=<pad>")
+    with pytest.raises(ValueError, match=rf"dpo.pad_token '<pad>' is not a token of the tokenizer of the GGUF file {no_pad}"):
+        tokenizer_of(converted, "dpo.pad_token=<pad>")
+    # No pad and no eos (a GGUF has always an eos once converted: see the next test): nothing to pad with, so refused.
+    bare = AutoTokenizer.from_pretrained(converted)
+    bare.eos_token = None
+    bare.save_pretrained(tmp_path / "bare")
+    with pytest.raises(ValueError, match=r"has neither a pad token nor an eos token.* Set dpo.pad_token"):
+        tokenizer_of(tmp_path / "bare")
+    assert tokenizer_of(tmp_path / "bare", "dpo.pad_token=<|endoftext|>").pad_token == "<|endoftext|>"
+
+
+def test_a_gguf_without_an_eos_token_is_refused_naming_the_file_and_the_key_not_given_the_llama_default(tmp_path):
+    """A GGUF without tokenizer.ggml.eos_token_id gets no eos in its tokenizer but llama's default eos id 2 in the
+    config and generation config, here the word ' and': generation would stop at it, and TRL has no eos to append.
+    It is refused, naming the file, the key and the way to add it; the copy made that way converts, and then the
+    config, the generation config and the tokenizer agree on the eos."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = write_gguf(tmp_path / "no eos.gguf", eos=False, words_first=True)
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name)
+    assert theirs.eos_token is None and model.config.eos_token_id == model.generation_config.eos_token_id == 2
+    assert theirs.convert_ids_to_tokens(2) == "Ġand"
+    with pytest.raises(GgufConversionError) as error:
+        converted_gguf(path, cache=tmp_path / "cache")
+    message = str(error.value)
+    for said in (f"the GGUF file {path} declares no eos token", "tokenizer.ggml.eos_token_id is missing",
+                 "llama default eos id 2 ('Ġand')", f"gguf-new-metadata --special-token eos '<token>' '{path}' fixed.gguf",
+                 "special tokens <|im_start|>, <|im_end|>", "model.gguf_file"):  # fmt: skip
+        assert said in message, said
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()] == []  # no half-written copy
+
+    fixed = tmp_path / "fixed.gguf"
+    new_metadata = [sys.executable, "-m", "gguf.scripts.gguf_new_metadata"]
+    subprocess.run([*new_metadata, "--special-token", "eos", "<|im_end|>", str(path), str(fixed)], check=True,
+                   capture_output=True)  # fmt: skip
+    converted = converted_gguf(fixed, cache=tmp_path / "cache").directory
+    ours = AutoTokenizer.from_pretrained(converted)
+    config = json.loads((converted / "config.json").read_text())
+    generation = json.loads((converted / "generation_config.json").read_text())
+    assert (ours.eos_token, ours.eos_token_id) == ("<|im_end|>", 5) and config["eos_token_id"] == generation["eos_token_id"] == 5
 
 
 def cut_short(path: Path) -> Path:

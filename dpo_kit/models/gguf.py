@@ -312,6 +312,8 @@ def _convert_into(gguf_path: Path, sha: str, staging: Path, directory: Path) -> 
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as error:  # noqa: BLE001 - not a GGUF, cut short, unknown architecture: all reported alike
         raise _unreadable_error(gguf_path, error) from error
+    if tokenizer.eos_token_id is None:
+        raise _no_eos_error(gguf_path, tokenizer, loaded.config)
     config = loaded.config
     # The de-quantized weights are plain fp32 tensors; only the gguf quantization_config blocks saving.
     if hasattr(config, "quantization_config"):
@@ -334,6 +336,41 @@ def _convert_into(gguf_path: Path, sha: str, staging: Path, directory: Path) -> 
         )
     except OSError as error:
         raise _cache_error(gguf_path, directory, error) from error
+
+
+def _no_eos_error(gguf_path: Path, tokenizer, config) -> GgufConversionError:
+    """A GGUF without tokenizer.ggml.eos_token_id, the only place transformers reads its eos from: the tokenizer
+    then has no eos, yet the config and generation config carry the architecture's default (2 for llama), which
+    in another vocabulary is an ordinary token: the kit's sampler and generate would stop at it, silently, and TRL,
+    which appends the tokenizer's eos to standard-format responses, has none. So the file is refused with the key to
+    add, and its chat template's special tokens as the likely candidates (an end of turn such as <|im_end|> is the
+    eos of many chat models), never one picked for the user. Checked once the model is loaded, to name its default."""
+    default = config.eos_token_id
+    ids = default if isinstance(default, list) else [default]
+    said = ", ".join(
+        f"{i} ('{tokenizer.convert_ids_to_tokens(i)}')" if _in_vocabulary(i, tokenizer) else str(i) for i in ids
+    )
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    specials = sorted(
+        (token for token in tokenizer.get_added_vocab() if token and token in template), key=template.index
+    )
+    candidates = (
+        f" Its chat template writes the special tokens {', '.join(specials)}: the one that ends a turn is often the eos."
+        if specials
+        else " The model's card or its hub repo's generation_config.json names its eos."
+    )
+    return GgufConversionError(
+        f"model.gguf_file: the GGUF file {gguf_path} declares no eos token (the key tokenizer.ggml.eos_token_id is"
+        f" missing), so its tokenizer has none and transformers gives the model its {config.model_type} default eos id"
+        f" {said}, which nothing in the file says ends a response: generation would stop there, and DPO training has"
+        f" no eos to end responses with. Write the eos into a copy of the file with the gguf package's"
+        f" `gguf-new-metadata --special-token eos '<token>' '{gguf_path}' fixed.gguf` and set model.gguf_file to"
+        f" the copy.{candidates} Or train the model from its hub repo or a safetensors directory."
+    )
+
+
+def _in_vocabulary(token_id, tokenizer) -> bool:
+    return isinstance(token_id, int) and 0 <= token_id < len(tokenizer)
 
 
 def _tied_keys(model) -> set[str]:

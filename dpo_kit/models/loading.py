@@ -108,8 +108,9 @@ def load_tokenizer(source: str, params: Params):
     """Tokenizer with a pad token and params.model.chat_template applied when set.
 
     The pad token is chosen as TRL's DPOTrainer chooses it, so every stage pads with the one training used:
-    dpo.pad_token, else the tokenizer's own, else its eos. A tokenizer with none of them (a GGUF that declares no
-    eos, say) is refused here, naming the file, rather than left to fail later in TRL or generate."""
+    dpo.pad_token, else the tokenizer's own, else its eos. A tokenizer with none of them is refused here, naming
+    the model, rather than left to fail later in TRL or generate (a GGUF that declares no eos never gets here: its
+    conversion is refused, see dpo_kit.models.gguf._no_eos_error)."""
     from transformers import AutoTokenizer
 
     tokenizer = from_pretrained(AutoTokenizer, source, **hub_kwargs(params))
