@@ -12,6 +12,7 @@ Where each tracker writes, under <run>/tracking/:
   run, and a training with other params starts another. wandb's own debug logs go to wandb/logs/ (WANDB_CACHE_DIR,
   unless the environment sets it).
 - trackio/: trackio's local SQLite store (TRACKIO_DIR); `TRACKIO_DIR=<run>/tracking/trackio trackio show`.
+  A resumed training first deletes the run's rows past its checkpoint there (rewind_trackio_after).
 - tensorboard/: event files; `tensorboard --logdir <run>/tracking/tensorboard`.
 
 Secrets are never passed here: wandb reads WANDB_API_KEY itself, and the kit writes no environment value.
@@ -221,13 +222,57 @@ def purge_tensorboard_after(trainer_callbacks, checkpoint_step: int) -> None:
     opened with purge_step N+1, which writes TensorBoard's restart marker (SessionLog START): the reader drops the
     earlier files' events from that step on, so each step shows once, the resumed run's value. Called before
     trainer.train(), in the main process only (the one TensorBoard's callback writes from); the callback keeps a
-    writer it is given. wandb and trackio have no such marker (README, tracking)."""
+    writer it is given. wandb has no such marker; trackio's local store is rewound instead (rewind_trackio_after)."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
     for callback in trainer_callbacks:
         if isinstance(callback, TensorBoardCallback) and callback.tb_writer is None:
             callback.tb_writer = SummaryWriter(log_dir=callback.logging_dir, purge_step=checkpoint_step + 1)
+
+
+# The Trainer's step in each row the Trainer's trackio callback logs (trackio numbers its rows itself).
+TRACKIO_TRAINER_STEP = "train/global_step"
+
+
+def rewind_trackio_after(params, config, checkpoint_step: int) -> int:
+    """A training resumed from checkpoint-N adds to the same trackio run (resume="allow", by name), which holds the
+    rows the interrupted training logged after step N: those steps showed twice, and trackio's own step (one per
+    logging call, continued from the run's highest) ran on from the discarded rows. This deletes this run's rows
+    from the first one whose Trainer step is beyond N on, so each step shows once (the resumed run's value) and
+    trackio's step continues from the checkpoint's, numbered as in a training never interrupted. Local stores only:
+    with a Space or a self-hosted server (`trackio_space_id`, TRACKIO_SPACE_ID, TRACKIO_SERVER_URL) the rows are
+    not this file's to change, and are left. Called before trainer.train() (whose callback resumes the run), in the
+    main process only. Returns the number of rows deleted."""
+    if config.trackio_space_id or os.environ.get("TRACKIO_SPACE_ID") or os.environ.get("TRACKIO_SERVER_URL"):
+        return 0
+    import sqlite3
+
+    from trackio.sqlite_storage import SQLiteStorage
+
+    project, name = params.tracking.project, params.run.name
+    store = SQLiteStorage.get_project_db_path(project)  # in the run's folder: configure_trackers pointed trackio there
+    # The run trackio's init will resume: the newest of that name.
+    record = SQLiteStorage.get_latest_run_record_by_name(project, name) if store.exists() else None
+    if record is None:
+        return 0  # nothing logged yet: the resumed training starts the run
+    with contextlib.closing(sqlite3.connect(store, timeout=30)) as db, db:
+        # Runs are keyed by run_id; in a store from before trackio had one, the name is the key (record["id"] is it).
+        column = "run_id" if "run_id" in {row[1] for row in db.execute("PRAGMA table_info(metrics)")} else "run_name"
+        # From the first row past the checkpoint on, not only the rows with a later Trainer step: rows logged after
+        # it without one (a predict's metrics) belong to the discarded stretch too, and would hold trackio's step up.
+        deleted = db.execute(
+            f"DELETE FROM metrics WHERE {column} = ?1 AND step >= (SELECT MIN(step) FROM metrics WHERE {column} = ?1"
+            f" AND CAST(json_extract(metrics, '$.\"{TRACKIO_TRAINER_STEP}\"') AS INTEGER) > ?2)",
+            (record["id"], checkpoint_step),
+        ).rowcount
+    run_id = record["id"] if column == "run_id" else None
+    if deleted and SQLiteStorage.get_max_step_for_run(project, name, run_id=run_id) is None:
+        # Every row was past the checkpoint (a logging interval longer than the saving one): trackio would find no
+        # run by that name and start another, beside this one's config and system metrics. Deleted whole (trackio's
+        # own call), it is started afresh by the resumed training, which logs every step from N+1 on.
+        SQLiteStorage.delete_run(project, name, run_id=run_id)
+    return deleted
 
 
 # The key the run's resolved params (params.yaml) take in each tracker's config, beside the Trainer's own.

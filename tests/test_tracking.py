@@ -597,3 +597,108 @@ def _tensorboard_scalars(run_dir: Path, tag: str):
     accumulator = EventAccumulator(str(run_dir / "tracking" / "tensorboard"))
     accumulator.Reload()
     return accumulator.Scalars(tag)
+
+
+# A training killed after checkpoint-3 had logged steps 4-6, then resumed: in a subprocess, since trackio reads its
+# folder once per process (and another test's may have been read here already).
+RESUMED_IN_TRACKIO = """
+import json, os, sqlite3, sys
+from pathlib import Path
+from dpo_kit import manifest as mf
+from dpo_kit.data.pipeline import prepare_data
+from dpo_kit.models.loading import load_tokenizer
+from dpo_kit.run.stage import open_stage
+from dpo_kit.training.train import train_dpo
+
+tiny, model, runs = sys.argv[1:4]
+overrides = [f"run.output_dir={runs}", f"model.name_or_path={model}", "run.name=resumed", "dpo.max_steps=6",
+             "dpo.logging_steps=1", "dpo.save_steps=3", "tracking.report_to=[trackio]"]
+repo = str(Path(tiny).parent.parent)
+stage = open_stage("format", tiny, overrides, repo)
+prepare_data(stage.params, load_tokenizer(model, stage.params), stage.run_dir, stage.project_dir)
+stage.complete()
+stage = open_stage("train", tiny, overrides, repo)
+train_dpo(stage)
+train = mf.read_manifest(stage.run_dir)["stages"]["train"]
+del train["checkpoints"]["checkpoint-6"]
+mf.update_stage(stage.run_dir, "train", status="interrupted", checkpoints=train["checkpoints"], last_checkpoint="checkpoint-3")
+
+def rows():
+    with sqlite3.connect(stage.run_dir / "tracking" / "trackio" / "dpo-kit.db") as db:
+        return [[run_id, step, json.loads(metrics)] for run_id, step, metrics in
+                db.execute("select run_id, step, metrics from metrics where run_name = 'resumed' order by id")]
+
+first = rows()
+resumed = open_stage("train", tiny, overrides, repo, on_rerun="resume")
+assert resumed.resume_from.name == "checkpoint-3", resumed.resume_from
+history = train_dpo(resumed).log_history
+print(json.dumps({"first": first, "after": rows(), "losses": {row["step"]: row["loss"] for row in history if "loss" in row}}))
+"""
+
+
+def test_a_resumed_training_shows_each_step_once_in_trackio(tmp_path, tiny_model_dir):
+    """trackio has no restart marker: the resumed training (resume="allow", the same run) added steps 4-6 again
+    after the interrupted one's, and trackio's own step, one per logging call continued from the run's highest, ran
+    on (7-10). The kit deletes the run's rows past checkpoint-3 before the resumed training logs: each step shows
+    once, the resumed run's value, in the same run, at trackio's steps as in a training never interrupted."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKIO_")}
+    done = subprocess.run([sys.executable, "-c", RESUMED_IN_TRACKIO, str(TINY), str(tiny_model_dir), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    first, after, losses = out["first"], out["after"], {int(step): loss for step, loss in out["losses"].items()}
+    # The interrupted training's rows: trackio's steps 0-6, the Trainer's 1-6 and its closing row at 6.
+    assert [row[2]["train/global_step"] for row in first] == [1, 2, 3, 4, 5, 6, 6]
+    assert {row[0] for row in after} == {first[0][0]}  # one run, the interrupted one's, resumed
+    assert [row[1] for row in after] == [0, 1, 2, 3, 4, 5, 6]
+    assert [row[2]["train/global_step"] for row in after] == [1, 2, 3, 4, 5, 6, 6]
+    assert [row[2] for row in after[:3]] == [row[2] for row in first[:3]]
+    assert [row[2]["train/loss"] for row in after[3:6]] == pytest.approx([losses[4], losses[5], losses[6]])
+    assert "trackio: deleted the 4 rows run 'resumed' logged after step 3" in done.stdout
+
+
+def test_the_trackio_rewind_takes_only_this_runs_rows_past_the_checkpoint_in_a_local_store(tmp_path):
+    """What rewind_trackio_after deletes: this run's rows from the first one past the checkpoint on (a row without
+    the Trainer's step logged after it too), nothing of another run in the project; a run with no row left is
+    deleted whole, so that the resumed training starts it again rather than a second run of that name; a store
+    synced to a Space or a server (TRACKIO_SPACE_ID, TRACKIO_SERVER_URL, trackio_space_id) is left as it is."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, os, types\n"
+        "import trackio\n"
+        "from trackio.sqlite_storage import SQLiteStorage\n"
+        "from dpo_kit.params import load_params\n"
+        "from dpo_kit.tracking import rewind_trackio_after\n"
+        "def log(name, rows):\n"
+        "    trackio.init(project='dpo-kit', name=name, resume='allow', auto_log_cpu=False, auto_log_gpu=False)\n"
+        "    for row in rows:\n"
+        "        trackio.log(row)\n"
+        "    trackio.finish()\n"
+        "log('other', [{'train/loss': 1.0, 'train/global_step': step} for step in (1, 2, 3, 4)])\n"
+        "log('a', [{'train/loss': 1.0, 'train/global_step': step} for step in (1, 2, 3, 4)] + [{'test/loss': 2.0}]\n"
+        "    + [{'train/loss': 1.0, 'train/global_step': 5}])\n"
+        "log('b', [{'train/loss': 1.0, 'train/global_step': 10}])\n"
+        "local, space = types.SimpleNamespace(trackio_space_id=None), types.SimpleNamespace(trackio_space_id='me/space')\n"
+        "a, b = (load_params(os.environ['TINY'], ['tracking.report_to=[trackio]', f'run.name={n}']) for n in 'ab')\n"
+        "deleted = {'space_id': rewind_trackio_after(a, space, 2)}\n"
+        "os.environ['TRACKIO_SERVER_URL'] = 'http://localhost:1/?write_token=x'\n"
+        "deleted['server'] = rewind_trackio_after(a, local, 2)\n"
+        "del os.environ['TRACKIO_SERVER_URL']\n"
+        "deleted.update(a=rewind_trackio_after(a, local, 2), b=rewind_trackio_after(b, local, 5))\n"
+        "steps = {name: [(row['step'], row.get('train/global_step')) for row in SQLiteStorage.get_logs('dpo-kit', name)]\n"
+        "         for name in ('other', 'a')}\n"
+        "print(json.dumps({'deleted': deleted, 'steps': steps, 'runs': sorted(SQLiteStorage.get_runs('dpo-kit'))}))\n"
+    )
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRACKIO_")}, "TINY": str(TINY),
+           "TRACKIO_DIR": str(tmp_path / "trackio")}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["deleted"] == {"space_id": 0, "server": 0, "a": 4, "b": 1}
+    assert out["steps"] == {"other": [[0, 1], [1, 2], [2, 3], [3, 4]], "a": [[0, 1], [1, 2]]}
+    assert out["runs"] == ["a", "other"]

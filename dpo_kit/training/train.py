@@ -29,6 +29,7 @@ from dpo_kit.tracking import (
     params_callback,
     pin_wandb_mode,
     purge_tensorboard_after,
+    rewind_trackio_after,
     tracker_environment,
     trackers,
     wandb_key_for_online,
@@ -353,7 +354,12 @@ def _train(stage, tracking: dict[str, Any]) -> TrainResult:
     model_dir = run_dir / ("adapter" if params.lora.enabled else "trained")
     main_process = trainer.is_world_process_zero()
     if stage.resume_from and main_process:
-        purge_tensorboard_after(trainer.callback_handler.callbacks, checkpoint_step(Path(stage.resume_from)))
+        # The steps past the checkpoint, which the interrupted training may have logged, are to show once.
+        resumed_step = checkpoint_step(Path(stage.resume_from))
+        purge_tensorboard_after(trainer.callback_handler.callbacks, resumed_step)
+        if "trackio" in trackers(params) and (rewound := rewind_trackio_after(params, config, resumed_step)):
+            print(f"trackio: deleted the {rewound} rows run {params.run.name!r} logged after step {resumed_step}:"
+                  " the resumed training logs those steps again", flush=True)  # fmt: skip
     processes = f"process {trainer.args.process_index} of {trainer.args.world_size}"
     with clear_write_errors(Path(config.output_dir)):
         # On resume the Trainer restores the weights, optimizer, scheduler, RNG states and step from the
