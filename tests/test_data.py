@@ -350,27 +350,34 @@ def test_hub_dataset_offline_fails_with_a_clear_message(monkeypatch):
     assert "local .jsonl/.json/.parquet/.csv file or 'bundled'" in message
 
 
-def test_hub_dataset_is_loaded_with_split_and_revision(monkeypatch):
+def test_hub_dataset_is_loaded_with_split_and_revision(monkeypatch, tmp_path):
     import datasets
 
     calls = []
 
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    copy = tmp_path / "cache" / "jondurbin___truthy-dpo-v0.1" / "default" / "0.0.0" / commit
+    copy.mkdir(parents=True)
+    datasets.Dataset.from_list(ORCA_ROWS).save_to_disk(tmp_path / "saved")
+    (tmp_path / "saved" / "data-00000-of-00001.arrow").rename(copy / "truthy-dpo-v0.1-train.arrow")
+
     def fake_load_dataset(source, name, data_dir, split, revision):
         calls.append((source, name, data_dir, split, revision))
-        return datasets.Dataset.from_list(ORCA_ROWS)
+        # as datasets loads one: from an Arrow file in the folder its cache names by the commit (the one pinned)
+        return datasets.Dataset.from_file(str(copy / "truthy-dpo-v0.1-train.arrow"))
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    # an online load: offline, the copy loaded is checked against data.revision (tests/test_hub_cache.py)
+    # an online load: the copy loaded is checked against data.revision, online too (tests/test_hub_cache.py)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
-    params = make_params(source="jondurbin/truthy-dpo-v0.1", format="truthy", split="train[:10]", revision="abc123", max_rows=3)
+    params = make_params(source="jondurbin/truthy-dpo-v0.1", format="truthy", split="train[:10]", revision=commit, max_rows=3)
     assert read_rows(params.data) == ORCA_ROWS[:3]
     subset = make_params(source="Anthropic/hh-rlhf", format="hh-rlhf", data_dir="harmless-base", config="default").data
     read_rows(subset)
-    assert calls == [("jondurbin/truthy-dpo-v0.1", None, None, "train[:10]", "abc123"),
+    assert calls == [("jondurbin/truthy-dpo-v0.1", None, None, "train[:10]", commit),
                      ("Anthropic/hh-rlhf", "default", "harmless-base", "train", None)]  # fmt: skip
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # offline, a dataset from no cached file has no commit to check
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: datasets.Dataset.from_list(ORCA_ROWS))
     with pytest.raises(SourceError, match="datasets loaded it from no cached file, so which commit it is cannot be told"):
-        read_rows(params.data)
+        read_rows(params.data)  # a dataset from no cached file has no commit to check
 
 
 def write_hub_dataset(root: Path) -> None:

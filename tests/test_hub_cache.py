@@ -220,14 +220,15 @@ def test_a_sweep_offline_with_a_hub_model_not_cached_is_refused_before_its_first
 OLDER, NEWER = "a" * 40, "b" * 40
 
 
-def cache_dataset_copy(home: Path, commit: str, question: str, mtime: int) -> Path:
+def cache_dataset_copy(home: Path, commit: str, question: str, mtime: int, rows: int = 1) -> Path:
     """A prepared copy of the fake hub dataset someone/prefs at `commit`, as datasets writes it: datasets' own json
     builder prepares a one-row file, moved to <HF_DATASETS_CACHE>/someone___prefs/default/0.0.0/<commit>/ with the
     Arrow file under the dataset's name; `mtime` orders the copies as an earlier and a later download would."""
     import datasets
 
     source = home / f"{commit[:8]}.jsonl"
-    source.write_text(f'{{"question": "{question}", "chosen": "yes", "rejected": "no"}}\n')
+    source.write_text("".join(f'{{"question": "{question}{f" {n}" if n else ""}", "chosen": "yes", "rejected": "no"}}\n'
+                              for n in range(rows)))
     builder = datasets.load_dataset_builder("json", data_files={"train": str(source)}, cache_dir=str(home / "build"))
     builder.download_and_prepare()
     copy = home / "datasets" / "someone___prefs" / "default" / "0.0.0" / commit
@@ -279,7 +280,7 @@ def test_offline_a_pinned_data_revision_that_datasets_would_not_load_is_refused(
                               f" ({newer}); data.revision is commit {OLDER}.")
     assert f"Commits cached in {newer.parents[2]}: {OLDER}, {NEWER}." in message
     assert "Run once with a network (unset HF_HUB_OFFLINE)" in message
-    assert "set data.revision to the commit datasets loads offline" in message and "leave data.revision empty" in message
+    assert "set data.revision to the commit datasets loads from its cache" in message and "leave data.revision empty" in message
 
     check(f"data.revision={NEWER}")
     check()  # no revision named: the newest cached copy, as the README says
@@ -336,3 +337,84 @@ def test_a_sweep_offline_looks_for_the_models_its_trials_load_not_the_params_fil
     with pytest.raises(SweepError, match=r"model.name_or_path: 'someone/c' at revision main: no config.json(.|\n)*"
                                          r"The sweep's trial name_or_path=someone_c,beta=0.1 would refuse it"):
         check("model.name_or_path=someone/a,someone/c", "dpo.beta=0.1,0.2")
+
+
+@pytest.fixture
+def hub_not_reached(hf_home, two_cached_revisions, monkeypatch):
+    """someone/prefs cached at two commits, no offline variable set, and the hub at a closed local port: datasets asks
+    the hub, fails to connect, and falls back to its cache, as on a machine without a network, here on any machine."""
+    from types import SimpleNamespace
+
+    import datasets
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", "http://127.0.0.1:9")  # both read at import
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda seconds: None))  # its 5 retries waited 23 s a load
+    return two_cached_revisions
+
+
+def test_without_a_network_a_pinned_data_revision_that_datasets_did_not_load_is_refused(hub_not_reached):
+    """Online (no offline variable) but with the hub unreachable, datasets falls back to the newest cached copy as it
+    does offline, ignoring `revision`: data.revision pinned to the older commit read the newer one, and the run recorded
+    data.revision as read. The format stage checks the copy it loaded against data.revision whatever the variables say."""
+    import datasets
+
+    from dpo_kit.data.sources import SourceError, read_hub_dataset
+    from dpo_kit.models.hub_cache import datasets_offline_variable
+
+    older, newer = hub_not_reached
+    assert datasets_offline_variable() is None
+    # what is refused: datasets, online and asked for the older commit, loads the newer copy without an error
+    loaded = datasets.load_dataset("someone/prefs", split="train", revision=OLDER)
+    assert loaded.to_list()[0]["question"] == "newer" and NEWER in loaded.cache_files[0]["filename"]
+
+    params = load_params(TINY, ["data.source=someone/prefs", "data.format=standard", "evaluate.judge=sentiment",
+                                f"data.revision={OLDER}"])  # fmt: skip
+    with pytest.raises(SourceError) as caught:
+        read_hub_dataset(params.data)
+    message = str(caught.value)
+    assert message.startswith("data.revision: the Hugging Face Hub could not be reached (no offline variable is set),"
+                              " datasets ignores the revision of the hub dataset 'someone/prefs': datasets loads the"
+                              f" newest cached copy, of commit {NEWER} ({newer}); data.revision is commit {OLDER}.")
+    assert f"Commits cached in {newer.parents[2]}: {OLDER}, {NEWER}." in message
+    assert "Run once with a network (check the network)" in message and "leave data.revision empty" in message
+
+    from dpo_kit.data.sources import read_hub_dataset_copy
+
+    params.data.revision = NEWER  # the cached copy is the pinned commit's: read, and said to be read from the cache
+    rows, copy = read_hub_dataset_copy(params.data)
+    assert rows[0]["question"] == "newer"
+    assert copy.to_dict() == {"commit": NEWER, "from_cache": "the Hugging Face Hub could not be reached (no offline"
+                                                             " variable is set)"}
+    # datasets' fallback is told by its warning; with datasets' warnings silenced the kit still sees it
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()
+    try:
+        assert read_hub_dataset_copy(params.data)[1] == copy
+        params.data.revision = OLDER
+        with pytest.raises(SourceError, match="the Hugging Face Hub could not be reached"):
+            read_hub_dataset(params.data)
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def test_without_a_network_and_no_data_revision_the_report_names_the_cached_commit_read(hf_home, hub_not_reached,
+                                                                                         tmp_path):
+    """No data.revision: datasets' newest cached copy is taken, as offline, but the report (and so the manifest) names
+    the commit read and that the hub was not reached, where before it named none."""
+    from dpo_kit.data.pipeline import load_data_report, prepare_data
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    newest = "c" * 40
+    cache_dataset_copy(hf_home, newest, "newest", 1_000_000_200, rows=4)  # rows enough for a train and an eval split
+    params = load_params(TINY, ["data.source=someone/prefs", "data.format=orca", "evaluate.judge=sentiment",
+                                "data.eval_fraction=0.5"])  # fmt: skip
+    report = prepare_data(params, build_tiny_tokenizer(), tmp_path / "run", REPO)
+    assert report.rows_read == 4
+    expected = {"commit": newest, "from_cache": "the Hugging Face Hub could not be reached (no offline variable is set)"}
+    assert report.to_dict()["hub_copy"] == expected == load_data_report(tmp_path / "run").hub_copy

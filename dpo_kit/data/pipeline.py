@@ -47,7 +47,8 @@ from dpo_kit.data.on_policy import (
     sampler_run_held_out_prompts,
     split_as_sampler_run,
 )
-from dpo_kit.data.sources import describe_source, read_hub_dataset, read_rows_and_lines
+from dpo_kit.data.sources import describe_source, read_hub_dataset_copy, read_rows_and_lines
+from dpo_kit.params import is_local_path
 
 SPLITS = ("train", "eval")
 
@@ -94,6 +95,11 @@ class DataReport:
     # With eval_split, each split's own counts ('train': data.split's, 'eval': eval_split's: split, rows_read, rows_kept,
     # rows_dropped, dropped_by_reason), of which the counts above are the sums; None otherwise.
     by_split: dict | None = None
+    # A hub dataset: which copy of it was read (sources.HubCopy.to_dict(): `commit`, the commit of the copy loaded, and
+    # `from_cache`, why datasets took a cached copy without asking the hub, None when it asked). Without data.revision,
+    # offline or with the hub not reached, datasets takes the newest cached copy: this names the commit that was read.
+    # With data.eval_split, data.split's copy, and under `eval_split` data.eval_split's. None for every other source.
+    hub_copy: dict | None = None
 
     def responses_cut_line(self) -> str | None:
         """One line for the notebook: the sampled responses cut short, and what TRL does with them."""
@@ -153,6 +159,7 @@ class DataReport:
             "eval_fraction": self.eval_fraction,
             "eval_split": self.eval_split,
             "by_split": self.by_split,
+            "hub_copy": self.hub_copy,
             "max_length": self.max_length,
             "fingerprint": self.fingerprint,
             "token_lengths": self.token_length_stats(),
@@ -208,6 +215,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         for stale in stale_files:
             stale.unlink(missing_ok=True)  # a failed rerun must not leave the last run's split looking current
 
+    hub_copy = None
     if data.source == "generate":
         # The prompts file's lines, read just before sample_scored_rows reads its rows (a few KB), not after minutes of
         # sampling, when an edited file could give lines for other rows.
@@ -215,12 +223,18 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         rows = sample_scored_rows(params, tokenizer, project_dir)
         _write_jsonl(data_dir / "samples.jsonl", rows)  # every sample and its score, kept or not
         convert = ranked_pair(data.generate.min_score_gap)
+    elif data.source != "bundled" and not is_local_path(data.source):  # a hub dataset, as read_rows_and_lines tells
+        rows, copy = read_hub_dataset_copy(data)
+        lines, hub_copy = None, copy.to_dict()
+        convert = converter(data.format, data.columns)
     else:
         rows, lines = read_rows_and_lines(data, project_dir)
         convert = converter(data.format, data.columns)
     eval_data = data.model_copy(update={"split": data.eval_split}) if data.eval_split is not None else None
     # data.eval_split's rows, read before either split's audit so that a split the dataset lacks fails at once
-    eval_rows = read_hub_dataset(eval_data, split_key="data.eval_split") if eval_data is not None else None
+    eval_rows, eval_copy = (None, None) if eval_data is None else read_hub_dataset_copy(eval_data, "data.eval_split")
+    if eval_copy is not None:  # a second load of the dataset, which may have found another copy than the first
+        hub_copy["eval_split"] = eval_copy.to_dict()
 
     def audit(source_rows: list[dict], source_lines: list[int] | None) -> AuditResult:
         return audit_rows(source_rows, convert, tokenizer, max_length=params.max_length, output_format=data.output_format,
@@ -284,6 +298,7 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         data_dir=data.data_dir,
         eval_split=data.eval_split,
         by_split=by_split,
+        hub_copy=hub_copy,
     )
     stored = {**report.to_dict(), PAIR_LENGTHS: {key: getattr(report, key) for key in LENGTH_FIELDS}}
     (data_dir / "report.json").write_text(json.dumps(stored, indent=2, ensure_ascii=False) + "\n")

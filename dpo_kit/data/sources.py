@@ -14,8 +14,11 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import logging
 import re
 import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -301,13 +304,66 @@ def read_hub_dataset(data: DataParams, split_key: str = "data.split") -> list[di
     data.revision. A dataset that is already in the local cache loads without a network. `split_key` is the params key
     that named data.split, which a refused split is reported by (data.eval_split, read as a copy of data whose split
     it is)."""
+    return read_hub_dataset_copy(data, split_key)[0]
+
+
+@dataclass(frozen=True)
+class HubCopy:
+    """Which copy of a hub dataset load_dataset read: `commit`, the name of its folder in the datasets cache
+    (<HF_DATASETS_CACHE>/<owner>___<name>/<config>/<version>/<commit>/, named by the commit datasets resolved, or by the
+    commit of the cached copy it fell back to; None where it read no cached file); `from_cache`, why datasets took a
+    cached copy without asking the hub (offline, or the hub not reached), None when it asked the hub."""
+
+    commit: str | None
+    from_cache: str | None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"commit": self.commit, "from_cache": self.from_cache}
+
+
+# What datasets logs (datasets.load.CachedDatasetModuleFactory) when it takes the newest cached copy because every
+# attempt to ask the hub failed: with no offline variable set, the only sign that the hub was not reached.
+CACHE_FALLBACK_LOGGER = "datasets.load"
+CACHE_FALLBACK_MESSAGE = "Using the latest cached version of the dataset"
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def _cache_fallback_seen():
+    """The messages datasets logs meanwhile on CACHE_FALLBACK_LOGGER. A user who silenced datasets' warnings keeps
+    them silent (the logger stops passing them on), but the kit still sees them."""
+    logger = logging.getLogger(CACHE_FALLBACK_LOGGER)
+    handler, level, propagate = _Records(), logger.level, logger.propagate
+    if not logger.isEnabledFor(logging.WARNING):
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def read_hub_dataset_copy(data: DataParams, split_key: str = "data.split") -> tuple[list[dict[str, Any]], HubCopy]:
+    """read_hub_dataset, and which copy of the dataset it read (HubCopy)."""
     import datasets
 
     where = describe_source(data)
     try:
-        dataset = datasets.load_dataset(
-            data.source, name=data.config, data_dir=data.data_dir, split=data.split, revision=data.revision
-        )
+        with _cache_fallback_seen() as logged:
+            dataset = datasets.load_dataset(
+                data.source, name=data.config, data_dir=data.data_dir, split=data.split, revision=data.revision
+            )
     except Exception as error:  # noqa: BLE001 - datasets and huggingface_hub raise many types; all are reported
         if _is_network_error(error):
             # the cache holds each configuration and data_dir apart: another subset of a cached dataset is not cached
@@ -323,17 +379,25 @@ def read_hub_dataset(data: DataParams, split_key: str = "data.split") -> list[di
             f"data.source: cannot load {where}: {type(error).__name__}: {error}. Check the dataset id, split,"
             " revision, config and data_dir, or use a local .jsonl/.json/.parquet/.csv file or 'bundled'."
         ) from error
-    from dpo_kit.models.hub_cache import datasets_offline_variable, offline_revision_problem
+    from dpo_kit.models.hub_cache import cached_revision_problem, datasets_offline_variable
 
-    # Offline datasets ignores `revision` and loads the newest cached copy: the copy it did load is checked, since the
-    # cache may have changed since validate looked, and a notebook run by hand had no such look at all.
-    if (variable := datasets_offline_variable()) and data.revision is not None:
-        loaded = str(Path(dataset.cache_files[0]["filename"]).parent) if dataset.cache_files else ""
-        if problem := offline_revision_problem(data, variable, loaded):
-            raise SourceError(problem)
+    loaded = str(Path(dataset.cache_files[0]["filename"]).parent) if dataset.cache_files else ""
+    from_cache, fill = None, "check the network"
+    if variable := datasets_offline_variable():
+        from_cache, fill = f"offline ({variable} is set)", f"unset {variable}"
+    elif any(message.startswith(CACHE_FALLBACK_MESSAGE) for message in logged):
+        from_cache = "the Hugging Face Hub could not be reached (no offline variable is set)"
+    # Offline, or online with the hub not reached, datasets ignores `revision` and loads the newest cached copy, and
+    # says so only in a log line. Online it names the copy's folder by the commit it resolved, so whatever the offline
+    # variables say, the copy loaded is checked: the cache may also have changed since validate looked, and a notebook
+    # run by hand had no such look at all.
+    why = f"{from_cache}, datasets ignores the revision of" if from_cache else "datasets loaded another copy than that of"
+    if data.revision is not None and (problem := cached_revision_problem(data, why, fill, loaded)):
+        raise SourceError(problem)
+    copy = HubCopy(commit=Path(loaded).name if loaded else None, from_cache=from_cache)
     if data.max_rows:
         dataset = dataset.select(range(min(data.max_rows, len(dataset))))
-    return dataset.to_list()
+    return dataset.to_list(), copy
 
 
 def _selection_problem(data: DataParams, error: BaseException, split_key: str = "data.split") -> str | None:

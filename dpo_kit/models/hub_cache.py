@@ -142,6 +142,15 @@ def dataset_copy_loaded_offline(data: DataParams, cache_dir: str) -> str:
 def offline_revision_problem(data: DataParams, variable: str, loaded: str | None = None) -> str | None:
     """Why, offline, the copy of the hub dataset that datasets loads (`loaded`, its folder, "" for none; None: the one
     it will load) is not data.revision's, or None when it is or data.revision is unset (the newest cached copy, knowingly)."""
+    return cached_revision_problem(data, f"offline ({variable} is set), datasets ignores the revision of", f"unset {variable}",
+                                   loaded)
+
+
+def cached_revision_problem(data: DataParams, why: str, fill: str, loaded: str | None = None) -> str | None:
+    """Why the copy of the hub dataset that datasets loads from its cache (`loaded`, its folder, "" for none; None: the
+    one it will load) is not data.revision's, or None when it is or data.revision is unset. `why` says why datasets took
+    that copy without the hub (offline, or the hub not reached), ending before the dataset's id; `fill` what to do to
+    let it ask the hub."""
     if data.revision is None:
         return None
     cache, hub_cache = datasets_cache_dir(), hub_cache_dir()
@@ -162,10 +171,9 @@ def offline_revision_problem(data: DataParams, variable: str, loaded: str | None
         named = f"data.revision is {'' if commit == data.revision else f'{data.revision!r}, '}commit {commit}"
     chosen = "".join(f", data.{key} {value!r}" for key in ("config", "data_dir") if (value := getattr(data, key)))
     cached = ", ".join(cached_dataset_commits(data.source, cache)) or "none"
-    return (f"data.revision: offline ({variable} is set), datasets ignores the revision of the hub dataset"
-            f" '{data.source}'{chosen}: {took}; {named}. Commits cached in"
-            f" {_dataset_root(data.source, cache)}: {cached}. Run once with a network (unset {variable}), where datasets"
-            " loads data.revision itself; or set data.revision to the commit datasets loads offline; or leave"
+    return (f"data.revision: {why} the hub dataset '{data.source}'{chosen}: {took}; {named}. Commits cached in"
+            f" {_dataset_root(data.source, cache)}: {cached}. Run once with a network ({fill}), where datasets"
+            " loads data.revision itself; or set data.revision to the commit datasets loads from its cache; or leave"
             " data.revision empty to take the newest cached copy knowingly")
 
 
