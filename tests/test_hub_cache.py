@@ -382,7 +382,7 @@ def test_without_a_network_a_pinned_data_revision_that_datasets_did_not_load_is_
                               " datasets ignores the revision of the hub dataset 'someone/prefs': datasets loads the"
                               f" newest cached copy, of commit {NEWER} ({newer}); data.revision is commit {OLDER}.")
     assert f"Commits cached in {newer.parents[2]}: {OLDER}, {NEWER}." in message
-    assert "Run once with a network (check the network)" in message and "leave data.revision empty" in message
+    assert "Run once with a network (http://127.0.0.1:9 reachable)" in message and "leave data.revision empty" in message
 
     from dpo_kit.data.sources import read_hub_dataset_copy
 

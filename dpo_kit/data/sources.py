@@ -382,7 +382,7 @@ def read_hub_dataset_copy(data: DataParams, split_key: str = "data.split") -> tu
     from dpo_kit.models.hub_cache import cached_revision_problem, datasets_offline_variable
 
     loaded = str(Path(dataset.cache_files[0]["filename"]).parent) if dataset.cache_files else ""
-    from_cache, fill = None, "check the network"
+    from_cache, fill = None, f"{datasets.config.HF_ENDPOINT} reachable"  # the hub datasets asks, HF_ENDPOINT at its import
     if variable := datasets_offline_variable():
         from_cache, fill = f"offline ({variable} is set)", f"unset {variable}"
     elif any(message.startswith(CACHE_FALLBACK_MESSAGE) for message in logged):

@@ -5,6 +5,8 @@ HF_DATASETS_OFFLINE (by default the same as HF_HUB_OFFLINE) datasets serves a hu
 missing there was found missing by the first stage that loaded it, the format stage half a minute in, after
 `dpo-kit validate` had said "valid". Offline, what each library will find is on disk, so `dpo-kit validate` and
 `dpo-kit run` (before its first stage) look there. Online nothing is looked up: the hub may have what the cache lacks.
+Online without a network datasets falls back to its cache as offline, which cannot be foreseen; the format stage
+checks the copy it loaded against data.revision whatever the variables say (cached_revision_problem).
 
 The variables are read from the environment at the call, not from the libraries' constants (fixed at their import):
 the stage kernels start from this process's environment, so that is what their loads will see.
