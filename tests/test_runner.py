@@ -161,6 +161,22 @@ def test_a_refused_stages_run_does_not_say_it_continues(tmp_path, capsys):
         assert "continuing" not in printed and "resuming" not in printed, printed
 
 
+def test_params_that_differ_from_the_runs_params_yaml_are_refused_without_saying_it_continues(tmp_path, capsys):
+    """The refusal of params other than those in the run's params.yaml came after "continuing an unfinished run; its
+    unfinished stages start over" had been printed, which said the opposite."""
+    from dpo_kit.run.runner import run_pipeline
+
+    overrides = [f"run.output_dir={tmp_path}", "run.name=partial"]
+    stored = params_to_dict(load_params(TINY_PARAMS, overrides))
+    stages_made_with(tmp_path / "partial", stored, format="completed")
+    save_params(stored, tmp_path / "partial" / "params.yaml")
+    with pytest.raises(ParamsError, match=r"differs from .*dpo.beta: 0.1 -> 0.2\. Stages of one run share"):
+        run_pipeline(TINY_PARAMS, [*overrides, "dpo.beta=0.2"], stages=["train"], project_dir=REPO, progress=False,
+                     isolate_stages=True)  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "continuing" not in printed, printed
+
+
 def test_secret_values_from_the_environment_are_found_in_run_files(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijklmnop")
     (tmp_path / "clean.json").write_text("{}")

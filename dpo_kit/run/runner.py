@@ -554,8 +554,6 @@ def run_pipeline(
         if note and overwrite:  # the old run has been moved aside: said whatever follows
             print(f"dpo-kit: {note}")
         check_prerequisites(run_dir, stages, params, provided)
-        if note and not overwrite:  # "continuing ..." or "resuming ...": said only once it is so, not before a refusal
-            print(f"dpo-kit: {note}")
         if reuse_format:
             source = Path(reuse_format).resolve()
             if not (source / "manifest.json").is_file():
@@ -574,6 +572,10 @@ def run_pipeline(
             raise RunError(str(error)) from None
         params_file = run_dir / "params.yaml"
         save_or_check_params(params, params_file, f"{params_path} + --set")
+        # "continuing ..." or "resuming ...": said only once it is so, after the last refusal (params that differ from
+        # the run's params.yaml were refused after it had said "continuing an unfinished run"), not before
+        if note and not overwrite:
+            print(f"dpo-kit: {note}")
         if not mf.read_manifest(run_dir):
             mf.write_manifest(run_dir, mf.new_manifest(params["run"]["name"], params["run"]["seed"], project, hardware))
         mf.mark_dead_stages_interrupted(run_dir)
