@@ -1376,6 +1376,11 @@ def save_params(params: Params | dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+# The keys that locate a run directory, of those only where a run happens (PLACE_ONLY_KEYS): the launch keys stay
+# compared, as the stages read them from the run's params.yaml.
+RUN_LOCATION_KEYS = ("run.name", "run.output_dir")
+
+
 def save_or_check_params(resolved: dict[str, Any], path: str | Path, source: str) -> None:
     """Write a run's params.yaml, or, when an earlier stage wrote it, refuse params that differ from it:
     the stages of one run share one configuration."""
@@ -1383,7 +1388,12 @@ def save_or_check_params(resolved: dict[str, Any], path: str | Path, source: str
     if not path.exists():
         save_params(resolved, path)
         return
-    differences = params_differences(yaml.safe_load(path.read_text()) or {}, resolved)
+    # run.name and run.output_dir only say where the run is, and the caller has found it there already: a run
+    # started by a notebook with its own run_dir (runs/tiny-papermill, params.yaml's run.name 'tiny'), or a run
+    # directory copied under another name, was refused for naming its own folder, "choose a new run.name" advice
+    # that led nowhere. The stages read the run's params.yaml, so its recorded name stays the run's.
+    differences = [d for d in params_differences(yaml.safe_load(path.read_text()) or {}, resolved)
+                   if not d.startswith(tuple(f"{key}:" for key in RUN_LOCATION_KEYS))]
     if differences:
         raise ParamsError(
             f"{path} was written when this run started and differs from {source}: {'; '.join(differences)}."

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dpo_kit.params import ParamsError, load_params, params_to_dict, save_params
 from dpo_kit.run.runner import RunError, check_prerequisites, find_secrets, guard_existing_run, parse_stages
@@ -175,6 +176,23 @@ def test_params_that_differ_from_the_runs_params_yaml_are_refused_without_saying
                      isolate_stages=True)  # fmt: skip
     printed = capsys.readouterr().out
     assert "continuing" not in printed, printed
+
+
+def test_a_run_is_not_refused_for_the_name_of_its_own_folder(tmp_path):
+    """A run a notebook started with its own run_dir (the README's `-p run_dir runs/tiny-papermill`) records
+    params.yaml's run.name 'tiny'; `dpo-kit run params/tiny.yaml --set run.name=tiny-papermill` finds that folder, and
+    was refused for run.name: 'tiny' -> 'tiny-papermill', advised to "choose a new run.name". The name and output_dir
+    only locate the folder; any other key still differs."""
+    from dpo_kit.params import save_or_check_params
+
+    stored = params_to_dict(load_params(TINY_PARAMS))
+    save_params(stored, tmp_path / "params.yaml")
+    moved = params_to_dict(load_params(TINY_PARAMS, ["run.name=tiny-papermill", f"run.output_dir={tmp_path}"]))
+    save_or_check_params(moved, tmp_path / "params.yaml", "params/tiny.yaml + --set")
+    assert (tmp_path / "params.yaml").read_text() == yaml.safe_dump(stored, sort_keys=False)  # the run's own, kept
+    other = params_to_dict(load_params(TINY_PARAMS, ["run.name=tiny-papermill", "lora.r=4"]))
+    with pytest.raises(ParamsError, match=r"differs from params/tiny.yaml \+ --set: lora.r: 8 -> 4\. Stages"):
+        save_or_check_params(other, tmp_path / "params.yaml", "params/tiny.yaml + --set")
 
 
 def test_secret_values_from_the_environment_are_found_in_run_files(tmp_path, monkeypatch):
