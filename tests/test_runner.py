@@ -673,3 +673,34 @@ def test_the_shared_kernel_is_waited_for_once_not_before_every_notebook(tmp_path
             run_sync(client.wait_for_ready)(timeout=60)
     finally:
         kernel.shutdown()
+
+
+def test_an_interrupted_stage_says_where_to_resume_it_from(tmp_path, monkeypatch):
+    """The message named `dpo-kit run <run>/params.yaml --resume`, an absolute path that reads as if it worked from
+    anywhere; the relative paths inside it (run.output_dir: runs) resolve from where dpo-kit starts, so from another
+    folder it answered "nothing to resume at <that folder>/runs/...". It names the project folder to start it in."""
+    import papermill
+
+    from dpo_kit.run.runner import RunInterrupted, _execute_stages
+
+    class Kernel:  # the runner's shared kernel, without starting one
+        manager = None
+
+        def abandon_cell(self):
+            pass
+
+        def shutdown(self):
+            pass
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    run_dir = tmp_path / "project" / "runs" / "tiny"
+    write_manifest(run_dir, format="running")
+    (run_dir / "notebooks").mkdir()
+    with pytest.raises(RunInterrupted) as caught:
+        _execute_stages(["format"], run_dir, run_dir / "params.yaml", tmp_path / "project", REPO / "notebooks", Kernel(),
+                        False, "refuse")  # fmt: skip
+    assert f"`dpo-kit run {run_dir / 'params.yaml'} --resume`, started in {tmp_path / 'project'}:" in str(caught.value)
+    assert caught.value.exit_code == 130

@@ -738,9 +738,11 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
                                          status="interrupted", interrupted=mf.now_iso(), reason=reason,
                                          notebook=str(executed), wall_seconds=round(time.perf_counter() - started, 3))
             raise RunInterrupted(
+                # From the project folder: params.yaml's relative paths (run.output_dir, the model, the data) resolve
+                # from where dpo-kit starts, so the same command elsewhere answered "nothing to resume".
                 f"stage '{stage}' interrupted ({reason}); {recorded}. Continue with"
-                f" `dpo-kit run {params_file} --resume`: completed stages are skipped and training continues from"
-                " its newest checkpoint.",
+                f" `dpo-kit run {params_file} --resume`, started in {project}: completed stages are skipped and"
+                " training continues from its newest checkpoint.",
                 exit_code=143 if signal_name == "SIGTERM" else 130,
             ) from None
         except Exception as error:  # papermill raises PapermillExecutionError; kernel deaths raise others
