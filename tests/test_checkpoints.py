@@ -528,3 +528,15 @@ def test_a_manifest_that_cannot_be_written_stays_as_it_was(tmp_path):
         mf.write_manifest(tmp_path, {"status": "failed", "error": "x" * 5000})
     assert mf.read_manifest(tmp_path) == {"status": "running"}
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"], "no half-written manifest.json.tmp beside it"
+
+
+def test_a_failed_training_records_the_run_as_failed_not_running(tmp_path):
+    """A notebook's training that failed (notebook 02 run before 01: no pairs) recorded its stage `failed` and left
+    the run's status `running`, with no stage running; the runner records both, and so does the train stage now."""
+    from dpo_kit.training.train import recording_interruptions
+
+    mf.write_manifest(tmp_path, {"status": "running", "stages": {"train": {"status": "running"}}})
+    with pytest.raises(FileNotFoundError), recording_interruptions(tmp_path):
+        raise FileNotFoundError("data/train.jsonl not found")
+    manifest = mf.read_manifest(tmp_path)
+    assert manifest["stages"]["train"]["status"] == "failed" and manifest["status"] == "failed", manifest

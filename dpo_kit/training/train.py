@@ -226,8 +226,9 @@ def recording_interruptions(run_dir: Path):
     def record(**fields: Any) -> None:
         with contextlib.suppress(OSError):
             mf.update_stage(run_dir, "train", **fields)
-            if fields["status"] == "interrupted":
-                mf.update_manifest(run_dir, status="interrupted")
+            # The run's status too, as the runner records it: a notebook's failed training left the run `running`
+            # with no stage running (manifest.json, and the report's list of incomplete runs, said so).
+            mf.update_manifest(run_dir, status=fields["status"])
 
     def mark(signal_name: str) -> None:
         record(status="interrupted", interrupted=mf.now_iso(), reason=signal_name)
