@@ -122,7 +122,10 @@ def wandb_key_for_online(report_to) -> None:
         raise TrackerError(f"{named} is not a mode wandb takes: set it to one of"
                            f" {', '.join(WANDB_ONLINE_MODES + WANDB_LOCAL_MODES)}, or unset it (online)")
     if not os.environ.get("WANDB_API_KEY"):
-        how = f"WANDB_MODE={mode!r}" if not source.startswith("mode = ") else source
+        # Where online came from: the variable's value, the settings file's line, or neither (the message said
+        # WANDB_MODE='online' to a user who had set no WANDB_MODE at all).
+        how = {"WANDB_MODE in the environment": f"WANDB_MODE={mode!r}",
+               "wandb's default": "WANDB_MODE unset: wandb's default"}.get(source, source)  # fmt: skip
         raise TrackerError(
             f"tracking.report_to names wandb, which logs online ({how}), but WANDB_API_KEY is not set"
             " in the environment (the kit reads it from there only, not from a `wandb login` entry in ~/.netrc):"

@@ -102,7 +102,8 @@ PUSH = ["merge.push_to_hub=true", "merge.hub_model_id=someone/tiny-dpo"]
     (PUSH, {"HF_TOKEN": CANARY, "HF_HUB_OFFLINE": "1"},
      "merge.push_to_hub is true, and HF_HUB_OFFLINE is set, so the push to someone/tiny-dpo would fail"),
     (["tracking.report_to=wandb"], {"HF_TOKEN": CANARY},
-     "tracking.report_to names wandb, which logs online (WANDB_MODE='online'), but WANDB_API_KEY is not set"),
+     "tracking.report_to names wandb, which logs online (WANDB_MODE unset: wandb's default), but WANDB_API_KEY is not"
+     " set"),
     (["model.name_or_path=someone/model", "model.build_tiny_model=false"], {"HF_TOKEN": CANARY, "HF_HUB_OFFLINE": "1"},
      "model.name_or_path: 'someone/model' at revision main: no config.json for it in the Hugging Face cache"),
 ])  # fmt: skip

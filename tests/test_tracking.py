@@ -484,7 +484,7 @@ def test_wandb_online_without_a_key_is_refused_before_the_first_stage(monkeypatc
     def run(stages=None, **kwargs):
         return run_pipeline(TINY, overrides, stages, project_dir=REPO, progress=False, isolate_stages=True, **kwargs)
 
-    with pytest.raises(RunError, match=r"names wandb, which logs online \(WANDB_MODE='online'\), but WANDB_API_KEY is"
+    with pytest.raises(RunError, match=r"names wandb, which logs online \(WANDB_MODE unset: wandb's default\), but WANDB_API_KEY is"
                                        r" not set in the environment .*set WANDB_API_KEY, or set WANDB_MODE=offline"
                                        r" .*WANDB_MODE=disabled.*Nothing was run"):
         run()
@@ -545,7 +545,7 @@ def test_a_wandb_settings_file_sets_the_mode_for_every_stage(monkeypatch, tmp_pa
     assert os.environ["WANDB_MODE"] == "offline" and started == ["01_format_data.ipynb", "02_train_dpo.ipynb"]
     monkeypatch.delenv("WANDB_MODE")
     subprocess.run([*wandb_cli, "online"], check=True, capture_output=True)
-    with pytest.raises(RuntimeError, match=r"names wandb, which logs online \(WANDB_MODE='online'\), but WANDB_API_KEY"):
+    with pytest.raises(RuntimeError, match=r"names wandb, which logs online \(WANDB_MODE unset: wandb's default\), but WANDB_API_KEY"):
         run("online-again")
     assert "WANDB_MODE" not in os.environ and len(started) == 2
     (tmp_path / "config").mkdir()
@@ -702,3 +702,19 @@ def test_the_trackio_rewind_takes_only_this_runs_rows_past_the_checkpoint_in_a_l
     assert out["deleted"] == {"space_id": 0, "server": 0, "a": 4, "b": 1}
     assert out["steps"] == {"other": [[0, 1], [1, 2], [2, 3], [3, 4]], "a": [[0, 1], [1, 2]]}
     assert out["runs"] == ["a", "other"]
+
+
+def test_wandb_online_without_a_key_says_where_online_came_from(monkeypatch, tmp_path):
+    """With no WANDB_MODE set at all, the refusal said "(WANDB_MODE='online')", a variable the user never set; it says
+    the mode is wandb's default then, and names WANDB_MODE only where the environment holds it."""
+    from dpo_kit.tracking import TrackerError, wandb_key_for_online
+
+    monkeypatch.chdir(tmp_path)  # no ./wandb/settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))  # nor a global one
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with pytest.raises(TrackerError, match=r"logs online \(WANDB_MODE unset: wandb's default\), but WANDB_API_KEY"):
+        wandb_key_for_online(["wandb"])
+    monkeypatch.setenv("WANDB_MODE", "shared")
+    with pytest.raises(TrackerError, match=r"logs online \(WANDB_MODE='shared'\), but WANDB_API_KEY"):
+        wandb_key_for_online(["wandb"])
