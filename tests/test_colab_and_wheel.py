@@ -173,6 +173,22 @@ def test_init_copies_notebooks_and_params_and_never_overwrites(tmp_path, capsys)
     assert (init_project(tmp_path / "empty") / "notebooks" / NOTEBOOKS[0].name).is_file()
 
 
+def test_init_prints_a_cd_command_that_a_shell_can_run(tmp_path, capsys):
+    """The next step was printed as `cd <folder> && dpo-kit run ...` unquoted: for a folder with a space in its name
+    the shell's cd went to the first word's folder, or failed. Whatever the shell does with the printed command is
+    what the user gets, so it is run."""
+    import subprocess
+
+    from dpo_kit.run.cli import main
+
+    project = tmp_path / "my projects" / "dpo"
+    assert main(["init", str(project)]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "next, cd " in line]
+    cd = line.split("next, ", 1)[1].split(" && ", 1)[0]
+    shown = subprocess.run(["bash", "-c", f"{cd} && pwd"], capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.strip() == str(project), (line, shown)
+
+
 # --- the wheel, and fresh environments like Colab's ------------------------------------------------------------
 
 

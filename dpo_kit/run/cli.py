@@ -149,8 +149,12 @@ def _init(args) -> int:
     except InitError as error:
         print(f"dpo-kit init: {error}", file=sys.stderr)
         return 1
+    import shlex
+
+    # Quoted as a shell reads it: a folder with a space ("~/My Projects/dpo") made a `cd` that went elsewhere.
     print(f"dpo-kit init: {project}/notebooks and {project}/params written\n"
-          f"dpo-kit init: next, cd {project} && dpo-kit run params/tiny.yaml (or open notebooks/ in Jupyter)")
+          f"dpo-kit init: next, cd {shlex.quote(str(project))} && dpo-kit run params/tiny.yaml (or open notebooks/ in"
+          " Jupyter)")
     return 0
 
 
