@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -741,8 +742,8 @@ def _execute_stages(stages, run_dir, params_file, project, source_notebooks, ker
                 # From the project folder: params.yaml's relative paths (run.output_dir, the model, the data) resolve
                 # from where dpo-kit starts, so the same command elsewhere answered "nothing to resume".
                 f"stage '{stage}' interrupted ({reason}); {recorded}. Continue with"
-                f" `dpo-kit run {params_file} --resume`, started in {project}: completed stages are skipped and"
-                " training continues from its newest checkpoint.",
+                f" `dpo-kit run {shlex.quote(str(params_file))} --resume`, started in {project}: completed stages are"
+                " skipped and training continues from its newest checkpoint.",
                 exit_code=143 if signal_name == "SIGTERM" else 130,
             ) from None
         except Exception as error:  # papermill raises PapermillExecutionError; kernel deaths raise others
