@@ -704,3 +704,22 @@ def test_an_interrupted_stage_says_where_to_resume_it_from(tmp_path, monkeypatch
                         False, "refuse")  # fmt: skip
     assert f"`dpo-kit run {run_dir / 'params.yaml'} --resume`, started in {tmp_path / 'project'}:" in str(caught.value)
     assert caught.value.exit_code == 130
+
+
+def test_reuse_format_from_a_path_that_does_not_exist_says_so(tmp_path):
+    """--reuse-format with a mistyped path said "not a run directory (no manifest.json)", as if the directory were
+    there; a directory that is there but holds no run keeps that message."""
+    from dpo_kit.run.runner import run_pipeline
+
+    overrides = [f"run.output_dir={tmp_path}", "run.name=new"]
+    for name, message in (("missing", "does not exist"), ("a-file", "is not a directory"),
+                          ("empty", r"not a run directory \(no manifest.json\)")):
+        source = tmp_path / name
+        if name == "a-file":
+            source.write_text("")
+        elif name == "empty":
+            source.mkdir()
+        with pytest.raises(RunError, match=rf"--reuse-format {re.escape(str(source))}: .*{message}"):
+            run_pipeline(TINY_PARAMS, overrides, stages=["format"], project_dir=REPO, progress=False,
+                         isolate_stages=True, reuse_format=source)  # fmt: skip
+    assert not (tmp_path / "new" / "manifest.json").exists()

@@ -541,6 +541,12 @@ def run_pipeline(
         if reuse_format and mf.read_manifest(run_dir) and not overwrite:
             raise RunError(f"--reuse-format starts a new run, and {run_dir} already holds one: choose a new name"
                            " (--set run.name=...), or pass --overwrite to archive the old run")  # fmt: skip
+        if reuse_format and not Path(reuse_format).is_dir():
+            # Before anything changes (--overwrite archives the old run below): a mistyped path is named as one,
+            # not as a directory without a manifest.json
+            what = "is not a directory" if Path(reuse_format).exists() else "does not exist"
+            raise RunError(f"--reuse-format {reuse_format}: {Path(reuse_format).resolve()} {what}; give the"
+                           " directory of an earlier run")  # fmt: skip
         provided = ("format",) if reuse_format else ()
         if overwrite:  # the run starts afresh: refused before the old one is moved aside, not after
             check_prerequisites(run_dir, stages, params, provided, fresh=True)
