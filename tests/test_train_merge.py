@@ -294,3 +294,32 @@ def test_the_training_curves_mark_ln_2_only_for_a_loss_that_starts_there():
     assert marked(["dpo.loss_type=ipo"]) == []
     assert marked(["dpo.loss_type=hinge"]) == []
     assert marked(["dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0,1.0]"]) == []
+
+
+def test_the_model_cards_a_run_writes_link_no_missing_hub_model_and_name_no_local_path(tmp_path, tiny_model_dir):
+    """TRL's card in checkpoints/ linked huggingface.co/None for a local base model and loaded model="None" in its
+    quick start, and peft's cards (each checkpoint, adapter/) gave the base model's absolute path as base_model."""
+    from dpo_kit.training.train import train_dpo
+
+    overrides = formatted_run(tmp_path, tiny_model_dir)
+    stage = open_stage("train", TINY, overrides, str(REPO))
+    stage.complete(**train_dpo(stage).summary())
+    cards = sorted(stage.run_dir.rglob("README.md"))
+    assert {card.parent.name for card in cards} == {"checkpoints", "checkpoint-3", "adapter"}
+    for card in cards:
+        text = card.read_text()
+        assert "huggingface.co/None" not in text and 'model="None"' not in text, card
+        assert str(tiny_model_dir) not in text and str(tmp_path) not in text and "base_model" not in text, card
+    assert "a fine-tuned version of a local model" in (stage.run_dir / "checkpoints" / "README.md").read_text()
+
+    # A hub id is the base model's name on the hub: kept, and linked.
+    from dpo_kit.training.train import keep_model_card_links_true
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "README.md").write_text("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\ntags:\n- base_model:adapter:"
+                                   "HuggingFaceTB/SmolLM2-135M-Instruct\n---\n\nA fine-tuned version of [HuggingFaceTB/"
+                                   "SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct).\n")
+    before = (hub / "README.md").read_text()
+    keep_model_card_links_true(hub)
+    assert (hub / "README.md").read_text() == before

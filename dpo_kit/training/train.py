@@ -431,17 +431,61 @@ def build_trainer(params: Params, source, hardware: HardwareChoice, config, toke
     )
 
 
+# TRL 1.16's card template links its base model and the quick start's model unconditionally: a base model that is no
+# hub id (a local folder, a converted GGUF: TRL passes None) and a model not pushed (no hub_model_id) are rendered
+# as these, a link to huggingface.co/None and a pipeline that loads "None".
+TRL_CARD_NO_BASE_MODEL = "[None](https://huggingface.co/None)"
+TRL_CARD_NO_HUB_MODEL = 'generator = pipeline("text-generation", model="None",'
+
+
+def keep_model_card_links_true(directory: str | Path) -> None:
+    """Rewrite the README.md model card TRL or peft wrote into `directory` so it links nothing that is not there
+    and names no local path: TRL's sentence on a base model that is no hub id says "a local model" instead of
+    linking huggingface.co/None, its quick start loads the run's merged/ rather than "None", and peft's
+    `base_model` (with its `base_model:adapter:` tag), the absolute path of a local or converted base model, which
+    the hub would take for a model id and which names the user's folders, is left out. A hub id stays as it is,
+    linked; adapter_config.json keeps the path, which loading the adapter reads."""
+    from huggingface_hub import ModelCard
+
+    readme = Path(directory) / "README.md"
+    if not readme.is_file():
+        return
+    card = ModelCard.load(readme)
+    base = card.data.get("base_model")
+    if isinstance(base, str) and (os.path.isabs(base) or os.path.exists(base)):
+        card.data.base_model = None
+        if card.data.tags:
+            card.data.tags = [tag for tag in card.data.tags if tag != f"base_model:adapter:{base}"]
+    card.text = card.text.replace(TRL_CARD_NO_BASE_MODEL, "a local model (not on the Hugging Face Hub)").replace(
+        TRL_CARD_NO_HUB_MODEL,
+        "# the merged model this run's merge stage writes, from the run directory\n"
+        'generator = pipeline("text-generation", model="merged",',
+    )
+    if str(card) != readme.read_text(encoding="utf-8"):
+        card.save(readme)
+
+
 @functools.cache
 def kit_trainer_class() -> type:
     """The DPOTrainer the train stage builds: training/ref_cache.py's (reference log-probs cached on disk), with
     TRL's per-checkpoint model card written without asking an offline wandb run for the URL it does not have
-    (tracking.offline_wandb_run_hidden)."""
+    (tracking.offline_wandb_run_hidden), and its cards and peft's kept free of broken links and local paths
+    (keep_model_card_links_true)."""
     from dpo_kit.training.ref_cache import cached_dpo_trainer_class
 
     class KitDPOTrainer(cached_dpo_trainer_class()):
         def create_model_card(self, *args, **kwargs):
             with offline_wandb_run_hidden():
-                return super().create_model_card(*args, **kwargs)
+                super().create_model_card(*args, **kwargs)
+            if self.is_world_process_zero():
+                keep_model_card_links_true(self.args.output_dir)
+
+        def _save(self, output_dir=None, state_dict=None):
+            # Every save of the weights (each checkpoint-N, the final adapter/) goes through here, and peft writes
+            # its own card beside them; tidied before the checkpoint recorder hashes the files (on_save comes after).
+            super()._save(output_dir, state_dict)
+            if self.args.should_save:
+                keep_model_card_links_true(output_dir if output_dir is not None else self.args.output_dir)
 
         def _save_checkpoint(self, model, trial):
             # transformers deletes the checkpoints beyond save_total_limit here, right after writing the new one and
