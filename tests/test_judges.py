@@ -335,27 +335,10 @@ def test_a_response_longer_than_the_reward_model_reads_is_refused_naming_it(tmp_
 def test_a_reward_model_whose_tokenizer_has_no_limit_reads_up_to_its_position_embeddings(tmp_path):
     """A tokenizer saved without model_max_length (transformers' 1e30) cut nothing, and a text past GPT-2's
     n_positions crashed inside the model with an IndexError instead of being cut to fit."""
-    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
-
-    from dpo_kit.models.tiny import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, num_labels=1,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    torch.manual_seed(0)
-    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    build_gpt2_reward_model(tmp_path)
     judge = RewardModelJudge(str(with_model_max_length(tmp_path, None)))
     assert judge.tokenizer.model_max_length > 10**9 and judge.max_length == 64
-    response = "Knead the dough for ten minutes."
-    with pytest.warns(UserWarning, match="1 of 1 prompts .* longer than the 64 tokens"):
-        (score,) = judge.score([LONG_PROMPT], [response])
-    ids = judge.tokenizer.apply_chat_template(LONG_PROMPT + [{"role": "assistant", "content": response}],
-                                              return_dict=True)["input_ids"]  # fmt: skip
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert score == pytest.approx(model(input_ids=torch.tensor([ids[-64:]])).logits[0, 0].item(), abs=1e-5)
+    assert_long_prompt_read_by_its_last_tokens(judge, tmp_path, 64)
 
 
 def test_a_roberta_reward_model_reads_two_fewer_tokens_than_its_position_embeddings(tmp_path):
@@ -375,20 +358,43 @@ def test_a_roberta_reward_model_reads_two_fewer_tokens_than_its_position_embeddi
     tokenizer.save_pretrained(tmp_path)
     judge = RewardModelJudge(str(with_model_max_length(tmp_path, None)))
     assert judge.max_length == 65
-    response = "Knead the dough for ten minutes."
-    with pytest.warns(UserWarning, match="1 of 2 prompts .* longer than the 65 tokens"):
-        long_score, short_score = judge.score([LONG_PROMPT, PROMPT], [response, response])
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
-    for prompt, score in ((LONG_PROMPT, long_score), (PROMPT, short_score)):
-        ids = judge.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
-                                                  return_dict=True)["input_ids"]  # fmt: skip
-        with torch.no_grad():
-            assert score == pytest.approx(model(input_ids=torch.tensor([ids[-65:]])).logits[0, 0].item(), abs=1e-5)
+    assert_long_prompt_read_by_its_last_tokens(judge, tmp_path, 65)
     # A position table numbered from 0 (BERT's) reads as many tokens as it has embeddings.
     from dpo_kit.judges import positions_read
 
     assert positions_read(judge.model) == 65
     assert positions_read(AutoModelForSequenceClassification.from_pretrained(build_text_pair_reward_model(tmp_path / "bert"))) is None
+
+
+def build_gpt2_reward_model(path) -> None:
+    """A one-layer GPT-2 reward model of 64 position embeddings (n_positions) behind the tiny tokenizer, at `path`."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from dpo_kit.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, num_labels=1,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def assert_long_prompt_read_by_its_last_tokens(judge, path, limit: int) -> None:
+    """The judge warns that it cut LONG_PROMPT's text, and scores each text as the model at `path` scores its last
+    `limit` tokens (the whole text, for PROMPT's)."""
+    from transformers import AutoModelForSequenceClassification
+
+    response = "Knead the dough for ten minutes."
+    with pytest.warns(UserWarning, match=f"1 of 2 prompts .* longer than the {limit} tokens"):
+        long_score, short_score = judge.score([LONG_PROMPT, PROMPT], [response, response])
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    for prompt, score in ((LONG_PROMPT, long_score), (PROMPT, short_score)):
+        ids = judge.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
+                                                  return_dict=True)["input_ids"]  # fmt: skip
+        with torch.no_grad():
+            assert score == pytest.approx(model(input_ids=torch.tensor([ids[-limit:]])).logits[0, 0].item(), abs=1e-5)
 
 
 def build_reward_model_with_bos(path, model_max_length=64):
@@ -534,28 +540,10 @@ def test_texts_that_fit_are_read_as_the_tokenizer_encodes_them_and_a_pair_keeps_
 def test_a_reward_model_reads_no_more_than_its_position_embeddings_whatever_its_tokenizer_says(tmp_path):
     """A tokenizer whose model_max_length (512) is above the model's own n_positions (64) was trusted: a text of 100
     tokens was not cut, and GPT-2 failed with an index error past its 64 position embeddings."""
-    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
-
-    from dpo_kit.models.tiny import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, num_labels=1,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    torch.manual_seed(0)
-    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    build_gpt2_reward_model(tmp_path)
     judge = RewardModelJudge(str(with_model_max_length(tmp_path, 512)))
     assert judge.max_length == 64
-    response = "Knead the dough for ten minutes."
-    with pytest.warns(UserWarning, match="1 of 2 prompts .* longer than the 64 tokens"):
-        long_score, short_score = judge.score([LONG_PROMPT, PROMPT], [response, response])
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
-    for prompt, score in ((LONG_PROMPT, long_score), (PROMPT, short_score)):
-        ids = judge.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
-                                                  return_dict=True)["input_ids"]  # fmt: skip
-        with torch.no_grad():
-            assert score == pytest.approx(model(input_ids=torch.tensor([ids[-64:]])).logits[0, 0].item(), abs=1e-5)
+    assert_long_prompt_read_by_its_last_tokens(judge, tmp_path, 64)
     # The smaller of the two, whichever it is: a tokenizer that reads fewer tokens than the model is kept.
     assert RewardModelJudge(str(with_model_max_length(tmp_path, 32))).max_length == 32
 
