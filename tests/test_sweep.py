@@ -491,6 +491,21 @@ def test_a_grid_whose_points_the_params_refuse_together_is_refused_before_any_tr
     assert calls == [] and not any(tmp_path.iterdir())
 
 
+def test_a_grid_whose_every_point_is_valid_runs_though_a_value_is_refused_beside_the_files_others(tmp_path, fake_trials):
+    """tiny.yaml logs every 5 steps: dpo.max_steps=2 beside that is refused, but no trial has it, every point of this
+    grid logs every step or two. validate_points read each swept value with the file's other values and refused the
+    sweep for a point no trial would run; a grid's points are each read whole (refuse_bad_combinations)."""
+    _, calls = fake_trials
+    sweep_dir = run_sweep(TINY, grid=["dpo.max_steps=2,4", "dpo.logging_steps=1,2"],
+                          overrides=[f"run.output_dir={tmp_path}"], project_dir=REPO, progress=False)
+    rows = trial_rows(sweep_dir)
+    assert calls.count("run_pipeline") == 4 and {r["state"] for r in rows} == {"COMPLETE"}, rows
+    assert {(r["dpo.max_steps"], r["dpo.logging_steps"]) for r in rows} == {(2, 1), (2, 2), (4, 1), (4, 2)}, rows
+    with pytest.raises(SweepError, match=r"dpo.logging_steps 5 > dpo.max_steps 2"):  # alone, it is still refused
+        run_sweep(TINY, grid=["dpo.max_steps=2,4"], overrides=[f"run.output_dir={tmp_path / 'alone'}"],
+                  project_dir=REPO, progress=False)
+
+
 @pytest.mark.filterwarnings("ignore:Trial")
 def test_a_drawn_point_whose_values_the_params_refuse_together_fails_with_its_reason_and_the_others_run(
         tmp_path, fake_trials):

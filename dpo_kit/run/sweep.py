@@ -681,14 +681,20 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
         raise SweepError(f"a trial's run directory would be named '{name[:80]}...', {len(name.encode())} bytes, above"
                          f" the {MAX_TRIAL_NAME_BYTES} a file name leaves room for: sweep shorter values (a long text"
                          " from a file the params name, such as data.generate.prompts) or fewer keys at once")
-    probes = [(k, [*spec.overrides, f"{k}={yaml_text(v)}"]) for k, values in space.grid.items() for v in values]
-    probes += [(k, [*spec.overrides, f"{k}={yaml_text(v)}"]) for k, (lo, hi, _) in space.ranges.items() for v in (lo, hi)]
+    probes = [(k, v, [*spec.overrides, f"{k}={yaml_text(v)}"]) for k, values in space.grid.items() for v in values]
+    probes += [(k, None, [*spec.overrides, f"{k}={yaml_text(v)}"]) for k, (lo, hi, _) in space.ranges.items() for v in (lo, hi)]
     read: dict[str, list[Any]] = {}
-    for key, overrides in probes:
+    for key, swept, overrides in probes:
         try:
             params = load_params(path, overrides)
         except ParamsError as error:
-            raise SweepError(f"{error} (from the sweep's {overrides[-1]})") from None
+            # A grid's trials never run a value beside the params file's value of another swept key: one refused so
+            # (dpo.max_steps=2 beside the file's dpo.logging_steps 5) is read within a point of the grid that holds
+            # it, and only a value no point takes is refused here (the others' points, by refuse_bad_combinations).
+            within = _within_a_point(path, spec.overrides, space.grid, key, swept) if spec.sampler == "grid" else None
+            if within is None:
+                raise SweepError(f"{error} (from the sweep's {overrides[-1]})") from None
+            params = within
         if params.merge.push_to_hub and "merge.hub_model_id" not in space.grid:
             # Every trial's merge stage would push to the one repo, leaving it with whichever trial merged last.
             raise SweepError(f"merge.push_to_hub: every trial of the sweep would push its merged model to"
@@ -713,6 +719,22 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
             space.ranges[key] = [float(low), float(high), scale]
         elif all(isinstance(v, int) and not isinstance(v, bool) for v in read[key]):
             space.ranges[key] = [int(low), int(high), scale]
+
+
+def _within_a_point(path: str | Path, overrides: list[str], grid: dict[str, list[Any]], key: str, value: Any):
+    """The params at the first point of the grid that holds `key`=`value` and that the params take; None if none does
+    (or `key` is the grid's only key)."""
+    import itertools
+
+    others = {k: values for k, values in grid.items() if k != key}
+    if not others:
+        return None
+    for combination in itertools.product(*others.values()):
+        try:
+            return load_params(path, [*overrides, *trial_overrides({key: value, **dict(zip(others, combination, strict=True))})])
+        except ParamsError:
+            continue
+    return None
 
 
 def refuse_what_the_trials_lack(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
