@@ -566,6 +566,29 @@ def test_a_failed_trials_note_of_several_lines_keeps_the_table_one_line_per_tria
 
 
 @pytest.mark.filterwarnings("ignore:Trial")
+def test_a_failed_trials_note_keeps_no_secret_that_its_error_quoted(tmp_path, fake_trials, monkeypatch):
+    """A failed trial's error is kept in full in <sweep>/trial_notes/ and on the trial in the study, outside the run
+    directories that the runner's secret scan reads: an error quoting a library's message with a token in it (a URL
+    with credentials, a header) put the secret there. It is kept with the secret's value replaced."""
+    import dpo_kit.run.runner as runner
+
+    token = "hf_" + "Zq3" * 11
+    monkeypatch.setenv("HF_TOKEN", token)
+    quoted = f"the merge stage failed: 401 Client Error for url https://user:{token}@huggingface.co/api (Bearer {token})"
+
+    def pipeline(params, overrides, **kwargs):
+        raise runner.RunError(quoted)
+
+    monkeypatch.setattr(runner, "run_pipeline", pipeline)
+    sweep_dir = run_sweep(TINY, grid=["dpo.beta=0.1"], overrides=[f"run.output_dir={tmp_path}"], project_dir=REPO,
+                          progress=False)  # fmt: skip
+    (note,) = (sweep_dir / "trial_notes").iterdir()
+    assert "401 Client Error" in note.read_text() and token not in note.read_text()
+    assert [token in r["note"] for r in trial_rows(sweep_dir)] == [False]
+    assert not [path for path in sweep_dir.rglob("*") if path.is_file() and token.encode() in path.read_bytes()]
+
+
+@pytest.mark.filterwarnings("ignore:Trial")
 def test_the_report_over_a_sweep_lists_a_trial_that_failed_before_its_run_was_made(tmp_path, fake_trials, monkeypatch):
     """A trial refused before its run started has no run directory: the sweep's table listed it as FAIL with its
     reason, and `dpo-kit report` over the sweep compared the other trials and said nothing of it."""

@@ -584,7 +584,10 @@ class Sweep:
                 release_claim(self.sweep_dir, format_claim)
 
     def record_error(self, trial, name: str, note: str) -> None:
-        """A trial's error: on the trial in the study, and in full in <sweep>/trial_notes/ (trial_note_path)."""
+        """A trial's error: on the trial in the study, and in full in <sweep>/trial_notes/ (trial_note_path). Both lie
+        outside the run directories the runner's secret scan reads, and an error may quote a library's message with
+        a token in it (a URL's credentials, a header): kept with secrets' values replaced."""
+        note = redact_secrets(note)
         trial.set_user_attr("error", note)
         path = trial_note_path(self.sweep_dir, name, trial.number)
         path.parent.mkdir(exist_ok=True)
