@@ -368,15 +368,17 @@ TEMPLATE_CHECKS = {
 }
 
 
+# What the audit fixed in rows it kept, counted per row (the rest of template_checks is measured on the pairs' lengths).
+FIX_COUNTS = ("prompt_bos_text_removed", "response_eos_text_removed", "template_bos_text_removed",
+              "special_token_text_in_content")  # fmt: skip
+
+
 def template_checks(traits: TokenizerTraits, fixes: Counter, lengths: list[PairLengths]) -> dict:
     """JSON-able findings about the chat template and special tokens, with a warning line per problem."""
     mismatched = [pair for pair in lengths if not pair.prompt_is_prefix]
     checks = {
         **traits.to_dict(),
-        "prompt_bos_text_removed": fixes["prompt_bos_text_removed"],
-        "response_eos_text_removed": fixes["response_eos_text_removed"],
-        "template_bos_text_removed": fixes["template_bos_text_removed"],
-        "special_token_text_in_content": fixes["special_token_text_in_content"],
+        **{key: fixes[key] for key in FIX_COUNTS},
         "double_bos": sum(pair.double_bos for pair in lengths),
         "double_eos": sum(pair.double_eos for pair in lengths),
         "missing_bos": sum(pair.missing_bos for pair in lengths),
@@ -432,3 +434,14 @@ def raise_if_nothing_left(
         lines.append(f"Every dropped row, with its reason, is in {dropped_path}")
     raise NoPairsLeftError("\n".join(lines))
 
+
+
+def merged_audit(first: AuditResult, second: AuditResult, tokenizer) -> AuditResult:
+    """One AuditResult for two audits of one source (data.split's and data.eval_split's), as the report counts them:
+    rows, drops and lengths of both, and the chat-template checks over both (each keeps its own source indices: the
+    format stage's dropped.jsonl names the split of each)."""
+    fixes = Counter({key: first.checks[key] + second.checks[key] for key in FIX_COUNTS})
+    merged = AuditResult(rows_read=first.rows_read + second.rows_read, kept=[*first.kept, *second.kept],
+                         dropped=[*first.dropped, *second.dropped], lengths=[*first.lengths, *second.lengths])  # fmt: skip
+    merged.checks = template_checks(tokenizer_traits(tokenizer), fixes, merged.lengths)
+    return merged

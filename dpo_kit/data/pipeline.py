@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,8 @@ from dpo_kit.data.audit import (
     AuditResult,
     NoPairsLeftError,
     audit_rows,
+    merged_audit,
     raise_if_nothing_left,
-    template_checks,
-    tokenizer_traits,
 )
 from dpo_kit.data.drops import REASONS, DropRow
 from dpo_kit.data.formats import SHAPE_REASONS, converter, formats_that_fit
@@ -47,8 +45,7 @@ from dpo_kit.data.on_policy import (
     sampler_run_held_out_prompts,
     split_as_sampler_run,
 )
-from dpo_kit.data.sources import describe_source, read_hub_dataset_copy, read_rows_and_lines
-from dpo_kit.params import is_local_path
+from dpo_kit.data.sources import describe_source, read_hub_dataset_copy, read_source
 
 SPLITS = ("train", "eval")
 
@@ -223,12 +220,9 @@ def prepare_data(params, tokenizer, run_dir: str | Path, project_dir: str | Path
         rows = sample_scored_rows(params, tokenizer, project_dir)
         _write_jsonl(data_dir / "samples.jsonl", rows)  # every sample and its score, kept or not
         convert = ranked_pair(data.generate.min_score_gap)
-    elif data.source != "bundled" and not is_local_path(data.source):  # a hub dataset, as read_rows_and_lines tells
-        rows, copy = read_hub_dataset_copy(data)
-        lines, hub_copy = None, copy.to_dict()
-        convert = converter(data.format, data.columns)
     else:
-        rows, lines = read_rows_and_lines(data, project_dir)
+        rows, lines, copy = read_source(data, project_dir)
+        hub_copy = copy and copy.to_dict()
         convert = converter(data.format, data.columns)
     eval_data = data.model_copy(update={"split": data.eval_split}) if data.eval_split is not None else None
     # data.eval_split's rows, read before either split's audit so that a split the dataset lacks fails at once
@@ -327,20 +321,6 @@ def dropped_lines(result: AuditResult, held: AuditResult | None, data):
         return [dropped.to_dict() for dropped in result.dropped]
     return [{**dropped.to_dict(), "split": split}
             for split, part in ((data.split, result), (data.eval_split, held)) for dropped in part.dropped]  # fmt: skip
-
-
-FIX_COUNTS = ("prompt_bos_text_removed", "response_eos_text_removed", "template_bos_text_removed",
-              "special_token_text_in_content")  # fmt: skip
-
-
-def merged_audit(train: AuditResult, held: AuditResult, tokenizer) -> AuditResult:
-    """One AuditResult for both splits' audits, as the report counts them: rows, drops and lengths of both, and the
-    chat-template checks over both (each split's source index is kept: dropped.jsonl names the split)."""
-    fixes = Counter({key: train.checks[key] + held.checks[key] for key in FIX_COUNTS})
-    merged = AuditResult(rows_read=train.rows_read + held.rows_read, kept=[*train.kept, *held.kept],
-                         dropped=[*train.dropped, *held.dropped], lengths=[*train.lengths, *held.lengths])  # fmt: skip
-    merged.checks = template_checks(tokenizer_traits(tokenizer), fixes, merged.lengths)
-    return merged
 
 
 PAIR_LENGTHS = "pair_token_lengths"

@@ -52,7 +52,12 @@ def read_rows(data: DataParams, project_dir: str | Path = ".") -> list[dict[str,
 
 def read_rows_and_lines(data: DataParams, project_dir: str | Path = ".") -> tuple[list[dict[str, Any]], list[int] | None]:
     """read_rows, and the line of a .jsonl or .csv source where each row starts (None for other sources)."""
-    lines = None
+    return read_source(data, project_dir)[:2]
+
+
+def read_source(data: DataParams, project_dir: str | Path = ".") -> tuple[list[dict[str, Any]], list[int] | None, HubCopy | None]:
+    """read_rows_and_lines, and for a hub dataset which copy of it was read (HubCopy; None for other sources)."""
+    lines = copy = None
     if data.source == "bundled":
         from dpo_kit.bundled import bundled_preference_rows
 
@@ -60,10 +65,10 @@ def read_rows_and_lines(data: DataParams, project_dir: str | Path = ".") -> tupl
     elif is_local_path(data.source):
         rows, lines = read_local_file_and_lines(Path(project_dir) / data.source, data.max_rows)
     else:
-        rows = read_hub_dataset(data)
+        rows, copy = read_hub_dataset_copy(data)
     if data.max_rows:
         rows, lines = rows[: data.max_rows], lines and lines[: data.max_rows]
-    return rows, lines
+    return rows, lines, copy
 
 
 def read_local_file(path: Path, max_rows: int | None = None, key: str = "data.source") -> list[dict[str, Any]]:

@@ -38,7 +38,7 @@ from dpo_kit.judges import judge_label
 from dpo_kit.params import PLACE_ONLY_KEYS
 
 METRICS_FILE = "metrics.json"  # as dpo_kit.evaluation.evaluate writes it (not imported: that pulls in TRL)
-TRIAL_NOTES = "trial_notes"  # a sweep's failed trials' errors, as dpo_kit.run.sweep writes them (trial_note_path)
+TRIAL_NOTES = "trial_notes"  # a sweep's failed trials' errors, where dpo_kit.run.sweep writes them (trial_note_path)
 BEST_OF_N = (1, 2, 4, 8, 16)
 # Params the params table leaves out: where a run happens (equal runs differ in them), and where its curves were
 # logged (a run sent to wandb computes the same numbers as one that was not).

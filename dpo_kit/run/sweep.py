@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from dpo_kit import manifest as mf
+from dpo_kit.evaluation.report import TRIAL_NOTES
 from dpo_kit.params import (
     PLACE_ONLY_KEYS,
     ParamsError,
@@ -49,7 +50,6 @@ CLAIMS = ".claims"
 # <sweep>/trial_notes/<run dir>.trial-<number>.txt: a failed trial's error in full (the study keeps it too, on the
 # trial). The sweep's table shows its first line with a pointer here; `dpo-kit report` reads them for the trials that
 # failed before their run directory was made, which it would otherwise not know of.
-TRIAL_NOTES = "trial_notes"
 SAMPLERS = ("grid", "random", "tpe")
 DEFAULT_OBJECTIVE = "rewards/accuracies"  # held-out implicit-reward accuracy, from the evaluate stage
 # The numbers the evaluate stage writes to metrics.json (dpo_kit.evaluation.evaluate: TRL's names where TRL has one),
