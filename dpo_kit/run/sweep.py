@@ -17,12 +17,14 @@ what Optuna cannot know:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +49,6 @@ from dpo_kit.tracking import pin_wandb_mode
 
 SWEEP_FILE = "sweep.json"
 CLAIMS = ".claims"
-# <sweep>/trial_notes/<run dir>.trial-<number>.txt: a failed trial's error in full (the study keeps it too, on the
-# trial). The sweep's table shows its first line with a pointer here; `dpo-kit report` reads them for the trials that
-# failed before their run directory was made, which it would otherwise not know of.
 SAMPLERS = ("grid", "random", "tpe")
 DEFAULT_OBJECTIVE = "rewards/accuracies"  # held-out implicit-reward accuracy, from the evaluate stage
 # The numbers the evaluate stage writes to metrics.json (dpo_kit.evaluation.evaluate: TRL's names where TRL has one),
@@ -724,17 +723,21 @@ def validate_points(spec: SweepSpec, space: SearchSpace, project: Path) -> None:
             space.ranges[key] = [int(low), int(high), scale]
 
 
+def grid_points(grid: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
+    """Every point of a grid, in the order its values are listed ({} for a grid of no keys)."""
+    for combination in itertools.product(*grid.values()):
+        yield dict(zip(grid, combination, strict=True))
+
+
 def _within_a_point(path: str | Path, overrides: list[str], grid: dict[str, list[Any]], key: str, value: Any):
     """The params at the first point of the grid that holds `key`=`value` and that the params take; None if none does
     (or `key` is the grid's only key)."""
-    import itertools
-
     others = {k: values for k, values in grid.items() if k != key}
     if not others:
         return None
-    for combination in itertools.product(*others.values()):
+    for point in grid_points(others):
         try:
-            return load_params(path, [*overrides, *trial_overrides({key: value, **dict(zip(others, combination, strict=True))})])
+            return load_params(path, [*overrides, *trial_overrides({key: value, **point})])
         except ParamsError:
             continue
     return None
@@ -752,13 +755,10 @@ def refuse_what_the_trials_lack(spec: SweepSpec, space: SearchSpace, project: Pa
     A --range key keeps the params file's value here: ranges are numbers, which none of these checks reads. A point
     the params refuse is skipped: a grid's were refused already (refuse_bad_combinations), and a random or TPE
     search's is that trial's own failure. The wandb mode a settings file names is then pinned for the trials."""
-    import itertools
-
     from dpo_kit.run.runner import RunError, refuse_what_the_environment_lacks
 
     path = project / spec.params if not Path(spec.params).is_absolute() else spec.params
-    for combination in itertools.product(*space.grid.values()):
-        values = dict(zip(space.grid, combination, strict=True))
+    for values in grid_points(space.grid):
         try:
             params = load_params(path, [*spec.overrides, *trial_overrides(values)])
         except ParamsError:
@@ -781,13 +781,10 @@ def refuse_bad_combinations(path: str | Path, overrides: list[str], grid: dict[s
     its trial ran, as a failed trial, maybe hours into the sweep. A grid's points are all known before the first
     trial, so they are all read here (a few milliseconds each). Random and TPE searches draw their points as they go:
     there such a point is still its trial's failure, with the reason."""
-    import itertools
-
     if len(grid) < 2:
         return
     refused = []
-    for combination in itertools.product(*grid.values()):
-        values = dict(zip(grid, combination, strict=True))
+    for values in grid_points(grid):
         try:
             load_params(path, [*overrides, *trial_overrides(values)])
         except ParamsError as error:
@@ -957,7 +954,9 @@ def trial_rows(sweep_dir: Path, storage: str | None = None) -> list[dict[str, An
 
 
 def trial_note_path(sweep_dir: Path, run_dir: str, number: int) -> Path:
-    """Where a failed trial's error is kept in full: <sweep>/trial_notes/<run dir>.trial-<number>.txt."""
+    """Where a failed trial's error is kept in full: <sweep>/trial_notes/<run dir>.trial-<number>.txt (the study keeps
+    it too, on the trial). The sweep's table shows its first line with a pointer here; `dpo-kit report` reads them for
+    the trials that failed before their run directory was made, which it would otherwise not know of."""
     return sweep_dir / TRIAL_NOTES / f"{run_dir}.trial-{number}.txt"
 
 
